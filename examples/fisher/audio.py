@@ -1,0 +1,113 @@
+"""Reading and writing wav files without scipy, so every error names the file and the cause."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+_PCM = 1
+_FLOAT = 3
+_EXTENSIBLE = 0xFFFE
+
+
+class AudioError(ValueError):
+    """Base class of every error raised while reading audio."""
+
+
+class AudioNotFoundError(AudioError, FileNotFoundError):
+    """The path does not exist or is not a file."""
+
+
+class NotWavError(AudioError):
+    """The file is not a RIFF/WAVE file, or uses an encoding we do not read."""
+
+
+class EmptyAudioError(AudioError):
+    """The file is a wav file without any samples."""
+
+
+class AudioTooShortError(AudioError):
+    """The recording is shorter than the pipeline needs."""
+
+
+def read_wav(path: str | Path, min_seconds: float = 0.0) -> tuple[np.ndarray, int]:
+    """Return (mono float32 signal in [-1, 1], sample rate) from a PCM or IEEE-float wav file.
+
+    Stereo and multichannel files are averaged to mono.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioNotFoundError(f"{path}: no such file")
+    data = path.read_bytes()
+    if len(data) == 0:
+        raise EmptyAudioError(f"{path}: the file is empty (0 bytes)")
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise NotWavError(f"{path}: not a wav file (no RIFF/WAVE header)")
+    fmt, samples = _chunks(path, data)
+    tag, channels, rate, bits = fmt
+    signal = _decode(path, samples, tag, bits)
+    if signal.size < channels:
+        raise EmptyAudioError(f"{path}: the wav file holds no samples")
+    signal = signal[: signal.size // channels * channels].reshape(-1, channels).mean(axis=1)
+    seconds = signal.size / rate
+    if seconds < min_seconds:
+        raise AudioTooShortError(
+            f"{path}: {seconds:.2f} s of audio, need at least {min_seconds:.2f} s"
+        )
+    return signal.astype(np.float32), rate
+
+
+def _chunks(path: Path, data: bytes) -> tuple[tuple[int, int, int, int], bytes]:
+    """Walk the RIFF chunks and return the parsed 'fmt ' chunk and the raw 'data' bytes."""
+    fmt: tuple[int, int, int, int] | None = None
+    pos = 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        body = data[pos + 8 : pos + 8 + size]
+        if cid == b"fmt ":
+            if len(body) < 16:
+                raise NotWavError(f"{path}: truncated 'fmt ' chunk")
+            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+            if tag == _EXTENSIBLE and len(body) >= 26:
+                tag = struct.unpack("<H", body[24:26])[0]
+            if channels == 0 or rate == 0:
+                raise NotWavError(f"{path}: {channels} channels at {rate} Hz")
+            fmt = (tag, channels, rate, bits)
+        elif cid == b"data":
+            if fmt is None:
+                raise NotWavError(f"{path}: 'data' chunk before 'fmt ' chunk")
+            return fmt, body
+        pos += 8 + size + (size & 1)
+    raise NotWavError(f"{path}: no 'fmt ' and 'data' chunks")
+
+
+def _decode(path: Path, raw: bytes, tag: int, bits: int) -> np.ndarray:
+    """Decode interleaved samples to float64 in [-1, 1]."""
+    if tag == _PCM and bits == 8:
+        return (np.frombuffer(raw, np.uint8).astype(np.float64) - 128.0) / 128.0
+    if tag == _PCM and bits == 16:
+        return np.frombuffer(raw[: len(raw) // 2 * 2], "<i2") / 32768.0
+    if tag == _PCM and bits == 24:
+        b = np.frombuffer(raw[: len(raw) // 3 * 3], np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        return np.where(v >= 1 << 23, v - (1 << 24), v) / float(1 << 23)
+    if tag == _PCM and bits == 32:
+        return np.frombuffer(raw[: len(raw) // 4 * 4], "<i4") / float(1 << 31)
+    if tag == _FLOAT and bits in (32, 64):
+        dtype = "<f4" if bits == 32 else "<f8"
+        n = bits // 8
+        return np.frombuffer(raw[: len(raw) // n * n], dtype).astype(np.float64)
+    raise NotWavError(f"{path}: unsupported wav encoding (format tag {tag}, {bits} bits)")
+
+
+def write_wav(path: str | Path, signal: np.ndarray, rate: int) -> None:
+    """Write a mono 16-bit PCM wav file (samples are clipped to [-1, 1])."""
+    pcm = (np.clip(signal, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    header = struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        b"RIFF", 36 + len(pcm), b"WAVE", b"fmt ", 16, _PCM, 1, rate, rate * 2, 2, 16,
+        b"data", len(pcm),
+    )
+    Path(path).write_bytes(header + pcm)

@@ -1,0 +1,148 @@
+"""k-means (k-means++ seeds, several seeded restarts run together), silhouette, Viterbi smoothing.
+
+Each k-means iteration is one `@lampy.sum` region over the points (assignment plus per-cluster
+counts and sums, for all restarts at once, so one call per iteration); the silhouette is a
+`@lampy.sum` over blocks of points. Distances in k-means are computed elementwise, not with a
+matrix product, so every executor assigns every point identically.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import lampy
+
+SILHOUETTE_BLOCK = 1024
+
+
+def _sq_dist(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Squared distances (restarts x points x k) from x (n x d) to centroids (restarts x k x d)."""
+    diff = x[None, :, None, :] - centroids[:, None, :, :]
+    return np.einsum("rnkd,rnkd->rnk", diff, diff)
+
+
+@lampy.sum(shared=("centroids",))
+def kmeans_partials(x: np.ndarray, centroids: np.ndarray) -> dict[str, np.ndarray]:
+    """Assign a chunk's points to the nearest centroid of every restart; per-cluster counts/sums."""
+    restarts, k, _ = centroids.shape
+    d2 = _sq_dist(x, centroids)
+    labels = d2.argmin(axis=2)
+    onehot = (labels[:, :, None] == np.arange(k)).astype(np.float64)
+    return {
+        "n": onehot.sum(axis=1),
+        "s": np.einsum("rnk,nd->rkd", onehot, x),
+        "inertia": np.take_along_axis(d2, labels[:, :, None], axis=2).sum(axis=(1, 2)),
+    }
+
+
+@lampy.elemwise(shared=("centroids",))
+def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (k x d) for each point."""
+    return _sq_dist(x, centroids[None])[0].argmin(axis=1)
+
+
+def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: each new centre drawn with probability proportional to squared distance."""
+    centres = [x[rng.integers(x.shape[0])]]
+    d2 = ((x - centres[0]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        total = d2.sum()
+        i = rng.choice(x.shape[0], p=d2 / total) if total > 0 else rng.integers(x.shape[0])
+        centres.append(x[i])
+        d2 = np.minimum(d2, ((x - x[i]) ** 2).sum(axis=1))
+    return np.array(centres)
+
+
+def kmeans(
+    x: np.ndarray, k: int, seed: int = 0, restarts: int = 10, max_iter: int = 100, tol: float = 1e-8
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Best of `restarts` seeded k-means runs: (labels, centroids, inertia).
+
+    Labels are renumbered in order of first appearance, so equal partitions give equal labels.
+    """
+    rng = np.random.default_rng(seed)
+    centroids = np.stack([kmeans_pp(x, k, rng) for _ in range(restarts)])
+    scale = tol * float((x * x).sum(axis=1).mean() + 1e-30)
+    inertia = np.zeros(restarts)
+    for _ in range(max_iter):
+        p = kmeans_partials(x, centroids)
+        inertia = p["inertia"]
+        filled = p["n"][:, :, None] > 0
+        new = np.where(filled, p["s"] / np.maximum(p["n"], 1.0)[:, :, None], centroids)
+        shift = ((new - centroids) ** 2).sum(axis=(1, 2))
+        centroids = new
+        if (shift <= scale).all():
+            break
+    best = int(np.argmin(inertia))
+    labels = assign(x, centroids[best])
+    _, first = np.unique(labels, return_index=True)
+    order = labels[np.sort(first)]
+    relabel = np.empty(k, dtype=np.int64)
+    relabel[order] = np.arange(order.size)
+    unused = np.setdiff1d(np.arange(k), order)
+    relabel[unused] = np.arange(order.size, k)
+    ordered = np.empty_like(centroids[best])
+    ordered[relabel] = centroids[best]
+    return relabel[labels], ordered, float(inertia[best])
+
+
+@lampy.sum(shared=("points", "point_labels"))
+def silhouette_partials(
+    x: np.ndarray, labels: np.ndarray, points: np.ndarray, point_labels: np.ndarray, k: int
+) -> dict[str, np.ndarray]:
+    """Sum of silhouette values of a chunk of points against all points (and the chunk size)."""
+    onehot = (point_labels[:, None] == np.arange(k)).astype(np.float64)
+    counts = onehot.sum(axis=0)
+    p2 = (points * points).sum(axis=1)
+    total = 0.0
+    for lo in range(0, x.shape[0], SILHOUETTE_BLOCK):
+        xb, lb = x[lo : lo + SILHOUETTE_BLOCK], labels[lo : lo + SILHOUETTE_BLOCK]
+        d2 = (xb * xb).sum(axis=1)[:, None] + p2[None, :] - 2.0 * xb @ points.T
+        per_cluster = np.sqrt(np.maximum(d2, 0.0)) @ onehot
+        rows = np.arange(xb.shape[0])
+        own = counts[lb]
+        a = per_cluster[rows, lb] / np.maximum(own - 1.0, 1.0)
+        others = per_cluster / np.where(counts > 0, counts, np.inf)
+        others[rows, lb] = np.inf
+        others[:, counts == 0] = np.inf
+        b = others.min(axis=1)
+        s = (b - a) / np.maximum(np.maximum(a, b), 1e-30)
+        total += float(np.where(own > 1, s, 0.0).sum())
+    return {"s": np.array(total), "n": np.array(float(x.shape[0]))}
+
+
+def silhouette(x: np.ndarray, labels: np.ndarray, k: int, sample: int = 6000, seed: int = 0) -> float:
+    """Mean silhouette; above `sample` points, on a seeded random sample (as sklearn's sample_size)."""
+    if x.shape[0] > sample:
+        keep = np.sort(np.random.default_rng(seed).choice(x.shape[0], sample, replace=False))
+        x, labels = x[keep], labels[keep]
+    p = silhouette_partials(x, labels, x, labels, k)
+    return float(p["s"] / p["n"])
+
+
+def viterbi(x: np.ndarray, centroids: np.ndarray, stay: float) -> np.ndarray:
+    """Most likely label path under an HMM with Gaussian states at the centroids.
+
+    Each step keeps its state with probability `stay`; the emission variance is the mean
+    within-cluster variance. The loop runs over time steps (mid-term windows), each step a
+    vectorized max over k x k transitions.
+    """
+    k = centroids.shape[0]
+    d2 = _sq_dist(x, centroids[None])[0]
+    var = d2.min(axis=1).mean() / x.shape[1] + 1e-12
+    log_emit = -d2 / (2.0 * var)
+    if k == 1:
+        return np.zeros(x.shape[0], dtype=np.int64)
+    log_trans = np.full((k, k), np.log((1.0 - stay) / (k - 1)))
+    np.fill_diagonal(log_trans, np.log(stay))
+    back = np.empty((x.shape[0], k), dtype=np.int64)
+    score = log_emit[0] - np.log(k)
+    for t in range(1, x.shape[0]):
+        cand = score[:, None] + log_trans
+        back[t] = cand.argmax(axis=0)
+        score = cand[back[t], np.arange(k)] + log_emit[t]
+    path = np.empty(x.shape[0], dtype=np.int64)
+    path[-1] = int(score.argmax())
+    for t in range(x.shape[0] - 1, 0, -1):
+        path[t - 1] = back[t, path[t]]
+    return path

@@ -1,0 +1,162 @@
+"""Short-term features per frame and mid-term statistics over windows of frames.
+
+Frames are 50 ms windows every 25 ms. The signal is cut into blocks of `BLOCK` frames (each block
+also carries the frame before it, for the spectral flux), so `frame_features` is a `@lampy.elemwise`
+region over blocks: no Python loop over frames, and no chunk needs data from its neighbour.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+import lampy
+
+BLOCK = 64
+N_MFCC = 13
+N_MEL = 40
+EPS = 1e-10
+FEATURE_NAMES: tuple[str, ...] = (
+    "zcr",
+    "energy",
+    "energy_entropy",
+    "spectral_centroid",
+    "spectral_spread",
+    "spectral_entropy",
+    "spectral_flux",
+    "spectral_rolloff",
+    *(f"mfcc_{i + 1}" for i in range(N_MFCC)),
+    *(f"chroma_{i + 1}" for i in range(12)),
+    "chroma_std",
+)
+
+
+def frame_geometry(rate: int, window: float = 0.05, step: float = 0.025) -> tuple[int, int]:
+    """Window and hop length in samples."""
+    return round(window * rate), round(step * rate)
+
+
+def n_frames(n_samples: int, win: int, hop: int) -> int:
+    """Number of whole frames that fit in the signal."""
+    return 0 if n_samples < win else 1 + (n_samples - win) // hop
+
+
+def frame_blocks(signal: np.ndarray, win: int, hop: int, block: int = BLOCK) -> np.ndarray:
+    """Cut the signal into rows of `block` frames plus the frame before them (zeros for the first).
+
+    Row r holds samples [(r * block - 1) * hop, (r * block - 1) * hop + block * hop + win), so
+    consecutive rows overlap by one frame only: the blocks cost about one copy of the signal.
+    """
+    n = n_frames(signal.size, win, hop)
+    n_blocks = -(-n // block)
+    length = block * hop + win
+    total = (n_blocks - 1) * block * hop + length
+    padded = np.zeros(total, dtype=np.float32)
+    used = min(signal.size, total - hop)
+    padded[hop : hop + used] = signal[:used]
+    view = sliding_window_view(padded, length)[:: block * hop]
+    return np.ascontiguousarray(view[:n_blocks])
+
+
+@lru_cache(maxsize=8)
+def _filters(rate: int, win: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mel filterbank (bins x mel), DCT-II matrix (mel x mfcc) and chroma map (bins x 12)."""
+    n_bins = win // 2
+    freqs = np.arange(1, n_bins + 1) * rate / (2.0 * n_bins)
+    mel = 2595.0 * np.log10(1.0 + np.array([0.0, rate / 2.0]) / 700.0)
+    edges_hz = 700.0 * (10 ** (np.linspace(mel[0], mel[1], N_MEL + 2) / 2595.0) - 1.0)
+    lo, mid, hi = edges_hz[:-2], edges_hz[1:-1], edges_hz[2:]
+    f = freqs[:, None]
+    fbank = np.maximum(0.0, np.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid)))
+    k = np.arange(N_MFCC)[None, :]
+    m = np.arange(N_MEL)[:, None]
+    dct = np.sqrt(2.0 / N_MEL) * np.cos(np.pi * k * (2 * m + 1) / (2 * N_MEL))
+    dct[:, 0] /= np.sqrt(2.0)
+    pitch = np.round(12.0 * np.log2(freqs / 27.5)).astype(int)
+    _, inverse, counts = np.unique(pitch, return_inverse=True, return_counts=True)
+    chroma = np.zeros((n_bins, 12))
+    chroma[np.arange(n_bins), pitch % 12] = 1.0 / counts[inverse]
+    return fbank, dct, chroma
+
+
+def _entropy(parts: np.ndarray) -> np.ndarray:
+    """Entropy (bits) of the share of each sub-part in the total, along the last axis."""
+    p = parts / (parts.sum(axis=-1, keepdims=True) + EPS)
+    return -(p * np.log2(p + EPS)).sum(axis=-1)
+
+
+def spectral_features(frames: np.ndarray, prev: np.ndarray, rate: int) -> np.ndarray:
+    """The 34 features of each row of `frames` (n x win); `prev` holds each row's previous frame."""
+    win = frames.shape[1]
+    n_bins = win // 2
+    x = frames.astype(np.float64)
+    out = np.empty((x.shape[0], len(FEATURE_NAMES)))
+    out[:, 0] = np.abs(np.diff(np.sign(x), axis=1)).sum(axis=1) / (2.0 * (win - 1))
+    energy = (x * x).sum(axis=1)
+    out[:, 1] = energy / win
+    sub = win // 10
+    out[:, 2] = _entropy((x[:, : 10 * sub].reshape(-1, 10, sub) ** 2).sum(axis=2))
+    mag = np.abs(np.fft.rfft(x, axis=1))[:, :n_bins] / n_bins
+    prev_mag = np.abs(np.fft.rfft(prev.astype(np.float64), axis=1))[:, :n_bins] / n_bins
+    freqs = np.arange(1, n_bins + 1) * rate / (2.0 * n_bins)
+    total = mag.sum(axis=1) + EPS
+    centroid = (mag * freqs).sum(axis=1) / total
+    spread = np.sqrt((mag * (freqs - centroid[:, None]) ** 2).sum(axis=1) / total)
+    out[:, 3] = centroid / (rate / 2.0)
+    out[:, 4] = spread / (rate / 2.0)
+    power = mag * mag
+    bsub = n_bins // 10
+    out[:, 5] = _entropy(power[:, : 10 * bsub].reshape(-1, 10, bsub).sum(axis=2))
+    prev_total = prev_mag.sum(axis=1, keepdims=True) + EPS
+    out[:, 6] = ((mag / total[:, None] - prev_mag / prev_total) ** 2).sum(axis=1)
+    cum = np.cumsum(power, axis=1)
+    above = cum > 0.9 * cum[:, -1:]
+    out[:, 7] = np.where(cum[:, -1] > 0, above.argmax(axis=1) / n_bins, 0.0)
+    fbank, dct, chroma = _filters(rate, win)
+    out[:, 8 : 8 + N_MFCC] = np.log10(mag @ fbank + EPS) @ dct
+    c = (power @ chroma) / (power.sum(axis=1, keepdims=True) + EPS)
+    out[:, 8 + N_MFCC : 20 + N_MFCC] = c
+    out[:, 20 + N_MFCC] = c.std(axis=1)
+    return out
+
+
+@lampy.elemwise
+def frame_features(blocks: np.ndarray, rate: int, win: int, hop: int) -> np.ndarray:
+    """Features of every frame in a chunk of blocks: (blocks, BLOCK, 34)."""
+    frames = sliding_window_view(blocks, win, axis=1)[:, ::hop]
+    n_blocks, n_plus_1 = frames.shape[:2]
+    cur = frames[:, 1:].reshape(-1, win)
+    prev = frames[:, :-1].reshape(-1, win)
+    return spectral_features(cur, prev, rate).reshape(n_blocks, n_plus_1 - 1, -1)
+
+
+def short_term_features(signal: np.ndarray, rate: int) -> tuple[np.ndarray, float]:
+    """(frames x 34) feature matrix and the frame step in seconds."""
+    win, hop = frame_geometry(rate)
+    n = n_frames(signal.size, win, hop)
+    feats = frame_features(frame_blocks(signal, win, hop), rate, win, hop)
+    return feats.reshape(-1, feats.shape[-1])[:n], hop / rate
+
+
+def mid_term_features(
+    feats: np.ndarray, weights: np.ndarray, win: int, step: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted mean and std of each feature over windows of `win` frames every `step` frames.
+
+    Prefix sums make this linear in the number of frames whatever the window. `weights` (0/1 from
+    the voice-activity detector) keep silence out of the statistics. Returns (windows x 2F
+    statistics, first frame of each window, summed weight of each window).
+    """
+    starts = np.arange(0, max(feats.shape[0] - win, 0) + 1, step)
+    w = weights.astype(np.float64)[:, None]
+    zero = np.zeros((1, feats.shape[1]))
+    c1 = np.concatenate([zero, np.cumsum(feats * w, axis=0)])
+    c2 = np.concatenate([zero, np.cumsum(feats * feats * w, axis=0)])
+    cw = np.concatenate([[0.0], np.cumsum(weights.astype(np.float64))])
+    n = cw[starts + win] - cw[starts]
+    safe = np.maximum(n, 1.0)[:, None]
+    mean = (c1[starts + win] - c1[starts]) / safe
+    var = (c2[starts + win] - c2[starts]) / safe - mean * mean
+    return np.hstack([mean, np.sqrt(np.maximum(var, 0.0))]), starts, n

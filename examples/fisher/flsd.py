@@ -1,0 +1,65 @@
+"""Fisher Linear Semi-Discriminant analysis (Giannakopoulos and Petridis, 2012).
+
+Without speaker labels, vectors close in time are assumed to share a speaker: each block of
+consecutive mid-term vectors is one pseudo-class. The projection maximizes the between-block scatter
+against the within-block scatter. Both scatter matrices follow from per-class counts and sums and one
+Gram matrix, which add up across chunks: a `@lampy.sum` region.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+import lampy
+
+
+@lampy.sum
+def scatter_partials(x: np.ndarray, classes: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """Per-class counts and sums and the Gram matrix X^T X of one chunk."""
+    counts = np.bincount(classes, minlength=n_classes).astype(np.float64)
+    sums = np.zeros((n_classes, x.shape[1]))
+    np.add.at(sums, classes, x)
+    return {"n": counts, "s": sums, "g": x.T @ x}
+
+
+def scatter_matrices(x: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Within-class and between-class scatter (S_w, S_b) of the rows of x."""
+    n_classes = int(classes.max()) + 1
+    p = scatter_partials(x, classes, n_classes)
+    n, s = p["n"], p["s"]
+    used = n > 0
+    class_outer = (s[used].T / n[used]) @ s[used]
+    total = s.sum(axis=0)
+    within = p["g"] - class_outer
+    between = class_outer - np.outer(total, total) / n.sum()
+    return within, between
+
+
+def flsd_projection(
+    x: np.ndarray, classes: np.ndarray, dims: int, regularization: float = 1e-3
+) -> np.ndarray:
+    """Top generalized eigenvectors of S_b w = lambda S_w w, as columns (features x dims).
+
+    S_w is regularized by `regularization` times its mean diagonal, so constant or collinear
+    features do not make it singular. At most (classes - 1) directions carry information.
+    """
+    within, between = scatter_matrices(x, classes)
+    n_used = int(np.count_nonzero(np.bincount(classes)))
+    dims = max(1, min(dims, n_used - 1, x.shape[1]))
+    ridge = regularization * np.trace(within) / within.shape[0]
+    within = within + ridge * np.eye(within.shape[0])
+    _, vectors = scipy.linalg.eigh(between, within)
+    return vectors[:, ::-1][:, :dims]
+
+
+def standardize(x: np.ndarray) -> np.ndarray:
+    """Zero mean and unit variance per column (constant columns become zero)."""
+    std = x.std(axis=0)
+    return (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
+def time_blocks(times: np.ndarray, block: float) -> np.ndarray:
+    """Pseudo-class of each vector: the index of its `block`-second slot, renumbered 0..C-1."""
+    _, classes = np.unique(np.floor(times / block).astype(np.int64), return_inverse=True)
+    return classes.astype(np.int64)

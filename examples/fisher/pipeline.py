@@ -1,0 +1,104 @@
+"""The diarization pipeline: features, VAD, mid-term statistics, FLsD, k-means, smoothing, turns."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import cluster, features, flsd, vad
+from .rttm import Turn, labels_to_turns
+
+
+@dataclass(frozen=True)
+class Params:
+    """Tuning knobs, in seconds unless stated."""
+
+    mid_window: float = 1.0
+    mid_step: float = 0.1
+    min_voiced: float = 0.3
+    flsd_block: float = 2.0
+    flsd_dims: int = 10
+    max_speakers: int = 4
+    restarts: int = 10
+    mean_turn: float = 4.0
+    max_gap: float = 1.0
+
+
+@dataclass
+class Result:
+    """Turns, per-frame labels (-1 = silence), chosen k, silhouettes and time per stage."""
+
+    turns: list[Turn]
+    frame_labels: np.ndarray
+    frame_step: float
+    n_speakers: int
+    silhouettes: dict[int, float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class DiarizationError(ValueError):
+    """The recording holds too little speech to diarize."""
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[stage] = time.perf_counter() - start
+
+
+def diarize(
+    signal: np.ndarray,
+    rate: int,
+    n_speakers: int | None = None,
+    seed: int = 0,
+    params: Params | None = None,
+) -> Result:
+    """Who spoke when: turns with anonymous labels spk0, spk1, ... in order of first appearance.
+
+    With `n_speakers` None, k runs over 2..max_speakers and the best mean silhouette wins.
+    Executor choice is the caller's: wrap the call in `lampy.using(executor=...)`.
+    """
+    p = params or Params()
+    t: dict[str, float] = {}
+    with _timed(t, "features"):
+        feats, step = features.short_term_features(signal, rate)
+    with _timed(t, "vad"):
+        speech = vad.detect_speech(feats[:, 1], step)
+    with _timed(t, "mid-term"):
+        win, hop = round(p.mid_window / step), round(p.mid_step / step)
+        mid, starts, voiced = features.mid_term_features(feats, speech, win, hop)
+        centres = starts + win // 2
+        keep = speech[np.minimum(centres, speech.size - 1)] & (voiced >= p.min_voiced * win)
+        if np.count_nonzero(keep) < 10:
+            raise DiarizationError(
+                f"only {np.count_nonzero(keep)} mid-term windows hold speech; need at least 10"
+            )
+        x = flsd.standardize(mid[keep])
+        times = centres[keep] * step
+    with _timed(t, "flsd"):
+        classes = flsd.time_blocks(times, p.flsd_block)
+        y = x @ flsd.flsd_projection(x, classes, p.flsd_dims)
+    with _timed(t, "cluster"):
+        candidates = [n_speakers] if n_speakers else list(range(2, p.max_speakers + 1))
+        fits = {k: cluster.kmeans(y, k, seed=seed, restarts=p.restarts) for k in candidates}
+        sil = {}
+        if len(candidates) > 1:
+            sil = {k: cluster.silhouette(y, fits[k][0], k, seed=seed) for k in candidates}
+        k = max(sil, key=lambda c: sil[c]) if sil else candidates[0]
+        _, centroids, _ = fits[k]
+    with _timed(t, "smooth"):
+        path = cluster.viterbi(y, centroids, stay=1.0 - p.mid_step / p.mean_turn)
+        nearest = np.searchsorted(times, np.arange(speech.size) * step)
+        nearest = np.clip(nearest, 1, times.size - 1)
+        left_closer = (np.arange(speech.size) * step - times[nearest - 1]) < (
+            times[nearest] - np.arange(speech.size) * step
+        )
+        nearest = np.where(left_closer, nearest - 1, nearest)
+        frame_labels = np.where(speech, path[nearest], -1)
+        turns = labels_to_turns(frame_labels, step, p.max_gap)
+    return Result(turns, frame_labels, step, k, sil, t)

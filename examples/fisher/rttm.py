@@ -1,0 +1,69 @@
+"""Speaker turns, RTTM files, and turning frame labels into turns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .vad import runs
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One speaker's stretch of speech, in seconds."""
+
+    start: float
+    end: float
+    speaker: str
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+class RttmError(ValueError):
+    """An RTTM file that cannot be parsed."""
+
+
+def read_rttm(path: str | Path) -> list[Turn]:
+    """SPEAKER lines of an RTTM file as turns, sorted by start time."""
+    turns = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0] != "SPEAKER":
+            continue
+        if len(fields) < 8:
+            raise RttmError(f"{path}:{number}: expected at least 8 fields, got {len(fields)}")
+        try:
+            start, duration = float(fields[3]), float(fields[4])
+        except ValueError as exc:
+            raise RttmError(f"{path}:{number}: bad start or duration: {exc}") from None
+        turns.append(Turn(start, start + duration, fields[7]))
+    return sorted(turns, key=lambda t: (t.start, t.end))
+
+
+def format_rttm(turns: list[Turn], file_id: str) -> str:
+    """RTTM text: `SPEAKER <file> 1 <start> <duration> <NA> <NA> <speaker> <NA> <NA>` per turn."""
+    return "".join(
+        f"SPEAKER {file_id} 1 {t.start:.3f} {t.duration:.3f} <NA> <NA> {t.speaker} <NA> <NA>\n"
+        for t in turns
+    )
+
+
+def labels_to_turns(labels: np.ndarray, step: float, max_gap: float = 1.0) -> list[Turn]:
+    """Turns from per-frame labels (-1 = silence); same-speaker turns closer than `max_gap` merge."""
+    turns: list[Turn] = []
+    for label in np.unique(labels[labels >= 0]):
+        starts, ends = runs(labels == label)
+        turns += [Turn(s * step, e * step, f"spk{label}") for s, e in zip(starts, ends)]
+    turns.sort(key=lambda t: t.start)
+    merged: list[Turn] = []
+    for turn in turns:
+        last = merged[-1] if merged else None
+        if last and last.speaker == turn.speaker and turn.start - last.end < max_gap:
+            merged[-1] = Turn(last.start, turn.end, last.speaker)
+        else:
+            merged.append(turn)
+    return merged
