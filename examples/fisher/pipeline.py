@@ -20,8 +20,9 @@ class Params:
     mid_window: float = 1.0
     mid_step: float = 0.1
     min_voiced: float = 0.3
-    flsd_block: float = 2.0
+    flsd_block: float = 1.0
     flsd_dims: int = 10
+    flsd_ridge: float = 0.1
     max_speakers: int = 4
     restarts: int = 10
     mean_turn: float = 4.0
@@ -82,7 +83,7 @@ def diarize(
         times = centres[keep] * step
     with _timed(t, "flsd"):
         classes = flsd.time_blocks(times, p.flsd_block)
-        y = x @ flsd.flsd_projection(x, classes, p.flsd_dims)
+        y = x @ flsd.flsd_projection(x, classes, p.flsd_dims, p.flsd_ridge)
     with _timed(t, "cluster"):
         candidates = [n_speakers] if n_speakers else list(range(2, p.max_speakers + 1))
         fits = {k: cluster.kmeans(y, k, seed=seed, restarts=p.restarts) for k in candidates}

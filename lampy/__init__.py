@@ -1,0 +1,58 @@
+"""lampy: numpy for OpenLambda.
+
+Mark a numpy function as a parallel region and its calls run split into chunks on worker
+processes (the default), or on OpenLambda sandboxes, returning what the function would have.
+
+    import lampy
+
+    @lampy.elemwise
+    def spectra(frames):
+        return np.abs(np.fft.rfft(frames, axis=1))
+"""
+
+from lampy.errors import (
+    ExecutionError,
+    LampyError,
+    OptionError,
+    RemoteError,
+    RemoteTraceback,
+    ResultError,
+    RetriesExhausted,
+    SerializationError,
+    SplitLengthError,
+    UnknownExecutorError,
+    UnsplittableError,
+    UsageError,
+    WorkerLost,
+)
+from lampy.regions.binding import shared
+from lampy.regions.decorators import elemwise, reduce, sum
+from lampy.regions.region import ParallelFunction
+from lampy.runtime.plan import Plan
+from lampy.runtime.settings import using
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExecutionError",
+    "LampyError",
+    "OptionError",
+    "ParallelFunction",
+    "Plan",
+    "RemoteError",
+    "RemoteTraceback",
+    "ResultError",
+    "RetriesExhausted",
+    "SerializationError",
+    "SplitLengthError",
+    "UnknownExecutorError",
+    "UnsplittableError",
+    "UsageError",
+    "WorkerLost",
+    "__version__",
+    "elemwise",
+    "reduce",
+    "shared",
+    "sum",
+    "using",
+]

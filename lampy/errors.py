@@ -1,0 +1,97 @@
+"""Every error lampy raises, in one hierarchy.
+
+```
+LampyError
+├── UsageError                bad input, raised before any work is sent
+│   ├── SplitLengthError      split arrays differ in length on axis 0   (also ValueError)
+│   ├── UnsplittableError     a 0-d or object-dtype array to split     (also TypeError)
+│   ├── SerializationError    cloudpickle cannot serialize the function or an argument
+│   ├── OptionError           a bad option: chunks, combine, finalize  (also ValueError)
+│   └── UnknownExecutorError  an executor name that is not registered  (also ValueError)
+├── ResultError               chunk results that cannot be combined    (also TypeError)
+└── ExecutionError            a chunk failed for a reason outside user code
+    ├── WorkerLost            the process running a chunk died
+    ├── RemoteError           user code raised an exception whose type cannot travel back
+    └── RetriesExhausted      a chunk kept failing until the retry budget was spent
+```
+
+A user exception raised inside a chunk reaches the caller with its own type; lampy chains a
+`RemoteTraceback` to it and adds a note naming the chunk and its rows.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ExecutionError",
+    "LampyError",
+    "OptionError",
+    "RemoteError",
+    "RemoteTraceback",
+    "ResultError",
+    "RetriesExhausted",
+    "SerializationError",
+    "SplitLengthError",
+    "UnknownExecutorError",
+    "UnsplittableError",
+    "UsageError",
+    "WorkerLost",
+]
+
+
+class LampyError(Exception):
+    """The root of every error lampy raises itself."""
+
+
+class UsageError(LampyError):
+    """The call cannot run as written; nothing was sent to any worker."""
+
+
+class SplitLengthError(UsageError, ValueError):
+    """Arrays split along axis 0 must all have the same length there."""
+
+
+class UnsplittableError(UsageError, TypeError):
+    """An argument that lampy would split cannot be split (0-d, object dtype)."""
+
+
+class SerializationError(UsageError, TypeError):
+    """cloudpickle cannot serialize what a remote executor must send."""
+
+
+class OptionError(UsageError, ValueError):
+    """An option such as `chunks`, `combine` or `finalize` has a bad value."""
+
+
+class UnknownExecutorError(UsageError, ValueError):
+    """No executor is registered under the given name."""
+
+
+class ResultError(LampyError, TypeError):
+    """Chunk results do not have the shape the region's combine rule needs."""
+
+
+class ExecutionError(LampyError):
+    """A chunk failed outside user code; the message names the chunk and its rows."""
+
+
+class WorkerLost(ExecutionError):
+    """The worker process running a chunk died (killed, out of memory, crashed)."""
+
+
+class RemoteError(ExecutionError):
+    """User code raised an exception whose type could not be sent back; its text is kept."""
+
+
+class RetriesExhausted(ExecutionError):
+    """A chunk failed on every attempt the retry budget allowed."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the traceback text of an exception raised in a worker (chained as its cause)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"\n\nRemote traceback:\n{self.text}"

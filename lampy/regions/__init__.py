@@ -1,0 +1,1 @@
+"""What a region is: the decorators, argument binding, and the decorated function."""

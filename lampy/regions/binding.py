@@ -1,0 +1,172 @@
+"""Binding a call's arguments: which arrays are split, which are shared, what is constant.
+
+Every top-level numpy array argument is split along axis 0 unless it is marked shared (on the
+decorator by name, or at the call with `lampy.shared(x)`). Bad arguments fail here, before any
+work is sent, with the argument's name in the message.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lampy.errors import SplitLengthError, UnsplittableError
+from lampy.runtime.job import Part, Whole
+
+
+class Shared:
+    """Marks an argument that every chunk receives whole: `f(x, lampy.shared(window))`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"lampy.shared({self.value!r})"
+
+
+def shared(value: Any) -> Shared:
+    """Pass `value` whole to every chunk instead of splitting it."""
+    return Shared(value)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One call's arguments, sorted for the runtime."""
+
+    direct_args: tuple[Any, ...]  # the user's values (markers removed), for a plain call
+    direct_kwargs: dict[str, Any]
+    args: tuple[Any, ...]  # the same with Part/Whole placeholders where arrays were
+    kwargs: dict[str, Any]
+    split: tuple[np.ndarray, ...]
+    split_names: tuple[str, ...]
+    whole: tuple[np.ndarray, ...]
+    constants: tuple[tuple[str, Any], ...]
+
+    @property
+    def rows(self) -> int:
+        return self.split[0].shape[0] if self.split else 0
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)) for a in self.split)
+
+    @property
+    def shared_bytes(self) -> int:
+        return sum(a.nbytes for a in self.whole)
+
+
+def parameter_names(function: Callable[..., Any]) -> set[str] | None:
+    """The function's parameter names, or None when it has no inspectable signature."""
+    try:
+        return set(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def bind(
+    function: Callable[..., Any],
+    shared_names: frozenset[str],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> Binding:
+    """Sort a call's arguments; raises TypeError as the function itself would for a bad call."""
+    named = _named_arguments(function, args, kwargs)
+    split: list[np.ndarray] = []
+    split_names: list[str] = []
+    whole: list[np.ndarray] = []
+    constants: list[tuple[str, Any]] = []
+
+    def sort(name: str, value: Any) -> tuple[Any, Any]:
+        """(direct value, template value) for one argument."""
+        marked = isinstance(value, Shared)
+        value = value.value if isinstance(value, Shared) else value
+        if not isinstance(value, np.ndarray) or (value.dtype == object and marked):
+            constants.append((name, value))
+            return value, value
+        if marked or name.partition("[")[0] in shared_names:
+            whole.append(value)
+            return value, Whole(len(whole) - 1)
+        if value.ndim == 0:
+            raise UnsplittableError(
+                f"argument {name!r} is a 0-d array, which has no axis 0 to split; pass it as "
+                f"a Python scalar, or as lampy.shared({name}) if every chunk needs it"
+            )
+        if value.dtype == object:
+            raise UnsplittableError(
+                f"argument {name!r} has object dtype, which cannot be shared between processes; "
+                f"convert it to a numeric dtype, or pass lampy.shared({name}) to send it whole"
+            )
+        split.append(value)
+        split_names.append(name)
+        return value, Part(len(split) - 1)
+
+    direct: list[tuple[str, bool, Any]] = []
+    template: list[tuple[str, bool, Any]] = []
+    for name, positional, value in named:
+        d, t = sort(name, value)
+        direct.append((name, positional, d))
+        template.append((name, positional, t))
+    _check_lengths(split, split_names)
+    d_args, d_kwargs = _rebuild(direct)
+    t_args, t_kwargs = _rebuild(template)
+    return Binding(
+        d_args,
+        d_kwargs,
+        t_args,
+        t_kwargs,
+        tuple(split),
+        tuple(split_names),
+        tuple(whole),
+        tuple(constants),
+    )
+
+
+def _named_arguments(
+    function: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> list[tuple[str, bool, Any]]:
+    """(name, passed positionally, value) for every argument, in call order."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # builtins and ufuncs without a signature
+        named = [(f"args[{i}]", True, v) for i, v in enumerate(args)]
+        return named + [(k, False, v) for k, v in kwargs.items()]
+    bound = signature.bind(*args, **kwargs)
+    positional = len(bound.args)
+    named = []
+    index = 0
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            named += [(f"{name}[{i}]", True, v) for i, v in enumerate(value)]
+            index += len(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named += [(k, False, v) for k, v in value.items()]
+        else:
+            named.append((name, index < positional, value))
+            index += 1
+    return named
+
+
+def _rebuild(named: list[tuple[str, bool, Any]]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args = tuple(v for _, positional, v in named if positional)
+    kwargs = {name: v for name, positional, v in named if not positional}
+    return args, kwargs
+
+
+def _check_lengths(split: list[np.ndarray], names: list[str]) -> None:
+    lengths = [a.shape[0] for a in split]
+    if len(set(lengths)) > 1:
+        described = ", ".join(
+            f"{n} has {length} rows" for n, length in zip(names, lengths, strict=True)
+        )
+        raise SplitLengthError(
+            f"split arguments differ in length on axis 0: {described}. Arrays that every chunk "
+            "needs whole must be marked shared: lampy.shared(x) at the call, or "
+            "shared=('x',) on the decorator"
+        )

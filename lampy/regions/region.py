@@ -1,0 +1,210 @@
+"""A parallel region: a numpy function, its hint, and how a call of it runs.
+
+The decorated function stays a plain function (same signature and docstring, picklable). A call
+goes one way through the house: bind the arguments, plan (timing a probe when chunks="auto"),
+run the chunks on an executor, combine the results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lampy.errors import OptionError, RemoteTraceback, SerializationError
+from lampy.regions.binding import Binding, bind, parameter_names
+from lampy.runtime import executors
+from lampy.runtime.codec import dumps
+from lampy.runtime.combine import concatenate, tree_merge
+from lampy.runtime.entry import Outcome, run_chunk
+from lampy.runtime.executors.base import Executor
+from lampy.runtime.job import Job
+from lampy.runtime.plan import Plan, Probe, plan, probe_rows
+from lampy.runtime.settings import (
+    Chunks,
+    check_chunks,
+    resolve_chunks,
+    resolve_executor,
+    resolve_options,
+)
+
+
+@dataclass(frozen=True)
+class Region:
+    """What a decorator says about a function. `combine` None means elemwise."""
+
+    function: Callable[..., Any]
+    combine: Callable[[Any, Any], Any] | None = None
+    finalize: Callable[[Any], Any] | None = None
+    shared: frozenset[str] = frozenset()
+    chunks: Chunks | None = None
+    executor: str | None = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.function):
+            raise OptionError(f"a region must decorate a callable; got {self.function!r}")
+        for role in ("combine", "finalize"):
+            value = getattr(self, role)
+            if value is not None and not callable(value):
+                raise OptionError(f"{role} must be callable, like combine(a, b); got {value!r}")
+        if self.chunks is not None:
+            check_chunks(self.chunks)
+        if self.executor is not None:
+            executors.check_name(self.executor)
+        names = parameter_names(self.function)
+        unknown = sorted(self.shared - names) if names is not None else []
+        if unknown:
+            raise OptionError(
+                f"shared names {unknown} are not parameters of {self.function.__qualname__}; "
+                f"its parameters: {sorted(names or ())}"
+            )
+
+    def merge(self, results: list[Any]) -> Any:
+        """The chunks' results combined into what the undecorated call returns."""
+        if self.combine is None:
+            return concatenate(results)
+        return self.finish(tree_merge(results, self.combine))
+
+    def finish(self, partial: Any) -> Any:
+        return self.finalize(partial) if self.finalize is not None else partial
+
+
+class ParallelFunction:
+    """A function marked as a parallel region; call it like the original."""
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+        functools.update_wrapper(self, region.function)
+
+    def __repr__(self) -> str:
+        kind = "elemwise" if self.region.combine is None else "reduce"
+        return f"<lampy.{kind} region {self.region.function.__qualname__}>"
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        return self if instance is None else types.MethodType(self, instance)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        binding, executor, chunks = self._prepare(args, kwargs)
+        call_plan, probe = self._plan(binding, executor, chunks)
+        if not call_plan.fan_out:
+            return self.region.finish(
+                self.region.function(*binding.direct_args, **binding.direct_kwargs)
+            )
+        done = {0: probe} if probe is not None else {}
+        job = Job(
+            self.region.function,
+            binding.args,
+            binding.kwargs,
+            binding.split,
+            binding.whole,
+            call_plan.chunks[len(done) :],
+        )
+        if executor.needs_pickle:
+            _check_serializable(job, binding)
+        outcomes = executor.run(job)
+        done |= {chunk + len(done): outcome for chunk, outcome in outcomes.items()}
+        for chunk in sorted(done):
+            if done[chunk].error is not None:
+                _raise_remote(done[chunk], chunk, call_plan, executor.needs_pickle)
+        return self.region.merge([done[c].value for c in range(len(call_plan.chunks))])
+
+    async def aio(self, *args: Any, **kwargs: Any) -> Any:
+        """The same call for code inside an event loop: the loop keeps running meanwhile."""
+        return await asyncio.to_thread(self, *args, **kwargs)
+
+    def explain(self, *args: Any, **kwargs: Any) -> Plan:
+        """The plan a call with these arguments would follow, without running the job.
+
+        With chunks="auto" on a parallel executor, planning times the function on a small
+        leading slice of the rows (the probe), as the call itself would.
+        """
+        binding, executor, chunks = self._prepare(args, kwargs)
+        return self._plan(binding, executor, chunks)[0]
+
+    def _prepare(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[Binding, Executor, int | None]:
+        name = resolve_executor(self.region.executor)
+        executor = executors.get(name, resolve_options(name))
+        chunks = resolve_chunks(self.region.chunks)
+        binding = bind(self.region.function, self.region.shared, args, kwargs)
+        return binding, executor, None if chunks == "auto" else chunks
+
+    def _plan(
+        self, binding: Binding, executor: Executor, chunks: int | None
+    ) -> tuple[Plan, Outcome | None]:
+        """The plan, and the probe's outcome when the plan reuses it as chunk 0."""
+        costs = executor.costs()
+
+        def make(probe: Probe | None) -> Plan:
+            return plan(
+                executor=executor.name,
+                costs=costs,
+                rows=binding.rows,
+                row_bytes=binding.row_bytes,
+                shared_bytes=binding.shared_bytes,
+                chunks=chunks,
+                probe=probe,
+            )
+
+        if chunks is not None or costs.workers <= 1 or binding.rows < 2:
+            return make(None), None
+        rows = probe_rows(binding.rows, binding.row_bytes)
+        job = Job(
+            self.region.function,
+            binding.args,
+            binding.kwargs,
+            binding.split,
+            binding.whole,
+            ((0, rows),),
+        )
+        start = time.perf_counter()
+        outcome = run_chunk(job.function, *job.arguments(0))
+        seconds = time.perf_counter() - start
+        if outcome.error is not None:
+            raise outcome.error
+        result = make(Probe(rows=rows, seconds=seconds, result_bytes=_nbytes(outcome.value)))
+        return result, outcome if result.fan_out else None
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, tuple | list):
+        return sum(_nbytes(v) for v in value)
+    return int(getattr(value, "nbytes", 8))
+
+
+def _check_serializable(job: Job, binding: Binding) -> None:
+    """Fail before sending anything when cloudpickle cannot carry the job; name the culprit."""
+    try:
+        job.template  # noqa: B018 (computed once and cached for the executor)
+    except Exception:
+        culprit = f"the function {job.function.__qualname__}"
+        for name, value in binding.constants:
+            try:
+                dumps(value)
+            except Exception as why:
+                culprit, exc = f"argument {name!r} ({type(value).__name__})", why
+                break
+        raise SerializationError(
+            f"cannot send {culprit} to worker processes: cloudpickle failed with "
+            f"{type(exc).__name__}: {exc}. Pass picklable values, or use executor='inline'."
+        ) from exc
+
+
+def _raise_remote(outcome: Outcome, chunk: int, call_plan: Plan, remote: bool) -> None:
+    """Re-raise a chunk's user exception with its own type, naming the chunk and its rows."""
+    error = outcome.error
+    assert error is not None
+    start, stop = call_plan.chunks[chunk]
+    where = f"raised in lampy chunk {chunk} of {len(call_plan.chunks)} (rows {start}:{stop})"
+    if hasattr(error, "add_note"):
+        error.add_note(where)
+    if remote:
+        raise error from RemoteTraceback(f"{where}\n{outcome.traceback}")
+    raise error

@@ -1,0 +1,1 @@
+"""How regions run: planning, settings, executors, codec, combining and the worker entry."""

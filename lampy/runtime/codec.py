@@ -1,0 +1,38 @@
+"""Serialization shared by the remote executors: cloudpickle with protocol 5.
+
+Large buffers (numpy array data) travel out of band, so callers can place them in shared memory
+or write them to a socket without copying them into one pickle.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable
+from typing import Any
+
+import cloudpickle
+
+PROTOCOL = 5
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle `obj` in band (functions by value where they cannot be imported by name)."""
+    return cloudpickle.dumps(obj, protocol=PROTOCOL)  # type: ignore[no-any-return]
+
+
+def dumps_out_of_band(obj: Any, min_size: int = 1 << 16) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """Pickle `obj`, keeping buffers of at least `min_size` bytes out of band."""
+    buffers: list[pickle.PickleBuffer] = []
+
+    def keep(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes >= min_size:
+            buffers.append(buffer)
+            return False
+        return True
+
+    return cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep), buffers
+
+
+def loads(data: bytes | memoryview, buffers: Iterable[Any] = ()) -> Any:
+    """Unpickle data made by `dumps` or `dumps_out_of_band` (buffers in the same order)."""
+    return pickle.loads(data, buffers=buffers)

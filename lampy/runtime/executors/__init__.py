@@ -1,0 +1,78 @@
+"""The executor registry: names to executor classes, loaded on first use.
+
+Optional executors live behind an import path, so their dependencies load only when asked for;
+a missing dependency gives an error that says what to install. One instance is kept per
+(name, options), so a local pool or an HTTP session is reused across calls.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import threading
+from typing import Any
+
+from lampy.errors import LampyError, UnknownExecutorError
+from lampy.runtime.executors.base import Executor
+
+_REGISTRY: dict[str, str | type[Executor]] = {
+    "inline": "lampy.runtime.executors.inline:InlineExecutor",
+    "local": "lampy.runtime.executors.local:LocalExecutor",
+}
+_INSTALL_HINTS: dict[str, str] = {}
+_instances: dict[tuple[str, tuple[tuple[str, Any], ...]], Executor] = {}
+_lock = threading.Lock()
+
+
+def register(name: str, target: str | type[Executor], install_hint: str = "") -> None:
+    """Register an executor class, or the "module:Class" path to import it from lazily."""
+    _REGISTRY[name] = target
+    if install_hint:
+        _INSTALL_HINTS[name] = install_hint
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def check_name(name: str) -> str:
+    if name not in _REGISTRY:
+        raise UnknownExecutorError(
+            f"unknown executor {name!r}; known executors: {', '.join(names())}"
+        )
+    return name
+
+
+def executor_class(name: str) -> type[Executor]:
+    target = _REGISTRY[check_name(name)]
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        try:
+            target = getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            hint = _INSTALL_HINTS.get(name, "")
+            raise LampyError(f"the {name} executor cannot load: {exc}. {hint}".strip()) from exc
+        assert isinstance(target, type) and issubclass(target, Executor)
+        _REGISTRY[name] = target
+    return target
+
+
+def get(name: str, options: dict[str, Any]) -> Executor:
+    """The shared executor instance for this name and these options."""
+    cls = executor_class(name)
+    parsed = cls.parse_options(options)
+    key = (name, tuple(sorted(parsed.items())))
+    with _lock:
+        if key not in _instances:
+            _instances[key] = cls(**parsed)
+        return _instances[key]
+
+
+@atexit.register
+def shutdown() -> None:
+    """Close every executor made so far (worker pools, sessions); later calls start anew."""
+    with _lock:
+        instances = list(_instances.values())
+        _instances.clear()
+    for executor in instances:
+        executor.close()

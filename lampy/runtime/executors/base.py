@@ -1,0 +1,59 @@
+"""The executor interface: where the chunks of a job run.
+
+An executor gets a `Job` and returns the chunks' outcomes by chunk index, or raises an
+`ExecutionError` for failures outside user code. A user exception is an outcome, not a raise:
+the caller decides how to report it, and the executor may stop at the first one (the outcomes
+are then incomplete but include it). Executors never look inside regions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from lampy.errors import OptionError
+from lampy.runtime.entry import Outcome
+from lampy.runtime.job import Job
+from lampy.runtime.plan import Costs
+
+
+class Executor(ABC):
+    """Runs the chunks of a job. One instance per (name, options), reused across calls."""
+
+    name: ClassVar[str]
+    #: Whether the function and arguments leave the process (so must pickle).
+    needs_pickle: ClassVar[bool] = True
+    #: Option names the constructor takes, with their types (used to parse env strings).
+    option_types: ClassVar[Mapping[str, type]] = {}
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Check option names and convert strings (from the environment) to their types."""
+        parsed: dict[str, Any] = {}
+        for key, value in options.items():
+            kind = cls.option_types.get(key)
+            if kind is None:
+                known = ", ".join(sorted(cls.option_types)) or "none"
+                raise OptionError(
+                    f"the {cls.name} executor has no option {key!r}; its options: {known}"
+                )
+            try:
+                parsed[key] = kind(value) if isinstance(value, str) else value
+            except ValueError:
+                raise OptionError(
+                    f"option {key!r} of the {cls.name} executor must be {kind.__name__}; "
+                    f"got {value!r}"
+                ) from None
+        return parsed
+
+    @abstractmethod
+    def costs(self) -> Costs:
+        """How the planner should model this executor right now (workers, overheads)."""
+
+    @abstractmethod
+    def run(self, job: Job) -> dict[int, Outcome]:
+        """Run the chunks of `job`; outcomes by chunk index."""
+
+    def close(self) -> None:  # noqa: B027 (most executors hold nothing to release)
+        """Release workers and connections; the executor may be used again afterwards."""

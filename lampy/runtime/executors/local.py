@@ -1,0 +1,251 @@
+"""The local executor (the default): a pool of worker processes on this machine.
+
+The pool starts on first use and is reused across calls. A job's arrays are copied once into a
+shared-memory arena that the workers map, so array bytes are never pickled per chunk; each worker
+maps only its chunk's rows. Large results come back in shared memory too and are used in place.
+A worker that dies is replaced and its chunk retried, up to `MAX_ATTEMPTS` times.
+
+Workers are fresh interpreters (`python -m lampy.runtime.executors.local_worker`), not forks, so
+a script without an `if __name__ == "__main__"` guard is never re-imported by the pool, and no
+lock held by a thread of the caller is inherited.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter, deque
+from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import recv_handle, send_handle
+from typing import Any
+
+import numpy as np
+
+from lampy.errors import OptionError, RemoteError, WorkerLost
+from lampy.runtime.codec import loads
+from lampy.runtime.entry import Outcome
+from lampy.runtime.executors.base import Executor
+from lampy.runtime.executors.local_worker import JOBS_KEPT, ArrayRef
+from lampy.runtime.job import Job
+from lampy.runtime.plan import Costs
+from lampy.runtime.shm import anonymous_file, layout_of, load_from_file
+
+MAX_ATTEMPTS = 3
+# Measured by bench/bench_overheads.py on the 2-core reference machine.
+STARTUP_S = 0.35  # starting the pool: interpreters importing numpy, in parallel
+SECONDS_PER_BYTE = 1 / 2.5e9  # into the arena, mapped by a worker, result back and joined
+SECONDS_PER_CHUNK = 4e-4  # one chunk's messages and scheduling
+ARENA_KEPT_BYTES = 1 << 30  # a larger arena is released after its job instead of reused
+
+
+def available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class _Arena:
+    """A shared-memory file holding a job's arrays in C order, reused from call to call."""
+
+    def __init__(self) -> None:
+        self.id = 0
+        self.fd: int | None = None
+        self.size = 0
+        self.map: mmap.mmap | None = None
+
+    def place(self, arrays: tuple[np.ndarray, ...]) -> list[ArrayRef]:
+        layout, total = layout_of([a.nbytes for a in arrays])
+        if self.fd is None or total > self.size:
+            self.release()
+            self.size = max(total, mmap.ALLOCATIONGRANULARITY)
+            self.fd = anonymous_file(self.size)
+            self.map = mmap.mmap(self.fd, self.size)
+            self.id += 1
+        refs: list[ArrayRef] = []
+        for (offset, _), array in zip(layout, arrays, strict=True):
+            target: np.ndarray = np.ndarray(
+                array.shape, array.dtype, buffer=self.map, offset=offset
+            )
+            np.copyto(target, array, casting="no")
+            refs.append((offset, array.dtype, array.shape))
+        return refs
+
+    def release(self) -> None:
+        if self.map is not None:
+            self.map.close()
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd, self.map, self.size = None, None, 0
+
+
+class _Worker:
+    """One worker process and its end of a private socket pair."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "lampy.runtime.executors.local_worker",
+                    str(theirs.fileno()),
+                ],
+                pass_fds=(theirs.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        self.conn = Connection(ours.detach())
+        self.arena_id = 0
+        self.jobs: deque[str] = deque(maxlen=JOBS_KEPT)
+        self.conn.send(("path", sys.path))
+
+    def send(
+        self, job: Job, chunk: int, arena: _Arena, split: list[ArrayRef], whole: list[ArrayRef]
+    ) -> None:
+        if self.arena_id != arena.id:
+            assert arena.fd is not None
+            self.conn.send(("arena", arena.id))
+            send_handle(self.conn, arena.fd, self.process.pid)
+            self.arena_id = arena.id
+        if job.id not in self.jobs:
+            self.conn.send(("job", job.id, job.template, split, whole))
+            self.jobs.append(job.id)
+        self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk]))
+
+    def receive(self) -> Outcome:
+        message = self.conn.recv()
+        if message[0] == "ok":
+            _, _, payload, layout = message
+            fd = recv_handle(self.conn) if layout else None
+            return Outcome(value=load_from_file(payload, layout, fd))
+        _, _, error, traceback = message
+        try:
+            exc = loads(error)
+        except Exception as why:
+            exc = RemoteError(f"an exception that cannot be unpickled here ({why})")
+        return Outcome(error=exc, traceback=traceback)
+
+    def exit_status(self) -> str:
+        try:
+            code = self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return "stopped answering"
+        if code < 0:
+            name = signal.Signals(-code).name
+            hint = (
+                " (the kernel's out-of-memory killer sends this too)" if name == "SIGKILL" else ""
+            )
+            return f"was killed by {name}{hint}"
+        return f"exited with code {code}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.conn.close()
+
+
+class LocalExecutor(Executor):
+    name = "local"
+    option_types = {"workers": int}
+
+    def __init__(self, workers: int | None = None) -> None:
+        if workers is not None and (isinstance(workers, bool) or workers < 1):
+            raise OptionError(f"workers must be a positive int; got {workers!r}")
+        self.size = workers or available_cpus()
+        self._workers: list[_Worker] = []
+        self._arena = _Arena()
+        self._lock = threading.Lock()
+
+    def costs(self) -> Costs:
+        return Costs(
+            workers=self.size,
+            startup_s=0.0 if self._workers else STARTUP_S,
+            seconds_per_byte=SECONDS_PER_BYTE,
+            seconds_per_chunk=SECONDS_PER_CHUNK,
+        )
+
+    def run(self, job: Job) -> dict[int, Outcome]:
+        with self._lock:
+            if not self._workers:
+                self._workers = [self._start() for _ in range(self.size)]
+            refs = self._arena.place(job.split + job.whole)
+            try:
+                return self._dispatch(job, refs[: len(job.split)], refs[len(job.split) :])
+            finally:
+                if self._arena.size > ARENA_KEPT_BYTES:
+                    self._arena.release()
+
+    def close(self) -> None:
+        with self._lock:
+            for worker in self._workers:
+                worker.stop()
+            self._workers = []
+            self._arena.release()
+
+    def worker_pids(self) -> list[int]:
+        """The pool's process ids (for tests and monitoring)."""
+        return [w.process.pid for w in self._workers]
+
+    def _start(self) -> _Worker:
+        env = dict(os.environ)
+        threads = str(max(1, available_cpus() // self.size))
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, threads)
+        return _Worker(env)
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.stop()
+        fresh = self._start()
+        self._workers[self._workers.index(worker)] = fresh
+        return fresh
+
+    def _dispatch(
+        self, job: Job, split: list[ArrayRef], whole: list[ArrayRef]
+    ) -> dict[int, Outcome]:
+        todo = deque(range(len(job.chunks)))
+        attempts: Counter[int] = Counter()
+        done: dict[int, Outcome] = {}
+        idle = list(self._workers)
+        busy: dict[Any, tuple[_Worker, int]] = {}
+        try:
+            while todo or busy:
+                while todo and idle:
+                    worker, chunk = idle.pop(), todo.popleft()
+                    try:
+                        worker.send(job, chunk, self._arena, split, whole)
+                        busy[worker.conn] = (worker, chunk)
+                    except OSError:  # died while idle: replace it; the chunk never ran
+                        idle.append(self._replace(worker))
+                        todo.appendleft(chunk)
+                for conn in wait(list(busy)):
+                    worker, chunk = busy.pop(conn)
+                    try:
+                        outcome = worker.receive()
+                    except (EOFError, OSError):
+                        status = worker.exit_status()
+                        idle.append(self._replace(worker))
+                        attempts[chunk] += 1
+                        if attempts[chunk] >= MAX_ATTEMPTS:
+                            start, stop = job.chunks[chunk]
+                            raise WorkerLost(
+                                f"chunk {chunk} (rows {start}:{stop}) lost its worker process "
+                                f"{attempts[chunk]} times; the last one {status}. If the chunk "
+                                "needs too much memory, ask for more chunks (chunks=N)."
+                            ) from None
+                        todo.appendleft(chunk)
+                        continue
+                    done[chunk] = outcome
+                    idle.append(worker)
+                    if outcome.error is not None:
+                        return done
+            return done
+        finally:
+            for worker, _ in busy.values():  # abandoned mid-chunk: their state is unknown
+                self._replace(worker)

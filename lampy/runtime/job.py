@@ -1,0 +1,75 @@
+"""A job: one decorated call, cut into chunks, as executors see it.
+
+Array arguments are replaced by placeholders in the argument template: `Part(i)` stands for the
+chunk's rows of split array i, `Whole(i)` for shared array i. Each executor decides how the
+arrays travel (in-process views, shared memory, frames over HTTP); the template stays the same.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+Rows = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Placeholder for the chunk's rows of split array `index`."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Whole:
+    """Placeholder for shared array `index`, which every chunk receives whole."""
+
+    index: int
+
+
+Placeholder = Part | Whole
+
+
+def fill(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], lookup: Callable[[Placeholder], Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Replace every top-level placeholder in an argument template by `lookup(placeholder)`."""
+
+    def one(value: Any) -> Any:
+        return lookup(value) if isinstance(value, Part | Whole) else value
+
+    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """Everything an executor needs to run the chunks of one call."""
+
+    function: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    split: tuple[np.ndarray, ...]
+    whole: tuple[np.ndarray, ...]
+    chunks: tuple[Rows, ...]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def arguments(self, chunk: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The chunk's arguments as in-process views of the caller's arrays (no copies)."""
+        start, stop = self.chunks[chunk]
+
+        def lookup(p: Placeholder) -> np.ndarray:
+            return self.split[p.index][start:stop] if isinstance(p, Part) else self.whole[p.index]
+
+        return fill(self.args, self.kwargs, lookup)
+
+    @cached_property
+    def template(self) -> bytes:
+        """The pickled function and argument template, the same for every chunk."""
+        from lampy.runtime.codec import dumps
+
+        return dumps((self.function, self.args, dict(self.kwargs)))

@@ -1,0 +1,176 @@
+"""Planning: how a call is cut into chunks and where they run. Pure: no I/O, no clocks.
+
+With `chunks="auto"` the caller first times the function on a small leading slice of the rows
+(the probe) and hands the measurement in here. The plan weighs the serial time this predicts
+against the executor's costs (start-up, moving bytes, per-chunk overhead) and fans out only
+when that pays; otherwise the call runs in the caller's process as one plain function call.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+Rows = tuple[int, int]
+
+# Chosen with bench/bench_overheads.py (fan-out break-even on the 2-core reference machine):
+# fan out only when the predicted parallel time beats the serial time by this factor.
+FAN_OUT_MARGIN = 0.8
+# The probe sees at most this many bytes of split input (1/64 of the rows at most), so probing
+# costs little and a memory-bound function is judged from data that fits in cache.
+PROBE_BYTES = 1 << 21
+PROBE_FRACTION = 64
+# Chunks per worker when fanning out: more than one evens out uneven chunks and stragglers.
+CHUNKS_PER_WORKER = 2
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What running chunks on an executor costs, as the planner models it."""
+
+    workers: int
+    startup_s: float = 0.0
+    seconds_per_byte: float = 0.0
+    seconds_per_chunk: float = 0.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The function timed on rows [0, rows) in the caller's process."""
+
+    rows: int
+    seconds: float
+    result_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chunks of one call, where they run, and why."""
+
+    executor: str
+    rows: int
+    row_bytes: int
+    shared_bytes: int
+    chunks: tuple[Rows, ...]
+    fan_out: bool
+    reason: str
+    probe: Probe | None = field(default=None, compare=False)
+
+    @property
+    def bytes_per_chunk(self) -> list[int]:
+        return [(stop - start) * self.row_bytes for start, stop in self.chunks]
+
+    def __str__(self) -> str:
+        where = self.executor if self.fan_out else "the calling process (no fan-out)"
+        sizes = [stop - start for start, stop in self.chunks]
+        rows = f"{min(sizes)}-{max(sizes)}" if sizes and min(sizes) != max(sizes) else sizes[0]
+        return (
+            f"{len(self.chunks)} chunk(s) of {rows} rows "
+            f"({self.row_bytes * (sizes[0] if sizes else 0):,} bytes each) on {where}; "
+            f"{self.rows} rows x {self.row_bytes:,} bytes split, {self.shared_bytes:,} bytes "
+            f"shared. Why: {self.reason}"
+        )
+
+
+def split_rows(rows: int, chunks: int, start: int = 0) -> tuple[Rows, ...]:
+    """Cut rows [start, start + rows) into `chunks` contiguous ranges, sizes differing by <= 1.
+
+    Like np.array_split, the first ranges take the extra rows; never more ranges than rows,
+    but always at least one (an empty call still runs once).
+
+    >>> split_rows(10, 3)
+    ((0, 4), (4, 7), (7, 10))
+    >>> split_rows(2, 5)
+    ((0, 1), (1, 2))
+    >>> split_rows(0, 4)
+    ((0, 0),)
+    >>> split_rows(4, 2, start=6)
+    ((6, 8), (8, 10))
+    """
+    n = max(1, min(chunks, rows))
+    base, extra = divmod(rows, n)
+    bounds = [start]
+    for i in range(n):
+        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+    return tuple(itertools.pairwise(bounds))
+
+
+def probe_rows(rows: int, row_bytes: int) -> int:
+    """How many leading rows the auto planner times: small, but at least one.
+
+    >>> probe_rows(1_000_000, 8)
+    15625
+    >>> probe_rows(1000, 1 << 20)
+    2
+    >>> probe_rows(3, 8)
+    1
+    """
+    by_bytes = PROBE_BYTES // max(row_bytes, 1)
+    return max(1, min(rows // PROBE_FRACTION, by_bytes))
+
+
+def plan(
+    *,
+    executor: str,
+    costs: Costs,
+    rows: int,
+    row_bytes: int,
+    shared_bytes: int,
+    chunks: int | None,
+    probe: Probe | None = None,
+) -> Plan:
+    """Plan a call: `chunks` given means exactly that many (fewer only if rows run out).
+
+    `chunks=None` means auto; then a `probe` of the leading rows must be given unless the
+    executor has a single worker or there are fewer than two rows. In auto mode a fan-out plan
+    starts with the probe's rows as chunk 0 (already computed) and splits the rest.
+
+    >>> one = Costs(workers=1)
+    >>> plan(executor="inline", costs=one, rows=100, row_bytes=8, shared_bytes=0,
+    ...      chunks=None).reason
+    'the executor runs one chunk at a time'
+    >>> two = Costs(workers=2, seconds_per_byte=1e-9, seconds_per_chunk=1e-4)
+    >>> heavy = Probe(rows=10, seconds=1.0, result_bytes=80)
+    >>> p = plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
+    ...          chunks=None, probe=heavy)
+    >>> p.fan_out, p.chunks[:2], len(p.chunks)
+    (True, ((0, 10), (10, 258)), 5)
+    >>> light = Probe(rows=10, seconds=1e-6, result_bytes=80)
+    >>> plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
+    ...      chunks=None, probe=light).fan_out
+    False
+    """
+
+    def result(chunks: tuple[Rows, ...], fan_out: bool, reason: str) -> Plan:
+        return Plan(executor, rows, row_bytes, shared_bytes, chunks, fan_out, reason, probe)
+
+    if chunks is not None:
+        reason = f"chunks={chunks} was asked for" + (
+            f"; only {rows} rows to split" if chunks > max(rows, 1) else ""
+        )
+        return result(split_rows(rows, chunks), True, reason)
+    whole = split_rows(rows, 1)
+    if costs.workers <= 1:
+        return result(whole, False, "the executor runs one chunk at a time")
+    if rows < 2:
+        return result(whole, False, f"{rows} row(s) cannot be split")
+    if probe is None:
+        raise ValueError("auto planning on a parallel executor needs a probe")
+    serial = probe.seconds / probe.rows * rows
+    rest = rows - probe.rows
+    count = max(1, min(rest, costs.workers * CHUNKS_PER_WORKER))
+    moved = rows * row_bytes + shared_bytes * costs.workers + probe.result_bytes / probe.rows * rest
+    parallel = (
+        probe.seconds
+        + costs.startup_s
+        + moved * costs.seconds_per_byte
+        + count * costs.seconds_per_chunk
+        + (serial - probe.seconds) / costs.workers
+    )
+    estimate = f"serial {serial * 1e3:.3g} ms against fanned out {parallel * 1e3:.3g} ms"
+    if rest < 1 or parallel >= FAN_OUT_MARGIN * serial:
+        reason = f"fan-out does not pay: {estimate} (from a probe of {probe.rows} rows)"
+        return result(whole, False, reason)
+    chunked = ((0, probe.rows), *split_rows(rest, count, start=probe.rows))
+    reason = f"fan-out pays: {estimate} (from a probe of {probe.rows} rows, reused as chunk 0)"
+    return result(chunked, True, reason)
