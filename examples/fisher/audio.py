@@ -107,7 +107,18 @@ def write_wav(path: str | Path, signal: np.ndarray, rate: int) -> None:
     pcm = (np.clip(signal, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
     header = struct.pack(
         "<4sI4s4sIHHIIHH4sI",
-        b"RIFF", 36 + len(pcm), b"WAVE", b"fmt ", 16, _PCM, 1, rate, rate * 2, 2, 16,
-        b"data", len(pcm),
+        b"RIFF",
+        36 + len(pcm),
+        b"WAVE",
+        b"fmt ",
+        16,
+        _PCM,
+        1,
+        rate,
+        rate * 2,
+        2,
+        16,
+        b"data",
+        len(pcm),
     )
     Path(path).write_bytes(header + pcm)

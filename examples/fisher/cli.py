@@ -53,7 +53,8 @@ def _table(result: Result, scored: Score | None, total: float) -> str:
     if scored:
         lines += [
             f"DER (no collar): {100 * scored.der:.2f}%  (missed {100 * scored.missed:.2f}%, "
-            f"false alarm {100 * scored.false_alarm:.2f}%, confusion {100 * scored.confusion:.2f}%)",
+            f"false alarm {100 * scored.false_alarm:.2f}%, "
+            f"confusion {100 * scored.confusion:.2f}%)",
             f"DER (0.25 s collar): {100 * scored.der_collar:.2f}%",
             f"cluster purity: {100 * scored.cluster_purity:.1f}%  "
             f"speaker purity: {100 * scored.speaker_purity:.1f}%",

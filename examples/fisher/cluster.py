@@ -24,7 +24,7 @@ def _sq_dist(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 @lampy.sum(shared=("centroids",))
 def kmeans_partials(x: np.ndarray, centroids: np.ndarray) -> dict[str, np.ndarray]:
     """Assign a chunk's points to the nearest centroid of every restart; per-cluster counts/sums."""
-    restarts, k, _ = centroids.shape
+    k = centroids.shape[1]
     d2 = _sq_dist(x, centroids)
     labels = d2.argmin(axis=2)
     onehot = (labels[:, :, None] == np.arange(k)).astype(np.float64)
@@ -42,7 +42,8 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding: each new centre drawn with probability proportional to squared distance."""
+    """k-means++ seeding: each new centre drawn with probability proportional to squared distance
+    from the centres so far."""
     centres = [x[rng.integers(x.shape[0])]]
     d2 = ((x - centres[0]) ** 2).sum(axis=1)
     for _ in range(1, k):
@@ -75,15 +76,25 @@ def kmeans(
             break
     best = int(np.argmin(inertia))
     labels = assign(x, centroids[best])
+    relabel = _first_appearance_map(labels, k)
+    ordered = np.empty_like(centroids[best])
+    ordered[relabel] = centroids[best]
+    return relabel[labels], ordered, float(inertia[best])
+
+
+def _first_appearance_map(labels: np.ndarray, k: int) -> np.ndarray:
+    """Map old label -> new label numbering labels by first appearance (unused ones last)."""
     _, first = np.unique(labels, return_index=True)
     order = labels[np.sort(first)]
     relabel = np.empty(k, dtype=np.int64)
     relabel[order] = np.arange(order.size)
-    unused = np.setdiff1d(np.arange(k), order)
-    relabel[unused] = np.arange(order.size, k)
-    ordered = np.empty_like(centroids[best])
-    ordered[relabel] = centroids[best]
-    return relabel[labels], ordered, float(inertia[best])
+    relabel[np.setdiff1d(np.arange(k), order)] = np.arange(order.size, k)
+    return relabel
+
+
+def first_appearance(labels: np.ndarray) -> np.ndarray:
+    """Renumber labels 0, 1, ... in order of first appearance."""
+    return _first_appearance_map(labels, int(labels.max()) + 1)[labels]
 
 
 @lampy.sum(shared=("points", "point_labels"))
@@ -111,8 +122,10 @@ def silhouette_partials(
     return {"s": np.array(total), "n": np.array(float(x.shape[0]))}
 
 
-def silhouette(x: np.ndarray, labels: np.ndarray, k: int, sample: int = 6000, seed: int = 0) -> float:
-    """Mean silhouette; above `sample` points, on a seeded random sample (as sklearn's sample_size)."""
+def silhouette(
+    x: np.ndarray, labels: np.ndarray, k: int, sample: int = 6000, seed: int = 0
+) -> float:
+    """Mean silhouette; above `sample` points, on a seeded random sample (sklearn's sample_size)."""
     if x.shape[0] > sample:
         keep = np.sort(np.random.default_rng(seed).choice(x.shape[0], sample, replace=False))
         x, labels = x[keep], labels[keep]

@@ -1,9 +1,9 @@
 """Fisher Linear Semi-Discriminant analysis (Giannakopoulos and Petridis, 2012).
 
 Without speaker labels, vectors close in time are assumed to share a speaker: each block of
-consecutive mid-term vectors is one pseudo-class. The projection maximizes the between-block scatter
-against the within-block scatter. Both scatter matrices follow from per-class counts and sums and one
-Gram matrix, which add up across chunks: a `@lampy.sum` region.
+consecutive mid-term vectors is one pseudo-class. The projection maximizes the between-block
+scatter against the within-block scatter. Both scatter matrices follow from per-class counts and
+sums and one Gram matrix, which add up across chunks: a `@lampy.sum` region.
 """
 
 from __future__ import annotations

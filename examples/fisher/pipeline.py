@@ -20,8 +20,8 @@ class Params:
     mid_window: float = 1.0
     mid_step: float = 0.1
     min_voiced: float = 0.3
-    flsd_block: float = 1.0
-    flsd_dims: int = 10
+    flsd_block: float = 0.5
+    flsd_dims: int = 5
     flsd_ridge: float = 0.1
     max_speakers: int = 4
     restarts: int = 10
@@ -93,7 +93,8 @@ def diarize(
         k = max(sil, key=lambda c: sil[c]) if sil else candidates[0]
         _, centroids, _ = fits[k]
     with _timed(t, "smooth"):
-        path = cluster.viterbi(y, centroids, stay=1.0 - p.mid_step / p.mean_turn)
+        stay = 1.0 - p.mid_step / p.mean_turn
+        path = cluster.first_appearance(cluster.viterbi(y, centroids, stay))
         nearest = np.searchsorted(times, np.arange(speech.size) * step)
         nearest = np.clip(nearest, 1, times.size - 1)
         left_closer = (np.arange(speech.size) * step - times[nearest - 1]) < (

@@ -58,7 +58,7 @@ def score(reference: list[Turn], hypothesis: list[Turn], collar: float = 0.25) -
     overlap = ref.T.astype(np.int64) @ hyp.astype(np.int64)
     rows, cols = linear_sum_assignment(-overlap) if overlap.size else ([], [])
     correct = np.zeros(n, dtype=np.int64)
-    for r, c in zip(rows, cols):
+    for r, c in zip(rows, cols, strict=True):
         correct += ref[:, r] & hyp[:, c]
     m, f, c, total = _der_parts(ref, hyp, correct)
     keep = np.ones(n, dtype=bool)
@@ -78,5 +78,5 @@ def score(reference: list[Turn], hypothesis: list[Turn], collar: float = 0.25) -
         der_collar=(mc + fc + cc) / max(total_c, 1.0),
         cluster_purity=float(table.max(axis=0).sum()) / n_single if table.size else 0.0,
         speaker_purity=float(table.max(axis=1).sum()) / n_single if table.size else 0.0,
-        mapping={hyp_names[c]: ref_names[r] for r, c in zip(rows, cols)},
+        mapping={hyp_names[c]: ref_names[r] for r, c in zip(rows, cols, strict=True)},
     )

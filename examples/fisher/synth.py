@@ -39,18 +39,79 @@ VOICES: tuple[Voice, ...] = (
 )
 
 _WORDS = {
-    "subject": "the farmer,my neighbour,our teacher,the old captain,a young doctor,the baker,"
-    "your sister,the engineer,a quiet student,the mayor,my uncle,the pilot".split(","),
-    "verb": "painted,carried,repaired,discovered,sold,borrowed,cleaned,described,opened,"
-    "measured,ordered,photographed".split(","),
-    "object": "a red bicycle,the wooden boat,three baskets of apples,an enormous map,the kitchen "
-    "window,a broken clock,the garden fence,two silver spoons,a heavy suitcase,the library "
-    "roof,a bag of flour,the village bell".split(","),
-    "tail": "before lunch,on a rainy morning,after the long meeting,near the river,with great "
-    "care,in the middle of winter,for the summer festival,without saying a word,late at night,"
-    "beside the station".split(","),
+    "subject": (
+        "the farmer",
+        "my neighbour",
+        "our teacher",
+        "the old captain",
+        "a young doctor",
+        "the baker",
+        "your sister",
+        "the engineer",
+        "a quiet student",
+        "the mayor",
+        "my uncle",
+        "the pilot",
+    ),
+    "verb": (
+        "painted",
+        "carried",
+        "repaired",
+        "discovered",
+        "sold",
+        "borrowed",
+        "cleaned",
+        "described",
+        "opened",
+        "measured",
+        "ordered",
+        "photographed",
+    ),
+    "object": (
+        "a red bicycle",
+        "the wooden boat",
+        "three baskets of apples",
+        "an enormous map",
+        "the kitchen window",
+        "a broken clock",
+        "the garden fence",
+        "two silver spoons",
+        "a heavy suitcase",
+        "the library roof",
+        "a bag of flour",
+        "the village bell",
+    ),
+    "tail": (
+        "before lunch",
+        "on a rainy morning",
+        "after the long meeting",
+        "near the river",
+        "with great care",
+        "in the middle of winter",
+        "for the summer festival",
+        "without saying a word",
+        "late at night",
+        "beside the station",
+    ),
 }
-_OPENERS = "well,you know,honestly,and then,actually,by the way,so,right".split(",")
+_OPENERS = (
+    "well",
+    "you know",
+    "honestly",
+    "and then",
+    "actually",
+    "by the way",
+    "so",
+    "right",
+)
+_REPLIES = (
+    "Yes, I agree with that.",
+    "Really? I did not know that.",
+    "Oh, that is very interesting.",
+    "No, not at all.",
+    "Hmm, maybe you are right.",
+    "Exactly, that is what I meant.",
+)
 
 
 def have_tools() -> bool:
@@ -92,15 +153,19 @@ def generate(
     if not have_tools():
         raise RuntimeError(INSTALL_HINT)
     rng = np.random.default_rng(seed)
-    # Plan the script first: about 12 words per sentence at ~2.5 words per second.
+    # Plan more script than needed (a sentence lasts 3-5 s, a reply about 1.5 s); cut when joining.
     script: list[tuple[int, str]] = []
     planned, speaker = 0.0, -1
-    while planned < seconds:
+    while planned < 1.5 * seconds + 5.0:
         choices = [s for s in range(n_speakers) if s != speaker] or [0]
         speaker = int(rng.choice(choices))
-        n_sentences = int(rng.integers(1, 4))
-        script.append((speaker, " ".join(sentence(rng) for _ in range(n_sentences))))
-        planned += n_sentences * 4.5 + 0.6
+        if rng.random() < 0.25:
+            script.append((speaker, _REPLIES[rng.integers(len(_REPLIES))]))
+            planned += 2.0
+        else:
+            n_sentences = int(rng.choice([1, 1, 2, 3]))
+            script.append((speaker, " ".join(sentence(rng) for _ in range(n_sentences))))
+            planned += n_sentences * 3.0 + 0.6
     gaps = rng.uniform(0.3, 1.0, size=len(script))
     gains = rng.uniform(0.5, 0.9, size=len(script))
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(4) as pool:
@@ -112,7 +177,7 @@ def generate(
     pieces: list[np.ndarray] = [np.zeros(round(0.5 * rate), dtype=np.float32)]
     turns: list[Turn] = []
     cursor = pieces[0].size
-    for (s, _), clip, gap, gain in zip(script, clips, gaps, gains):
+    for (s, _), clip, gap, gain in zip(script, clips, gaps, gains, strict=True):
         if cursor / rate >= seconds:
             break
         clip = clip * (gain / max(float(np.abs(clip).max()), 1e-9))

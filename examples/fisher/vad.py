@@ -15,8 +15,8 @@ def fill_gaps(mask: np.ndarray, max_gap: int) -> np.ndarray:
     """Set runs of False no longer than `max_gap` that lie between two runs of True."""
     out = mask.copy()
     starts, ends = runs(~mask)
-    for s, e in zip(starts, ends):
-        if 0 < s and e < mask.size and e - s <= max_gap:
+    for s, e in zip(starts, ends, strict=True):
+        if s > 0 and e < mask.size and e - s <= max_gap:
             out[s:e] = True
     return out
 
@@ -25,7 +25,7 @@ def drop_short(mask: np.ndarray, min_run: int) -> np.ndarray:
     """Clear runs of True shorter than `min_run`."""
     out = mask.copy()
     starts, ends = runs(mask)
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         if e - s < min_run:
             out[s:e] = False
     return out
