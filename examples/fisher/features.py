@@ -62,9 +62,13 @@ def frame_blocks(signal: np.ndarray, win: int, hop: int, block: int = BLOCK) -> 
 
 @lru_cache(maxsize=8)
 def _filters(rate: int, win: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mel filterbank (bins x mel), DCT-II matrix (mel x mfcc) and chroma map (bins x 12)."""
+    """Mel filterbank (bins x mel), DCT-II matrix (mel x mfcc) and chroma map (bins x 12).
+
+    The chroma map averages the bins of each semitone (so low notes, with few bins, are not
+    drowned by high ones) and folds semitones into 12 pitch classes, A = 0; DC is left out.
+    """
     n_bins = win // 2
-    freqs = np.arange(1, n_bins + 1) * rate / (2.0 * n_bins)
+    freqs = np.arange(n_bins) * rate / win
     mel = 2595.0 * np.log10(1.0 + np.array([0.0, rate / 2.0]) / 700.0)
     edges_hz = 700.0 * (10 ** (np.linspace(mel[0], mel[1], N_MEL + 2) / 2595.0) - 1.0)
     lo, mid, hi = edges_hz[:-2], edges_hz[1:-1], edges_hz[2:]
@@ -74,10 +78,10 @@ def _filters(rate: int, win: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     m = np.arange(N_MEL)[:, None]
     dct = np.sqrt(2.0 / N_MEL) * np.cos(np.pi * k * (2 * m + 1) / (2 * N_MEL))
     dct[:, 0] /= np.sqrt(2.0)
-    pitch = np.round(12.0 * np.log2(freqs / 27.5)).astype(int)
+    pitch = np.round(12.0 * np.log2(freqs[1:] / 27.5)).astype(int)
     _, inverse, counts = np.unique(pitch, return_inverse=True, return_counts=True)
     chroma = np.zeros((n_bins, 12))
-    chroma[np.arange(n_bins), pitch % 12] = 1.0 / counts[inverse]
+    chroma[np.arange(1, n_bins), pitch % 12] = 1.0 / counts[inverse]
     return fbank, dct, chroma
 
 
@@ -100,7 +104,7 @@ def spectral_features(frames: np.ndarray, prev: np.ndarray, rate: int) -> np.nda
     out[:, 2] = _entropy((x[:, : 10 * sub].reshape(-1, 10, sub) ** 2).sum(axis=2))
     mag = np.abs(np.fft.rfft(x, axis=1))[:, :n_bins] / n_bins
     prev_mag = np.abs(np.fft.rfft(prev.astype(np.float64), axis=1))[:, :n_bins] / n_bins
-    freqs = np.arange(1, n_bins + 1) * rate / (2.0 * n_bins)
+    freqs = np.arange(n_bins) * rate / win
     total = mag.sum(axis=1) + EPS
     centroid = (mag * freqs).sum(axis=1) / total
     spread = np.sqrt((mag * (freqs - centroid[:, None]) ** 2).sum(axis=1) / total)

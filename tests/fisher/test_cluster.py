@@ -1,0 +1,99 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from examples.fisher import cluster
+
+
+def _blobs(k: int = 3, n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(k), n // k)
+    centres = np.array([[0, 0], [8, 0], [0, 8], [8, 8]])[:k]
+    return centres[truth] + rng.normal(size=(truth.size, 2)), truth
+
+
+def test_kmeans_partials_match_loop(executor: str) -> None:
+    x, _ = _blobs()
+    centroids = np.random.default_rng(1).normal(size=(2, 3, 2))
+    p = cluster.kmeans_partials(x, centroids)
+    for r in range(2):
+        d = [[np.sum((xi - c) ** 2) for c in centroids[r]] for xi in x]
+        labels = np.argmin(d, axis=1)
+        np.testing.assert_array_equal(p["n"][r], np.bincount(labels, minlength=3))
+        for j in range(3):
+            np.testing.assert_allclose(p["s"][r, j], x[labels == j].sum(axis=0), atol=1e-9)
+        np.testing.assert_allclose(p["inertia"][r], np.min(d, axis=1).sum())
+
+
+def test_kmeans_recovers_blobs_with_canonical_labels(executor: str) -> None:
+    x, truth = _blobs()
+    labels, centroids, inertia = cluster.kmeans(x, 3, seed=4)
+    np.testing.assert_array_equal(labels, truth)
+    assert centroids.shape == (3, 2)
+    assert inertia == pytest.approx(((x - centroids[labels]) ** 2).sum())
+
+
+def test_kmeans_is_seeded() -> None:
+    x, _ = _blobs(4, 200, seed=3)
+    a = cluster.kmeans(x, 4, seed=7, restarts=2)
+    b = cluster.kmeans(x, 4, seed=7, restarts=2)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def _silhouette_loop(x: np.ndarray, labels: np.ndarray) -> float:
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    values = []
+    for i in range(len(x)):
+        own = labels == labels[i]
+        if own.sum() == 1:
+            values.append(0.0)
+            continue
+        a = d[i, own].sum() / (own.sum() - 1)
+        b = min(d[i, labels == c].mean() for c in set(labels) if c != labels[i])
+        values.append((b - a) / max(a, b))
+    return float(np.mean(values))
+
+
+def test_silhouette_matches_loop(executor: str) -> None:
+    x, truth = _blobs(3, 90)
+    labels = truth.copy()
+    labels[:5] = 1
+    assert cluster.silhouette(x, labels, 3) == pytest.approx(_silhouette_loop(x, labels), abs=1e-9)
+
+
+def test_silhouette_matches_sklearn() -> None:
+    metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is not installed")
+    x, truth = _blobs(4, 200, seed=5)
+    ours = cluster.silhouette(x, truth, 4)
+    assert ours == pytest.approx(metrics.silhouette_score(x, truth), abs=1e-9)
+
+
+def test_viterbi_matches_brute_force() -> None:
+    rng = np.random.default_rng(2)
+    centroids = np.array([[0.0], [1.0]])
+    x = rng.normal(0.5, 0.6, size=(7, 1))
+    stay = 0.8
+    d2 = (x - centroids.T) ** 2
+    var = d2.min(axis=1).mean() + 1e-12
+    best, best_path = -np.inf, None
+    for path in itertools.product([0, 1], repeat=7):
+        ll = -d2[0, path[0]] / (2 * var)
+        for t in range(1, 7):
+            ll += np.log(stay if path[t] == path[t - 1] else 1 - stay) - d2[t, path[t]] / (2 * var)
+        if ll > best:
+            best, best_path = ll, path
+    np.testing.assert_array_equal(cluster.viterbi(x, centroids, stay), best_path)
+
+
+def test_viterbi_removes_a_one_step_blip() -> None:
+    x = np.array([[0.0]] * 10 + [[0.52]] + [[0.0]] * 10)
+    path = cluster.viterbi(x, np.array([[0.0], [1.0]]), stay=0.99)
+    assert not path.any()
+
+
+def test_first_appearance() -> None:
+    np.testing.assert_array_equal(
+        cluster.first_appearance(np.array([2, 2, 0, 1, 0])), [0, 0, 1, 2, 1]
+    )

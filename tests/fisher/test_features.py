@@ -1,0 +1,110 @@
+"""Vectorized features against a plain per-frame loop written straight from the definitions."""
+
+import numpy as np
+import pytest
+
+from examples.fisher import features
+
+
+def _reference_frame(x: np.ndarray, prev: np.ndarray, rate: int) -> np.ndarray:
+    win = x.size
+    n = win // 2
+    zcr = np.sum(np.abs(np.diff(np.sign(x)))) / 2 / (win - 1)
+    energy = np.sum(x**2) / win
+    sub = np.array([np.sum(x[i * (win // 10) : (i + 1) * (win // 10)] ** 2) for i in range(10)])
+    p = sub / (sub.sum() + 1e-10)
+    energy_entropy = -np.sum(p * np.log2(p + 1e-10))
+    mag = np.abs(np.fft.fft(x))[:n] / n
+    prev_mag = np.abs(np.fft.fft(prev))[:n] / n
+    freqs = np.array([i * rate / win for i in range(n)])
+    centroid = np.sum(freqs * mag) / (mag.sum() + 1e-10)
+    spread = np.sqrt(np.sum((freqs - centroid) ** 2 * mag) / (mag.sum() + 1e-10))
+    bands = np.array([np.sum(mag[i * (n // 10) : (i + 1) * (n // 10)] ** 2) for i in range(10)])
+    q = bands / (bands.sum() + 1e-10)
+    spectral_entropy = -np.sum(q * np.log2(q + 1e-10))
+    a, b = mag / (mag.sum() + 1e-10), prev_mag / (prev_mag.sum() + 1e-10)
+    flux = np.sum((a - b) ** 2)
+    cum = np.cumsum(mag**2)
+    rolloff = np.nonzero(cum > 0.9 * cum[-1])[0][0] / n
+    nyquist = rate / 2
+    spectral = [centroid / nyquist, spread / nyquist, spectral_entropy, flux, rolloff]
+    return np.array([zcr, energy, energy_entropy, *spectral])
+
+
+def _signal(rate: int, seconds: float) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    t = np.arange(int(rate * seconds)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 0.7 * t))
+    return (tone + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050])
+def test_frame_blocks_hold_every_frame_and_its_predecessor(rate: int) -> None:
+    signal = _signal(rate, 3.3)
+    win, hop = features.frame_geometry(rate)
+    blocks = features.frame_blocks(signal, win, hop, block=8)
+    n = features.n_frames(signal.size, win, hop)
+    assert blocks.shape[0] == -(-n // 8)
+    for i in [0, 1, 7, 8, 9, n - 1]:
+        row, j = divmod(i, 8)
+        np.testing.assert_array_equal(
+            blocks[row, (j + 1) * hop : (j + 1) * hop + win], signal[i * hop : i * hop + win]
+        )
+
+
+def test_short_term_features_match_per_frame_loop(executor: str) -> None:
+    rate = 16000
+    signal = _signal(rate, 4.0)
+    feats, step = features.short_term_features(signal, rate)
+    win, hop = features.frame_geometry(rate)
+    assert step == 0.025
+    assert feats.shape == (features.n_frames(signal.size, win, hop), len(features.FEATURE_NAMES))
+    for i in [0, 1, 63, 64, 65, feats.shape[0] - 1]:
+        x = signal[i * hop : i * hop + win].astype(np.float64)
+        # Frame 0's predecessor starts one hop before the signal, in zeros.
+        padded = np.concatenate([np.zeros(hop), signal])
+        prev = padded[i * hop : i * hop + win]
+        np.testing.assert_allclose(feats[i, :8], _reference_frame(x, prev, rate), rtol=1e-6)
+    assert np.isfinite(feats).all()
+
+
+def test_mfcc_and_chroma_per_frame(executor: str) -> None:
+    rate = 16000
+    signal = _signal(rate, 2.0)
+    feats, _ = features.short_term_features(signal, rate)
+    win, hop = features.frame_geometry(rate)
+    fbank = features._filters(rate, win)[0]
+    i = 10
+    mag = np.abs(np.fft.fft(signal[i * hop : i * hop + win].astype(np.float64)))[: win // 2]
+    mag /= win // 2
+    mel = np.log10(mag @ fbank + 1e-10)
+    n_mel = mel.size
+    mfcc = [
+        np.sqrt((1 if k == 0 else 2) / n_mel)
+        * np.sum(mel * np.cos(np.pi * k * (2 * np.arange(n_mel) + 1) / (2 * n_mel)))
+        for k in range(13)
+    ]
+    np.testing.assert_allclose(feats[i, 8:21], mfcc, rtol=1e-6, atol=1e-9)
+    power = mag**2
+    c = np.zeros(12)
+    freqs = np.arange(1, win // 2) * rate / win
+    pitch = np.round(12 * np.log2(freqs / 27.5)).astype(int)
+    for p in np.unique(pitch):
+        c[p % 12] += power[1:][pitch == p].sum() / np.count_nonzero(pitch == p)
+    c /= power.sum() + 1e-10
+    np.testing.assert_allclose(feats[i, 21:33], c, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(feats[i, 33], c.std(), rtol=1e-6)
+    assert np.argmax(c) == 0  # 220 Hz is an A
+
+
+def test_mid_term_features_match_loop() -> None:
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((97, 3))
+    weights = rng.random(97) > 0.3
+    mid, starts, voiced = features.mid_term_features(feats, weights, win=10, step=4)
+    assert list(starts) == list(range(0, 88, 4))
+    for row, s in enumerate(starts):
+        chunk = feats[s : s + 10][weights[s : s + 10]]
+        assert voiced[row] == len(chunk)
+        np.testing.assert_allclose(mid[row, :3], chunk.mean(axis=0), atol=1e-12)
+        np.testing.assert_allclose(mid[row, 3:], chunk.std(axis=0), atol=1e-7)

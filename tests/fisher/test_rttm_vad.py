@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from examples.fisher import vad
+from examples.fisher.rttm import RttmError, Turn, format_rttm, labels_to_turns, read_rttm
+
+
+def test_rttm_roundtrip(tmp_path: Path) -> None:
+    turns = [Turn(0.5, 2.25, "spk0"), Turn(3.0, 4.0, "spk1")]
+    text = format_rttm(turns, "conv")
+    assert text.splitlines()[0] == "SPEAKER conv 1 0.500 1.750 <NA> <NA> spk0 <NA> <NA>"
+    (tmp_path / "a.rttm").write_text(";; comment\n" + text)
+    assert read_rttm(tmp_path / "a.rttm") == turns
+
+
+def test_bad_rttm(tmp_path: Path) -> None:
+    (tmp_path / "b.rttm").write_text("SPEAKER conv 1 zero 1.0 <NA> <NA> A <NA> <NA>\n")
+    with pytest.raises(RttmError, match=r"b\.rttm:1: bad start"):
+        read_rttm(tmp_path / "b.rttm")
+
+
+def test_labels_to_turns_merges_short_same_speaker_gaps() -> None:
+    labels = np.array([-1, 0, 0, -1, 0, 1, 1, -1, -1, -1, 1])
+    assert labels_to_turns(labels, step=0.5, max_gap=1.0) == [
+        Turn(0.5, 2.5, "spk0"),
+        Turn(2.5, 3.5, "spk1"),
+        Turn(5.0, 5.5, "spk1"),
+    ]
+
+
+def test_runs_gaps_and_blips() -> None:
+    mask = np.array([0, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0], dtype=bool)
+    starts, ends = vad.runs(mask)
+    assert list(starts) == [1, 4, 8] and list(ends) == [3, 5, 10]
+    assert list(vad.fill_gaps(mask, 1).astype(int)) == [0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0]
+    assert list(vad.drop_short(mask, 2).astype(int)) == [0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0]
+
+
+def test_detect_speech_on_bursts_and_silence() -> None:
+    rng = np.random.default_rng(0)
+    energy = np.full(400, 1e-7) * rng.uniform(0.5, 2.0, 400)
+    energy[100:200] = 1e-2
+    energy[150] = 1e-7  # a one-frame pause inside speech
+    energy[300] = 1e-2  # a one-frame click
+    speech = vad.detect_speech(energy, step=0.025)
+    assert speech[100:200].all()
+    assert not speech[:100].any() and not speech[200:].any()
