@@ -1,0 +1,79 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from examples.fisher import diarize, synth
+from examples.fisher.audio import read_wav
+from examples.fisher.cli import main
+from examples.fisher.rttm import read_rttm
+from examples.fisher.scoring import score
+
+from .conftest import SAMPLE_RTTM, SAMPLE_WAV
+
+TARGET_DER = 0.10
+
+
+@pytest.fixture(scope="module")
+def sample() -> tuple[np.ndarray, int]:
+    return read_wav(SAMPLE_WAV)
+
+
+def test_bundled_sample_within_target(executor: str, sample: tuple[np.ndarray, int]) -> None:
+    result = diarize(*sample, seed=0)
+    assert result.n_speakers == 2
+    assert score(read_rttm(SAMPLE_RTTM), result.turns).der <= TARGET_DER
+
+
+def test_same_labels_on_every_executor(sample: tuple[np.ndarray, int]) -> None:
+    import lampy
+
+    labels = {}
+    for name in ("inline", "local"):
+        with lampy.using(executor=name):
+            labels[name] = diarize(*sample, n_speakers=2, seed=3).frame_labels
+    np.testing.assert_array_equal(labels["inline"], labels["local"])
+
+
+def test_cli_json_and_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["diarize", str(SAMPLE_WAV), "--reference", str(SAMPLE_RTTM), "--executor", "inline"]
+    assert main([*args, "--json", "--out", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["speakers"] == 2
+    assert out["score"]["der"] <= TARGET_DER
+    assert set(out["timings"]) >= {"features", "flsd", "cluster", "total"}
+    rttm = read_rttm(tmp_path / "two_speakers.rttm")
+    assert [t.speaker for t in rttm] == [t["speaker"] for t in out["turns"]]
+
+
+def test_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["diarize", str(SAMPLE_WAV), "--speakers", "2", "--reference", str(SAMPLE_RTTM)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "DER (no collar)" in out and "speaker purity" in out and "features" in out
+
+
+def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "x.wav").write_text("not audio")
+    assert main(["diarize", str(tmp_path / "x.wav")]) == 2
+    assert "not a wav file" in capsys.readouterr().err
+
+
+def test_generated_conversation(tmp_path: Path) -> None:
+    if not synth.have_tools():
+        pytest.skip(synth.INSTALL_HINT)
+    wav, rttm = tmp_path / "c.wav", tmp_path / "c.rttm"
+    turns = synth.generate(wav, rttm, n_speakers=2, seconds=30, seed=123)
+    written = read_rttm(rttm)
+    assert [(t.start, t.speaker) for t in written] == [(t.start, t.speaker) for t in turns]
+    assert [t.end for t in written] == pytest.approx([t.end for t in turns], abs=1e-9)
+    assert {t.speaker for t in turns} == {"S0", "S1"}
+    result = diarize(*read_wav(wav), seed=0)
+    assert score(turns, result.turns).der <= TARGET_DER
+    first = wav.read_bytes()
+    synth.generate(tmp_path / "d.wav", tmp_path / "d.rttm", n_speakers=2, seconds=30, seed=123)
+    assert (tmp_path / "d.wav").read_bytes() == first
+    synth.generate(tmp_path / "e.wav", tmp_path / "e.rttm", n_speakers=2, seconds=30, seed=124)
+    assert (tmp_path / "e.wav").read_bytes() != first
