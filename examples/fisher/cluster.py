@@ -16,21 +16,31 @@ SILHOUETTE_BLOCK = 1024
 
 
 def _sq_dist(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Squared distances (restarts x points x k) from x (n x d) to centroids (restarts x k x d)."""
-    diff = x[None, :, None, :] - centroids[:, None, :, :]
-    return np.einsum("rnkd,rnkd->rnk", diff, diff)
+    """Squared distances (restarts x points x k) from x (n x d) to centroids (restarts x k x d).
+
+    One elementwise pass per dimension: exact whatever the chunking (no BLAS blocking), and
+    without the (restarts x n x k x d) temporary of a broadcast difference.
+    """
+    d2 = np.zeros((centroids.shape[0], x.shape[0], centroids.shape[1]))
+    for j in range(x.shape[1]):
+        diff = x[None, :, None, j] - centroids[:, None, :, j]
+        d2 += diff * diff
+    return d2
 
 
 @lampy.sum(shared=("centroids",))
 def kmeans_partials(x: np.ndarray, centroids: np.ndarray) -> dict[str, np.ndarray]:
     """Assign a chunk's points to the nearest centroid of every restart; per-cluster counts/sums."""
-    k = centroids.shape[1]
+    restarts, k, dims = centroids.shape
     d2 = _sq_dist(x, centroids)
     labels = d2.argmin(axis=2)
-    onehot = (labels[:, :, None] == np.arange(k)).astype(np.float64)
+    flat = (labels + k * np.arange(restarts)[:, None]).ravel()
+    sums = np.empty((restarts * k, dims))
+    for j in range(dims):
+        sums[:, j] = np.bincount(flat, np.tile(x[:, j], restarts), minlength=restarts * k)
     return {
-        "n": onehot.sum(axis=1),
-        "s": np.einsum("rnk,nd->rkd", onehot, x),
+        "n": np.bincount(flat, minlength=restarts * k).reshape(restarts, k).astype(np.float64),
+        "s": sums.reshape(restarts, k, dims),
         "inertia": np.take_along_axis(d2, labels[:, :, None], axis=2).sum(axis=(1, 2)),
     }
 
@@ -59,20 +69,24 @@ def kmeans(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Best of `restarts` seeded k-means runs: (labels, centroids, inertia).
 
+    All restarts iterate together, one region call per iteration; converged ones drop out.
+
     Labels are renumbered in order of first appearance, so equal partitions give equal labels.
     """
     rng = np.random.default_rng(seed)
     centroids = np.stack([kmeans_pp(x, k, rng) for _ in range(restarts)])
     scale = tol * float((x * x).sum(axis=1).mean() + 1e-30)
     inertia = np.zeros(restarts)
+    active = np.arange(restarts)
     for _ in range(max_iter):
-        p = kmeans_partials(x, centroids)
-        inertia = p["inertia"]
+        p = kmeans_partials(x, centroids[active])
+        inertia[active] = p["inertia"]
         filled = p["n"][:, :, None] > 0
-        new = np.where(filled, p["s"] / np.maximum(p["n"], 1.0)[:, :, None], centroids)
-        shift = ((new - centroids) ** 2).sum(axis=(1, 2))
-        centroids = new
-        if (shift <= scale).all():
+        old = centroids[active]
+        new = np.where(filled, p["s"] / np.maximum(p["n"], 1.0)[:, :, None], old)
+        centroids[active] = new
+        active = active[((new - old) ** 2).sum(axis=(1, 2)) > scale]
+        if active.size == 0:
             break
     best = int(np.argmin(inertia))
     labels = assign(x, centroids[best])

@@ -15,6 +15,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 import lampy
 
 BLOCK = 64
+BATCH_BLOCKS = 16
 N_MFCC = 13
 N_MEL = 40
 EPS = 1e-10
@@ -128,12 +129,20 @@ def spectral_features(frames: np.ndarray, prev: np.ndarray, rate: int) -> np.nda
 
 @lampy.elemwise
 def frame_features(blocks: np.ndarray, rate: int, win: int, hop: int) -> np.ndarray:
-    """Features of every frame in a chunk of blocks: (blocks, BLOCK, 34)."""
-    frames = sliding_window_view(blocks, win, axis=1)[:, ::hop]
-    n_blocks, n_plus_1 = frames.shape[:2]
-    cur = frames[:, 1:].reshape(-1, win)
-    prev = frames[:, :-1].reshape(-1, win)
-    return spectral_features(cur, prev, rate).reshape(n_blocks, n_plus_1 - 1, -1)
+    """Features of every frame in a chunk of blocks: (blocks, frames per block, 34).
+
+    Blocks go through in batches of `BATCH_BLOCKS`, so the temporaries (frames, spectra) stay a
+    few MB however large the chunk: one big batch is memory-bound and several times slower.
+    """
+    per_block = (blocks.shape[1] - win) // hop
+    out = np.empty((blocks.shape[0], per_block, len(FEATURE_NAMES)))
+    for lo in range(0, blocks.shape[0], BATCH_BLOCKS):
+        frames = sliding_window_view(blocks[lo : lo + BATCH_BLOCKS], win, axis=1)[:, ::hop]
+        cur = frames[:, 1:].reshape(-1, win)
+        prev = frames[:, :-1].reshape(-1, win)
+        feats = spectral_features(cur, prev, rate)
+        out[lo : lo + BATCH_BLOCKS] = feats.reshape(-1, per_block, out.shape[2])
+    return out
 
 
 def short_term_features(signal: np.ndarray, rate: int) -> tuple[np.ndarray, float]:
