@@ -1,0 +1,53 @@
+"""The `lampy` command: `lampy worker` (a local OpenLambda-compatible worker), `lampy deploy`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lampy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="run an OpenLambda-compatible worker")
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=5000)
+    worker.add_argument("--registry", type=Path, help="directory of uploaded lambdas")
+    worker.add_argument("--max-sandboxes", type=int, help="default: twice the CPU count")
+    worker.add_argument(
+        "--runtime-limit", type=float, default=30.0, help="seconds per call (default 30)"
+    )
+
+    deploy = commands.add_parser("deploy", help="build lampy's lambda and upload or save it")
+    target = deploy.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="the OpenLambda worker, e.g. http://127.0.0.1:5000")
+    target.add_argument("--output", type=Path, help="write the tar.gz here instead")
+    deploy.add_argument("--name", default="lampy", help="the lambda's name (default lampy)")
+
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        from lampy.runtime.openlambda.worker import serve
+
+        serve(args.host, args.port, args.registry, args.max_sandboxes, args.runtime_limit)
+        return 0
+    from lampy.runtime.openlambda import deploy as packaging
+
+    if args.output is not None:
+        args.output.write_bytes(packaging.build())
+        print(
+            f"wrote {args.output}; upload it with: curl --data-binary @{args.output} "
+            f"http://HOST:5000/registry/{args.name}"
+        )
+        return 0
+    try:
+        print(packaging.upload(args.url, args.name))
+    except (RuntimeError, OSError) as exc:
+        print(f"lampy deploy: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""`lampy deploy`: build the self-contained lambda tarball, and upload it to a worker.
+
+The sandbox has only what `requirements.txt` lists, not lampy, so the worker-side modules travel
+inside the tarball under `lampy/` (with a stub `lampy/__init__.py` that imports nothing else).
+`requirements.txt` pins the caller's exact numpy and cloudpickle (and their dependencies), since
+pickles move between the two ends; `.env` carries the secret that signs frames.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+
+from lampy.runtime.openlambda.secret import load_secret
+
+#: The modules the handler needs, relative to the lampy package.
+WORKER_MODULES = (
+    "errors.py",
+    "runtime/__init__.py",
+    "runtime/codec.py",
+    "runtime/entry.py",
+    "runtime/job.py",
+    "runtime/openlambda/__init__.py",
+    "runtime/openlambda/frames.py",
+    "runtime/openlambda/handler.py",
+)
+PINNED = ("numpy", "cloudpickle")
+F_PY = '''"""lampy's handler for OpenLambda: a WSGI app taking signed binary frames (see lampy/)."""
+
+from lampy.runtime.openlambda.handler import app
+
+__all__ = ["app"]
+'''
+STUB_INIT = '"""The worker-side part of lampy, shipped inside the lambda by `lampy deploy`."""\n'
+
+
+def requirements() -> list[str]:
+    """`name==version` for numpy, cloudpickle and everything they need, as installed here."""
+    pins: dict[str, str] = {}
+    todo = list(PINNED)
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in pins:
+            continue
+        dist = metadata.distribution(name)
+        pins[key] = f"{dist.metadata['Name']}=={dist.version}"
+        for requirement in dist.requires or []:
+            if "extra ==" not in requirement:
+                todo.append(re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0])
+    return sorted(pins.values(), key=str.lower)
+
+
+def build(secret: bytes | None = None) -> bytes:
+    """The lambda as a tar.gz, ready for POST /registry/<name>."""
+    root = Path(__file__).resolve().parents[2]
+    files = {
+        "f.py": F_PY.encode(),
+        "requirements.txt": ("\n".join(requirements()) + "\n").encode(),
+        ".env": b"LAMPY_SECRET=" + (secret or load_secret()) + b"\n",
+        "lampy/__init__.py": STUB_INIT.encode(),
+    }
+    for module in WORKER_MODULES:
+        files[f"lampy/{module}"] = (root / module).read_bytes()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), int(time.time())
+            info.mode = 0o600 if name == ".env" else 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def upload(url: str, name: str = "lampy", secret: bytes | None = None) -> str:
+    """POST the tarball to `url`/registry/`name`; the worker's answer, or an error saying why."""
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/registry/{name}",
+        data=build(secret),
+        method="POST",
+        headers={"Content-Type": "application/gzip"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            text: str = answer.read().decode(errors="replace").strip()
+            if answer.status != 201:
+                raise RuntimeError(f"expected 201 from {request.full_url}, got {answer.status}")
+            return text
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace").strip()
+        raise RuntimeError(f"{request.full_url} answered {exc.code}: {body}") from None

@@ -1,0 +1,142 @@
+"""The deployed handler: OpenLambda imports it as `f.py`'s `app`, a WSGI application.
+
+WSGI (not `f(event)`) because OpenLambda hands a WSGI app the raw body, so binary frames pass
+untouched. The handler catches everything: a user exception is an in-band RESULT with HTTP 200,
+so the executor can tell it from a platform failure; a bad frame gets a 4xx text answer and is
+never unpickled. Every answer has a Content-Length: without one an OpenLambda answer never ends.
+
+A task carries its job's key and, when the executor thinks this sandbox may lack it, the pickled
+(function, args, kwargs) template and shared arrays; warm sandboxes keep the last few jobs, so
+the template travels once per job per sandbox, and a miss is answered MISSING.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from lampy.errors import RemoteError
+from lampy.runtime.codec import loads
+from lampy.runtime.entry import Outcome, run_chunk
+from lampy.runtime.job import Part, Placeholder, fill
+from lampy.runtime.openlambda import frames
+
+JOBS_KEPT = 8
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+_jobs: OrderedDict[str, tuple[Call | Outcome, tuple[Any, ...]]] = OrderedDict()
+_STATUS = {400: "400 Bad Request", 401: "401 Unauthorized", 413: "413 Payload Too Large"}
+
+
+def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[frames.Buffer]:
+    """Answer one request: a signed frame in, a signed frame (or a short error text) out."""
+    try:
+        status, parts = "200 OK", _serve(environ)
+        kind = "application/octet-stream"
+    except frames.FrameError as exc:
+        status, parts, kind = _STATUS[exc.status], [f"{exc}\n".encode()], "text/plain"
+    except Exception:
+        text = f"lampy handler failed:\n{traceback.format_exc()}"
+        status, parts, kind = "500 Internal Server Error", [text.encode()], "text/plain"
+    length = str(frames.size(parts))
+    start_response(status, [("Content-Type", kind), ("Content-Length", length)])
+    return parts
+
+
+def _secret() -> bytes:
+    secret = os.environ.get("LAMPY_SECRET", "")
+    if not secret:
+        raise frames.BadSignature(
+            "LAMPY_SECRET is not set in this lambda (its .env): redeploy with `lampy deploy`"
+        )
+    return secret.encode()
+
+
+def _read(environ: dict[str, Any]) -> bytearray:
+    """The request body, read by Content-Length; refused early when too large or malformed."""
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    stream = environ["wsgi.input"]
+    prefix = _read_exactly(stream, min(length, frames.PREFIX_BYTES))
+    total = frames.check_prefix(prefix)
+    if total != length:
+        raise frames.FrameError(f"truncated frame: Content-Length {length:,}, frame {total:,}")
+    frame = bytearray(total)
+    frame[: len(prefix)] = prefix
+    view, got = memoryview(frame), len(prefix)
+    while got < total:
+        chunk = stream.read(min(total - got, 1 << 22))
+        if not chunk:
+            raise frames.FrameError(f"truncated frame: body ended after {got:,} of {total:,}")
+        view[got : got + len(chunk)] = chunk
+        got += len(chunk)
+    return frame
+
+
+def _read_exactly(stream: Any, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = stream.read(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _serve(environ: dict[str, Any]) -> list[frames.Buffer]:
+    secret = _secret()
+    try:
+        frame = frames.decode(_read(environ), secret)
+    except frames.VersionMismatch:
+        return frames.encode(frames.MISMATCH, None, secret)
+    if frame.kind == frames.PING:
+        hold = float(frame.value or 0)
+        time.sleep(min(max(hold, 0.0), 1.0))  # lets concurrent pings occupy distinct sandboxes
+        return frames.encode(frames.PONG, os.getpid(), secret)
+    if frame.kind != frames.TASK:
+        raise frames.FrameError(f"expected a task frame, got {frames.KINDS[frame.kind]}")
+    key, template, whole, parts = frame.value
+    if template is not None:
+        _jobs[key] = (_load(template), whole)
+        while len(_jobs) > JOBS_KEPT:
+            _jobs.popitem(last=False)
+    elif key not in _jobs:
+        return frames.encode(frames.MISSING, key, secret)
+    _jobs.move_to_end(key)
+    call, shared = _jobs[key]
+    outcome = call if isinstance(call, Outcome) else _run(call, shared, parts)
+    return _result(outcome, secret)
+
+
+def _load(template: bytes) -> Call | Outcome:
+    """The job's (function, args, kwargs), or the error unpickling them raised (a user error)."""
+    try:
+        return loads(template)  # type: ignore[no-any-return]
+    except Exception as exc:
+        return Outcome(error=exc, traceback=traceback.format_exc())
+
+
+def _run(call: Call, whole: tuple[Any, ...], parts: tuple[Any, ...]) -> Outcome:
+    function, args, kwargs = call
+
+    def lookup(p: Placeholder) -> Any:
+        return parts[p.index] if isinstance(p, Part) else whole[p.index]
+
+    try:
+        return run_chunk(function, *fill(args, kwargs, lookup))
+    except BaseException as exc:  # SystemExit and friends must not end the sandbox
+        text = f"{type(exc).__qualname__}: {exc}"
+        return Outcome(error=RemoteError(text), traceback=traceback.format_exc())
+
+
+def _result(outcome: Outcome, secret: bytes) -> list[frames.Buffer]:
+    if outcome.error is None:
+        try:
+            return frames.encode(frames.RESULT, (outcome.value, None, ""), secret)
+        except Exception as exc:
+            outcome = Outcome(error=exc, traceback=traceback.format_exc())
+    portable = outcome.portable()
+    return frames.encode(frames.RESULT, (None, portable.error, portable.traceback), secret)

@@ -1,0 +1,164 @@
+"""One sandbox of `lampy worker`: serves a lambda the way OpenLambda's Python runtime does.
+
+Run as a script (`python sandbox.py LAMBDA_DIR SOCKET`), not as part of lampy: a sandbox sees
+only the lambda's directory and the installed packages, like an OpenLambda sandbox, so a
+deployed tarball that forgot a module fails here too. Standard library only.
+
+Like min-image/runtimes/python/server_common.py: load `.env`, import `f.py` (or OL_ENTRY_FILE),
+pick OL_WSGI_ENTRY, then `f(event)` (JSON in and out), then `app` (WSGI); serve one request at a
+time on a Unix socket with backlog 1. The previous connection is closed only when the next one
+arrives, as there: an answer without Content-Length therefore never ends.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO, cast
+
+Handler = Callable[[dict[str, Any], BinaryIO], tuple[str, list[tuple[str, str]], Iterable[Any]]]
+
+
+def load_env(directory: str) -> None:
+    path = os.path.join(directory, ".env")
+    if not os.path.exists(path):
+        return
+    with open(path) as file:
+        for line in file:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                os.environ[key.strip()] = value.strip().strip("'\"")
+
+
+class _Body:
+    """wsgi.input: reads exactly Content-Length bytes of the raw body, then end of input."""
+
+    def __init__(self, stream: BinaryIO, length: int) -> None:
+        self.stream, self.left = stream, length
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        data = self.stream.read(n) if n else b""
+        self.left -= len(data)
+        return data
+
+
+def wsgi_handler(app: Callable[..., Iterable[Any]]) -> Handler:
+    def handle(environ: dict[str, Any], stream: BinaryIO) -> Any:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        environ["wsgi.input"] = _Body(stream, length)
+        answer: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc: Any = None) -> None:
+            answer[:] = [status, headers]
+
+        body = app(environ, start_response)  # exceptions are not caught, as in OpenLambda
+        return answer[0], answer[1], body
+
+    return handle
+
+
+def json_handler(f: Callable[[Any], Any]) -> Handler:
+    def handle(environ: dict[str, Any], stream: BinaryIO) -> Any:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        raw = stream.read(length) if length else b""
+        try:
+            data = json.dumps(f(json.loads(raw) if raw else {})).encode()
+            status, kind = "200 OK", "application/json"
+        except Exception:
+            data, kind = traceback.format_exc().encode(), "text/plain"
+            status = "500 Internal Server Error"
+        return status, [("Content-Type", kind), ("Content-Length", str(len(data)))], [data]
+
+    return handle
+
+
+def entry(directory: str) -> Handler:
+    name = os.environ.get("OL_ENTRY_FILE", "f.py").removesuffix(".py")
+    module = importlib.import_module(name)
+    wsgi = os.environ.get("OL_WSGI_ENTRY")
+    if wsgi:
+        return wsgi_handler(getattr(module, wsgi))
+    if hasattr(module, "f"):
+        return json_handler(module.f)
+    if hasattr(module, "app"):
+        return wsgi_handler(module.app)
+    raise RuntimeError(f"{name}.py in {directory} defines neither f(event) nor app")
+
+
+def read_request(stream: BinaryIO) -> dict[str, Any] | None:
+    line = stream.readline(65537).decode("latin-1").rstrip("\r\n")
+    if not line:
+        return None
+    method, target, _ = line.split(" ", 2)
+    path, _, query = target.partition("?")
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "RAW_URI": target,
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "0",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+    }
+    while True:
+        header = stream.readline(65537).decode("latin-1").rstrip("\r\n")
+        if not header:
+            return environ
+        key, _, value = header.partition(":")
+        key = key.strip().upper().replace("-", "_")
+        if key in ("CONTENT_LENGTH", "CONTENT_TYPE"):
+            environ[key] = value.strip()
+        else:
+            environ[f"HTTP_{key}"] = value.strip()
+
+
+def respond(conn: socket.socket, status: str, headers: list[tuple[str, str]], body: Any) -> None:
+    head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    conn.sendall(head.encode("latin-1"))
+    try:
+        for part in body:
+            conn.sendall(part)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+
+
+def main() -> None:
+    directory, path = os.path.abspath(sys.argv[1]), sys.argv[2]
+    sys.path[0] = directory
+    os.chdir(directory)
+    load_env(directory)
+    handle = entry(directory)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    previous: list[Any] = []
+    while True:
+        conn, _ = server.accept()
+        for held in previous:
+            held.close()
+        stream = cast(BinaryIO, conn.makefile("rb", buffering=1 << 20))
+        environ = read_request(stream)
+        if environ is not None:
+            respond(conn, *handle(environ, stream))
+        previous = [stream, conn]
+
+
+if __name__ == "__main__":
+    main()
