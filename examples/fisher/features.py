@@ -92,19 +92,21 @@ def _entropy(parts: np.ndarray) -> np.ndarray:
     return -(p * np.log2(p + EPS)).sum(axis=-1)
 
 
-def spectral_features(frames: np.ndarray, prev: np.ndarray, rate: int) -> np.ndarray:
-    """The 34 features of each row of `frames` (n x win); `prev` holds each row's previous frame."""
-    win = frames.shape[1]
+def block_features(frames: np.ndarray, rate: int) -> np.ndarray:
+    """The 34 features of frames[:, 1:] from (blocks x frames + 1 x win); frames[:, 0] is only the
+    predecessor of the first frame, for the spectral flux, so each spectrum is computed once."""
+    n_blocks, n_plus_1, win = frames.shape
     n_bins = win // 2
-    x = frames.astype(np.float64)
+    spectra = np.abs(np.fft.rfft(frames.reshape(-1, win).astype(np.float64), axis=1))
+    spectra = spectra[:, :n_bins].reshape(n_blocks, n_plus_1, n_bins) / n_bins
+    prev_mag = spectra[:, :-1].reshape(-1, n_bins)
+    mag = spectra[:, 1:].reshape(-1, n_bins)
+    x = frames[:, 1:].reshape(-1, win).astype(np.float64)
     out = np.empty((x.shape[0], len(FEATURE_NAMES)))
     out[:, 0] = np.abs(np.diff(np.sign(x), axis=1)).sum(axis=1) / (2.0 * (win - 1))
-    energy = (x * x).sum(axis=1)
-    out[:, 1] = energy / win
+    out[:, 1] = (x * x).sum(axis=1) / win
     sub = win // 10
     out[:, 2] = _entropy((x[:, : 10 * sub].reshape(-1, 10, sub) ** 2).sum(axis=2))
-    mag = np.abs(np.fft.rfft(x, axis=1))[:, :n_bins] / n_bins
-    prev_mag = np.abs(np.fft.rfft(prev.astype(np.float64), axis=1))[:, :n_bins] / n_bins
     freqs = np.arange(n_bins) * rate / win
     total = mag.sum(axis=1) + EPS
     centroid = (mag * freqs).sum(axis=1) / total
@@ -124,7 +126,7 @@ def spectral_features(frames: np.ndarray, prev: np.ndarray, rate: int) -> np.nda
     c = (power @ chroma) / (power.sum(axis=1, keepdims=True) + EPS)
     out[:, 8 + N_MFCC : 20 + N_MFCC] = c
     out[:, 20 + N_MFCC] = c.std(axis=1)
-    return out
+    return out.reshape(n_blocks, n_plus_1 - 1, -1)
 
 
 @lampy.elemwise
@@ -138,10 +140,7 @@ def frame_features(blocks: np.ndarray, rate: int, win: int, hop: int) -> np.ndar
     out = np.empty((blocks.shape[0], per_block, len(FEATURE_NAMES)))
     for lo in range(0, blocks.shape[0], BATCH_BLOCKS):
         frames = sliding_window_view(blocks[lo : lo + BATCH_BLOCKS], win, axis=1)[:, ::hop]
-        cur = frames[:, 1:].reshape(-1, win)
-        prev = frames[:, :-1].reshape(-1, win)
-        feats = spectral_features(cur, prev, rate)
-        out[lo : lo + BATCH_BLOCKS] = feats.reshape(-1, per_block, out.shape[2])
+        out[lo : lo + BATCH_BLOCKS] = block_features(frames, rate)
     return out
 
 
