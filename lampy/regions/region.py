@@ -183,18 +183,18 @@ def _check_serializable(job: Job, binding: Binding) -> None:
     """Fail before sending anything when cloudpickle cannot carry the job; name the culprit."""
     try:
         job.template  # noqa: B018 (computed once and cached for the executor)
-    except Exception:
-        culprit = f"the function {job.function.__qualname__}"
+    except Exception as failure:
+        culprit, cause = f"the function {job.function.__qualname__}", failure
         for name, value in binding.constants:
             try:
                 dumps(value)
             except Exception as why:
-                culprit, exc = f"argument {name!r} ({type(value).__name__})", why
+                culprit, cause = f"argument {name!r} ({type(value).__name__})", why
                 break
         raise SerializationError(
             f"cannot send {culprit} to worker processes: cloudpickle failed with "
-            f"{type(exc).__name__}: {exc}. Pass picklable values, or use executor='inline'."
-        ) from exc
+            f"{type(cause).__name__}: {cause}. Pass picklable values, or use executor='inline'."
+        ) from cause
 
 
 def _raise_remote(outcome: Outcome, chunk: int, call_plan: Plan, remote: bool) -> None:

@@ -76,8 +76,11 @@ def array_in(
     rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """A C-ordered array stored at `offset` of a file, or just its rows [start, stop)."""
+    if rows is None:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        return np.frombuffer(map_private(fd, offset, nbytes), dtype=dtype).reshape(shape)
+    start, stop = rows
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-    start, stop = rows if rows is not None else (0, shape[0])
     view = map_private(fd, offset + start * row_bytes, (stop - start) * row_bytes)
     return np.frombuffer(view, dtype=dtype).reshape((stop - start, *shape[1:]))
 

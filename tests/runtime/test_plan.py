@@ -1,0 +1,66 @@
+"""Planning is pure: the same inputs give the same plan, and auto fans out only when it pays."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lampy.runtime.plan import Costs, Probe, plan, probe_rows, split_rows
+
+TWO = Costs(workers=2, startup_s=0.0, seconds_per_byte=1 / 2.5e9, seconds_per_chunk=4e-4)
+
+
+@given(rows=st.integers(0, 10_000), chunks=st.integers(1, 200), start=st.integers(0, 50))
+def test_split_rows_covers_every_row_once(rows: int, chunks: int, start: int) -> None:
+    ranges = split_rows(rows, chunks, start)
+    assert ranges[0][0] == start and ranges[-1][1] == start + rows
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    sizes = [stop - begin for begin, stop in ranges]
+    assert len(ranges) == max(1, min(chunks, rows))
+    assert max(sizes) - min(sizes) <= 1
+
+
+@given(rows=st.integers(2, 10**9), row_bytes=st.integers(1, 10**8))
+def test_probe_is_small_and_leaves_rows_to_split(rows: int, row_bytes: int) -> None:
+    k = probe_rows(rows, row_bytes)
+    assert 1 <= k <= max(1, rows // 64)
+
+
+def common(**kw: object) -> dict[str, object]:
+    return {
+        "executor": "local",
+        "costs": TWO,
+        "rows": 100_000,
+        "row_bytes": 8_000,
+        "shared_bytes": 0,
+    } | kw
+
+
+def test_memory_bound_work_stays_in_process() -> None:
+    # a + b: ~0.1 ns per byte, cheaper than moving the bytes to workers
+    probe = Probe(rows=256, seconds=256 * 8000 * 1e-10, result_bytes=256 * 8000)
+    p = plan(chunks=None, probe=probe, **common())  # type: ignore[arg-type]
+    assert not p.fan_out and "does not pay" in p.reason
+
+
+def test_compute_bound_work_fans_out_and_reuses_the_probe() -> None:
+    probe = Probe(rows=256, seconds=0.05, result_bytes=256 * 64)
+    p = plan(chunks=None, probe=probe, **common())  # type: ignore[arg-type]
+    assert p.fan_out and p.chunks[0] == (0, 256) and len(p.chunks) == 5
+    assert "reused as chunk 0" in p.reason
+
+
+def test_a_cold_pool_raises_the_bar() -> None:
+    probe = Probe(rows=256, seconds=0.001, result_bytes=0)
+    warm = plan(chunks=None, probe=probe, **common(row_bytes=80))  # type: ignore[arg-type]
+    cold_costs = Costs(workers=2, startup_s=0.35)
+    cold = plan(chunks=None, probe=probe, **common(row_bytes=80, costs=cold_costs))  # type: ignore[arg-type]
+    assert warm.fan_out and not cold.fan_out
+
+
+def test_explicit_chunks_are_kept() -> None:
+    p = plan(chunks=3, **common(rows=10))  # type: ignore[arg-type]
+    assert p.fan_out and p.chunks == ((0, 4), (4, 7), (7, 10))
+    assert "chunks=3 was asked for" in str(p)
+    few = plan(chunks=30, **common(rows=10))  # type: ignore[arg-type]
+    assert len(few.chunks) == 10 and "only 10 rows" in few.reason
