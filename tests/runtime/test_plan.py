@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,7 +16,7 @@ TWO = Costs(workers=2, startup_s=0.0, seconds_per_byte=1 / 2.5e9, seconds_per_ch
 def test_split_rows_covers_every_row_once(rows: int, chunks: int, start: int) -> None:
     ranges = split_rows(rows, chunks, start)
     assert ranges[0][0] == start and ranges[-1][1] == start + rows
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     sizes = [stop - begin for begin, stop in ranges]
     assert len(ranges) == max(1, min(chunks, rows))
     assert max(sizes) - min(sizes) <= 1
