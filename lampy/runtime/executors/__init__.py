@@ -18,6 +18,7 @@ from lampy.runtime.executors.base import Executor
 _REGISTRY: dict[str, str | type[Executor]] = {
     "inline": "lampy.runtime.executors.inline:InlineExecutor",
     "local": "lampy.runtime.executors.local:LocalExecutor",
+    "openlambda": "lampy.runtime.openlambda.executor:OpenLambdaExecutor",
 }
 _INSTALL_HINTS: dict[str, str] = {}
 _instances: dict[tuple[str, tuple[tuple[str, Any], ...]], Executor] = {}

@@ -98,7 +98,7 @@ def _serve(environ: dict[str, Any]) -> list[frames.Buffer]:
         return frames.encode(frames.PONG, os.getpid(), secret)
     if frame.kind != frames.TASK:
         raise frames.FrameError(f"expected a task frame, got {frames.KINDS[frame.kind]}")
-    key, template, whole, parts = frame.value
+    key, _chunk, template, whole, parts = frame.value
     if template is not None:
         _jobs[key] = (_load(template), whole)
         while len(_jobs) > JOBS_KEPT:

@@ -12,6 +12,7 @@ arrives, as there: an answer without Content-Length therefore never ends.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -156,7 +157,9 @@ def main() -> None:
         stream = cast(BinaryIO, conn.makefile("rb", buffering=1 << 20))
         environ = read_request(stream)
         if environ is not None:
-            respond(conn, *handle(environ, stream))
+            status, headers, body = handle(environ, stream)
+            with contextlib.suppress(OSError):  # the worker hung up: serve the next call
+                respond(conn, status, headers, body)
         previous = [stream, conn]
 
 

@@ -47,6 +47,10 @@ class SandboxError(Exception):
     """A sandbox could not be created (its f.py failed to import, or the process died)."""
 
 
+class CallerGone(Exception):
+    """The caller hung up while its answer was streaming; the sandbox itself is fine."""
+
+
 class Sandbox:
     """One sandbox process serving one lambda version over a Unix socket."""
 
@@ -375,6 +379,10 @@ class Worker:
                 request.transport.close()
                 return prepared[0]
             return _text(502, f"RoundTrip failed: {why}\nSandbox State: {sandbox.state()}")
+        except CallerGone:
+            self.stats["callers_gone"] += 1
+            self._release(lam, sandbox)
+            return prepared[0]
         except asyncio.CancelledError:  # the caller hung up mid-call: the sandbox state is unknown
             await asyncio.shield(self._destroy(lam, sandbox))
             raise
@@ -425,7 +433,10 @@ async def _copy(reader: asyncio.StreamReader, response: web.StreamResponse, leng
         chunk = await reader.read(min(left, IO_CHUNK))
         if not chunk:
             raise asyncio.IncompleteReadError(b"", left)
-        await response.write(chunk)
+        try:
+            await response.write(chunk)
+        except (OSError, RuntimeError) as exc:  # aiohttp raises these when the caller hung up
+            raise CallerGone from exc
         left -= len(chunk)
 
 

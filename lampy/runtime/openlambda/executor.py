@@ -1,0 +1,445 @@
+"""The `openlambda` executor: each chunk is one HTTP call to lampy's lambda on an OpenLambda worker.
+
+`run()` is synchronous but the calls are asynchronous: one pooled aiohttp session lives on an
+event loop in a background thread, so a caller that is itself inside a running loop (Jupyter)
+works too. Bodies always carry Content-Length (OpenLambda reads a chunked body as empty).
+
+Failures are sorted before anything is retried. Platform failures (connection refused or reset,
+429, 502 and other 5xx, client timeouts) are retried with exponential backoff and jitter
+(tenacity); a user exception comes back in-band with HTTP 200 and is never retried; a missing
+lambda, a signature or version mismatch are not retried either, and their errors say what to do.
+Chunks are pure, so a straggler gets a backup call; the first valid answer wins and every chunk
+is counted once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import cloudpickle
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_exponential_jitter
+
+from lampy.errors import ExecutionError, OptionError, RetriesExhausted, SerializationError
+from lampy.runtime.codec import dumps
+from lampy.runtime.entry import Outcome
+from lampy.runtime.executors.base import Executor
+from lampy.runtime.job import Job
+from lampy.runtime.openlambda import frames
+from lampy.runtime.openlambda.deploy import WORKER_MODULES
+from lampy.runtime.openlambda.secret import load_secret
+from lampy.runtime.plan import Costs
+
+T = TypeVar("T")
+DEFAULT_URL = "http://127.0.0.1:5000"
+# Measured with bench/bench_openlambda.py against `lampy worker` on the 2-core reference machine.
+STARTUP_S = 0.15  # a cold sandbox importing numpy
+SECONDS_PER_BYTE = 1 / 0.5e9  # both ways through the worker and a sandbox
+SECONDS_PER_CHUNK = 1e-3  # one call's round trip
+INLINE_BYTES = 1 << 16  # smaller templates ride along with every call: a miss costs more
+STRAGGLER_DONE = 0.75  # backups only once this share of chunks is done ...
+STRAGGLER_FACTOR = 4.0  # ... for calls running this many times the median ...
+STRAGGLER_MIN_S = 0.5  # ... and at least this much longer than it
+AUTO_PREWARM_CHUNKS = 32  # a job this large pre-warms first (once per executor)
+PREWARM_HOLD_S = 0.05  # each pre-warm call holds its sandbox this long, so calls spread out
+_REMOTE_PACKAGES = {"numpy", "cloudpickle"}
+_SHIPPED = {"lampy." + m.removesuffix(".py").replace("/", ".") for m in WORKER_MODULES}
+_pickle_lock = threading.Lock()
+
+
+class PlatformFailure(Exception):
+    """A failure of the platform, not of the chunk: worth another attempt."""
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes | bytearray
+
+
+class Transport(ABC):
+    """One method: POST a frame (as buffers) to the lambda, return the status and the body."""
+
+    @abstractmethod
+    async def post(self, parts: Sequence[frames.Buffer], timeout: float) -> Reply: ...
+
+    async def close(self) -> None:  # noqa: B027 (most transports hold nothing)
+        """Release connections."""
+
+
+class _FramePayload(Payload):
+    """A frame written buffer by buffer with a known size, so aiohttp sends Content-Length."""
+
+    def __init__(self, parts: Sequence[frames.Buffer]) -> None:
+        super().__init__(parts, content_type="application/octet-stream")
+        self._parts = parts
+        self._size = frames.size(parts)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        for part in self._parts:
+            await writer.write(part)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a lampy frame is binary")
+
+
+class AiohttpTransport(Transport):
+    """HTTP to an OpenLambda worker through one pooled session (made on the loop that uses it)."""
+
+    def __init__(self, url: str, concurrency: int) -> None:
+        self.url, self.concurrency = url, concurrency
+        self._session: aiohttp.ClientSession | None = None
+
+    async def post(self, parts: Sequence[frames.Buffer], timeout: float) -> Reply:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.concurrency)
+            self._session = aiohttp.ClientSession(connector=connector, read_bufsize=1 << 20)
+        async with self._session.post(
+            self.url, data=_FramePayload(parts), timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as response:
+            length = response.content_length
+            if response.status != 200 or length is None:
+                return Reply(response.status, await response.read())
+            prefix = await response.content.readexactly(min(length, frames.PREFIX_BYTES))
+            if frames.check_prefix(prefix) != length:  # refuses oversized frames unread
+                raise frames.FrameError(f"answer of {length:,} bytes does not match its frame")
+            body = bytearray(length)
+            view, got = memoryview(body), len(prefix)
+            view[:got] = prefix
+            while got < length:
+                chunk = await response.content.readany()
+                if not chunk:
+                    raise aiohttp.ClientPayloadError(f"answer ended after {got:,} of {length:,}")
+                view[got : got + len(chunk)] = chunk
+                got += len(chunk)
+            return Reply(200, body)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _Loop:
+    """An event loop in a daemon thread, so sync callers can run coroutines from any context."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+            self.thread = threading.Thread(
+                target=self.loop.run_forever, name="lampy-openlambda", daemon=True
+            )
+            self.thread.start()
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        if self.loop is not None and self.thread is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+            self.loop.close()
+        self.loop = self.thread = None
+
+
+@dataclass
+class _JobState:
+    job: Job
+    template: bytes
+    inline: bool
+    sends: int = 0
+
+
+class OpenLambdaExecutor(Executor):
+    name = "openlambda"
+    option_types = {
+        "url": str,
+        "name": str,
+        "concurrency": int,
+        "timeout": float,
+        "attempts": int,
+        "backoff": float,
+        "prewarm": bool,
+    }
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        name: str = "lampy",
+        concurrency: int = 32,
+        timeout: float = 60.0,
+        attempts: int = 4,
+        backoff: float = 0.05,
+        prewarm: bool = True,
+        transport: Transport | None = None,
+    ) -> None:
+        for option, value in (("concurrency", concurrency), ("attempts", attempts)):
+            if isinstance(value, bool) or value < 1:
+                raise OptionError(f"{option} must be a positive int; got {value!r}")
+        if timeout <= 0 or backoff < 0:
+            raise OptionError(f"timeout must be > 0 and backoff >= 0; got {timeout}, {backoff}")
+        self.url, self.lambda_name = url.rstrip("/"), name
+        self.endpoint = f"{self.url}/run/{name}"
+        self.concurrency, self.timeout = concurrency, timeout
+        self.attempts, self.backoff, self.auto_prewarm = attempts, backoff, prewarm
+        self.transport = transport or AiohttpTransport(self.endpoint, concurrency)
+        self.secret = load_secret()
+        self.backups = 0  # backup calls sent for stragglers, for tests and monitoring
+        self._loop = _Loop()
+        self._called = False
+        self._warmed = 0
+
+    def costs(self) -> Costs:
+        return Costs(
+            workers=self.concurrency,
+            startup_s=0.0 if self._called else STARTUP_S,
+            seconds_per_byte=SECONDS_PER_BYTE,
+            seconds_per_chunk=SECONDS_PER_CHUNK,
+        )
+
+    def run(self, job: Job) -> dict[int, Outcome]:
+        template = _template(job)
+        payload = len(template) + sum(a.nbytes for a in job.whole)
+        state = _JobState(job, template, inline=payload <= INLINE_BYTES)
+        if self.auto_prewarm and len(job.chunks) >= AUTO_PREWARM_CHUNKS:
+            target = min(len(job.chunks), self.concurrency)
+            if self._warmed < target:
+                self.prewarm(target)
+        self._called = True
+        return self._loop.run(self._run_job(state))
+
+    def prewarm(self, n: int, timeout: float = 30.0) -> int:
+        """Send concurrent no-op calls until `n` sandboxes answered (or no more appear).
+
+        OpenLambda adds at most one sandbox per 100 ms while calls wait, so a large fan-out
+        on a cold lambda ramps up slowly; warming first lets the real chunks start in parallel.
+        Returns how many distinct sandboxes answered.
+        """
+        self._warmed = max(self._warmed, self._loop.run(self._prewarm(n, timeout)))
+        self._called = True
+        return self._warmed
+
+    def close(self) -> None:
+        if self._loop.loop is not None:
+            self._loop.run(self.transport.close())
+        self._loop.stop()
+
+    # -- on the loop ------------------------------------------------------------------------
+
+    async def _prewarm(self, n: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        seen: set[int] = set()
+        stale = 0
+        while len(seen) < n and stale < 2 and time.monotonic() < deadline:
+            before = len(seen)
+            calls = [self._ping() for _ in range(n)]
+            for answer in await asyncio.gather(*calls, return_exceptions=True):
+                if isinstance(answer, ExecutionError):
+                    raise answer
+                if isinstance(answer, int):
+                    seen.add(answer)
+            stale = stale + 1 if len(seen) == before else 0
+        return len(seen)
+
+    async def _ping(self) -> int:
+        frame = await self._exchange(frames.encode(frames.PING, PREWARM_HOLD_S, self.secret))
+        if frame.kind != frames.PONG or not isinstance(frame.value, int):
+            raise frames.FrameError(f"expected a pong, got a {frames.KINDS[frame.kind]} frame")
+        return frame.value
+
+    async def _run_job(self, state: _JobState) -> dict[int, Outcome]:
+        count = len(state.job.chunks)
+        limit = asyncio.Semaphore(self.concurrency)
+        loop = asyncio.get_running_loop()
+        started: dict[int, float] = {}
+        durations: list[float] = []
+        done: dict[int, Outcome] = {}
+        pending: dict[asyncio.Task[Outcome], int] = {}
+        backed_up: set[int] = set()
+
+        async def call(chunk: int, backup: bool) -> Outcome:
+            async with limit:
+                if not backup:
+                    started[chunk] = loop.time()
+                return await self._with_retries(state, chunk)
+
+        def launch(chunk: int, backup: bool = False) -> None:
+            pending[asyncio.ensure_future(call(chunk, backup))] = chunk
+
+        for chunk in range(count):
+            launch(chunk)
+        try:
+            while pending:
+                late = len(done) >= STRAGGLER_DONE * count and durations
+                finished, _ = await asyncio.wait(
+                    pending, timeout=0.05 if late else None, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in finished:
+                    chunk = pending.pop(task)
+                    if chunk in done:
+                        continue
+                    twin = [t for t, c in pending.items() if c == chunk]
+                    if task.exception() is not None:
+                        if twin:  # the other copy may still give a valid answer
+                            continue
+                        raise task.exception()  # type: ignore[misc]
+                    done[chunk] = task.result()
+                    durations.append(loop.time() - started[chunk])
+                    for other in twin:
+                        other.cancel()
+                        del pending[other]
+                    if done[chunk].error is not None:
+                        return done
+                if len(done) >= STRAGGLER_DONE * count and durations:
+                    median = statistics.median(durations)
+                    slow = max(STRAGGLER_FACTOR * median, median + STRAGGLER_MIN_S)
+                    for chunk in set(pending.values()) - backed_up - set(done):
+                        if chunk in started and loop.time() - started[chunk] > slow:
+                            backed_up.add(chunk)
+                            self.backups += 1
+                            launch(chunk, backup=True)
+            return done
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _with_retries(self, state: _JobState, chunk: int) -> Outcome:
+        causes: list[str] = []
+
+        async def attempt() -> Outcome:
+            try:
+                return await self._call(state, chunk)
+            except PlatformFailure as exc:
+                causes.append(str(exc))
+                raise
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_exponential_jitter(initial=self.backoff, max=2.0, jitter=self.backoff),
+            retry=retry_if_exception_type(PlatformFailure),
+            reraise=True,
+        )
+        try:
+            return await retrying(attempt)
+        except PlatformFailure:
+            start, stop = state.job.chunks[chunk]
+            tried = "\n".join(f"  attempt {i}: {cause}" for i, cause in enumerate(causes, 1))
+            raise RetriesExhausted(
+                f"chunk {chunk} (rows {start}:{stop}) failed on all {len(causes)} attempts at "
+                f"{self.endpoint}; the platform, not the chunk, failed each time:\n{tried}\n"
+                f"Check the worker (is it running? GET {self.url}/status), or raise "
+                "attempts= / timeout= for a busy platform."
+            ) from None
+
+    async def _call(self, state: _JobState, chunk: int) -> Outcome:
+        """One attempt: send the task (the template only where needed) and read the result."""
+        job, (start, stop) = state.job, state.job.chunks[chunk]
+        parts = tuple(a[start:stop] for a in job.split)
+        with_template = state.inline or state.sends < self.concurrency
+        while True:
+            if with_template:
+                state.sends += 1
+            task = (
+                job.id,
+                chunk,
+                state.template if with_template else None,
+                job.whole if with_template else None,
+                parts,
+            )
+            frame = await self._exchange(frames.encode(frames.TASK, task, self.secret))
+            if frame.kind == frames.MISSING and not with_template:
+                with_template = True  # this sandbox has not seen the job yet
+                continue
+            if frame.kind != frames.RESULT:
+                raise frames.FrameError(f"expected a result, got a {frames.KINDS[frame.kind]}")
+            value, error, traceback = frame.value
+            return Outcome(value=value, error=error, traceback=traceback)
+
+    async def _exchange(self, parts: Sequence[frames.Buffer]) -> frames.Frame:
+        """POST a frame; the answer's frame, or the failure sorted into retry or not."""
+        try:
+            reply = await self.transport.post(parts, self.timeout)
+        except asyncio.TimeoutError:
+            raise PlatformFailure(
+                f"no answer within timeout={self.timeout:g} s (the client's wait; the "
+                "platform's own runtime limit answers 502 instead)"
+            ) from None
+        except (OSError, aiohttp.ClientError) as exc:
+            raise PlatformFailure(f"{type(exc).__name__}: {exc}") from None
+        if reply.status == 200:
+            return frames.decode(reply.body, self.secret)
+        text = bytes(reply.body[:2000]).decode(errors="replace").strip()
+        if reply.status == 500 and text.startswith("lambda ") and "not found" in text:
+            raise ExecutionError(
+                f"lambda {self.lambda_name!r} is not deployed on {self.url} ({text}). "
+                f"Run `lampy deploy --url {self.url} --name {self.lambda_name}` first."
+            )
+        if reply.status == 500 and text.startswith("lampy handler failed"):
+            raise ExecutionError(
+                f"lampy's handler at {self.endpoint} failed outside user code; is the deployed "
+                f"lampy the same version as this one? (`lampy deploy` again) {text}"
+            )
+        if reply.status == 401:
+            raise frames.BadSignature(f"{self.endpoint} refused our frame (401): {text}")
+        if reply.status == 429 or reply.status >= 500:
+            raise PlatformFailure(f"HTTP {reply.status}: {text.splitlines()[0] if text else ''}")
+        raise ExecutionError(f"{self.endpoint} answered HTTP {reply.status}: {text}")
+
+
+def _template(job: Job) -> bytes:
+    """The job's (function, args, kwargs), with the function's own module pickled by value.
+
+    A sandbox has only numpy, cloudpickle and lampy's worker modules, so a function from the
+    user's module (or a test module) must travel by value, with the helpers it calls there.
+    """
+    module = sys.modules.get(getattr(job.function, "__module__", "") or "")
+    if module is None or module.__name__ == "__main__" or _installed_remotely(module.__name__):
+        return job.template
+    with _pickle_lock:
+        cloudpickle.register_pickle_by_value(module)
+        try:
+            return dumps((job.function, job.args, dict(job.kwargs)))
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot send {job.function.__qualname__} by value from module "
+                f"{module.__name__}: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def _installed_remotely(module: str) -> bool:
+    top = module.partition(".")[0]
+    return top in sys.stdlib_module_names or top in _REMOTE_PACKAGES or module in _SHIPPED
+
+
+def prewarm(n: int, **options: Any) -> int:
+    """Warm `n` sandboxes of the openlambda executor that calls here would use; returns the count.
+
+    Options are those of `lampy.using(executor="openlambda", ...)`, which they override.
+    """
+    from lampy.runtime import executors
+    from lampy.runtime.settings import resolve_options
+
+    executor = executors.get("openlambda", {**resolve_options("openlambda"), **options})
+    assert isinstance(executor, OpenLambdaExecutor)
+    return executor.prewarm(n)
