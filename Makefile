@@ -12,8 +12,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,fisher]'
 	touch $(STAMP)
 
+SAMPLE := examples/fisher/data/two_speakers
+
 run: $(STAMP)
-	$(BIN)/python -m lampy.demo
+	$(BIN)/python -m examples.fisher diarize $(SAMPLE).wav --reference $(SAMPLE).rttm
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -28,7 +30,7 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 bench: $(STAMP)
-	$(BIN)/pytest bench --benchmark-only --benchmark-columns=median,iqr,rounds -p no:randomly -o testpaths=bench
+	$(BIN)/pytest bench -o python_files="bench_*.py" -o addopts="" -o testpaths=bench --benchmark-only --benchmark-columns=median,iqr,rounds -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

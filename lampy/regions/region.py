@@ -90,6 +90,8 @@ class ParallelFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         binding, executor, chunks = self._prepare(args, kwargs)
         call_plan, probe = self._plan(binding, executor, chunks)
+        if call_plan.warm_up:
+            executor.start()
         if not call_plan.fan_out:
             return self.region.finish(
                 self.region.function(*binding.direct_args, **binding.direct_kwargs)

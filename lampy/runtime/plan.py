@@ -55,6 +55,8 @@ class Plan:
     fan_out: bool
     reason: str
     probe: Probe | None = field(default=None, compare=False)
+    #: Fan-out would pay if the executor were already started: start it for later calls.
+    warm_up: bool = False
 
     @property
     def bytes_per_chunk(self) -> list[int]:
@@ -141,8 +143,10 @@ def plan(
     False
     """
 
-    def result(chunks: tuple[Rows, ...], fan_out: bool, reason: str) -> Plan:
-        return Plan(executor, rows, row_bytes, shared_bytes, chunks, fan_out, reason, probe)
+    def result(chunks: tuple[Rows, ...], fan_out: bool, reason: str, warm_up: bool = False) -> Plan:
+        return Plan(
+            executor, rows, row_bytes, shared_bytes, chunks, fan_out, reason, probe, warm_up
+        )
 
     if chunks is not None:
         reason = f"chunks={chunks} was asked for" + (
@@ -160,17 +164,22 @@ def plan(
     rest = rows - probe.rows
     count = max(1, min(rest, costs.workers * CHUNKS_PER_WORKER))
     moved = rows * row_bytes + shared_bytes * costs.workers + probe.result_bytes / probe.rows * rest
-    parallel = (
+    started = (
         probe.seconds
-        + costs.startup_s
         + moved * costs.seconds_per_byte
         + count * costs.seconds_per_chunk
         + (serial - probe.seconds) / costs.workers
     )
+    parallel = started + costs.startup_s
     estimate = f"serial {serial * 1e3:.3g} ms against fanned out {parallel * 1e3:.3g} ms"
     if rest < 1 or parallel >= FAN_OUT_MARGIN * serial:
+        warm_up = rest >= 1 and started < FAN_OUT_MARGIN * serial
         reason = f"fan-out does not pay: {estimate} (from a probe of {probe.rows} rows)"
-        return result(whole, False, reason)
+        if warm_up:
+            reason += (
+                f"; starting the workers now, as later calls will pay ({started * 1e3:.3g} ms)"
+            )
+        return result(whole, False, reason, warm_up)
     chunked = ((0, probe.rows), *split_rows(rest, count, start=probe.rows))
     reason = f"fan-out pays: {estimate} (from a probe of {probe.rows} rows, reused as chunk 0)"
     return result(chunked, True, reason)

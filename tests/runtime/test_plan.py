@@ -58,6 +58,7 @@ def test_a_cold_pool_raises_the_bar() -> None:
     cold_costs = Costs(workers=2, startup_s=0.35)
     cold = plan(chunks=None, probe=probe, **common(row_bytes=80, costs=cold_costs))  # type: ignore[arg-type]
     assert warm.fan_out and not cold.fan_out
+    assert cold.warm_up and "starting the workers now" in cold.reason
 
 
 def test_explicit_chunks_are_kept() -> None:

@@ -55,5 +55,8 @@ class Executor(ABC):
     def run(self, job: Job) -> dict[int, Outcome]:
         """Run the chunks of `job`; outcomes by chunk index."""
 
+    def start(self) -> None:  # noqa: B027 (executors without start-up cost have nothing to do)
+        """Begin starting workers without waiting, so a later call finds them warm."""
+
     def close(self) -> None:  # noqa: B027 (most executors hold nothing to release)
         """Release workers and connections; the executor may be used again afterwards."""

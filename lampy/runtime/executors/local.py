@@ -171,10 +171,14 @@ class LocalExecutor(Executor):
             seconds_per_chunk=SECONDS_PER_CHUNK,
         )
 
+    def start(self) -> None:
+        """Start the worker processes (they import in the background; nothing waits)."""
+        with self._lock:
+            self._start_pool()
+
     def run(self, job: Job) -> dict[int, Outcome]:
         with self._lock:
-            if not self._workers:
-                self._workers = [self._start() for _ in range(self.size)]
+            self._start_pool()
             refs = self._arena.place(job.split + job.whole)
             try:
                 return self._dispatch(job, refs[: len(job.split)], refs[len(job.split) :])
@@ -192,6 +196,10 @@ class LocalExecutor(Executor):
     def worker_pids(self) -> list[int]:
         """The pool's process ids (for tests and monitoring)."""
         return [w.process.pid for w in self._workers]
+
+    def _start_pool(self) -> None:
+        if not self._workers:
+            self._workers = [self._start() for _ in range(self.size)]
 
     def _start(self) -> _Worker:
         env = dict(os.environ)
