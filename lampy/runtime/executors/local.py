@@ -37,9 +37,9 @@ from lampy.runtime.shm import anonymous_file, layout_of, load_from_file
 
 MAX_ATTEMPTS = 3
 # Measured by bench/bench_overheads.py on the 2-core reference machine.
-STARTUP_S = 0.35  # starting the pool: interpreters importing numpy, in parallel
-SECONDS_PER_BYTE = 1 / 2.5e9  # into the arena, mapped by a worker, result back and joined
-SECONDS_PER_CHUNK = 4e-4  # one chunk's messages and scheduling
+STARTUP_S = 0.3  # starting the pool: interpreters importing numpy, in parallel
+SECONDS_PER_BYTE = 1 / 1.8e9  # into the arena, mapped by a worker, result back and joined
+SECONDS_PER_CHUNK = 1.5e-4  # one chunk's messages and scheduling
 ARENA_KEPT_BYTES = 1 << 30  # a larger arena is released after its job instead of reused
 
 

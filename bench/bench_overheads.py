@@ -1,0 +1,85 @@
+"""The local executor's costs, which the "auto" planner's constants come from.
+
+lampy/runtime/executors/local.py takes STARTUP_S, SECONDS_PER_CHUNK and SECONDS_PER_BYTE from
+these figures (each row's `note` prints the measured value). Fan-out pays when the work saved,
+(1 - 1/workers) of the serial time, exceeds these costs with a margin (FAN_OUT_MARGIN in
+lampy/runtime/plan.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import lampy
+from lampy.runtime.executors.local import LocalExecutor
+
+CHUNKS = 1000
+ROWS = 32 * 1024 * 1024  # 256 MiB of float64
+
+
+def noop(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def copy(x: np.ndarray) -> np.ndarray:
+    return x.copy()
+
+
+def test_pool_startup(benchmark: Any) -> None:
+    def start_and_run_one() -> None:
+        pool = LocalExecutor()
+        try:
+            pool.start()
+            pool.run(_job(np.zeros(2), chunks=((0, 1), (1, 2))))
+        finally:
+            pool.close()
+
+    benchmark.group = "local pool start-up"
+    benchmark.pedantic(start_and_run_one, rounds=3, iterations=1)
+    benchmark.extra_info.update(system="start 2 workers, run 2 chunks",
+                                note=f"STARTUP_S ~ {benchmark.stats.stats.median:.2f}")
+
+
+def test_chunk_overhead(benchmark: Any) -> None:
+    f = lampy.elemwise(chunks=CHUNKS, executor="local")(noop)
+    x = np.zeros(CHUNKS)
+    f(x)  # start the pool
+    benchmark.group = f"{CHUNKS} no-op chunks"
+    benchmark.pedantic(f, args=(x,), rounds=5, iterations=1)
+    per_chunk = benchmark.stats.stats.median / CHUNKS
+    benchmark.extra_info.update(system="lampy local",
+                                note=f"SECONDS_PER_CHUNK ~ {per_chunk:.1e}")
+
+
+def test_bytes_moved(benchmark: Any) -> None:
+    x = np.random.default_rng(0).random(ROWS)
+    f = lampy.elemwise(chunks=4, executor="local")(copy)
+    f(x)  # start the pool and size the arena
+    baseline = _median_seconds(copy, x)
+    benchmark.group = "256 MiB through the pool (copy)"
+    benchmark.pedantic(f, args=(x,), rounds=5, iterations=1)
+    extra = benchmark.stats.stats.median - baseline
+    moved = 2 * x.nbytes  # in to the workers and the result back, as the planner counts
+    benchmark.extra_info.update(
+        system="lampy local, 4 chunks",
+        note=f"numpy copy {baseline * 1e3:.0f} ms; SECONDS_PER_BYTE ~ 1/{moved / extra:.2g}",
+    )
+
+
+def _median_seconds(fn: Any, *args: Any) -> float:
+    import time
+
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _job(x: np.ndarray, chunks: tuple[tuple[int, int], ...]) -> Any:
+    from lampy.runtime.job import Job, Part
+
+    return Job(noop, (Part(0),), {}, (x,), (), chunks)
