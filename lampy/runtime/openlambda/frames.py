@@ -17,7 +17,8 @@ Layout (integers little-endian):
     20      32    HMAC-SHA256 over bytes 0:20, the header and the body
     52      H     header: u16 n, n bytes "python numpy cloudpickle" versions, u32 count of
                   out-of-band buffers, u64 pickle length, one u64 per buffer
-    52+H    B     body: the pickle, then each buffer at an offset (from byte 52) aligned to 64
+    52+H    B     body: the pickle, then each buffer, at offsets (from the frame's start)
+                  aligned to 64 bytes
 """
 
 from __future__ import annotations
@@ -105,14 +106,15 @@ def encode(kind: int, value: Any, secret: bytes) -> list[Buffer]:
         ]
     )
     body: list[Buffer] = [data]
-    offset = len(header) + len(data)
+    offset = PREFIX_BYTES + len(header) + len(data)
     for raw in raws:
         if pad := _pad(offset):
             body.append(bytes(pad))
             offset += pad
         body.append(raw.cast("B") if raw.format != "B" else raw)
         offset += raw.nbytes
-    prefix = _PREFIX.pack(MAGIC, FORMAT, kind, 0, len(header), offset - len(header))
+    body_bytes = offset - PREFIX_BYTES - len(header)
+    prefix = _PREFIX.pack(MAGIC, FORMAT, kind, 0, len(header), body_bytes)
     mac = hmac.new(secret, prefix, hashlib.sha256)
     mac.update(header)
     for part in body:
@@ -124,11 +126,12 @@ def size(parts: Sequence[Buffer]) -> int:
     return sum(memoryview(p).nbytes for p in parts)
 
 
-def check_prefix(prefix: Buffer, max_bytes: int = MAX_FRAME_BYTES) -> int:
+def check_prefix(prefix: Buffer, max_bytes: int | None = None) -> int:
     """The whole frame's length, from its first PREFIX_BYTES bytes; refuses bad or huge frames."""
     if len(prefix) < PREFIX_BYTES:
         raise FrameError(f"truncated frame: {len(prefix)} bytes, a frame has at least 52")
     magic, version, kind, _, header, body = _PREFIX.unpack_from(prefix)
+    max_bytes = MAX_FRAME_BYTES if max_bytes is None else max_bytes
     if magic != MAGIC:
         raise FrameError(f"not a lampy frame (starts with {bytes(magic)!r})")
     if version != FORMAT:
@@ -143,7 +146,7 @@ def check_prefix(prefix: Buffer, max_bytes: int = MAX_FRAME_BYTES) -> int:
     return PREFIX_BYTES + int(header) + int(body)
 
 
-def decode(frame: Buffer, secret: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
+def decode(frame: Buffer, secret: bytes, max_bytes: int | None = None) -> Frame:
     """Check length, tag and versions, then unpickle (buffers are views into `frame`)."""
     view = memoryview(frame)
     total = check_prefix(view[:PREFIX_BYTES], max_bytes)
@@ -166,13 +169,13 @@ def decode(frame: Buffer, secret: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Fr
     except (struct.error, UnicodeDecodeError) as exc:
         raise FrameError(f"malformed frame header: {exc}") from None
     check_versions(versions)
-    offset = header_len + pickle_len
+    offset = PREFIX_BYTES + header_len + pickle_len
     buffers = []
     for length in lengths:
         offset += _pad(offset)
-        buffers.append(view[PREFIX_BYTES + offset : PREFIX_BYTES + offset + length])
+        buffers.append(view[offset : offset + length])
         offset += length
-    if PREFIX_BYTES + offset != total:
+    if offset != total:
         raise FrameError("malformed frame: buffer lengths do not add up to the body length")
     start = PREFIX_BYTES + header_len
     try:
