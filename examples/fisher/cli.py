@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--speakers", type=int, default=2)
     g.add_argument("--seconds", type=float, default=40.0)
     g.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("evaluate", help="DER over generated conversations and k-means seeds")
+    e.add_argument("--speakers", type=int, default=2)
+    e.add_argument("--conversations", type=int, default=5)
+    e.add_argument("--seconds", type=float, default=90.0)
+    e.add_argument("--kmeans-seeds", type=int, default=3)
+    e.add_argument("--first-seed", type=int, default=100, help="seed of the first conversation")
+    e.add_argument("--known", action="store_true", help="give the true number of speakers")
+    e.add_argument("--executor", default=None, help="lampy executor: inline, local, openlambda")
     return parser
 
 
@@ -69,10 +78,7 @@ def _diarize(args: argparse.Namespace) -> int:
     signal, rate = read_wav(args.wav, min_seconds=MIN_SECONDS)
     reference = read_rttm(args.reference) if args.reference else None
     start = time.perf_counter()
-    if args.executor:
-        with lampy.using(executor=args.executor):
-            result = diarize(signal, rate, args.speakers, args.seed)
-    else:
+    with lampy.using(executor=args.executor) if args.executor else nullcontext():
         result = diarize(signal, rate, args.speakers, args.seed)
     total = time.perf_counter() - start
     scored = score(reference, result.turns) if reference is not None else None
@@ -110,11 +116,30 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, summary
+
+    with lampy.using(executor=args.executor) if args.executor else nullcontext():
+        trials = evaluate(
+            args.speakers,
+            args.conversations,
+            args.seconds,
+            args.kmeans_seeds,
+            args.first_seed,
+            args.known,
+        )
+    print(summary(trials, args.speakers))
+    return 0
+
+
+COMMANDS = {"diarize": _diarize, "generate": _generate, "evaluate": _evaluate}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = _parser().parse_args(argv)
     try:
-        return _diarize(args) if args.command == "diarize" else _generate(args)
+        return COMMANDS[args.command](args)
     except (AudioError, RttmError, DiarizationError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -153,22 +153,29 @@ def short_term_features(signal: np.ndarray, rate: int) -> tuple[np.ndarray, floa
 
 
 def mid_term_features(
-    feats: np.ndarray, weights: np.ndarray, win: int, step: int
+    feats: np.ndarray, speech: np.ndarray, win: int, step: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted mean and std of each feature over windows of `win` frames every `step` frames.
+    """Mean and std of each feature over windows of `win` frames centred every `step` frames.
 
-    Prefix sums make this linear in the number of frames whatever the window. `weights` (0/1 from
-    the voice-activity detector) keep silence out of the statistics. Returns (windows x 2F
-    statistics, first frame of each window, summed weight of each window).
+    Each window is clipped to the run of speech holding its centre, so no window mixes the two
+    sides of a pause (at a change of speaker, such a window would form a cluster of its own).
+    Prefix sums make this linear in the number of frames whatever the window. Returns (windows x
+    2F statistics, centre frame of each window, frames in each window; 0 when the centre is
+    silence).
     """
-    starts = np.arange(0, max(feats.shape[0] - win, 0) + 1, step)
-    w = weights.astype(np.float64)[:, None]
+    n = feats.shape[0]
+    centres = np.arange(win // 2, max(n - win + win // 2, win // 2) + 1, step)
+    centres = centres[centres < n]
+    run_id = np.cumsum(np.concatenate([[True], speech[1:] != speech[:-1]])) - 1
+    run_start = np.flatnonzero(np.concatenate([[True], speech[1:] != speech[:-1]]))
+    run_end = np.append(run_start[1:], n)
+    lo = np.maximum(centres - win // 2, run_start[run_id[centres]])
+    hi = np.minimum(centres - win // 2 + win, run_end[run_id[centres]])
     zero = np.zeros((1, feats.shape[1]))
-    c1 = np.concatenate([zero, np.cumsum(feats * w, axis=0)])
-    c2 = np.concatenate([zero, np.cumsum(feats * feats * w, axis=0)])
-    cw = np.concatenate([[0.0], np.cumsum(weights.astype(np.float64))])
-    n = cw[starts + win] - cw[starts]
-    safe = np.maximum(n, 1.0)[:, None]
-    mean = (c1[starts + win] - c1[starts]) / safe
-    var = (c2[starts + win] - c2[starts]) / safe - mean * mean
-    return np.hstack([mean, np.sqrt(np.maximum(var, 0.0))]), starts, n
+    c1 = np.concatenate([zero, np.cumsum(feats, axis=0)])
+    c2 = np.concatenate([zero, np.cumsum(feats * feats, axis=0)])
+    count = np.where(speech[centres], hi - lo, 0)
+    safe = np.maximum(count, 1)[:, None]
+    mean = (c1[hi] - c1[lo]) / safe
+    var = (c2[hi] - c2[lo]) / safe - mean * mean
+    return np.hstack([mean, np.sqrt(np.maximum(var, 0.0))]), centres, count

@@ -72,9 +72,8 @@ def diarize(
         speech = vad.detect_speech(feats[:, 1], step)
     with _timed(t, "mid-term"):
         win, hop = round(p.mid_window / step), round(p.mid_step / step)
-        mid, starts, voiced = features.mid_term_features(feats, speech, win, hop)
-        centres = starts + win // 2
-        keep = speech[np.minimum(centres, speech.size - 1)] & (voiced >= p.min_voiced * win)
+        mid, centres, count = features.mid_term_features(feats, speech, win, hop)
+        keep = count >= p.min_voiced * win
         if np.count_nonzero(keep) < 10:
             raise DiarizationError(
                 f"only {np.count_nonzero(keep)} mid-term windows hold speech; need at least 10"

@@ -100,11 +100,20 @@ def test_mfcc_and_chroma_per_frame(executor: str) -> None:
 def test_mid_term_features_match_loop() -> None:
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((97, 3))
-    weights = rng.random(97) > 0.3
-    mid, starts, voiced = features.mid_term_features(feats, weights, win=10, step=4)
-    assert list(starts) == list(range(0, 88, 4))
-    for row, s in enumerate(starts):
-        chunk = feats[s : s + 10][weights[s : s + 10]]
-        assert voiced[row] == len(chunk)
+    speech = np.ones(97, dtype=bool)
+    speech[[5, 6, 30, 31, 32, 60]] = False
+    mid, centres, count = features.mid_term_features(feats, speech, win=10, step=4)
+    assert list(centres) == list(range(5, 93, 4))
+    for row, c in enumerate(centres):
+        if not speech[c]:
+            assert count[row] == 0
+            continue
+        lo, hi = c, c
+        while lo > c - 5 and speech[lo - 1]:
+            lo -= 1
+        while hi < c + 4 and hi + 1 < 97 and speech[hi + 1]:
+            hi += 1
+        chunk = feats[lo : hi + 1]
+        assert count[row] == len(chunk)
         np.testing.assert_allclose(mid[row, :3], chunk.mean(axis=0), atol=1e-12)
         np.testing.assert_allclose(mid[row, 3:], chunk.std(axis=0), atol=1e-7)
