@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from lampy.errors import SplitLengthError, UnsplittableError
-from lampy.runtime.job import Part, Whole
+from lampy.runtime.job import Job, Part, Rows, Whole
 
 
 class Shared:
@@ -59,6 +59,10 @@ class Binding:
     @property
     def shared_bytes(self) -> int:
         return sum(a.nbytes for a in self.whole)
+
+    def job(self, function: Callable[..., Any], chunks: tuple[Rows, ...]) -> Job:
+        """A job running `function` over these arguments, cut into `chunks`."""
+        return Job(function, self.args, self.kwargs, self.split, self.whole, chunks)
 
 
 def parameter_names(function: Callable[..., Any]) -> set[str] | None:

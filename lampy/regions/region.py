@@ -97,14 +97,7 @@ class ParallelFunction:
                 self.region.function(*binding.direct_args, **binding.direct_kwargs)
             )
         done = {0: probe} if probe is not None else {}
-        job = Job(
-            self.region.function,
-            binding.args,
-            binding.kwargs,
-            binding.split,
-            binding.whole,
-            call_plan.chunks[len(done) :],
-        )
+        job = binding.job(self.region.function, call_plan.chunks[len(done) :])
         if executor.needs_pickle:
             _check_serializable(job, binding)
         outcomes = executor.run(job)
@@ -156,14 +149,7 @@ class ParallelFunction:
         if chunks is not None or costs.workers <= 1 or binding.rows < 2:
             return make(None), None
         rows = probe_rows(binding.rows, binding.row_bytes)
-        job = Job(
-            self.region.function,
-            binding.args,
-            binding.kwargs,
-            binding.split,
-            binding.whole,
-            ((0, rows),),
-        )
+        job = binding.job(self.region.function, ((0, rows),))
         start = time.perf_counter()
         outcome = run_chunk(job.function, *job.arguments(0))
         seconds = time.perf_counter() - start
