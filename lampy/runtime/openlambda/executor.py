@@ -29,7 +29,7 @@ import cloudpickle
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
-from tenacity.wait import wait_exponential_jitter
+from tenacity.wait import wait_exponential, wait_random
 
 from lampy.errors import ExecutionError, OptionError, RetriesExhausted, SerializationError
 from lampy.runtime.codec import dumps
@@ -334,7 +334,7 @@ class OpenLambdaExecutor(Executor):
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential_jitter(initial=self.backoff, max=2.0, jitter=self.backoff),
+            wait=wait_exponential(multiplier=self.backoff, max=2.0) + wait_random(0, self.backoff),
             retry=retry_if_exception_type(PlatformFailure),
             reraise=True,
         )

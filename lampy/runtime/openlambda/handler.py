@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from lampy.errors import RemoteError
-from lampy.runtime.codec import loads
+from lampy.runtime.codec import dumps, loads
 from lampy.runtime.entry import Outcome, run_chunk
 from lampy.runtime.job import Part, Placeholder, fill
 from lampy.runtime.openlambda import frames
@@ -138,5 +138,9 @@ def _result(outcome: Outcome, secret: bytes) -> list[frames.Buffer]:
             return frames.encode(frames.RESULT, (outcome.value, None, ""), secret)
         except Exception as exc:
             outcome = Outcome(error=exc, traceback=traceback.format_exc())
-    portable = outcome.portable()
-    return frames.encode(frames.RESULT, (None, portable.error, portable.traceback), secret)
+    try:  # cloudpickle carries exception classes that came by value with the function
+        loads(dumps(outcome.error))
+        error = outcome.error
+    except Exception:
+        error = outcome.portable().error
+    return frames.encode(frames.RESULT, (None, error, outcome.traceback), secret)

@@ -1,0 +1,215 @@
+"""The executor against a scripted flaky transport that calls the real handler in-process.
+
+Failures are planned per chunk and per attempt, and attempt counts are asserted exactly: platform
+failures are retried, user exceptions and configuration errors never are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from lampy.errors import ExecutionError, RetriesExhausted
+from lampy.runtime.job import Job, Part, Whole
+from lampy.runtime.openlambda import executor as module
+from lampy.runtime.openlambda import frames, handler
+from lampy.runtime.openlambda.executor import OpenLambdaExecutor, Reply, Transport
+from lampy.runtime.plan import split_rows
+
+from .conftest import SECRET, free_port
+from .test_frames import Tripwire, unpickled
+from .test_handler import Input
+
+NOT_FOUND = 'lambda "lampy" not found in blob store (/tmp/registry)'
+
+
+class Scripted(Transport):
+    """Runs the real handler; `plan[(chunk, attempt)]` is a status, an exception, or a delay."""
+
+    def __init__(self, plan: dict[tuple[int, int], Any] | None = None) -> None:
+        self.plan = plan or {}
+        self.attempts: Counter[int] = Counter()
+        self.templates = 0
+
+    async def post(self, parts: Sequence[frames.Buffer], timeout: float) -> Reply:
+        body = b"".join(bytes(p) for p in parts)
+        frame = frames.decode(bytearray(body), SECRET.encode())
+        if frame.kind == frames.TASK:
+            chunk = frame.value[1]
+            self.attempts[chunk] += 1
+            self.templates += frame.value[2] is not None
+            action = self.plan.get((chunk, self.attempts[chunk]))
+            if isinstance(action, int):
+                text = NOT_FOUND if action == 500 else "lambda function queue is full"
+                return Reply(action, text.encode())
+            if isinstance(action, float):
+                await asyncio.sleep(action)
+            elif action == "forget":
+                handler._jobs.clear()
+            elif action is not None:
+                raise action
+        environ = {"CONTENT_LENGTH": str(len(body)), "wsgi.input": Input(body, len(body))}
+        answer: list[Any] = []
+        out = handler.app(environ, lambda status, headers: answer.append(status))
+        return Reply(int(answer[0][:3]), b"".join(bytes(p) for p in out))
+
+
+def make_job(function: Any, x: np.ndarray, chunks: int, *whole: np.ndarray) -> Job:
+    args = (Part(0), *(Whole(i) for i in range(len(whole))))
+    return Job(function, args, {}, (x,), whole, split_rows(len(x), chunks))
+
+
+@pytest.fixture
+def run() -> Iterator[Any]:
+    made: list[OpenLambdaExecutor] = []
+
+    def run(transport: Transport, job: Job, **options: Any) -> dict[int, Any]:
+        made.append(OpenLambdaExecutor(transport=transport, backoff=0.001, **options))
+        return made[-1].run(job)
+
+    yield run
+    for executor in made:
+        executor.close()
+
+
+def double(x: np.ndarray) -> np.ndarray:
+    return x * 2
+
+
+def test_platform_failures_are_retried_exact_counts(run: Any) -> None:
+    plan = {
+        (0, 1): ConnectionRefusedError("connection refused"),
+        (1, 1): 429,
+        (1, 2): 502,
+        (2, 1): asyncio.TimeoutError(),
+        (3, 1): ConnectionResetError("reset by peer"),
+        (3, 2): 503,
+        (3, 3): 504,
+    }
+    transport = Scripted(plan)
+    x = np.arange(100.0)
+    outcomes = run(transport, make_job(double, x, 5))
+    assert transport.attempts == {0: 2, 1: 3, 2: 2, 3: 4, 4: 1}
+    assert sorted(outcomes) == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(5)]), x * 2)
+
+
+def test_user_exceptions_are_not_retried(run: Any) -> None:
+    def picky(x: np.ndarray) -> np.ndarray:
+        if x[0] == 50:
+            raise ArithmeticError("row 50 is cursed")
+        return x
+
+    transport = Scripted()
+    outcomes = run(transport, make_job(picky, np.arange(100.0), 4))
+    errors = [o for o in outcomes.values() if o.error is not None]
+    assert len(errors) == 1 and isinstance(errors[0].error, ArithmeticError)
+    assert "row 50 is cursed" in errors[0].traceback and "picky" in errors[0].traceback
+    assert transport.attempts[2] == 1 and max(transport.attempts.values()) == 1
+
+
+def test_retries_exhausted_names_chunk_rows_and_every_cause(run: Any) -> None:
+    plan = {(1, 1): 502, (1, 2): ConnectionResetError("reset"), (1, 3): 429}
+    transport = Scripted(plan)
+    with pytest.raises(RetriesExhausted) as info:
+        run(transport, make_job(double, np.arange(10.0), 2), attempts=3)
+    text = str(info.value)
+    assert "chunk 1 (rows 5:10) failed on all 3 attempts" in text
+    assert "attempt 1: HTTP 502" in text and "attempt 2: ConnectionResetError: reset" in text
+    assert "attempt 3: HTTP 429: lambda function queue is full" in text
+    assert transport.attempts[1] == 3
+
+
+def test_lambda_not_found_is_not_retried_and_says_deploy(run: Any) -> None:
+    transport = Scripted({(0, 1): 500})
+    with pytest.raises(ExecutionError, match="lampy deploy --url .* --name lampy"):
+        run(transport, make_job(double, np.arange(10.0), 1))
+    assert transport.attempts[0] == 1
+
+
+def test_straggler_gets_a_backup_and_counts_once(run: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(module, "STRAGGLER_MIN_S", 0.1)
+    transport = Scripted({(5, 1): 30.0})
+    start = time.monotonic()
+    x = np.arange(80.0)
+    executor = OpenLambdaExecutor(transport=transport, backoff=0.001)
+    try:
+        outcomes = executor.run(make_job(double, x, 8))
+    finally:
+        executor.close()
+    assert time.monotonic() - start < 5
+    assert executor.backups == 1 and transport.attempts[5] == 2
+    assert sorted(outcomes) == list(range(8))
+    np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(8)]), x * 2)
+
+
+def test_template_travels_once_per_sandbox_and_after_a_miss(run: Any) -> None:
+    big = np.ones(20_000)  # template + shared arrays above INLINE_BYTES: sent by key later
+
+    def scaled(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return x * w.sum()
+
+    transport = Scripted({(6, 1): "forget"})  # a fresh sandbox sees chunk 6 first
+    x = np.arange(16.0)
+    outcomes = run(transport, make_job(scaled, x, 8, big), concurrency=2)
+    assert transport.templates == 3  # the first wave of 2, then once after the miss
+    assert transport.attempts[6] == 2
+    np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(8)]), x * 20_000)
+
+
+class Forged(Transport):
+    """Answers every call with a frame signed under another secret (or cut short)."""
+
+    def __init__(self, cut: int = 0) -> None:
+        self.cut = cut
+
+    async def post(self, parts: Sequence[frames.Buffer], timeout: float) -> Reply:
+        secret = SECRET.encode() if self.cut else b"attacker"
+        body = b"".join(bytes(p) for p in frames.encode(frames.RESULT, Tripwire(), secret))
+        return Reply(200, body[: -self.cut] if self.cut else body)
+
+
+@pytest.mark.parametrize("cut", [0, 5])
+def test_bad_answers_are_refused_before_unpickling(run: Any, cut: int) -> None:
+    unpickled.clear()
+    error = frames.FrameError if cut else frames.BadSignature
+    with pytest.raises(error):
+        run(Forged(cut), make_job(double, np.arange(4.0), 1))
+    assert unpickled == []
+
+
+def test_oversized_answer_is_refused_unread(monkeypatch: Any) -> None:
+    """Over real HTTP: a server whose answer claims a 1 TB frame; the client reads 52 bytes."""
+    prefix = bytes(b"".join(bytes(p) for p in frames.encode(frames.RESULT, None, b"x"))[:12])
+    huge = prefix + (1 << 40).to_bytes(8, "little") + bytes(32)
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=huge + bytes(1000))
+
+    app = web.Application()
+    app.router.add_route("*", "/run/lampy", answer)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    port = free_port()
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    executor = OpenLambdaExecutor(url=f"http://127.0.0.1:{port}", backoff=0.001)
+    try:
+        with pytest.raises(frames.TooLarge, match="refused"):
+            executor.run(make_job(double, np.arange(4.0), 1))
+    finally:
+        executor.close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
