@@ -1,5 +1,5 @@
 """Running regions on OpenLambda: wire frames, the deployed handler, the executor, a local worker.
 
-Only `frames` and `handler` (and the core modules they import) travel inside the deploy tarball;
-the rest runs on the caller's machine.
+The handler runs inside OpenLambda sandboxes (lampy's source travels in the deploy tarball); the
+executor, deploy and the worker run on the caller's machine.
 """

@@ -1,7 +1,9 @@
 """`lampy deploy`: build the self-contained lambda tarball, and upload it to a worker.
 
-The sandbox has only what `requirements.txt` lists, not lampy, so the worker-side modules travel
-inside the tarball under `lampy/` (with a stub `lampy/__init__.py` that imports nothing else).
+The sandbox has only what `requirements.txt` lists, not lampy, so lampy's own source travels
+inside the tarball under `lampy/`: all of it (it is small), because a pickled argument may refer
+to any lampy object (a method region's `self` holds a ParallelFunction). Importing lampy needs
+only numpy and cloudpickle; aiohttp and tenacity are imported by the caller-side modules alone.
 `requirements.txt` pins the caller's exact numpy and cloudpickle (and their dependencies), since
 pickles move between the two ends; `.env` carries the secret that signs frames.
 """
@@ -19,17 +21,6 @@ from pathlib import Path
 
 from lampy.runtime.openlambda.secret import load_secret
 
-#: The modules the handler needs, relative to the lampy package.
-WORKER_MODULES = (
-    "errors.py",
-    "runtime/__init__.py",
-    "runtime/codec.py",
-    "runtime/entry.py",
-    "runtime/job.py",
-    "runtime/openlambda/__init__.py",
-    "runtime/openlambda/frames.py",
-    "runtime/openlambda/handler.py",
-)
 PINNED = ("numpy", "cloudpickle")
 F_PY = '''"""lampy's handler for OpenLambda: a WSGI app taking signed binary frames (see lampy/)."""
 
@@ -37,7 +28,6 @@ from lampy.runtime.openlambda.handler import app
 
 __all__ = ["app"]
 '''
-STUB_INIT = '"""The worker-side part of lampy, shipped inside the lambda by `lampy deploy`."""\n'
 
 
 def requirements() -> list[str]:
@@ -64,10 +54,9 @@ def build(secret: bytes | None = None) -> bytes:
         "f.py": F_PY.encode(),
         "requirements.txt": ("\n".join(requirements()) + "\n").encode(),
         ".env": b"LAMPY_SECRET=" + (secret or load_secret()) + b"\n",
-        "lampy/__init__.py": STUB_INIT.encode(),
     }
-    for module in WORKER_MODULES:
-        files[f"lampy/{module}"] = (root / module).read_bytes()
+    for path in sorted(root.rglob("*.py")):
+        files[f"lampy/{path.relative_to(root).as_posix()}"] = path.read_bytes()
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as tar:
         for name, data in files.items():

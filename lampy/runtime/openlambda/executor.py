@@ -37,7 +37,6 @@ from lampy.runtime.entry import Outcome
 from lampy.runtime.executors.base import Executor
 from lampy.runtime.job import Job
 from lampy.runtime.openlambda import frames
-from lampy.runtime.openlambda.deploy import WORKER_MODULES
 from lampy.runtime.openlambda.secret import load_secret
 from lampy.runtime.plan import Costs
 
@@ -53,8 +52,7 @@ STRAGGLER_FACTOR = 4.0  # ... for calls running this many times the median ...
 STRAGGLER_MIN_S = 0.5  # ... and at least this much longer than it
 AUTO_PREWARM_CHUNKS = 32  # a job this large pre-warms first (once per executor)
 PREWARM_HOLD_S = 0.05  # each pre-warm call holds its sandbox this long, so calls spread out
-_REMOTE_PACKAGES = {"numpy", "cloudpickle"}
-_SHIPPED = {"lampy." + m.removesuffix(".py").replace("/", ".") for m in WORKER_MODULES}
+_REMOTE_PACKAGES = {"numpy", "cloudpickle", "lampy"}  # the deploy tarball carries lampy
 _pickle_lock = threading.Lock()
 
 
@@ -408,7 +406,7 @@ class OpenLambdaExecutor(Executor):
 def _template(job: Job) -> bytes:
     """The job's (function, args, kwargs), with the function's own module pickled by value.
 
-    A sandbox has only numpy, cloudpickle and lampy's worker modules, so a function from the
+    A sandbox has only the standard library, numpy, cloudpickle and lampy, so a function from the
     user's module (or a test module) must travel by value, with the helpers it calls there.
     """
     module = sys.modules.get(getattr(job.function, "__module__", "") or "")
@@ -429,7 +427,7 @@ def _template(job: Job) -> bytes:
 
 def _installed_remotely(module: str) -> bool:
     top = module.partition(".")[0]
-    return top in sys.stdlib_module_names or top in _REMOTE_PACKAGES or module in _SHIPPED
+    return top in sys.stdlib_module_names or top in _REMOTE_PACKAGES
 
 
 def prewarm(n: int, **options: Any) -> int:
