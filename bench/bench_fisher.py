@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import lampy
-from examples.fisher import diarize, synth
+from examples.fisher import cluster, diarize, synth
 from examples.fisher.audio import read_wav
 from examples.fisher.rttm import Turn, read_rttm
 from examples.fisher.scoring import score
@@ -55,10 +55,14 @@ def hour() -> tuple[Path, np.ndarray, int, list[Turn]]:
 
 
 def _openlambda_ready() -> str | None:
-    """None when the openlambda executor answers a tiny call, else why not."""
+    """None when the openlambda executor answers a tiny call, else why not.
+
+    It reads its worker from LAMPY_OPENLAMBDA_URL (start one with `lampy worker`, then
+    `lampy deploy --url ...`).
+    """
     try:
         with lampy.using(executor="openlambda"):
-            lampy.elemwise(np.negative)(np.arange(4.0))
+            cluster.assign(np.zeros((4, 2)), np.zeros((1, 2)))
     except lampy.LampyError as exc:
         return f"openlambda executor not set up ({type(exc).__name__}: {exc})"
     return None

@@ -65,6 +65,8 @@ def diarize(
     Executor choice is the caller's: wrap the call in `lampy.using(executor=...)`.
     """
     p = params or Params()
+    if n_speakers is not None and n_speakers < 1:
+        raise DiarizationError(f"the number of speakers must be at least 1, got {n_speakers}")
     t: dict[str, float] = {}
     with _timed(t, "features"):
         feats, step = features.short_term_features(signal, rate)
@@ -79,9 +81,9 @@ def diarize(
                 f"only {np.count_nonzero(keep)} mid-term windows hold speech; need at least 10"
             )
         x = flsd.standardize(mid[keep])
-        times = centres[keep] * step
+        kept = centres[keep]
     with _timed(t, "flsd"):
-        classes = flsd.time_blocks(times, p.flsd_block)
+        classes = flsd.time_blocks(kept * step, p.flsd_block)
         y = x @ flsd.flsd_projection(x, classes, p.flsd_dims, p.flsd_ridge)
     with _timed(t, "cluster"):
         candidates = [n_speakers] if n_speakers else list(range(2, p.max_speakers + 1))
@@ -94,12 +96,10 @@ def diarize(
     with _timed(t, "smooth"):
         stay = 1.0 - p.mid_step / p.mean_turn
         path = cluster.first_appearance(cluster.viterbi(y, centroids, stay))
-        nearest = np.searchsorted(times, np.arange(speech.size) * step)
-        nearest = np.clip(nearest, 1, times.size - 1)
-        left_closer = (np.arange(speech.size) * step - times[nearest - 1]) < (
-            times[nearest] - np.arange(speech.size) * step
-        )
-        nearest = np.where(left_closer, nearest - 1, nearest)
+        # Every speech frame takes the label of the nearest clustered window.
+        nearest = np.searchsorted((kept[:-1] + kept[1:]) / 2.0, np.arange(speech.size))
         frame_labels = np.where(speech, path[nearest], -1)
-        turns = labels_to_turns(frame_labels, step, p.max_gap)
+        # A frame stands for the hop-long stretch around its window's centre.
+        offset = (features.frame_geometry(rate)[0] / rate - step) / 2.0
+        turns = labels_to_turns(frame_labels, step, p.max_gap, offset)
     return Result(turns, frame_labels, step, k, sil, t)

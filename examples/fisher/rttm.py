@@ -52,13 +52,18 @@ def format_rttm(turns: list[Turn], file_id: str) -> str:
     )
 
 
-def labels_to_turns(labels: np.ndarray, step: float, max_gap: float = 1.0) -> list[Turn]:
-    """Turns from per-frame labels (-1 = silence); same-speaker turns < `max_gap` apart merge."""
+def labels_to_turns(
+    labels: np.ndarray, step: float, max_gap: float = 1.0, offset: float = 0.0
+) -> list[Turn]:
+    """Turns from per-frame labels (-1 = silence); same-speaker turns < `max_gap` apart merge.
+
+    Frame i stands for [offset + i * step, offset + (i + 1) * step).
+    """
     turns: list[Turn] = []
     for label in np.unique(labels[labels >= 0]):
         starts, ends = runs(labels == label)
         pairs = zip(starts, ends, strict=True)
-        turns += [Turn(s * step, e * step, f"spk{label}") for s, e in pairs]
+        turns += [Turn(offset + s * step, offset + e * step, f"spk{label}") for s, e in pairs]
     turns.sort(key=lambda t: t.start)
     merged: list[Turn] = []
     for turn in turns:
