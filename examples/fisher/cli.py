@@ -88,7 +88,9 @@ def _diarize(args: argparse.Namespace) -> int:
         rttm_path.write_text(format_rttm(result.turns, args.wav.stem))
         from .plot import save_timeline
 
-        note = save_timeline(args.out / f"{args.wav.stem}.png", result.turns, reference)
+        mapping = scored.mapping if scored else None
+        png = args.out / f"{args.wav.stem}.png"
+        note = save_timeline(png, result.turns, reference, mapping)
         if note and not args.json:
             print(note, file=sys.stderr)
     if args.json:

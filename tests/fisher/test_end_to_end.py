@@ -7,7 +7,7 @@ import pytest
 from examples.fisher import diarize, synth
 from examples.fisher.audio import read_wav
 from examples.fisher.cli import main
-from examples.fisher.rttm import read_rttm
+from examples.fisher.rttm import Turn, read_rttm
 from examples.fisher.scoring import score
 
 from .conftest import SAMPLE_RTTM, SAMPLE_WAV
@@ -77,3 +77,14 @@ def test_generated_conversation(tmp_path: Path) -> None:
     assert (tmp_path / "d.wav").read_bytes() == first
     synth.generate(tmp_path / "e.wav", tmp_path / "e.rttm", n_speakers=2, seconds=30, seed=124)
     assert (tmp_path / "e.wav").read_bytes() != first
+
+
+def test_png_timeline(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed: no PNG timeline")
+    from examples.fisher.plot import save_timeline
+
+    reference = read_rttm(SAMPLE_RTTM)
+    hypothesis = [Turn(t.start, t.end, f"h{t.speaker}") for t in reference]
+    png = tmp_path / "t.png"
+    assert save_timeline(png, hypothesis, reference, {"hS0": "S0", "hS1": "S1"}) is None
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
