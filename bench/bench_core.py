@@ -42,13 +42,27 @@ def run(benchmark: Any, group: str, system: str, fn: Any, *args: Any, **info: An
 def test_compute_heavy(benchmark: Any, system: str) -> None:
     expected = spectral_features(FRAMES[:64], BASIS)
     if system == "numpy":
-        result = run(benchmark, "compute-heavy elemwise", "numpy alone", spectral_features,
-                     FRAMES, BASIS, baseline=True)
+        result = run(
+            benchmark,
+            "compute-heavy elemwise",
+            "numpy alone",
+            spectral_features,
+            FRAMES,
+            BASIS,
+            baseline=True,
+        )
     else:
         f = lampy.elemwise(executor=system, shared=("basis",))(spectral_features)
         target = {"local": 1.8}.get(system)
-        result = run(benchmark, "compute-heavy elemwise", f"lampy {system}", f, FRAMES, BASIS,
-                     **({"target": target} if target else {}))
+        result = run(
+            benchmark,
+            "compute-heavy elemwise",
+            f"lampy {system}",
+            f,
+            FRAMES,
+            BASIS,
+            **({"target": target} if target else {}),
+        )
         benchmark.extra_info["plan"] = str(f.explain(FRAMES, BASIS))
     np.testing.assert_allclose(result[:64], expected)
 
@@ -59,8 +73,16 @@ def test_memory_bound(benchmark: Any, system: str) -> None:
         run(benchmark, "memory-bound a + b (256 MB)", "numpy alone", add, A, B, baseline=True)
     else:
         f = lampy.elemwise(executor="local")(add)
-        run(benchmark, "memory-bound a + b (256 MB)", 'lampy local, chunks="auto"', f, A, B,
-            target=0.95, note="must not fan out")
+        run(
+            benchmark,
+            "memory-bound a + b (256 MB)",
+            'lampy local, chunks="auto"',
+            f,
+            A,
+            B,
+            target=0.95,
+            note="must not fan out",
+        )
         plan = f.explain(A, B)
         benchmark.extra_info["plan"] = str(plan)
         assert not plan.fan_out, plan

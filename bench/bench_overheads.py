@@ -38,8 +38,10 @@ def test_pool_startup(benchmark: Any) -> None:
 
     benchmark.group = "local pool start-up"
     benchmark.pedantic(start_and_run_one, rounds=3, iterations=1)
-    benchmark.extra_info.update(system="start 2 workers, run 2 chunks",
-                                note=f"STARTUP_S ~ {benchmark.stats.stats.median:.2f}")
+    benchmark.extra_info.update(
+        system="start 2 workers, run 2 chunks",
+        note=f"STARTUP_S ~ {benchmark.stats.stats.median:.2f}",
+    )
 
 
 def test_chunk_overhead(benchmark: Any) -> None:
@@ -49,8 +51,7 @@ def test_chunk_overhead(benchmark: Any) -> None:
     benchmark.group = f"{CHUNKS} no-op chunks"
     benchmark.pedantic(f, args=(x,), rounds=5, iterations=1)
     per_chunk = benchmark.stats.stats.median / CHUNKS
-    benchmark.extra_info.update(system="lampy local",
-                                note=f"SECONDS_PER_CHUNK ~ {per_chunk:.1e}")
+    benchmark.extra_info.update(system="lampy local", note=f"SECONDS_PER_CHUNK ~ {per_chunk:.1e}")
 
 
 def test_bytes_moved(benchmark: Any) -> None:

@@ -65,8 +65,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     ]
     RESULTS.write_text("\n".join(header + lines) + "\n")
     raw = [
-        {"group": b.group, "name": b.name, "median_s": b.stats.median,
-         "extra_info": b.extra_info}
+        {"group": b.group, "name": b.name, "median_s": b.stats.median, "extra_info": b.extra_info}
         for b in benchmarks
     ]
     RESULTS.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
