@@ -1,0 +1,212 @@
+"""Cost estimates for lazy graphs, and `.explain()`: what would run where, and how long.
+
+Each node costs seconds per element of its result (per element of its input for reductions),
+one constant per operation, measured on 1 Mi float64 elements with numpy alone; matmul costs
+its flops at the machine's GEMM rate. Those constants include the memory traffic of one
+unfused numpy call, so a fused chain is estimated as the sum of its members (pessimistic by
+the traffic fusion saves). Executors add their own costs (start-up, bytes moved, per chunk)
+from the same `Costs` the region planner uses.
+
+`calibrate()` measures the constants on this machine and caches them in the user's cache dir
+(`$XDG_CACHE_HOME/lampy/lazy_costs.json`); without that file the shipped defaults apply.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lampy.lazy.graph import Node, Step, schedule
+from lampy.runtime import executors
+from lampy.runtime.plan import CHUNKS_PER_WORKER, Costs
+from lampy.runtime.settings import Chunks, resolve_chunks, resolve_executor, resolve_options
+
+# Measured with calibrate() on the 2-core reference machine (2026-11-23), seconds per element.
+DEFAULTS: dict[str, float] = {
+    "ufunc": 1.0e-9,
+    "exp": 0.8e-9,
+    "log": 1.0e-9,
+    "sqrt": 1.0e-9,
+    "sin": 8.5e-9,
+    "cos": 8.5e-9,
+    "tanh": 1.6e-9,
+    "where": 1.5e-9,
+    "reduce": 0.3e-9,
+    "copy": 0.6e-9,
+    "gemm_flops": 4.5e10,
+}
+#: The flops one element costs, for reporting (transcendentals counted as ~20 flops).
+FLOPS_PER_ELEMENT = {"exp": 20, "log": 20, "sin": 20, "cos": 20, "tanh": 20, "sqrt": 4}
+CALIBRATED_UFUNCS = ("exp", "log", "sqrt", "sin", "cos", "tanh")
+
+
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lampy" / "lazy_costs.json"
+
+
+def constants() -> dict[str, float]:
+    """The shipped defaults, overridden by calibrated values when `calibrate()` has run."""
+    merged = dict(DEFAULTS)
+    path = cache_path()
+    if path.exists():
+        merged.update({k: float(v) for k, v in json.loads(path.read_text()).items()})
+    return merged
+
+
+def calibrate(elements: int = 1 << 20, repeats: int = 5) -> dict[str, float]:
+    """Measure every constant with numpy alone (best of `repeats`) and cache the result."""
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.standard_normal(elements)) + 1
+    y = rng.standard_normal(elements)
+
+    def best(f: Callable[[], Any], n: int = elements) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - start)
+        return min(times) / n
+
+    measured = {name: best(functools.partial(getattr(np, name), x)) for name in CALIBRATED_UFUNCS}
+    measured["ufunc"] = best(lambda: np.add(x, y))
+    measured["where"] = best(lambda: np.where(x, x, y))
+    measured["reduce"] = best(lambda: x.sum())
+    measured["copy"] = best(lambda: x.copy())
+    side = 512
+    a = rng.standard_normal((side, side))
+    measured["gemm_flops"] = 1 / best(lambda: a @ a, n=2 * side**3)
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(measured, indent=1) + "\n")
+    return measured
+
+
+def node_seconds(node: Node, c: dict[str, float]) -> float:
+    """Estimated numpy time for one node on its whole input."""
+    if node.op == "source":
+        return 0.0
+    if node.op == "matmul":
+        return node_flops(node) / c["gemm_flops"]
+    if node.op == "reduce":
+        return int(node.args[0].size) * c["reduce"]
+    if node.op == "ufunc":
+        return node.size * c.get(str(node.params["name"]), c["ufunc"])
+    if node.op == "where":
+        return node.size * c["where"]
+    return node.size * c["copy"]
+
+
+def node_flops(node: Node) -> int:
+    if node.op == "matmul":
+        return 2 * node.size * int(node.args[0].shape[-1])
+    if node.op == "reduce":
+        return int(node.args[0].size)
+    if node.op in ("ufunc", "where"):
+        return node.size * FLOPS_PER_ELEMENT.get(str(node.params.get("name")), 1)
+    return 0
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One schedule step with its estimates on one executor."""
+
+    step: Step
+    chunks: int
+    flops: int
+    bytes_moved: int
+    seconds: float
+
+
+def step_cost(step: Step, costs: Costs, chunks: int, c: dict[str, float]) -> StepCost:
+    compute = sum(node_seconds(n, c) for n in step.fused)
+    flops = sum(node_flops(n) for n in step.fused)
+    if not step.is_region or costs.workers <= 1:
+        return StepCost(step, 1, flops, 0, compute)
+    chunks = max(1, min(chunks, step.rows))
+    parallel = min(chunks, costs.workers)
+    split = sum(n.nbytes for n, s in zip(step.leaves, step.split, strict=True) if s)
+    whole = sum(n.nbytes for n, s in zip(step.leaves, step.split, strict=True) if not s)
+    result = step.node.nbytes * (1 if step.kind == "elemwise" else chunks)
+    moved = split + whole * parallel + result
+    seconds = (
+        costs.startup_s
+        + moved * costs.seconds_per_byte
+        + chunks * costs.seconds_per_chunk
+        + compute / parallel
+    )
+    return StepCost(step, chunks, flops, moved, seconds)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The schedule of a lazy array and its cost on each executor; print it to read it."""
+
+    steps: list[Step]
+    estimates: dict[str, list[StepCost]]
+    workers: dict[str, int]
+    chunks: Chunks
+
+    @property
+    def regions(self) -> list[Step]:
+        return [s for s in self.steps if s.is_region]
+
+    def seconds(self, executor: str) -> float:
+        return sum(c.seconds for c in self.estimates[executor])
+
+    def prewarm(self, executor: str) -> int:
+        """Workers to start ahead of the fan-out: the widest region's parallel chunks."""
+        if self.workers[executor] <= 1:
+            return 0
+        return max((c.chunks for c in self.estimates[executor] if c.step.is_region), default=0)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.regions)} region(s) after fusion, {len(self.steps)} step(s):"]
+        first = next(iter(self.estimates.values()))
+        for i, cost in enumerate(first):
+            step = cost.step
+            what = " -> ".join(n.label() for n in step.fused)
+            lines.append(f"  {i}. {step.kind:8s} {what}  => {step.node.shape} {step.node.dtype}")
+            if step.is_region:
+                split = sum(step.split)
+                lines.append(
+                    f"       {step.rows} rows; {split} split input(s), "
+                    f"{len(step.split) - split} shared; {cost.flops:,} flops"
+                )
+        for name, costs in self.estimates.items():
+            moved = sum(c.bytes_moved for c in costs)
+            chunks = max((c.chunks for c in costs if c.step.is_region), default=0)
+            lines.append(
+                f"  on {name}: ~{self.seconds(name) * 1e3:.3g} ms, {moved:,} bytes moved, "
+                f"up to {chunks} chunk(s) per region, pre-warm {self.prewarm(name)} worker(s)"
+            )
+        if self.chunks == "auto":
+            lines.append(
+                f"  (chunks=auto: estimated with {CHUNKS_PER_WORKER} chunks per worker; at run "
+                "time each region's planner decides from a timed probe)"
+            )
+        return "\n".join(lines)
+
+
+def explain(root: Node, executor: str | None = None, chunks: Chunks | None = None) -> Explanation:
+    """Estimates on `inline`, `local` and the executor the run would use."""
+    steps = schedule(root)
+    chosen = resolve_executor(executor)
+    wanted = resolve_chunks(chunks)
+    c = constants()
+    estimates: dict[str, list[StepCost]] = {}
+    workers: dict[str, int] = {}
+    for name in dict.fromkeys((chosen, "inline", "local")):
+        costs = executors.get(name, resolve_options(name)).costs()
+        count = wanted if wanted != "auto" else costs.workers * CHUNKS_PER_WORKER
+        estimates[name] = [step_cost(s, costs, count, c) for s in steps]
+        workers[name] = costs.workers
+    return Explanation(steps, estimates, workers, wanted)
