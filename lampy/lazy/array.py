@@ -173,7 +173,10 @@ def array(obj: Any, dtype: Any = None) -> LazyArray:
         if dtype is not None and np.dtype(dtype) != node.dtype:
             raise UsageError(f"{path!r} holds {node.dtype}, not {np.dtype(dtype)}")
         return LazyArray(node)
-    data = np.asarray(obj, dtype=dtype)
+    try:
+        data = np.asarray(obj, dtype=dtype)
+    except ValueError:
+        data = np.empty(0, object)
     if data.dtype == object:
         raise UsageError(
             f"lampy.array needs numeric data; {type(obj).__name__} became an object array "
