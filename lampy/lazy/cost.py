@@ -1,7 +1,7 @@
 """Cost estimates for lazy graphs, and `.explain()`: what would run where, and how long.
 
 Each node costs seconds per element of its result (per element of its input for reductions),
-one constant per operation, measured on 1 Mi float64 elements with numpy alone; matmul costs
+one constant per operation, measured on 4 Mi float64 elements with numpy alone; matmul costs
 its flops at the machine's GEMM rate. Those constants include the memory traffic of one
 unfused numpy call, so a fused chain is estimated as the sum of its members (pessimistic by
 the traffic fusion saves). Executors add their own costs (start-up, bytes moved, per chunk)
@@ -29,19 +29,21 @@ from lampy.runtime import executors
 from lampy.runtime.plan import CHUNKS_PER_WORKER, Costs
 from lampy.runtime.settings import Chunks, resolve_chunks, resolve_executor, resolve_options
 
-# Measured with calibrate() on the 2-core reference machine (2026-11-23), seconds per element.
+# Measured with calibrate() on the 2-core reference machine (2026-11-23), seconds per element of
+# 4 Mi float64 (32 MiB, past the caches, as for arrays worth distributing). gemm_flops is between
+# calibrate's 1024-square product (5.2e10) and bench_lazy.py's 4096x1024 @ 1024x256 (1.1e11).
 DEFAULTS: dict[str, float] = {
-    "ufunc": 1.0e-9,
-    "exp": 0.8e-9,
-    "log": 1.0e-9,
-    "sqrt": 1.0e-9,
-    "sin": 8.5e-9,
-    "cos": 8.5e-9,
-    "tanh": 1.6e-9,
-    "where": 1.5e-9,
+    "ufunc": 2.2e-9,
+    "exp": 2.3e-9,
+    "log": 2.5e-9,
+    "sqrt": 1.9e-9,
+    "sin": 9.5e-9,
+    "cos": 14.5e-9,
+    "tanh": 2.9e-9,
+    "where": 2.6e-9,
     "reduce": 0.3e-9,
-    "copy": 0.6e-9,
-    "gemm_flops": 4.5e10,
+    "copy": 1.35e-9,
+    "gemm_flops": 8e10,
 }
 #: The flops one element costs, for reporting (transcendentals counted as ~20 flops).
 FLOPS_PER_ELEMENT = {"exp": 20, "log": 20, "sin": 20, "cos": 20, "tanh": 20, "sqrt": 4}
@@ -62,7 +64,7 @@ def constants() -> dict[str, float]:
     return merged
 
 
-def calibrate(elements: int = 1 << 20, repeats: int = 5) -> dict[str, float]:
+def calibrate(elements: int = 1 << 22, repeats: int = 5) -> dict[str, float]:
     """Measure every constant with numpy alone (best of `repeats`) and cache the result."""
     rng = np.random.default_rng(0)
     x = np.abs(rng.standard_normal(elements)) + 1
@@ -81,7 +83,7 @@ def calibrate(elements: int = 1 << 20, repeats: int = 5) -> dict[str, float]:
     measured["where"] = best(lambda: np.where(x, x, y))
     measured["reduce"] = best(lambda: x.sum())
     measured["copy"] = best(lambda: x.copy())
-    side = 512
+    side = 1024
     a = rng.standard_normal((side, side))
     measured["gemm_flops"] = 1 / best(lambda: a @ a, n=2 * side**3)
     path = cache_path()

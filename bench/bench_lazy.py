@@ -1,0 +1,52 @@
+"""Cost estimates of lazy graphs against measured times (issue 6: within 2x on this machine).
+
+Each reference expression runs with `.run()` on the inline and local executors; the row's
+`extra_info` carries the estimate from `.explain()` and the measured/estimated ratio. The inline
+rows assert the ratio lies within [0.5, 2]; local rows only report theirs (the local estimate
+adds the planner's transfer and per-chunk constants, measured by bench_overheads.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import lampy.lazy as lazy
+
+RNG = np.random.default_rng(0)
+A = RNG.standard_normal((4096, 1024))  # 32 MiB each
+B = RNG.standard_normal((4096, 1024))
+W = RNG.standard_normal((1024, 256))
+
+EXPRESSIONS: dict[str, Callable[[Any, Any], Any]] = {
+    "exp(a + b) * 2": lambda a, b: np.exp(a + b) * 2,
+    "sum(a * b, axis=0)": lambda a, b: np.sum(a * b, axis=0),
+    "a @ w": lambda a, b: a @ W,
+    "sqrt(|a|) - where(a > 0, a, b)": lambda a, b: np.sqrt(np.abs(a)) - np.where(a > 0, a, b),
+}
+
+
+@pytest.mark.parametrize("system", ["numpy", "inline", "local"])
+@pytest.mark.parametrize("name", sorted(EXPRESSIONS))
+def test_estimate_within_2x(benchmark: Any, name: str, system: str) -> None:
+    build = EXPRESSIONS[name]
+    benchmark.group = f"lazy: {name}"
+    if system == "numpy":
+        benchmark.extra_info.update(system="numpy alone", baseline=True)
+        benchmark.pedantic(build, args=(A, B), rounds=5, iterations=1, warmup_rounds=1)
+        return
+    expr = build(lazy.array(A), lazy.array(B))
+    chunks = 1 if system == "inline" else 4
+    estimate = expr.explain(executor=system, chunks=chunks).seconds(system)
+    benchmark.pedantic(
+        lambda: expr.run(executor=system, chunks=chunks), rounds=5, iterations=1, warmup_rounds=1
+    )
+    ratio = benchmark.stats.stats.median / estimate
+    benchmark.extra_info.update(
+        system=f"lampy.lazy {system}", note=f"estimate {estimate * 1e3:.3g} ms, {ratio:.2f}x"
+    )
+    if system == "inline":
+        assert 0.5 <= ratio <= 2, f"{name}: measured/estimated = {ratio:.2f}"
