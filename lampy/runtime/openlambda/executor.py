@@ -15,11 +15,14 @@ is counted once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import statistics
 import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,7 +32,6 @@ import cloudpickle
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
-from tenacity.wait import wait_exponential, wait_random
 
 from lampy.errors import ExecutionError, OptionError, RetriesExhausted, SerializationError
 from lampy.runtime.codec import dumps
@@ -46,6 +48,7 @@ DEFAULT_URL = "http://127.0.0.1:5000"
 STARTUP_S = 0.15  # a cold sandbox importing numpy
 SECONDS_PER_BYTE = 1 / 0.5e9  # both ways through the worker and a sandbox
 SECONDS_PER_CHUNK = 1e-3  # one call's round trip
+SMALL_BYTES = 1 << 16  # smaller frames are joined: one write beats several
 INLINE_BYTES = 1 << 16  # smaller templates ride along with every call: a miss costs more
 STRAGGLER_DONE = 0.75  # backups only once this share of chunks is done ...
 STRAGGLER_FACTOR = 4.0  # ... for calls running this many times the median ...
@@ -103,8 +106,10 @@ class AiohttpTransport(Transport):
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.concurrency)
             self._session = aiohttp.ClientSession(connector=connector, read_bufsize=1 << 20)
+        size = frames.size(parts)
+        data = b"".join(parts) if size <= SMALL_BYTES else _FramePayload(parts)
         async with self._session.post(
-            self.url, data=_FramePayload(parts), timeout=aiohttp.ClientTimeout(total=timeout)
+            self.url, data=data, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as response:
             length = response.content_length
             if response.status != 200 or length is None:
@@ -264,63 +269,72 @@ class OpenLambdaExecutor(Executor):
         return frame.value
 
     async def _run_job(self, state: _JobState) -> dict[int, Outcome]:
+        """Keep `concurrency` calls in flight; back up stragglers; first valid answer wins.
+
+        Calls report to one queue, so each completion costs O(1) however many chunks a job
+        has (asyncio.wait over every pending task would cost O(chunks) per completion).
+        """
         count = len(state.job.chunks)
-        limit = asyncio.Semaphore(self.concurrency)
         loop = asyncio.get_running_loop()
+        finished: asyncio.Queue[tuple[int, asyncio.Task[Outcome]]] = asyncio.Queue()
+        todo = deque(range(count))
+        running: dict[int, list[asyncio.Task[Outcome]]] = {}
         started: dict[int, float] = {}
         durations: list[float] = []
         done: dict[int, Outcome] = {}
-        pending: dict[asyncio.Task[Outcome], int] = {}
         backed_up: set[int] = set()
 
-        async def call(chunk: int, backup: bool) -> Outcome:
-            async with limit:
-                if not backup:
-                    started[chunk] = loop.time()
-                return await self._with_retries(state, chunk)
+        def launch(chunk: int) -> None:
+            task = asyncio.ensure_future(self._with_retries(state, chunk))
+            task.add_done_callback(lambda t: finished.put_nowait((chunk, t)))
+            running.setdefault(chunk, []).append(task)
+            started.setdefault(chunk, loop.time())
 
-        def launch(chunk: int, backup: bool = False) -> None:
-            pending[asyncio.ensure_future(call(chunk, backup))] = chunk
-
-        for chunk in range(count):
-            launch(chunk)
         try:
-            while pending:
+            while len(done) < count:
+                while todo and len(running) < self.concurrency:
+                    launch(todo.popleft())
                 late = len(done) >= STRAGGLER_DONE * count and durations
-                finished, _ = await asyncio.wait(
-                    pending, timeout=0.05 if late else None, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in finished:
-                    chunk = pending.pop(task)
-                    if chunk in done:
-                        continue
-                    twin = [t for t, c in pending.items() if c == chunk]
-                    if task.exception() is not None:
-                        if twin:  # the other copy may still give a valid answer
-                            continue
-                        raise task.exception()  # type: ignore[misc]
-                    done[chunk] = task.result()
-                    durations.append(loop.time() - started[chunk])
-                    for other in twin:
-                        other.cancel()
-                        del pending[other]
-                    if done[chunk].error is not None:
-                        return done
-                if len(done) >= STRAGGLER_DONE * count and durations:
+                if late and finished.empty():
                     median = statistics.median(durations)
                     slow = max(STRAGGLER_FACTOR * median, median + STRAGGLER_MIN_S)
-                    for chunk in set(pending.values()) - backed_up - set(done):
-                        if chunk in started and loop.time() - started[chunk] > slow:
+                    for chunk in set(running) - backed_up:
+                        if loop.time() - started[chunk] > slow:
                             backed_up.add(chunk)
                             self.backups += 1
-                            launch(chunk, backup=True)
+                            launch(chunk)
+                    try:
+                        chunk, task = await asyncio.wait_for(finished.get(), 0.05)
+                    except asyncio.TimeoutError:
+                        continue
+                else:
+                    chunk, task = await finished.get()
+                copies = running.get(chunk, [])
+                if task not in copies:  # a cancelled twin of an answered chunk
+                    continue
+                copies.remove(task)
+                if task.cancelled() or task.exception() is not None:
+                    if copies:  # the other copy may still give a valid answer
+                        continue
+                    raise task.exception() or asyncio.CancelledError()
+                done[chunk] = task.result()
+                durations.append(loop.time() - started[chunk])
+                for twin in running.pop(chunk):
+                    twin.cancel()
+                if done[chunk].error is not None:
+                    return done
             return done
         finally:
-            for task in pending:
+            tasks = [task for copies in running.values() for task in copies]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _with_retries(self, state: _JobState, chunk: int) -> Outcome:
+        """The chunk's outcome; platform failures are retried with backoff, up to `attempts`.
+
+        The first attempt runs directly: tenacity's per-attempt cost shows at 10,000 chunks.
+        """
         causes: list[str] = []
 
         async def attempt() -> Outcome:
@@ -330,23 +344,30 @@ class OpenLambdaExecutor(Executor):
                 causes.append(str(exc))
                 raise
 
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential(multiplier=self.backoff, max=2.0) + wait_random(0, self.backoff),
-            retry=retry_if_exception_type(PlatformFailure),
-            reraise=True,
+        with contextlib.suppress(PlatformFailure):
+            return await attempt()
+        if self.attempts > 1:
+            await asyncio.sleep(self._backoff(1))
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(self.attempts - 1),
+                wait=lambda retry: self._backoff(retry.attempt_number + 1),
+                retry=retry_if_exception_type(PlatformFailure),
+                reraise=True,
+            )
+            with contextlib.suppress(PlatformFailure):
+                return await retrying(attempt)
+        start, stop = state.job.chunks[chunk]
+        tried = "\n".join(f"  attempt {i}: {cause}" for i, cause in enumerate(causes, 1))
+        raise RetriesExhausted(
+            f"chunk {chunk} (rows {start}:{stop}) failed on all {len(causes)} attempts at "
+            f"{self.endpoint}; the platform, not the chunk, failed each time:\n{tried}\n"
+            f"Check the worker (is it running? GET {self.url}/status), or raise "
+            "attempts= / timeout= for a busy platform."
         )
-        try:
-            return await retrying(attempt)
-        except PlatformFailure:
-            start, stop = state.job.chunks[chunk]
-            tried = "\n".join(f"  attempt {i}: {cause}" for i, cause in enumerate(causes, 1))
-            raise RetriesExhausted(
-                f"chunk {chunk} (rows {start}:{stop}) failed on all {len(causes)} attempts at "
-                f"{self.endpoint}; the platform, not the chunk, failed each time:\n{tried}\n"
-                f"Check the worker (is it running? GET {self.url}/status), or raise "
-                "attempts= / timeout= for a busy platform."
-            ) from None
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential backoff with jitter: about backoff * 2**(failures - 1), at most 2 s."""
+        return min(2.0, self.backoff * 2.0 ** (failures - 1)) + random.uniform(0, self.backoff)
 
     async def _call(self, state: _JobState, chunk: int) -> Outcome:
         """One attempt: send the task (the template only where needed) and read the result."""

@@ -128,10 +128,13 @@ def read_request(stream: BinaryIO) -> dict[str, Any] | None:
 
 def respond(conn: socket.socket, status: str, headers: list[tuple[str, str]], body: Any) -> None:
     head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
-    conn.sendall(head.encode("latin-1"))
     try:
-        for part in body:
-            conn.sendall(part)
+        parts = [head.encode("latin-1"), *body]
+        if sum(memoryview(p).nbytes for p in parts) <= 1 << 16:  # small: one send, one wake-up
+            conn.sendall(b"".join(parts))
+        else:
+            for part in parts:
+                conn.sendall(part)
     finally:
         close = getattr(body, "close", None)
         if close is not None:
@@ -154,7 +157,7 @@ def main() -> None:
         conn, _ = server.accept()
         for held in previous:
             held.close()
-        stream = cast(BinaryIO, conn.makefile("rb", buffering=1 << 20))
+        stream = cast(BinaryIO, conn.makefile("rb"))
         environ = read_request(stream)
         if environ is not None:
             status, headers, body = handle(environ, stream)

@@ -41,6 +41,7 @@ IDLE_GRACE_S = 2.0
 START_TIMEOUT_S = 60.0
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host"}
 IO_CHUNK = 1 << 20
+SMALL_BYTES = 1 << 16  # bodies up to this size are forwarded whole, in one write
 
 
 class SandboxError(Exception):
@@ -350,8 +351,9 @@ class Worker:
             reader, writer = await asyncio.open_unix_connection(sandbox.path, limit=IO_CHUNK)
             try:
                 status, reason, headers, length = await _send(request, reader, writer)
-                if length is None:  # no Content-Length: the answer ends only at EOF
-                    answer = web.Response(status=status, reason=reason, body=await reader.read())
+                if length is None or length <= SMALL_BYTES:  # no Content-Length: ends at EOF
+                    body = await (reader.read() if length is None else reader.readexactly(length))
+                    answer = web.Response(status=status, reason=reason, body=body)
                     answer.headers.extend(headers)
                     return answer
                 response = web.StreamResponse(status=status, reason=reason)
@@ -406,11 +408,16 @@ async def _send(
     for key, value in request.headers.items():
         if key.lower() not in HOP_BY_HOP and (has_length or key.lower() != "content-length"):
             lines.append(f"{key}: {value}")
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    if has_length:  # a chunked body reaches the sandbox empty, as in OpenLambda
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    if has_length and (request.content_length or 0) <= SMALL_BYTES:  # one write, one wake-up
+        writer.write(head + await request.read())
+    elif has_length:
+        writer.write(head)
         async for chunk in request.content.iter_any():
             writer.write(chunk)
             await writer.drain()
+    else:  # a chunked body reaches the sandbox empty, as in OpenLambda
+        writer.write(head)
     await writer.drain()
     status_line = (await reader.readline()).decode("latin-1")
     if not status_line:
