@@ -25,6 +25,7 @@ from lampy.errors import (
     UsageError,
     WorkerLost,
 )
+from lampy.lazy import LazyArray, array, calibrate, load_graph, save_graph
 from lampy.regions.binding import shared
 from lampy.regions.decorators import elemwise, reduce, sum
 from lampy.regions.region import ParallelFunction
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ExecutionError",
     "LampyError",
+    "LazyArray",
     "OptionError",
     "ParallelFunction",
     "Plan",
@@ -50,8 +52,12 @@ __all__ = [
     "UsageError",
     "WorkerLost",
     "__version__",
+    "array",
+    "calibrate",
     "elemwise",
+    "load_graph",
     "reduce",
+    "save_graph",
     "shared",
     "sum",
     "using",
