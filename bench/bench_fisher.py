@@ -85,6 +85,7 @@ def test_pipeline_one_hour(benchmark, hour, executor: str) -> None:  # type: ign
     assert scored.der <= TARGET_DER
 
 
+@pytest.mark.timeout(3600)
 def test_pyaudioanalysis_peer(benchmark, hour) -> None:  # type: ignore[no-untyped-def]
     if not PAA_PYTHON.exists():
         pytest.skip(
