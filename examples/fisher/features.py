@@ -171,11 +171,11 @@ def mid_term_features(
     run_end = np.append(run_start[1:], n)
     lo = np.maximum(centres - win // 2, run_start[run_id[centres]])
     hi = np.minimum(centres - win // 2 + win, run_end[run_id[centres]])
-    zero = np.zeros((1, feats.shape[1]))
-    c1 = np.concatenate([zero, np.cumsum(feats, axis=0)])
-    c2 = np.concatenate([zero, np.cumsum(feats * feats, axis=0)])
+    # Prefix sums of x and x^2, features along rows: a contiguous cumsum is several times faster.
+    f = feats.shape[1]
+    prefix = np.zeros((2 * f, n + 1))
+    np.cumsum(np.hstack([feats, feats * feats]).T, axis=1, out=prefix[:, 1:])
     count = np.where(speech[centres], hi - lo, 0)
-    safe = np.maximum(count, 1)[:, None]
-    mean = (c1[hi] - c1[lo]) / safe
-    var = (c2[hi] - c2[lo]) / safe - mean * mean
-    return np.hstack([mean, np.sqrt(np.maximum(var, 0.0))]), centres, count
+    sums = (prefix[:, hi] - prefix[:, lo]) / np.maximum(count, 1)
+    mean, mean_sq = sums[:f].T, sums[f:].T
+    return np.hstack([mean, np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))]), centres, count
