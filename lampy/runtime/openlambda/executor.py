@@ -50,6 +50,8 @@ SECONDS_PER_BYTE = 1 / 0.5e9  # both ways through the worker and a sandbox
 SECONDS_PER_CHUNK = 1e-3  # one call's round trip
 SMALL_BYTES = 1 << 16  # smaller frames are joined: one write beats several
 INLINE_BYTES = 1 << 16  # smaller templates ride along with every call: a miss costs more
+CALLS_PER_SLOT = 4  # automatic batching leaves at least this many calls per slot
+BATCH_BYTES = 1 << 20  # ... and batches at most this many bytes of split input
 STRAGGLER_DONE = 0.75  # backups only once this share of chunks is done ...
 STRAGGLER_FACTOR = 4.0  # ... for calls running this many times the median ...
 STRAGGLER_MIN_S = 0.5  # ... and at least this much longer than it
@@ -181,6 +183,7 @@ class OpenLambdaExecutor(Executor):
         "attempts": int,
         "backoff": float,
         "prewarm": bool,
+        "batch": int,
     }
 
     def __init__(
@@ -192,17 +195,21 @@ class OpenLambdaExecutor(Executor):
         attempts: int = 4,
         backoff: float = 0.05,
         prewarm: bool = True,
+        batch: int = 0,
         transport: Transport | None = None,
     ) -> None:
         for option, value in (("concurrency", concurrency), ("attempts", attempts)):
             if isinstance(value, bool) or value < 1:
                 raise OptionError(f"{option} must be a positive int; got {value!r}")
+        if isinstance(batch, bool) or batch < 0:
+            raise OptionError(f"batch must be 0 (automatic) or chunks per call; got {batch!r}")
         if timeout <= 0 or backoff < 0:
             raise OptionError(f"timeout must be > 0 and backoff >= 0; got {timeout}, {backoff}")
         self.url, self.lambda_name = url.rstrip("/"), name
         self.endpoint = f"{self.url}/run/{name}"
         self.concurrency, self.timeout = concurrency, timeout
         self.attempts, self.backoff, self.auto_prewarm = attempts, backoff, prewarm
+        self.batch = batch
         self.transport = transport or AiohttpTransport(self.endpoint, concurrency)
         self.secret = load_secret()
         self.backups = 0  # backup calls sent for stragglers, for tests and monitoring
@@ -274,54 +281,58 @@ class OpenLambdaExecutor(Executor):
         Calls report to one queue, so each completion costs O(1) however many chunks a job
         has (asyncio.wait over every pending task would cost O(chunks) per completion).
         """
-        count = len(state.job.chunks)
+        units = _batches(len(state.job.chunks), self._batch_size(state.job))
         loop = asyncio.get_running_loop()
-        finished: asyncio.Queue[tuple[int, asyncio.Task[Outcome]]] = asyncio.Queue()
-        todo = deque(range(count))
-        running: dict[int, list[asyncio.Task[Outcome]]] = {}
+        finished: asyncio.Queue[tuple[int, asyncio.Task[list[Outcome]]]] = asyncio.Queue()
+        todo = deque(range(len(units)))
+        running: dict[int, list[asyncio.Task[list[Outcome]]]] = {}
         started: dict[int, float] = {}
         durations: list[float] = []
         done: dict[int, Outcome] = {}
+        answered = 0
         backed_up: set[int] = set()
 
-        def launch(chunk: int) -> None:
-            task = asyncio.ensure_future(self._with_retries(state, chunk))
-            task.add_done_callback(lambda t: finished.put_nowait((chunk, t)))
-            running.setdefault(chunk, []).append(task)
-            started.setdefault(chunk, loop.time())
+        def launch(unit: int) -> None:
+            task = asyncio.ensure_future(self._with_retries(state, units[unit]))
+            task.add_done_callback(lambda t: finished.put_nowait((unit, t)))
+            running.setdefault(unit, []).append(task)
+            started.setdefault(unit, loop.time())
 
         try:
-            while len(done) < count:
+            while answered < len(units):
                 while todo and len(running) < self.concurrency:
                     launch(todo.popleft())
-                late = len(done) >= STRAGGLER_DONE * count and durations
+                late = answered >= STRAGGLER_DONE * len(units) and durations
                 if late and finished.empty():
                     median = statistics.median(durations)
                     slow = max(STRAGGLER_FACTOR * median, median + STRAGGLER_MIN_S)
-                    for chunk in set(running) - backed_up:
-                        if loop.time() - started[chunk] > slow:
-                            backed_up.add(chunk)
+                    for unit in set(running) - backed_up:
+                        if loop.time() - started[unit] > slow:
+                            backed_up.add(unit)
                             self.backups += 1
-                            launch(chunk)
+                            launch(unit)
                     try:
-                        chunk, task = await asyncio.wait_for(finished.get(), 0.05)
+                        unit, task = await asyncio.wait_for(finished.get(), 0.05)
                     except asyncio.TimeoutError:
                         continue
                 else:
-                    chunk, task = await finished.get()
-                copies = running.get(chunk, [])
-                if task not in copies:  # a cancelled twin of an answered chunk
+                    unit, task = await finished.get()
+                copies = running.get(unit, [])
+                if task not in copies:  # a cancelled twin of an answered call
                     continue
                 copies.remove(task)
                 if task.cancelled() or task.exception() is not None:
                     if copies:  # the other copy may still give a valid answer
                         continue
                     raise task.exception() or asyncio.CancelledError()
-                done[chunk] = task.result()
-                durations.append(loop.time() - started[chunk])
-                for twin in running.pop(chunk):
+                answered += 1
+                durations.append(loop.time() - started[unit])
+                for twin in running.pop(unit):
                     twin.cancel()
-                if done[chunk].error is not None:
+                # a call stops at its first user error, so it may answer fewer chunks
+                outcomes = dict(zip(units[unit], task.result(), strict=False))
+                done |= outcomes
+                if any(o.error is not None for o in outcomes.values()):
                     return done
             return done
         finally:
@@ -330,16 +341,31 @@ class OpenLambdaExecutor(Executor):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _with_retries(self, state: _JobState, chunk: int) -> Outcome:
-        """The chunk's outcome; platform failures are retried with backoff, up to `attempts`.
+    def _batch_size(self, job: Job) -> int:
+        """Chunks per call: 1 unless chunks far outnumber call slots and are small in bytes.
+
+        Each call still runs its chunks one by one through run_chunk and answers each
+        chunk's outcome; batching only spares per-call overhead (about 1 ms through an
+        OpenLambda worker) when a job has many more tiny chunks than slots.
+        """
+        if self.batch:
+            return self.batch
+        by_count = len(job.chunks) // (self.concurrency * CALLS_PER_SLOT)
+        rows = max(stop - start for start, stop in job.chunks)
+        row_bytes = sum(a[:1].nbytes for a in job.split)
+        by_bytes = BATCH_BYTES // max(1, rows * row_bytes)
+        return max(1, min(by_count, by_bytes))
+
+    async def _with_retries(self, state: _JobState, chunks: tuple[int, ...]) -> list[Outcome]:
+        """The chunks' outcomes; platform failures are retried with backoff, up to `attempts`.
 
         The first attempt runs directly: tenacity's per-attempt cost shows at 10,000 chunks.
         """
         causes: list[str] = []
 
-        async def attempt() -> Outcome:
+        async def attempt() -> list[Outcome]:
             try:
-                return await self._call(state, chunk)
+                return await self._call(state, chunks)
             except PlatformFailure as exc:
                 causes.append(str(exc))
                 raise
@@ -356,10 +382,11 @@ class OpenLambdaExecutor(Executor):
             )
             with contextlib.suppress(PlatformFailure):
                 return await retrying(attempt)
-        start, stop = state.job.chunks[chunk]
+        start, stop = state.job.chunks[chunks[0]][0], state.job.chunks[chunks[-1]][1]
+        which = f"chunk {chunks[0]}" if len(chunks) == 1 else f"chunks {chunks[0]}-{chunks[-1]}"
         tried = "\n".join(f"  attempt {i}: {cause}" for i, cause in enumerate(causes, 1))
         raise RetriesExhausted(
-            f"chunk {chunk} (rows {start}:{stop}) failed on all {len(causes)} attempts at "
+            f"{which} (rows {start}:{stop}) failed on all {len(causes)} attempts at "
             f"{self.endpoint}; the platform, not the chunk, failed each time:\n{tried}\n"
             f"Check the worker (is it running? GET {self.url}/status), or raise "
             "attempts= / timeout= for a busy platform."
@@ -369,17 +396,17 @@ class OpenLambdaExecutor(Executor):
         """Exponential backoff with jitter: about backoff * 2**(failures - 1), at most 2 s."""
         return min(2.0, self.backoff * 2.0 ** (failures - 1)) + random.uniform(0, self.backoff)
 
-    async def _call(self, state: _JobState, chunk: int) -> Outcome:
-        """One attempt: send the task (the template only where needed) and read the result."""
-        job, (start, stop) = state.job, state.job.chunks[chunk]
-        parts = tuple(a[start:stop] for a in job.split)
+    async def _call(self, state: _JobState, chunks: tuple[int, ...]) -> list[Outcome]:
+        """One attempt: send the task (the template only where needed) and read the results."""
+        job = state.job
+        parts = tuple(tuple(a[slice(*job.chunks[c])] for a in job.split) for c in chunks)
         with_template = state.inline or state.sends < self.concurrency
         while True:
             if with_template:
                 state.sends += 1
             task = (
                 job.id,
-                chunk,
+                chunks,
                 state.template if with_template else None,
                 job.whole if with_template else None,
                 parts,
@@ -390,8 +417,11 @@ class OpenLambdaExecutor(Executor):
                 continue
             if frame.kind != frames.RESULT:
                 raise frames.FrameError(f"expected a result, got a {frames.KINDS[frame.kind]}")
-            value, error, traceback = frame.value
-            return Outcome(value=value, error=error, traceback=traceback)
+            outcomes = [Outcome(value, error, traceback) for value, error, traceback in frame.value]
+            complete = len(outcomes) == len(chunks) or (outcomes and outcomes[-1].error)
+            if not complete:
+                raise frames.FrameError(f"{len(outcomes)} results for {len(chunks)} chunks")
+            return outcomes
 
     async def _exchange(self, parts: Sequence[frames.Buffer]) -> frames.Frame:
         """POST a frame; the answer's frame, or the failure sorted into retry or not."""
@@ -422,6 +452,15 @@ class OpenLambdaExecutor(Executor):
         if reply.status == 429 or reply.status >= 500:
             raise PlatformFailure(f"HTTP {reply.status}: {text.splitlines()[0] if text else ''}")
         raise ExecutionError(f"{self.endpoint} answered HTTP {reply.status}: {text}")
+
+
+def _batches(count: int, size: int) -> list[tuple[int, ...]]:
+    """Consecutive chunk indices in groups of `size`.
+
+    >>> _batches(5, 2)
+    [(0, 1), (2, 3), (4,)]
+    """
+    return [tuple(range(i, min(i + size, count))) for i in range(0, count, size)]
 
 
 def _template(job: Job) -> bytes:

@@ -98,7 +98,7 @@ def _serve(environ: dict[str, Any]) -> list[frames.Buffer]:
         return frames.encode(frames.PONG, os.getpid(), secret)
     if frame.kind != frames.TASK:
         raise frames.FrameError(f"expected a task frame, got {frames.KINDS[frame.kind]}")
-    key, _chunk, template, whole, parts = frame.value
+    key, _chunks, template, whole, parts = frame.value
     if template is not None:
         _jobs[key] = (_load(template), whole)
         while len(_jobs) > JOBS_KEPT:
@@ -107,8 +107,13 @@ def _serve(environ: dict[str, Any]) -> list[frames.Buffer]:
         return frames.encode(frames.MISSING, key, secret)
     _jobs.move_to_end(key)
     call, shared = _jobs[key]
-    outcome = call if isinstance(call, Outcome) else _run(call, shared, parts)
-    return _result(outcome, secret)
+    outcomes = []
+    for chunk_parts in parts:  # one or more chunks; stop at the first user error
+        outcome = call if isinstance(call, Outcome) else _run(call, shared, chunk_parts)
+        outcomes.append(outcome)
+        if outcome.error is not None:
+            break
+    return _result(outcomes, secret)
 
 
 def _load(template: bytes) -> Call | Outcome:
@@ -132,15 +137,28 @@ def _run(call: Call, whole: tuple[Any, ...], parts: tuple[Any, ...]) -> Outcome:
         return Outcome(error=RemoteError(text), traceback=traceback.format_exc())
 
 
-def _result(outcome: Outcome, secret: bytes) -> list[frames.Buffer]:
+def _result(outcomes: list[Outcome], secret: bytes) -> list[frames.Buffer]:
+    """The RESULT frame: (value, error, traceback) per chunk run."""
+    try:
+        return frames.encode(frames.RESULT, [_triple(o) for o in outcomes], secret)
+    except Exception:  # some value cannot be pickled: that chunk's outcome becomes the error
+        return frames.encode(frames.RESULT, [_triple(_picklable(o)) for o in outcomes], secret)
+
+
+def _picklable(outcome: Outcome) -> Outcome:
+    try:
+        dumps(outcome.value)
+        return outcome
+    except Exception as exc:
+        return Outcome(error=exc, traceback=traceback.format_exc())
+
+
+def _triple(outcome: Outcome) -> tuple[Any, BaseException | None, str]:
     if outcome.error is None:
-        try:
-            return frames.encode(frames.RESULT, (outcome.value, None, ""), secret)
-        except Exception as exc:
-            outcome = Outcome(error=exc, traceback=traceback.format_exc())
+        return (outcome.value, None, "")
+    error: BaseException | None = outcome.error
     try:  # cloudpickle carries exception classes that came by value with the function
-        loads(dumps(outcome.error))
-        error = outcome.error
+        loads(dumps(error))
     except Exception:
         error = outcome.portable().error
-    return frames.encode(frames.RESULT, (None, error, outcome.traceback), secret)
+    return (None, error, outcome.traceback)

@@ -38,12 +38,14 @@ class Scripted(Transport):
         self.plan = plan or {}
         self.attempts: Counter[int] = Counter()
         self.templates = 0
+        self.calls = 0
 
     async def post(self, parts: Sequence[frames.Buffer], timeout: float) -> Reply:
         body = b"".join(bytes(p) for p in parts)
         frame = frames.decode(bytearray(body), SECRET.encode())
         if frame.kind == frames.TASK:
-            chunk = frame.value[1]
+            chunk = frame.value[1][0]
+            self.calls += 1
             self.attempts[chunk] += 1
             self.templates += frame.value[2] is not None
             action = self.plan.get((chunk, self.attempts[chunk]))
@@ -163,6 +165,26 @@ def test_template_travels_once_per_sandbox_and_after_a_miss(run: Any) -> None:
     assert transport.templates == 3  # the first wave of 2, then once after the miss
     assert transport.attempts[6] == 2
     np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(8)]), x * 20_000)
+
+
+def test_many_small_chunks_are_batched_each_answered_once(run: Any) -> None:
+    def halve(x: np.ndarray) -> np.ndarray:
+        if x[0] == 5003:
+            raise ValueError("chunk 5003")
+        return x / 2
+
+    transport = Scripted()
+    x = np.arange(1000.0)
+    outcomes = run(transport, make_job(halve, x, 1000), concurrency=2)
+    assert transport.calls == 2 * module.CALLS_PER_SLOT  # 8 calls of 125 chunks
+    assert sorted(outcomes) == list(range(1000))
+    np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(1000)]), x / 2)
+    # a user error ends its call's batch: later chunks of that call are not run
+    outcomes = run(Scripted(), make_job(halve, np.arange(5000.0, 6000.0), 1000), concurrency=2)
+    assert isinstance(outcomes[3].error, ValueError) and 4 not in outcomes
+    one_each = Scripted()
+    run(one_each, make_job(halve, x, 1000), concurrency=2, batch=1)
+    assert one_each.calls == 1000
 
 
 class Forged(Transport):

@@ -45,7 +45,13 @@ def call(body: bytes, length: int | None = None) -> tuple[str, dict[str, str], b
 
 
 def task(key: str, function: Any, parts: tuple[Any, ...], template: bool = True) -> bytes:
-    value = (key, 0, dumps((function, (Part(0), Whole(0)), {})) if template else None, (10,), parts)
+    value = (
+        key,
+        (0,),
+        dumps((function, (Part(0), Whole(0)), {})) if template else None,
+        (10,),
+        (parts,),
+    )
     return b"".join(bytes(p) for p in frames.encode(frames.TASK, value, b"test-secret-for-lampy"))
 
 
@@ -64,12 +70,12 @@ def fail(x: np.ndarray, y: int) -> None:
 def test_task_runs_and_template_is_cached() -> None:
     status, headers, data = call(task("job-a", add, (np.arange(4),)))
     assert status == "200 OK" and headers["Content-Type"] == "application/octet-stream"
-    value, error, _ = result(data).value
+    [(value, error, _)] = result(data).value
     assert error is None
     np.testing.assert_array_equal(value, np.arange(4) + 10)
     # later chunks of the job carry only its key
     _, _, data = call(task("job-a", None, (np.arange(2),), template=False))
-    np.testing.assert_array_equal(result(data).value[0], [10, 11])
+    np.testing.assert_array_equal(result(data).value[0][0], [10, 11])
 
 
 def test_unknown_job_key_answers_missing() -> None:
@@ -81,7 +87,7 @@ def test_unknown_job_key_answers_missing() -> None:
 def test_user_exception_is_in_band_with_200() -> None:
     status, _, data = call(task("job-b", fail, (np.arange(4),)))
     assert status == "200 OK"
-    _, error, traceback = result(data).value
+    [(_, error, traceback)] = result(data).value
     assert isinstance(error, KeyError) and "missing row" in traceback and "fail" in traceback
 
 
@@ -90,7 +96,7 @@ def test_system_exit_in_user_code_does_not_escape() -> None:
         raise SystemExit(3)
 
     status, _, data = call(task("job-c", leave, (np.arange(4),)))
-    assert status == "200 OK" and "SystemExit" in str(result(data).value[1])
+    assert status == "200 OK" and "SystemExit" in str(result(data).value[0][1])
 
 
 def test_ping_answers_pong_with_the_sandbox_pid() -> None:
