@@ -23,7 +23,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -67,31 +67,35 @@ class PlatformFailure(Exception):
 
 @dataclass
 class Reply:
+    """An answer: its status, and its body, or for a frame the reader that took it in."""
+
     status: int
-    body: bytes | bytearray
+    body: bytes | bytearray = b""
+    reader: frames.Reader | None = None
 
 
 class Transport(ABC):
-    """One method: POST a frame (as buffers) to the lambda, return the status and the body."""
+    """One method: POST a frame to the lambda, return the answer."""
 
     @abstractmethod
-    async def post(self, parts: Sequence[frames.Buffer], timeout: float) -> Reply: ...
+    async def post(self, frame: frames.Outgoing, timeout: float) -> Reply: ...
 
     async def close(self) -> None:  # noqa: B027 (most transports hold nothing)
         """Release connections."""
 
 
 class _FramePayload(Payload):
-    """A frame written buffer by buffer with a known size, so aiohttp sends Content-Length."""
+    """A frame written slice by slice with a known size, so aiohttp sends Content-Length."""
 
-    def __init__(self, parts: Sequence[frames.Buffer]) -> None:
-        super().__init__(parts, content_type="application/octet-stream")
-        self._parts = parts
-        self._size = frames.size(parts)
+    def __init__(self, frame: frames.Outgoing) -> None:
+        super().__init__(frame, content_type="application/octet-stream")
+        self._frame = frame
+        self._size = frame.size
 
     async def write(self, writer: AbstractStreamWriter) -> None:
-        for part in self._parts:
-            await writer.write(part)
+        for piece in self._frame:  # slices: asyncio copies whatever a write cannot send now
+            await writer.write(piece)
+            await writer.drain()
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a lampy frame is binary")
@@ -100,16 +104,15 @@ class _FramePayload(Payload):
 class AiohttpTransport(Transport):
     """HTTP to an OpenLambda worker through one pooled session (made on the loop that uses it)."""
 
-    def __init__(self, url: str, concurrency: int) -> None:
-        self.url, self.concurrency = url, concurrency
+    def __init__(self, url: str, concurrency: int, secret: bytes) -> None:
+        self.url, self.concurrency, self.secret = url, concurrency, secret
         self._session: aiohttp.ClientSession | None = None
 
-    async def post(self, parts: Sequence[frames.Buffer], timeout: float) -> Reply:
+    async def post(self, frame: frames.Outgoing, timeout: float) -> Reply:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.concurrency)
             self._session = aiohttp.ClientSession(connector=connector, read_bufsize=1 << 20)
-        size = frames.size(parts)
-        data = b"".join(parts) if size <= SMALL_BYTES else _FramePayload(parts)
+        data = frame.join() if frame.size <= SMALL_BYTES else _FramePayload(frame)
         async with self._session.post(
             self.url, data=data, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as response:
@@ -117,18 +120,17 @@ class AiohttpTransport(Transport):
             if response.status != 200 or length is None:
                 return Reply(response.status, await response.read())
             prefix = await response.content.readexactly(min(length, frames.PREFIX_BYTES))
-            if frames.check_prefix(prefix) != length:  # refuses oversized frames unread
+            reader = frames.Reader(prefix, self.secret)  # refuses oversized frames unread
+            if reader.total != length:
                 raise frames.FrameError(f"answer of {length:,} bytes does not match its frame")
-            body = bytearray(length)
-            view, got = memoryview(body), len(prefix)
-            view[:got] = prefix
-            while got < length:
+            while reader.missing:
                 chunk = await response.content.readany()
                 if not chunk:
-                    raise aiohttp.ClientPayloadError(f"answer ended after {got:,} of {length:,}")
-                view[got : got + len(chunk)] = chunk
-                got += len(chunk)
-            return Reply(200, body)
+                    raise aiohttp.ClientPayloadError(
+                        f"answer ended after {reader.got:,} of {length:,} bytes"
+                    )
+                reader.feed(chunk)
+            return Reply(200, reader=reader)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -210,12 +212,12 @@ class OpenLambdaExecutor(Executor):
         self.concurrency, self.timeout = concurrency, timeout
         self.attempts, self.backoff, self.auto_prewarm = attempts, backoff, prewarm
         self.batch = batch
-        self.transport = transport or AiohttpTransport(self.endpoint, concurrency)
         self.secret = load_secret()
+        self.transport = transport or AiohttpTransport(self.endpoint, concurrency, self.secret)
         self.backups = 0  # backup calls sent for stragglers, for tests and monitoring
         self._loop = _Loop()
         self._called = False
-        self._warmed = 0
+        self._asked = 0  # the largest pre-warm asked for so far
 
     def costs(self) -> Costs:
         return Costs(
@@ -231,7 +233,7 @@ class OpenLambdaExecutor(Executor):
         state = _JobState(job, template, inline=payload <= INLINE_BYTES)
         if self.auto_prewarm and len(job.chunks) >= AUTO_PREWARM_CHUNKS:
             target = min(len(job.chunks), self.concurrency)
-            if self._warmed < target:
+            if self._asked < target:  # once per size: the platform may cap sandboxes lower
                 self.prewarm(target)
         self._called = True
         return self._loop.run(self._run_job(state))
@@ -243,9 +245,9 @@ class OpenLambdaExecutor(Executor):
         on a cold lambda ramps up slowly; warming first lets the real chunks start in parallel.
         Returns how many distinct sandboxes answered.
         """
-        self._warmed = max(self._warmed, self._loop.run(self._prewarm(n, timeout)))
+        self._asked = max(self._asked, n)
         self._called = True
-        return self._warmed
+        return self._loop.run(self._prewarm(n, timeout))
 
     def close(self) -> None:
         if self._loop.loop is not None:
@@ -423,10 +425,10 @@ class OpenLambdaExecutor(Executor):
                 raise frames.FrameError(f"{len(outcomes)} results for {len(chunks)} chunks")
             return outcomes
 
-    async def _exchange(self, parts: Sequence[frames.Buffer]) -> frames.Frame:
+    async def _exchange(self, frame: frames.Outgoing) -> frames.Frame:
         """POST a frame; the answer's frame, or the failure sorted into retry or not."""
         try:
-            reply = await self.transport.post(parts, self.timeout)
+            reply = await self.transport.post(frame, self.timeout)
         except asyncio.TimeoutError:
             raise PlatformFailure(
                 f"no answer within timeout={self.timeout:g} s (the client's wait; the "
@@ -435,7 +437,7 @@ class OpenLambdaExecutor(Executor):
         except (OSError, aiohttp.ClientError) as exc:
             raise PlatformFailure(f"{type(exc).__name__}: {exc}") from None
         if reply.status == 200:
-            return frames.decode(reply.body, self.secret)
+            return reply.reader.frame() if reply.reader else frames.decode(reply.body, self.secret)
         text = bytes(reply.body[:2000]).decode(errors="replace").strip()
         if reply.status == 500 and text.startswith("lambda ") and "not found" in text:
             raise ExecutionError(

@@ -5,6 +5,10 @@ written as they are, never joined into one bytes object. Every frame is signed w
 HMAC-SHA256 under the shared secret, and the tag is checked before anything is unpickled:
 unpickling is running code, so an unsigned frame must never reach `pickle.loads`.
 
+The tag comes last, so both ends hash while the bytes move (the sender slice by slice as it
+writes, the receiver as slices arrive) instead of in a separate pass before sending or after
+receiving; a receiver still unpickles nothing until the whole frame is in and the tag matches.
+
 Layout (integers little-endian):
 
     offset  size  field
@@ -14,11 +18,11 @@ Layout (integers little-endian):
     6       2     reserved, zero
     8       4     header length H
     12      8     body length B
-    20      32    HMAC-SHA256 over bytes 0:20, the header and the body
-    52      H     header: u16 n, n bytes "python numpy cloudpickle" versions, u32 count of
+    20      H     header: u16 n, n bytes "python numpy cloudpickle" versions, u32 count of
                   out-of-band buffers, u64 pickle length, one u64 per buffer
-    52+H    B     body: the pickle, then each buffer, at offsets (from the frame's start)
+    20+H    B     body: the pickle, then each buffer, at offsets (from the frame's start)
                   aligned to 64 bytes
+    20+H+B  32    HMAC-SHA256 of everything before it
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import os
 import pickle
 import platform
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +55,9 @@ KINDS = {
     MISMATCH: "mismatch",
 }
 _PREFIX = struct.Struct("<4sBBHIQ")
-PREFIX_BYTES = _PREFIX.size + 32
+PREFIX_BYTES = _PREFIX.size
+TAG_BYTES = 32
+SLICE = 1 << 20  # large buffers are hashed and written in slices of this size
 ALIGN = 64
 MAX_HEADER_BYTES = 1 << 16
 OUT_OF_BAND_BYTES = 1 << 16  # smaller buffers are cheaper in band
@@ -115,8 +121,36 @@ def _dumps(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
         return dumps_out_of_band(value, OUT_OF_BAND_BYTES)
 
 
-def encode(kind: int, value: Any, secret: bytes) -> list[Buffer]:
-    """The frame as a list of buffers to write in order (array data is not copied)."""
+class Outgoing:
+    """A frame ready to send: its size, and its bytes in slices, signed as they are taken.
+
+    Iterate once: the HMAC is computed during iteration and its tag is the last slice.
+    """
+
+    def __init__(self, parts: list[Buffer], secret: bytes) -> None:
+        self.parts, self.secret = parts, secret
+        self.size = sum(memoryview(p).nbytes for p in parts) + TAG_BYTES
+
+    def __iter__(self) -> Iterator[Buffer]:
+        mac = hmac.new(self.secret, digestmod=hashlib.sha256)
+        for part in self.parts:
+            if len(part) <= SLICE:
+                mac.update(part)
+                yield part
+                continue
+            view = memoryview(part)
+            for start in range(0, view.nbytes, SLICE):
+                piece = view[start : start + SLICE]
+                mac.update(piece)
+                yield piece
+        yield mac.digest()
+
+    def join(self) -> bytes:
+        return b"".join(self)
+
+
+def encode(kind: int, value: Any, secret: bytes) -> Outgoing:
+    """The frame of `value` (array data is not copied; it is signed as it is sent)."""
     data, oob = _dumps(value)
     raws = [b.raw() for b in oob]
     versions = VERSIONS.encode()
@@ -137,21 +171,14 @@ def encode(kind: int, value: Any, secret: bytes) -> list[Buffer]:
         offset += raw.nbytes
     body_bytes = offset - PREFIX_BYTES - len(header)
     prefix = _PREFIX.pack(MAGIC, FORMAT, kind, 0, len(header), body_bytes)
-    mac = hmac.new(secret, prefix, hashlib.sha256)
-    mac.update(header)
-    for part in body:
-        mac.update(part)
-    return [prefix + mac.digest() + header, *body]
-
-
-def size(parts: Sequence[Buffer]) -> int:
-    return sum(memoryview(p).nbytes for p in parts)
+    return Outgoing([prefix + header, *body], secret)
 
 
 def check_prefix(prefix: Buffer, max_bytes: int | None = None) -> int:
     """The whole frame's length, from its first PREFIX_BYTES bytes; refuses bad or huge frames."""
     if len(prefix) < PREFIX_BYTES:
-        raise FrameError(f"truncated frame: {len(prefix)} bytes, a frame has at least 52")
+        least = PREFIX_BYTES + TAG_BYTES
+        raise FrameError(f"truncated frame: {len(prefix)} bytes, a frame has at least {least}")
     magic, version, kind, _, header, body = _PREFIX.unpack_from(prefix)
     max_bytes = MAX_FRAME_BYTES if max_bytes is None else max_bytes
     if magic != MAGIC:
@@ -165,23 +192,57 @@ def check_prefix(prefix: Buffer, max_bytes: int | None = None) -> int:
             f"frame of {header + body:,} bytes refused: the limit is {max_bytes:,} "
             "(LAMPY_MAX_FRAME_BYTES)"
         )
-    return PREFIX_BYTES + int(header) + int(body)
+    return PREFIX_BYTES + int(header) + int(body) + TAG_BYTES
+
+
+class Reader:
+    """Receives one frame into a buffer of its declared size, hashing bytes as they arrive."""
+
+    def __init__(self, prefix: Buffer, secret: bytes, max_bytes: int | None = None) -> None:
+        self.total = check_prefix(prefix, max_bytes)
+        self.buffer = bytearray(self.total)
+        self.mac = hmac.new(secret, digestmod=hashlib.sha256)
+        self.got = 0
+        self.feed(prefix)
+
+    @property
+    def missing(self) -> int:
+        return self.total - self.got
+
+    def feed(self, chunk: Buffer) -> None:
+        n = len(chunk)
+        if n > self.missing:
+            raise FrameError(f"frame longer than declared: {self.got + n:,} of {self.total:,}")
+        view = memoryview(self.buffer)
+        view[self.got : self.got + n] = chunk
+        signed_end = self.total - TAG_BYTES
+        if self.got < signed_end:
+            self.mac.update(view[self.got : min(self.got + n, signed_end)])
+        self.got += n
+
+    def frame(self) -> Frame:
+        """The frame, once complete and correctly signed; nothing is unpickled before."""
+        if self.missing:
+            raise FrameError(f"truncated frame: {self.got:,} bytes of {self.total:,}")
+        return _load(memoryview(self.buffer), self.mac.digest())
 
 
 def decode(frame: Buffer, secret: bytes, max_bytes: int | None = None) -> Frame:
-    """Check length, tag and versions, then unpickle (buffers are views into `frame`)."""
+    """Check length and tag, then versions, then unpickle (buffers are views into `frame`)."""
     view = memoryview(frame)
     total = check_prefix(view[:PREFIX_BYTES], max_bytes)
     if view.nbytes != total:
         raise FrameError(f"truncated frame: {view.nbytes:,} bytes of {total:,}")
-    _, _, kind, _, header_len, _ = _PREFIX.unpack_from(view)
-    mac = hmac.new(secret, view[: _PREFIX.size], hashlib.sha256)
-    mac.update(view[PREFIX_BYTES:])
-    if not hmac.compare_digest(mac.digest(), view[_PREFIX.size : PREFIX_BYTES]):
+    return _load(view, hmac.new(secret, view[: total - TAG_BYTES], hashlib.sha256).digest())
+
+
+def _load(view: memoryview, digest: bytes) -> Frame:
+    if not hmac.compare_digest(digest, view[-TAG_BYTES:]):
         raise BadSignature(
             "frame signature does not match: the two ends use different LAMPY_SECRET values "
             "(redeploy with `lampy deploy`), or the frame was altered"
         )
+    _, _, kind, _, header_len, _ = _PREFIX.unpack_from(view)
     header = view[PREFIX_BYTES : PREFIX_BYTES + header_len]
     try:
         (n,) = struct.unpack_from("<H", header)
@@ -197,7 +258,7 @@ def decode(frame: Buffer, secret: bytes, max_bytes: int | None = None) -> Frame:
         offset += _pad(offset)
         buffers.append(view[offset : offset + length])
         offset += length
-    if offset != total:
+    if offset != view.nbytes - TAG_BYTES:
         raise FrameError("malformed frame: buffer lengths do not add up to the body length")
     start = PREFIX_BYTES + header_len
     try:

@@ -34,17 +34,18 @@ _STATUS = {400: "400 Bad Request", 401: "401 Unauthorized", 413: "413 Payload To
 
 def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[frames.Buffer]:
     """Answer one request: a signed frame in, a signed frame (or a short error text) out."""
+    body: Iterable[frames.Buffer]
     try:
-        status, parts = "200 OK", _serve(environ)
-        kind = "application/octet-stream"
+        answer = _serve(environ)
+        status, kind, body, length = "200 OK", "application/octet-stream", answer, answer.size
     except frames.FrameError as exc:
-        status, parts, kind = _STATUS[exc.status], [f"{exc}\n".encode()], "text/plain"
+        text = f"{exc}\n".encode()
+        status, kind, body, length = _STATUS[exc.status], "text/plain", [text], len(text)
     except Exception:
-        text = f"lampy handler failed:\n{traceback.format_exc()}"
-        status, parts, kind = "500 Internal Server Error", [text.encode()], "text/plain"
-    length = str(frames.size(parts))
-    start_response(status, [("Content-Type", kind), ("Content-Length", length)])
-    return parts
+        text = f"lampy handler failed:\n{traceback.format_exc()}".encode()
+        status, kind, body, length = "500 Internal Server Error", "text/plain", [text], len(text)
+    start_response(status, [("Content-Type", kind), ("Content-Length", str(length))])
+    return body  # a frame signs itself as the server takes its slices
 
 
 def _secret() -> bytes:
@@ -56,24 +57,25 @@ def _secret() -> bytes:
     return secret.encode()
 
 
-def _read(environ: dict[str, Any]) -> bytearray:
-    """The request body, read by Content-Length; refused early when too large or malformed."""
+def _read(environ: dict[str, Any], secret: bytes) -> frames.Frame:
+    """The request's frame, read by Content-Length and hashed as it arrives.
+
+    Refused early when the prefix is bad or declares too much; nothing is unpickled unless
+    the whole frame arrived and its tag matches.
+    """
     length = int(environ.get("CONTENT_LENGTH") or 0)
     stream = environ["wsgi.input"]
-    prefix = _read_exactly(stream, min(length, frames.PREFIX_BYTES))
-    total = frames.check_prefix(prefix)
-    if total != length:
-        raise frames.FrameError(f"truncated frame: Content-Length {length:,}, frame {total:,}")
-    frame = bytearray(total)
-    frame[: len(prefix)] = prefix
-    view, got = memoryview(frame), len(prefix)
-    while got < total:
-        chunk = stream.read(min(total - got, 1 << 22))
+    reader = frames.Reader(_read_exactly(stream, min(length, frames.PREFIX_BYTES)), secret)
+    if reader.total != length:
+        raise frames.FrameError(
+            f"truncated frame: Content-Length {length:,}, frame {reader.total:,}"
+        )
+    while reader.missing:
+        chunk = stream.read(min(reader.missing, frames.SLICE))
         if not chunk:
-            raise frames.FrameError(f"truncated frame: body ended after {got:,} of {total:,}")
-        view[got : got + len(chunk)] = chunk
-        got += len(chunk)
-    return frame
+            break
+        reader.feed(chunk)
+    return reader.frame()
 
 
 def _read_exactly(stream: Any, n: int) -> bytes:
@@ -86,10 +88,10 @@ def _read_exactly(stream: Any, n: int) -> bytes:
     return data
 
 
-def _serve(environ: dict[str, Any]) -> list[frames.Buffer]:
+def _serve(environ: dict[str, Any]) -> frames.Outgoing:
     secret = _secret()
     try:
-        frame = frames.decode(_read(environ), secret)
+        frame = _read(environ, secret)
     except frames.VersionMismatch:
         return frames.encode(frames.MISMATCH, None, secret)
     if frame.kind == frames.PING:
@@ -137,7 +139,7 @@ def _run(call: Call, whole: tuple[Any, ...], parts: tuple[Any, ...]) -> Outcome:
         return Outcome(error=RemoteError(text), traceback=traceback.format_exc())
 
 
-def _result(outcomes: list[Outcome], secret: bytes) -> list[frames.Buffer]:
+def _result(outcomes: list[Outcome], secret: bytes) -> frames.Outgoing:
     """The RESULT frame: (value, error, traceback) per chunk run."""
     try:
         return frames.encode(frames.RESULT, [_triple(o) for o in outcomes], secret)

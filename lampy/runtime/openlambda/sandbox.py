@@ -127,13 +127,15 @@ def read_request(stream: BinaryIO) -> dict[str, Any] | None:
 
 
 def respond(conn: socket.socket, status: str, headers: list[tuple[str, str]], body: Any) -> None:
+    """Send the answer: a small one in one send (one wake-up), a large one as it is produced."""
     head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    length = next((v for k, v in headers if k.lower() == "content-length"), None)
     try:
-        parts = [head.encode("latin-1"), *body]
-        if sum(memoryview(p).nbytes for p in parts) <= 1 << 16:  # small: one send, one wake-up
-            conn.sendall(b"".join(parts))
+        if length is not None and int(length) <= 1 << 16:
+            conn.sendall(b"".join([head.encode("latin-1"), *body]))
         else:
-            for part in parts:
+            conn.sendall(head.encode("latin-1"))
+            for part in body:
                 conn.sendall(part)
     finally:
         close = getattr(body, "close", None)

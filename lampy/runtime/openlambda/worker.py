@@ -140,7 +140,7 @@ class Worker:
         registry.mkdir(parents=True, exist_ok=True)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 30)
+        app = web.Application(client_max_size=1 << 30, handler_args={"read_bufsize": IO_CHUNK})
         app.router.add_get("/status", self.status)
         app.router.add_get("/stats", self.get_stats)
         app.router.add_get("/registry", self.list_lambdas)

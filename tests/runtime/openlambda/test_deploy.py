@@ -34,7 +34,7 @@ sys.meta_path.insert(0, NotInSandbox())
 import lampy
 from lampy.runtime.openlambda import frames
 import f
-body = b"".join(bytes(p) for p in frames.encode(frames.PING, 0, b"%s"))
+body = frames.encode(frames.PING, 0, b"%s").join()
 class Input:
     def __init__(self): self.data = body
     def read(self, n=-1):

@@ -10,7 +10,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -40,8 +40,8 @@ class Scripted(Transport):
         self.templates = 0
         self.calls = 0
 
-    async def post(self, parts: Sequence[frames.Buffer], timeout: float) -> Reply:
-        body = b"".join(bytes(p) for p in parts)
+    async def post(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
+        body = outgoing.join()
         frame = frames.decode(bytearray(body), SECRET.encode())
         if frame.kind == frames.TASK:
             chunk = frame.value[1][0]
@@ -193,9 +193,9 @@ class Forged(Transport):
     def __init__(self, cut: int = 0) -> None:
         self.cut = cut
 
-    async def post(self, parts: Sequence[frames.Buffer], timeout: float) -> Reply:
+    async def post(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
         secret = SECRET.encode() if self.cut else b"attacker"
-        body = b"".join(bytes(p) for p in frames.encode(frames.RESULT, Tripwire(), secret))
+        body = frames.encode(frames.RESULT, Tripwire(), secret).join()
         return Reply(200, body[: -self.cut] if self.cut else body)
 
 
@@ -209,9 +209,9 @@ def test_bad_answers_are_refused_before_unpickling(run: Any, cut: int) -> None:
 
 
 def test_oversized_answer_is_refused_unread(monkeypatch: Any) -> None:
-    """Over real HTTP: a server whose answer claims a 1 TB frame; the client reads 52 bytes."""
-    prefix = bytes(b"".join(bytes(p) for p in frames.encode(frames.RESULT, None, b"x"))[:12])
-    huge = prefix + (1 << 40).to_bytes(8, "little") + bytes(32)
+    """Over real HTTP: a server whose answer claims a 1 TB frame; the client reads 20 bytes."""
+    prefix = frames.encode(frames.RESULT, None, b"x").join()[:12]
+    huge = prefix + (1 << 40).to_bytes(8, "little")
 
     async def answer(request: web.Request) -> web.Response:
         return web.Response(body=huge + bytes(1000))

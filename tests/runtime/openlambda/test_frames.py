@@ -24,15 +24,16 @@ class Tripwire:
         return (record, ("tripwire",))
 
 
-def join(parts: list[frames.Buffer]) -> bytearray:
-    return bytearray(b"".join(bytes(p) for p in parts))
+def join(frame: frames.Outgoing) -> bytearray:
+    return bytearray(frame.join())
 
 
 def test_round_trip_keeps_arrays_out_of_band_and_uncopied() -> None:
     array = np.arange(1 << 16, dtype=np.float64)
-    parts = frames.encode(frames.RESULT, {"a": array, "n": 3}, KEY)
-    assert any(np.shares_memory(np.frombuffer(p, np.uint8), array) for p in parts[1:])
-    frame = frames.decode(join(parts), KEY)
+    outgoing = frames.encode(frames.RESULT, {"a": array, "n": 3}, KEY)
+    assert any(np.shares_memory(np.frombuffer(p, np.uint8), array) for p in outgoing.parts[1:])
+    assert any(np.shares_memory(np.frombuffer(p, np.uint8), array) for p in outgoing)
+    frame = frames.decode(join(outgoing), KEY)
     assert frame.kind == frames.RESULT and frame.versions == frames.VERSIONS
     np.testing.assert_array_equal(frame.value["a"], array)
     assert frame.value["a"].flags.writeable and frame.value["a"].flags.aligned
@@ -42,15 +43,15 @@ def test_header_carries_versions_and_lengths() -> None:
     data = join(frames.encode(frames.PING, None, KEY))
     magic, version, kind, _, header, body = struct.unpack_from("<4sBBHIQ", data)
     assert (magic, version, kind) == (b"LMPY", frames.FORMAT, frames.PING)
-    assert len(data) == frames.PREFIX_BYTES + header + body
+    assert len(data) == frames.PREFIX_BYTES + header + body + frames.TAG_BYTES
     assert frames.VERSIONS.encode() in data[frames.PREFIX_BYTES :]
 
 
 @pytest.mark.parametrize(
     "tamper",
     [
-        lambda d: d[:20] + bytes(32) + d[52:],  # unsigned (zero tag)
-        lambda d: d[:-1] + bytes([d[-1] ^ 1]),  # altered body
+        lambda d: d[:-32] + bytes(32),  # unsigned (zero tag)
+        lambda d: d[:-40] + bytes([d[-40] ^ 1]) + d[-39:],  # altered body
     ],
     ids=["unsigned", "altered"],
 )
@@ -82,6 +83,27 @@ def test_truncated_and_oversized_frames_are_refused() -> None:
         frames.decode(data, KEY, max_bytes=1000)
     with pytest.raises(frames.FrameError, match="not a lampy frame"):
         frames.decode(b"GET / HTTP/1.1\r\n" * 4, KEY)
+
+
+def test_reader_hashes_as_bytes_arrive_and_refuses_early() -> None:
+    data = join(frames.encode(frames.RESULT, np.arange(1 << 18), KEY))
+    reader = frames.Reader(data[:20], KEY)
+    for start in range(20, len(data), 4096):
+        reader.feed(data[start : start + 4096])
+    np.testing.assert_array_equal(reader.frame().value, np.arange(1 << 18))
+    with pytest.raises(frames.TooLarge):
+        frames.Reader(data[:20], KEY, max_bytes=1000)
+    partial = frames.Reader(data[:20], KEY)
+    partial.feed(data[20:100])
+    with pytest.raises(frames.FrameError, match="truncated"):
+        partial.frame()
+    unpickled.clear()
+    forged = join(frames.encode(frames.TASK, Tripwire(), b"other"))
+    reader = frames.Reader(forged[:20], KEY)
+    reader.feed(forged[20:])
+    with pytest.raises(frames.BadSignature):
+        reader.frame()
+    assert unpickled == []
 
 
 def test_python_minor_mismatch_names_both_versions(monkeypatch: pytest.MonkeyPatch) -> None:
