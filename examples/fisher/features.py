@@ -15,7 +15,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 import lampy
 
 BLOCK = 64
-BATCH_BLOCKS = 16
+BATCH_BLOCKS = 4
 N_MFCC = 13
 N_MEL = 40
 EPS = 1e-10
@@ -53,12 +53,19 @@ def frame_blocks(signal: np.ndarray, win: int, hop: int, block: int = BLOCK) -> 
     n = n_frames(signal.size, win, hop)
     n_blocks = -(-n // block)
     length = block * hop + win
-    total = (n_blocks - 1) * block * hop + length
-    padded = np.zeros(total, dtype=np.float32)
-    used = min(signal.size, total - hop)
-    padded[hop : hop + used] = signal[:used]
-    view = sliding_window_view(padded, length)[:: block * hop]
-    return np.ascontiguousarray(view[:n_blocks])
+    stride = block * hop
+    # One allocation, filled row by row range: fresh pages are costly on this kind of VM.
+    blocks = np.zeros((n_blocks, length), dtype=np.float32)
+    first = np.arange(n_blocks) * stride - hop  # signal index of each row's first sample
+    whole = (first >= 0) & (first + length <= signal.size)
+    if whole.any():
+        rows = np.flatnonzero(whole)
+        view = sliding_window_view(signal, length)[first[rows[0]] :: stride]
+        blocks[rows[0] : rows[-1] + 1] = view[: rows.size]
+    for r in np.flatnonzero(~whole):
+        lo, hi = max(first[r], 0), min(first[r] + length, signal.size)
+        blocks[r, lo - first[r] : hi - first[r]] = signal[lo:hi]
+    return blocks
 
 
 @lru_cache(maxsize=8)

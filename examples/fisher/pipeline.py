@@ -67,6 +67,10 @@ def diarize(
     p = params or Params()
     if n_speakers is not None and n_speakers < 1:
         raise DiarizationError(f"the number of speakers must be at least 1, got {n_speakers}")
+    if signal.size < 2 * p.mid_window * rate:
+        raise DiarizationError(
+            f"{signal.size / rate:.2f} s of audio; need at least {2 * p.mid_window:.2f} s"
+        )
     t: dict[str, float] = {}
     with _timed(t, "features"):
         feats, step = features.short_term_features(signal, rate)

@@ -7,6 +7,7 @@ import pytest
 from examples.fisher import diarize, synth
 from examples.fisher.audio import read_wav
 from examples.fisher.cli import main
+from examples.fisher.pipeline import DiarizationError
 from examples.fisher.rttm import Turn, read_rttm
 from examples.fisher.scoring import score
 
@@ -59,6 +60,15 @@ def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
     (tmp_path / "x.wav").write_text("not audio")
     assert main(["diarize", str(tmp_path / "x.wav")]) == 2
     assert "not a wav file" in capsys.readouterr().err
+
+
+def test_too_little_audio_or_speech() -> None:
+    with pytest.raises(DiarizationError, match=r"0\.50 s of audio; need at least 2\.00 s"):
+        diarize(np.zeros(8000, dtype=np.float32), 16000)
+    with pytest.raises(DiarizationError, match="mid-term windows hold speech"):
+        diarize(np.zeros(16000 * 5, dtype=np.float32), 16000)
+    with pytest.raises(DiarizationError, match="at least 1, got 0"):
+        diarize(np.zeros(16000 * 5, dtype=np.float32), 16000, n_speakers=0)
 
 
 def test_generated_conversation(tmp_path: Path) -> None:
