@@ -1,4 +1,4 @@
-"""`python -m examples.fisher diarize FILE.wav ...` and `python -m examples.fisher generate ...`."""
+"""`python -m examples.fisher diarize|generate|evaluate ...`: see the package docstring."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from pathlib import Path
 import lampy
 
 from .audio import AudioError, read_wav
+from .evaluate import evaluate, summary
 from .pipeline import DiarizationError, Result, diarize
+from .plot import save_timeline
 from .rttm import RttmError, format_rttm, read_rttm
 from .scoring import Score, score
+from .synth import SynthError, generate
 
 MIN_SECONDS = 2.0
 
@@ -86,8 +89,6 @@ def _diarize(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         rttm_path = args.out / f"{args.wav.stem}.rttm"
         rttm_path.write_text(format_rttm(result.turns, args.wav.stem))
-        from .plot import save_timeline
-
         mapping = scored.mapping if scored else None
         png = args.out / f"{args.wav.stem}.png"
         note = save_timeline(png, result.turns, reference, mapping)
@@ -110,8 +111,6 @@ def _diarize(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .synth import generate
-
     rttm = args.rttm or args.wav.with_suffix(".rttm")
     turns = generate(args.wav, rttm, args.speakers, args.seconds, args.seed)
     print(f"wrote {args.wav} and {rttm}: {len(turns)} turns, {turns[-1].end:.1f} s")
@@ -119,8 +118,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, summary
-
     with lampy.using(executor=args.executor) if args.executor else nullcontext():
         trials = evaluate(
             args.speakers,
@@ -142,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (AudioError, RttmError, DiarizationError, RuntimeError, ValueError) as exc:
+    except (
+        AudioError,
+        RttmError,
+        DiarizationError,
+        SynthError,
+        lampy.UnknownExecutorError,
+        lampy.OptionError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

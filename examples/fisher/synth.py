@@ -22,6 +22,10 @@ from .rttm import Turn, format_rttm
 INSTALL_HINT = "install espeak-ng and sox: apt-get install -y espeak-ng sox"
 
 
+class SynthError(RuntimeError):
+    """The conversation cannot be generated: missing tools or impossible settings."""
+
+
 @dataclass(frozen=True)
 class Voice:
     """An espeak-ng voice (language plus variant), its pitch (0-99) and speed (words per minute)."""
@@ -149,9 +153,9 @@ def generate(
 ) -> list[Turn]:
     """Write a conversation of about `seconds` between `n_speakers` voices and its RTTM."""
     if not 1 <= n_speakers <= len(VOICES):
-        raise ValueError(f"n_speakers must be 1..{len(VOICES)}, got {n_speakers}")
+        raise SynthError(f"n_speakers must be 1..{len(VOICES)}, got {n_speakers}")
     if not have_tools():
-        raise RuntimeError(INSTALL_HINT)
+        raise SynthError(INSTALL_HINT)
     rng = np.random.default_rng(seed)
     # Plan more script than needed (a sentence lasts 3-5 s, a reply about 1.5 s); cut when joining.
     script: list[tuple[int, str]] = []
