@@ -37,8 +37,8 @@ SANDBOX_SCRIPT = str(Path(__file__).with_name("sandbox.py"))
 QUEUE_LIMIT = 1024  # OpenLambda's waiting-request bound per lambda
 SCALE_TICK_S = 0.1  # at most one sandbox added or removed per tick
 TARGET_QUEUE_MS = 10.0  # one sandbox per this much outstanding work
-IDLE_GRACE_S = 2.0
-START_TIMEOUT_S = 60.0
+IDLE_GRACE_S = 2.0  # an idle sandbox is kept this long before scaling down removes it
+START_TIMEOUT_S = 60.0  # a sandbox that is not ready by then could not be created
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host"}
 IO_CHUNK = 1 << 20
 SMALL_BYTES = 1 << 16  # bodies up to this size are forwarded whole, in one write
@@ -53,15 +53,15 @@ class CallerGone(Exception):
 
 
 class Sandbox:
-    """One sandbox process serving one lambda version over a Unix socket."""
+    """One sandbox process serving one lambda's code over a Unix socket."""
 
-    def __init__(self, process: asyncio.subprocess.Process, path: str, version: int) -> None:
-        self.process, self.path, self.version = process, path, version
+    def __init__(self, process: asyncio.subprocess.Process, path: str) -> None:
+        self.process, self.path = process, path
         self.fresh = True
         self.idle_since = time.monotonic()
 
     @classmethod
-    async def start(cls, directory: Path, workdir: Path, version: int, serial: int) -> Sandbox:
+    async def start(cls, directory: Path, workdir: Path, serial: int) -> Sandbox:
         path = str(workdir / f"sb{serial}.sock")
         log = workdir / f"sb{serial}.log"
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
@@ -88,7 +88,7 @@ class Sandbox:
             await process.wait()
             tail = log.read_text(errors="replace").strip().splitlines()[-5:]
             raise SandboxError("\n".join(tail) or f"exited with code {process.returncode}")
-        return cls(process, path, version)
+        return cls(process, path)
 
     def state(self) -> str:
         code = self.process.returncode
@@ -107,8 +107,8 @@ class Sandbox:
 class Lambda:
     """A registered lambda: its code, its sandboxes, and the calls waiting for one."""
 
-    def __init__(self, name: str, directory: Path, version: int) -> None:
-        self.name, self.directory, self.version = name, directory, version
+    def __init__(self, name: str, directory: Path) -> None:
+        self.name, self.directory = name, directory
         self.methods = _allowed_methods(directory)
         self.sandboxes: list[Sandbox] = []
         self.idle: list[Sandbox] = []
@@ -136,6 +136,7 @@ class Worker:
         self.lambdas: dict[str, Lambda] = {}
         self.stats: Counter[str] = Counter()
         self.serial = 0
+        self._stopping: set[asyncio.Task[None]] = set()
         self.workdir = Path(tempfile.mkdtemp(prefix="lampy-worker-"))
         registry.mkdir(parents=True, exist_ok=True)
 
@@ -177,10 +178,8 @@ class Worker:
         return self.registry / f"{name}.tar.gz"
 
     async def list_lambdas(self, request: web.Request) -> web.Response:
-        return web.json_response(sorted(p.name[: -len(".tar.gz")] for p in self._blobs()))
-
-    def _blobs(self) -> list[Path]:
-        return list(self.registry.glob("*.tar.gz"))
+        blobs = self.registry.glob("*.tar.gz")
+        return web.json_response(sorted(p.name[: -len(".tar.gz")] for p in blobs))
 
     async def upload(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -235,7 +234,7 @@ class Worker:
         directory = self.workdir / f"{name}-{self.serial}"
         with tarfile.open(blob, mode="r:gz") as tar:
             tar.extractall(directory, filter="data")
-        lam = self.lambdas[name] = Lambda(name, directory, self.serial)
+        lam = self.lambdas[name] = Lambda(name, directory)
         return lam
 
     # -- running ----------------------------------------------------------------------------
@@ -295,15 +294,32 @@ class Worker:
         total = sum(len(lam.sandboxes) + lam.starting for lam in self.lambdas.values())
         return total < self.max_sandboxes
 
+    async def _evict(self, wanted: Lambda) -> None:
+        """Make room for `wanted` by stopping the longest-idle sandbox of another lambda."""
+        idle = [
+            (sb.idle_since, lam, sb)
+            for lam in self.lambdas.values()
+            if lam is not wanted
+            for sb in lam.idle
+        ]
+        if idle:
+            _, lam, sandbox = min(idle, key=lambda entry: entry[0])
+            lam.idle.remove(sandbox)
+            lam.sandboxes.remove(sandbox)
+            self.stats["sandboxes_evicted"] += 1
+            await sandbox.stop()
+
     async def _add(self, lam: Lambda) -> None:
         """Start one sandbox and hand it to a waiting call (or keep it idle)."""
         lam.starting += 1
         self.serial += 1
         try:
-            sandbox = await Sandbox.start(lam.directory, self.workdir, lam.version, self.serial)
+            sandbox = await Sandbox.start(lam.directory, self.workdir, self.serial)
         except SandboxError as exc:
             while lam.waiters:
-                lam.waiters.popleft().set_exception(SandboxError(str(exc)))
+                waiter = lam.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(SandboxError(str(exc)))
             raise
         finally:
             lam.starting -= 1
@@ -314,7 +330,9 @@ class Worker:
     def _release(self, lam: Lambda, sandbox: Sandbox) -> None:
         if self.lambdas.get(lam.name) is not lam:  # code replaced meanwhile
             lam.sandboxes.remove(sandbox)
-            asyncio.get_running_loop().create_task(sandbox.stop())
+            task = asyncio.get_running_loop().create_task(sandbox.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
             return
         while lam.waiters:
             waiter = lam.waiters.popleft()
@@ -330,6 +348,8 @@ class Worker:
             work_ms = lam.outstanding * lam.average_ms
             desired = max(1, min(self.max_sandboxes, math.ceil(work_ms / TARGET_QUEUE_MS)))
             have = len(lam.sandboxes) + lam.starting
+            if have < desired and lam.waiters and not self._room():
+                await self._evict(lam)  # OpenLambda evicts idle sandboxes under pressure too
             if have < desired and self._room() and (lam.waiters or not lam.sandboxes):
                 with contextlib.suppress(SandboxError):
                     await self._add(lam)

@@ -183,3 +183,13 @@ def test_upload_replaces_the_code(make_worker: Any) -> None:
     assert run_json(worker.url, "v", {}) == (200, b"2")
     assert request(worker.url, "DELETE", "/registry/v")[0] == 200
     assert run_json(worker.url, "v", {})[1].startswith(b'lambda "v" not found')
+
+
+def test_idle_sandbox_of_another_lambda_is_evicted_when_full(make_worker: Any) -> None:
+    worker = make_worker(max_sandboxes=1)
+    install(worker.url, "a", {"f.py": JSON_F})
+    install(worker.url, "b", {"f.py": JSON_F})
+    assert run_json(worker.url, "a", {})[0] == 200
+    assert run_json(worker.url, "b", {})[0] == 200  # a's idle sandbox made room
+    stats = json.loads(request(worker.url, "GET", "/stats")[2])
+    assert stats["sandboxes_evicted"] == 1 and stats["sandboxes"] == 1
