@@ -9,7 +9,9 @@ Failures are sorted before anything is retried. Platform failures (connection re
 (tenacity); a user exception comes back in-band with HTTP 200 and is never retried; a missing
 lambda, a signature or version mismatch are not retried either, and their errors say what to do.
 Chunks are pure, so a straggler gets a backup call; the first valid answer wins and every chunk
-is counted once.
+is counted once. When a job has far more tiny chunks than call slots, several ride in one call
+(each still runs and answers on its own). Jobs longer than 2 s show a progress line on a
+terminal (option progress="auto" | "on" | "off").
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ STRAGGLER_MIN_S = 0.5  # ... and at least this much longer than it
 # bench/bench_openlambda.py shows the job's own calls ramp the platform up as fast, so warming
 # pays only when done ahead of time (lampy.prewarm while the caller prepares its data).
 AUTO_PREWARM_CHUNKS = 32
+PROGRESS_AFTER_S = 2.0  # a progress line appears for jobs running longer than this
 PREWARM_HOLD_S = 0.05  # each pre-warm call holds its sandbox this long, so calls spread out
 _REMOTE_PACKAGES = {"numpy", "cloudpickle", "lampy"}  # the deploy tarball carries lampy
 _pickle_lock = threading.Lock()
@@ -178,6 +181,33 @@ class _JobState:
     sends: int = 0
 
 
+class _Progress:
+    """One line on stderr for jobs running longer than PROGRESS_AFTER_S (terminals only)."""
+
+    def __init__(self, total: int, mode: str) -> None:
+        self.total = total
+        self.enabled = mode == "on" or (mode == "auto" and sys.stderr.isatty())
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        elapsed = now - self.start
+        if not self.enabled or elapsed < PROGRESS_AFTER_S:
+            return
+        if now - self.last < 0.2 and done < self.total:  # at most 5 updates a second
+            return
+        self.last, self.shown = now, True
+        share = done / self.total
+        sys.stderr.write(f"\rlampy: {done}/{self.total} chunks ({share:.0%}) {elapsed:.1f} s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
 class OpenLambdaExecutor(Executor):
     name = "openlambda"
     option_types = {
@@ -189,6 +219,7 @@ class OpenLambdaExecutor(Executor):
         "backoff": float,
         "prewarm": int,
         "batch": int,
+        "progress": str,
     }
 
     def __init__(
@@ -201,11 +232,14 @@ class OpenLambdaExecutor(Executor):
         backoff: float = 0.05,
         prewarm: int = 0,
         batch: int = 0,
+        progress: str = "auto",
         transport: Transport | None = None,
     ) -> None:
         for option, value in (("concurrency", concurrency), ("attempts", attempts)):
             if isinstance(value, bool) or value < 1:
                 raise OptionError(f"{option} must be a positive int; got {value!r}")
+        if progress not in ("auto", "on", "off"):
+            raise OptionError(f'progress must be "auto", "on" or "off"; got {progress!r}')
         if isinstance(batch, bool) or batch < 0:
             raise OptionError(f"batch must be 0 (automatic) or chunks per call; got {batch!r}")
         if timeout <= 0 or backoff < 0:
@@ -214,7 +248,7 @@ class OpenLambdaExecutor(Executor):
         self.endpoint = f"{self.url}/run/{name}"
         self.concurrency, self.timeout = concurrency, timeout
         self.attempts, self.backoff, self.auto_prewarm = attempts, backoff, prewarm
-        self.batch = batch
+        self.batch, self.progress = batch, progress
         self.secret = load_secret()
         self.transport = transport or AiohttpTransport(self.endpoint, concurrency, self.secret)
         self.backups = 0  # backup calls sent for stragglers, for tests and monitoring
@@ -293,6 +327,7 @@ class OpenLambdaExecutor(Executor):
         durations: list[float] = []
         done: dict[int, Outcome] = {}
         answered = 0
+        progress = _Progress(len(state.job.chunks), self.progress)
         backed_up: set[int] = set()
 
         def launch(unit: int) -> None:
@@ -335,10 +370,12 @@ class OpenLambdaExecutor(Executor):
                 # a call stops at its first user error, so it may answer fewer chunks
                 outcomes = dict(zip(units[unit], task.result(), strict=False))
                 done |= outcomes
+                progress.update(len(done))
                 if any(o.error is not None for o in outcomes.values()):
                     return done
             return done
         finally:
+            progress.close()
             tasks = [task for copies in running.values() for task in copies]
             for task in tasks:
                 task.cancel()

@@ -235,3 +235,13 @@ def test_oversized_answer_is_refused_unread(monkeypatch: Any) -> None:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
+
+
+def test_progress_line_for_long_jobs(
+    run: Any, monkeypatch: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(module, "PROGRESS_AFTER_S", 0.0)
+    run(Scripted(), make_job(double, np.arange(8.0), 8), progress="on")
+    assert "lampy: 8/8 chunks (100%)" in capsys.readouterr().err
+    run(Scripted(), make_job(double, np.arange(8.0), 8), progress="off")
+    assert capsys.readouterr().err == ""
