@@ -24,6 +24,7 @@ class Trial:
 
     conversation_seed: int
     kmeans_seed: int
+    speakers: int
     found_speakers: int
     der: float
     der_collar: float
@@ -43,11 +44,14 @@ def evaluate(
         for seed in range(first_seed, first_seed + conversations):
             wav, rttm = Path(tmp) / f"c{seed}.wav", Path(tmp) / f"c{seed}.rttm"
             reference = generate(wav, rttm, n_speakers, seconds, seed)
+            heard = len({t.speaker for t in reference})
             signal, rate = read_wav(wav)
             for kmeans_seed in range(kmeans_seeds):
-                result = diarize(signal, rate, n_speakers if known else None, kmeans_seed)
+                result = diarize(signal, rate, heard if known else None, kmeans_seed)
                 s = score(reference, result.turns)
-                trials.append(Trial(seed, kmeans_seed, result.n_speakers, s.der, s.der_collar))
+                trials.append(
+                    Trial(seed, kmeans_seed, heard, result.n_speakers, s.der, s.der_collar)
+                )
     return trials
 
 
@@ -64,7 +68,7 @@ def summary(trials: list[Trial], n_speakers: int) -> str:
             f"  {found}"
         )
     der = np.array([t.der for t in trials]) * 100
-    right = np.mean([t.found_speakers == n_speakers for t in trials]) * 100
+    right = np.mean([t.found_speakers == t.speakers for t in trials]) * 100
     lines.append(
         f"{n_speakers} speakers, {len(trials)} runs: DER mean {der.mean():.2f}%, "
         f"std {der.std():.2f}, max {der.max():.2f}%; speaker count right in {right:.0f}% of runs"

@@ -159,10 +159,12 @@ def generate(
     rng = np.random.default_rng(seed)
     # Plan more script than needed (a sentence lasts 3-5 s, a reply about 1.5 s); cut when joining.
     script: list[tuple[int, str]] = []
+    # The first turns go to every speaker once, in a random order, so all of them are heard.
+    opening = [int(s) for s in rng.permutation(n_speakers)]
     planned, speaker = 0.0, -1
     while planned < 1.5 * seconds + 5.0:
         choices = [s for s in range(n_speakers) if s != speaker] or [0]
-        speaker = int(rng.choice(choices))
+        speaker = opening.pop(0) if opening else int(rng.choice(choices))
         if rng.random() < 0.25:
             script.append((speaker, _REPLIES[rng.integers(len(_REPLIES))]))
             planned += 2.0
