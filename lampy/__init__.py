@@ -10,6 +10,8 @@ processes (the default), or on OpenLambda sandboxes, returning what the function
         return np.abs(np.fft.rfft(frames, axis=1))
 """
 
+from typing import Any
+
 from lampy.errors import (
     ExecutionError,
     LampyError,
@@ -34,6 +36,18 @@ from lampy.runtime.settings import using
 
 __version__ = "0.1.0"
 
+
+def prewarm(n: int, **options: Any) -> int:
+    """Warm `n` OpenLambda sandboxes before a large fan-out; returns how many answered.
+
+    Options are those of `lampy.using(executor="openlambda", ...)`, which they override. The
+    import is deferred: lampy itself runs inside sandboxes that lack aiohttp and tenacity.
+    """
+    from lampy.runtime.openlambda.executor import prewarm as warm
+
+    return warm(n, **options)
+
+
 __all__ = [
     "ExecutionError",
     "LampyError",
@@ -56,6 +70,7 @@ __all__ = [
     "calibrate",
     "elemwise",
     "load_graph",
+    "prewarm",
     "reduce",
     "save_graph",
     "shared",

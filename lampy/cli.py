@@ -1,4 +1,5 @@
-"""The `lampy` command: `lampy worker` (a local OpenLambda-compatible worker), `lampy deploy`."""
+"""The `lampy` command: `lampy worker` (a local OpenLambda-compatible worker), `lampy deploy`,
+and `lampy calibrate` (measure the lazy arrays' cost constants on this machine)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--output", type=Path, help="write the tar.gz here instead")
     deploy.add_argument("--name", default="lampy", help="the lambda's name (default lampy)")
 
+    commands.add_parser("calibrate", help="measure lazy-array cost constants on this machine")
+
     args = parser.parse_args(argv)
+    if args.command == "calibrate":
+        from lampy.lazy.cost import calibrate
+
+        for operation, seconds in sorted(calibrate().items()):
+            print(f"{operation:>16}  {seconds:.3g}")
+        return 0
     if args.command == "worker":
         from lampy.runtime.openlambda.worker import serve
 

@@ -31,6 +31,7 @@ PUBLIC = {
     "calibrate",
     "elemwise",
     "load_graph",
+    "prewarm",
     "reduce",
     "save_graph",
     "shared",

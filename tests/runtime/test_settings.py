@@ -43,3 +43,17 @@ def test_using_is_per_task() -> None:
         return list(await asyncio.gather(inside("inline"), inside("local")))
 
     assert asyncio.run(main()) == ["inline", "local"]
+
+
+def test_boolean_options_from_env_strings() -> None:
+    from lampy.errors import OptionError
+    from lampy.runtime.executors.base import Executor
+
+    class Toggle(Executor):
+        name = "toggle"
+        option_types = {"progress": bool}
+
+    assert Toggle.parse_options({"progress": "False"}) == {"progress": False}
+    assert Toggle.parse_options({"progress": "on"}) == {"progress": True}
+    with pytest.raises(OptionError, match="must be bool; got 'maybe'"):
+        Toggle.parse_options({"progress": "maybe"})

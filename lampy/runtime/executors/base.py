@@ -39,7 +39,7 @@ class Executor(ABC):
                     f"the {cls.name} executor has no option {key!r}; its options: {known}"
                 )
             try:
-                parsed[key] = kind(value) if isinstance(value, str) else value
+                parsed[key] = _parse(kind, value) if isinstance(value, str) else value
             except ValueError:
                 raise OptionError(
                     f"option {key!r} of the {cls.name} executor must be {kind.__name__}; "
@@ -60,3 +60,16 @@ class Executor(ABC):
 
     def close(self) -> None:  # noqa: B027 (most executors hold nothing to release)
         """Release workers and connections; the executor may be used again afterwards."""
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOLEANS |= {"0": False, "false": False, "no": False, "off": False}
+
+
+def _parse(kind: type, text: str) -> Any:
+    """An option's value from its environment string ("false" is False, not bool("false"))."""
+    if kind is bool:
+        if text.strip().lower() not in _BOOLEANS:
+            raise ValueError(text)
+        return _BOOLEANS[text.strip().lower()]
+    return kind(text)
