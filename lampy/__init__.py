@@ -13,7 +13,9 @@ processes (the default), or on OpenLambda sandboxes, returning what the function
 from typing import Any
 
 from lampy.errors import (
+    BadSignature,
     ExecutionError,
+    FrameError,
     LampyError,
     OptionError,
     RemoteError,
@@ -22,9 +24,11 @@ from lampy.errors import (
     RetriesExhausted,
     SerializationError,
     SplitLengthError,
+    TooLarge,
     UnknownExecutorError,
     UnsplittableError,
     UsageError,
+    VersionMismatch,
     WorkerLost,
 )
 from lampy.lazy import LazyArray, array, calibrate, load_graph, save_graph
@@ -49,7 +53,9 @@ def prewarm(n: int, **options: Any) -> int:
 
 
 __all__ = [
+    "BadSignature",
     "ExecutionError",
+    "FrameError",
     "LampyError",
     "LazyArray",
     "OptionError",
@@ -61,9 +67,11 @@ __all__ = [
     "RetriesExhausted",
     "SerializationError",
     "SplitLengthError",
+    "TooLarge",
     "UnknownExecutorError",
     "UnsplittableError",
     "UsageError",
+    "VersionMismatch",
     "WorkerLost",
     "__version__",
     "array",

@@ -12,7 +12,11 @@ LampyError
 └── ExecutionError            a chunk failed for a reason outside user code
     ├── WorkerLost            the process running a chunk died
     ├── RemoteError           user code raised an exception whose type cannot travel back
-    └── RetriesExhausted      a chunk kept failing until the retry budget was spent
+    ├── RetriesExhausted      a chunk kept failing until the retry budget was spent
+    ├── VersionMismatch       client and sandbox run different Python minor versions
+    └── FrameError            a wire frame is malformed or truncated          (HTTP 400)
+        ├── BadSignature      its HMAC tag does not match our secret          (HTTP 401)
+        └── TooLarge          it declares more bytes than the receiver takes  (HTTP 413)
 ```
 
 A user exception raised inside a chunk reaches the caller with its own type; lampy chains a
@@ -22,7 +26,9 @@ A user exception raised inside a chunk reaches the caller with its own type; lam
 from __future__ import annotations
 
 __all__ = [
+    "BadSignature",
     "ExecutionError",
+    "FrameError",
     "LampyError",
     "OptionError",
     "RemoteError",
@@ -31,9 +37,11 @@ __all__ = [
     "RetriesExhausted",
     "SerializationError",
     "SplitLengthError",
+    "TooLarge",
     "UnknownExecutorError",
     "UnsplittableError",
     "UsageError",
+    "VersionMismatch",
     "WorkerLost",
 ]
 
@@ -84,6 +92,31 @@ class RemoteError(ExecutionError):
 
 class RetriesExhausted(ExecutionError):
     """A chunk failed on every attempt the retry budget allowed."""
+
+
+class VersionMismatch(ExecutionError):
+    """The two ends run different Python minor versions, so functions cannot be unpickled."""
+
+
+class FrameError(ExecutionError):
+    """A wire frame is malformed, truncated, too large, or not signed with our secret.
+
+    `status` is the HTTP status a lampy server answers such a frame with.
+    """
+
+    status = 400
+
+
+class BadSignature(FrameError):
+    """The HMAC tag does not match: wrong secret, or the frame was altered."""
+
+    status = 401
+
+
+class TooLarge(FrameError):
+    """The frame declares more bytes than the receiver accepts."""
+
+    status = 413
 
 
 class RemoteTraceback(Exception):

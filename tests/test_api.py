@@ -10,6 +10,10 @@ import numpy as np
 import lampy
 
 PUBLIC = {
+    "BadSignature",
+    "FrameError",
+    "TooLarge",
+    "VersionMismatch",
     "ExecutionError",
     "LampyError",
     "LazyArray",

@@ -35,7 +35,14 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from lampy.errors import ExecutionError, OptionError, RetriesExhausted, SerializationError
+from lampy.errors import (
+    BadSignature,
+    ExecutionError,
+    FrameError,
+    OptionError,
+    RetriesExhausted,
+    SerializationError,
+)
 from lampy.runtime.codec import dumps
 from lampy.runtime.entry import Outcome
 from lampy.runtime.executors.base import Executor
@@ -128,7 +135,7 @@ class AiohttpTransport(Transport):
             prefix = await response.content.readexactly(min(length, frames.PREFIX_BYTES))
             reader = frames.Reader(prefix, self.secret)  # refuses oversized frames unread
             if reader.total != length:
-                raise frames.FrameError(f"answer of {length:,} bytes does not match its frame")
+                raise FrameError(f"answer of {length:,} bytes does not match its frame")
             while reader.missing:
                 chunk = await response.content.readany()
                 if not chunk:
@@ -309,7 +316,7 @@ class OpenLambdaExecutor(Executor):
     async def _ping(self) -> int:
         frame = await self._exchange(frames.encode(frames.PING, PREWARM_HOLD_S, self.secret))
         if frame.kind != frames.PONG or not isinstance(frame.value, int):
-            raise frames.FrameError(f"expected a pong, got a {frames.KINDS[frame.kind]} frame")
+            raise FrameError(f"expected a pong, got a {frames.KINDS[frame.kind]} frame")
         return frame.value
 
     async def _run_job(self, state: _JobState) -> dict[int, Outcome]:
@@ -456,11 +463,11 @@ class OpenLambdaExecutor(Executor):
                 with_template = True  # this sandbox has not seen the job yet
                 continue
             if frame.kind != frames.RESULT:
-                raise frames.FrameError(f"expected a result, got a {frames.KINDS[frame.kind]}")
+                raise FrameError(f"expected a result, got a {frames.KINDS[frame.kind]}")
             outcomes = [Outcome(value, error, traceback) for value, error, traceback in frame.value]
             complete = len(outcomes) == len(chunks) or (outcomes and outcomes[-1].error)
             if not complete:
-                raise frames.FrameError(f"{len(outcomes)} results for {len(chunks)} chunks")
+                raise FrameError(f"{len(outcomes)} results for {len(chunks)} chunks")
             return outcomes
 
     async def _exchange(self, frame: frames.Outgoing) -> frames.Frame:
@@ -488,7 +495,7 @@ class OpenLambdaExecutor(Executor):
                 f"lampy the same version as this one? (`lampy deploy` again) {text}"
             )
         if reply.status == 401:
-            raise frames.BadSignature(f"{self.endpoint} refused our frame (401): {text}")
+            raise BadSignature(f"{self.endpoint} refused our frame (401): {text}")
         if reply.status == 429 or reply.status >= 500:
             raise PlatformFailure(f"HTTP {reply.status}: {text.splitlines()[0] if text else ''}")
         raise ExecutionError(f"{self.endpoint} answered HTTP {reply.status}: {text}")

@@ -40,7 +40,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from lampy.errors import ExecutionError
+from lampy.errors import BadSignature, FrameError, TooLarge, VersionMismatch
 from lampy.runtime.codec import dumps_out_of_band, loads
 
 MAGIC = b"LMPY"
@@ -66,28 +66,6 @@ MAX_FRAME_BYTES = int(os.environ.get("LAMPY_MAX_FRAME_BYTES", 8 << 30))
 VERSIONS = f"{platform.python_version()} {np.__version__} {cloudpickle.__version__}"
 
 Buffer = bytes | bytearray | memoryview
-
-
-class FrameError(ExecutionError):
-    """A frame is malformed, truncated, too large, or not signed with our secret."""
-
-    status = 400
-
-
-class BadSignature(FrameError):
-    """The HMAC tag does not match: wrong secret, or the frame was altered."""
-
-    status = 401
-
-
-class TooLarge(FrameError):
-    """The frame declares more bytes than the receiver accepts."""
-
-    status = 413
-
-
-class VersionMismatch(ExecutionError):
-    """The two ends run different Python minor versions, so functions cannot be unpickled."""
 
 
 @dataclass

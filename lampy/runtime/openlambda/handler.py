@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lampy.errors import RemoteError
+from lampy.errors import BadSignature, FrameError, RemoteError, VersionMismatch
 from lampy.runtime.codec import dumps, loads
 from lampy.runtime.entry import Outcome, run_chunk
 from lampy.runtime.job import Part, Placeholder, fill
@@ -38,7 +38,7 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[fram
     try:
         answer = _serve(environ)
         status, kind, body, length = "200 OK", "application/octet-stream", answer, answer.size
-    except frames.FrameError as exc:
+    except FrameError as exc:
         text = f"{exc}\n".encode()
         status, kind, body, length = _STATUS[exc.status], "text/plain", [text], len(text)
     except Exception:
@@ -51,7 +51,7 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[fram
 def _secret() -> bytes:
     secret = os.environ.get("LAMPY_SECRET", "")
     if not secret:
-        raise frames.BadSignature(
+        raise BadSignature(
             "LAMPY_SECRET is not set in this lambda (its .env): redeploy with `lampy deploy`"
         )
     return secret.encode()
@@ -67,9 +67,7 @@ def _read(environ: dict[str, Any], secret: bytes) -> frames.Frame:
     stream = environ["wsgi.input"]
     reader = frames.Reader(_read_exactly(stream, min(length, frames.PREFIX_BYTES)), secret)
     if reader.total != length:
-        raise frames.FrameError(
-            f"truncated frame: Content-Length {length:,}, frame {reader.total:,}"
-        )
+        raise FrameError(f"truncated frame: Content-Length {length:,}, frame {reader.total:,}")
     while reader.missing:
         chunk = stream.read(min(reader.missing, frames.SLICE))
         if not chunk:
@@ -92,14 +90,14 @@ def _serve(environ: dict[str, Any]) -> frames.Outgoing:
     secret = _secret()
     try:
         frame = _read(environ, secret)
-    except frames.VersionMismatch:
+    except VersionMismatch:
         return frames.encode(frames.MISMATCH, None, secret)
     if frame.kind == frames.PING:
         hold = float(frame.value or 0)
         time.sleep(min(max(hold, 0.0), 1.0))  # lets concurrent pings occupy distinct sandboxes
         return frames.encode(frames.PONG, os.getpid(), secret)
     if frame.kind != frames.TASK:
-        raise frames.FrameError(f"expected a task frame, got {frames.KINDS[frame.kind]}")
+        raise FrameError(f"expected a task frame, got {frames.KINDS[frame.kind]}")
     key, _chunks, template, whole, parts = frame.value
     if template is not None:
         _jobs[key] = (_load(template), whole)

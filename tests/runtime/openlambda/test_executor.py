@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from lampy.errors import ExecutionError, RetriesExhausted
+from lampy.errors import BadSignature, ExecutionError, FrameError, RetriesExhausted, TooLarge
 from lampy.runtime.job import Job, Part, Whole
 from lampy.runtime.openlambda import executor as module
 from lampy.runtime.openlambda import frames, handler
@@ -202,7 +202,7 @@ class Forged(Transport):
 @pytest.mark.parametrize("cut", [0, 5])
 def test_bad_answers_are_refused_before_unpickling(run: Any, cut: int) -> None:
     unpickled.clear()
-    error = frames.FrameError if cut else frames.BadSignature
+    error = FrameError if cut else BadSignature
     with pytest.raises(error):
         run(Forged(cut), make_job(double, np.arange(4.0), 1))
     assert unpickled == []
@@ -227,7 +227,7 @@ def test_oversized_answer_is_refused_unread(monkeypatch: Any) -> None:
     thread.start()
     executor = OpenLambdaExecutor(url=f"http://127.0.0.1:{port}", backoff=0.001)
     try:
-        with pytest.raises(frames.TooLarge, match="refused"):
+        with pytest.raises(TooLarge, match="refused"):
             executor.run(make_job(double, np.arange(4.0), 1))
     finally:
         executor.close()

@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from lampy.errors import BadSignature, FrameError, TooLarge, VersionMismatch
 from lampy.runtime.openlambda import frames
 
 KEY = b"k" * 32
@@ -58,7 +59,7 @@ def test_header_carries_versions_and_lengths() -> None:
 def test_bad_tag_is_refused_before_unpickling(tamper: object) -> None:
     unpickled.clear()
     data = join(frames.encode(frames.TASK, Tripwire(), KEY))
-    with pytest.raises(frames.BadSignature, match="LAMPY_SECRET"):
+    with pytest.raises(BadSignature, match="LAMPY_SECRET"):
         frames.decode(tamper(data), KEY)  # type: ignore[operator]
     assert unpickled == []
 
@@ -66,7 +67,7 @@ def test_bad_tag_is_refused_before_unpickling(tamper: object) -> None:
 def test_wrong_secret_is_refused_before_unpickling() -> None:
     unpickled.clear()
     data = join(frames.encode(frames.TASK, Tripwire(), b"other secret"))
-    with pytest.raises(frames.BadSignature):
+    with pytest.raises(BadSignature):
         frames.decode(data, KEY)
     assert unpickled == []
     frames.decode(join(frames.encode(frames.TASK, Tripwire(), KEY)), KEY)
@@ -75,13 +76,13 @@ def test_wrong_secret_is_refused_before_unpickling() -> None:
 
 def test_truncated_and_oversized_frames_are_refused() -> None:
     data = join(frames.encode(frames.TASK, np.zeros(1 << 14), KEY))
-    with pytest.raises(frames.FrameError, match="truncated"):
+    with pytest.raises(FrameError, match="truncated"):
         frames.decode(data[:-10], KEY)
-    with pytest.raises(frames.FrameError, match="truncated"):
+    with pytest.raises(FrameError, match="truncated"):
         frames.decode(data[:30], KEY)
-    with pytest.raises(frames.TooLarge, match="refused"):
+    with pytest.raises(TooLarge, match="refused"):
         frames.decode(data, KEY, max_bytes=1000)
-    with pytest.raises(frames.FrameError, match="not a lampy frame"):
+    with pytest.raises(FrameError, match="not a lampy frame"):
         frames.decode(b"GET / HTTP/1.1\r\n" * 4, KEY)
 
 
@@ -91,17 +92,17 @@ def test_reader_hashes_as_bytes_arrive_and_refuses_early() -> None:
     for start in range(20, len(data), 4096):
         reader.feed(data[start : start + 4096])
     np.testing.assert_array_equal(reader.frame().value, np.arange(1 << 18))
-    with pytest.raises(frames.TooLarge):
+    with pytest.raises(TooLarge):
         frames.Reader(data[:20], KEY, max_bytes=1000)
     partial = frames.Reader(data[:20], KEY)
     partial.feed(data[20:100])
-    with pytest.raises(frames.FrameError, match="truncated"):
+    with pytest.raises(FrameError, match="truncated"):
         partial.frame()
     unpickled.clear()
     forged = join(frames.encode(frames.TASK, Tripwire(), b"other"))
     reader = frames.Reader(forged[:20], KEY)
     reader.feed(forged[20:])
-    with pytest.raises(frames.BadSignature):
+    with pytest.raises(BadSignature):
         reader.frame()
     assert unpickled == []
 
@@ -111,5 +112,5 @@ def test_python_minor_mismatch_names_both_versions(monkeypatch: pytest.MonkeyPat
     data = join(frames.encode(frames.PING, None, KEY))
     monkeypatch.undo()
     ours = frames.VERSIONS.split()[0]
-    with pytest.raises(frames.VersionMismatch, match=f"Python {ours}.*Python 3.10.12"):
+    with pytest.raises(VersionMismatch, match=f"Python {ours}.*Python 3.10.12"):
         frames.decode(data, KEY)
