@@ -21,7 +21,12 @@ def dumps(obj: Any) -> bytes:
 
 
 def dumps_out_of_band(obj: Any, min_size: int = 1 << 16) -> tuple[bytes, list[pickle.PickleBuffer]]:
-    """Pickle `obj`, keeping buffers of at least `min_size` bytes out of band."""
+    """Pickle a value (a result, a task of arrays), keeping buffers >= `min_size` out of band.
+
+    Plain pickle is tried first: it starts about 5x faster than cloudpickle, and it only
+    succeeds where it stores classes and functions by a name it has checked in this process;
+    anything that exists by value only makes it fail, and cloudpickle takes over.
+    """
     buffers: list[pickle.PickleBuffer] = []
 
     def keep(buffer: pickle.PickleBuffer) -> bool:
@@ -30,7 +35,11 @@ def dumps_out_of_band(obj: Any, min_size: int = 1 << 16) -> tuple[bytes, list[pi
             return False
         return True
 
-    return cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep), buffers
+    try:
+        return pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep), buffers
+    except Exception:
+        buffers.clear()
+        return cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep), buffers
 
 
 def loads(data: bytes | memoryview, buffers: Iterable[Any] = ()) -> Any:

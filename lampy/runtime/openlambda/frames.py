@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import pickle
 import platform
 import struct
 from collections.abc import Iterator
@@ -79,26 +78,6 @@ def _pad(offset: int) -> int:
     return -offset % ALIGN
 
 
-def _dumps(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
-    """Plain pickle when it can (5x faster to start than cloudpickle), else cloudpickle.
-
-    Plain pickle only succeeds where it stores classes and functions by a name it has checked
-    here; a function or class that exists by value only fails it and goes to cloudpickle.
-    """
-    buffers: list[pickle.PickleBuffer] = []
-
-    def keep(buffer: pickle.PickleBuffer) -> bool:
-        if buffer.raw().nbytes >= OUT_OF_BAND_BYTES:
-            buffers.append(buffer)
-            return False
-        return True
-
-    try:
-        return pickle.dumps(value, protocol=5, buffer_callback=keep), buffers
-    except Exception:
-        return dumps_out_of_band(value, OUT_OF_BAND_BYTES)
-
-
 class Outgoing:
     """A frame ready to send: its size, and its bytes in slices, signed as they are taken.
 
@@ -129,7 +108,7 @@ class Outgoing:
 
 def encode(kind: int, value: Any, secret: bytes) -> Outgoing:
     """The frame of `value` (array data is not copied; it is signed as it is sent)."""
-    data, oob = _dumps(value)
+    data, oob = dumps_out_of_band(value, OUT_OF_BAND_BYTES)
     raws = [b.raw() for b in oob]
     versions = VERSIONS.encode()
     header = b"".join(
