@@ -147,6 +147,26 @@ def silhouette(
     return float(p["s"] / p["n"])
 
 
+def segment_silhouette(
+    x: np.ndarray, labels: np.ndarray, segment: np.ndarray, k: int, sample: int = 6000
+) -> float:
+    """Silhouette of segment means, each labelled by the majority of its points' labels.
+
+    -1 when the segments carry fewer than k distinct labels (some cluster lives only inside
+    segments dominated by another).
+    """
+    _, seg = np.unique(segment, return_inverse=True)
+    n_seg = int(seg.max()) + 1
+    votes = np.zeros((n_seg, k))
+    np.add.at(votes, (seg, labels), 1.0)
+    seg_labels = votes.argmax(axis=1)
+    if np.unique(seg_labels).size < k:
+        return -1.0
+    sums = np.zeros((n_seg, x.shape[1]))
+    np.add.at(sums, seg, x)
+    return silhouette(sums / votes.sum(axis=1, keepdims=True), seg_labels, k, sample)
+
+
 def viterbi(x: np.ndarray, centroids: np.ndarray, stay: float) -> np.ndarray:
     """Most likely label path under an HMM with Gaussian states at the centroids.
 

@@ -99,7 +99,11 @@ def diarize(
         fits = {k: cluster.kmeans(y, k, seed=seed, restarts=p.restarts) for k in candidates}
         sil = {}
         if len(candidates) > 1:
-            sil = {k: cluster.silhouette(y, fits[k][0], k, seed=seed) for k in candidates}
+            # Judge k on speech segments (runs between pauses), each its windows' mean with
+            # their majority label: averaging over a segment damps what was said, so the
+            # silhouette sees voices rather than words.
+            segment = vad.run_index(speech)[kept]
+            sil = {k: cluster.segment_silhouette(y, fits[k][0], segment, k) for k in candidates}
         k = max(sil, key=lambda c: sil[c]) if sil else candidates[0]
         _, centroids, _ = fits[k]
     with _timed(t, "smooth"):

@@ -11,6 +11,11 @@ def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
 
 
+def run_index(mask: np.ndarray) -> np.ndarray:
+    """For each element, the index of the run (of equal values) it belongs to."""
+    return np.cumsum(np.concatenate([[0], mask[1:] != mask[:-1]]))
+
+
 def fill_gaps(mask: np.ndarray, max_gap: int) -> np.ndarray:
     """Set runs of False no longer than `max_gap` that lie between two runs of True."""
     out = mask.copy()

@@ -97,3 +97,14 @@ def test_first_appearance() -> None:
     np.testing.assert_array_equal(
         cluster.first_appearance(np.array([2, 2, 0, 1, 0])), [0, 0, 1, 2, 1]
     )
+
+
+def test_segment_silhouette_uses_segment_means_and_majority_labels() -> None:
+    x, truth = _blobs(2, 200, seed=6)
+    segment = np.arange(200) // 10
+    labels = truth.copy()
+    labels[::10] = 1 - labels[::10]  # one stray label per segment: the majority still wins
+    means = x.reshape(20, 10, 2).mean(axis=1)
+    expected = _silhouette_loop(means, truth[::10])
+    assert cluster.segment_silhouette(x, labels, segment, 2) == pytest.approx(expected, abs=1e-9)
+    assert cluster.segment_silhouette(x, labels, segment, 3) == -1.0

@@ -47,3 +47,8 @@ def test_detect_speech_on_bursts_and_silence() -> None:
     speech = vad.detect_speech(energy, step=0.025)
     assert speech[100:200].all()
     assert not speech[:100].any() and not speech[200:].any()
+
+
+def test_run_index() -> None:
+    mask = np.array([1, 1, 0, 0, 1, 0], dtype=bool)
+    assert list(vad.run_index(mask)) == [0, 0, 1, 1, 2, 3]
