@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/pytest bench -o python_files="bench_*.py" -o addopts="" -o testpaths=bench --benchmark-only --benchmark-columns=median,iqr,rounds -p no:cacheprovider
+
+# Peers for the comparison rows, each in its own venv (pyAudioAnalysis needs numpy < 2).
+PAA := bench/.peers/paa
+bench-peers:
+	$(PYTHON) -m venv $(PAA)
+	$(PAA)/bin/pip install --quiet numpy==1.26.4 scipy==1.13.1 scikit-learn==1.5.2 \
+		matplotlib==3.9.2 hmmlearn==0.3.3 imbalanced-learn==0.12.4 eyeD3 pydub tqdm plotly \
+		simplejson pyAudioAnalysis==0.3.14
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

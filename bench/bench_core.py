@@ -38,8 +38,9 @@ def run(benchmark: Any, group: str, system: str, fn: Any, *args: Any, **info: An
     return benchmark.pedantic(fn, args=args, rounds=7, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("system", ["numpy", "inline", "local"])
+@pytest.mark.parametrize("system", ["numpy", "inline", "local", "local-8"])
 def test_compute_heavy(benchmark: Any, system: str) -> None:
+    """local-8 is the local pool with chunks=8: what fan-out gives when "auto" is not asked."""
     expected = spectral_features(FRAMES[:64], BASIS)
     if system == "numpy":
         result = run(
@@ -52,12 +53,16 @@ def test_compute_heavy(benchmark: Any, system: str) -> None:
             baseline=True,
         )
     else:
-        f = lampy.elemwise(executor=system, shared=("basis",))(spectral_features)
-        target = {"local": 1.8}.get(system)
+        executor, _, chunks = system.partition("-")
+        f = lampy.elemwise(executor=executor, shared=("basis",), chunks=int(chunks or 0) or None)(
+            spectral_features
+        )
+        name = f"lampy {executor}" + (f", chunks={chunks}" if chunks else ', chunks="auto"')
+        target = {"local": 1.8}.get(executor)
         result = run(
             benchmark,
             "compute-heavy elemwise",
-            f"lampy {system}",
+            name,
             f,
             FRAMES,
             BASIS,

@@ -1,6 +1,7 @@
 """The local executor's costs, which the "auto" planner's constants come from.
 
-lampy/runtime/executors/local.py takes STARTUP_S, SECONDS_PER_CHUNK and SECONDS_PER_BYTE from
+lampy/runtime/executors/local.py takes STARTUP_S, SECONDS_PER_CHUNK, SECONDS_PER_BYTE and
+SECONDS_PER_RESULT_BYTE from
 these figures (each row's `note` prints the measured value). Fan-out pays when the work saved,
 (1 - 1/workers) of the serial time, exceeds these costs with a margin (FAN_OUT_MARGIN in
 lampy/runtime/plan.py).
@@ -16,7 +17,7 @@ import lampy
 from lampy.runtime.executors.local import LocalExecutor
 
 CHUNKS = 1000
-ROWS = 32 * 1024 * 1024  # 256 MiB of float64
+ROWS = 256 * 1024  # rows of 128 float64: 256 MiB in, 2 MiB back (a typical small result)
 
 
 def noop(x: np.ndarray) -> np.ndarray:
@@ -25,6 +26,10 @@ def noop(x: np.ndarray) -> np.ndarray:
 
 def copy(x: np.ndarray) -> np.ndarray:
     return x.copy()
+
+
+def first_column(x: np.ndarray) -> np.ndarray:
+    return x[:, :1].copy()
 
 
 def test_pool_startup(benchmark: Any) -> None:
@@ -55,17 +60,31 @@ def test_chunk_overhead(benchmark: Any) -> None:
 
 
 def test_bytes_moved(benchmark: Any) -> None:
-    x = np.random.default_rng(0).random(ROWS)
-    f = lampy.elemwise(chunks=4, executor="local")(copy)
+    x = np.random.default_rng(0).random((ROWS, 128))
+    f = lampy.elemwise(chunks=8, executor="local")(first_column)
     f(x)  # start the pool and size the arena
-    baseline = _median_seconds(copy, x)
-    benchmark.group = "256 MiB through the pool (copy)"
+    baseline = _median_seconds(first_column, x)
+    benchmark.group = "256 MiB into the pool, small result"
     benchmark.pedantic(f, args=(x,), rounds=5, iterations=1)
     extra = benchmark.stats.stats.median - baseline
-    moved = 2 * x.nbytes  # in to the workers and the result back, as the planner counts
+    moved = x.nbytes + ROWS * 8  # in to the workers and the result back, as the planner counts
     benchmark.extra_info.update(
-        system="lampy local, 4 chunks",
-        note=f"numpy copy {baseline * 1e3:.0f} ms; SECONDS_PER_BYTE ~ 1/{moved / extra:.2g}",
+        system="lampy local, 8 chunks",
+        note=f"numpy {baseline * 1e3:.0f} ms; SECONDS_PER_BYTE ~ 1/{moved / extra:.2g}",
+    )
+
+
+def test_result_bytes(benchmark: Any) -> None:
+    x = np.random.default_rng(0).random((ROWS, 128))
+    f = lampy.elemwise(chunks=8, executor="local")(copy)
+    f(x)
+    baseline = _median_seconds(copy, x)
+    benchmark.group = "256 MiB in and out of the pool (copy)"
+    benchmark.pedantic(f, args=(x,), rounds=5, iterations=1)
+    extra = benchmark.stats.stats.median - baseline - x.nbytes / 6.5e9  # less the way in
+    benchmark.extra_info.update(
+        system="lampy local, 8 chunks",
+        note=f"numpy {baseline * 1e3:.0f} ms; SECONDS_PER_RESULT_BYTE ~ 1/{x.nbytes / extra:.2g}",
     )
 
 

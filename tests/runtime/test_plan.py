@@ -48,7 +48,7 @@ def test_memory_bound_work_stays_in_process() -> None:
 def test_compute_bound_work_fans_out_and_reuses_the_probe() -> None:
     probe = Probe(rows=256, seconds=0.05, result_bytes=256 * 64)
     p = plan(chunks=None, probe=probe, **common())  # type: ignore[arg-type]
-    assert p.fan_out and p.chunks[0] == (0, 256) and len(p.chunks) == 5
+    assert p.fan_out and p.chunks[0] == (0, 256) and len(p.chunks) == 9
     assert "reused as chunk 0" in p.reason
 
 
@@ -59,6 +59,16 @@ def test_a_cold_pool_raises_the_bar() -> None:
     cold = plan(chunks=None, probe=probe, **common(row_bytes=80, costs=cold_costs))  # type: ignore[arg-type]
     assert warm.fan_out and not cold.fan_out
     assert cold.warm_up and "starting the workers now" in cold.reason
+
+
+def test_fixed_call_cost_is_not_mistaken_for_work() -> None:
+    # 2 ms per call whatever the rows, as for a small k-means step: one probe row costs as much
+    # as six, so the work hardly grows with rows and fan-out cannot pay
+    probe = Probe(rows=6, seconds=0.002, result_bytes=80, call_seconds=0.0019)
+    p = plan(chunks=None, probe=probe, **common(rows=400, row_bytes=40))  # type: ignore[arg-type]
+    assert not p.fan_out and "does not pay" in p.reason
+    naive = Probe(rows=6, seconds=0.002, result_bytes=80)
+    assert plan(chunks=None, probe=naive, **common(rows=400, row_bytes=40)).fan_out  # type: ignore[arg-type]
 
 
 def test_explicit_chunks_are_kept() -> None:

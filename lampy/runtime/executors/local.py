@@ -37,9 +37,10 @@ from lampy.runtime.shm import anonymous_file, layout_of, load_from_file
 
 MAX_ATTEMPTS = 3
 # Measured by bench/bench_overheads.py on the 2-core reference machine.
-STARTUP_S = 0.3  # starting the pool: interpreters importing numpy, in parallel
-SECONDS_PER_BYTE = 1 / 1.8e9  # into the arena, mapped by a worker, result back and joined
-SECONDS_PER_CHUNK = 1.5e-4  # one chunk's messages and scheduling
+STARTUP_S = 0.17  # starting the pool: interpreters importing numpy, in parallel
+SECONDS_PER_BYTE = 1 / 6.5e9  # into the arena and mapped by a worker
+SECONDS_PER_RESULT_BYTE = 1 / 1.4e9  # written to fresh shared memory, then joined (copy row)
+SECONDS_PER_CHUNK = 1.1e-4  # one chunk's messages and scheduling
 ARENA_KEPT_BYTES = 1 << 30  # a larger arena is released after its job instead of reused
 
 
@@ -169,6 +170,7 @@ class LocalExecutor(Executor):
             startup_s=0.0 if self._workers else STARTUP_S,
             seconds_per_byte=SECONDS_PER_BYTE,
             seconds_per_chunk=SECONDS_PER_CHUNK,
+            seconds_per_result_byte=SECONDS_PER_RESULT_BYTE,
         )
 
     def start(self) -> None:
