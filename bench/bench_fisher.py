@@ -12,16 +12,18 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import lampy
-from examples.fisher import cluster, diarize, synth
+from examples.fisher import diarize, synth
 from examples.fisher.audio import read_wav
 from examples.fisher.rttm import Turn, read_rttm
 from examples.fisher.scoring import score
+from lampy.testing import openlambda_worker
 
 SECONDS = 3600.0
 SEED = 1
@@ -57,33 +59,35 @@ def hour() -> tuple[Path, np.ndarray, int, list[Turn]]:
     return wav, signal, rate, read_rttm(rttm)
 
 
-def _openlambda_ready() -> str | None:
-    """None when the openlambda executor answers a tiny call, else why not.
-
-    It reads its worker from LAMPY_OPENLAMBDA_URL (start one with `lampy worker`, then
-    `lampy deploy --url ...`).
-    """
-    try:
-        with lampy.using(executor="openlambda"):
-            cluster.assign(np.zeros((4, 2)), np.zeros((1, 2)))
-    except lampy.LampyError as exc:
-        return f"openlambda executor not set up ({type(exc).__name__}: {exc})"
-    return None
+@pytest.fixture(scope="module")
+def openlambda_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `lampy worker` on loopback with lampy deployed (one sandbox per core)."""
+    os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
+    with openlambda_worker(tmp_path_factory.mktemp("registry"), max_sandboxes=2) as url:
+        yield url
 
 
 @pytest.mark.parametrize("executor", ["inline", "local", "openlambda"])
-def test_pipeline_one_hour(benchmark, hour, executor: str) -> None:  # type: ignore[no-untyped-def]
-    if executor == "openlambda" and (why := _openlambda_ready()):
-        pytest.skip(why)
+def test_pipeline_one_hour(benchmark, hour, executor: str, request) -> None:  # type: ignore[no-untyped-def]
+    """Targets: local at least 1.6x faster than numpy alone (the same code run inline)."""
+    options = {"url": request.getfixturevalue("openlambda_url")} if executor == "openlambda" else {}
+    benchmark.group = "Fisher diarization, 1 hour of audio"
+    system = "numpy alone (lampy inline)" if executor == "inline" else f"lampy {executor}"
+    benchmark.extra_info.update(system=system, baseline=executor == "inline")
+    if executor == "local":
+        benchmark.extra_info["target"] = 1.6
     _, signal, rate, reference = hour
-    with lampy.using(executor=executor):
+    with lampy.using(executor=executor, **options):
         diarize(signal[: rate * 60], rate, n_speakers=2)  # warm the workers up
         result = benchmark.pedantic(
             diarize, args=(signal, rate), kwargs={"n_speakers": 2}, rounds=5, iterations=1
         )
     scored = score(reference, result.turns)
     benchmark.extra_info.update(
-        der=round(scored.der, 4), der_collar=round(scored.der_collar, 4), stages=result.timings
+        der=round(scored.der, 4),
+        der_collar=round(scored.der_collar, 4),
+        stages=result.timings,
+        note=f"DER {scored.der:.2%}",
     )
     assert scored.der <= TARGET_DER
 
@@ -106,9 +110,15 @@ def test_pyaudioanalysis_peer(benchmark, hour) -> None:  # type: ignore[no-untyp
         )
         return json.loads(out.stdout.splitlines()[-1])
 
+    benchmark.group = "Fisher diarization, 1 hour of audio"
     peer = benchmark.pedantic(run, rounds=1, iterations=1)
     labels = np.asarray(peer["labels"], dtype=int)
     step = signal.size / rate / max(labels.size, 1)
     hyp = [Turn(i * step, (i + 1) * step, f"c{label}") for i, label in enumerate(labels)]
     scored = score(reference, hyp)
-    benchmark.extra_info.update(der=round(scored.der, 4), inner_seconds=peer["seconds"])
+    benchmark.extra_info.update(
+        der=round(scored.der, 4),
+        inner_seconds=peer["seconds"],
+        system="pyAudioAnalysis 0.3.14 speaker_diarization (peer)",
+        note=f"DER {scored.der:.2%}",
+    )

@@ -36,6 +36,7 @@ from lampy.runtime import executors
 from lampy.runtime.openlambda import frames
 from lampy.runtime.openlambda.deploy import upload
 from lampy.runtime.openlambda.executor import OpenLambdaExecutor
+from lampy.testing import free_port, openlambda_worker
 
 CHUNKS = 10_000
 CONCURRENCY = 32
@@ -52,12 +53,6 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_for(port: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and process.poll() is None:
@@ -72,21 +67,11 @@ def wait_for(port: int, process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
-    port = free_port()
-    registry = tmp_path_factory.mktemp("registry")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lampy.cli", "worker", "--port", str(port), "--registry", registry],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(port, process)
-        upload(url)
-        yield url
+        with openlambda_worker(tmp_path_factory.mktemp("registry"), max_sandboxes=4) as url:
+            yield url
     finally:
         executors.shutdown()
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import lampy
+from lampy.testing import openlambda_worker
 
 EXECUTORS = ["inline", "local", "openlambda"]
 
@@ -28,32 +24,9 @@ settings.load_profile("lampy")
 @pytest.fixture(scope="session")
 def openlambda_options(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A `lampy worker` on a free loopback port with lampy deployed; `using` options for it."""
-    from lampy.runtime.openlambda.deploy import upload
-
     os.environ.setdefault("LAMPY_SECRET", "lampy-test-secret")  # never the user's own
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    registry = tmp_path_factory.mktemp("openlambda-registry")
-    command = [sys.executable, "-m", "lampy.cli", "worker", "--port", str(port)]
-    command += ["--registry", str(registry), "--max-sandboxes", "4"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/status", timeout=1):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("lampy worker did not start") from None
-                time.sleep(0.05)
-        upload(url, "lampy")
+    with openlambda_worker(tmp_path_factory.mktemp("openlambda-registry")) as url:
         yield {"url": url}
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture(params=EXECUTORS)

@@ -57,6 +57,11 @@ class Binding:
         return sum(a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)) for a in self.split)
 
     @property
+    def shapes(self) -> tuple[tuple[tuple[int, ...], str], ...]:
+        """Shapes and dtypes of the arrays: what an auto plan depends on besides timing."""
+        return tuple((a.shape, a.dtype.str) for a in self.split + self.whole)
+
+    @property
     def shared_bytes(self) -> int:
         return sum(a.nbytes for a in self.whole)
 

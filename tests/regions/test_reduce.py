@@ -71,3 +71,21 @@ def test_reduce_with_max_combine_and_shared(executor: str) -> None:
 def test_empty_input_reduces_once(executor: str) -> None:
     x = np.zeros((0, 3))
     assert_same(lampy.sum(chunks=4)(moments)(x), moments(x))
+
+
+def test_auto_plan_is_kept_for_repeated_calls_on_a_started_pool() -> None:
+    import cloudpickle
+
+    from lampy.runtime import executors
+
+    executors.get("local", {}).start()
+    f = lampy.sum(executor="local")(moments)
+    x = np.random.default_rng(5).random((20_000, 8))
+    first = f(x)
+    plans = list(f._plans.values())
+    assert len(plans) == 1
+    for _ in range(3):
+        assert_same(f(x), first)  # bit for bit: the same chunks every time
+    assert list(f._plans.values()) == plans
+    assert f.explain(x) == plans[0]
+    assert cloudpickle.loads(cloudpickle.dumps(f))._plans == {}
