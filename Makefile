@@ -30,7 +30,7 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 bench: $(STAMP)
-	$(BIN)/pytest bench -o python_files="bench_*.py" -o addopts="" -o testpaths=bench --benchmark-only --benchmark-columns=median,iqr,rounds -p no:cacheprovider
+	$(BIN)/pytest bench -o python_files="bench_*.py" -o addopts="" -o testpaths=bench -o faulthandler_timeout=0 --benchmark-only --benchmark-columns=median,iqr,rounds -p no:cacheprovider
 
 # Peers for the comparison rows, each in its own venv (pyAudioAnalysis needs numpy < 2).
 PAA := bench/.peers/paa
