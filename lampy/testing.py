@@ -26,7 +26,11 @@ def free_port() -> int:
 
 @contextmanager
 def openlambda_worker(
-    registry: Path, max_sandboxes: int = 4, name: str = "lampy", start_timeout: float = 30.0
+    registry: Path,
+    max_sandboxes: int = 4,
+    runtime_limit: float = 30.0,
+    name: str = "lampy",
+    start_timeout: float = 30.0,
 ) -> Iterator[str]:
     """A `lampy worker` on 127.0.0.1 with lampy deployed as `name`; yields its URL.
 
@@ -39,6 +43,7 @@ def openlambda_worker(
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "lampy.cli", "worker", "--port", str(port)]
     command += ["--registry", str(registry), "--max-sandboxes", str(max_sandboxes)]
+    command += ["--runtime-limit", str(runtime_limit)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + start_timeout

@@ -14,6 +14,7 @@ import lampy
 from lampy.testing import openlambda_worker
 
 EXECUTORS = ["inline", "local", "openlambda"]
+SECRET = "test-secret-for-lampy"
 
 settings.register_profile(
     "lampy", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -21,12 +22,24 @@ settings.register_profile(
 settings.load_profile("lampy")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def lampy_secret() -> Iterator[bytes]:
+    """Every test signs with a known secret, never the user's own (~/.config/lampy/secret)."""
+    old = os.environ.get("LAMPY_SECRET")
+    os.environ["LAMPY_SECRET"] = SECRET
+    yield SECRET.encode()
+    if old is None:
+        del os.environ["LAMPY_SECRET"]
+    else:
+        os.environ["LAMPY_SECRET"] = old
+
+
 @pytest.fixture(scope="session")
-def openlambda_options(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A `lampy worker` on a free loopback port with lampy deployed; `using` options for it."""
-    os.environ.setdefault("LAMPY_SECRET", "lampy-test-secret")  # never the user's own
-    with openlambda_worker(tmp_path_factory.mktemp("openlambda-registry")) as url:
-        yield {"url": url}
+def worker_url(tmp_path_factory: pytest.TempPathFactory, lampy_secret: bytes) -> Iterator[str]:
+    """One real `lampy worker` on a free loopback port, lampy deployed, for the whole session."""
+    registry = tmp_path_factory.mktemp("openlambda-registry")
+    with openlambda_worker(registry, max_sandboxes=4, runtime_limit=20) as url:
+        yield url
 
 
 @pytest.fixture(params=EXECUTORS)
@@ -34,7 +47,7 @@ def executor(request: pytest.FixtureRequest) -> Iterator[str]:
     """Each executor's name, with `using` set so calls inside the test run there."""
     options = {}
     if request.param == "openlambda":
-        options = request.getfixturevalue("openlambda_options")
+        options = {"url": request.getfixturevalue("worker_url")}
     with lampy.using(executor=request.param, **options):
         yield request.param
 

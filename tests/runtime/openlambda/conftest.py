@@ -1,12 +1,11 @@
-"""Fixtures: a shared secret, a `lampy worker` subprocess with lampy deployed, in-thread workers."""
+"""Fixtures: in-thread `lampy worker`s whose knobs and state tests can reach.
+
+The shared secret and the `lampy worker` subprocess (`worker_url`) come from tests/conftest.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -16,35 +15,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from lampy.runtime.openlambda.deploy import upload
 from lampy.runtime.openlambda.worker import Worker
-
-SECRET = "test-secret-for-lampy"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def lampy_secret() -> Iterator[bytes]:
-    """Every test signs with a known secret (never the user's ~/.config one)."""
-    old = os.environ.get("LAMPY_SECRET")
-    os.environ["LAMPY_SECRET"] = SECRET
-    yield SECRET.encode()
-    if old is None:
-        del os.environ["LAMPY_SECRET"]
-    else:
-        os.environ["LAMPY_SECRET"] = old
+from lampy.testing import free_port
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_ready(url: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"lampy worker exited with code {process.returncode}")
         try:
             with urllib.request.urlopen(f"{url}/status", timeout=1) as answer:
                 if answer.read() == b"ready\n":
@@ -52,28 +29,6 @@ def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None) -> None
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"lampy worker at {url} did not become ready")
-
-
-@pytest.fixture(scope="session")
-def worker_url(tmp_path_factory: pytest.TempPathFactory, lampy_secret: bytes) -> Iterator[str]:
-    """A `lampy worker` process on a free loopback port, with lampy's lambda deployed."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    registry = tmp_path_factory.mktemp("registry")
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "lampy.cli", "worker", "--port", str(port)),
-            *("--registry", str(registry), "--max-sandboxes", "4", "--runtime-limit", "20"),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        wait_ready(url, process)
-        upload(url, "lampy", lampy_secret)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 class ThreadWorker:

@@ -19,8 +19,7 @@ import pytest
 from lampy.cli import main
 from lampy.runtime.openlambda import deploy
 from lampy.runtime.openlambda.secret import load_secret
-
-from .conftest import SECRET
+from tests.conftest import SECRET
 
 CLEAN_IMPORT = """
 import sys

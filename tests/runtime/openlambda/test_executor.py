@@ -23,8 +23,9 @@ from lampy.runtime.openlambda import executor as module
 from lampy.runtime.openlambda import frames, handler
 from lampy.runtime.openlambda.executor import OpenLambdaExecutor, Reply, Transport
 from lampy.runtime.plan import split_rows
+from lampy.testing import free_port
+from tests.conftest import SECRET
 
-from .conftest import SECRET, free_port
 from .test_frames import Tripwire, unpickled
 from .test_handler import Input
 
