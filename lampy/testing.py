@@ -24,6 +24,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(
+    url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
+) -> None:
+    """Wait until the worker at `url` answers `GET /status` (or its process has exited)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/status", timeout=1):
+                return
+        except OSError:
+            exited = process is not None and process.poll() is not None
+            if exited or time.monotonic() > deadline:
+                raise RuntimeError(f"lampy worker did not start on {url}") from None
+            time.sleep(0.05)
+
+
 @contextmanager
 def openlambda_worker(
     registry: Path,
@@ -46,15 +62,7 @@ def openlambda_worker(
     command += ["--runtime-limit", str(runtime_limit)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/status", timeout=1):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"lampy worker did not start on {url}") from None
-                time.sleep(0.05)
+        wait_ready(url, process, start_timeout)
         upload(url, name)
         yield url
     finally:

@@ -107,11 +107,12 @@ class ParallelFunction:
                 self.region.function(*binding.direct_args, **binding.direct_kwargs)
             )
         done = {0: probe} if probe is not None else {}
-        job = binding.job(self.region.function, call_plan.chunks[len(done) :])
+        offset = len(done)  # the probe's rows, already computed, are chunk 0
+        job = binding.job(self.region.function, call_plan.chunks[offset:])
         if executor.needs_pickle:
             _check_serializable(job, binding)
         outcomes = executor.run(job)
-        done |= {chunk + len(done): outcome for chunk, outcome in outcomes.items()}
+        done |= {chunk + offset: outcome for chunk, outcome in outcomes.items()}
         for chunk in sorted(done):
             if done[chunk].error is not None:
                 _raise_remote(done[chunk], chunk, call_plan, executor.needs_pickle)

@@ -13,6 +13,16 @@ from typing import Any
 import cloudpickle
 
 PROTOCOL = 5
+ALIGN = 64  # out-of-band buffers start at multiples of this, for SIMD loads
+
+
+def padding(offset: int) -> int:
+    """Bytes to skip from `offset` to the next aligned buffer start.
+
+    >>> padding(0), padding(1), padding(64), padding(65)
+    (0, 63, 0, 63)
+    """
+    return -offset % ALIGN
 
 
 def dumps(obj: Any) -> bytes:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from lampy.runtime.codec import dumps
+
 Rows = tuple[int, int]
 
 
@@ -70,6 +72,4 @@ class Job:
     @cached_property
     def template(self) -> bytes:
         """The pickled function and argument template, the same for every chunk."""
-        from lampy.runtime.codec import dumps
-
         return dumps((self.function, self.args, dict(self.kwargs)))

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-ALIGN = 64  # bytes; array starts are aligned for SIMD loads
+from lampy.runtime.codec import dumps_out_of_band, padding
+
 Layout = list[tuple[int, int]]  # (offset, nbytes) of each buffer in a file
 
 
@@ -34,15 +35,11 @@ def anonymous_file(size: int) -> int:
     return fd
 
 
-def aligned(offset: int) -> int:
-    return -(-offset // ALIGN) * ALIGN
-
-
 def layout_of(sizes: Sequence[int]) -> tuple[Layout, int]:
     """Aligned offsets for buffers of these sizes, and the total size they need."""
     layout, end = [], 0
     for size in sizes:
-        start = aligned(end)
+        start = end + padding(end)
         layout.append((start, size))
         end = start + size
     return layout, end
@@ -61,11 +58,6 @@ def map_private(fd: int, offset: int, nbytes: int) -> memoryview:
         offset=start,
     )
     return memoryview(mapped)[offset - start :]
-
-
-def map_shared(fd: int, size: int) -> mmap.mmap | None:
-    """Map a whole file read-write and shared (None for an empty file)."""
-    return mmap.mmap(fd, size) if size else None
 
 
 def array_in(
@@ -87,8 +79,6 @@ def array_in(
 
 def dump_to_file(value: Any, min_size: int = 1 << 16) -> tuple[bytes, Layout, int | None]:
     """Pickle `value`; its large buffers go to a new anonymous file, returned as a descriptor."""
-    from lampy.runtime.codec import dumps_out_of_band
-
     payload, buffers = dumps_out_of_band(value, min_size)
     if not buffers:
         return payload, [], None
@@ -106,9 +96,7 @@ def load_from_file(payload: bytes, layout: Layout, fd: int | None) -> Any:
     if fd is None:
         return pickle.loads(payload)
     try:
-        size = layout[-1][0] + layout[-1][1]
-        mapped = map_shared(fd, size)
+        view = memoryview(mmap.mmap(fd, layout[-1][0] + layout[-1][1]))
     finally:
         os.close(fd)
-    view = memoryview(mapped) if mapped is not None else memoryview(b"")
     return pickle.loads(payload, buffers=[view[o : o + n] for o, n in layout])

@@ -1,7 +1,7 @@
 """The executor registry: names to executor classes, loaded on first use.
 
-Optional executors live behind an import path, so their dependencies load only when asked for;
-a missing dependency gives an error that says what to install. One instance is kept per
+An executor is one module plus one line here: its "module:Class" path, imported only when the
+executor is first asked for, so its dependencies load only then. One instance is kept per
 (name, options), so a local pool or an HTTP session is reused across calls.
 """
 
@@ -20,16 +20,8 @@ _REGISTRY: dict[str, str | type[Executor]] = {
     "local": "lampy.runtime.executors.local:LocalExecutor",
     "openlambda": "lampy.runtime.openlambda.executor:OpenLambdaExecutor",
 }
-_INSTALL_HINTS: dict[str, str] = {}
 _instances: dict[tuple[str, tuple[tuple[str, Any], ...]], Executor] = {}
 _lock = threading.Lock()
-
-
-def register(name: str, target: str | type[Executor], install_hint: str = "") -> None:
-    """Register an executor class, or the "module:Class" path to import it from lazily."""
-    _REGISTRY[name] = target
-    if install_hint:
-        _INSTALL_HINTS[name] = install_hint
 
 
 def names() -> list[str]:
@@ -51,8 +43,7 @@ def executor_class(name: str) -> type[Executor]:
         try:
             target = getattr(importlib.import_module(module), attr)
         except ImportError as exc:
-            hint = _INSTALL_HINTS.get(name, "")
-            raise LampyError(f"the {name} executor cannot load: {exc}. {hint}".strip()) from exc
+            raise LampyError(f"the {name} executor cannot load: {exc}") from exc
         assert isinstance(target, type) and issubclass(target, Executor)
         _REGISTRY[name] = target
     return target

@@ -40,7 +40,7 @@ import cloudpickle
 import numpy as np
 
 from lampy.errors import BadSignature, FrameError, TooLarge, VersionMismatch
-from lampy.runtime.codec import dumps_out_of_band, loads
+from lampy.runtime.codec import dumps_out_of_band, loads, padding
 
 MAGIC = b"LMPY"
 FORMAT = 1
@@ -57,7 +57,6 @@ _PREFIX = struct.Struct("<4sBBHIQ")
 PREFIX_BYTES = _PREFIX.size
 TAG_BYTES = 32
 SLICE = 1 << 20  # large buffers are hashed and written in slices of this size
-ALIGN = 64
 MAX_HEADER_BYTES = 1 << 16
 OUT_OF_BAND_BYTES = 1 << 16  # smaller buffers are cheaper in band
 #: Largest body accepted (LAMPY_MAX_FRAME_BYTES overrides): bigger frames are refused unread.
@@ -72,10 +71,6 @@ class Frame:
     kind: int
     versions: str
     value: Any
-
-
-def _pad(offset: int) -> int:
-    return -offset % ALIGN
 
 
 class Outgoing:
@@ -121,7 +116,7 @@ def encode(kind: int, value: Any, secret: bytes) -> Outgoing:
     body: list[Buffer] = [data]
     offset = PREFIX_BYTES + len(header) + len(data)
     for raw in raws:
-        if pad := _pad(offset):
+        if pad := padding(offset):
             body.append(bytes(pad))
             offset += pad
         body.append(raw.cast("B") if raw.format != "B" else raw)
@@ -212,7 +207,7 @@ def _load(view: memoryview, digest: bytes) -> Frame:
     offset = PREFIX_BYTES + header_len + pickle_len
     buffers = []
     for length in lengths:
-        offset += _pad(offset)
+        offset += padding(offset)
         buffers.append(view[offset : offset + length])
         offset += length
     if offset != view.nbytes - TAG_BYTES:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,19 +14,7 @@ import pytest
 from aiohttp import web
 
 from lampy.runtime.openlambda.worker import Worker
-from lampy.testing import free_port
-
-
-def wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/status", timeout=1) as answer:
-                if answer.read() == b"ready\n":
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"lampy worker at {url} did not become ready")
+from lampy.testing import free_port, wait_ready
 
 
 class ThreadWorker:
