@@ -25,6 +25,8 @@ A user exception raised inside a chunk reaches the caller with its own type; lam
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BadSignature",
     "ExecutionError",
@@ -91,7 +93,26 @@ class RemoteError(ExecutionError):
 
 
 class RetriesExhausted(ExecutionError):
-    """A chunk failed on every attempt the retry budget allowed."""
+    """A chunk failed on every attempt the retry budget allowed.
+
+    `chunk` and `rows` say which chunk (numbered within the call); `causes` holds each
+    attempt's cause in order. The message says all of it; the last attempt's exception, when
+    there was one, is chained as `__cause__`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        chunk: int | None = None,
+        rows: tuple[int, int] | None = None,
+        causes: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.chunk, self.rows, self.causes = chunk, rows, causes
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_retries, (str(self), self.chunk, self.rows, self.causes))
 
 
 class VersionMismatch(ExecutionError):
@@ -117,6 +138,12 @@ class TooLarge(FrameError):
     """The frame declares more bytes than the receiver accepts."""
 
     status = 413
+
+
+def _rebuild_retries(
+    message: str, chunk: int | None, rows: tuple[int, int] | None, causes: tuple[str, ...]
+) -> RetriesExhausted:
+    return RetriesExhausted(message, chunk=chunk, rows=rows, causes=causes)
 
 
 class RemoteTraceback(Exception):

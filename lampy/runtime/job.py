@@ -58,7 +58,21 @@ class Job:
     split: tuple[np.ndarray, ...]
     whole: tuple[np.ndarray, ...]
     chunks: tuple[Rows, ...]
+    #: Keep running the other chunks when one is lost to platform failures (partial answers);
+    #: otherwise the executor may stop at the first failed chunk of any kind.
+    keep_going: bool = False
+    #: The call's number of this job's chunk 0 (the caller may have run earlier chunks itself).
+    first: int = 0
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def label(self, chunk: int) -> str:
+        """How messages name a chunk: its number within the call, and its rows.
+
+        >>> Job(print, (), {}, (), (), ((0, 5), (5, 9)), first=1).label(1)
+        'chunk 2 of 3 (rows 5:9)'
+        """
+        start, stop = self.chunks[chunk]
+        return f"chunk {self.first + chunk} of {self.first + len(self.chunks)} (rows {start}:{stop})"
 
     def arguments(self, chunk: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The chunk's arguments as in-process views of the caller's arrays (no copies)."""

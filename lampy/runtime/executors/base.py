@@ -1,9 +1,15 @@
 """The executor interface: where the chunks of a job run.
 
-An executor gets a `Job` and returns the chunks' outcomes by chunk index, or raises an
-`ExecutionError` for failures outside user code. A user exception is an outcome, not a raise:
-the caller decides how to report it, and the executor may stop at the first one (the outcomes
-are then incomplete but include it). Executors never look inside regions.
+An executor gets a `Job` and returns the chunks' outcomes by chunk index. A failed chunk is an
+outcome, not a raise, so the caller decides how to report it:
+- a user exception is the outcome's `error`, with the remote traceback;
+- a chunk lost to the platform (a dead worker, a timeout, a refused call) is retried up to the
+  executor's budget and then becomes an outcome whose `error` is a `RetriesExhausted` (an
+  `ExecutionError`) naming the chunk with `job.label(chunk)` and every attempt's cause.
+The executor may stop at the first failed chunk (the outcomes are then incomplete but include
+it); with `job.keep_going` it runs every chunk that is not a user error, for partial answers.
+Failures of the executor as a whole (unreachable, refused credentials) are raised.
+Executors never look inside regions.
 """
 
 from __future__ import annotations
