@@ -34,6 +34,7 @@ from lampy.errors import (
 from lampy.lazy import LazyArray, array, calibrate, load_graph, save_graph
 from lampy.regions.binding import shared
 from lampy.regions.decorators import elemwise, reduce, sum
+from lampy.regions.partial import Coverage, Partial
 from lampy.regions.region import ParallelFunction
 from lampy.runtime.plan import Plan
 from lampy.runtime.settings import using
@@ -54,12 +55,14 @@ def prewarm(n: int, **options: Any) -> int:
 
 __all__ = [
     "BadSignature",
+    "Coverage",
     "ExecutionError",
     "FrameError",
     "LampyError",
     "LazyArray",
     "OptionError",
     "ParallelFunction",
+    "Partial",
     "Plan",
     "RemoteError",
     "RemoteTraceback",

@@ -11,6 +11,7 @@ import lampy
 
 PUBLIC = {
     "BadSignature",
+    "Coverage",
     "FrameError",
     "TooLarge",
     "VersionMismatch",
@@ -19,6 +20,7 @@ PUBLIC = {
     "LazyArray",
     "OptionError",
     "ParallelFunction",
+    "Partial",
     "Plan",
     "RemoteError",
     "RemoteTraceback",

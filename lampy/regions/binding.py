@@ -65,9 +65,17 @@ class Binding:
     def shared_bytes(self) -> int:
         return sum(a.nbytes for a in self.whole)
 
-    def job(self, function: Callable[..., Any], chunks: tuple[Rows, ...]) -> Job:
+    def job(
+        self,
+        function: Callable[..., Any],
+        chunks: tuple[Rows, ...],
+        keep_going: bool = False,
+        first: int = 0,
+    ) -> Job:
         """A job running `function` over these arguments, cut into `chunks`."""
-        return Job(function, self.args, self.kwargs, self.split, self.whole, chunks)
+        return Job(
+            function, self.args, self.kwargs, self.split, self.whole, chunks, keep_going, first
+        )
 
 
 def parameter_names(function: Callable[..., Any]) -> set[str] | None:

@@ -61,10 +61,13 @@ def reduce(
     shared: Iterable[str] = (),
     chunks: Chunks | None = None,
     executor: str | None = None,
+    allow_partial: float | None = None,
 ) -> Decorator:
     """Map each chunk to a partial, merge partials with `combine` as a tree, then `finalize`.
 
-    `combine(a, b)` must be associative (order is kept, so it need not commute).
+    `combine(a, b)` must be associative (order is kept, so it need not commute). With
+    `allow_partial=0.99`, chunks lost to the platform may be left out while the rest cover 99%
+    of the rows, and calls return `lampy.Partial(value, coverage)` (see lampy.regions.partial).
     """
     if not callable(combine):
         raise OptionError(
@@ -80,6 +83,7 @@ def reduce(
                 shared=_names(shared),
                 chunks=chunks,
                 executor=executor,
+                allow_partial=allow_partial,
             )
         )
 
@@ -95,6 +99,7 @@ def sum(
     shared: Iterable[str] = (),
     chunks: Chunks | None = None,
     executor: str | None = None,
+    allow_partial: float | None = None,
 ) -> Decorator: ...
 def sum(
     function: Function | None = None,
@@ -104,7 +109,15 @@ def sum(
     shared: Iterable[str] = (),
     chunks: Chunks | None = None,
     executor: str | None = None,
+    allow_partial: float | None = None,
 ) -> ParallelFunction | Decorator:
     """A reduce whose partials add leaf by leaf: `{"n": len(x), "s": x.sum(0)}`, `x.T @ x`."""
-    decorate = reduce(add, finalize=finalize, shared=shared, chunks=chunks, executor=executor)
+    decorate = reduce(
+        add,
+        finalize=finalize,
+        shared=shared,
+        chunks=chunks,
+        executor=executor,
+        allow_partial=allow_partial,
+    )
     return decorate(function) if function is not None else decorate

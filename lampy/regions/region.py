@@ -16,8 +16,9 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lampy.errors import OptionError, RemoteTraceback, SerializationError
+from lampy.errors import OptionError, RemoteTraceback, RetriesExhausted, SerializationError
 from lampy.regions.binding import Binding, bind, parameter_names
+from lampy.regions.partial import Coverage, Partial, check_fraction
 from lampy.runtime import executors
 from lampy.runtime.codec import dumps
 from lampy.runtime.combine import concatenate, tree_merge
@@ -46,6 +47,7 @@ class Region:
     shared: frozenset[str] = frozenset()
     chunks: Chunks | None = None
     executor: str | None = None
+    allow_partial: float | None = None  # reductions only: see lampy.regions.partial
 
     def __post_init__(self) -> None:
         if not callable(self.function):
@@ -56,6 +58,7 @@ class Region:
                 raise OptionError(f"{role} must be callable, like combine(a, b); got {value!r}")
         if self.chunks is not None:
             check_chunks(self.chunks)
+        check_fraction(self.allow_partial)
         if self.executor is not None:
             executors.check_name(self.executor)
         names = parameter_names(self.function)
@@ -71,6 +74,10 @@ class Region:
         if self.combine is None:
             return concatenate(results)
         return self.finish(tree_merge(results, self.combine))
+
+    def answer(self, value: Any, coverage: Coverage) -> Any:
+        """The call's return value: `Partial(value, coverage)` when partial answers are on."""
+        return value if self.allow_partial is None else Partial(value, coverage)
 
     def finish(self, partial: Any) -> Any:
         return self.finalize(partial) if self.finalize is not None else partial
@@ -103,20 +110,53 @@ class ParallelFunction:
         if call_plan.warm_up:
             executor.start()
         if not call_plan.fan_out:
-            return self.region.finish(
-                self.region.function(*binding.direct_args, **binding.direct_kwargs)
-            )
+            value = self.region.function(*binding.direct_args, **binding.direct_kwargs)
+            return self.region.answer(self.region.finish(value), Coverage(call_plan.chunks))
         done = {0: probe} if probe is not None else {}
         offset = len(done)  # the probe's rows, already computed, are chunk 0
-        job = binding.job(self.region.function, call_plan.chunks[offset:])
+        job = binding.job(
+            self.region.function,
+            call_plan.chunks[offset:],
+            keep_going=self.region.allow_partial is not None,
+            first=offset,
+        )
         if executor.needs_pickle:
             _check_serializable(job, binding)
         outcomes = executor.run(job)
         done |= {chunk + offset: outcome for chunk, outcome in outcomes.items()}
+        coverage = self._coverage(done, call_plan, executor.needs_pickle)
+        merged = [done[c].value for c in coverage.merged]
+        return self.region.answer(self.region.merge(merged), coverage)
+
+    def _coverage(self, done: dict[int, Outcome], call_plan: Plan, remote: bool) -> Coverage:
+        """Which chunks to merge; raises a user error, or a lost chunk unless partial is allowed.
+
+        A user exception is always raised (the lowest chunk first): skipping it would hide a bug.
+        """
+        lost: dict[int, RetriesExhausted] = {}
         for chunk in sorted(done):
-            if done[chunk].error is not None:
-                _raise_remote(done[chunk], chunk, call_plan, executor.needs_pickle)
-        return self.region.merge([done[c].value for c in range(len(call_plan.chunks))])
+            error = done[chunk].error
+            if isinstance(error, RetriesExhausted):
+                lost[chunk] = error
+            elif error is not None:
+                _raise_remote(done[chunk], chunk, call_plan, remote)
+        coverage = Coverage(call_plan.chunks, lost)
+        if lost:
+            needed = self.region.allow_partial
+            if needed is None or coverage.fraction < needed:
+                first = min(lost)
+                error = lost[first]
+                if needed is not None:
+                    error = RetriesExhausted(
+                        f"allow_partial={needed} needs {needed:.1%} of the rows; the chunks "
+                        f"that succeeded cover {coverage}. The first lost chunk: {error}",
+                        chunk=error.chunk,
+                        rows=error.rows,
+                        causes=error.causes,
+                    )
+                    error.__cause__ = lost[first].__cause__
+                _raise_lost(error, done[first].traceback)
+        return coverage
 
     async def aio(self, *args: Any, **kwargs: Any) -> Any:
         """The same call for code inside an event loop: the loop keeps running meanwhile."""
@@ -214,6 +254,13 @@ def _check_serializable(job: Job, binding: Binding) -> None:
             f"cannot send {culprit} to worker processes: cloudpickle failed with "
             f"{type(cause).__name__}: {cause}. Pass picklable values, or use executor='inline'."
         ) from cause
+
+
+def _raise_lost(error: RetriesExhausted, traceback: str) -> None:
+    """A lost chunk's error, with the last remote traceback when the platform sent one."""
+    if traceback:
+        raise error from RemoteTraceback(traceback)
+    raise error
 
 
 def _raise_remote(outcome: Outcome, chunk: int, call_plan: Plan, remote: bool) -> None:

@@ -3,7 +3,8 @@
 The pool starts on first use and is reused across calls. A job's arrays are copied once into a
 shared-memory arena that the workers map, so array bytes are never pickled per chunk; each worker
 maps only its chunk's rows. Large results come back in shared memory too and are used in place.
-A worker that dies is replaced and its chunk retried, up to `MAX_ATTEMPTS` times.
+A worker that dies, or runs a chunk longer than `timeout` seconds (it is then killed), is replaced
+and its chunk retried, up to `MAX_ATTEMPTS` times; then the chunk is lost (`RetriesExhausted`).
 
 Workers are fresh interpreters (`python -m lampy.runtime.executors.local_worker`), not forks, so
 a script without an `if __name__ == "__main__"` guard is never re-imported by the pool, and no
@@ -19,14 +20,15 @@ import socket
 import subprocess
 import sys
 import threading
-from collections import Counter, deque
+import time
+from collections import defaultdict, deque
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 import numpy as np
 
-from lampy.errors import OptionError, RemoteError, WorkerLost
+from lampy.errors import OptionError, RemoteError, RetriesExhausted, WorkerLost
 from lampy.runtime.codec import loads
 from lampy.runtime.entry import Outcome
 from lampy.runtime.executors.base import Executor
@@ -36,6 +38,7 @@ from lampy.runtime.plan import Costs
 from lampy.runtime.shm import anonymous_file, layout_of, load_from_file
 
 MAX_ATTEMPTS = 3
+TIMEOUT_S = 3600.0  # per chunk by default: bounds a hung chunk, spares any sane long one
 # Measured by bench/bench_overheads.py on the 2-core reference machine.
 STARTUP_S = 0.17  # starting the pool: interpreters importing numpy, in parallel
 SECONDS_PER_BYTE = 1 / 6.5e9  # into the arena and mapped by a worker
@@ -132,6 +135,10 @@ class _Worker:
             exc = RemoteError(f"an exception that cannot be unpickled here ({why})")
         return Outcome(error=exc, traceback=traceback)
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def exit_status(self) -> str:
         try:
             code = self.process.wait(timeout=2)
@@ -154,12 +161,17 @@ class _Worker:
 
 class LocalExecutor(Executor):
     name = "local"
-    option_types = {"workers": int}
+    option_types = {"workers": int, "timeout": float}
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, timeout: float = TIMEOUT_S) -> None:
         if workers is not None and (isinstance(workers, bool) or workers < 1):
             raise OptionError(f"workers must be a positive int; got {workers!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise OptionError(
+                f"timeout must be seconds per chunk > 0 (float('inf') for none); got {timeout!r}"
+            )
         self.size = workers or available_cpus()
+        self.timeout = float(timeout)
         self._workers: list[_Worker] = []
         self._arena = _Arena()
         self._lock = threading.Lock()
@@ -220,42 +232,62 @@ class LocalExecutor(Executor):
         self, job: Job, split: list[ArrayRef], whole: list[ArrayRef]
     ) -> dict[int, Outcome]:
         todo = deque(range(len(job.chunks)))
-        attempts: Counter[int] = Counter()
+        causes: defaultdict[int, list[WorkerLost]] = defaultdict(list)
         done: dict[int, Outcome] = {}
         idle = list(self._workers)
-        busy: dict[Any, tuple[_Worker, int]] = {}
+        busy: dict[Any, tuple[_Worker, int, float]] = {}  # conn -> worker, chunk, deadline
         try:
             while todo or busy:
                 while todo and idle:
                     worker, chunk = idle.pop(), todo.popleft()
                     try:
                         worker.send(job, chunk, self._arena, split, whole)
-                        busy[worker.conn] = (worker, chunk)
+                        busy[worker.conn] = (worker, chunk, time.monotonic() + self.timeout)
                     except OSError:  # died while idle: replace it; the chunk never ran
                         idle.append(self._replace(worker))
                         todo.appendleft(chunk)
-                for conn in wait(list(busy)):
-                    worker, chunk = busy.pop(conn)
+                wake = min(deadline for _, _, deadline in busy.values()) - time.monotonic()
+                ready = wait(list(busy), timeout=max(0.0, wake) if wake < 86400 else None)
+                for conn in ready or [c for c, b in busy.items() if b[2] <= time.monotonic()]:
+                    worker, chunk, _ = busy.pop(conn)
                     try:
-                        outcome = worker.receive()
+                        outcome = worker.receive() if ready else None
                     except (EOFError, OSError):
-                        status = worker.exit_status()
+                        outcome = None
+                    if outcome is None:
+                        status = worker.exit_status() if ready else self._timed_out(worker)
                         idle.append(self._replace(worker))
-                        attempts[chunk] += 1
-                        if attempts[chunk] >= MAX_ATTEMPTS:
-                            start, stop = job.chunks[chunk]
-                            raise WorkerLost(
-                                f"chunk {chunk} (rows {start}:{stop}) lost its worker process "
-                                f"{attempts[chunk]} times; the last one {status}. If the chunk "
-                                "needs too much memory, ask for more chunks (chunks=N)."
-                            ) from None
-                        todo.appendleft(chunk)
-                        continue
+                        causes[chunk].append(WorkerLost(f"worker pid {worker.pid} {status}"))
+                        if len(causes[chunk]) < MAX_ATTEMPTS:
+                            todo.appendleft(chunk)
+                            continue
+                        outcome = Outcome(error=_lost(job, chunk, causes[chunk]))
+                    else:
+                        idle.append(worker)
                     done[chunk] = outcome
-                    idle.append(worker)
-                    if outcome.error is not None:
+                    lost = isinstance(outcome.error, RetriesExhausted)
+                    if outcome.error is not None and not (lost and job.keep_going):
                         return done
             return done
         finally:
-            for worker, _ in busy.values():  # abandoned mid-chunk: their state is unknown
+            for worker, _, _ in busy.values():  # abandoned mid-chunk: their state is unknown
                 self._replace(worker)
+
+    def _timed_out(self, worker: _Worker) -> str:
+        worker.process.kill()
+        return f"did not finish the chunk within timeout={self.timeout:g}s and was killed"
+
+
+def _lost(job: Job, chunk: int, causes: list[WorkerLost]) -> RetriesExhausted:
+    """The error of a chunk whose worker died or hung on every attempt."""
+    tried = "\n".join(f"  attempt {i}: {cause}" for i, cause in enumerate(causes, 1))
+    error = RetriesExhausted(
+        f"{job.label(chunk)} lost its worker process on all {len(causes)} attempts:\n{tried}\n"
+        "A worker killed by SIGKILL is often the out-of-memory killer: ask for more chunks "
+        "(chunks=N). A chunk that needs more time: lampy.using(executor='local', timeout=...).",
+        chunk=job.first + chunk,
+        rows=job.chunks[chunk],
+        causes=tuple(str(c) for c in causes),
+    )
+    error.__cause__ = causes[-1]
+    return error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -74,17 +75,85 @@ def test_worker_killed_during_a_chunk_is_replaced_and_chunk_retried(tmp_path: Pa
     np.testing.assert_array_equal(result[0], x + 1)
 
 
-def kill_self(x: np.ndarray) -> np.ndarray:
-    os.kill(os.getpid(), signal.SIGKILL)
+def kill_on_row_0(x: np.ndarray) -> np.ndarray:
+    if 0 in x:
+        os.kill(os.getpid(), signal.SIGKILL)
     return x
 
 
-def test_chunk_that_always_kills_its_worker_fails_with_worker_lost() -> None:
-    f = lampy.elemwise(chunks=2, executor="local")(kill_self)
-    with pytest.raises(lampy.WorkerLost, match=r"chunk \d \(rows \d+:\d+\).*killed by SIGKILL"):
+def test_chunk_that_always_kills_its_worker_exhausts_its_retries() -> None:
+    f = lampy.elemwise(chunks=2, executor="local")(kill_on_row_0)
+    with pytest.raises(lampy.RetriesExhausted) as caught:
         f(np.arange(10))
+    error = caught.value
+    assert re.match(
+        r"chunk 0 of 2 \(rows 0:5\) lost its worker process on all 3 attempts", str(error)
+    )
+    assert error.chunk == 0 and error.rows == (0, 5) and len(error.causes) == 3
+    assert all("killed by SIGKILL" in cause for cause in error.causes)
+    assert isinstance(error.__cause__, lampy.WorkerLost)
     x = np.arange(100.0)
     np.testing.assert_array_equal(double(x), x * 2)  # the pool is whole again
+
+
+def hang_once(x: np.ndarray, marker: str) -> np.ndarray:
+    """Hangs on the first attempt at the chunk holding row 0; later attempts answer."""
+    if x[0] == 0 and not os.path.exists(marker):
+        Path(marker).write_text("hung")
+        time.sleep(3600)
+    return x + 1
+
+
+def test_hung_chunk_is_killed_at_its_timeout_and_retried(tmp_path: Path) -> None:
+    x = np.arange(20.0)
+    with lampy.using(executor="local", timeout=1.0, chunks=2):
+        np.testing.assert_array_equal(lampy.elemwise(hang_once)(x, str(tmp_path / "m")), x + 1)
+
+
+def hang(x: np.ndarray) -> np.ndarray:
+    time.sleep(3600)
+    return x
+
+
+def test_chunk_that_always_hangs_fails_within_its_retry_budget() -> None:
+    start = time.monotonic()
+    with (
+        lampy.using(executor="local", timeout=0.5, chunks=2),
+        pytest.raises(
+            lampy.RetriesExhausted, match=r"within timeout=0.5s and was killed"
+        ) as caught,
+    ):
+        lampy.elemwise(hang)(np.arange(10.0))
+    assert len(caught.value.causes) == 3
+    assert time.monotonic() - start < 15  # 3 attempts of 0.5 s, plus replacing workers
+
+
+def kill_on_row_5(x: np.ndarray) -> dict[str, np.ndarray]:
+    if 5 in x:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"n": np.array(len(x)), "s": x.sum(0)}
+
+
+def test_partial_sum_merges_the_chunks_that_succeeded() -> None:
+    f = lampy.sum(chunks=10, executor="local", allow_partial=0.8)(kill_on_row_5)
+    value, coverage = f(np.arange(100))
+    assert isinstance(coverage, lampy.Coverage) and not coverage.complete
+    assert list(coverage.lost) == [0] and coverage.fraction == 0.9
+    assert coverage.merged == tuple(range(1, 10))
+    assert int(value["n"]) == 90 and int(value["s"]) == np.arange(10, 100).sum()
+    assert str(coverage).startswith("90.0% of rows (90 of 100), 9 of 10 chunks; lost: chunk 0")
+
+
+def test_partial_sum_below_its_fraction_raises_the_lost_chunk() -> None:
+    f = lampy.sum(chunks=10, executor="local", allow_partial=0.95)(kill_on_row_5)
+    with pytest.raises(lampy.RetriesExhausted) as caught:
+        f(np.arange(100))
+    assert str(caught.value).startswith(
+        "allow_partial=0.95 needs 95.0% of the rows; the chunks that succeeded cover 90.0% of "
+        "rows (90 of 100), 9 of 10 chunks; lost: chunk 0 (rows 0:10). The first lost chunk: "
+        "chunk 0 of 10 (rows 0:10) lost its worker process"
+    )
+    assert caught.value.chunk == 0 and isinstance(caught.value.__cause__, lampy.WorkerLost)
 
 
 def test_workers_option_sets_pool_size(monkeypatch: pytest.MonkeyPatch) -> None:
