@@ -19,7 +19,7 @@ from typing import Any
 from lampy.errors import OptionError, RemoteTraceback, RetriesExhausted, SerializationError
 from lampy.regions.binding import Binding, bind, parameter_names
 from lampy.regions.partial import Coverage, Partial, check_fraction
-from lampy.runtime import executors
+from lampy.runtime import blas, executors
 from lampy.runtime.codec import dumps
 from lampy.runtime.combine import concatenate, tree_merge
 from lampy.runtime.entry import Outcome, run_chunk
@@ -208,7 +208,8 @@ class ParallelFunction:
             return self._plans[key], None
         rows = probe_rows(binding.rows, binding.row_bytes)
         job = binding.job(self.region.function, ((0, 1), (0, rows)))
-        (call_seconds, _), (seconds, outcome) = (_timed(job, 0), _timed(job, 1))
+        with blas.one_thread():  # as in a worker, and no BLAS threads left spinning
+            (call_seconds, _), (seconds, outcome) = (_timed(job, 0), _timed(job, 1))
         if rows == 1:
             call_seconds = 0.0  # one point only: all of it counts as per-row work
         probe = Probe(rows, seconds, _nbytes(outcome.value), min(call_seconds, seconds))

@@ -72,7 +72,9 @@ class Job:
         'chunk 2 of 3 (rows 5:9)'
         """
         start, stop = self.chunks[chunk]
-        return f"chunk {self.first + chunk} of {self.first + len(self.chunks)} (rows {start}:{stop})"
+        return (
+            f"chunk {self.first + chunk} of {self.first + len(self.chunks)} (rows {start}:{stop})"
+        )
 
     def arguments(self, chunk: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The chunk's arguments as in-process views of the caller's arrays (no copies)."""
