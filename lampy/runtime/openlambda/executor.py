@@ -5,11 +5,15 @@ event loop in a background thread, so a caller that is itself inside a running l
 works too. Bodies always carry Content-Length (OpenLambda reads a chunked body as empty).
 
 Failures are sorted before anything is retried. Platform failures (connection refused or reset,
-429, 502 and other 5xx, client timeouts) are retried with exponential backoff and jitter
-(tenacity); a user exception comes back in-band with HTTP 200 and is never retried; a missing
-lambda, a signature or version mismatch are not retried either, and their errors say what to do.
-Chunks are pure, so a straggler gets a backup call; the first valid answer wins and every chunk
-is counted once. When a job has far more tiny chunks than call slots, several ride in one call
+429, 502 and other 5xx, client timeouts, an answer that fails its signature or is not for the
+call that asked) are retried with exponential backoff and jitter, up to `attempts`; then the
+chunk's outcome is a `RetriesExhausted` naming it and every attempt's cause. A user exception
+comes back in-band with HTTP 200 and is never retried; a missing lambda, a refused request
+signature or a version mismatch are not retried either, and their errors say what to do.
+Every call carries its (job, chunks, attempt) and the handler echoes it, so a late duplicate or
+a superseded attempt's answer is recognised and dropped. Chunks are pure, so a straggler gets a
+backup call; the first valid answer wins and every chunk is counted once (`accounts` keeps
+the tally per job). When a job has far more tiny chunks than call slots, several ride in one call
 (each still runs and answers on its own). Jobs longer than 2 s show a progress line on a
 terminal (option progress="auto" | "on" | "off").
 """
@@ -17,23 +21,21 @@ terminal (option progress="auto" | "on" | "off").
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import statistics
 import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
 import cloudpickle
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from lampy.errors import (
     BadSignature,
@@ -74,8 +76,48 @@ _REMOTE_PACKAGES = {"numpy", "cloudpickle", "lampy"}  # the deploy tarball carri
 _pickle_lock = threading.Lock()
 
 
+ACCOUNTS_KEPT = 64  # jobs whose accounting the executor keeps
+
+
 class PlatformFailure(Exception):
-    """A failure of the platform, not of the chunk: worth another attempt."""
+    """A failure of the platform, not of the chunk: worth another attempt.
+
+    `kind` sorts it for the accounting ("http 502", "timeout", "connection", "corrupt",
+    "stale"); `text` is what the platform said, if anything (the give-up error's traceback).
+    """
+
+    def __init__(self, cause: str, kind: str, text: str = "") -> None:
+        super().__init__(cause)
+        self.kind, self.text = kind, text
+
+
+#: Failure kinds that are answers received and refused, rather than attempts with no answer.
+DROPPED = ("corrupt", "stale")
+
+
+@dataclass
+class Accounting:
+    """What became of one job's calls, so tests (and curious users) can check exactly-once.
+
+    When the job ends, every chunk that ran has exactly one accepted answer or is `lost`
+    (given up after the retry budget); answers that arrived but were not taken are counted in
+    `dropped` by why: "corrupt" (failed the signature or frame checks), "stale" (signed, but
+    for another job, chunk or attempt: a late duplicate), "superseded" (a backup's twin
+    answered first). `failures` counts attempts that got no answer, by kind ("http 502",
+    "http 429", "timeout", "connection").
+    """
+
+    job: str
+    chunks: int
+    attempts: Counter[int] = field(default_factory=Counter)  # calls that carried each chunk
+    accepted: Counter[int] = field(default_factory=Counter)  # answers taken, per chunk
+    lost: set[int] = field(default_factory=set)
+    dropped: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    cancelled: int = 0  # calls cancelled in flight (a backup's twin, a job that stopped early)
+
+    def note(self, failure: PlatformFailure) -> None:
+        (self.dropped if failure.kind in DROPPED else self.failures)[failure.kind] += 1
 
 
 @dataclass
@@ -185,7 +227,9 @@ class _JobState:
     job: Job
     template: bytes
     inline: bool
+    account: Accounting
     sends: int = 0
+    tries: Counter[int] = field(default_factory=Counter)  # attempts so far, by a call's first chunk
 
 
 class _Progress:
@@ -259,6 +303,7 @@ class OpenLambdaExecutor(Executor):
         self.secret = load_secret()
         self.transport = transport or AiohttpTransport(self.endpoint, concurrency, self.secret)
         self.backups = 0  # backup calls sent for stragglers, for tests and monitoring
+        self.accounts: deque[Accounting] = deque(maxlen=ACCOUNTS_KEPT)  # the latest jobs'
         self._loop = _Loop()
         self._called = False
         self._asked = 0  # the largest pre-warm asked for so far
@@ -274,7 +319,9 @@ class OpenLambdaExecutor(Executor):
     def run(self, job: Job) -> dict[int, Outcome]:
         template = _template(job)
         payload = len(template) + sum(a.nbytes for a in job.whole)
-        state = _JobState(job, template, inline=payload <= INLINE_BYTES)
+        account = Accounting(job.id, len(job.chunks))
+        self.accounts.append(account)
+        state = _JobState(job, template, inline=payload <= INLINE_BYTES, account=account)
         if len(job.chunks) >= AUTO_PREWARM_CHUNKS and self._asked < self.auto_prewarm:
             self.prewarm(self.auto_prewarm)  # once: the platform may cap sandboxes lower
         self._called = True
@@ -316,7 +363,7 @@ class OpenLambdaExecutor(Executor):
     async def _ping(self) -> int:
         frame = await self._exchange(frames.encode(frames.PING, PREWARM_HOLD_S, self.secret))
         if frame.kind != frames.PONG or not isinstance(frame.value, int):
-            raise FrameError(f"expected a pong, got a {frames.KINDS[frame.kind]} frame")
+            raise PlatformFailure(f"expected a pong, got {_describe(frame)}", "stale")
         return frame.value
 
     async def _run_job(self, state: _JobState) -> dict[int, Outcome]:
@@ -336,6 +383,7 @@ class OpenLambdaExecutor(Executor):
         answered = 0
         progress = _Progress(len(state.job.chunks), self.progress)
         backed_up: set[int] = set()
+        account = state.account
 
         def launch(unit: int) -> None:
             task = asyncio.ensure_future(self._with_retries(state, units[unit]))
@@ -363,7 +411,9 @@ class OpenLambdaExecutor(Executor):
                 else:
                     unit, task = await finished.get()
                 copies = running.get(unit, [])
-                if task not in copies:  # a cancelled twin of an answered call
+                if task not in copies:  # the twin of an answered call
+                    if not task.cancelled() and task.exception() is None:
+                        account.dropped["superseded"] += 1  # answered before its cancel landed
                     continue
                 copies.remove(task)
                 if task.cancelled() or task.exception() is not None:
@@ -374,11 +424,22 @@ class OpenLambdaExecutor(Executor):
                 durations.append(loop.time() - started[unit])
                 for twin in running.pop(unit):
                     twin.cancel()
+                    account.cancelled += 1
                 # a call stops at its first user error, so it may answer fewer chunks
                 outcomes = dict(zip(units[unit], task.result(), strict=False))
-                done |= outcomes
+                for chunk, outcome in outcomes.items():
+                    if chunk in done:  # cannot happen while units are disjoint: never merge twice
+                        account.dropped["superseded"] += 1
+                        continue
+                    done[chunk] = outcome
+                    if isinstance(outcome.error, RetriesExhausted):
+                        account.lost.add(chunk)
+                    else:
+                        account.accepted[chunk] += 1
                 progress.update(len(done))
-                if any(o.error is not None for o in outcomes.values()):
+                errors = [o.error for o in outcomes.values() if o.error is not None]
+                lost = all(isinstance(e, RetriesExhausted) for e in errors)
+                if errors and not (lost and state.job.keep_going):
                     return done
             return done
         finally:
@@ -386,6 +447,7 @@ class OpenLambdaExecutor(Executor):
             tasks = [task for copies in running.values() for task in copies]
             for task in tasks:
                 task.cancel()
+            account.cancelled += len(tasks)
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _batch_size(self, job: Job) -> int:
@@ -406,48 +468,70 @@ class OpenLambdaExecutor(Executor):
     async def _with_retries(self, state: _JobState, chunks: tuple[int, ...]) -> list[Outcome]:
         """The chunks' outcomes; platform failures are retried with backoff, up to `attempts`.
 
-        The first attempt runs directly: tenacity's per-attempt cost shows at 10,000 chunks.
+        Attempts are numbered per call across its backups, so each answer can be matched to
+        the attempt that asked. After the budget, every chunk of the call becomes a
+        `RetriesExhausted` outcome rather than a raise: the caller decides what a lost chunk
+        means (an error, or a gap in a partial answer).
         """
         causes: list[str] = []
-
-        async def attempt() -> list[Outcome]:
+        last: PlatformFailure | None = None
+        said = ""  # the platform's last words (a 502 body, a handler's traceback)
+        while True:
+            state.tries[chunks[0]] += 1
+            attempt = state.tries[chunks[0]]
+            state.account.attempts.update(chunks)
             try:
-                return await self._call(state, chunks)
+                return await self._call(state, chunks, attempt)
             except PlatformFailure as exc:
-                causes.append(str(exc))
-                raise
+                state.account.note(exc)
+                causes.append(f"attempt {attempt}: {exc}")
+                last, said = exc, exc.text or said
+            if len(causes) >= self.attempts:
+                return [self._give_up(state, chunk, chunks, causes, said, last) for chunk in chunks]
+            await asyncio.sleep(self._backoff(len(causes)))
 
-        with contextlib.suppress(PlatformFailure):
-            return await attempt()
-        if self.attempts > 1:
-            await asyncio.sleep(self._backoff(1))
-            retrying = AsyncRetrying(
-                stop=stop_after_attempt(self.attempts - 1),
-                wait=lambda retry: self._backoff(retry.attempt_number + 1),
-                retry=retry_if_exception_type(PlatformFailure),
-                reraise=True,
-            )
-            with contextlib.suppress(PlatformFailure):
-                return await retrying(attempt)
-        start, stop = state.job.chunks[chunks[0]][0], state.job.chunks[chunks[-1]][1]
-        which = f"chunk {chunks[0]}" if len(chunks) == 1 else f"chunks {chunks[0]}-{chunks[-1]}"
-        tried = "\n".join(f"  attempt {i}: {cause}" for i, cause in enumerate(causes, 1))
-        raise RetriesExhausted(
-            f"{which} (rows {start}:{stop}) failed on all {len(causes)} attempts at "
-            f"{self.endpoint}; the platform, not the chunk, failed each time:\n{tried}\n"
-            f"Check the worker (is it running? GET {self.url}/status), or raise "
-            "attempts= / timeout= for a busy platform."
+    def _give_up(
+        self,
+        state: _JobState,
+        chunk: int,
+        chunks: tuple[int, ...],
+        causes: list[str],
+        said: str,
+        last: PlatformFailure | None,
+    ) -> Outcome:
+        """A lost chunk's outcome: which chunk, every attempt's cause, and what to do."""
+        job = state.job
+        along = ""
+        if len(chunks) > 1:
+            along = f" (it travelled with {len(chunks) - 1} other chunks in each call)"
+        tried = "\n".join(f"  {cause}" for cause in causes)
+        error = RetriesExhausted(
+            f"{job.label(chunk)} was lost: all {len(causes)} attempts at {self.endpoint} "
+            f"failed, each time in the platform, not in your code{along}:\n{tried}\n"
+            f"Check the worker (is it up? GET {self.url}/status and /stats), or for a busy or "
+            f"flaky platform raise attempts= (now {self.attempts}) or timeout= "
+            f"(now {self.timeout:g} s).",
+            chunk=job.first + chunk,
+            rows=job.chunks[chunk],
+            causes=tuple(causes),
         )
+        error.__cause__ = last
+        return Outcome(error=error, traceback=said)
 
     def _backoff(self, failures: int) -> float:
         """Exponential backoff with jitter: about backoff * 2**(failures - 1), at most 2 s."""
         return min(2.0, self.backoff * 2.0 ** (failures - 1)) + random.uniform(0, self.backoff)
 
-    async def _call(self, state: _JobState, chunks: tuple[int, ...]) -> list[Outcome]:
-        """One attempt: send the task (the template only where needed) and read the results."""
+    async def _call(self, state: _JobState, chunks: tuple[int, ...], attempt: int) -> list[Outcome]:
+        """One attempt: send the task (the template only where needed) and read the results.
+
+        The answer must echo this call's (job, chunks, attempt); any other signed answer (a
+        replayed or late duplicate, a superseded attempt's) is dropped and the attempt fails.
+        """
         job = state.job
         parts = tuple(tuple(a[slice(*job.chunks[c])] for a in job.split) for c in chunks)
         with_template = state.inline or state.sends < self.concurrency
+        asked = (job.id, chunks, attempt)
         while True:
             if with_template:
                 state.sends += 1
@@ -457,32 +541,48 @@ class OpenLambdaExecutor(Executor):
                 state.template if with_template else None,
                 job.whole if with_template else None,
                 parts,
+                attempt,
             )
             frame = await self._exchange(frames.encode(frames.TASK, task, self.secret))
-            if frame.kind == frames.MISSING and not with_template:
+            missing = frame.kind == frames.MISSING and frame.value == job.id
+            if missing and not with_template:
                 with_template = True  # this sandbox has not seen the job yet
                 continue
-            if frame.kind != frames.RESULT:
-                raise FrameError(f"expected a result, got a {frames.KINDS[frame.kind]}")
-            outcomes = [Outcome(value, error, traceback) for value, error, traceback in frame.value]
+            answered = frame.kind == frames.RESULT and isinstance(frame.value, tuple)
+            if not answered or frame.value[0] != asked:
+                raise PlatformFailure(
+                    f"dropped an answer not for this call: got {_describe(frame)}, "
+                    f"asked {_describe_call(asked)}",
+                    "stale",
+                )
+            outcomes = [Outcome(v, error, traceback) for v, error, traceback in frame.value[1]]
             complete = len(outcomes) == len(chunks) or (outcomes and outcomes[-1].error)
             if not complete:
                 raise FrameError(f"{len(outcomes)} results for {len(chunks)} chunks")
             return outcomes
 
     async def _exchange(self, frame: frames.Outgoing) -> frames.Frame:
-        """POST a frame; the answer's frame, or the failure sorted into retry or not."""
+        """POST a frame; the answer's frame, or the failure sorted into retry or not.
+
+        A 200 answer that fails the frame checks was damaged on the way (a wrong secret is
+        refused with 401 before anything runs), so it is retried like a lost answer.
+        """
         try:
             reply = await self.transport.post(frame, self.timeout)
+            if reply.status == 200:
+                if reply.reader:
+                    return reply.reader.frame()
+                return frames.decode(reply.body, self.secret)
         except asyncio.TimeoutError:
             raise PlatformFailure(
                 f"no answer within timeout={self.timeout:g} s (the client's wait; the "
-                "platform's own runtime limit answers 502 instead)"
+                "platform's own runtime limit answers 502 instead)",
+                "timeout",
             ) from None
         except (OSError, aiohttp.ClientError) as exc:
-            raise PlatformFailure(f"{type(exc).__name__}: {exc}") from None
-        if reply.status == 200:
-            return reply.reader.frame() if reply.reader else frames.decode(reply.body, self.secret)
+            raise PlatformFailure(f"{type(exc).__name__}: {exc}", "connection") from None
+        except FrameError as exc:
+            raise PlatformFailure(f"dropped a damaged answer: {exc}", "corrupt") from None
         text = bytes(reply.body[:2000]).decode(errors="replace").strip()
         if reply.status == 500 and text.startswith("lambda ") and "not found" in text:
             raise ExecutionError(
@@ -497,8 +597,26 @@ class OpenLambdaExecutor(Executor):
         if reply.status == 401:
             raise BadSignature(f"{self.endpoint} refused our frame (401): {text}")
         if reply.status == 429 or reply.status >= 500:
-            raise PlatformFailure(f"HTTP {reply.status}: {text.splitlines()[0] if text else ''}")
+            first = text.splitlines()[0] if text else ""
+            raise PlatformFailure(f"HTTP {reply.status}: {first}", f"http {reply.status}", text)
         raise ExecutionError(f"{self.endpoint} answered HTTP {reply.status}: {text}")
+
+
+def _describe_call(call: Any) -> str:
+    """A (job, chunks, attempt) triple as messages show it."""
+    try:
+        job, chunks, attempt = call
+        which = f"chunk {chunks[0]}" if len(chunks) == 1 else f"chunks {chunks[0]}-{chunks[-1]}"
+        return f"job {str(job)[:8]} {which} attempt {attempt}"
+    except (TypeError, ValueError, IndexError):
+        return repr(call)[:80]
+
+
+def _describe(frame: frames.Frame) -> str:
+    """What an answer is, for a message about an answer that was not the one asked for."""
+    if frame.kind == frames.RESULT and isinstance(frame.value, tuple) and frame.value:
+        return f"the result for {_describe_call(frame.value[0])}"
+    return f"a {frames.KINDS[frame.kind]} frame"
 
 
 def _batches(count: int, size: int) -> list[tuple[int, ...]]:

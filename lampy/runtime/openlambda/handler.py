@@ -98,7 +98,7 @@ def _serve(environ: dict[str, Any]) -> frames.Outgoing:
         return frames.encode(frames.PONG, os.getpid(), secret)
     if frame.kind != frames.TASK:
         raise FrameError(f"expected a task frame, got {frames.KINDS[frame.kind]}")
-    key, _chunks, template, whole, parts = frame.value
+    key, chunks, template, whole, parts, attempt = frame.value
     if template is not None:
         _jobs[key] = (_load(template), whole)
         while len(_jobs) > JOBS_KEPT:
@@ -113,7 +113,7 @@ def _serve(environ: dict[str, Any]) -> frames.Outgoing:
         outcomes.append(outcome)
         if outcome.error is not None:
             break
-    return _result(outcomes, secret)
+    return _result((key, chunks, attempt), outcomes, secret)
 
 
 def _load(template: bytes) -> Call | Outcome:
@@ -137,12 +137,14 @@ def _run(call: Call, whole: tuple[Any, ...], parts: tuple[Any, ...]) -> Outcome:
         return Outcome(error=RemoteError(text), traceback=traceback.format_exc())
 
 
-def _result(outcomes: list[Outcome], secret: bytes) -> frames.Outgoing:
-    """The RESULT frame: (value, error, traceback) per chunk run."""
+def _result(call: tuple[Any, ...], outcomes: list[Outcome], secret: bytes) -> frames.Outgoing:
+    """The RESULT frame: the task's (job, chunks, attempt), then (value, error, traceback) per
+    chunk run; the echo lets the executor drop an answer that is not for the call it made."""
     try:
-        return frames.encode(frames.RESULT, [_triple(o) for o in outcomes], secret)
+        return frames.encode(frames.RESULT, (call, [_triple(o) for o in outcomes]), secret)
     except Exception:  # some value cannot be pickled: that chunk's outcome becomes the error
-        return frames.encode(frames.RESULT, [_triple(_picklable(o)) for o in outcomes], secret)
+        triples = [_triple(_picklable(o)) for o in outcomes]
+        return frames.encode(frames.RESULT, (call, triples), secret)
 
 
 def _picklable(outcome: Outcome) -> Outcome:

@@ -51,12 +51,20 @@ def task(key: str, function: Any, parts: tuple[Any, ...], template: bool = True)
         dumps((function, (Part(0), Whole(0)), {})) if template else None,
         (10,),
         (parts,),
+        1,
     )
     return frames.encode(frames.TASK, value, b"test-secret-for-lampy").join()
 
 
 def result(data: bytes) -> frames.Frame:
     return frames.decode(bytearray(data), b"test-secret-for-lampy")
+
+
+def outcomes(data: bytes, key: str) -> list[tuple[Any, Any, str]]:
+    """A RESULT's (value, error, traceback) triples, checking it echoes the task it answers."""
+    frame = result(data)
+    assert frame.kind == frames.RESULT and frame.value[0] == (key, (0,), 1)
+    return frame.value[1]  # type: ignore[no-any-return]
 
 
 def add(x: np.ndarray, y: int) -> np.ndarray:
@@ -70,12 +78,12 @@ def fail(x: np.ndarray, y: int) -> None:
 def test_task_runs_and_template_is_cached() -> None:
     status, headers, data = call(task("job-a", add, (np.arange(4),)))
     assert status == "200 OK" and headers["Content-Type"] == "application/octet-stream"
-    [(value, error, _)] = result(data).value
+    [(value, error, _)] = outcomes(data, "job-a")
     assert error is None
     np.testing.assert_array_equal(value, np.arange(4) + 10)
     # later chunks of the job carry only its key
     _, _, data = call(task("job-a", None, (np.arange(2),), template=False))
-    np.testing.assert_array_equal(result(data).value[0][0], [10, 11])
+    np.testing.assert_array_equal(outcomes(data, "job-a")[0][0], [10, 11])
 
 
 def test_unknown_job_key_answers_missing() -> None:
@@ -87,7 +95,7 @@ def test_unknown_job_key_answers_missing() -> None:
 def test_user_exception_is_in_band_with_200() -> None:
     status, _, data = call(task("job-b", fail, (np.arange(4),)))
     assert status == "200 OK"
-    [(_, error, traceback)] = result(data).value
+    [(_, error, traceback)] = outcomes(data, "job-b")
     assert isinstance(error, KeyError) and "missing row" in traceback and "fail" in traceback
 
 
@@ -96,7 +104,7 @@ def test_system_exit_in_user_code_does_not_escape() -> None:
         raise SystemExit(3)
 
     status, _, data = call(task("job-c", leave, (np.arange(4),)))
-    assert status == "200 OK" and "SystemExit" in str(result(data).value[0][1])
+    assert status == "200 OK" and "SystemExit" in str(outcomes(data, "job-c")[0][1])
 
 
 def test_ping_answers_pong_with_the_sandbox_pid() -> None:
