@@ -12,6 +12,11 @@ one at once. A call past the runtime limit kills its sandbox and gets 502 `Round
 What differs: no cgroups or freezer (idle sandboxes just block in accept), packages come from
 this interpreter rather than `requirements.txt`, and an idle sandbox is kept at least
 `IDLE_GRACE_S` before it is scaled down, so a pre-warm survives until the job that follows it.
+
+With a chaos plan (`--chaos`, see chaos.py) the worker also injects faults into `/run` calls, the
+way a real platform fails: it kills sandboxes mid-call, answers 502 or 429, hangs past the
+runtime limit, resets connections, damages answers and replays earlier answers; it counts each
+as `chaos_<fault>` in `/stats`.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from lampy.runtime.openlambda.chaos import Plan
+
 NAME = re.compile(r"^[A-Za-z0-9.\-_]+$")
 SANDBOX_SCRIPT = str(Path(__file__).with_name("sandbox.py"))
 QUEUE_LIMIT = 1024  # OpenLambda's waiting-request bound per lambda
@@ -42,6 +49,7 @@ START_TIMEOUT_S = 60.0  # a sandbox that is not ready by then could not be creat
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host"}
 IO_CHUNK = 1 << 20
 SMALL_BYTES = 1 << 16  # bodies up to this size are forwarded whole, in one write
+ANSWERS_KEPT = 16  # with a chaos plan: recent answers kept for replaying as duplicates
 
 
 class SandboxError(Exception):
@@ -128,8 +136,11 @@ class Worker:
         max_sandboxes: int = 2 * (os.cpu_count() or 1),
         runtime_limit: float = 30.0,
         queue_limit: int = QUEUE_LIMIT,
+        chaos: Plan | None = None,
     ) -> None:
         self.registry = registry
+        self.chaos = chaos.dealer() if chaos is not None else None
+        self.answers: deque[bytes] = deque(maxlen=ANSWERS_KEPT)  # for chaos duplicates
         self.max_sandboxes = max_sandboxes
         self.runtime_limit = runtime_limit
         self.queue_limit = queue_limit
@@ -252,6 +263,13 @@ class Worker:
                 405, f"HTTP method not allowed. Sent: {request.method}, Allowed: [{allowed}]"
             )
         self.stats["requests"] += 1
+        fault = self.chaos.draw() if self.chaos is not None else None
+        if fault == "429":
+            self.stats["chaos_429"] += 1
+            return _text(429, "lambda function queue is full")
+        if fault == "502":
+            self.stats["chaos_502"] += 1
+            return _text(502, "RoundTrip failed: injected by --chaos\nSandbox State: running")
         lam.outstanding += 1
         try:
             try:
@@ -264,7 +282,7 @@ class Worker:
                 return _text(429, "lambda function queue is full")
             self.stats["cold_starts" if sandbox.fresh else "warm_starts"] += 1
             sandbox.fresh = False
-            return await self._forward(lam, sandbox, request)
+            return await self._forward(lam, sandbox, request, fault)
         finally:
             lam.outstanding -= 1
 
@@ -362,7 +380,7 @@ class Worker:
             await asyncio.sleep(SCALE_TICK_S)
 
     async def _forward(
-        self, lam: Lambda, sandbox: Sandbox, request: web.Request
+        self, lam: Lambda, sandbox: Sandbox, request: web.Request, fault: str | None = None
     ) -> web.StreamResponse:
         start = time.monotonic()
         prepared: list[web.StreamResponse] = []
@@ -370,9 +388,19 @@ class Worker:
         async def exchange() -> web.StreamResponse:
             reader, writer = await asyncio.open_unix_connection(sandbox.path, limit=IO_CHUNK)
             try:
-                status, reason, headers, length = await _send(request, reader, writer)
-                if length is None or length <= SMALL_BYTES:  # no Content-Length: ends at EOF
+                await _send(request, writer)
+                if fault == "kill":  # the sandbox dies with the call in its hands
+                    self.stats["chaos_kill"] += 1
+                    sandbox.process.kill()
+                    await sandbox.process.wait()
+                    raise ConnectionResetError("EOF: the sandbox died during the call")
+                status, reason, headers, length = await _head(reader)
+                whole = self.chaos is not None  # chaos may damage or replay any answer
+                if whole or length is None or length <= SMALL_BYTES:  # no length: ends at EOF
                     body = await (reader.read() if length is None else reader.readexactly(length))
+                    if fault == "hang":  # past the runtime limit: 502, the sandbox destroyed
+                        self.stats["chaos_hang"] += 1
+                        await asyncio.sleep(self.runtime_limit + 1)
                     answer = web.Response(status=status, reason=reason, body=body)
                     answer.headers.extend(headers)
                     return answer
@@ -411,7 +439,26 @@ class Worker:
         elapsed_ms = (time.monotonic() - start) * 1e3
         lam.average_ms = 0.8 * lam.average_ms + 0.2 * elapsed_ms
         self._release(lam, sandbox)
+        if self.chaos is not None and isinstance(response, web.Response) and response.status == 200:
+            return self._after(request, response, fault)
         return response
+
+    def _after(self, request: web.Request, answer: web.Response, fault: str | None) -> web.Response:
+        """Chaos after a call ran: reset the connection, damage the answer, or replay an old one."""
+        assert self.chaos is not None and isinstance(answer.body, bytes)
+        body = answer.body
+        if fault == "reset":
+            self.stats["chaos_reset"] += 1
+            assert request.transport is not None
+            request.transport.abort()  # the caller sees the connection reset, no answer
+        elif fault == "corrupt" and body:
+            self.stats["chaos_corrupt"] += 1
+            answer.body = self.chaos.corrupt(body)
+        elif fault == "duplicate" and self.answers:
+            self.stats["chaos_duplicate"] += 1
+            answer.body = self.answers[self.chaos.pick(len(self.answers))]
+        self.answers.append(body)
+        return answer
 
     async def _destroy(self, lam: Lambda, sandbox: Sandbox) -> None:
         await sandbox.stop()
@@ -419,10 +466,8 @@ class Worker:
             lam.sandboxes.remove(sandbox)
 
 
-async def _send(
-    request: web.Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> tuple[int, str, list[tuple[str, str]], int | None]:
-    """Forward the request; return the sandbox's status, reason, headers and Content-Length."""
+async def _send(request: web.Request, writer: asyncio.StreamWriter) -> None:
+    """Forward the request: method, path, headers and body, as the OpenLambda worker does."""
     has_length = request.content_length is not None
     lines = [f"{request.method} {request.raw_path} HTTP/1.1", "Host: localhost"]
     for key, value in request.headers.items():
@@ -439,6 +484,10 @@ async def _send(
     else:  # a chunked body reaches the sandbox empty, as in OpenLambda
         writer.write(head)
     await writer.drain()
+
+
+async def _head(reader: asyncio.StreamReader) -> tuple[int, str, list[tuple[str, str]], int | None]:
+    """The sandbox's status, reason, headers and Content-Length."""
     status_line = (await reader.readline()).decode("latin-1")
     if not status_line:
         raise ConnectionResetError("EOF: the sandbox closed the connection without answering")
@@ -485,16 +534,19 @@ def serve(
     registry: Path | None = None,
     max_sandboxes: int | None = None,
     runtime_limit: float = 30.0,
+    chaos: Plan | None = None,
 ) -> None:
     """Run a worker until interrupted (the `lampy worker` command)."""
     worker = Worker(
         registry or Path(tempfile.gettempdir()) / "lampy-registry",
         max_sandboxes or 2 * (os.cpu_count() or 1),
         runtime_limit,
+        chaos=chaos,
     )
+    faults = f", chaos {chaos} seed {chaos.seed}" if chaos is not None else ""
     print(
         f"lampy worker on http://{host}:{port} (registry {worker.registry}, "
-        f"up to {worker.max_sandboxes} sandboxes, runtime limit {runtime_limit:g} s)",
+        f"up to {worker.max_sandboxes} sandboxes, runtime limit {runtime_limit:g} s{faults})",
         flush=True,
     )
     web.run_app(worker.app(), host=host, port=port, print=None, access_log=None)
