@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-from lampy.errors import UsageError
-from lampy.lazy.graph import Node, evaluate, source
+from lampy.errors import ShapeError, UnsupportedOperation, UsageError
+from lampy.lazy.graph import Node, check_submatrix, evaluate, source
 from lampy.runtime.settings import Chunks
 
 SUPPORTED_FUNCTIONS = (
@@ -29,6 +29,9 @@ class LazyArray(NDArrayOperatorsMixin):
     """A numpy-like array whose operations build a graph; `.run()` computes it with lampy."""
 
     __slots__ = ("node",)
+    #: Recognised by `ParallelFunction.__call__` (without importing this module) to make a
+    #: region call with a lazy argument a node of the graph; see lampy.lazy.calls.
+    __lampy_lazy__ = True
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -55,25 +58,35 @@ class LazyArray(NDArrayOperatorsMixin):
 
     def __len__(self) -> int:
         if not self.shape:
-            raise UsageError("len() of a 0-d lazy array")
+            raise UnsupportedOperation("len() of a 0-d lazy array")
         return self.shape[0]
 
     def __repr__(self) -> str:
         return f"lampy.LazyArray(shape={self.shape}, dtype={self.dtype}, op={self.node.label()})"
 
     def __bool__(self) -> bool:
-        raise UsageError(
+        raise UnsupportedOperation(
             "the truth value of a lazy array is known only after it runs; use bool(x.run())"
         )
 
     def __iter__(self) -> Any:
-        raise UsageError("iterating a lazy array would compute it row by row; use x.run()")
+        raise UnsupportedOperation(
+            "iterating a lazy array would compute it row by row; use x.run()"
+        )
 
     # --- running --------------------------------------------------------------------------
 
-    def run(self, executor: str | None = None, chunks: Chunks | None = None) -> Any:
-        """Compute with lampy regions; options default as for any region call."""
-        return evaluate(self.node, executor, chunks)
+    def run(
+        self,
+        executor: str | None = None,
+        chunks: Chunks | None = None,
+        submatrix: tuple[int, int] | None = None,
+    ) -> Any:
+        """Compute with lampy regions; options default as for any region call.
+
+        `submatrix=(r, c)` cuts 2-D element-wise work into r x c blocks (instead of `chunks`).
+        """
+        return evaluate(self.node, executor, chunks, check_submatrix(submatrix, chunks))
 
     compute = run
 
@@ -81,11 +94,16 @@ class LazyArray(NDArrayOperatorsMixin):
         result = np.asarray(self.run())
         return result if dtype is None else result.astype(dtype)
 
-    def explain(self, executor: str | None = None, chunks: Chunks | None = None) -> Any:
+    def explain(
+        self,
+        executor: str | None = None,
+        chunks: Chunks | None = None,
+        submatrix: tuple[int, int] | None = None,
+    ) -> Any:
         """The schedule after fusion with cost estimates per executor; nothing runs."""
         from lampy.lazy.cost import explain
 
-        return explain(self.node, executor, chunks)
+        return explain(self.node, executor, chunks, submatrix)
 
     def graph(self) -> Any:
         """The graph behind this array, for saving, printing as DOT or inspecting."""
@@ -100,13 +118,13 @@ class LazyArray(NDArrayOperatorsMixin):
         if method != "__call__" or kwargs:
             what = f"np.{name}.{method}" if method != "__call__" else f"np.{name}"
             extra = f" with {sorted(kwargs)}" if kwargs else ""
-            raise UsageError(
+            raise UnsupportedOperation(
                 f"{what}{extra} is not supported on lazy arrays; supported: {SUPPORTED_UFUNCS}"
             )
         if ufunc is np.matmul:
             return matmul(*inputs)
         if ufunc.nout != 1 or ufunc.signature is not None:
-            raise UsageError(
+            raise UnsupportedOperation(
                 f"np.{name} is not supported on lazy arrays; supported: {SUPPORTED_UFUNCS}"
             )
         args = tuple(_operand(x) for x in inputs)
@@ -119,7 +137,7 @@ class LazyArray(NDArrayOperatorsMixin):
     ) -> Any:
         handler = _FUNCTIONS.get(func)
         if handler is None:
-            raise UsageError(
+            raise UnsupportedOperation(
                 f"np.{getattr(func, '__name__', func)} is not supported on lazy arrays; "
                 f"supported: {SUPPORTED_FUNCTIONS}. Call .run() first to get a numpy array"
             )
@@ -161,7 +179,9 @@ def array(obj: Any, dtype: Any = None) -> LazyArray:
     """
     if isinstance(obj, LazyArray):
         if dtype is not None and np.dtype(dtype) != obj.dtype:
-            raise UsageError("lampy.array cannot change a lazy array's dtype; pass numpy data")
+            raise UnsupportedOperation(
+                "lampy.array cannot change a lazy array's dtype; pass numpy data"
+            )
         return obj
     if isinstance(obj, str | os.PathLike):
         path = os.fspath(obj)
@@ -178,7 +198,7 @@ def array(obj: Any, dtype: Any = None) -> LazyArray:
     except ValueError:
         data = np.empty(0, object)
     if data.dtype == object:
-        raise UsageError(
+        raise UnsupportedOperation(
             f"lampy.array needs numeric data; {type(obj).__name__} became an object array "
             "(ragged lists or mixed types?)"
         )
@@ -204,7 +224,7 @@ def _operand(x: Any) -> Any:
 def _node(x: Any, what: str) -> Node:
     operand = _operand(x)
     if not isinstance(operand, Node):
-        raise UsageError(f"{what} needs arrays, not the scalar {operand!r}")
+        raise UnsupportedOperation(f"{what} needs arrays, not the scalar {operand!r}")
     return operand
 
 
@@ -218,7 +238,7 @@ def _broadcast(name: str, args: Sequence[Any]) -> tuple[int, ...]:
         return tuple(np.broadcast_shapes(*shapes))
     except ValueError:
         described = " and ".join(str(s) for s in shapes)
-        raise UsageError(
+        raise ShapeError(
             f"operands could not be broadcast together in {name}: shapes {described}"
         ) from None
 
@@ -230,13 +250,13 @@ def _dtype_of(name: str, f: Callable[..., Any], args: Sequence[Any]) -> np.dtype
         return np.asarray(f(*stand_ins)).dtype
     except (TypeError, ValueError, OverflowError) as why:
         dtypes = ", ".join(str(a.dtype) if isinstance(a, Node) else repr(a) for a in args)
-        raise UsageError(f"{name} cannot take ({dtypes}): {why}") from None
+        raise UnsupportedOperation(f"{name} cannot take ({dtypes}): {why}") from None
 
 
 def _only(name: str, kwargs: dict[str, Any], allowed: Sequence[str]) -> None:
     extra = sorted(set(kwargs) - set(allowed))
     if extra:
-        raise UsageError(
+        raise UnsupportedOperation(
             f"np.{name} on lazy arrays takes only {list(allowed)}; got {extra}. "
             f"Supported: {SUPPORTED_FUNCTIONS}"
         )
@@ -246,9 +266,11 @@ def _axis(name: str, node: Node, axis: Any) -> int | None:
     if axis is None:
         return None
     if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
-        raise UsageError(f"{name} on lazy arrays takes axis=None or one int; got axis={axis!r}")
+        raise UnsupportedOperation(
+            f"{name} on lazy arrays takes axis=None or one int; got axis={axis!r}"
+        )
     if not -node.ndim <= axis < node.ndim:
-        raise UsageError(f"{name}: axis {axis} is out of bounds for shape {node.shape}")
+        raise ShapeError(f"{name}: axis {axis} is out of bounds for shape {node.shape}")
     return int(axis) % node.ndim
 
 
@@ -258,7 +280,7 @@ def reduction(kind: str, x: Any, axis: Any = None, **kwargs: Any) -> LazyArray:
     ax = _axis(kind, node, axis)
     length = node.size if ax is None else node.shape[ax]
     if length == 0 and kind != "sum":
-        raise UsageError(f"{kind} of an empty axis (shape {node.shape}, axis={ax}) has no value")
+        raise ShapeError(f"{kind} of an empty axis (shape {node.shape}, axis={ax}) has no value")
     shape = () if ax is None else node.shape[:ax] + node.shape[ax + 1 :]
     dtype = _dtype_of(kind, getattr(np, kind), [np.ones((1,), node.dtype)])
     return LazyArray(Node("reduce", (node,), {"kind": kind, "axis": ax}, shape, dtype))
@@ -269,12 +291,12 @@ def matmul(a: Any, b: Any, **kwargs: Any) -> LazyArray:
     _only("matmul", kwargs, ())
     left, right = _node(a, "matmul"), _node(b, "matmul")
     if left.ndim == 0 or right.ndim == 0 or right.ndim > 2:
-        raise UsageError(
+        raise UnsupportedOperation(
             f"matmul on lazy arrays needs a left operand of 1+ dims and a right operand of 1 or "
             f"2 dims; got shapes {left.shape} and {right.shape}"
         )
     if left.shape[-1] != right.shape[0]:
-        raise UsageError(
+        raise ShapeError(
             f"matmul: shapes {left.shape} and {right.shape} do not match: "
             f"{left.shape[-1]} (last of the left) != {right.shape[0]} (first of the right)"
         )
@@ -289,7 +311,9 @@ def dot(a: Any, b: Any, **kwargs: Any) -> LazyArray:
     _only("dot", kwargs, ())
     left, right = _node(a, "dot"), _node(b, "dot")
     if left.ndim > 2:
-        raise UsageError(f"dot on lazy arrays takes 1-d or 2-d operands; got {left.shape}")
+        raise UnsupportedOperation(
+            f"dot on lazy arrays takes 1-d or 2-d operands; got {left.shape}"
+        )
     return matmul(left, right)
 
 
@@ -297,7 +321,7 @@ def transpose(a: Any, axes: Any = None) -> LazyArray:
     node = _node(a, "transpose")
     order = tuple(range(node.ndim))[::-1] if axes is None else tuple(int(i) for i in axes)
     if sorted(i % max(node.ndim, 1) for i in order) != list(range(node.ndim)):
-        raise UsageError(f"transpose: axes {axes!r} are not a permutation for shape {node.shape}")
+        raise ShapeError(f"transpose: axes {axes!r} are not a permutation for shape {node.shape}")
     order = tuple(i % node.ndim for i in order)
     shape = tuple(node.shape[i] for i in order)
     return LazyArray(Node("transpose", (node,), {"axes": order}, shape, node.dtype))
@@ -306,14 +330,16 @@ def transpose(a: Any, axes: Any = None) -> LazyArray:
 def concatenate(arrays: Any, axis: Any = 0, **kwargs: Any) -> LazyArray:
     _only("concatenate", kwargs, ())
     if axis != 0:
-        raise UsageError(f"concatenate on lazy arrays joins along axis 0 only; got axis={axis!r}")
+        raise UnsupportedOperation(
+            f"concatenate on lazy arrays joins along axis 0 only; got axis={axis!r}"
+        )
     nodes = tuple(_node(x, "concatenate") for x in arrays)
     if not nodes:
-        raise UsageError("concatenate needs at least one array")
+        raise ShapeError("concatenate needs at least one array")
     trailing = {n.shape[1:] for n in nodes}
     if any(n.ndim == 0 for n in nodes) or len(trailing) > 1:
         shapes = ", ".join(str(n.shape) for n in nodes)
-        raise UsageError(
+        raise ShapeError(
             f"concatenate along axis 0 needs arrays of 1+ dims with equal trailing shapes; "
             f"got {shapes}"
         )
@@ -327,7 +353,7 @@ def reshape(a: Any, shape: Any = None, order: str = "C", **kwargs: Any) -> LazyA
     node = _node(a, "reshape")
     wanted = (shape,) if isinstance(shape, int | np.integer) else tuple(shape)
     if order != "C" or node.ndim == 0 or not wanted or wanted[0] != node.shape[0]:
-        raise UsageError(
+        raise UnsupportedOperation(
             f"reshape on lazy arrays must keep the leading axis (order 'C'): "
             f"{node.shape} -> {wanted} is not supported"
         )
@@ -337,17 +363,17 @@ def reshape(a: Any, shape: Any = None, order: str = "C", **kwargs: Any) -> LazyA
         known = int(np.prod([d for d in trailing if d != -1], dtype=np.int64))
         trailing[trailing.index(-1)] = rest // known if known and rest % known == 0 else -2
     if any(d < 0 for d in trailing) or int(np.prod(trailing, dtype=np.int64)) != rest:
-        raise UsageError(f"cannot reshape shape {node.shape} into {wanted}")
+        raise ShapeError(f"cannot reshape shape {node.shape} into {wanted}")
     new_shape = (node.shape[0], *trailing)
     return LazyArray(Node("reshape", (node,), {"shape": new_shape}, new_shape, node.dtype))
 
 
 def where(condition: Any, x: Any = None, y: Any = None) -> LazyArray:
     if x is None or y is None:
-        raise UsageError("where on lazy arrays needs all three of condition, x and y")
+        raise UnsupportedOperation("where on lazy arrays needs all three of condition, x and y")
     args = (_operand(condition), _operand(x), _operand(y))
     if not any(isinstance(a, Node) for a in args):
-        raise UsageError("where needs at least one array")
+        raise UnsupportedOperation("where needs at least one array")
     shape = _broadcast("where", args)
     dtype = _dtype_of("where", np.where, args)
     return LazyArray(Node("where", args, {}, shape, dtype))
@@ -360,7 +386,7 @@ def getitem(a: LazyArray, key: Any) -> LazyArray:
     if isinstance(key, tuple):
         key, rest = (key[0], key[1:]) if key else (slice(None), ())
     if node.ndim == 0 or any(r not in (slice(None), Ellipsis) for r in rest):
-        raise UsageError(
+        raise UnsupportedOperation(
             f"lazy arrays support indexing along the leading axis only (x[i], x[a:b:c]); "
             f"got {key!r} with {rest!r} on shape {node.shape}"
         )
@@ -374,7 +400,7 @@ def getitem(a: LazyArray, key: Any) -> LazyArray:
         params = {"start": key.start, "stop": key.stop, "step": key.step}
         shape = (len(range(*key.indices(n))), *node.shape[1:])
     else:
-        raise UsageError(
+        raise UnsupportedOperation(
             f"lazy arrays support integer and slice indexing of the leading axis; got {key!r}"
         )
     return LazyArray(Node("getitem", (node,), params, shape, node.dtype))

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from lampy.lazy.graph import Node, Step, schedule
-from lampy.runtime import executors
+from lampy.lazy.graph import Blocks, Node, Step, check_submatrix, schedule
+from lampy.runtime import blas, executors
 from lampy.runtime.plan import CHUNKS_PER_WORKER, Costs
 from lampy.runtime.settings import Chunks, resolve_chunks, resolve_executor, resolve_options
 
@@ -85,19 +85,23 @@ def calibrate(elements: int = 1 << 22, repeats: int = 5) -> dict[str, float]:
     measured["copy"] = best(lambda: x.copy())
     side = 1024
     a = rng.standard_normal((side, side))
-    measured["gemm_flops"] = 1 / best(lambda: a @ a, n=2 * side**3)
+    with blas.one_thread():  # per BLAS thread: workers run one; the caller scales by its cores
+        measured["gemm_flops"] = 1 / best(lambda: a @ a, n=2 * side**3)
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(measured, indent=1) + "\n")
     return measured
 
 
-def node_seconds(node: Node, c: dict[str, float]) -> float:
-    """Estimated numpy time for one node on its whole input."""
+def node_seconds(node: Node, c: dict[str, float], blas_threads: int = 1) -> float:
+    """Estimated numpy time for one node on its whole input, with `blas_threads` for GEMM."""
     if node.op == "source":
         return 0.0
     if node.op == "matmul":
-        return node_flops(node) / c["gemm_flops"]
+        return node_flops(node) / (c["gemm_flops"] * blas_threads)
+    if node.op == "region":  # timed on stand-ins when the call was written
+        rows = int(node.params["rows"])
+        return float(node.params["seconds_per_call"]) + rows * float(node.params["seconds_per_row"])
     if node.op == "reduce":
         return int(node.args[0].size) * c["reduce"]
     if node.op == "ufunc":
@@ -119,21 +123,42 @@ def node_flops(node: Node) -> int:
 
 @dataclass(frozen=True)
 class StepCost:
-    """One schedule step with its estimates on one executor."""
+    """One schedule step with its estimates on one executor.
+
+    `parallel` is how many workers the step keeps busy at once: what pre-warming should start.
+    """
 
     step: Step
     chunks: int
     flops: int
     bytes_moved: int
     seconds: float
+    parallel: int = 0
+    blocks: Blocks | None = None
 
 
-def step_cost(step: Step, costs: Costs, chunks: int, c: dict[str, float]) -> StepCost:
-    compute = sum(node_seconds(n, c) for n in step.fused)
+def step_cost(
+    step: Step,
+    costs: Costs,
+    chunks: int,
+    c: dict[str, float],
+    asked: bool = True,
+    submatrix: Blocks | None = None,
+) -> StepCost:
+    """The step's estimated seconds on an executor with `costs`, cut into `chunks`.
+
+    A single-worker executor runs numpy in the caller, whose BLAS uses every core; workers run
+    one BLAS thread each. With `asked` False (chunks="auto"), a region counts as fanning out
+    only when the estimate says that pays, as the region planner's probe would find.
+    """
+    threads = 1 if costs.workers > 1 else _blas_threads()
+    serial = sum(node_seconds(n, c, threads) for n in step.fused)
     flops = sum(node_flops(n) for n in step.fused)
     if not step.is_region or costs.workers <= 1:
-        return StepCost(step, 1, flops, 0, compute)
-    chunks = max(1, min(chunks, step.rows))
+        return StepCost(step, 1, flops, 0, serial)
+    compute = sum(node_seconds(n, c) for n in step.fused)
+    blocks = submatrix if submatrix is not None and step.by_blocks else None
+    chunks = max(1, min(chunks, step.rows * (blocks[1] if blocks else 1)))
     parallel = min(chunks, costs.workers)
     split = sum(n.nbytes for n, s in zip(step.leaves, step.split, strict=True) if s)
     whole = sum(n.nbytes for n, s in zip(step.leaves, step.split, strict=True) if not s)
@@ -145,7 +170,15 @@ def step_cost(step: Step, costs: Costs, chunks: int, c: dict[str, float]) -> Ste
         + chunks * costs.seconds_per_chunk
         + compute / parallel
     )
-    return StepCost(step, chunks, flops, moved, seconds)
+    if not asked and seconds >= serial:
+        return StepCost(step, 1, flops, 0, serial)  # the planner would run it in the caller
+    return StepCost(step, chunks, flops, moved, seconds, parallel, blocks)
+
+
+@functools.cache
+def _blas_threads() -> int:
+    """BLAS threads a matmul in the caller gets: the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 
 
 @dataclass(frozen=True)
@@ -156,6 +189,7 @@ class Explanation:
     estimates: dict[str, list[StepCost]]
     workers: dict[str, int]
     chunks: Chunks
+    submatrix: Blocks | None = None
 
     @property
     def regions(self) -> list[Step]:
@@ -165,10 +199,8 @@ class Explanation:
         return sum(c.seconds for c in self.estimates[executor])
 
     def prewarm(self, executor: str) -> int:
-        """Workers to start ahead of the fan-out: the widest region's parallel chunks."""
-        if self.workers[executor] <= 1:
-            return 0
-        return max((c.chunks for c in self.estimates[executor] if c.step.is_region), default=0)
+        """Workers to start ahead of the fan-out: the most any region keeps busy at once."""
+        return max((c.parallel for c in self.estimates[executor]), default=0)
 
     def __str__(self) -> str:
         lines = [f"{len(self.regions)} region(s) after fusion, {len(self.steps)} step(s):"]
@@ -179,27 +211,37 @@ class Explanation:
             lines.append(f"  {i}. {step.kind:8s} {what}  => {step.node.shape} {step.node.dtype}")
             if step.is_region:
                 split = sum(step.split)
+                work = "time from a call on stand-ins" if step.kind == "region" else "flops"
+                amount = "" if step.kind == "region" else f"{cost.flops:,} "
                 lines.append(
                     f"       {step.rows} rows; {split} split input(s), "
-                    f"{len(step.split) - split} shared; {cost.flops:,} flops"
+                    f"{len(step.split) - split} shared; {amount}{work}"
                 )
         for name, costs in self.estimates.items():
             moved = sum(c.bytes_moved for c in costs)
             chunks = max((c.chunks for c in costs if c.step.is_region), default=0)
+            blocks = next((c.blocks for c in costs if c.blocks), None)
+            cut = f"{blocks[0]}x{blocks[1]} blocks" if blocks else f"{chunks} chunk(s)"
             lines.append(
                 f"  on {name}: ~{self.seconds(name) * 1e3:.3g} ms, {moved:,} bytes moved, "
-                f"up to {chunks} chunk(s) per region, pre-warm {self.prewarm(name)} worker(s)"
+                f"up to {cut} per region, pre-warm {self.prewarm(name)} worker(s)"
             )
-        if self.chunks == "auto":
+        if self.chunks == "auto" and self.submatrix is None:
             lines.append(
-                f"  (chunks=auto: estimated with {CHUNKS_PER_WORKER} chunks per worker; at run "
-                "time each region's planner decides from a timed probe)"
+                f"  (chunks=auto: estimated with {CHUNKS_PER_WORKER} chunks per worker where "
+                "that pays; at run time each region's planner decides from a timed probe)"
             )
         return "\n".join(lines)
 
 
-def explain(root: Node, executor: str | None = None, chunks: Chunks | None = None) -> Explanation:
+def explain(
+    root: Node,
+    executor: str | None = None,
+    chunks: Chunks | None = None,
+    submatrix: Blocks | None = None,
+) -> Explanation:
     """Estimates on `inline`, `local` and the executor the run would use."""
+    blocks = check_submatrix(submatrix, chunks)
     steps = schedule(root)
     chosen = resolve_executor(executor)
     wanted = resolve_chunks(chunks)
@@ -208,7 +250,12 @@ def explain(root: Node, executor: str | None = None, chunks: Chunks | None = Non
     workers: dict[str, int] = {}
     for name in dict.fromkeys((chosen, "inline", "local")):
         costs = executors.get(name, resolve_options(name)).costs()
-        count = wanted if wanted != "auto" else costs.workers * CHUNKS_PER_WORKER
-        estimates[name] = [step_cost(s, costs, count, c) for s in steps]
+        if blocks is not None:
+            count, asked = blocks[0] * blocks[1], True
+        elif wanted != "auto":
+            count, asked = wanted, True
+        else:
+            count, asked = costs.workers * CHUNKS_PER_WORKER, False
+        estimates[name] = [step_cost(s, costs, count, c, asked, blocks) for s in steps]
         workers[name] = costs.workers
-    return Explanation(steps, estimates, workers, wanted)
+    return Explanation(steps, estimates, workers, wanted, blocks)

@@ -10,25 +10,36 @@ Running a graph first turns it into a schedule (pure, no I/O), which `.explain()
   rows are split; broadcast operands (fewer dims, or a leading length of 1) are shared.
 - reductions over axis 0 or all axes become `@lampy.sum` / `@lampy.reduce` regions whose chunk
   first runs the fused chain feeding them; `v @ M` with a 1-d `v` is a sum over row blocks.
+- a call of a decorated region with lazy arguments is a `region` node: it runs as that region,
+  and its chunk first runs the fused chain feeding its split arguments (one round trip).
 - moves (leading-axis slices, transposes, concatenation) and sources run in the caller: they
   copy or view data that is already there, and every region's result comes back to the caller.
+
+`run(submatrix=(r, c))` cuts 2-D element-wise steps into r x c blocks: c column blocks, each run
+as the same region over r row chunks, the column blocks at the same time. Other region steps run
+with r * c row chunks.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from lampy.errors import UsageError
+from lampy.errors import OptionError, ResultError, UsageError
 from lampy.regions.binding import shared
 from lampy.regions.decorators import elemwise
 from lampy.regions.decorators import reduce as reduce_region
 from lampy.regions.decorators import sum as sum_region
-from lampy.runtime.settings import Chunks
+from lampy.regions.region import ParallelFunction, Region
+from lampy.runtime import executors
+from lampy.runtime.plan import split_rows
+from lampy.runtime.settings import Chunks, resolve_executor, resolve_options
 
 Scalar = bool | int | float | complex | np.generic
 REDUCTIONS = ("sum", "mean", "min", "max")
@@ -50,6 +61,7 @@ class Node:
     dtype: np.dtype[Any]
     data: np.ndarray | None = field(default=None, repr=False)
     path: str | None = None
+    function: ParallelFunction | None = field(default=None, repr=False)  # op "region" only
 
     @property
     def ndim(self) -> int:
@@ -74,6 +86,8 @@ class Node:
             return f"{self.params['kind']}(axis={self.params['axis']})"
         if self.op == "source":
             return "source" + (f" {self.path}" if self.path else "")
+        if self.op == "region":
+            return f"{self.params['kind']} {self.params['function'].rpartition(':')[2]}"
         return self.op
 
 
@@ -238,6 +252,39 @@ class MeanFinalize:
         return value.astype(dtype) if isinstance(value, np.ndarray) else dtype.type(value)
 
 
+class RegionCall:
+    """A region node's chunk: the fused chain feeding its arrays, then the user's function.
+
+    It takes the user's function's module and names (not `__wrapped__`, whose signature would
+    replace this one), so remote executors send that module by value as for a direct call.
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        function: Callable[..., Any],
+        args: tuple[Any, ...],
+        params: Mapping[str, Any],
+    ) -> None:
+        self.program, self.function = program, function
+        self.constants = tuple(None if isinstance(a, Node) else a for a in args)
+        self.arrays = tuple(isinstance(a, Node) for a in args)
+        self.keywords: tuple[str, ...] = tuple(params["keywords"])
+        self.__module__ = getattr(function, "__module__", None) or __name__
+        self.__qualname__ = getattr(function, "__qualname__", type(self).__qualname__)
+        self.__name__ = getattr(function, "__name__", type(self).__name__)
+
+    def __call__(self, *leaves: Any) -> Any:
+        values = iter(self.program.run(leaves))
+        args = [
+            next(values) if is_array else constant
+            for is_array, constant in zip(self.arrays, self.constants, strict=True)
+        ]
+        split = len(args) - len(self.keywords)
+        keywords = dict(zip(self.keywords, args[split:], strict=True))
+        return self.function(*args[:split], **keywords)
+
+
 def _combine_min(a: Any, b: Any) -> Any:
     return np.minimum(a, b)
 
@@ -254,12 +301,12 @@ def _combine_max(a: Any, b: Any) -> Any:
 class Step:
     """One node made concrete: by a region (`kind` elemwise or reduce) or in the caller."""
 
-    kind: str  # "source", "move", "elemwise", "reduce", "caller"
+    kind: str  # "source", "move", "elemwise", "reduce", "region", "caller"
     node: Node
     leaves: tuple[Node, ...]  # inputs materialized by earlier steps
     split: tuple[bool, ...]  # per leaf: split by rows (True) or shared whole
     fused: tuple[Node, ...]  # the nodes this step computes (its program, in order)
-    function: ChunkFunction | None = None
+    function: ChunkFunction | RegionCall | None = None
 
     @property
     def rows(self) -> int:
@@ -269,7 +316,20 @@ class Step:
 
     @property
     def is_region(self) -> bool:
-        return self.kind in ("elemwise", "reduce")
+        return self.kind in ("elemwise", "reduce", "region")
+
+    @property
+    def by_blocks(self) -> bool:
+        """Whether `submatrix` may cut this step by columns too: a 2-D chain of ufuncs/where.
+
+        Such a chain treats every column alike, so each column block of the result needs only
+        the same columns of the operands (or all of a broadcast operand's single column).
+        """
+        return (
+            self.kind == "elemwise"
+            and self.node.ndim == 2
+            and all(n.op in ("ufunc", "where") for n in self.fused)
+        )
 
 
 def schedule(root: Node) -> list[Step]:
@@ -289,7 +349,7 @@ def schedule(root: Node) -> list[Step]:
             return
         if node.op == "source":
             steps.append(Step("source", node, (), (), (node,)))
-        elif is_rowwise(node) or is_leading(node):
+        elif is_rowwise(node) or is_leading(node) or node.op == "region":
             steps.append(_region_step(node, materialize))
         else:
             for n in node.inputs():
@@ -338,8 +398,19 @@ def _region_step(node: Node, materialize: Callable[[Node], None]) -> Step:
         computed[id(n)] = len(instructions) - 1
         return ("value", computed[id(n)])
 
+    if node.op == "region":
+        split_flags = node.params["split"]
+        outputs: tuple[Ref, ...] = tuple(
+            (inline(a) if is_split else leaf(a, False))
+            for a, is_split in zip(node.inputs(), split_flags, strict=True)
+        )
+        program = Program(tuple(instructions), outputs)
+        assert node.function is not None
+        call = RegionCall(program, node.function.region.function, node.args, node.params)
+        fused.append(node)
+        return Step("region", node, tuple(leaves), tuple(split), tuple(fused), call)
     if is_rowwise(node):
-        outputs: tuple[Ref, ...] = (inline(node),)
+        outputs = (inline(node),)
         function = ChunkFunction(Program((), ()), "rows")
         kind = "elemwise"
     elif node.op == "matmul":
@@ -382,17 +453,79 @@ def _mean_accumulator(dtype: np.dtype[Any]) -> np.dtype[Any] | None:
 # Running a schedule.
 
 
-def evaluate(root: Node, executor: str | None = None, chunks: Chunks | None = None) -> Any:
-    """Compute `root`: follow its schedule, running each region step as a lampy region."""
+Blocks = tuple[int, int]
+
+
+def check_submatrix(submatrix: object, chunks: Chunks | None) -> Blocks | None:
+    """Validate `run(submatrix=...)`: None, or (row blocks, column blocks) as positive ints.
+
+    >>> check_submatrix((2, 3), None)
+    (2, 3)
+    """
+    if submatrix is None:
+        return None
+    if (
+        not isinstance(submatrix, tuple | list)
+        or len(submatrix) != 2
+        or any(isinstance(n, bool) or not isinstance(n, int | np.integer) for n in submatrix)
+    ):
+        raise OptionError(
+            f"submatrix must be (row blocks, column blocks), two ints like (2, 2); "
+            f"got {submatrix!r}"
+        )
+    if min(submatrix) < 1:
+        raise OptionError(f"submatrix needs at least one block on each axis; got {submatrix!r}")
+    if chunks is not None:
+        raise OptionError(
+            f"give chunks= or submatrix=, not both: submatrix={tuple(submatrix)!r} already "
+            f"sets the blocks (got chunks={chunks!r})"
+        )
+    return int(submatrix[0]), int(submatrix[1])
+
+
+def evaluate(
+    root: Node,
+    executor: str | None = None,
+    chunks: Chunks | None = None,
+    submatrix: Blocks | None = None,
+) -> Any:
+    """Compute `root`: follow its schedule, running each region step as a lampy region.
+
+    On an executor that can pre-warm (openlambda) and is still cold, first warms as many
+    workers as the cost model says the widest region will use at once.
+    """
+    steps = schedule(root)
+    _prewarm(root, executor, chunks, submatrix)
     values: dict[int, Any] = {}
-    for step in schedule(root):
+    for step in steps:
         values[id(step.node)] = run_step(
-            step, [values[id(n)] for n in step.leaves], executor, chunks
+            step, [values[id(n)] for n in step.leaves], executor, chunks, submatrix
         )
     return values[id(root)]
 
 
-def run_step(step: Step, leaves: list[Any], executor: str | None, chunks: Chunks | None) -> Any:
+def _prewarm(
+    root: Node, executor: str | None, chunks: Chunks | None, submatrix: Blocks | None
+) -> None:
+    name = resolve_executor(executor)
+    instance = executors.get(name, resolve_options(name))
+    warm = getattr(instance, "prewarm", None)
+    if warm is None or instance.costs().startup_s == 0:
+        return  # cannot pre-warm, or already warm
+    from lampy.lazy.cost import explain  # cost builds on this module
+
+    count = explain(root, executor, chunks, submatrix).prewarm(name)
+    if count > 0:
+        warm(count)
+
+
+def run_step(
+    step: Step,
+    leaves: list[Any],
+    executor: str | None,
+    chunks: Chunks | None,
+    submatrix: Blocks | None = None,
+) -> Any:
     """One step on concrete inputs."""
     node = step.node
     if step.kind == "source":
@@ -405,15 +538,91 @@ def run_step(step: Step, leaves: list[Any], executor: str | None, chunks: Chunks
     assert function is not None
     if step.rows == 0 and node.ndim >= 1 and step.kind == "elemwise":
         return function(*leaves)
-    options: dict[str, Any] = {"chunks": chunks, "executor": executor}
-    if step.kind == "elemwise":
-        region = elemwise(**options)(function)
-    elif function.terminal in ("sum", "dot"):
-        region = sum_region(**options)(function)
-    elif function.terminal == "mean":
-        region = sum_region(finalize=MeanFinalize(str(node.dtype)), **options)(function)
-    else:
-        combine = _combine_min if function.terminal == "min" else _combine_max
-        region = reduce_region(combine, **options)(function)
+    if submatrix is not None and step.by_blocks:
+        return _run_blocks(step, leaves, executor, submatrix)
+    if submatrix is not None:
+        chunks = submatrix[0] * submatrix[1]
+    region = _region(step, executor, chunks)
     arguments = [v if s else shared(v) for v, s in zip(leaves, step.split, strict=True)]
-    return region(*arguments)
+    result = region(*arguments)
+    if step.kind == "region":
+        _check_result(node, result)
+    return result
+
+
+def _region(step: Step, executor: str | None, chunks: Chunks | None) -> ParallelFunction:
+    """The region that runs `step`; a region node's own decorator options win over run()'s."""
+    node, function = step.node, step.function
+    options: dict[str, Any] = {"chunks": chunks, "executor": executor}
+    if isinstance(function, RegionCall):
+        assert node.function is not None
+        own = node.function.region
+        return ParallelFunction(
+            Region(
+                function,
+                combine=own.combine,
+                finalize=own.finalize,
+                chunks=own.chunks if own.chunks is not None else chunks,
+                executor=own.executor or executor,
+            )
+        )
+    assert function is not None
+    if step.kind == "elemwise":
+        return elemwise(**options)(function)
+    if function.terminal in ("sum", "dot"):
+        return sum_region(**options)(function)
+    if function.terminal == "mean":
+        return sum_region(finalize=MeanFinalize(str(node.dtype)), **options)(function)
+    combine = _combine_min if function.terminal == "min" else _combine_max
+    return reduce_region(combine, **options)(function)
+
+
+def column_blocks(step: Step, leaves: list[Any], blocks: int) -> list[list[Any]]:
+    """Each leaf cut into column blocks (contiguous copies, so numpy takes its contiguous
+    loops as on the whole array); a leaf with one column, or none, is broadcast whole.
+
+    >>> a = source(np.arange(6.0).reshape(2, 3))
+    >>> e = Node("ufunc", (a, 1.0), {"name": "add"}, (2, 3), np.dtype("float64"))
+    >>> step = schedule(e)[-1]
+    >>> [b[0].shape for b in column_blocks(step, [np.ones((2, 3))], 2)]
+    [(2, 2), (2, 1)]
+    """
+    columns = step.node.shape[1]
+    cuts = split_rows(columns, blocks)
+    return [
+        [
+            np.ascontiguousarray(v[..., start:stop])
+            if np.ndim(v) >= 1 and np.shape(v)[-1] == columns and columns != 1
+            else v
+            for v in leaves
+        ]
+        for start, stop in cuts
+    ]
+
+
+def _run_blocks(step: Step, leaves: list[Any], executor: str | None, blocks: Blocks) -> Any:
+    """r x c blocks: the column blocks run at once (threads, each with the caller's lampy
+    settings), each as the step's region over r row chunks; joined along axis 1."""
+    rows, columns = blocks
+    region = _region(step, executor, rows)
+
+    def one(block: list[Any]) -> Any:
+        return region(*[v if s else shared(v) for v, s in zip(block, step.split, strict=True)])
+
+    parts = column_blocks(step, leaves, columns)
+    context = contextvars.copy_context()
+    with ThreadPoolExecutor(len(parts), thread_name_prefix="lampy-submatrix") as pool:
+        results = list(pool.map(lambda block: context.copy().run(one, block), parts))
+    return np.concatenate(results, axis=1)
+
+
+def _check_result(node: Node, result: Any) -> None:
+    """A region node's result must be what was inferred when the call was written."""
+    value = np.asarray(result)
+    if value.shape != node.shape or value.dtype != node.dtype:
+        raise ResultError(
+            f"region {node.params['function']} returned {value.shape} {value.dtype}, but its "
+            f"lazy result was inferred as {node.shape} {node.dtype} from a call on stand-in "
+            "rows when the expression was written. A region whose result shape or dtype "
+            "depends on the values cannot be a lazy node: call it on numpy arrays (x.run())"
+        )

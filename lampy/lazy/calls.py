@@ -1,0 +1,173 @@
+"""A decorated region called with lazy arguments: the call becomes a `region` node of the graph.
+
+`f(x_lazy, ...)` returns a lazy array at once; when the graph runs, the node runs as the region
+`f` (its own hint, combine rule and decorator options), and each of its chunks first runs the
+fused chain feeding its split arguments, so `f(np.exp(a) + b)` is still one round trip a chunk.
+
+The result's shape and dtype are inferred as dask's `map_blocks` infers its `meta`: by calling the
+undecorated function in the caller on stand-ins, ones of each argument's dtype (split arguments
+with a few rows, shared ones whole, as read-only broadcasts that take no memory). An elemwise
+region must give one result row per input row; a reduction's stand-in partial, finalized, gives
+its result. The same two calls (1 row, then the planner's probe rows) time the function for the
+cost model, as the region planner's own probe does. If the real result differs from the
+inferred shape or dtype when the graph runs, the run fails with `ResultError` rather than
+continuing with a different graph than the one that was checked.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from lampy.errors import SplitLengthError, UnsplittableError, UnsupportedOperation
+from lampy.lazy.array import LazyArray, array
+from lampy.lazy.graph import Node
+from lampy.regions.binding import Shared
+from lampy.regions.region import ParallelFunction
+from lampy.runtime.plan import probe_rows
+
+
+def call(function: ParallelFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """The lazy result of calling region `function` with at least one lazy argument."""
+    region = function.region
+    if region.allow_partial is not None:
+        raise UnsupportedOperation(
+            f"{function.__qualname__} has allow_partial set, so it returns lampy.Partial, which "
+            "cannot be a lazy array; call it with numpy arguments (x.run())"
+        )
+    values, names, keywords = _arguments(region.function, args, kwargs)
+    operands: list[Any] = []
+    split: list[bool] = []
+    for name, value in zip(names, values, strict=True):
+        is_shared = isinstance(value, Shared) or name.partition("[")[0] in region.shared
+        value = value.value if isinstance(value, Shared) else value
+        if isinstance(value, np.ndarray) and not (is_shared and value.dtype == object):
+            value = array(value)
+        if not isinstance(value, LazyArray):
+            operands.append(value)
+            continue
+        if value.ndim == 0 and not is_shared:
+            raise UnsplittableError(
+                f"argument {name!r} of {function.__qualname__} is a 0-d lazy array, which has "
+                f"no axis 0 to split; pass lampy.shared({name}) if every chunk needs it"
+            )
+        operands.append(value.node)
+        split.append(not is_shared)
+    rows = _rows(function, names, operands, split)
+    shape, dtype, call_s, row_s = _infer(function, operands, keywords, split, rows)
+    params = {
+        "function": f"{region.function.__module__}:{region.function.__qualname__}",
+        "kind": "elemwise" if region.combine is None else "reduce",
+        "keywords": keywords,
+        "split": tuple(split),
+        "rows": rows,
+        "seconds_per_call": call_s,
+        "seconds_per_row": row_s,
+    }
+    return LazyArray(Node("region", tuple(operands), params, shape, dtype, function=function))
+
+
+def _arguments(
+    function: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[list[Any], list[str], tuple[str, ...]]:
+    """The call's values in order, their names, and the names of those passed by keyword."""
+    signature = inspect.signature(function)
+    bound = signature.bind(*args, **kwargs)  # a TypeError as the function itself would raise
+    names: list[str] = []
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            names += [f"{name}[{i}]" for i in range(len(value))]
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            names += list(value)
+        else:
+            names.append(name)
+    return [*bound.args, *bound.kwargs.values()], names, tuple(bound.kwargs)
+
+
+def _rows(
+    function: ParallelFunction, names: list[str], operands: list[Any], split: list[bool]
+) -> int:
+    """The split arguments' common length on axis 0 (0 when nothing is split)."""
+    arrays = [(n, a) for n, a in zip(names, operands, strict=True) if isinstance(a, Node)]
+    lengths = [(n, a.shape[0]) for (n, a), s in zip(arrays, split, strict=True) if s]
+    if len({length for _, length in lengths}) > 1:
+        described = ", ".join(f"{n} has {length} rows" for n, length in lengths)
+        raise SplitLengthError(
+            f"split arguments of {function.__qualname__} differ in length on axis 0: "
+            f"{described}. Mark arrays every chunk needs whole with lampy.shared(x)"
+        )
+    return lengths[0][1] if lengths else 0
+
+
+def _infer(
+    function: ParallelFunction,
+    operands: list[Any],
+    keywords: tuple[str, ...],
+    split: list[bool],
+    rows: int,
+) -> tuple[tuple[int, ...], np.dtype[Any], float, float]:
+    """(shape, dtype, seconds per call, seconds per row) from calls on stand-ins."""
+    region = function.region
+    row_bytes = sum(
+        n.nbytes // max(n.shape[0], 1)
+        for n, s in zip([a for a in operands if isinstance(a, Node)], split, strict=True)
+        if s
+    )
+    many = probe_rows(rows, row_bytes) if rows else 0
+    small = min(1, many)
+
+    def run(count: int) -> tuple[Any, float]:
+        flags = iter(split)
+        values = [
+            _stand_in(a, count if next(flags) else None) if isinstance(a, Node) else a
+            for a in operands
+        ]
+        cut = len(values) - len(keywords)
+        named = dict(zip(keywords, values[cut:], strict=True))
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                value = region.function(*values[:cut], **named)
+                if region.combine is not None:
+                    value = region.finish(value)
+        except Exception as why:
+            raise UnsupportedOperation(
+                f"cannot infer the lazy result of {function.__qualname__}: called on stand-ins "
+                f"(ones) of {count} row(s), it raised {type(why).__name__}: {why}. Call it with "
+                "numpy arguments instead (x.run())"
+            ) from why
+        return value, time.perf_counter() - start
+
+    (_, first), (value, seconds) = run(small), run(many)
+    per_row = max(0.0, (seconds - first) / (many - small)) if many > small else 0.0
+    per_call = max(0.0, first - small * per_row)
+    if not isinstance(value, np.ndarray | np.generic | int | float | complex | bool):
+        raise UnsupportedOperation(
+            f"{function.__qualname__} returned {type(value).__name__}; a lazy region call "
+            "must return one numpy array. Call it with numpy arguments instead (x.run())"
+        )
+    result = np.asarray(value)
+    if region.combine is not None or not any(split):
+        return result.shape, result.dtype, per_call, per_row
+    if result.ndim == 0 or result.shape[0] != many:
+        raise UnsupportedOperation(
+            f"elemwise region {function.__qualname__} returned shape {result.shape} for "
+            f"{many} stand-in row(s); a lazy call needs one result row per input row to know "
+            "its shape. Call it with numpy arguments instead (x.run())"
+        )
+    return (rows, *result.shape[1:]), result.dtype, per_call, per_row
+
+
+def _stand_in(node: Node, rows: int | None) -> np.ndarray:
+    """Ones of the node's dtype: `rows` leading rows, or (None) its whole shape as a read-only
+    broadcast, which takes no memory however large the shared array."""
+    if rows is None:
+        return np.broadcast_to(np.ones((), node.dtype), node.shape)
+    return np.ones((rows, *node.shape[1:]), node.dtype)
