@@ -1,0 +1,160 @@
+"""Automatic publishing: large in-memory arguments of a remote job travel by reference.
+
+Pushing a large split array means every byte goes from the client through the platform's
+front door (the OpenLambda worker) into each sandbox. Instead, when an array is larger than
+`PUBLISH_BYTES`, the client writes it once into the directory of an array server it starts on
+demand (`lampy serve` in a subprocess, on a directory in /dev/shm where there is one) and sends
+each chunk a reference; sandboxes then pull their rows in parallel, straight from that server
+(sendfile). The files live for one job. References to local files are published the same way
+(a sandbox cannot open the client's files), or read and pushed when they are small.
+
+The server binds the address this machine uses to reach the platform: 127.0.0.1 for a worker
+on loopback, else the outgoing interface's address. Every request to it is signed with the
+shared secret, which the sandboxes already hold.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from lampy.errors import RemoteArrayError
+from lampy.runtime.job import Job
+from lampy.runtime.remote.npy import NpyMeta, header_bytes, version_of
+from lampy.runtime.remote.reference import RemoteArray
+from lampy.testing import wait_ready
+
+# Chosen with bench/bench_remote.py ("publish threshold" rows): below this, pushing the bytes
+# inline costs about as much as writing them out and the extra request per chunk.
+PUBLISH_BYTES = 64 << 20
+
+
+class _Publisher:
+    """One array server for this process, started on first use, stopped at exit."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.directory: Path | None = None
+        self.host = self.url = ""
+
+    def start(self, host: str) -> tuple[Path, str]:
+        with self.lock:
+            if self.process is not None and self.process.poll() is None and host == self.host:
+                assert self.directory is not None
+                return self.directory, self.url
+            self.stop()
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self.directory = Path(tempfile.mkdtemp(prefix="lampy-publish-", dir=shm))
+            port = _free_port_on(host)
+            self.host, self.url = host, f"http://{host}:{port}"
+            command = [sys.executable, "-m", "lampy.cli", "serve", str(self.directory)]
+            command += ["--host", host, "--port", str(port)]
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+            try:
+                wait_ready(self.url, self.process)
+            except RuntimeError:
+                self.stop()
+                raise RemoteArrayError(
+                    f"the array server for publishing large arguments did not start on {host}"
+                ) from None
+            return self.directory, self.url
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+
+_publisher = _Publisher()
+atexit.register(_publisher.stop)
+
+
+@contextmanager
+def published(job: Job, platform_url: str) -> Iterator[Job]:
+    """`job` with its large split arrays sent by reference; their files removed afterwards.
+
+    Local-file references are published too, or read and pushed when small; references to
+    array servers are left as they are.
+    """
+    todo = [i for i, a in enumerate(job.split) if _local_bytes(a) > PUBLISH_BYTES]
+    host = _reachable_host(platform_url) if todo else None
+    split = [_read_local(a) for a in job.split]
+    files: list[Path] = []
+    try:
+        if host is not None:
+            directory, url = _publisher.start(host)
+            for i in todo:
+                array = np.asarray(split[i])
+                name = f"{uuid.uuid4().hex}.npy"
+                files.append(directory / name)
+                split[i] = _write(array, directory / name, f"{url}/{name}")
+        changed = any(a is not b for a, b in zip(split, job.split, strict=True))
+        yield replace(job, split=tuple(split)) if changed else job
+    finally:
+        for path in files:
+            path.unlink(missing_ok=True)
+
+
+def _local_bytes(array: np.ndarray | RemoteArray) -> int:
+    """Bytes the client would push for this argument (0 for a reference to a server)."""
+    if isinstance(array, RemoteArray):
+        return array.nbytes if array.url.startswith("file:") else 0
+    return array.nbytes
+
+
+def _read_local(array: np.ndarray | RemoteArray) -> np.ndarray | RemoteArray:
+    """A local-file reference as a mapped array (sandboxes cannot open the client's files)."""
+    if isinstance(array, RemoteArray) and array.url.startswith("file:"):
+        return array.fetch()
+    return array
+
+
+def _write(array: np.ndarray, path: Path, url: str) -> RemoteArray:
+    """Write `array` as a `.npy` file the server serves; its reference."""
+    data = np.ascontiguousarray(array)
+    header = header_bytes(data.shape, data.dtype)
+    with open(path, "wb") as file:
+        file.write(header)
+        file.write(data.reshape(-1).view(np.uint8).data)
+    meta = NpyMeta(data.shape, data.dtype, False, len(header), version_of(path.stat()))
+    return RemoteArray(url, meta, 0, data.shape[0])
+
+
+def _reachable_host(platform_url: str) -> str | None:
+    """The address of this machine that the platform reaches it by; None if unknown."""
+    host = urllib.parse.urlsplit(platform_url).hostname or "127.0.0.1"
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, socket.AF_INET)}
+        if all(ipaddress.ip_address(a).is_loopback for a in addresses):
+            return "127.0.0.1"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((next(iter(addresses)), 9))  # no packet is sent: picks the route
+            return str(probe.getsockname()[0])
+    except OSError:
+        return None  # no route known: push the bytes instead
+
+
+def _free_port_on(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
