@@ -143,7 +143,23 @@ def respond(conn: socket.socket, status: str, headers: list[tuple[str, str]], bo
             close()
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this sandbox when its worker dies (even by SIGKILL), so a crashed
+    worker leaves no orphans blocked in accept; elsewhere the worker's shutdown stops them."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the worker died before the request took effect
+        sys.exit(1)
+
+
 def main() -> None:
+    die_with_parent()
     directory, path = os.path.abspath(sys.argv[1]), sys.argv[2]
     sys.path[0] = directory
     os.chdir(directory)
