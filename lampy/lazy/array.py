@@ -16,6 +16,7 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 
 from lampy.errors import ShapeError, UnsupportedOperation, UsageError
 from lampy.lazy.graph import Node, check_submatrix, evaluate, source
+from lampy.runtime.remote.reference import remote
 from lampy.runtime.settings import Chunks
 
 SUPPORTED_FUNCTIONS = (
@@ -172,7 +173,8 @@ class LazyArray(NDArrayOperatorsMixin):
 
 
 def array(obj: Any, dtype: Any = None) -> LazyArray:
-    """A lazy array from a list, an ndarray, a lazy array, or the path of a `.npy` file.
+    """A lazy array from a list, an ndarray, a lazy array, the path of a `.npy` file, or the
+    http(s) URL of one on an array server (`lampy serve`), read by reference.
 
     A `.npy` file is read when the graph runs (only its header now), so a saved graph keeps
     the path rather than the data.
@@ -183,6 +185,10 @@ def array(obj: Any, dtype: Any = None) -> LazyArray:
                 "lampy.array cannot change a lazy array's dtype; pass numpy data"
             )
         return obj
+    if isinstance(obj, str) and obj.startswith(("http://", "https://")):
+        reference = remote(obj, dtype)  # only the metadata now; chunks read their own rows
+        data: Any = reference  # array-like: regions split it, other steps read it (__array__)
+        return LazyArray(Node("source", (), {}, reference.shape, reference.dtype, data=data))
     if isinstance(obj, str | os.PathLike):
         path = os.fspath(obj)
         if not path.endswith(".npy"):

@@ -37,7 +37,7 @@ def call(function: ParallelFunction, args: tuple[Any, ...], kwargs: Mapping[str,
     region = function.region
     if region.allow_partial is not None:
         raise UnsupportedOperation(
-            f"{function.__qualname__} has allow_partial set, so it returns lampy.Partial, which "
+            f"{_name(function)} has allow_partial set, so it returns lampy.Partial, which "
             "cannot be a lazy array; call it with numpy arguments (x.run())"
         )
     values, names, keywords = _arguments(region.function, args, kwargs)
@@ -53,7 +53,7 @@ def call(function: ParallelFunction, args: tuple[Any, ...], kwargs: Mapping[str,
             continue
         if value.ndim == 0 and not is_shared:
             raise UnsplittableError(
-                f"argument {name!r} of {function.__qualname__} is a 0-d lazy array, which has "
+                f"argument {name!r} of {_name(function)} is a 0-d lazy array, which has "
                 f"no axis 0 to split; pass lampy.shared({name}) if every chunk needs it"
             )
         operands.append(value.node)
@@ -99,7 +99,7 @@ def _rows(
     if len({length for _, length in lengths}) > 1:
         described = ", ".join(f"{n} has {length} rows" for n, length in lengths)
         raise SplitLengthError(
-            f"split arguments of {function.__qualname__} differ in length on axis 0: "
+            f"split arguments of {_name(function)} differ in length on axis 0: "
             f"{described}. Mark arrays every chunk needs whole with lampy.shared(x)"
         )
     return lengths[0][1] if lengths else 0
@@ -119,7 +119,7 @@ def _infer(
         for n, s in zip([a for a in operands if isinstance(a, Node)], split, strict=True)
         if s
     )
-    many = probe_rows(rows, row_bytes) if rows else 0
+    many = min(rows, max(2, probe_rows(rows, row_bytes)))  # 2+ rows: a row count is telling
     small = min(1, many)
 
     def run(count: int) -> tuple[Any, float]:
@@ -139,7 +139,7 @@ def _infer(
                     value = region.finish(value)
         except Exception as why:
             raise UnsupportedOperation(
-                f"cannot infer the lazy result of {function.__qualname__}: called on stand-ins "
+                f"cannot infer the lazy result of {_name(function)}: called on stand-ins "
                 f"(ones) of {count} row(s), it raised {type(why).__name__}: {why}. Call it with "
                 "numpy arguments instead (x.run())"
             ) from why
@@ -150,7 +150,7 @@ def _infer(
     per_call = max(0.0, first - small * per_row)
     if not isinstance(value, np.ndarray | np.generic | int | float | complex | bool):
         raise UnsupportedOperation(
-            f"{function.__qualname__} returned {type(value).__name__}; a lazy region call "
+            f"{_name(function)} returned {type(value).__name__}; a lazy region call "
             "must return one numpy array. Call it with numpy arguments instead (x.run())"
         )
     result = np.asarray(value)
@@ -158,11 +158,15 @@ def _infer(
         return result.shape, result.dtype, per_call, per_row
     if result.ndim == 0 or result.shape[0] != many:
         raise UnsupportedOperation(
-            f"elemwise region {function.__qualname__} returned shape {result.shape} for "
+            f"elemwise region {_name(function)} returned shape {result.shape} for "
             f"{many} stand-in row(s); a lazy call needs one result row per input row to know "
             "its shape. Call it with numpy arguments instead (x.run())"
         )
     return (rows, *result.shape[1:]), result.dtype, per_call, per_row
+
+
+def _name(function: ParallelFunction) -> str:
+    return str(getattr(function.region.function, "__qualname__", function))
 
 
 def _stand_in(node: Node, rows: int | None) -> np.ndarray:

@@ -3,11 +3,14 @@
 The JSON form lists nodes inputs-first: each has its operation, parameters, shape and dtype,
 and its inputs as node indices or constants. Real source data up to `INLINE_ELEMENTS` elements is
 written inline; larger arrays go to `.npy` files beside the JSON (named after it) and are
-referenced by relative path, as are sources that were read from `.npy` files.
+referenced by relative path, as are sources that were read from `.npy` files. A region node
+keeps its function as "module:qualname", imported again on load, so the region must be defined
+at the top level of an importable module; its other arguments must be plain JSON values.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -17,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from lampy.errors import UsageError
+from lampy.errors import UnsupportedOperation, UsageError
 from lampy.lazy.array import LazyArray
 from lampy.lazy.graph import Node, walk
+from lampy.regions.region import ParallelFunction
 
 INLINE_ELEMENTS = 1024
 FORMAT = "lampy-graph/1"
@@ -59,11 +63,25 @@ class Graph:
         return target
 
 
+_PLAIN = {"bool": bool, "int": int, "float": float, "str": str}
+
+
 def _const(value: Any) -> dict[str, Any]:
     if isinstance(value, np.generic):
-        return {"const": value.item(), "dtype": str(value.dtype)}
+        item = value.item()
+        return {
+            "const": [item.real, item.imag] if isinstance(item, complex) else item,
+            "dtype": str(value.dtype),
+        }
     if isinstance(value, complex):
         return {"const": [value.real, value.imag], "type": "complex"}
+    if value is None:
+        return {"const": None, "type": "None"}
+    if type(value).__name__ not in _PLAIN:
+        raise UnsupportedOperation(
+            f"cannot save the constant {value!r} ({type(value).__name__}) in a graph file: "
+            "region arguments that are not arrays must be None, bool, int, float, complex or str"
+        )
     return {"const": value, "type": type(value).__name__}
 
 
@@ -74,7 +92,37 @@ def _load_const(data: dict[str, Any]) -> Any:
         return dtype.type(complex(*value) if isinstance(value, list) else value)
     if data["type"] == "complex":
         return complex(*data["const"])
-    return {"bool": bool, "int": int, "float": float}[data["type"]](data["const"])
+    if data["type"] == "None":
+        return None
+    return _PLAIN[data["type"]](data["const"])
+
+
+def _function_name(node: Node) -> str:
+    """The region's "module:qualname", checked to import back as the same region."""
+    name = str(node.params["function"])
+    try:
+        same = _import_region(name) is node.function
+    except UsageError:
+        same = False
+    if not same:
+        raise UnsupportedOperation(
+            f"cannot save a graph calling region {name.partition(':')[2]}: a saved graph refers "
+            f"to regions by name ({name}), so define it at the top level of an importable module"
+        )
+    return name
+
+
+def _import_region(name: str) -> ParallelFunction:
+    module, _, qualname = name.partition(":")
+    try:
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as why:
+        raise UsageError(f"the graph calls region {name}, which does not import: {why}") from None
+    if not isinstance(found, ParallelFunction):
+        raise UsageError(f"the graph calls {name}, which is not a lampy region")
+    return found
 
 
 def save_graph(lazy: LazyArray, path: str | os.PathLike[str]) -> Path:
@@ -91,6 +139,8 @@ def save_graph(lazy: LazyArray, path: str | os.PathLike[str]) -> Path:
             "dtype": str(n.dtype),
             "args": [{"node": index[id(a)]} if isinstance(a, Node) else _const(a) for a in n.args],
         }
+        if n.op == "region":
+            record["params"] = {**n.params, "function": _function_name(n)}
         if n.op == "source" and n.path is not None:
             record["npy"] = os.path.relpath(os.path.abspath(n.path), target.parent.absolute())
         elif n.op == "source" and n.size <= INLINE_ELEMENTS and n.dtype.kind in "biuf":
@@ -124,5 +174,6 @@ def load_graph(path: str | os.PathLike[str]) -> LazyArray:
             continue
         args = tuple(nodes[a["node"]] if "node" in a else _load_const(a) for a in record["args"])
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in record["params"].items()}
-        nodes.append(Node(record["op"], args, params, shape, dtype))
+        function = _import_region(str(params["function"])) if record["op"] == "region" else None
+        nodes.append(Node(record["op"], args, params, shape, dtype, function=function))
     return LazyArray(nodes[-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lampy.lazy as lazy
-from lampy.errors import UsageError
+from lampy.errors import ShapeError, UnsupportedOperation, UsageError
 from lampy.lazy.graph import schedule
 from lampy.regions.region import ParallelFunction
 from tests.conftest import assert_same
@@ -166,44 +167,58 @@ def test_array_from_list_ndarray_and_npy(tmp_path: Path) -> None:
     assert repr(x).startswith("lampy.LazyArray(shape=(7, 3)")
 
 
-def _unsupported() -> list[tuple[Callable[[], Any], str]]:
+def _unsupported() -> list[tuple[Callable[[], Any], str, type[Exception]]]:
     a, b = lazy.array(DATA["a"]), lazy.array(DATA["b"])
     return [
-        (lambda: a + lazy.array(np.ones((4, 3))), r"broadcast.*\(7, 3\) and \(4, 3\)"),
-        (lambda: np.where(a > 0, a, np.ones(5)), r"broadcast.*\(7, 3\).*\(5,\)"),
-        (lambda: a @ np.ones((4, 2)), r"shapes \(7, 3\) and \(4, 2\) do not match"),
-        (lambda: a @ np.ones((2, 3, 3)), "right operand of 1 or 2 dims"),
-        (lambda: np.add.reduce(a), r"np.add.reduce is not supported"),
-        (lambda: np.add(a, b, out=np.empty((N, M))), r"with \['out'\]"),
-        (lambda: np.divmod(a, 2), "np.divmod is not supported"),
-        (lambda: np.cumsum(a), r"np.cumsum is not supported.*supported: sum, mean"),
-        (lambda: np.sort(a), "np.sort is not supported"),
-        (lambda: np.sum(a, axis=(0, 1)), "one int"),
-        (lambda: np.sum(a, axis=2), "out of bounds"),
-        (lambda: np.sum(a, keepdims=True), r"takes only \[\]; got \['keepdims'\]"),
-        (lambda: np.concatenate([a, b], axis=1), "axis 0 only"),
-        (lambda: np.concatenate([a, lazy.array(DATA["row"])]), "equal trailing shapes"),
-        (lambda: a.reshape(M, N), "must keep the leading axis"),
-        (lambda: a.reshape(N, 2), "cannot reshape"),
-        (lambda: a[:, 0], "leading axis only"),
-        (lambda: a[[0, 1]], "integer and slice"),
-        (lambda: a[7], "out of bounds"),
-        (lambda: np.where(a > 0), "all three"),
-        (lambda: np.bitwise_and(a, 1), "bitwise_and cannot take"),
-        (lambda: a.T.transpose(0, 0), "not a permutation"),
-        (lambda: lazy.array(a[0:0]).max(), "empty axis"),
-        (lambda: lazy.array([[1], [2, 3]]), "object array"),
-        (lambda: lazy.array("data.csv"), "reads .npy files"),
-        (lambda: bool(a), "truth value"),
-        (lambda: list(a), "iterating"),
+        (lambda: a + lazy.array(np.ones((4, 3))), r"broadcast.*\(7, 3\) and \(4, 3\)", ShapeError),
+        (lambda: np.where(a > 0, a, np.ones(5)), r"broadcast.*\(7, 3\).*\(5,\)", ShapeError),
+        (lambda: a @ np.ones((4, 2)), r"shapes \(7, 3\) and \(4, 2\) do not match", ShapeError),
+        (lambda: a @ np.ones((2, 3, 3)), "right operand of 1 or 2 dims", UnsupportedOperation),
+        (lambda: np.add.reduce(a), r"np.add.reduce is not supported", UnsupportedOperation),
+        (lambda: np.add(a, b, out=np.empty((N, M))), r"with \['out'\]", UnsupportedOperation),
+        (lambda: np.divmod(a, 2), "np.divmod is not supported", UnsupportedOperation),
+        (
+            lambda: np.cumsum(a),
+            r"np.cumsum is not supported.*supported: sum, mean",
+            UnsupportedOperation,
+        ),
+        (lambda: np.sort(a), "np.sort is not supported", UnsupportedOperation),
+        (lambda: np.sum(a, axis=(0, 1)), "one int", UnsupportedOperation),
+        (lambda: np.sum(a, axis=2), "out of bounds", ShapeError),
+        (
+            lambda: np.sum(a, keepdims=True),
+            r"takes only \[\]; got \['keepdims'\]",
+            UnsupportedOperation,
+        ),
+        (lambda: np.concatenate([a, b], axis=1), "axis 0 only", UnsupportedOperation),
+        (lambda: np.concatenate([a, lazy.array(DATA["row"])]), "equal trailing shapes", ShapeError),
+        (lambda: a.reshape(M, N), "must keep the leading axis", UnsupportedOperation),
+        (lambda: a.reshape(N, 2), "cannot reshape", ShapeError),
+        (lambda: a[:, 0], "leading axis only", UnsupportedOperation),
+        (lambda: a[[0, 1]], "integer and slice", UnsupportedOperation),
+        (lambda: a[7], "out of bounds", UsageError),
+        (lambda: np.where(a > 0), "all three", UnsupportedOperation),
+        (lambda: np.bitwise_and(a, 1), "bitwise_and cannot take", UnsupportedOperation),
+        (lambda: a.T.transpose(0, 0), "not a permutation", ShapeError),
+        (lambda: lazy.array(a[0:0]).max(), "empty axis", ShapeError),
+        (lambda: lazy.array([[1], [2, 3]]), "object array", UnsupportedOperation),
+        (lambda: lazy.array("data.csv"), "reads .npy files", UsageError),
+        (lambda: bool(a), "truth value", UnsupportedOperation),
+        (lambda: list(a), "iterating", UnsupportedOperation),
     ]
 
 
 @pytest.mark.parametrize("case", range(len(_unsupported())))
 def test_unsupported_and_shape_errors_raise_at_build(case: int) -> None:
-    build, message = _unsupported()[case]
-    with pytest.raises(UsageError, match=message):
+    build, message, kind = _unsupported()[case]
+    with pytest.raises(kind, match=message) as raised:
         build()
+    # numpy users catch ValueError for shapes and TypeError for what a type cannot do
+    assert isinstance(raised.value, UsageError)
+    if kind is ShapeError:
+        assert isinstance(raised.value, ValueError)
+    if kind is UnsupportedOperation:
+        assert isinstance(raised.value, TypeError)
 
 
 def test_graph_json_round_trip(tmp_path: Path, executor: str) -> None:
@@ -230,6 +245,16 @@ def test_dot_text_and_render_without_graphviz(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(UsageError, match="graphviz"):
         (a + 1).graph().render(tmp_path / "g.svg")
+
+
+def test_render_draws_svg_with_graphviz(tmp_path: Path) -> None:
+    if shutil.which("dot") is None:
+        pytest.skip("graphviz's dot is not installed: apt-get install -y graphviz")
+    a, b, d = (lazy.array(DATA[k]) for k in ("a", "b", "row"))
+    path = (a + b + d).graph().render(tmp_path / "g.svg")
+    svg = path.read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert svg.count('class="node"') == 5 and svg.count('class="edge"') == 4
 
 
 def test_explain_shows_regions_chunks_bytes_and_times() -> None:
