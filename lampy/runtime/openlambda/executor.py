@@ -175,9 +175,9 @@ class AiohttpTransport(Transport):
             if response.status != 200 or length is None:
                 return Reply(response.status, await response.read())
             prefix = await response.content.readexactly(min(length, frames.PREFIX_BYTES))
-            reader = frames.Reader(prefix, self.secret)  # refuses oversized frames unread
-            if reader.total != length:
+            if frames.check_prefix(prefix) != length:  # before Reader allocates what it claims
                 raise FrameError(f"answer of {length:,} bytes does not match its frame")
+            reader = frames.Reader(prefix, self.secret)
             while reader.missing:
                 chunk = await response.content.readany()
                 if not chunk:

@@ -65,9 +65,11 @@ def _read(environ: dict[str, Any], secret: bytes) -> frames.Frame:
     """
     length = int(environ.get("CONTENT_LENGTH") or 0)
     stream = environ["wsgi.input"]
-    reader = frames.Reader(_read_exactly(stream, min(length, frames.PREFIX_BYTES)), secret)
-    if reader.total != length:
-        raise FrameError(f"truncated frame: Content-Length {length:,}, frame {reader.total:,}")
+    prefix = _read_exactly(stream, min(length, frames.PREFIX_BYTES))
+    total = frames.check_prefix(prefix)  # before Reader allocates what an unsigned prefix claims
+    if total != length:
+        raise FrameError(f"truncated frame: Content-Length {length:,}, frame {total:,}")
+    reader = frames.Reader(prefix, secret)
     while reader.missing:
         chunk = stream.read(min(reader.missing, frames.SLICE))
         if not chunk:

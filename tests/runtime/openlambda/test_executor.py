@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lampy.errors import ExecutionError, RetriesExhausted
 from lampy.runtime.job import Job, Part, Whole
@@ -132,6 +134,45 @@ def test_retries_exhausted_names_chunk_rows_and_every_cause(run: Any) -> None:
     assert "attempts= (now 3)" in text and len(error.causes) == 3
     assert outcomes[1].traceback == "lambda function queue is full"  # the platform's last words
     assert transport.attempts[1] == 3
+
+
+@settings(max_examples=30)
+@given(
+    count=st.integers(1, 12),
+    batch=st.integers(1, 4),
+    first=st.integers(0, 3),
+    attempts=st.integers(1, 3),
+    doomed=st.sets(st.integers(0, 11), max_size=4),
+)
+def test_every_give_up_names_its_chunk(
+    count: int, batch: int, first: int, attempts: int, doomed: set[int]
+) -> None:
+    """Chunks whose calls fail every attempt each get their own error: chunk, rows, causes."""
+    x = np.arange(count * 3.0)
+    chunks = split_rows(len(x), count)
+    job = Job(double, (Part(0),), {}, (x,), (), chunks, keep_going=True, first=first)
+    calls = module._batches(count, batch)
+    doomed_calls = [call for call in calls if call[0] in doomed]  # plans key on a call's first
+    plan = {(call[0], a): 502 for call in doomed_calls for a in range(1, attempts + 1)}
+    executor = OpenLambdaExecutor(
+        transport=Scripted(plan), backoff=0.0, attempts=attempts, batch=batch
+    )
+    try:
+        outcomes = executor.run(job)
+    finally:
+        executor.close()
+    lost = {chunk for call in doomed_calls for chunk in call}
+    assert sorted(outcomes) == list(range(count))  # keep_going: every other chunk still ran
+    for chunk, outcome in outcomes.items():
+        if chunk not in lost:
+            np.testing.assert_array_equal(outcome.value, x[slice(*chunks[chunk])] * 2)
+            continue
+        error = outcome.error
+        assert isinstance(error, RetriesExhausted)
+        assert (error.chunk, error.rows) == (first + chunk, chunks[chunk])
+        assert str(error).startswith(f"{job.label(chunk)} was lost: all {attempts} attempts")
+        assert len(error.causes) == attempts and all("HTTP 502" in c for c in error.causes)
+    assert executor.accounts[-1].lost == lost
 
 
 def test_lambda_not_found_is_not_retried_and_says_deploy(run: Any) -> None:
