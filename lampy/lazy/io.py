@@ -22,7 +22,7 @@ import numpy as np
 
 from lampy.errors import UnsupportedOperation, UsageError
 from lampy.lazy.array import LazyArray
-from lampy.lazy.graph import Node, walk
+from lampy.lazy.graph import Node, schedule, walk
 from lampy.regions.region import ParallelFunction
 
 INLINE_ELEMENTS = 1024
@@ -37,15 +37,31 @@ class Graph:
         self.nodes = walk(root)
 
     def to_dot(self) -> str:
+        """Graphviz text: one box per node, and each region after fusion drawn as a cluster
+        around the nodes it computes, so the picture shows what runs in one round trip."""
         index = {id(n): i for i, n in enumerate(self.nodes)}
+        regions = [s for s in schedule(self.root) if s.is_region]
+        clustered = {id(n) for s in regions for n in s.fused}
         lines = ["digraph lampy {", "  rankdir=LR;", '  node [shape=box, fontname="monospace"];']
         for i, n in enumerate(self.nodes):
-            consts = [repr(a) for a in n.args if not isinstance(a, Node)]
-            extra = f" {', '.join(consts)}" if consts else ""
-            label = f"{n.label()}{extra}\\n{n.shape} {n.dtype}"
-            lines.append(f'  n{i} [label="{label}"];')
+            if id(n) not in clustered:
+                lines.append(f"  {self._box(i, n)}")
+        for r, step in enumerate(regions):
+            lines += [
+                f"  subgraph cluster_{r} {{",
+                f'    label="{step.kind} region: one round trip per chunk"; style=rounded;',
+                *(f"    {self._box(index[id(n)], n)}" for n in step.fused),
+                "  }",
+            ]
+        for i, n in enumerate(self.nodes):
             lines += [f"  n{index[id(a)]} -> n{i};" for a in n.inputs()]
         return "\n".join([*lines, "}"]) + "\n"
+
+    @staticmethod
+    def _box(i: int, n: Node) -> str:
+        consts = [repr(a) for a in n.args if not isinstance(a, Node)]
+        extra = f" {', '.join(consts)}" if consts else ""
+        return f'n{i} [label="{n.label()}{extra}\\n{n.shape} {n.dtype}"];'
 
     def render(self, path: str | os.PathLike[str]) -> Path:
         """Draw to SVG or PNG (by the path's suffix) with graphviz's `dot`."""

@@ -242,6 +242,7 @@ def test_dot_text_and_render_without_graphviz(
     a = lazy.array(DATA["a"])
     dot = (np.exp(a) + 1).graph().to_dot()
     assert dot.startswith("digraph lampy {") and "exp" in dot and "n1 -> n2" in dot
+    assert dot.count("subgraph cluster_") == 1 and "elemwise region" in dot
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(UsageError, match="graphviz"):
         (a + 1).graph().render(tmp_path / "g.svg")
