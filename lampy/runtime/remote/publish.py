@@ -39,9 +39,10 @@ from lampy.runtime.remote.npy import NpyMeta, header_bytes, version_of
 from lampy.runtime.remote.reference import RemoteArray
 from lampy.testing import wait_ready
 
-# Chosen with bench/bench_remote.py ("publish threshold" rows): below this, pushing the bytes
-# inline costs about as much as writing them out and the extra request per chunk.
-PUBLISH_BYTES = 64 << 20
+# Chosen with bench/bench_remote.py ("publish threshold" rows, 8 chunks, `lampy worker`): at
+# 1 MiB publishing is no faster than pushing (0.93x), from 4-8 MiB it wins in some runs and not
+# others on the noisy 2-core machine, at 16 MiB and above it won every run (1.1x-2.6x).
+PUBLISH_BYTES = 16 << 20
 
 
 class _Publisher:

@@ -1,0 +1,162 @@
+"""Data by reference on the openlambda executor (`lampy worker` on loopback), in one run.
+
+- 2 GiB input: one elemwise region (row sums) over a 2 GiB float64 array, 64 chunks. Push (the
+  array in memory, its rows inside each call's frame, publishing off) is the baseline, against
+  pull (a `lampy.remote` reference to the same array on `lampy serve`: each sandbox reads its
+  rows with one Range request) and auto-publish (the in-memory array, published on demand).
+  Each row notes the bytes the client sent in frames. Targets: pull no slower than push
+  (>= 1x), and >= 100x fewer bytes sent (asserted).
+- publish threshold: push against auto-publish for one array of 1, 4, 16 and 64 MiB; where
+  publishing starts to win sets `lampy.runtime.remote.publish.PUBLISH_BYTES`.
+
+LAMPY_BENCH_REMOTE_BYTES shrinks the large input (e.g. 268435456 for a quick check).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import lampy
+from lampy.runtime import executors
+from lampy.runtime.openlambda import frames
+from lampy.runtime.openlambda.executor import AiohttpTransport, OpenLambdaExecutor, Reply
+from lampy.runtime.remote import publish
+from lampy.runtime.remote.reference import RemoteArray, remote
+from lampy.runtime.settings import resolve_options
+from lampy.testing import free_port, openlambda_worker, wait_ready
+
+COLUMNS = 1024  # 8 KiB rows
+TOTAL_BYTES = int(os.environ.get("LAMPY_BENCH_REMOTE_BYTES", 2 << 30))
+CHUNKS = 64
+THRESHOLD_SIZES = [1 << 20, 4 << 20, 16 << 20, 64 << 20]
+LARGE = "input of {:.3g} GiB through one region, {} chunks"
+
+
+class Counting(AiohttpTransport):
+    """The real transport, counting the bytes of the frames the client sends."""
+
+    sent = 0
+
+    async def post(self, frame: frames.Outgoing, timeout: float) -> Reply:
+        Counting.sent += frame.size
+        return await super().post(frame, timeout)
+
+
+def row_sums(x: np.ndarray) -> np.ndarray:
+    return x.sum(axis=1)
+
+
+def make(nbytes: int) -> np.ndarray:
+    rows = nbytes // (COLUMNS * 8)
+    return np.arange(rows * COLUMNS, dtype=np.float64).reshape(rows, COLUMNS) % 1000
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
+    try:
+        with openlambda_worker(tmp_path_factory.mktemp("registry"), max_sandboxes=4) as url:
+            yield url
+    finally:
+        executors.shutdown()
+
+
+@pytest.fixture(scope="module")
+def counted(worker: str) -> Iterator[OpenLambdaExecutor]:
+    """The executor instance regions use under `lampy.using(executor="openlambda", url=...)`."""
+    with lampy.using(executor="openlambda", url=worker):
+        executor = executors.get("openlambda", resolve_options("openlambda"))
+        assert isinstance(executor, OpenLambdaExecutor)
+        executor.transport = Counting(executor.endpoint, executor.concurrency, executor.secret)
+        yield executor
+
+
+@pytest.fixture(scope="module")
+def large() -> np.ndarray:
+    return make(TOTAL_BYTES)
+
+
+@pytest.fixture(scope="module")
+def served(large: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The large array as a file on `lampy serve` (in /dev/shm where there is one)."""
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix="lampy-bench-", dir=shm) as root:
+        np.save(Path(root) / "large.npy", large)
+        port = free_port()
+        command = [sys.executable, "-m", "lampy.cli", "serve", root, "--port", str(port)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", process)
+            yield f"http://127.0.0.1:{port}/large.npy"
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def run(worker: str, argument: np.ndarray | RemoteArray, threshold: int, chunks: int) -> Any:
+    region = lampy.elemwise(row_sums, chunks=chunks)
+    saved, publish.PUBLISH_BYTES = publish.PUBLISH_BYTES, threshold
+    try:
+        with lampy.using(executor="openlambda", url=worker):
+            return region(argument)
+    finally:
+        publish.PUBLISH_BYTES = saved
+
+
+MODES = {
+    "push": "push: rows inside each call's frame (publishing off)",
+    "pull": "pull: lampy.remote reference to lampy serve",
+    "publish": "auto-publish: the in-memory array published on demand",
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_large_input(
+    benchmark: Any,
+    worker: str,
+    counted: OpenLambdaExecutor,
+    large: np.ndarray,
+    served: str,
+    mode: str,
+) -> None:
+    argument: np.ndarray | RemoteArray = remote(served) if mode == "pull" else large
+    threshold = 0 if mode == "publish" else 1 << 62
+    expected = row_sums(large)
+    np.testing.assert_array_equal(run(worker, argument, threshold, CHUNKS), expected)  # warm
+    Counting.sent = 0
+    benchmark.group = LARGE.format(TOTAL_BYTES / 2**30, CHUNKS)
+    result = benchmark.pedantic(
+        run, args=(worker, argument, threshold, CHUNKS), rounds=3, iterations=1
+    )
+    np.testing.assert_array_equal(result, expected)
+    sent = Counting.sent / 3
+    benchmark.extra_info.update(
+        system=MODES[mode],
+        note=f"client sent {sent / 1e6:,.3f} MB per job",
+        sent_bytes=sent,
+        **({"baseline": True} if mode == "push" else {"target": 1.0}),
+    )
+    if mode == "pull":
+        assert sent * 100 <= large.nbytes, f"only {large.nbytes / sent:.0f}x fewer bytes"
+
+
+@pytest.mark.parametrize("nbytes", THRESHOLD_SIZES)
+@pytest.mark.parametrize("mode", ["push", "publish"])
+def test_publish_threshold(benchmark: Any, worker: str, mode: str, nbytes: int) -> None:
+    array = make(nbytes)
+    threshold = 0 if mode == "publish" else 1 << 62
+    run(worker, array, threshold, 8)  # warm
+    benchmark.group = f"publish threshold: {nbytes >> 20} MiB, 8 chunks"
+    benchmark.pedantic(run, args=(worker, array, threshold, 8), rounds=7, iterations=1)
+    benchmark.extra_info.update(
+        system="auto-publish" if mode == "publish" else "push", baseline=mode == "push"
+    )
