@@ -1,0 +1,316 @@
+# mypy: disallow-untyped-calls=False
+# (distributed is only partly annotated; its calls are checked where it has annotations.)
+"""The `dask` executor: each chunk is one task on an existing Dask cluster (dask.distributed).
+
+For users who already run Dask rather than OpenLambda: decorated code stays unchanged, and
+`lampy.using(executor="dask", address="tcp://HOST:8786")` (or `client=` an existing
+`distributed.Client`, or a default Client made before the call) sends its chunks to the cluster.
+lampy starts no cluster of its own here, so nothing surprising runs on the caller's machine.
+
+How a job travels: the pickled (function, args, kwargs) template and the shared arrays are
+scattered once to every worker (`broadcast`, so losing one worker does not lose them); each
+chunk's rows are scattered to one worker and its task runs there, so array bytes go straight from
+the caller to a worker, never through the scheduler or inside the task graph. A worker keeps the
+unpickled template of its last few jobs, so each chunk unpickles only its rows.
+
+Failures are sorted as in the other executors. A user exception is the chunk's outcome, never
+retried. A worker that dies (killed, out of memory, restarted by its nanny) loses the rows it
+held: its chunk is scattered and submitted again, up to `attempts` times in all, and then is
+reported lost (`RetriesExhausted` naming the chunk, its rows and each attempt's cause). A cluster
+that cannot be reached, or a worker that cannot run lampy's task at all (lampy missing there),
+fails the whole call with an `ExecutionError` that says what to check.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import CancelledError
+from typing import Any
+
+try:
+    import distributed
+    from distributed import Future, as_completed
+    from distributed.comm.addressing import get_address_host_port, parse_address
+except ImportError as exc:  # the registry turns this into "the dask executor cannot load: ..."
+    raise ImportError(
+        f"dask.distributed is not installed ({exc}); install it with: pip install 'lampy[dask]'"
+    ) from exc
+
+from lampy.errors import ExecutionError, OptionError, RetriesExhausted
+from lampy.runtime.codec import dumps_out_of_band, loads
+from lampy.runtime.entry import Outcome, run_chunk
+from lampy.runtime.executors.base import Executor
+from lampy.runtime.job import Job, Part, Placeholder, fill
+from lampy.runtime.plan import Costs
+
+ATTEMPTS = 3  # per chunk, as the local pool's MAX_ATTEMPTS
+CONNECT_TIMEOUT_S = 10.0
+# Measured by bench/bench_overheads.py against a 2-worker LocalCluster on the reference machine.
+SECONDS_PER_BYTE = 1 / 1.0e9  # scattered to a worker over TCP, and back
+SECONDS_PER_CHUNK = 1.5e-3  # one scatter, task and gather through the scheduler
+JOBS_KEPT = 4  # unpickled templates a worker keeps
+
+Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+_calls: OrderedDict[str, Call | Outcome] = OrderedDict()  # on a worker: job id -> template
+_calls_lock = threading.Lock()
+_LOST_DATA = (
+    "its task was cancelled: the Dask worker holding the chunk's rows left the cluster "
+    "(killed, out of memory, or restarted by its nanny)"
+)
+
+
+class DaskExecutor(Executor):
+    name = "dask"
+    option_types = {"address": str, "client": object, "attempts": int, "connect_timeout": float}
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        if isinstance(options.get("client"), str):
+            raise OptionError(
+                "the dask executor's client= takes a distributed.Client; for a scheduler "
+                "address use address='tcp://HOST:8786' (or LAMPY_DASK_ADDRESS)"
+            )
+        return super().parse_options(options)
+
+    def __init__(
+        self,
+        address: str | None = None,
+        client: distributed.Client | None = None,
+        attempts: int = ATTEMPTS,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        if client is not None and not isinstance(client, distributed.Client):
+            raise OptionError(f"client must be a distributed.Client; got {client!r}")
+        if client is not None and address is not None:
+            raise OptionError(
+                f"give the dask executor address= or client=, not both (address={address!r})"
+            )
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise OptionError(f"attempts must be a positive int; got {attempts!r}")
+        if not connect_timeout > 0:
+            raise OptionError(f"connect_timeout must be seconds > 0; got {connect_timeout!r}")
+        if address is not None:
+            _check_address(address)
+        self.address, self.attempts, self.connect_timeout = address, attempts, connect_timeout
+        self._given = client
+        self._own: distributed.Client | None = None
+        self._lock = threading.Lock()
+
+    def costs(self) -> Costs:
+        threads = sum(self.client().nthreads().values())
+        return Costs(
+            workers=max(1, threads),
+            seconds_per_byte=SECONDS_PER_BYTE,
+            seconds_per_chunk=SECONDS_PER_CHUNK,
+        )
+
+    def client(self) -> distributed.Client:
+        """The Client this executor uses: the one given, one of its own, or the default one."""
+        if self._given is not None:
+            if self._given.status in ("closing", "closed"):
+                raise OptionError(
+                    "the distributed.Client given as client= is closed; pass an open one"
+                )
+            return self._given
+        if self.address is None:
+            try:
+                default: distributed.Client = distributed.default_client()
+            except ValueError:
+                raise OptionError(
+                    "the dask executor needs a cluster: lampy.using(executor='dask', "
+                    "address='tcp://HOST:8786') (or LAMPY_DASK_ADDRESS), client=an existing "
+                    "distributed.Client, or a Client made before the call"
+                ) from None
+            return default
+        with self._lock:
+            if self._own is None or self._own.status in ("closing", "closed"):
+                self._own = self._connect(self.address)
+            return self._own
+
+    def run(self, job: Job) -> dict[int, Outcome]:
+        if not job.chunks:
+            return {}
+        client = self.client()
+        try:
+            return _Run(client, job, self.attempts).go()
+        except (OSError, TimeoutError) as exc:
+            where = getattr(client.scheduler, "address", "?")
+            raise ExecutionError(
+                f"the Dask scheduler at {where} stopped answering during the job "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            if self._own is not None:
+                self._own.close()
+                self._own = None
+
+    def _connect(self, address: str) -> distributed.Client:
+        where = f"the Dask scheduler at {address}"
+        try:
+            _probe(address, self.connect_timeout)
+            return distributed.Client(address, timeout=self.connect_timeout, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise ExecutionError(
+                f"cannot reach {where} within connect_timeout={self.connect_timeout:g}s "
+                f"({type(exc).__name__}: {exc}). Is the scheduler running (`dask scheduler`), "
+                "and is the address the one it printed?"
+            ) from exc
+
+
+class _Run:
+    """One job on the cluster: scatter, submit, collect, and resubmit chunks whose worker left."""
+
+    def __init__(self, client: distributed.Client, job: Job, attempts: int) -> None:
+        self.client, self.job, self.attempts = client, job, attempts
+        self.prefix = f"lampy-{getattr(job.function, '__name__', 'chunk')}-{job.id}"
+        self.shared: list[Future[Any]] = []
+        self.tasks: dict[Future[Any], int] = {}
+        self.causes: dict[int, list[str]] = {}
+
+    def go(self) -> dict[int, Outcome]:
+        done: dict[int, Outcome] = {}
+        self._submit(list(range(len(self.job.chunks))))
+        pending = as_completed(
+            list(self.tasks), loop=self.client.loop, with_results=True, raise_errors=False
+        )
+        try:
+            for future, result in pending:
+                chunk = self.tasks.pop(future)
+                outcome = self._outcome(future, result, chunk)
+                if outcome is None:  # lost: scattered and submitted again
+                    pending.add(self._submit([chunk])[0])
+                    continue
+                done[chunk] = outcome
+                lost = isinstance(outcome.error, RetriesExhausted)
+                if outcome.error is not None and not (lost and self.job.keep_going):
+                    return done
+            return done
+        finally:
+            if self.tasks:
+                self.client.cancel(list(self.tasks))
+
+    def _submit(self, chunks: list[int]) -> list[Future[Any]]:
+        """Scatter the chunks' rows (and the template and shared arrays if not held) and submit."""
+        if not self.shared or any(f.status != "finished" for f in self.shared):
+            self.shared = self.client.scatter(
+                [self.job.template, *self.job.whole], broadcast=True, hash=False
+            )
+        rows = [tuple(a[slice(*self.job.chunks[c])] for a in self.job.split) for c in chunks]
+        parts = self.client.scatter(rows, hash=False)
+        keys = [f"{self.prefix}-{c}-{len(self.causes.get(c, ()))}" for c in chunks]
+        futures: list[Future[Any]] = self.client.map(
+            _run_on_worker,
+            parts,
+            key=keys,
+            pure=False,
+            job_id=self.job.id,
+            template=self.shared[0],
+            whole=self.shared[1:],
+        )
+        self.tasks.update(zip(futures, chunks, strict=True))
+        return futures
+
+    def _outcome(self, future: Future[Any], result: Any, chunk: int) -> Outcome | None:
+        """The chunk's outcome; None when its worker was lost and another attempt is due.
+
+        `result` is what as_completed gathered: the Outcome, a CancelledError, or for a task
+        that raised, (type, exception, traceback).
+        """
+        if future.status == "finished":
+            assert isinstance(result, Outcome)
+            return result
+        error = result if isinstance(result, BaseException) else result[1]
+        if isinstance(error, distributed.KilledWorker):
+            cause = f"KilledWorker: {error}"
+        elif isinstance(error, CancelledError):
+            cause = _LOST_DATA
+        else:
+            raise ExecutionError(
+                f"{self.job.label(chunk)}: a Dask worker could not run lampy's task "
+                f"({type(error).__name__}: {error}). Are lampy, numpy and cloudpickle installed "
+                "on the workers, at the versions used here?"
+            ) from error
+        causes = self.causes.setdefault(chunk, [])
+        causes.append(cause)
+        if len(causes) < self.attempts:
+            return None
+        tried = "\n".join(f"  attempt {i}: {c}" for i, c in enumerate(causes, 1))
+        lost = RetriesExhausted(
+            f"{self.job.label(chunk)} lost its Dask worker on all {len(causes)} attempts:\n"
+            f"{tried}\nA worker killed by SIGKILL is often the out-of-memory killer: ask for "
+            "more chunks (chunks=N) or give the workers more memory.",
+            chunk=self.job.first + chunk,
+            rows=self.job.chunks[chunk],
+            causes=tuple(causes),
+        )
+        lost.__cause__ = error
+        return Outcome(error=lost)
+
+
+def _run_on_worker(
+    parts: tuple[Any, ...], *, job_id: str, template: bytes, whole: list[Any]
+) -> Outcome:
+    """Run one chunk on a Dask worker; its outcome, made safe to send back."""
+    call = _load(job_id, template)
+    if isinstance(call, Outcome):
+        return call
+    function, args, kwargs = call
+
+    def lookup(p: Placeholder) -> Any:
+        return parts[p.index] if isinstance(p, Part) else whole[p.index]
+
+    outcome = run_chunk(function, *fill(args, kwargs, lookup))
+    if outcome.error is not None:
+        return outcome.portable()
+    try:  # a value Dask cannot send back would fail far from here, with no chunk named
+        dumps_out_of_band(outcome.value)
+    except Exception as exc:
+        return Outcome(error=exc, traceback=traceback.format_exc()).portable()
+    return outcome
+
+
+def _load(job_id: str, template: bytes) -> Call | Outcome:
+    """The job's (function, args, kwargs), unpickled once per worker, or the error it raised."""
+    with _calls_lock:
+        if job_id in _calls:
+            _calls.move_to_end(job_id)
+            return _calls[job_id]
+    try:
+        call: Call | Outcome = loads(template)
+    except Exception as exc:
+        call = Outcome(error=exc, traceback=traceback.format_exc()).portable()
+    with _calls_lock:
+        _calls[job_id] = call
+        while len(_calls) > JOBS_KEPT:
+            _calls.popitem(last=False)
+    return call
+
+
+def _check_address(address: str) -> None:
+    """Refuse a malformed scheduler address before connecting (Dask's own parser says why)."""
+    try:
+        if parse_address(address)[0] in ("tcp", "tls"):
+            get_address_host_port(address)
+    except ValueError as exc:
+        raise OptionError(
+            f"address must be a Dask scheduler address like 'tcp://HOST:8786'; got {address!r} "
+            f"({exc})"
+        ) from None
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Fail fast and cleanly on a TCP address nothing listens on.
+
+    A `distributed.Client` that fails to connect is left half-made and complains when collected,
+    so plain TCP is tried first; other schemes (tls, ws, ucx) go straight to the Client.
+    """
+    if parse_address(address)[0] != "tcp":
+        return
+    host, port = get_address_host_port(address)
+    socket.create_connection((host, port), timeout=timeout).close()
