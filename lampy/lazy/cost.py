@@ -2,7 +2,8 @@
 
 Each node costs seconds per element of its result (per element of its input for reductions),
 one constant per operation, measured on 4 Mi float64 elements with numpy alone; matmul costs
-its flops at the machine's GEMM rate. Those constants include the memory traffic of one
+its flops at the GEMM rate of one BLAS thread times the threads it gets (every core in the
+caller, one in each worker). Those constants include the memory traffic of one
 unfused numpy call, so a fused chain is estimated as the sum of its members (pessimistic by
 the traffic fusion saves). Executors add their own costs (start-up, bytes moved, per chunk)
 from the same `Costs` the region planner uses.
@@ -30,8 +31,11 @@ from lampy.runtime.plan import CHUNKS_PER_WORKER, Costs
 from lampy.runtime.settings import Chunks, resolve_chunks, resolve_executor, resolve_options
 
 # Measured with calibrate() on the 2-core reference machine (2026-11-23), seconds per element of
-# 4 Mi float64 (32 MiB, past the caches, as for arrays worth distributing). gemm_flops is between
-# calibrate's 1024-square product (5.2e10) and bench_lazy.py's 4096x1024 @ 1024x256 (1.1e11).
+# 4 Mi float64 (32 MiB, past the caches, as for arrays worth distributing). gemm_flops is per
+# BLAS thread: the machine's float64 GEMM peak (~120 GFLOP/s on 2 threads, /work/shared/DESIGN.md)
+# over its 2 cores; calibrate() gave 4.5-5.0e10 on one thread with the other core busy.
+# A whole-machine rate (the old 1024-square calibration with 2 threads, ~5.4e10 when measured
+# under load) put bench_lazy.py's `a @ w` at 0.47 of its estimate on a quiet machine.
 DEFAULTS: dict[str, float] = {
     "ufunc": 2.2e-9,
     "exp": 2.3e-9,
@@ -43,7 +47,7 @@ DEFAULTS: dict[str, float] = {
     "where": 2.6e-9,
     "reduce": 0.3e-9,
     "copy": 1.35e-9,
-    "gemm_flops": 8e10,
+    "gemm_flops": 6e10,
 }
 #: The flops one element costs, for reporting (transcendentals counted as ~20 flops).
 FLOPS_PER_ELEMENT = {"exp": 20, "log": 20, "sin": 20, "cos": 20, "tanh": 20, "sqrt": 4}
@@ -164,9 +168,13 @@ def step_cost(
     whole = sum(n.nbytes for n, s in zip(step.leaves, step.split, strict=True) if not s)
     result = step.node.nbytes * (1 if step.kind == "elemwise" else chunks)
     moved = split + whole * parallel + result
+    per_result_byte = costs.seconds_per_result_byte
+    if per_result_byte is None:
+        per_result_byte = costs.seconds_per_byte
     seconds = (
         costs.startup_s
-        + moved * costs.seconds_per_byte
+        + (split + whole * parallel) * costs.seconds_per_byte
+        + result * per_result_byte
         + chunks * costs.seconds_per_chunk
         + compute / parallel
     )
@@ -190,6 +198,7 @@ class Explanation:
     workers: dict[str, int]
     chunks: Chunks
     submatrix: Blocks | None = None
+    warms: frozenset[str] = frozenset()  # executors that can pre-warm workers (openlambda)
 
     @property
     def regions(self) -> list[Step]:
@@ -199,7 +208,10 @@ class Explanation:
         return sum(c.seconds for c in self.estimates[executor])
 
     def prewarm(self, executor: str) -> int:
-        """Workers to start ahead of the fan-out: the most any region keeps busy at once."""
+        """Workers to start ahead of the fan-out: the most any region keeps busy at once.
+
+        Only executors in `warms` act on it (openlambda); for others it is informative.
+        """
         return max((c.parallel for c in self.estimates[executor]), default=0)
 
     def __str__(self) -> str:
@@ -222,9 +234,11 @@ class Explanation:
             chunks = max((c.chunks for c in costs if c.step.is_region), default=0)
             blocks = next((c.blocks for c in costs if c.blocks), None)
             cut = f"{blocks[0]}x{blocks[1]} blocks" if blocks else f"{chunks} chunk(s)"
+            count = self.prewarm(name)
+            busy = f"pre-warm {count}" if name in self.warms else f"{count} busy at once"
             lines.append(
                 f"  on {name}: ~{self.seconds(name) * 1e3:.3g} ms, {moved:,} bytes moved, "
-                f"up to {cut} per region, pre-warm {self.prewarm(name)} worker(s)"
+                f"up to {cut} per region, {busy}"
             )
         if self.chunks == "auto" and self.submatrix is None:
             lines.append(
@@ -248,8 +262,12 @@ def explain(
     c = constants()
     estimates: dict[str, list[StepCost]] = {}
     workers: dict[str, int] = {}
+    warms: set[str] = set()
     for name in dict.fromkeys((chosen, "inline", "local")):
-        costs = executors.get(name, resolve_options(name)).costs()
+        instance = executors.get(name, resolve_options(name))
+        costs = instance.costs()
+        if hasattr(instance, "prewarm"):
+            warms.add(name)
         if blocks is not None:
             count, asked = blocks[0] * blocks[1], True
         elif wanted != "auto":
@@ -258,4 +276,4 @@ def explain(
             count, asked = costs.workers * CHUNKS_PER_WORKER, False
         estimates[name] = [step_cost(s, costs, count, c, asked, blocks) for s in steps]
         workers[name] = costs.workers
-    return Explanation(steps, estimates, workers, wanted, blocks)
+    return Explanation(steps, estimates, workers, wanted, blocks, frozenset(warms))

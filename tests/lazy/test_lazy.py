@@ -260,10 +260,13 @@ def test_render_draws_svg_with_graphviz(tmp_path: Path) -> None:
 
 def test_explain_shows_regions_chunks_bytes_and_times() -> None:
     a, b = lazy.array(DATA["a"]), lazy.array(DATA["b"])
-    text = str((np.exp(a + b) * 2).sum(axis=0).explain(executor="local", chunks=2))
+    plan = (np.exp(a + b) * 2).sum(axis=0).explain(executor="local", chunks=2)
+    text = str(plan)
     assert "1 region(s) after fusion" in text
     assert "reduce   add -> exp -> multiply -> sum(axis=0)" in text
-    assert "on local: ~" in text and "on inline: ~" in text and "pre-warm 2 worker(s)" in text
+    busy = min(2, plan.workers["local"])
+    assert "on local: ~" in text and "on inline: ~" in text and f"{busy} busy at once" in text
+    assert "pre-warm" not in text  # neither executor can pre-warm
 
 
 def test_calibrate_caches_constants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,8 +41,9 @@ def test_a_cold_run_prewarms_before_the_fan_out_and_a_warm_one_does_not(
     cold: Any, worker_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     expr = np.exp(lazy.array(X)) * 2 + 1
-    wanted = expr.explain(chunks=3).prewarm("openlambda")
-    assert wanted == 3  # three chunks, three calls in flight
+    plan = expr.explain(chunks=3)
+    wanted = plan.prewarm("openlambda")
+    assert wanted == 3 and "pre-warm 3" in str(plan)  # three chunks, three calls in flight
     events: list[tuple[str, Any, dict[str, int]]] = []
     prewarm, run = cold.prewarm, cold.run
 

@@ -77,8 +77,9 @@ def test_other_steps_run_with_rows_times_columns_chunks(
 
 def test_explain_names_the_blocks() -> None:
     a, b = lazy.array(DATA["a"]), lazy.array(DATA["b"])
-    text = str((a + b).explain(executor="local", submatrix=(2, 3)))
-    assert "up to 2x3 blocks per region" in text and "pre-warm 2 worker(s)" in text
+    plan = (a + b).explain(executor="local", submatrix=(2, 3))
+    assert "up to 2x3 blocks per region" in str(plan)
+    assert plan.prewarm("local") == min(6, plan.workers["local"])
 
 
 @pytest.mark.parametrize(
