@@ -235,10 +235,10 @@ class Explanation:
             blocks = next((c.blocks for c in costs if c.blocks), None)
             cut = f"{blocks[0]}x{blocks[1]} blocks" if blocks else f"{chunks} chunk(s)"
             count = self.prewarm(name)
-            busy = f"pre-warm {count}" if name in self.warms else f"{count} busy at once"
+            busy = f", pre-warm {count}" if name in self.warms else f", {count} busy at once"
             lines.append(
                 f"  on {name}: ~{self.seconds(name) * 1e3:.3g} ms, {moved:,} bytes moved, "
-                f"up to {cut} per region, {busy}"
+                f"up to {cut} per region{busy if self.workers[name] > 1 else ''}"
             )
         if self.chunks == "auto" and self.submatrix is None:
             lines.append(

@@ -42,6 +42,7 @@ class Graph:
         index = {id(n): i for i, n in enumerate(self.nodes)}
         regions = [s for s in schedule(self.root) if s.is_region]
         clustered = {id(n) for s in regions for n in s.fused}
+        kinds = [s.node.label() if s.kind == "region" else s.kind for s in regions]
         lines = ["digraph lampy {", "  rankdir=LR;", '  node [shape=box, fontname="monospace"];']
         for i, n in enumerate(self.nodes):
             if id(n) not in clustered:
@@ -49,7 +50,7 @@ class Graph:
         for r, step in enumerate(regions):
             lines += [
                 f"  subgraph cluster_{r} {{",
-                f'    label="{step.kind} region: one round trip per chunk"; style=rounded;',
+                f'    label="{kinds[r]} region: one round trip per chunk"; style=rounded;',
                 *(f"    {self._box(index[id(n)], n)}" for n in step.fused),
                 "  }",
             ]
