@@ -162,7 +162,10 @@ def step_cost(
         return StepCost(step, 1, flops, 0, serial)
     compute = sum(node_seconds(n, c) for n in step.fused)
     blocks = submatrix if submatrix is not None and step.by_blocks else None
-    chunks = max(1, min(chunks, step.rows * (blocks[1] if blocks else 1)))
+    if blocks is not None:  # as many blocks as fit: one row and one column at least
+        chunks = max(1, min(blocks[0], step.rows)) * max(1, min(blocks[1], step.node.shape[1]))
+    else:
+        chunks = max(1, min(chunks, step.rows))
     parallel = min(chunks, costs.workers)
     split = sum(n.nbytes for n, s in zip(step.leaves, step.split, strict=True) if s)
     whole = sum(n.nbytes for n, s in zip(step.leaves, step.split, strict=True) if not s)

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lampy
 import lampy.lazy as lazy
@@ -15,6 +17,7 @@ from lampy.errors import ResultError, SplitLengthError, UnsplittableError, Unsup
 from lampy.lazy.graph import schedule
 from lampy.regions.region import ParallelFunction
 from tests.conftest import assert_same
+from tests.lazy.test_lazy import Expr, both, expressions
 
 RNG = np.random.default_rng(2)
 X = RNG.uniform(-1, 1, (9, 4))
@@ -44,6 +47,16 @@ def column_mean(x: np.ndarray) -> dict[str, Any]:
 @lampy.elemwise
 def positives(x: np.ndarray) -> np.ndarray:
     return x[x[:, 0] > 0]  # fewer rows than it got: its shape depends on the values
+
+
+@lampy.elemwise
+def affine(x: np.ndarray, k: float) -> np.ndarray:
+    return x * k + 1
+
+
+@lampy.sum
+def column_sums(x: np.ndarray) -> np.ndarray:
+    return x.sum(axis=0)
 
 
 @lampy.elemwise(executor="inline")
@@ -79,6 +92,17 @@ def test_region_call_returns_a_lazy_node_and_runs_as_that_region(executor: str) 
     assert isinstance(result, lazy.LazyArray)
     assert (result.shape, result.dtype) == ((9, 3), np.dtype("float64"))
     assert_same(result.run(chunks=3), np.tanh((np.exp(X) + Y) @ W) * 2.0 - 1)
+
+
+@settings(max_examples=10)
+@given(expr=expressions, k=st.floats(-3, 3), chunks=st.integers(1, 4))
+def test_regions_over_random_trees_equal_numpy(
+    executor: str, expr: Expr, k: float, chunks: int
+) -> None:
+    lazy_value, value = both(expr)
+    got = column_sums(affine(lazy_value, k) * 2)
+    assert_same(affine(lazy_value, k).run(chunks=chunks), value * k + 1)
+    assert_same(got.run(chunks=chunks), ((value * k + 1) * 2).sum(axis=0), exact=False)
 
 
 def test_the_chain_feeding_a_region_runs_in_its_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
