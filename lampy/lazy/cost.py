@@ -1,12 +1,13 @@
 """Cost estimates for lazy graphs, and `.explain()`: what would run where, and how long.
 
 Each node costs seconds per element of its result (per element of its input for reductions),
-one constant per operation, measured on 4 Mi float64 elements with numpy alone; matmul costs
-its flops at the GEMM rate of one BLAS thread times the threads it gets (every core in the
-caller, one in each worker). Those constants include the memory traffic of one
-unfused numpy call, so a fused chain is estimated as the sum of its members (pessimistic by
-the traffic fusion saves). Executors add their own costs (start-up, bytes moved, per chunk)
-from the same `Costs` the region planner uses.
+one constant per operation, measured on 4 Mi float64 elements with numpy alone. Those constants
+include the memory traffic of one unfused numpy call, so a fused chain is estimated as the sum
+of its members (pessimistic by the traffic fusion saves). Matmul costs its flops at a measured
+GEMM rate: the caller's BLAS with all its threads for numpy in the caller, one BLAS thread in
+each worker (workers run one each). Both rates are measured, not one scaled by the core count:
+on a shared machine a two-thread GEMM often gains nothing. Executors add their own costs
+(start-up, bytes moved, result bytes, per chunk) from the same `Costs` the region planner uses.
 
 `calibrate()` measures the constants on this machine and caches them in the user's cache dir
 (`$XDG_CACHE_HOME/lampy/lazy_costs.json`); without that file the shipped defaults apply.
@@ -31,11 +32,11 @@ from lampy.runtime.plan import CHUNKS_PER_WORKER, Costs
 from lampy.runtime.settings import Chunks, resolve_chunks, resolve_executor, resolve_options
 
 # Measured with calibrate() on the 2-core reference machine (2026-11-23), seconds per element of
-# 4 Mi float64 (32 MiB, past the caches, as for arrays worth distributing). gemm_flops is per
-# BLAS thread: the machine's float64 GEMM peak (~120 GFLOP/s on 2 threads, /work/shared/DESIGN.md)
-# over its 2 cores; calibrate() gave 4.5-5.0e10 on one thread with the other core busy.
-# A whole-machine rate (the old 1024-square calibration with 2 threads, ~5.4e10 when measured
-# under load) put bench_lazy.py's `a @ w` at 0.47 of its estimate on a quiet machine.
+# 4 Mi float64 (32 MiB, past the caches, as for arrays worth distributing). GEMM rates on a quiet
+# machine: gemm_flops_caller with the caller's 2 BLAS threads (bench_lazy.py's 4096x1024 @
+# 1024x256 took 18.9 ms: 1.14e11; DESIGN.md's 4096-square: 1.2e11), gemm_flops with one thread
+# as in a worker (~6e10; 4.5e10 with the other core busy). The old single rate, 1024-square with
+# 2 threads measured under load (~5.4e10), put bench_lazy.py's `a @ w` at 0.47 of its estimate.
 DEFAULTS: dict[str, float] = {
     "ufunc": 2.2e-9,
     "exp": 2.3e-9,
@@ -48,6 +49,7 @@ DEFAULTS: dict[str, float] = {
     "reduce": 0.3e-9,
     "copy": 1.35e-9,
     "gemm_flops": 6e10,
+    "gemm_flops_caller": 1.14e11,
 }
 #: The flops one element costs, for reporting (transcendentals counted as ~20 flops).
 FLOPS_PER_ELEMENT = {"exp": 20, "log": 20, "sin": 20, "cos": 20, "tanh": 20, "sqrt": 4}
@@ -89,7 +91,8 @@ def calibrate(elements: int = 1 << 22, repeats: int = 5) -> dict[str, float]:
     measured["copy"] = best(lambda: x.copy())
     side = 1024
     a = rng.standard_normal((side, side))
-    with blas.one_thread():  # per BLAS thread: workers run one; the caller scales by its cores
+    measured["gemm_flops_caller"] = 1 / best(lambda: a @ a, n=2 * side**3)
+    with blas.one_thread():  # as in a worker
         measured["gemm_flops"] = 1 / best(lambda: a @ a, n=2 * side**3)
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,12 +100,12 @@ def calibrate(elements: int = 1 << 22, repeats: int = 5) -> dict[str, float]:
     return measured
 
 
-def node_seconds(node: Node, c: dict[str, float], blas_threads: int = 1) -> float:
-    """Estimated numpy time for one node on its whole input, with `blas_threads` for GEMM."""
+def node_seconds(node: Node, c: dict[str, float], caller: bool = False) -> float:
+    """Estimated numpy time for one node on its whole input, in the caller or in a worker."""
     if node.op == "source":
         return 0.0
     if node.op == "matmul":
-        return node_flops(node) / (c["gemm_flops"] * blas_threads)
+        return node_flops(node) / c["gemm_flops_caller" if caller else "gemm_flops"]
     if node.op == "region":  # timed on stand-ins when the call was written
         rows = int(node.params["rows"])
         return float(node.params["seconds_per_call"]) + rows * float(node.params["seconds_per_row"])
@@ -151,12 +154,11 @@ def step_cost(
 ) -> StepCost:
     """The step's estimated seconds on an executor with `costs`, cut into `chunks`.
 
-    A single-worker executor runs numpy in the caller, whose BLAS uses every core; workers run
-    one BLAS thread each. With `asked` False (chunks="auto"), a region counts as fanning out
+    A single-worker executor runs numpy in the caller, whose BLAS uses all its threads; workers
+    run one BLAS thread each. With `asked` False (chunks="auto"), a region counts as fanning out
     only when the estimate says that pays, as the region planner's probe would find.
     """
-    threads = 1 if costs.workers > 1 else _blas_threads()
-    serial = sum(node_seconds(n, c, threads) for n in step.fused)
+    serial = sum(node_seconds(n, c, caller=True) for n in step.fused)
     flops = sum(node_flops(n) for n in step.fused)
     if not step.is_region or costs.workers <= 1:
         return StepCost(step, 1, flops, 0, serial)
@@ -184,12 +186,6 @@ def step_cost(
     if not asked and seconds >= serial:
         return StepCost(step, 1, flops, 0, serial)  # the planner would run it in the caller
     return StepCost(step, chunks, flops, moved, seconds, parallel, blocks)
-
-
-@functools.cache
-def _blas_threads() -> int:
-    """BLAS threads a matmul in the caller gets: the cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 
 
 @dataclass(frozen=True)
