@@ -12,6 +12,10 @@ its result. The same two calls (1 row, then the planner's probe rows) time the f
 cost model, as the region planner's own probe does. If the real result differs from the
 inferred shape or dtype when the graph runs, the run fails with `ResultError` rather than
 continuing with a different graph than the one that was checked.
+
+`declare(region, shape, dtype)` is the way out for a function that cannot run on ones (it
+checks its values, say): the result is declared, with None for the split rows, and the function
+does not run until the graph does (so `.explain()` has no time estimate for it).
 """
 
 from __future__ import annotations
@@ -19,20 +23,58 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from lampy.errors import SplitLengthError, UnsplittableError, UnsupportedOperation
+from lampy.errors import SplitLengthError, UnsplittableError, UnsupportedOperation, UsageError
 from lampy.lazy.array import LazyArray, array
 from lampy.lazy.graph import Node
 from lampy.regions.binding import Shared
 from lampy.regions.region import ParallelFunction
 from lampy.runtime.plan import probe_rows
 
+Declared = tuple[tuple[int | None, ...], np.dtype[Any]]
 
-def call(function: ParallelFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+
+def declare(
+    function: ParallelFunction, shape: Sequence[int | None], dtype: Any
+) -> Callable[..., LazyArray]:
+    """`function` called lazily with its result declared rather than inferred on stand-ins.
+
+    `shape` is the result's shape, None standing for the split arguments' rows (elemwise:
+    `(None, 3)`); a reduction's result has no rows to stand for. The returned callable takes
+    the region's arguments and always builds a graph node, numpy arguments included.
+
+    >>> import numpy as np, lampy
+    >>> @lampy.elemwise
+    ... def checked(x):
+    ...     assert (x > 0).all(), "positive values only"
+    ...     return np.log(x)[:, :1]
+    >>> lazy_checked = declare(checked, (None, 1), np.float64)
+    >>> lazy_checked(lampy.array(np.full((6, 2), 0.5)) * 2).run(executor="inline").shape
+    (6, 1)
+    """
+    if not isinstance(function, ParallelFunction):
+        raise UsageError(f"declare takes a lampy region (a decorated function); got {function!r}")
+    bad = [d for d in shape if d is not None and (isinstance(d, bool) or not isinstance(d, int))]
+    if bad or any(d is not None and d < 0 for d in shape):
+        raise UsageError(f"declare: shape must hold ints >= 0 and None for the rows; got {shape!r}")
+    result: Declared = (tuple(shape), np.dtype(dtype))
+
+    def declared(*args: Any, **kwargs: Any) -> LazyArray:
+        return call(function, args, kwargs, result)
+
+    return declared
+
+
+def call(
+    function: ParallelFunction,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    result: Declared | None = None,
+) -> LazyArray:
     """The lazy result of calling region `function` with at least one lazy argument."""
     region = function.region
     if region.allow_partial is not None:
@@ -59,7 +101,10 @@ def call(function: ParallelFunction, args: tuple[Any, ...], kwargs: Mapping[str,
         operands.append(value.node)
         split.append(not is_shared)
     rows = _rows(function, names, operands, split)
-    shape, dtype, call_s, row_s = _infer(function, operands, keywords, split, rows)
+    if result is None:
+        shape, dtype, call_s, row_s = _infer(function, operands, keywords, split, rows)
+    else:
+        shape, dtype, call_s, row_s = _declared(function, result, split, rows), result[1], 0.0, 0.0
     params = {
         "function": f"{region.function.__module__}:{region.function.__qualname__}",
         "kind": "elemwise" if region.combine is None else "reduce",
@@ -68,6 +113,7 @@ def call(function: ParallelFunction, args: tuple[Any, ...], kwargs: Mapping[str,
         "rows": rows,
         "seconds_per_call": call_s,
         "seconds_per_row": row_s,
+        "declared": result is not None,
     }
     return LazyArray(Node("region", tuple(operands), params, shape, dtype, function=function))
 
@@ -163,6 +209,19 @@ def _infer(
             "its shape. Call it with numpy arguments instead (x.run())"
         )
     return (rows, *result.shape[1:]), result.dtype, per_call, per_row
+
+
+def _declared(
+    function: ParallelFunction, result: Declared, split: list[bool], rows: int
+) -> tuple[int, ...]:
+    """The declared shape with its None filled in by the split rows."""
+    shape = result[0]
+    if None in shape and (function.region.combine is not None or not any(split)):
+        raise UsageError(
+            f"declared shape {shape} for {_name(function)}: None stands for the split rows, "
+            "which only an elemwise region with split arguments has; give every dimension"
+        )
+    return tuple(rows if d is None else d for d in shape)
 
 
 def _name(function: ParallelFunction) -> str:

@@ -222,7 +222,12 @@ class Explanation:
             lines.append(f"  {i}. {step.kind:8s} {what}  => {step.node.shape} {step.node.dtype}")
             if step.is_region:
                 split = sum(step.split)
-                work = "time from a call on stand-ins" if step.kind == "region" else "flops"
+                work = "flops"
+                if step.kind == "region":
+                    declared = step.node.params.get("declared")
+                    work = (
+                        "declared result: no time estimate" if declared else "time from stand-ins"
+                    )
                 amount = "" if step.kind == "region" else f"{cost.flops:,} "
                 lines.append(
                     f"       {step.rows} rows; {split} split input(s), "

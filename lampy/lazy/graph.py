@@ -620,9 +620,10 @@ def _check_result(node: Node, result: Any) -> None:
     """A region node's result must be what was inferred when the call was written."""
     value = np.asarray(result)
     if value.shape != node.shape or value.dtype != node.dtype:
+        how = "declared" if node.params.get("declared") else "inferred from stand-ins"
         raise ResultError(
             f"region {node.params['function']} returned {value.shape} {value.dtype}, but its "
-            f"lazy result was inferred as {node.shape} {node.dtype} from a call on stand-in "
-            "rows when the expression was written. A region whose result shape or dtype "
-            "depends on the values cannot be a lazy node: call it on numpy arrays (x.run())"
+            f"lazy result was {how} as {node.shape} {node.dtype} when the expression was "
+            "written. A region whose result shape or dtype depends on the values cannot be a "
+            "lazy node: call it on numpy arrays (x.run())"
         )

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 import lampy
 import lampy.lazy as lazy
-from lampy.errors import ResultError, SplitLengthError, UnsplittableError, UnsupportedOperation
+from lampy.errors import (
+    ResultError,
+    SplitLengthError,
+    UnsplittableError,
+    UnsupportedOperation,
+    UsageError,
+)
 from lampy.lazy.graph import schedule
 from lampy.regions.region import ParallelFunction
 from tests.conftest import assert_same
@@ -163,7 +169,7 @@ def test_bad_lazy_region_calls_fail_when_written() -> None:
 def test_a_result_unlike_the_inferred_one_fails_the_run() -> None:
     node = cast(lazy.array(X * 10), "float32")  # stand-ins are ones: inferred float32
     assert node.dtype == np.dtype("float32")
-    with pytest.raises(ResultError, match=r"returned \(9, 4\) float64.*inferred as"):
+    with pytest.raises(ResultError, match=r"returned \(9, 4\) float64.*inferred from stand-ins as"):
         node.run(executor="inline")
     kept = positives(lazy.array(X))  # all ones pass its filter: inferred as every row
     assert kept.shape == (9, 4)
@@ -190,5 +196,28 @@ def test_explain_shows_the_region_with_its_stand_in_timing() -> None:
     plan = project(lazy.array(X) * 2, W).explain(executor="local", chunks=3)
     text = str(plan)
     assert "region   multiply -> elemwise project" in text
-    assert "time from a call on stand-ins" in text
+    assert "time from stand-ins" in text
     assert plan.prewarm("local") == min(3, plan.workers["local"]) > 0
+
+
+def test_a_declared_result_skips_the_stand_ins(executor: str, tmp_path: Path) -> None:
+    lazy_picky = lazy.declare(picky, (None, 4), np.float64)  # picky refuses the ones
+    node = lazy_picky(lazy.array(X) * 0.5)
+    assert (node.shape, node.dtype) == ((9, 4), np.dtype("float64"))
+    assert "declared result: no time estimate" in str(node.explain(executor="inline"))
+    assert_same(node.run(chunks=2), X * 0.5)
+    loaded = lazy.load_graph(lazy.save_graph(node, tmp_path / "g.json"))
+    assert_same(loaded.run(chunks=2), X * 0.5)
+    total = lazy.declare(gram, (4, 4), "float64")(X)  # numpy arguments too become a node
+    assert_same(total.run(chunks=3), X.T @ X, exact=False)
+
+
+def test_bad_declarations_and_results_unlike_them_fail() -> None:
+    with pytest.raises(ResultError, match=r"returned \(9, 4\) float64.*declared as \(9, 4\) int8"):
+        lazy.declare(picky, (None, 4), np.int8)(lazy.array(X * 0.5)).run(executor="inline")
+    with pytest.raises(UsageError, match="None stands for the split rows"):
+        lazy.declare(gram, (None, 4), "float64")(lazy.array(X))
+    with pytest.raises(UsageError, match=r"ints >= 0 and None for the rows; got \(-1, 2\)"):
+        lazy.declare(picky, (-1, 2), "float64")
+    with pytest.raises(UsageError, match="takes a lampy region"):
+        lazy.declare(np.exp, (None,), "float64")  # type: ignore[arg-type]
