@@ -119,6 +119,7 @@ MODES = {
 }
 
 
+@pytest.mark.timeout(900)  # 2 GiB pushed four times on a busy 2-core machine
 @pytest.mark.parametrize("mode", list(MODES))
 def test_large_input(
     benchmark: Any,

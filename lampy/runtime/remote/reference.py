@@ -322,7 +322,7 @@ def _normalize(location: str | os.PathLike[str]) -> str:
             raise RemoteArrayError(f"bad array URL {text!r}: no host")
         if parts.query or parts.fragment:
             raise RemoteArrayError(f"bad array URL {text!r}: no query or fragment is allowed")
-        path = parts.path
+        path = urllib.parse.quote(parts.path, safe="/%")  # spaces and such, escaped once
     elif parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise RemoteArrayError(f"bad file URL {text!r}: only local files (file:///path)")

@@ -188,3 +188,13 @@ def test_lampy_array_of_a_url_is_lazy_and_by_reference(server: Server) -> None:
         (np.exp(lazy) * 2).sum(axis=0).run(executor="inline"), (np.exp(array) * 2).sum(axis=0)
     )
     np.testing.assert_array_equal(np.asarray(lazy[10:20].T.run(executor="inline")), array[10:20].T)
+
+
+def test_names_that_need_escaping(server: Server) -> None:
+    array = np.arange(6).reshape(3, 2)
+    server.save("with space/a b%.npy", array)
+    for location in (
+        f"{server.url}/with space/a b%25.npy",
+        str(server.root / "with space/a b%.npy"),
+    ):
+        assert same(remote(location)[1:].fetch(), array[1:])

@@ -8,12 +8,14 @@ import os
 import time
 import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lampy.cli import main
 from lampy.runtime.remote import auth
+from lampy.runtime.remote import server as server_module
 from lampy.runtime.remote.reference import VERSION_HEADER
 
 from .conftest import Server
@@ -192,3 +194,11 @@ def test_oversize_and_unsized_uploads_are_refused(start_server: Callable[..., Se
 def test_serve_refuses_a_missing_directory(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(SystemExit, match="is not a directory"):
         main(["serve", os.path.join(tmp_path, "nowhere")])
+
+
+def test_serve_binds_loopback_unless_told(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`lampy serve DIR` passes host 127.0.0.1 and the default port to the server."""
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(server_module, "serve", lambda *args: calls.append(args))
+    assert main(["serve", str(tmp_path)]) == 0
+    assert calls == [(tmp_path, "127.0.0.1", 5050, server_module.MAX_UPLOAD_BYTES)]
