@@ -262,7 +262,7 @@ def _request(
             connection.close()
             if reused and attempt == 1 and body is None:
                 continue  # a kept-alive connection the server had closed: once more, fresh
-            raise RemoteArrayError(f"cannot read {url}: {type(exc).__name__}: {exc}") from None
+            raise RemoteArrayError(f"{method} {url} failed: {type(exc).__name__}: {exc}") from None
         except OSError as exc:
             connection.close()
             raise RemoteArrayError(

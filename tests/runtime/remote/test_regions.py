@@ -13,6 +13,7 @@ import pytest
 import lampy
 from lampy.errors import RemoteArrayError, RemoteArrayNotFound, SplitLengthError
 from lampy.regions.binding import bind
+from lampy.runtime.executors.local import _Arena
 from lampy.runtime.openlambda import frames
 from lampy.runtime.openlambda.executor import AiohttpTransport, OpenLambdaExecutor, Reply
 from lampy.runtime.plan import split_rows
@@ -180,3 +181,14 @@ def test_fetch_errors_inside_a_lazy_graph_are_typed(server: Server) -> None:
     (server.root / "regions/lazy-gone.npy").unlink()
     with pytest.raises(RemoteArrayError):
         (lazy + 1).run(executor="inline")
+
+
+def test_the_local_arena_leaves_references_to_the_workers(urls: dict[str, str]) -> None:
+    reference = remote(urls["data"])
+    arena = _Arena()
+    try:
+        placed = arena.place((reference, np.arange(4.0)))
+        assert placed[0] is reference and placed[1][1:] == (np.dtype(float), (4,))
+        assert arena.size < reference.nbytes  # only the in-memory array was copied in
+    finally:
+        arena.release()
