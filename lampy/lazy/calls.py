@@ -122,7 +122,11 @@ def _arguments(
     function: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> tuple[list[Any], list[str], tuple[str, ...]]:
     """The call's values in order, their names, and the names of those passed by keyword."""
-    signature = inspect.signature(function)
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # builtins and ufuncs without a signature
+        names = [f"args[{i}]" for i in range(len(args))] + list(kwargs)
+        return [*args, *kwargs.values()], names, tuple(kwargs)
     bound = signature.bind(*args, **kwargs)  # a TypeError as the function itself would raise
     names: list[str] = []
     for name, value in bound.arguments.items():

@@ -140,6 +140,11 @@ def test_reductions_as_nodes_infer_their_result(executor: str) -> None:
     assert_same((mean + 1).run(chunks=2), X.mean(axis=0).astype(np.float32) + 1, exact=False)
 
 
+def test_a_decorated_ufunc_takes_lazy_arguments_too(executor: str) -> None:
+    exp = lampy.elemwise(np.exp)  # no inspectable signature
+    assert_same(exp(lazy.array(X) * 2).run(chunks=2), np.exp(X * 2))
+
+
 def test_region_options_win_over_run_options() -> None:
     node = where_it_runs(lazy.array(X))
     assert set(node.run(executor="local", chunks=3).tolist()) == {os.getpid()}
