@@ -125,8 +125,8 @@ def _arguments(
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):  # builtins and ufuncs without a signature
-        names = [f"args[{i}]" for i in range(len(args))] + list(kwargs)
-        return [*args, *kwargs.values()], names, tuple(kwargs)
+        positional = [f"args[{i}]" for i in range(len(args))]
+        return [*args, *kwargs.values()], [*positional, *kwargs], tuple(kwargs)
     bound = signature.bind(*args, **kwargs)  # a TypeError as the function itself would raise
     names: list[str] = []
     for name, value in bound.arguments.items():
