@@ -581,6 +581,10 @@ class OpenLambdaExecutor(Executor):
             ) from None
         except (OSError, aiohttp.ClientError) as exc:
             raise PlatformFailure(f"{type(exc).__name__}: {exc}", "connection") from None
+        except BadSignature:  # our request's signature was accepted: the answer was altered
+            raise PlatformFailure(
+                "dropped a damaged answer: its signature does not match", "corrupt"
+            ) from None
         except FrameError as exc:
             raise PlatformFailure(f"dropped a damaged answer: {exc}", "corrupt") from None
         text = bytes(reply.body[:2000]).decode(errors="replace").strip()

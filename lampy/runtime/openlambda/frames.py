@@ -139,7 +139,11 @@ def check_prefix(prefix: Buffer, max_bytes: int | None = None) -> int:
         raise FrameError(f"lampy frame format {version}, this side speaks {FORMAT}: upgrade lampy")
     if kind not in KINDS:
         raise FrameError(f"unknown frame kind {kind}")
-    if header > MAX_HEADER_BYTES or body > max_bytes:
+    if header > MAX_HEADER_BYTES:
+        raise FrameError(
+            f"malformed frame: a header of {header:,} bytes (at most {MAX_HEADER_BYTES:,})"
+        )
+    if body > max_bytes:
         raise TooLarge(
             f"frame of {header + body:,} bytes refused: the limit is {max_bytes:,} "
             "(LAMPY_MAX_FRAME_BYTES)"

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lampy.errors import FrameError, VersionMismatch
+from lampy.errors import FrameError, TooLarge, VersionMismatch
 from lampy.runtime.openlambda import frames
 
 from .test_handler import call
@@ -128,3 +128,11 @@ def test_a_prefix_claiming_gigabytes_is_refused_before_allocating() -> None:
     with mock.patch.object(frames, "Reader", side_effect=AssertionError("allocated")):
         status, _, data = call(prefix + bytes(100))
     assert status == "400 Bad Request" and b"truncated" in data
+
+
+def test_an_oversized_header_is_malformed_not_too_large() -> None:
+    prefix = bytearray(VALID[2][: frames.PREFIX_BYTES])
+    prefix[8:12] = (1 << 20).to_bytes(4, "little")
+    with pytest.raises(FrameError, match="a header of 1,048,576 bytes") as info:
+        frames.check_prefix(prefix)
+    assert not isinstance(info.value, TooLarge)
