@@ -60,9 +60,10 @@ class Graph:
 
     @staticmethod
     def _box(i: int, n: Node) -> str:
-        consts = [repr(a) for a in n.args if not isinstance(a, Node)]
+        consts = [_short(repr(a)) for a in n.args if not isinstance(a, Node)]
         extra = f" {', '.join(consts)}" if consts else ""
-        return f'n{i} [label="{n.label()}{extra}\\n{n.shape} {n.dtype}"];'
+        label = f"{n.label()}{extra}".replace("\\", "\\\\").replace('"', '\\"')
+        return f'n{i} [label="{label}\\n{n.shape} {n.dtype}"];'
 
     def render(self, path: str | os.PathLike[str]) -> Path:
         """Draw to SVG or PNG (by the path's suffix) with graphviz's `dot`."""
@@ -81,6 +82,11 @@ class Graph:
 
 
 _PLAIN = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _short(text: str, limit: int = 24) -> str:
+    """A constant as drawn in a box: long reprs are cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _const(value: Any) -> dict[str, Any]:

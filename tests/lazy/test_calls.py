@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +227,11 @@ def test_bad_declarations_and_results_unlike_them_fail() -> None:
         lazy.declare(picky, (-1, 2), "float64")
     with pytest.raises(UsageError, match="takes a lampy region"):
         lazy.declare(np.exp, (None,), "float64")  # type: ignore[arg-type]
+
+
+def test_constants_are_drawn_escaped_and_cut(tmp_path: Path) -> None:
+    odd = lazy.declare(cast, (None, 4), "float64")(lazy.array(X), 'a "quoted" ' + "x" * 40)
+    dot = odd.graph().to_dot()
+    assert 'cast \'a \\"quoted\\" xxxxxxxxx...\\n' in dot
+    if shutil.which("dot") is not None:  # graphviz would refuse an unescaped quote
+        assert "<svg" in odd.graph().render(tmp_path / "odd.svg").read_text()
