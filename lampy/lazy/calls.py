@@ -8,10 +8,10 @@ The result's shape and dtype are inferred as dask's `map_blocks` infers its `met
 undecorated function in the caller on stand-ins, ones of each argument's dtype (split arguments
 with a few rows, shared ones whole, as read-only broadcasts that take no memory). An elemwise
 region must give one result row per input row; a reduction's stand-in partial, finalized, gives
-its result. The same two calls (1 row, then the planner's probe rows) time the function for the
-cost model, as the region planner's own probe does. If the real result differs from the
-inferred shape or dtype when the graph runs, the run fails with `ResultError` rather than
-continuing with a different graph than the one that was checked.
+its result. The same calls (1 row, then the planner's probe rows; the best of two each) time
+the function for the cost model, as the region planner's own probe does. If the real result
+differs from the inferred shape or dtype when the graph runs, the run fails with `ResultError`
+rather than continuing with a different graph than the one that was checked.
 
 `declare(region, shape, dtype)` is the way out for a function that cannot run on ones (it
 checks its values, say): the result is declared, with None for the split rows, and the function
@@ -195,7 +195,10 @@ def _infer(
             ) from why
         return value, time.perf_counter() - start
 
-    (_, first), (value, seconds) = run(small), run(many)
+    # best of two for each point: the first call also pays one-time costs (imports, caches)
+    first = min(run(small)[1] for _ in range(2))
+    (value, seconds), (_, again) = run(many), run(many)
+    seconds = min(seconds, again)
     per_row = max(0.0, (seconds - first) / (many - small)) if many > small else 0.0
     per_call = max(0.0, first - small * per_row)
     if not isinstance(value, np.ndarray | np.generic | int | float | complex | bool):
