@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import lampy
 from lampy.errors import RemoteArrayError, RemoteArrayNotFound, SplitLengthError
@@ -24,6 +28,7 @@ from tests.conftest import assert_same
 from .conftest import Server
 
 RNG = np.random.default_rng(7)
+NAMES = itertools.count()
 DATA = RNG.standard_normal((1000, 6))
 LABELS = RNG.integers(0, 50, size=1000).astype(np.int32)
 
@@ -192,3 +197,27 @@ def test_the_local_arena_leaves_references_to_the_workers(urls: dict[str, str]) 
         assert arena.size < reference.nbytes  # only the in-memory array was copied in
     finally:
         arena.release()
+
+
+def copy_rows_region(chunks: int) -> lampy.ParallelFunction:
+    return lampy.elemwise(copy_rows, chunks=chunks)
+
+
+@settings(max_examples=15)
+@given(
+    array=hnp.arrays(
+        st.one_of(hnp.integer_dtypes(), hnp.floating_dtypes(), hnp.boolean_dtypes()),
+        hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=12),
+    ),
+    chunks=st.integers(1, 7),
+    data=st.data(),
+)
+def test_every_chunk_gets_exactly_its_rows(
+    executor: str, server: Server, array: np.ndarray, chunks: int, data: st.DataObject
+) -> None:
+    start = data.draw(st.integers(0, len(array) - 1))
+    url = server.save(f"regions/random-{next(NAMES)}.npy", array)
+    result = copy_rows_region(chunks)(remote(url)[start:])
+    with lampy.using(executor="inline"):  # the reference semantics, on the array in memory
+        expected = copy_rows_region(chunks)(array[start:])
+    assert result.dtype == expected.dtype and result.tobytes() == expected.tobytes()
