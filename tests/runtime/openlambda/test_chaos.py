@@ -70,6 +70,18 @@ REGIONS: dict[str, Callable[..., Any]] = {
 }
 
 
+def settled(url: str) -> dict[str, int]:
+    """The worker's counters once no sandbox is busy: a call the client abandoned (a backup's
+    twin) may still be running, or hanging until the runtime limit, and count later."""
+    deadline = time.monotonic() + 10 * RUNTIME_LIMIT_S
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline:
+        counts = stats(url)
+        quiet = quiet + 1 if counts["sandboxes"] == counts["idle_sandboxes"] else 0
+        time.sleep(0.05)
+    return stats(url)
+
+
 def assert_exactly_once(account: Accounting, chunks: int) -> None:
     """Every chunk answered once: none lost, none merged twice."""
     assert account.chunks == chunks and not account.lost
@@ -84,21 +96,22 @@ def test_exact_answer_every_chunk_once_and_counts_agree(chaos_url: str, kind: st
     x = np.random.default_rng(0).standard_normal(CHUNKS * 40)
     with lampy.using(executor="inline"):
         expected = region(x)
-    before = stats(chaos_url)
+    before = settled(chaos_url)
     with lampy.using(executor="openlambda", url=chaos_url, **OPTIONS):
         executor = executors.get("openlambda", resolve_options("openlambda"))
         assert isinstance(executor, OpenLambdaExecutor)
         start = time.monotonic()
         got = region(x)
         elapsed = time.monotonic() - start
-    after = stats(chaos_url)
+    after = settled(chaos_url)
     dealt = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert_same(got, expected, exact=True)  # bit for bit
     account = executor.accounts[-1]
     assert_exactly_once(account, CHUNKS)
     assert elapsed < BOUND_S
-    # The client saw what the worker did. A call cancelled in flight (a straggler's twin that
-    # lost the race) may have been dealt a fault the client never saw: that is the only slack.
+    # The client saw what the worker did. A call the client abandoned (a straggler's twin that
+    # lost the race, a call past the client's timeout) may still have been dealt a fault the
+    # client never saw: that is the only slack.
     seen = {
         "502": account.failures["http 502"],
         "429": account.failures["http 429"],
@@ -115,8 +128,8 @@ def test_exact_answer_every_chunk_once_and_counts_agree(chaos_url: str, kind: st
     }
     for fault in seen:
         assert seen[fault] <= injected[fault], (fault, seen, injected)
-    assert sum(injected.values()) - sum(seen.values()) <= account.cancelled, (seen, injected)
-    assert account.failures["timeout"] == 0  # the worker's runtime limit answered first
+    abandoned = account.cancelled + account.failures["timeout"]
+    assert sum(injected.values()) - sum(seen.values()) <= abandoned, (seen, injected)
     assert sum(seen.values()) > 0 and sum(account.attempts.values()) > CHUNKS
 
 
