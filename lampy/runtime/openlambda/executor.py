@@ -420,11 +420,12 @@ class OpenLambdaExecutor(Executor):
                     if copies:  # the other copy may still give a valid answer
                         continue
                     raise task.exception() or asyncio.CancelledError()
+                if copies and any(isinstance(o.error, RetriesExhausted) for o in task.result()):
+                    continue  # this copy gave up; its twin may still get an answer
                 answered += 1
                 durations.append(loop.time() - started[unit])
                 for twin in running.pop(unit):
-                    twin.cancel()
-                    account.cancelled += 1
+                    account.cancelled += twin.cancel()
                 # a call stops at its first user error, so it may answer fewer chunks
                 outcomes = dict(zip(units[unit], task.result(), strict=False))
                 for chunk, outcome in outcomes.items():
@@ -445,9 +446,7 @@ class OpenLambdaExecutor(Executor):
         finally:
             progress.close()
             tasks = [task for copies in running.values() for task in copies]
-            for task in tasks:
-                task.cancel()
-            account.cancelled += len(tasks)
+            account.cancelled += sum(task.cancel() for task in tasks)
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _batch_size(self, job: Job) -> int:

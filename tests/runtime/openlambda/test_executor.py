@@ -61,6 +61,10 @@ class Scripted(Transport):
                 handler._jobs.clear()
             elif action is not None:
                 raise action
+        return self.answer(body)
+
+    def answer(self, body: bytes) -> Reply:
+        """The real handler's answer to this request body."""
         environ = {"CONTENT_LENGTH": str(len(body)), "wsgi.input": Input(body, len(body))}
         answer: list[Any] = []
         out = handler.app(environ, lambda status, headers: answer.append(status))
@@ -196,6 +200,34 @@ def test_straggler_gets_a_backup_and_counts_once(run: Any, monkeypatch: Any) -> 
     assert executor.backups == 1 and transport.attempts[5] == 2
     assert sorted(outcomes) == list(range(8))
     np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(8)]), x * 2)
+
+
+class Twins(Scripted):
+    """Chunk 5's first copy fails slowly on every attempt; its backup (attempt 2) answers last."""
+
+    async def post(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
+        body = outgoing.join()
+        _, chunks, *_, attempt = frames.decode(bytearray(body), SECRET.encode()).value
+        if chunks == (5,):
+            await asyncio.sleep(0.6 if attempt == 2 else 0.2)
+            if attempt != 2:
+                return Reply(502, b"RoundTrip failed: EOF")
+        return self.answer(body)
+
+
+def test_a_copy_that_gives_up_waits_for_its_twin(monkeypatch: Any) -> None:
+    monkeypatch.setattr(module, "STRAGGLER_MIN_S", 0.05)
+    executor = OpenLambdaExecutor(transport=Twins(), backoff=0.001, attempts=2)
+    x = np.arange(80.0)
+    try:
+        outcomes = executor.run(make_job(double, x, 8))
+    finally:
+        executor.close()
+    assert executor.backups == 1 and outcomes[5].error is None
+    np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(8)]), x * 2)
+    account = executor.accounts[-1]
+    assert account.failures["http 502"] == 2 and account.attempts[5] == 3
+    assert set(account.accepted.values()) == {1} and not account.lost
 
 
 def test_template_travels_once_per_sandbox_and_after_a_miss(run: Any) -> None:
