@@ -26,7 +26,7 @@ from __future__ import annotations
 import socket
 import threading
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError
 from typing import Any
@@ -35,6 +35,7 @@ try:
     import distributed
     from distributed import Future, as_completed
     from distributed.comm.addressing import get_address_host_port, parse_address
+    from distributed.comm.registry import get_backend
 except ImportError as exc:  # the registry turns this into "the dask executor cannot load: ..."
     raise ImportError(
         f"dask.distributed is not installed ({exc}); install it with: pip install 'lampy[dask]'"
@@ -53,6 +54,9 @@ CONNECT_TIMEOUT_S = 10.0
 SECONDS_PER_BYTE = 1 / 1.0e9  # scattered to a worker over TCP, and back
 SECONDS_PER_CHUNK = 1.5e-3  # one scatter, task and gather through the scheduler
 JOBS_KEPT = 4  # unpickled templates a worker keeps
+DEPTH = 16  # chunk tasks per worker thread at a time (one running): hides the round trip
+FREE_RESENDS = 10  # a chunk sent this often is charged for any loss (bounds a rare race)
+WORKER_WAIT_S = 60.0  # for a worker to come back when every worker has left
 
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 _calls: OrderedDict[str, Call | Outcome] = OrderedDict()  # on a worker: job id -> template
@@ -164,71 +168,170 @@ class DaskExecutor(Executor):
 
 
 class _Run:
-    """One job on the cluster: scatter, submit, collect, and resubmit chunks whose worker left."""
+    """One job on the cluster: scatter, submit, collect, and resubmit chunks whose worker left.
+
+    Every chunk's rows are scattered up front, spread over the workers by their threads, but a
+    worker gets at most `DEPTH` chunk tasks per thread at a time (one running, the next queued
+    so the worker never waits for the client); more go out as tasks finish, to the worker
+    holding their rows or to an idle one, which fetches them. A worker runs its tasks in
+    submission order, so when it dies, the oldest unfinished tasks it had, one per thread,
+    were running: only those chunks are charged an attempt. The others merely lost their rows
+    and are sent again for free, so one poisonous chunk cannot use up its neighbours' attempts.
+    """
 
     def __init__(self, client: distributed.Client, job: Job, attempts: int) -> None:
         self.client, self.job, self.attempts = client, job, attempts
         self.prefix = f"lampy-{getattr(job.function, '__name__', 'chunk')}-{job.id}"
         self.shared: list[Future[Any]] = []
-        self.tasks: dict[Future[Any], int] = {}
+        self.tasks: dict[Future[Any], tuple[int, str]] = {}  # -> chunk, the worker running it
         self.causes: dict[int, list[str]] = {}
+        self.sent: dict[int, int] = {}  # chunk -> submissions so far (unique task keys)
+        self.threads: dict[str, int] = {}  # live worker -> threads
+        self.inflight: dict[str, dict[Future[Any], None]] = {}  # worker -> tasks, oldest first
+        self.waiting: dict[str, deque[tuple[int, Future[Any]]]] = {}  # rows held, no task yet
+        self.running_when_lost: dict[str, set[Future[Any]]] = {}
 
     def go(self) -> dict[int, Outcome]:
         done: dict[int, Outcome] = {}
-        self._submit(list(range(len(self.job.chunks))))
-        pending = as_completed(
-            list(self.tasks), loop=self.client.loop, with_results=True, raise_errors=False
-        )
+        self._scatter(list(range(len(self.job.chunks))))
+        pending = as_completed(loop=self.client.loop, with_results=True, raise_errors=False)
         try:
-            for future, result in pending:
-                chunk = self.tasks.pop(future)
-                outcome = self._outcome(future, result, chunk)
-                if outcome is None:  # lost: scattered and submitted again
-                    pending.add(self._submit([chunk])[0])
-                    continue
-                done[chunk] = outcome
-                lost = isinstance(outcome.error, RetriesExhausted)
-                if outcome.error is not None and not (lost and self.job.keep_going):
-                    return done
+            pending.update(self._submit())
+            for batch in pending.batches():
+                for future, result in batch:
+                    chunk, _ = self.tasks[future]
+                    outcome = self._outcome(future, result, chunk)
+                    if outcome is None:  # lost with a worker: to be sent again
+                        self._scatter([chunk])
+                        continue
+                    done[chunk] = outcome
+                    lost = isinstance(outcome.error, RetriesExhausted)
+                    if outcome.error is not None and not (lost and self.job.keep_going):
+                        return done
+                pending.update(self._submit())
             return done
         finally:
             if self.tasks:
                 self.client.cancel(list(self.tasks))
 
-    def _submit(self, chunks: list[int]) -> list[Future[Any]]:
-        """Scatter the chunks' rows (and the template and shared arrays if not held) and submit."""
+    def _scatter(self, chunks: list[int]) -> None:
+        """Send the chunks' rows to live workers, in proportion to their threads."""
+        self._find_workers()
+        load = {w: len(self.waiting[w]) + len(self.inflight[w]) for w in self.threads}
+        placement: dict[str, list[int]] = {}
+        for chunk in chunks:
+            worker = min(load, key=lambda w: load[w] / self.threads[w])
+            placement.setdefault(worker, []).append(chunk)
+            load[worker] += 1
+        for worker, mine in placement.items():
+            rows = [tuple(a[slice(*self.job.chunks[c])] for a in self.job.split) for c in mine]
+            try:
+                parts = self.client.scatter(rows, workers=[worker], hash=False)
+            except KeyError:  # the scheduler no longer knows this worker: it just left
+                self.threads = {}
+                self._scatter(mine)
+                continue
+            self.waiting[worker].extend(zip(mine, parts, strict=True))
+
+    def _submit(self) -> list[Future[Any]]:
+        """Top every live worker up to DEPTH tasks per thread; idle ones take rows from others."""
+        self._find_workers()
         if not self.shared or any(f.status != "finished" for f in self.shared):
             self.shared = self.client.scatter(
                 [self.job.template, *self.job.whole], broadcast=True, hash=False
             )
-        rows = [tuple(a[slice(*self.job.chunks[c])] for a in self.job.split) for c in chunks]
-        parts = self.client.scatter(rows, hash=False)
-        keys = [f"{self.prefix}-{c}-{len(self.causes.get(c, ()))}" for c in chunks]
-        futures: list[Future[Any]] = self.client.map(
+        futures: list[Future[Any]] = []
+        for worker, threads in self.threads.items():
+            mine: list[tuple[int, Future[Any]]] = []
+            while len(mine) < DEPTH * threads - len(self.inflight[worker]):
+                source = worker if self.waiting[worker] else max(self.waiting, key=self._backlog)
+                if not self.waiting[source]:
+                    break
+                mine.append(self.waiting[source].popleft())
+            if mine:
+                futures += self._send(worker, mine)
+        return futures
+
+    def _send(self, worker: str, mine: list[tuple[int, Future[Any]]]) -> list[Future[Any]]:
+        keys = []
+        for c, _ in mine:
+            self.sent[c] = self.sent.get(c, 0) + 1
+            keys.append(f"{self.prefix}-{c}-{self.sent[c]}")
+        mapped: list[Future[Any]] = self.client.map(
             _run_on_worker,
-            parts,
+            [part for _, part in mine],
             key=keys,
             pure=False,
+            workers=[worker],
+            allow_other_workers=True,  # a hint: a worker that left must not strand the task
             job_id=self.job.id,
             template=self.shared[0],
             whole=self.shared[1:],
         )
-        self.tasks.update(zip(futures, chunks, strict=True))
-        return futures
+        for future, (c, _) in zip(mapped, mine, strict=True):
+            self.tasks[future] = (c, worker)
+            self.inflight[worker][future] = None
+        return mapped
+
+    def _backlog(self, worker: str) -> int:
+        return len(self.waiting[worker])
+
+    def _find_workers(self) -> None:
+        """The live workers and their threads (asked again after a loss); waits if none."""
+        if self.threads:
+            return
+        for _ in range(2):
+            alive: dict[str, int] = self.client.nthreads()
+            self.threads = {w: n for w, n in alive.items() if w not in self.running_when_lost}
+            if self.threads:
+                break
+            try:
+                self.client.wait_for_workers(len(alive) + 1, timeout=WORKER_WAIT_S)
+            except TimeoutError:
+                break
+        if not self.threads:
+            raise ExecutionError(
+                f"the Dask cluster has no worker left to run {self.job.label(0)} and the rest "
+                f"(waited {WORKER_WAIT_S:g}s); is its nanny or autoscaler up?"
+            )
+        for worker in self.threads:
+            self.inflight.setdefault(worker, {})
+            self.waiting.setdefault(worker, deque())
+        homeless = [w for w in self.waiting if w not in self.threads]
+        for worker in homeless:  # rows that waited on a worker that left: scatter them again
+            chunks = [c for c, _ in self.waiting.pop(worker)]
+            self._scatter(chunks)
+
+    def _charged(self, future: Future[Any], worker: str) -> bool:
+        """Whether a task cancelled because rows were lost was running on a worker that died."""
+        if worker not in self.running_when_lost:
+            if worker in self.client.nthreads():
+                return False  # alive: the rows it was fetching left with another worker
+            unfinished = [f for f in self.inflight.pop(worker, {}) if f.status != "finished"]
+            self.running_when_lost[worker] = set(unfinished[: self.threads.get(worker, 1)])
+            self.threads = {}  # ask the scheduler again who is alive
+        return future in self.running_when_lost[worker]
 
     def _outcome(self, future: Future[Any], result: Any, chunk: int) -> Outcome | None:
-        """The chunk's outcome; None when its worker was lost and another attempt is due.
+        """The chunk's outcome; None when it is to be sent again.
 
         `result` is what as_completed gathered: the Outcome, a CancelledError, or for a task
         that raised, (type, exception, traceback).
         """
+        _, worker = self.tasks.pop(future)
         if future.status == "finished":
+            self.inflight.get(worker, {}).pop(future, None)
             assert isinstance(result, Outcome)
             return result
         error = result if isinstance(result, BaseException) else result[1]
-        if isinstance(error, distributed.KilledWorker):
+        if isinstance(error, distributed.KilledWorker):  # Dask gave up after its own retries
+            self.inflight.get(worker, {}).pop(future, None)
             cause = f"KilledWorker: {error}"
         elif isinstance(error, CancelledError):
+            charged = self._charged(future, worker)
+            self.inflight.get(worker, {}).pop(future, None)
+            if not charged and self.sent[chunk] < FREE_RESENDS:
+                return None
             cause = _LOST_DATA
         else:
             raise ExecutionError(
@@ -295,7 +398,9 @@ def _load(job_id: str, template: bytes) -> Call | Outcome:
 def _check_address(address: str) -> None:
     """Refuse a malformed scheduler address before connecting (Dask's own parser says why)."""
     try:
-        if parse_address(address)[0] in ("tcp", "tls"):
+        scheme = parse_address(address)[0]
+        get_backend(scheme)  # an unknown scheme raises here, naming the known ones
+        if scheme in ("tcp", "tls"):
             get_address_host_port(address)
     except ValueError as exc:
         raise OptionError(
