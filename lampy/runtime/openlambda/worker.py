@@ -181,6 +181,7 @@ class Worker:
         counts = dict(self.stats)
         counts["sandboxes"] = sum(len(lam.sandboxes) for lam in self.lambdas.values())
         counts["idle_sandboxes"] = sum(len(lam.idle) for lam in self.lambdas.values())
+        counts["outstanding"] = sum(lam.outstanding for lam in self.lambdas.values())
         return web.json_response(counts)
 
     # -- registry ---------------------------------------------------------------------------

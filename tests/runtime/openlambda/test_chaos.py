@@ -71,15 +71,15 @@ REGIONS: dict[str, Callable[..., Any]] = {
 
 
 def settled(url: str) -> dict[str, int]:
-    """The worker's counters once no sandbox is busy: a call the client abandoned (a backup's
-    twin) may still be running, or hanging until the runtime limit, and count later."""
-    deadline = time.monotonic() + 10 * RUNTIME_LIMIT_S
-    quiet = 0
-    while quiet < 2 and time.monotonic() < deadline:
+    """The worker's counters once no call is in flight: a call the client abandoned (a backup's
+    twin) may still wait for a sandbox, run, or hang until the runtime limit, and count later."""
+    deadline = time.monotonic() + 30 * RUNTIME_LIMIT_S
+    while time.monotonic() < deadline:
         counts = stats(url)
-        quiet = quiet + 1 if counts["sandboxes"] == counts["idle_sandboxes"] else 0
+        if counts["outstanding"] == 0 and counts["sandboxes"] == counts["idle_sandboxes"]:
+            return counts
         time.sleep(0.05)
-    return stats(url)
+    raise AssertionError(f"the worker at {url} is still busy: {counts}")
 
 
 def assert_exactly_once(account: Accounting, chunks: int) -> None:
