@@ -10,6 +10,8 @@ the answer is the inline executor's, so users can test their own code under fail
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -152,6 +154,7 @@ def chaos(
     allclose (for float reductions whose chunking differs; give `chunks` to fix it). Raises
     AssertionError when the answers differ, when a chunk was lost or merged twice, or when the
     call never left the process (so no fault could reach it); returns a report otherwise.
+    Without LAMPY_SECRET set, the run signs with a throwaway secret.
 
     >>> import numpy as np, lampy
     >>> from lampy.testing import chaos
@@ -173,6 +176,7 @@ def chaos(
     inline_seconds = time.perf_counter() - start
     with (
         tempfile.TemporaryDirectory(prefix="lampy-chaos-") as registry,
+        _throwaway_secret(),
         openlambda_worker(
             Path(registry), max_sandboxes, runtime_limit, chaos=plan, chaos_seed=seed
         ) as url,
@@ -220,6 +224,20 @@ def chaos(
         failures=_total(a.failures for a in accounts),
         dropped=_total(a.dropped for a in accounts),
     )
+
+
+@contextmanager
+def _throwaway_secret() -> Iterator[None]:
+    """A fresh LAMPY_SECRET for the run when none is set: the worker, the deploy and the
+    executor agree on it, and the user's kept secret is neither needed nor created."""
+    if os.environ.get("LAMPY_SECRET"):
+        yield
+        return
+    os.environ["LAMPY_SECRET"] = secrets.token_hex(32)
+    try:
+        yield
+    finally:
+        os.environ.pop("LAMPY_SECRET", None)
 
 
 def _total(counters: Iterable[Counter[str]]) -> dict[str, int]:
