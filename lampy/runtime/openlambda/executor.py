@@ -72,6 +72,8 @@ STRAGGLER_MIN_S = 0.5  # ... and at least this much longer than it
 AUTO_PREWARM_CHUNKS = 32
 PROGRESS_AFTER_S = 2.0  # a progress line appears for jobs running longer than this
 PREWARM_HOLD_S = 0.05  # each pre-warm call holds its sandbox this long, so calls spread out
+PREWARM_PATIENCE_S = 1.0  # ... and stops once no new sandbox answered for this long (a cold
+# start is STARTUP_S on a quiet machine, several times that on a loaded one)
 _REMOTE_PACKAGES = {"numpy", "cloudpickle", "lampy"}  # the deploy tarball carries lampy
 _pickle_lock = threading.Lock()
 
@@ -348,8 +350,12 @@ class OpenLambdaExecutor(Executor):
     async def _prewarm(self, n: int, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         seen: set[int] = set()
-        stale = 0
-        while len(seen) < n and stale < 2 and time.monotonic() < deadline:
+        stale, grew = 0, time.monotonic()
+
+        def waiting() -> bool:  # a capped platform is given up on only after a cold start's time
+            return stale < 2 or time.monotonic() - grew < PREWARM_PATIENCE_S
+
+        while len(seen) < n and waiting() and time.monotonic() < deadline:
             before = len(seen)
             calls = [self._ping() for _ in range(n)]
             for answer in await asyncio.gather(*calls, return_exceptions=True):
@@ -358,6 +364,7 @@ class OpenLambdaExecutor(Executor):
                 if isinstance(answer, int):
                     seen.add(answer)
             stale = stale + 1 if len(seen) == before else 0
+            grew = grew if stale else time.monotonic()
         return len(seen)
 
     async def _ping(self) -> int:
