@@ -1,25 +1,73 @@
-"""Core regions: numpy alone against lampy inline and local (issue targets in extra_info).
+"""Workloads (a)-(d) on every system, side by side: numpy alone and its peers against lampy.
 
-- compute-heavy elemwise: per row block, rfft then a small matmul; local should be >= 1.8x
-  faster than numpy alone on 2 cores.
-- memory-bound elemwise: a + b on 256 MB arrays with chunks="auto"; lampy must decide not to
-  fan out and stay within 1.05x of numpy (speed-up >= 0.95).
+(a) compute-bound elemwise: per row block, rfft then a small matmul (128 MiB of rows).
+(b) memory-bound elemwise: a + b on 256 MiB arrays.
+(c) Gram matrix and per-class sums (the FLsD scatter partials of examples/fisher) on 128 MiB.
+(d) one k-means iteration (assignment, per-cluster counts and sums) on 10^6 points.
+
+Systems: numpy alone (the baseline), numpy on one core (whose time over the cores is the compute
+limit), lampy inline / local / openlambda (a real `lampy worker`) / dask (lampy's executor on the
+Dask cluster), Dask itself with the same chunking (dask.array, threaded scheduler and a
+distributed LocalCluster of processes), TensorFlow on the CPU for (a) and (c), joblib for (a).
+Every system computes the same answer (checked against numpy on every row). Peers that are not
+installed are listed as skipped, with how to install them (`make bench-peers`).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import Row, cores, with_dask_client
+from threadpoolctl import threadpool_limits
 
 import lampy
+from examples.fisher.cluster import kmeans_partials
+from examples.fisher.flsd import scatter_partials
+from lampy.testing import openlambda_worker
 
+CHUNKS = 8  # the same chunking for every chunked system
 RNG = np.random.default_rng(0)
 FRAMES = RNG.standard_normal((16_384, 1024))  # 128 MiB of float64 rows
 BASIS = RNG.standard_normal((513, 64))
 A = RNG.standard_normal(32 * 1024 * 1024)  # 256 MiB each
 B = RNG.standard_normal(32 * 1024 * 1024)
+GRAM_X = RNG.standard_normal((262_144, 64))  # 128 MiB
+GRAM_CLASSES = RNG.integers(0, 64, GRAM_X.shape[0])
+POINTS = RNG.standard_normal((1_000_000, 8))
+CENTROIDS = RNG.standard_normal((1, 8, 8))  # 1 restart, k = 8, 8 dimensions
+ALL = [
+    "numpy",
+    "numpy-1core",
+    "inline",
+    "local",
+    "local-8",
+    "openlambda",
+    "lampy-dask",
+    "dask-threads",
+    "dask-distributed",
+    "tensorflow",
+    "joblib",
+]
+NAMES = {
+    "numpy": "numpy alone",
+    "numpy-1core": "numpy alone, one core",
+    "inline": 'lampy inline, chunks="auto"',
+    "local": 'lampy local, chunks="auto"',
+    "local-8": f"lampy local, chunks={CHUNKS}",
+    "openlambda": f"lampy openlambda (lampy worker), chunks={CHUNKS}",
+    "lampy-dask": f"lampy dask executor (LocalCluster), chunks={CHUNKS}",
+    "dask-threads": f"Dask dask.array, threaded scheduler, {CHUNKS} chunks",
+    "dask-distributed": f"Dask dask.array, distributed LocalCluster, {CHUNKS} chunks",
+    "tensorflow": "TensorFlow (CPU)",
+    "joblib": f"joblib (loky processes), {CHUNKS} chunks",
+}
+DASK = [NAMES["dask-threads"], NAMES["dask-distributed"]]
+PEER_NAMES = {"tensorflow": "TensorFlow (tensorflow-cpu)", "joblib": "joblib"}
 
 
 def spectral_features(frames: np.ndarray, basis: np.ndarray) -> np.ndarray:
@@ -32,62 +80,268 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a + b
 
 
-def run(benchmark: Any, group: str, system: str, fn: Any, *args: Any, **info: Any) -> Any:
-    benchmark.group = group
-    benchmark.extra_info.update(system=system, **info)
-    return benchmark.pedantic(fn, args=args, rounds=7, iterations=1, warmup_rounds=1)
+gram_partials = scatter_partials.__wrapped__  # type: ignore[attr-defined]
+kmeans_step = kmeans_partials.__wrapped__  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("system", ["numpy", "inline", "local", "local-8"])
-def test_compute_heavy(benchmark: Any, system: str) -> None:
-    """local-8 is the local pool with chunks=8: what fan-out gives when "auto" is not asked."""
-    expected = spectral_features(FRAMES[:64], BASIS)
-    if system == "numpy":
-        result = run(
-            benchmark,
-            "compute-heavy elemwise",
-            "numpy alone",
-            spectral_features,
-            FRAMES,
-            BASIS,
-            baseline=True,
-        )
+@dataclass
+class Workload:
+    group: str
+    numpy: Callable[[], Any]
+    region: Callable[..., Any]  # the lampy region: a decorator applied to the plain function
+    args: tuple[Any, ...]
+    dask: Callable[[Any], Any] | None = None  # builds the dask collection from `da`
+    tensorflow: Callable[[Any], Callable[[], Any]] | None = None
+    joblib: Callable[[Any], Callable[[], Any]] | None = None
+    exact: bool = False
+    #: (a), (c), (d): time of numpy on one core over the cores; (b): bytes at memory bandwidth
+    memory_bytes: int | None = None
+    targets: dict[str, dict[str, Any]] | None = None
+
+
+def _pack(partials: dict[str, Any]) -> np.ndarray:
+    return np.concatenate([np.ravel(partials[k]) for k in sorted(partials)])
+
+
+def _unpack(packed: np.ndarray, like: dict[str, Any]) -> dict[str, np.ndarray]:
+    out, at = {}, 0
+    for key in sorted(like):
+        size = np.size(like[key])
+        out[key] = packed[at : at + size].reshape(np.shape(like[key]))
+        at += size
+    return out
+
+
+def _dask_partials(
+    da: Any, fn: Callable[..., dict[str, Any]], split: list[np.ndarray], *shared: Any
+) -> Any:
+    """A @lampy.sum-style reduction in dask.array: per-block partials (packed), summed."""
+    like = fn(*(a[:2] for a in split), *shared)
+    size = _pack(like).size
+    rows = -(-split[0].shape[0] // CHUNKS)
+    blocks = [da.from_array(a if a.ndim == 2 else a[:, None], chunks=(rows, -1)) for a in split]
+    nblocks = len(blocks[0].chunks[0])
+
+    def block(*parts: np.ndarray) -> np.ndarray:
+        arrays = [p if s.ndim == 2 else p[:, 0] for p, s in zip(parts, split, strict=True)]
+        return _pack(fn(*arrays, *shared))[None, :]
+
+    summed = da.map_blocks(block, *blocks, chunks=((1,) * nblocks, (size,)), dtype=np.float64).sum(
+        axis=0
+    )
+    return summed, like
+
+
+def _dask_spectral(da: Any) -> Any:
+    frames = da.from_array(FRAMES, chunks=(FRAMES.shape[0] // CHUNKS, -1))
+    return frames.map_blocks(
+        spectral_features, BASIS, chunks=(frames.chunks[0], (BASIS.shape[1],)), dtype=np.float64
+    )
+
+
+def _dask_add(da: Any) -> Any:
+    rows = A.shape[0] // CHUNKS
+    return da.from_array(A, chunks=rows) + da.from_array(B, chunks=rows)
+
+
+def _dask_gram(da: Any) -> Any:
+    summed, like = _dask_partials(da, gram_partials, [GRAM_X, GRAM_CLASSES], 64)
+    return summed, like
+
+
+def _dask_kmeans(da: Any) -> Any:
+    return _dask_partials(da, kmeans_step, [POINTS], CENTROIDS)
+
+
+def _tf_spectral(tf: Any) -> Callable[[], Any]:
+    window = tf.constant(np.hanning(FRAMES.shape[1]))
+    basis = tf.constant(BASIS)
+
+    def run() -> np.ndarray:
+        frames = tf.constant(FRAMES) * window
+        spectra = tf.abs(tf.signal.rfft(frames))
+        return (tf.math.log1p(spectra) @ basis).numpy()
+
+    return run
+
+
+def _tf_gram(tf: Any) -> Callable[[], dict[str, np.ndarray]]:
+    def run() -> dict[str, np.ndarray]:
+        x, classes = tf.constant(GRAM_X), tf.constant(GRAM_CLASSES)
+        return {
+            "n": tf.cast(tf.math.bincount(classes, minlength=64), tf.float64).numpy(),
+            "s": tf.math.unsorted_segment_sum(x, classes, 64).numpy(),
+            "g": tf.matmul(x, x, transpose_a=True).numpy(),
+        }
+
+    return run
+
+
+def _joblib_spectral(joblib: Any) -> Callable[[], np.ndarray]:
+    parallel = joblib.Parallel(n_jobs=cores(), backend="loky")
+    blocks = np.array_split(FRAMES, CHUNKS)
+
+    def run() -> np.ndarray:
+        parts = parallel(joblib.delayed(spectral_features)(b, BASIS) for b in blocks)
+        return np.concatenate(parts)
+
+    return run
+
+
+WORKLOADS = {
+    "a": Workload(
+        "(a) compute-bound elemwise: rfft + small matmul, 16384 x 1024",
+        lambda: spectral_features(FRAMES, BASIS),
+        lambda **o: lampy.elemwise(shared=("basis",), **o)(spectral_features),
+        (FRAMES, BASIS),
+        dask=_dask_spectral,
+        tensorflow=_tf_spectral,
+        joblib=_joblib_spectral,
+        targets={
+            "local": {"target": 1.8, "beats": DASK},
+            "local-8": {"target": 1.8, "beats": DASK},
+        },
+    ),
+    "b": Workload(
+        "(b) memory-bound elemwise: a + b, 256 MiB each",
+        lambda: add(A, B),
+        lambda **o: lampy.elemwise(**o)(add),
+        (A, B),
+        dask=_dask_add,
+        exact=True,
+        memory_bytes=3 * A.nbytes,
+        targets={"local": {"target": 0.95, "note": "must not fan out"}},
+    ),
+    "c": Workload(
+        "(c) Gram matrix and per-class sums (FLsD scatter), 262144 x 64",
+        lambda: gram_partials(GRAM_X, GRAM_CLASSES, 64),
+        lambda **o: lampy.sum(**o)(gram_partials),
+        (GRAM_X, GRAM_CLASSES, 64),
+        dask=_dask_gram,
+        tensorflow=_tf_gram,
+        targets={"local": {"beats": DASK}, "local-8": {"beats": DASK}},
+    ),
+    "d": Workload(
+        "(d) one k-means iteration, 10^6 points, k = 8, 8 dims",
+        lambda: kmeans_step(POINTS, CENTROIDS),
+        lambda **o: lampy.sum(shared=("centroids",), **o)(kmeans_step),
+        (POINTS, CENTROIDS),
+        dask=_dask_kmeans,
+        targets={"local": {"beats": DASK}, "local-8": {"beats": DASK}},
+    ),
+}
+CASES = [(w, s) for w in WORKLOADS for s in ALL]
+SKIP = {
+    ("b", "tensorflow"),
+    ("b", "joblib"),
+    ("c", "joblib"),
+    ("d", "tensorflow"),
+    ("d", "joblib"),
+}
+
+
+@pytest.fixture(scope="module")
+def worker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import os
+
+    os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
+    with openlambda_worker(tmp_path_factory.mktemp("registry"), max_sandboxes=cores()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, Any]:
+    return {key: w.numpy() for key, w in WORKLOADS.items()}
+
+
+def _check(result: Any, want: Any, exact: bool) -> None:
+    if isinstance(want, dict):
+        for key in want:
+            _check(result[key], want[key], exact)
+    elif exact:
+        np.testing.assert_array_equal(result, want)
     else:
-        executor, _, chunks = system.partition("-")
-        f = lampy.elemwise(executor=executor, shared=("basis",), chunks=int(chunks or 0) or None)(
-            spectral_features
-        )
-        name = f"lampy {executor}" + (f", chunks={chunks}" if chunks else ', chunks="auto"')
-        target = {"local": 1.8}.get(executor)
-        result = run(
-            benchmark,
-            "compute-heavy elemwise",
-            name,
-            f,
-            FRAMES,
-            BASIS,
-            **({"target": target} if target else {}),
-        )
-        benchmark.extra_info["plan"] = str(f.explain(FRAMES, BASIS))
-    np.testing.assert_allclose(result[:64], expected)
+        np.testing.assert_allclose(result, want, rtol=1e-7, atol=1e-6)
 
 
-@pytest.mark.parametrize("system", ["numpy", "local"])
-def test_memory_bound(benchmark: Any, system: str) -> None:
+@pytest.mark.parametrize(("workload", "system"), [c for c in CASES if c not in SKIP])
+def test_workload(
+    benchmark: Any,
+    row: Row,
+    request: pytest.FixtureRequest,
+    expected: dict[str, Any],
+    copy_bytes_per_s: float,
+    dask_client: Any,
+    workload: str,
+    system: str,
+) -> None:
+    w = WORKLOADS[workload]
+    info: dict[str, Any] = dict((w.targets or {}).get(system, {}))
+    row(w.group, NAMES[system], baseline=system == "numpy", **info)
+    rounds = 3 if system in ("openlambda", "dask-distributed", "lampy-dask") else 5
+    fn: Callable[[], Any]
     if system == "numpy":
-        run(benchmark, "memory-bound a + b (256 MB)", "numpy alone", add, A, B, baseline=True)
-    else:
-        f = lampy.elemwise(executor="local")(add)
-        run(
-            benchmark,
-            "memory-bound a + b (256 MB)",
-            'lampy local, chunks="auto"',
-            f,
-            A,
-            B,
-            target=0.95,
-            note="must not fan out",
+        fn = w.numpy
+        if w.memory_bytes:
+            benchmark.extra_info["limit_s"] = w.memory_bytes / copy_bytes_per_s
+    elif system == "numpy-1core":
+
+        def fn() -> Any:
+            with threadpool_limits(1):
+                return w.numpy()
+
+    elif system in ("inline", "local", "local-8", "openlambda", "lampy-dask"):
+        fn = _lampy(w, system, row, request)
+    elif system.startswith("dask"):
+        fn = _dask(w, system, row, dask_client)
+    else:  # tensorflow, joblib
+        module = system
+        make = w.tensorflow if system == "tensorflow" else w.joblib
+        assert make is not None
+        fn = make(
+            row.need(module, {"tensorflow": "TensorFlow (tensorflow-cpu)"}.get(module, module))
         )
-        plan = f.explain(A, B)
-        benchmark.extra_info["plan"] = str(plan)
-        assert not plan.fan_out, plan
+    fn()  # warm: pools started, imports done, plans made
+    result = benchmark.pedantic(fn, rounds=rounds, iterations=1)
+    _check(result, expected[workload], w.exact)
+    if system == "numpy-1core" and not w.memory_bytes:
+        benchmark.extra_info["limit_s"] = benchmark.stats.stats.median / cores()
+
+
+def _lampy(w: Workload, system: str, row: Row, request: pytest.FixtureRequest) -> Callable[[], Any]:
+    options: dict[str, Any] = {}
+    if system == "openlambda":
+        options = {"url": request.getfixturevalue("worker_url")}
+    elif system == "lampy-dask":
+        client = with_dask_client(row, request.getfixturevalue("dask_client"))
+        options = {"client": client}
+    executor = {"local-8": "local", "lampy-dask": "dask"}.get(system, system)
+    chunks = None if system in ("local", "inline") else CHUNKS
+    f = w.region(executor=executor, chunks=chunks)
+
+    def run() -> Any:
+        with lampy.using(executor=executor, **options):
+            return f(*w.args)
+
+    return run
+
+
+def _dask(w: Workload, system: str, row: Row, dask_client: Any) -> Callable[[], Any]:
+    da = row.need("dask.array", "Dask (dask[distributed])")
+    assert w.dask is not None
+    built = w.dask(da)
+    collection, like = built if isinstance(built, tuple) else (built, None)
+    client = with_dask_client(row, dask_client) if system == "dask-distributed" else None
+
+    def run() -> Any:
+        with warnings.catch_warnings():
+            # Dask warns that the numpy inputs ride inside the graph ("large graph"): that is
+            # how dask.array takes in-memory numpy arrays, and part of what is measured here.
+            warnings.simplefilter("ignore", UserWarning)
+            if client is not None:
+                value = client.compute(collection).result()
+            else:
+                value = collection.compute(scheduler="threads", num_workers=cores())
+        return value if like is None else _unpack(value, like)
+
+    return run

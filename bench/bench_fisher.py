@@ -8,7 +8,6 @@ $LAMPY_PAA_PYTHON (default bench/.peers/paa/bin/python).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -17,18 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Row, with_dask_client
 
 import lampy
-from examples.fisher import diarize, synth
-from examples.fisher.audio import read_wav
-from examples.fisher.rttm import Turn, read_rttm
+from examples.fisher import diarize
+from examples.fisher.rttm import Turn
 from examples.fisher.scoring import score
 from lampy.testing import openlambda_worker
 
-SECONDS = 3600.0
-SEED = 1
 TARGET_DER = 0.10
-CACHE = Path(os.environ.get("LAMPY_FISHER_BENCH_DATA", "/tmp/lampy-fisher"))
 PAA_PYTHON = Path(
     os.environ.get("LAMPY_PAA_PYTHON", Path(__file__).parent / ".peers" / "paa" / "bin" / "python")
 )
@@ -44,22 +40,6 @@ print(json.dumps({"seconds": time.perf_counter() - start, "labels": np.asarray(l
 
 
 @pytest.fixture(scope="module")
-def hour() -> tuple[Path, np.ndarray, int, list[Turn]]:
-    """The cached hour of audio (generated on first use), its samples, rate and reference."""
-    # The generator's source is part of the name, so a changed generator never reuses old audio.
-    version = hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()[:10]
-    wav = CACHE / f"hour_2spk_seed{SEED}_{version}.wav"
-    rttm = wav.with_suffix(".rttm")
-    if not (wav.exists() and rttm.exists()):
-        if not synth.have_tools():
-            pytest.skip(synth.INSTALL_HINT)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        synth.generate(wav, rttm, n_speakers=2, seconds=SECONDS, seed=SEED)
-    signal, rate = read_wav(wav)
-    return wav, signal, rate, read_rttm(rttm)
-
-
-@pytest.fixture(scope="module")
 def openlambda_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `lampy worker` on loopback with lampy deployed (one sandbox per core)."""
     os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
@@ -67,15 +47,29 @@ def openlambda_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.mark.parametrize("executor", ["inline", "local", "openlambda"])
-def test_pipeline_one_hour(benchmark, hour, executor: str, request) -> None:  # type: ignore[no-untyped-def]
+PIPELINE = "(e) Fisher diarization, 1 hour of audio"
+
+
+@pytest.mark.parametrize("executor", ["inline", "local", "openlambda", "dask"])
+def test_pipeline_one_hour(  # type: ignore[no-untyped-def]
+    benchmark, row: Row, hour, executor: str, request, dask_client
+) -> None:
     """Targets: local at least 1.6x faster than numpy alone (the same code run inline)."""
-    options = {"url": request.getfixturevalue("openlambda_url")} if executor == "openlambda" else {}
-    benchmark.group = "Fisher diarization, 1 hour of audio"
-    system = "numpy alone (lampy inline)" if executor == "inline" else f"lampy {executor}"
-    benchmark.extra_info.update(system=system, baseline=executor == "inline")
-    if executor == "local":
-        benchmark.extra_info["target"] = 1.6
+    system = {
+        "inline": "numpy alone (the same code, lampy inline)",
+        "dask": "lampy dask executor (distributed LocalCluster)",
+    }.get(executor, f"lampy {executor}")
+    row(
+        PIPELINE,
+        system,
+        baseline=executor == "inline",
+        **({"target": 1.6} if executor == "local" else {}),
+    )
+    options: dict[str, object] = {}
+    if executor == "openlambda":
+        options = {"url": request.getfixturevalue("openlambda_url")}
+    elif executor == "dask":
+        options = {"client": with_dask_client(row, dask_client)}
     _, signal, rate, reference = hour
     with lampy.using(executor=executor, **options):
         diarize(signal[: rate * 60], rate, n_speakers=2)  # warm the workers up
@@ -93,11 +87,12 @@ def test_pipeline_one_hour(benchmark, hour, executor: str, request) -> None:  # 
 
 
 @pytest.mark.timeout(3600)
-def test_pyaudioanalysis_peer(benchmark, hour) -> None:  # type: ignore[no-untyped-def]
+def test_pyaudioanalysis_peer(benchmark, row: Row, hour) -> None:  # type: ignore[no-untyped-def]
+    row(PIPELINE, "pyAudioAnalysis 0.3.14 speaker_diarization (peer)")
     if not PAA_PYTHON.exists():
-        pytest.skip(
-            f"pyAudioAnalysis peer not set up: no {PAA_PYTHON} (make a venv there with "
-            "pyAudioAnalysis==0.3.14 and the pins in ../shared/fisher.md, or set LAMPY_PAA_PYTHON)"
+        row.skip(
+            f"pyAudioAnalysis is not set up in {PAA_PYTHON}: run `make bench-peers` "
+            "(or set LAMPY_PAA_PYTHON to a Python that has pyAudioAnalysis==0.3.14)"
         )
     wav, signal, rate, reference = hour
 
@@ -110,7 +105,6 @@ def test_pyaudioanalysis_peer(benchmark, hour) -> None:  # type: ignore[no-untyp
         )
         return json.loads(out.stdout.splitlines()[-1])
 
-    benchmark.group = "Fisher diarization, 1 hour of audio"
     peer = benchmark.pedantic(run, rounds=1, iterations=1)
     labels = np.asarray(peer["labels"], dtype=int)
     step = signal.size / rate / max(labels.size, 1)
@@ -119,6 +113,5 @@ def test_pyaudioanalysis_peer(benchmark, hour) -> None:  # type: ignore[no-untyp
     benchmark.extra_info.update(
         der=round(scored.der, 4),
         inner_seconds=peer["seconds"],
-        system="pyAudioAnalysis 0.3.14 speaker_diarization (peer)",
         note=f"DER {scored.der:.2%}",
     )

@@ -2,7 +2,8 @@
 
 lampy/runtime/executors/local.py takes STARTUP_S, SECONDS_PER_CHUNK, SECONDS_PER_BYTE and
 SECONDS_PER_RESULT_BYTE from
-these figures (each row's `note` prints the measured value). Fan-out pays when the work saved,
+these figures (each row's `note` prints the measured value), and the dask executor its
+SECONDS_PER_CHUNK and SECONDS_PER_BYTE. Fan-out pays when the work saved,
 (1 - 1/workers) of the serial time, exceeds these costs with a margin (FAN_OUT_MARGIN in
 lampy/runtime/plan.py).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from conftest import Row, with_dask_client
 
 import lampy
 from lampy.runtime.executors.local import LocalExecutor
@@ -103,3 +105,33 @@ def _job(x: np.ndarray, chunks: tuple[tuple[int, int], ...]) -> Any:
     from lampy.runtime.job import Job, Part
 
     return Job(noop, (Part(0),), {}, (x,), (), chunks)
+
+
+def test_dask_chunk_overhead(benchmark: Any, row: Row, dask_client: Any) -> None:
+    """lampy/runtime/executors/dask.py takes SECONDS_PER_CHUNK from this row."""
+    row(f"{CHUNKS} no-op chunks on Dask", "lampy dask executor (LocalCluster of processes)")
+    client = with_dask_client(row, dask_client)
+    f = lampy.elemwise(chunks=CHUNKS, executor="dask")(noop)
+    x = np.zeros(CHUNKS)
+    with lampy.using(executor="dask", client=client):
+        f(x)
+        benchmark.pedantic(f, args=(x,), rounds=3, iterations=1)
+    per_chunk = benchmark.stats.stats.median / CHUNKS
+    benchmark.extra_info["note"] = f"SECONDS_PER_CHUNK ~ {per_chunk:.1e}"
+
+
+def test_dask_bytes_moved(benchmark: Any, row: Row, dask_client: Any) -> None:
+    """lampy/runtime/executors/dask.py takes SECONDS_PER_BYTE from this row."""
+    row("256 MiB to Dask workers, small result", "lampy dask executor, 8 chunks")
+    client = with_dask_client(row, dask_client)
+    x = np.random.default_rng(0).random((ROWS, 128))
+    f = lampy.elemwise(chunks=8, executor="dask")(first_column)
+    baseline = _median_seconds(first_column, x)
+    with lampy.using(executor="dask", client=client):
+        f(x)
+        benchmark.pedantic(f, args=(x,), rounds=3, iterations=1)
+    from lampy.runtime.executors.dask import SECONDS_PER_CHUNK
+
+    extra = benchmark.stats.stats.median - baseline - 8 * SECONDS_PER_CHUNK  # less the chunks
+    moved = x.nbytes + ROWS * 8
+    benchmark.extra_info["note"] = f"SECONDS_PER_BYTE ~ 1/{moved / extra:.2g}"

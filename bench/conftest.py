@@ -1,56 +1,180 @@
 """Benchmark reporting: ratios measured side by side in one run, written to bench/RESULTS.md.
 
-Every benchmark names its `group` (one workload) and, in `extra_info`, its `system`. The group's
-baseline (`extra_info["baseline"] = True`, usually numpy alone) is the reference: each row shows
-median time and speed-up against it. A row may carry a `target` (a minimum speed-up, or for a
-row that must not be slower, a maximum slowdown) and is then marked met or missed.
+Every benchmark names its `group` (one workload) and, in `extra_info`, its `system` (the `row`
+fixture sets both). Per row the table shows the median time and two ratios:
+- against the baseline: the group's baseline row (`extra_info["baseline"] = True`; numpy alone
+  for every workload) divided by this row's time, so above 1 is faster;
+- against the machine's limit: the group's `limit_s` (the best time this machine allows, e.g.
+  the bytes moved at the measured memory bandwidth, or numpy on one core divided by the cores)
+  divided by this row's time, so 1 is at the ceiling.
+A row may carry a `target` (a minimum ratio to the baseline) and `beats` (systems of the same
+group it must be faster than); it is then marked met or missed. A row whose peer is not
+installed is still listed, marked skipped with the reason (`row.skip`). RESULTS.json holds the
+raw figures beside the table.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+PEERS_HINT = "run `make bench-peers`"
+_skipped: list[dict[str, str]] = []
+
+
+@dataclass
+class Row:
+    """Names a benchmark's row; `skip` lists it as skipped, with why, and skips the test."""
+
+    benchmark: Any
+    node: pytest.Item
+
+    def __call__(self, group: str, system: str, **info: Any) -> None:
+        self.benchmark.group = group
+        self.benchmark.extra_info.update(system=system, **info)
+        self.node.user_properties.append(("row", (group, system)))
+
+    def skip(self, reason: str) -> None:
+        group, system = dict(self.node.user_properties)["row"]
+        _skipped.append({"group": group, "system": system, "reason": reason})
+        pytest.skip(reason)
+
+    def need(self, module: str, what: str) -> Any:
+        """Import a peer, or skip this row saying how to install it."""
+        try:
+            return __import__(module, fromlist=["_"])
+        except ImportError:
+            self.skip(f"{what} is not installed: {PEERS_HINT}")
+
+
+@pytest.fixture
+def row(benchmark: Any, request: pytest.FixtureRequest) -> Row:
+    return Row(benchmark, request.node)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@pytest.fixture(scope="session")
+def dask_client() -> Iterator[Any]:
+    """A distributed LocalCluster of processes (one per core, one thread each), on loopback.
+
+    Workers start with one BLAS thread each (Dask's default), like lampy's local pool.
+    """
+    try:
+        import distributed
+    except ImportError:
+        yield None
+        return
+    with (
+        distributed.LocalCluster(
+            n_workers=cores(),
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            silence_logs=logging.CRITICAL,
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        yield client
+
+
+def with_dask_client(row: Row, client: Any) -> Any:
+    """The session's Dask client, or skip the row when dask.distributed is missing."""
+    if client is None:
+        row.skip(f"dask.distributed is not installed: {PEERS_HINT}")
+    return client
+
+
+def timed_median(fn: Callable[[], Any], rounds: int = 5) -> float:
+    """Median seconds of `fn()` over a few rounds (for limits measured inside a test)."""
+    import time
+
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _ratio(numerator: float | None, median: float) -> str:
+    return f"{numerator / median:.2f}x" if numerator and median else ""
 
 
 def _rows(benchmarks: list[Any]) -> list[str]:
     groups: dict[str, list[Any]] = defaultdict(list)
     for bench in benchmarks:
         groups[bench.group or bench.name].append(bench)
+    skipped: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for skip in _skipped:
+        groups.setdefault(skip["group"], [])
+        skipped[skip["group"]].append(skip)
     lines = [
-        "| workload | system | median | speed-up vs baseline | target | verdict |",
-        "|---|---|---|---|---|---|",
+        "| workload | system | median | vs baseline | vs machine limit | target | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for group, members in groups.items():
-        base = next((b for b in members if b.extra_info.get("baseline")), members[0])
+        base = next((b.stats.median for b in members if b.extra_info.get("baseline")), None)
+        limit = next((b.extra_info["limit_s"] for b in members if "limit_s" in b.extra_info), None)
+        medians = {b.extra_info.get("system", b.name): b.stats.median for b in members}
         for bench in members:
-            median = bench.stats.median
-            ratio = base.stats.median / median if median else float("nan")
-            target = bench.extra_info.get("target")
-            verdict = ""
-            if target is not None:
-                verdict = "met" if ratio >= target else "missed"
-                target_text = f">= {target:g}x"
-            else:
-                target_text = ""
-            note = bench.extra_info.get("note", "")
-            system = bench.extra_info.get("system", bench.name) + (f" ({note})" if note else "")
+            info, median = bench.extra_info, bench.stats.median
+            target, verdict = _verdict(info, median, base, medians, skipped[group])
+            note = info.get("note", "")
+            system = info.get("system", bench.name) + (f" ({note})" if note else "")
             lines.append(
-                f"| {group} | {system} | {median * 1e3:,.1f} ms | {ratio:.2f}x | "
-                f"{target_text} | {verdict} |"
+                f"| {group} | {system} | {median * 1e3:,.1f} ms | {_ratio(base, median)} | "
+                f"{_ratio(limit, median)} | {target} | {verdict} |"
             )
+        for skip in skipped[group]:
+            lines.append(f"| {group} | {skip['system']} | skipped: {skip['reason']} |  |  |  |  |")
     return lines
+
+
+def _verdict(
+    info: dict[str, Any],
+    median: float,
+    base: float | None,
+    medians: dict[str, float],
+    skipped: list[dict[str, str]],
+) -> tuple[str, str]:
+    """The row's target text and whether it was met (against numpy and named peers)."""
+    wanted, verdicts = [], []
+    if "target" in info and base:
+        wanted.append(f">= {info['target']:g}x baseline")
+        verdicts.append(base / median >= info["target"])
+    beats = info.get("beats", [])
+    if beats:
+        wanted.append("faster than " + ", ".join(beats))
+    unknown = False
+    for peer in beats:
+        if peer in medians:
+            verdicts.append(median < medians[peer])
+        elif any(s["system"] == peer for s in skipped):
+            unknown = True
+    if not wanted:
+        return "", ""
+    if not all(verdicts):
+        return "; ".join(wanted), "missed"
+    return "; ".join(wanted), "met (some peers skipped)" if unknown else "met"
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     session = getattr(config, "_benchmarksession", None)
     benchmarks = [b for b in getattr(session, "benchmarks", []) if b.stats]
-    if not benchmarks:
+    if not benchmarks and not _skipped:
         return
     lines = _rows(benchmarks)
     terminalreporter.write_sep("=", "lampy benchmark ratios (medians, one run)")
@@ -59,13 +183,52 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     header = [
         "# Benchmark results",
         "",
-        "Generated by `make bench` (medians; ratios measured side by side in one run on a",
-        "2-core machine). A speed-up below 1 means slower than the baseline.",
+        "Generated by `make bench` (medians; every ratio measured side by side in one run on a",
+        f"{cores()}-core machine). *vs baseline*: the baseline's time (numpy alone, for every",
+        "workload) over this row's, so above 1 is faster. *vs machine limit*: the best time the",
+        "machine allows for the workload (bytes at the measured memory bandwidth, numpy on one",
+        "core over the cores, raw aiohttp or TCP) over this row's time; 1 is at the ceiling.",
+        "Raw figures: RESULTS.json.",
         "",
     ]
     RESULTS.write_text("\n".join(header + lines) + "\n")
     raw = [
         {"group": b.group, "name": b.name, "median_s": b.stats.median, "extra_info": b.extra_info}
         for b in benchmarks
-    ]
+    ] + [{**s, "skipped": True} for s in _skipped]
     RESULTS.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
+
+
+@pytest.fixture(scope="session")
+def copy_bytes_per_s() -> float:
+    """Memory bandwidth as np.copyto sees it (read + write bytes per second), for limits."""
+    import numpy as np
+
+    src = np.ones(32 * 1024 * 1024)
+    dst = np.empty_like(src)
+    return 2 * src.nbytes / timed_median(lambda: np.copyto(dst, src), rounds=7)
+
+
+@pytest.fixture(scope="session")
+def hour() -> tuple[Path, Any, int, list[Any]]:
+    """One hour of generated 2-speaker audio (espeak-ng and sox; cached in
+    $LAMPY_FISHER_BENCH_DATA, default /tmp/lampy-fisher): path, samples, rate, reference turns.
+    """
+    import hashlib
+
+    from examples.fisher import synth
+    from examples.fisher.audio import read_wav
+    from examples.fisher.rttm import read_rttm
+
+    cache = Path(os.environ.get("LAMPY_FISHER_BENCH_DATA", "/tmp/lampy-fisher"))
+    # The generator's source is part of the name, so a changed generator never reuses old audio.
+    version = hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()[:10]
+    wav = cache / f"hour_2spk_seed1_{version}.wav"
+    rttm = wav.with_suffix(".rttm")
+    if not (wav.exists() and rttm.exists()):
+        if not synth.have_tools():
+            pytest.skip(synth.INSTALL_HINT)
+        cache.mkdir(parents=True, exist_ok=True)
+        synth.generate(wav, rttm, n_speakers=2, seconds=3600.0, seed=1)
+    signal, rate = read_wav(wav)
+    return wav, signal, rate, read_rttm(rttm)

@@ -9,16 +9,19 @@ lampy starts no cluster of its own here, so nothing surprising runs on the calle
 
 How a job travels: the pickled (function, args, kwargs) template and the shared arrays are
 scattered once to every worker (`broadcast`, so losing one worker does not lose them); each
-chunk's rows are scattered to one worker and its task runs there, so array bytes go straight from
-the caller to a worker, never through the scheduler or inside the task graph. A worker keeps the
-unpickled template of its last few jobs, so each chunk unpickles only its rows.
+chunk's rows are scattered to one worker, so array bytes go straight from the caller to a
+worker, never through the scheduler or inside the task graph. A worker keeps the unpickled
+template of its last few jobs, so each chunk unpickles only its rows. Functions travel as the
+other executors send them (cloudpickle, by reference when importable), so the workers need
+lampy, numpy and the modules the function imports: the same environment as the caller.
 
 Failures are sorted as in the other executors. A user exception is the chunk's outcome, never
 retried. A worker that dies (killed, out of memory, restarted by its nanny) loses the rows it
-held: its chunk is scattered and submitted again, up to `attempts` times in all, and then is
-reported lost (`RetriesExhausted` naming the chunk, its rows and each attempt's cause). A cluster
-that cannot be reached, or a worker that cannot run lampy's task at all (lampy missing there),
-fails the whole call with an `ExecutionError` that says what to check.
+held: the chunks it was running are charged an attempt and sent again, up to `attempts` in all,
+then reported lost (`RetriesExhausted` naming the chunk, its rows and each attempt's cause);
+chunks whose rows only waited there are sent again for free (see `_Run`). A cluster that cannot
+be reached fails fast with an `ExecutionError` naming the address; a worker that cannot run
+lampy's task at all (lampy missing there) fails the call with one that says what to check.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ from lampy.runtime.plan import Costs
 
 ATTEMPTS = 3  # per chunk, as the local pool's MAX_ATTEMPTS
 CONNECT_TIMEOUT_S = 10.0
-# Measured by bench/bench_overheads.py against a 2-worker LocalCluster on the reference machine.
-SECONDS_PER_BYTE = 1 / 1.0e9  # scattered to a worker over TCP, and back
-SECONDS_PER_CHUNK = 1.5e-3  # one scatter, task and gather through the scheduler
+# Measured by bench/bench_overheads.py against a 2-worker LocalCluster on the reference machine
+# (a busy one: other jobs shared its 2 cores), so "auto" fans out to Dask only for heavy work.
+SECONDS_PER_BYTE = 1 / 4.6e8  # scattered to a worker over TCP, and back
+SECONDS_PER_CHUNK = 3.6e-3  # one task through the scheduler and back
 JOBS_KEPT = 4  # unpickled templates a worker keeps
 DEPTH = 16  # chunk tasks per worker thread at a time (one running): hides the round trip
 FREE_RESENDS = 10  # a chunk sent this often is charged for any loss (bounds a rare race)
