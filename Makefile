@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench bench-peers clean
+.PHONY: run test lint typecheck pytest chaos bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# The full chaos suite: 10 seeds x 1,000 chunks under 20% mixed faults (make test runs 2 x 300).
+chaos: $(STAMP)
+	LAMPY_CHAOS_FULL=1 $(BIN)/pytest -m chaos tests/runtime/openlambda/test_chaos.py
 
 bench: $(STAMP)
 	$(BIN)/pytest bench -o python_files="bench_*.py" -o addopts="" -o testpaths=bench -o faulthandler_timeout=0 --benchmark-only --benchmark-columns=median,iqr,rounds -p no:cacheprovider

@@ -18,6 +18,9 @@ from lampy.errors import (
     FrameError,
     LampyError,
     OptionError,
+    RemoteArrayError,
+    RemoteArrayNotFound,
+    RemoteArrayRefused,
     RemoteError,
     RemoteTraceback,
     ResultError,
@@ -37,6 +40,7 @@ from lampy.regions.decorators import elemwise, reduce, sum
 from lampy.regions.partial import Coverage, Partial
 from lampy.regions.region import ParallelFunction
 from lampy.runtime.plan import Plan
+from lampy.runtime.remote.reference import RemoteArray, remote
 from lampy.runtime.settings import using
 
 __version__ = "0.1.0"
@@ -64,6 +68,10 @@ __all__ = [
     "ParallelFunction",
     "Partial",
     "Plan",
+    "RemoteArray",
+    "RemoteArrayError",
+    "RemoteArrayNotFound",
+    "RemoteArrayRefused",
     "RemoteError",
     "RemoteTraceback",
     "ResultError",
@@ -83,6 +91,7 @@ __all__ = [
     "load_graph",
     "prewarm",
     "reduce",
+    "remote",
     "save_graph",
     "shared",
     "sum",

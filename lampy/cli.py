@@ -1,5 +1,6 @@
 """The `lampy` command: `lampy worker` (a local OpenLambda-compatible worker), `lampy deploy`,
-and `lampy calibrate` (measure the lazy arrays' cost constants on this machine)."""
+`lampy serve` (an array server for remote arrays) and `lampy calibrate` (measure the lazy
+arrays' cost constants on this machine)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument(
         "--runtime-limit", type=float, default=30.0, help="seconds per call (default 30)"
     )
+    worker.add_argument(
+        "--chaos",
+        metavar="PLAN",
+        help="inject faults into calls, e.g. 'kill=0.05,502=0.05,429=0.05,hang=0.02,"
+        "reset=0.02,corrupt=0.01,duplicate=0.02' (for testing; counts in /stats)",
+    )
+    worker.add_argument(
+        "--chaos-seed", type=int, default=0, help="seed of the --chaos plan (default 0)"
+    )
 
     deploy = commands.add_parser("deploy", help="build lampy's lambda and upload or save it")
     target = deploy.add_mutually_exclusive_group(required=True)
@@ -29,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("calibrate", help="measure lazy-array cost constants on this machine")
 
+    server = commands.add_parser("serve", help="serve the .npy files of a directory by range")
+    server.add_argument("directory", type=Path)
+    server.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    server.add_argument("--port", type=int, default=5050)
+    server.add_argument("--max-upload", type=int, help="largest PUT in bytes (default 8 GiB)")
+
     args = parser.parse_args(argv)
     if args.command == "calibrate":
         from lampy.lazy.cost import calibrate
@@ -36,10 +52,22 @@ def main(argv: list[str] | None = None) -> int:
         for operation, seconds in sorted(calibrate().items()):
             print(f"{operation:>16}  {seconds:.3g}")
         return 0
+    if args.command == "serve":
+        from lampy.runtime.remote.server import MAX_UPLOAD_BYTES
+        from lampy.runtime.remote.server import serve as serve_arrays
+
+        serve_arrays(args.directory, args.host, args.port, args.max_upload or MAX_UPLOAD_BYTES)
+        return 0
     if args.command == "worker":
+        from lampy.errors import OptionError
+        from lampy.runtime.openlambda.chaos import Plan
         from lampy.runtime.openlambda.worker import serve
 
-        serve(args.host, args.port, args.registry, args.max_sandboxes, args.runtime_limit)
+        try:
+            plan = None if args.chaos is None else Plan.parse(args.chaos, args.chaos_seed)
+        except OptionError as exc:
+            worker.error(str(exc))  # exits with status 2 and the usage line
+        serve(args.host, args.port, args.registry, args.max_sandboxes, args.runtime_limit, plan)
         return 0
     from lampy.runtime.openlambda import deploy as packaging
 

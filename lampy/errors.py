@@ -7,8 +7,15 @@ LampyError
 │   ├── UnsplittableError     a 0-d or object-dtype array to split     (also TypeError)
 │   ├── SerializationError    cloudpickle cannot serialize the function or an argument
 │   ├── OptionError           a bad option: chunks, combine, finalize  (also ValueError)
+│   ├── ShapeError            lazy operand shapes that do not fit      (also ValueError)
+│   ├── UnsupportedOperation  an operation lazy arrays do not offer    (also TypeError)
 │   └── UnknownExecutorError  an executor name that is not registered  (also ValueError)
 ├── ResultError               chunk results that cannot be combined    (also TypeError)
+├── RemoteArrayError          a remote array cannot be read or written: bad URL, not a .npy
+│   │                         file, truncated, changed since referenced, dtype or shape
+│   │                         not as expected, order not row-contiguous, server failure
+│   ├── RemoteArrayNotFound   no such array on the server or disk  (also FileNotFoundError)
+│   └── RemoteArrayRefused    the server refused: signature or path (also PermissionError)
 └── ExecutionError            a chunk failed for a reason outside user code
     ├── WorkerLost            the process running a chunk died
     ├── RemoteError           user code raised an exception whose type cannot travel back
@@ -33,15 +40,20 @@ __all__ = [
     "FrameError",
     "LampyError",
     "OptionError",
+    "RemoteArrayError",
+    "RemoteArrayNotFound",
+    "RemoteArrayRefused",
     "RemoteError",
     "RemoteTraceback",
     "ResultError",
     "RetriesExhausted",
     "SerializationError",
+    "ShapeError",
     "SplitLengthError",
     "TooLarge",
     "UnknownExecutorError",
     "UnsplittableError",
+    "UnsupportedOperation",
     "UsageError",
     "VersionMismatch",
     "WorkerLost",
@@ -76,8 +88,43 @@ class UnknownExecutorError(UsageError, ValueError):
     """No executor is registered under the given name."""
 
 
+class ShapeError(UsageError, ValueError):
+    """Lazy operands whose shapes do not fit, raised as the expression is written.
+
+    Also a ValueError, so code catching numpy's broadcasting errors catches it too.
+    """
+
+
+class UnsupportedOperation(UsageError, TypeError):
+    """A numpy operation or argument lazy arrays do not offer; the message lists what they do.
+
+    Also a TypeError, as numpy raises for an operation a type does not support.
+    """
+
+
 class ResultError(LampyError, TypeError):
     """Chunk results do not have the shape the region's combine rule needs."""
+
+
+class RemoteArrayError(LampyError):
+    """A remote array (`lampy.remote`) cannot be read or written; the message names its URL.
+
+    `status` is the HTTP status `lampy serve` answers such a request with.
+    """
+
+    status = 422
+
+
+class RemoteArrayNotFound(RemoteArrayError, FileNotFoundError):
+    """No array at that URL or path."""
+
+    status = 404
+
+
+class RemoteArrayRefused(RemoteArrayError, PermissionError):
+    """The array server refused the request: a bad signature, or a path outside its directory."""
+
+    status = 403
 
 
 class ExecutionError(LampyError):

@@ -3,6 +3,10 @@
 Every top-level numpy array argument is split along axis 0 unless it is marked shared (on the
 decorator by name, or at the call with `lampy.shared(x)`). Bad arguments fail here, before any
 work is sent, with the argument's name in the message.
+
+A reference (`lampy.remote(url)`) is split like an array, but nothing is read here: each chunk
+reads its own rows, and a plain call in this process reads it whole. A reference marked shared
+is read once here, as every chunk needs all of it.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from lampy.errors import SplitLengthError, UnsplittableError
-from lampy.runtime.job import Job, Part, Rows, Whole
+from lampy.runtime.job import Job, Part, Placeholder, Rows, Whole, fill
+from lampy.runtime.remote.reference import RemoteArray, materialize
 
 
 class Shared:
@@ -39,14 +45,29 @@ def shared(value: Any) -> Shared:
 class Binding:
     """One call's arguments, sorted for the runtime."""
 
-    direct_args: tuple[Any, ...]  # the user's values (markers removed), for a plain call
-    direct_kwargs: dict[str, Any]
-    args: tuple[Any, ...]  # the same with Part/Whole placeholders where arrays were
+    args: tuple[Any, ...]  # the arguments with Part/Whole placeholders where arrays were
     kwargs: dict[str, Any]
-    split: tuple[np.ndarray, ...]
+    split: tuple[np.ndarray | RemoteArray, ...]
     split_names: tuple[str, ...]
     whole: tuple[np.ndarray, ...]
     constants: tuple[tuple[str, Any], ...]
+
+    @cached_property
+    def direct(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The user's values (markers removed) for a plain call here; references read whole."""
+
+        def lookup(p: Placeholder) -> Any:
+            return materialize(self.split[p.index]) if isinstance(p, Part) else self.whole[p.index]
+
+        return fill(self.args, self.kwargs, lookup)
+
+    @property
+    def direct_args(self) -> tuple[Any, ...]:
+        return self.direct[0]
+
+    @property
+    def direct_kwargs(self) -> dict[str, Any]:
+        return self.direct[1]
 
     @property
     def rows(self) -> int:
@@ -94,21 +115,28 @@ def bind(
 ) -> Binding:
     """Sort a call's arguments; raises TypeError as the function itself would for a bad call."""
     named = _named_arguments(function, args, kwargs)
-    split: list[np.ndarray] = []
+    split: list[np.ndarray | RemoteArray] = []
     split_names: list[str] = []
     whole: list[np.ndarray] = []
     constants: list[tuple[str, Any]] = []
 
-    def sort(name: str, value: Any) -> tuple[Any, Any]:
-        """(direct value, template value) for one argument."""
+    def sort(name: str, value: Any) -> Any:
+        """The template value of one argument: itself, or a placeholder for an array."""
         marked = isinstance(value, Shared)
         value = value.value if isinstance(value, Shared) else value
+        is_shared = marked or name.partition("[")[0] in shared_names
+        if isinstance(value, RemoteArray):
+            if not is_shared:
+                split.append(value)
+                split_names.append(name)
+                return Part(len(split) - 1)
+            value = value.fetch()
         if not isinstance(value, np.ndarray) or (value.dtype == object and marked):
             constants.append((name, value))
-            return value, value
-        if marked or name.partition("[")[0] in shared_names:
+            return value
+        if is_shared:
             whole.append(value)
-            return value, Whole(len(whole) - 1)
+            return Whole(len(whole) - 1)
         if value.ndim == 0:
             raise UnsplittableError(
                 f"argument {name!r} is a 0-d array, which has no axis 0 to split; pass it as "
@@ -121,20 +149,12 @@ def bind(
             )
         split.append(value)
         split_names.append(name)
-        return value, Part(len(split) - 1)
+        return Part(len(split) - 1)
 
-    direct: list[tuple[str, bool, Any]] = []
-    template: list[tuple[str, bool, Any]] = []
-    for name, positional, value in named:
-        d, t = sort(name, value)
-        direct.append((name, positional, d))
-        template.append((name, positional, t))
+    template = [(name, positional, sort(name, value)) for name, positional, value in named]
     _check_lengths(split, split_names)
-    d_args, d_kwargs = _rebuild(direct)
     t_args, t_kwargs = _rebuild(template)
     return Binding(
-        d_args,
-        d_kwargs,
         t_args,
         t_kwargs,
         tuple(split),
@@ -176,7 +196,7 @@ def _rebuild(named: list[tuple[str, bool, Any]]) -> tuple[tuple[Any, ...], dict[
     return args, kwargs
 
 
-def _check_lengths(split: list[np.ndarray], names: list[str]) -> None:
+def _check_lengths(split: list[np.ndarray | RemoteArray], names: list[str]) -> None:
     lengths = [a.shape[0] for a in split]
     if len(set(lengths)) > 1:
         described = ", ".join(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lampy.errors import OptionError, RemoteTraceback, RetriesExhausted, SerializationError
-from lampy.regions.binding import Binding, bind, parameter_names
+from lampy.regions.binding import Binding, Shared, bind, parameter_names
 from lampy.regions.partial import Coverage, Partial, check_fraction
 from lampy.runtime import blas, executors
 from lampy.runtime.codec import dumps
@@ -105,6 +105,13 @@ class ParallelFunction:
         return self if instance is None else types.MethodType(self, instance)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        values = (a.value if isinstance(a, Shared) else a for a in (*args, *kwargs.values()))
+        if any(hasattr(type(v), "__lampy_lazy__") for v in values):
+            # A lazy argument makes the call a graph node. Local import: lampy.lazy builds on
+            # lampy.regions, so a module-level import here would be a cycle.
+            from lampy.lazy.calls import call
+
+            return call(self, args, kwargs)
         binding, executor, chunks = self._prepare(args, kwargs)
         call_plan, probe = self._plan(binding, executor, chunks)
         if call_plan.warm_up:

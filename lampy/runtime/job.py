@@ -3,6 +3,7 @@
 Array arguments are replaced by placeholders in the argument template: `Part(i)` stands for the
 chunk's rows of split array i, `Whole(i)` for shared array i. Each executor decides how the
 arrays travel (in-process views, shared memory, frames over HTTP); the template stays the same.
+A split array may be a `RemoteArray` (lampy.remote): a reference whose rows each chunk reads itself.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from lampy.runtime.codec import dumps
+from lampy.runtime.remote.reference import RemoteArray, materialize
 
 Rows = tuple[int, int]
 
@@ -55,7 +57,7 @@ class Job:
     function: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
-    split: tuple[np.ndarray, ...]
+    split: tuple[np.ndarray | RemoteArray, ...]
     whole: tuple[np.ndarray, ...]
     chunks: tuple[Rows, ...]
     #: Keep running the other chunks when one is lost to platform failures (partial answers);
@@ -77,11 +79,14 @@ class Job:
         )
 
     def arguments(self, chunk: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The chunk's arguments as in-process views of the caller's arrays (no copies)."""
+        """The chunk's arguments as in-process views of the caller's arrays (no copies);
+        references are read here, just the chunk's rows."""
         start, stop = self.chunks[chunk]
 
-        def lookup(p: Placeholder) -> np.ndarray:
-            return self.split[p.index][start:stop] if isinstance(p, Part) else self.whole[p.index]
+        def lookup(p: Placeholder) -> Any:
+            if isinstance(p, Part):
+                return materialize(self.split[p.index][start:stop])
+            return self.whole[p.index]
 
         return fill(self.args, self.kwargs, lookup)
 

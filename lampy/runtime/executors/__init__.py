@@ -19,6 +19,7 @@ _REGISTRY: dict[str, str | type[Executor]] = {
     "inline": "lampy.runtime.executors.inline:InlineExecutor",
     "local": "lampy.runtime.executors.local:LocalExecutor",
     "openlambda": "lampy.runtime.openlambda.executor:OpenLambdaExecutor",
+    "dask": "lampy.runtime.executors.dask:DaskExecutor",
 }
 _instances: dict[tuple[str, tuple[tuple[str, Any], ...]], Executor] = {}
 _lock = threading.Lock()

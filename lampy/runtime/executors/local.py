@@ -3,6 +3,8 @@
 The pool starts on first use and is reused across calls. A job's arrays are copied once into a
 shared-memory arena that the workers map, so array bytes are never pickled per chunk; each worker
 maps only its chunk's rows. Large results come back in shared memory too and are used in place.
+References (lampy.remote) are not copied in: each worker reads, or maps from a local file, its
+own rows.
 A worker that dies, or runs a chunk longer than `timeout` seconds (it is then killed), is replaced
 and its chunk retried, up to `MAX_ATTEMPTS` times; then the chunk is lost (`RetriesExhausted`).
 
@@ -35,6 +37,7 @@ from lampy.runtime.executors.base import Executor
 from lampy.runtime.executors.local_worker import JOBS_KEPT, ArrayRef
 from lampy.runtime.job import Job
 from lampy.runtime.plan import Costs
+from lampy.runtime.remote.reference import RemoteArray
 from lampy.runtime.shm import anonymous_file, layout_of, load_from_file
 
 MAX_ATTEMPTS = 3
@@ -62,8 +65,9 @@ class _Arena:
         self.size = 0
         self.map: mmap.mmap | None = None
 
-    def place(self, arrays: tuple[np.ndarray, ...]) -> list[ArrayRef]:
-        layout, total = layout_of([a.nbytes for a in arrays])
+    def place(self, arrays: tuple[np.ndarray | RemoteArray, ...]) -> list[ArrayRef]:
+        """Copy the arrays in; references stay references (each worker reads its own rows)."""
+        layout, total = layout_of([a.nbytes if isinstance(a, np.ndarray) else 0 for a in arrays])
         if self.fd is None or total > self.size:
             self.release()
             self.size = max(total, mmap.ALLOCATIONGRANULARITY)
@@ -72,6 +76,9 @@ class _Arena:
             self.id += 1
         refs: list[ArrayRef] = []
         for (offset, _), array in zip(layout, arrays, strict=True):
+            if isinstance(array, RemoteArray):
+                refs.append(array)
+                continue
             target: np.ndarray = np.ndarray(
                 array.shape, array.dtype, buffer=self.map, offset=offset
             )

@@ -26,12 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from lampy.errors import RemoteArrayError
 from lampy.runtime.codec import dumps, loads
 from lampy.runtime.entry import Outcome, run_chunk
 from lampy.runtime.job import Part, Placeholder, fill
+from lampy.runtime.remote.reference import RemoteArray
 from lampy.runtime.shm import array_in, dump_to_file
 
-ArrayRef = tuple[int, np.dtype[Any], tuple[int, ...]]  # offset, dtype, shape in the arena
+# (offset, dtype, shape) in the arena, or a reference (lampy.remote) whose rows a worker reads
+ArrayRef = tuple[int, np.dtype[Any], tuple[int, ...]] | RemoteArray
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 JOBS_KEPT = 4
 
@@ -84,10 +87,21 @@ def _run(
 
     def lookup(p: Placeholder) -> np.ndarray:
         if isinstance(p, Part):
-            return array_in(arena, *split[p.index], rows=rows)
-        return array_in(arena, *whole[p.index])
+            return _array(arena, split[p.index], rows)
+        return _array(arena, whole[p.index], None)
 
-    return run_chunk(function, *fill(args, kwargs, lookup))
+    try:
+        arguments = fill(args, kwargs, lookup)
+    except RemoteArrayError as exc:  # a reference's rows could not be read: the chunk's error
+        return Outcome(error=exc, traceback=traceback.format_exc())
+    return run_chunk(function, *arguments)
+
+
+def _array(arena: int, ref: ArrayRef, rows: tuple[int, int] | None) -> np.ndarray:
+    """An array in the arena (or its rows), or a reference's rows read here."""
+    if isinstance(ref, RemoteArray):
+        return ref.fetch() if rows is None else ref[rows[0] : rows[1]].fetch()
+    return array_in(arena, *ref, rows=rows)
 
 
 def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:

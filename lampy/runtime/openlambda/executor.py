@@ -3,6 +3,8 @@
 `run()` is synchronous but the calls are asynchronous: one pooled aiohttp session lives on an
 event loop in a background thread, so a caller that is itself inside a running loop (Jupyter)
 works too. Bodies always carry Content-Length (OpenLambda reads a chunked body as empty).
+Split arrays over `PUBLISH_BYTES` travel by reference (lampy.runtime.remote.publish): each
+sandbox reads its rows from an array server instead of the client pushing them in the call.
 
 Failures are sorted before anything is retried. Platform failures (connection refused or reset,
 429, 502 and other 5xx, client timeouts, an answer that fails its signature or is not for the
@@ -52,6 +54,7 @@ from lampy.runtime.job import Job
 from lampy.runtime.openlambda import frames
 from lampy.runtime.openlambda.secret import load_secret
 from lampy.runtime.plan import Costs
+from lampy.runtime.remote.publish import published
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:5000"
@@ -319,6 +322,10 @@ class OpenLambdaExecutor(Executor):
         )
 
     def run(self, job: Job) -> dict[int, Outcome]:
+        with published(job, self.url) as sent:  # large arrays travel by reference
+            return self._run_sent(sent)
+
+    def _run_sent(self, job: Job) -> dict[int, Outcome]:
         template = _template(job)
         payload = len(template) + sum(a.nbytes for a in job.whole)
         account = Accounting(job.id, len(job.chunks))

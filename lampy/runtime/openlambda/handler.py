@@ -7,7 +7,9 @@ never unpickled. Every answer has a Content-Length: without one an OpenLambda an
 
 A task carries its job's key and, when the executor thinks this sandbox may lack it, the pickled
 (function, args, kwargs) template and shared arrays; warm sandboxes keep the last few jobs, so
-the template travels once per job per sandbox, and a miss is answered MISSING.
+the template travels once per job per sandbox, and a miss is answered MISSING. A split argument
+may arrive as a reference (lampy.remote): the handler reads the chunk's rows itself, with one
+Range request straight into a new array.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lampy.errors import BadSignature, FrameError, RemoteError, VersionMismatch
+from lampy.errors import BadSignature, FrameError, RemoteArrayError, RemoteError, VersionMismatch
 from lampy.runtime.codec import dumps, loads
 from lampy.runtime.entry import Outcome, run_chunk
 from lampy.runtime.job import Part, Placeholder, fill
 from lampy.runtime.openlambda import frames
+from lampy.runtime.remote.reference import materialize
 
 JOBS_KEPT = 8
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -130,10 +133,12 @@ def _run(call: Call, whole: tuple[Any, ...], parts: tuple[Any, ...]) -> Outcome:
     function, args, kwargs = call
 
     def lookup(p: Placeholder) -> Any:
-        return parts[p.index] if isinstance(p, Part) else whole[p.index]
+        return materialize(parts[p.index]) if isinstance(p, Part) else whole[p.index]
 
     try:
         return run_chunk(function, *fill(args, kwargs, lookup))
+    except RemoteArrayError as exc:  # a reference's rows (one Range request) could not be read
+        return Outcome(error=exc, traceback=traceback.format_exc())
     except BaseException as exc:  # SystemExit and friends must not end the sandbox
         text = f"{type(exc).__qualname__}: {exc}"
         return Outcome(error=RemoteError(text), traceback=traceback.format_exc())
