@@ -78,6 +78,15 @@ class Binding:
         return sum(a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)) for a in self.split)
 
     @property
+    def sent_row_bytes(self) -> int:
+        """Bytes per row an executor moves itself: references are read by the workers."""
+        return sum(
+            a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
+            for a in self.split
+            if isinstance(a, np.ndarray)
+        )
+
+    @property
     def shapes(self) -> tuple[tuple[tuple[int, ...], str], ...]:
         """Shapes and dtypes of the arrays: what an auto plan depends on besides timing."""
         return tuple((a.shape, a.dtype.str) for a in self.split + self.whole)

@@ -202,6 +202,7 @@ class ParallelFunction:
                 shared_bytes=binding.shared_bytes,
                 chunks=chunks,
                 probe=probe,
+                sent_row_bytes=binding.sent_row_bytes,
             )
 
         if chunks is not None or costs.workers <= 1 or binding.rows < 2:

@@ -132,8 +132,13 @@ def plan(
     shared_bytes: int,
     chunks: int | None,
     probe: Probe | None = None,
+    sent_row_bytes: int | None = None,
 ) -> Plan:
     """Plan a call: `chunks` given means exactly that many (fewer only if rows run out).
+
+    `sent_row_bytes` (default `row_bytes`) is what the executor itself moves per row: rows of a
+    reference (lampy.remote) are read by the workers, in parallel, not sent by the caller; the
+    probe, which read them here, has already priced that reading into the work per row.
 
     `chunks=None` means auto; then a `probe` of the leading rows must be given unless the
     executor has a single worker or there are fewer than two rows. In auto mode a fan-out plan
@@ -175,7 +180,8 @@ def plan(
     serial = probe.call_seconds + probe.row_seconds * rows
     rest = rows - probe.rows
     count = max(1, min(rest, costs.workers * CHUNKS_PER_WORKER))
-    sent = rows * row_bytes + shared_bytes * costs.workers
+    sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
+    sent += shared_bytes * costs.workers
     returned = probe.result_bytes / probe.rows * rest
     per_result_byte = costs.seconds_per_result_byte
     if per_result_byte is None:

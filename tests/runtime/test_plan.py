@@ -77,3 +77,13 @@ def test_explicit_chunks_are_kept() -> None:
     assert "chunks=3 was asked for" in str(p)
     few = plan(chunks=30, **common(rows=10))  # type: ignore[arg-type]
     assert len(few.chunks) == 10 and "only 10 rows" in few.reason
+
+
+def test_rows_the_workers_read_themselves_cost_the_caller_nothing_to_send() -> None:
+    """A reference's rows (lampy.remote) are read by each worker, not pushed by the caller."""
+    # The probe read 1000 rows of 8 kB in 8 ms (1 GB/s): splitting that reading between two
+    # workers pays; pushing the same bytes through the caller first does not.
+    probe = Probe(rows=1000, seconds=0.008, result_bytes=8000)
+    pushed = plan(chunks=None, probe=probe, **common())  # type: ignore[arg-type]
+    pulled = plan(chunks=None, probe=probe, sent_row_bytes=0, **common())  # type: ignore[arg-type]
+    assert not pushed.fan_out and pulled.fan_out
