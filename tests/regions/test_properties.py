@@ -54,8 +54,15 @@ def test_sum_is_exact_for_integers_and_close_for_floats(
     executor: str, case: tuple[np.ndarray, int]
 ) -> None:
     x, chunks = case
-    exact = x.dtype.kind in "biu"
-    assert_same(lampy.sum(chunks=chunks)(partial_sums)(x), partial_sums(x), exact=exact)
+    result, expected = lampy.sum(chunks=chunks)(partial_sums)(x), partial_sums(x)
+    if x.dtype.kind in "biu":
+        assert_same(result, expected)
+        return
+    assert result["n"] == expected["n"] and result["s"].dtype == expected["s"].dtype
+    # Summing in another order moves each sum by a few rounding steps of its terms' magnitude
+    # (not of the sum's own, which cancellation can make tiny).
+    tolerance = 4 * np.finfo(x.dtype).eps * np.abs(x).sum(axis=0) * max(1, len(x))
+    assert np.all(np.abs(result["s"] - expected["s"]) <= tolerance)
 
 
 @settings(max_examples=20)
