@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "calibrate":
         from lampy.lazy.cost import calibrate
 
-        for operation, seconds in sorted(calibrate().items()):
-            print(f"{operation:>16}  {seconds:.3g}")
+        for constant, value in sorted(calibrate().items()):
+            unit = "flop/s" if constant.startswith("gemm_flops") else "s per element"
+            print(f"{constant:>18}  {value:.3g} {unit}")
         return 0
     if args.command == "serve":
         from lampy.runtime.remote.server import MAX_UPLOAD_BYTES
