@@ -44,12 +44,13 @@ except ImportError as exc:  # the registry turns this into "the dask executor ca
         f"dask.distributed is not installed ({exc}); install it with: pip install 'lampy[dask]'"
     ) from exc
 
-from lampy.errors import ExecutionError, OptionError, RetriesExhausted
+from lampy.errors import ExecutionError, OptionError, RemoteArrayError, RetriesExhausted
 from lampy.runtime.codec import dumps_out_of_band, loads
 from lampy.runtime.entry import Outcome, run_chunk
 from lampy.runtime.executors.base import Executor
 from lampy.runtime.job import Job, Part, Placeholder, fill
 from lampy.runtime.plan import Costs
+from lampy.runtime.remote.reference import materialize
 
 ATTEMPTS = 3  # per chunk, as the local pool's MAX_ATTEMPTS
 CONNECT_TIMEOUT_S = 10.0
@@ -63,6 +64,7 @@ FREE_RESENDS = 10  # a chunk sent this often is charged for any loss (bounds a r
 WORKER_WAIT_S = 60.0  # for a worker to come back when every worker has left
 
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+Pickled = tuple[bytes, list[memoryview]]  # a chunk's value from dumps_out_of_band
 _calls: OrderedDict[str, Call | Outcome] = OrderedDict()  # on a worker: job id -> template
 _calls_lock = threading.Lock()
 _LOST_DATA = (
@@ -319,14 +321,19 @@ class _Run:
     def _outcome(self, future: Future[Any], result: Any, chunk: int) -> Outcome | None:
         """The chunk's outcome; None when it is to be sent again.
 
-        `result` is what as_completed gathered: the Outcome, a CancelledError, or for a task
-        that raised, (type, exception, traceback).
+        `result` is what as_completed gathered: the chunk's error Outcome or pickled value, a
+        CancelledError, or for a task that raised, (type, exception, traceback).
         """
         _, worker = self.tasks.pop(future)
         if future.status == "finished":
             self.inflight.get(worker, {}).pop(future, None)
-            assert isinstance(result, Outcome)
-            return result
+            if isinstance(result, Outcome):
+                return result
+            payload, buffers = result
+            try:
+                return Outcome(value=loads(payload, buffers))
+            except Exception as exc:  # e.g. a class the worker has and this process has not
+                return Outcome(error=exc, traceback=traceback.format_exc())
         error = result if isinstance(result, BaseException) else result[1]
         if isinstance(error, distributed.KilledWorker):  # Dask gave up after its own retries
             self.inflight.get(worker, {}).pop(future, None)
@@ -362,24 +369,33 @@ class _Run:
 
 def _run_on_worker(
     parts: tuple[Any, ...], *, job_id: str, template: bytes, whole: list[Any]
-) -> Outcome:
-    """Run one chunk on a Dask worker; its outcome, made safe to send back."""
+) -> Outcome | Pickled:
+    """Run one chunk on a Dask worker: its error, or its value pickled by lampy's codec.
+
+    The value is pickled here, not by Dask, so it comes back exactly (Dask's own pickling of
+    an object holding arrays turns big-endian arrays native) and its array bytes still travel
+    out of band, as memoryviews Dask sends without copying.
+    """
     call = _load(job_id, template)
     if isinstance(call, Outcome):
         return call
     function, args, kwargs = call
 
-    def lookup(p: Placeholder) -> Any:
-        return parts[p.index] if isinstance(p, Part) else whole[p.index]
+    def lookup(p: Placeholder) -> Any:  # a reference's rows (lampy.remote) are read here
+        return materialize(parts[p.index]) if isinstance(p, Part) else whole[p.index]
 
-    outcome = run_chunk(function, *fill(args, kwargs, lookup))
+    try:
+        arguments = fill(args, kwargs, lookup)
+    except RemoteArrayError as exc:  # a reference's rows could not be read: the chunk's error
+        return Outcome(error=exc, traceback=traceback.format_exc()).portable()
+    outcome = run_chunk(function, *arguments)
     if outcome.error is not None:
         return outcome.portable()
-    try:  # a value Dask cannot send back would fail far from here, with no chunk named
-        dumps_out_of_band(outcome.value)
+    try:  # pickled here: a value that cannot travel is the chunk's error, not Dask's
+        payload, buffers = dumps_out_of_band(outcome.value)
     except Exception as exc:
         return Outcome(error=exc, traceback=traceback.format_exc()).portable()
-    return outcome
+    return payload, [buffer.raw() for buffer in buffers]
 
 
 def _load(job_id: str, template: bytes) -> Call | Outcome:

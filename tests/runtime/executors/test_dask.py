@@ -116,6 +116,22 @@ def test_a_result_dask_cannot_send_back_is_the_chunks_error(dask_address: str) -
     assert "raised in lampy chunk 0 of 2 (rows 0:2)" in caught.value.__notes__
 
 
+def copy_rows(x: np.ndarray) -> np.ndarray:
+    return x.copy()
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_results_come_back_exactly_even_big_endian(dask_address: str, chunks: int) -> None:
+    x = np.arange(100, dtype=">i2")
+    f = lampy.elemwise(chunks=chunks)(copy_rows)
+    with lampy.using(executor="inline"):
+        expected = f(x)  # one chunk: x's own dtype; several: numpy's concatenate makes it native
+    with lampy.using(executor="dask", address=dask_address):
+        result = f(x)
+    assert result.dtype == expected.dtype and result.tobytes() == expected.tobytes()
+    assert result.flags.writeable
+
+
 def wait_unless_done(x: np.ndarray, flag: str) -> np.ndarray:
     """Blocks the chunk holding row 0 until `flag` exists, so a test can kill its worker."""
     if x[0] == 0 and not os.path.exists(flag):
