@@ -11,10 +11,17 @@ from typing import Any
 import numpy as np
 
 from lampy.errors import ResultError
+from lampy.runtime.remote.results import Sink
 
 
-def concatenate(results: Sequence[Any]) -> Any:
-    """Join elemwise chunk results along axis 0, leaf by leaf; one result is returned as is."""
+def concatenate(results: Sequence[Any], sink: Sink | None = None) -> Any:
+    """Join elemwise chunk results along axis 0, leaf by leaf; one result is returned as is.
+
+    A sink other than "auto" (the openlambda executor's `results` option) writes the joined
+    array into a memory-mapped file or onto the client's array server instead.
+    """
+    if sink is not None and sink.mode != "auto":
+        return sink.assemble(results)
     if len(results) == 1:
         return results[0]
     first = results[0]

@@ -5,6 +5,8 @@ event loop in a background thread, so a caller that is itself inside a running l
 works too. Bodies always carry Content-Length (OpenLambda reads a chunked body as empty).
 Split arrays over `PUBLISH_BYTES` travel by reference (lampy.runtime.remote.publish): each
 sandbox reads its rows from an array server instead of the client pushing them in the call.
+Results over `RESULT_BYTES` travel back the same way when that server runs (or the option
+results="mmap:PATH" | "remote" asks for it): lampy.runtime.remote.results.
 
 Failures are sorted before anything is retried. Platform failures (connection refused or reset,
 429, 502 and other 5xx, client timeouts, an answer that fails its signature or is not for the
@@ -28,10 +30,11 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import aiohttp
@@ -44,6 +47,7 @@ from lampy.errors import (
     ExecutionError,
     FrameError,
     OptionError,
+    RemoteArrayError,
     RetriesExhausted,
     SerializationError,
 )
@@ -55,6 +59,7 @@ from lampy.runtime.openlambda import frames
 from lampy.runtime.openlambda.secret import load_secret
 from lampy.runtime.plan import Costs
 from lampy.runtime.remote.publish import published
+from lampy.runtime.remote.results import Offer, Sink, collect, offered
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:5000"
@@ -233,6 +238,7 @@ class _JobState:
     template: bytes
     inline: bool
     account: Accounting
+    offer: Offer | None = None  # where large results may go (the client's array server)
     sends: int = 0
     tries: Counter[int] = field(default_factory=Counter)  # attempts so far, by a call's first chunk
 
@@ -276,6 +282,7 @@ class OpenLambdaExecutor(Executor):
         "prewarm": int,
         "batch": int,
         "progress": str,
+        "results": str,
     }
 
     def __init__(
@@ -289,6 +296,7 @@ class OpenLambdaExecutor(Executor):
         prewarm: int = 0,
         batch: int = 0,
         progress: str = "auto",
+        results: str = "auto",
         transport: Transport | None = None,
     ) -> None:
         for option, value in (("concurrency", concurrency), ("attempts", attempts)):
@@ -301,6 +309,8 @@ class OpenLambdaExecutor(Executor):
         if timeout <= 0 or backoff < 0:
             raise OptionError(f"timeout must be > 0 and backoff >= 0; got {timeout}, {backoff}")
         self.url, self.lambda_name = url.rstrip("/"), name
+        #: Where an elemwise result goes (the region asks): see lampy.runtime.remote.results.
+        self.sink = replace(Sink.parse(results), platform=self.url)
         self.endpoint = f"{self.url}/run/{name}"
         self.concurrency, self.timeout = concurrency, timeout
         self.attempts, self.backoff, self.auto_prewarm = attempts, backoff, prewarm
@@ -322,15 +332,17 @@ class OpenLambdaExecutor(Executor):
         )
 
     def run(self, job: Job) -> dict[int, Outcome]:
-        with published(job, self.url) as sent:  # large arrays travel by reference
-            return self._run_sent(sent)
+        # large arrays travel by reference, both ways
+        start = self.sink.mode != "auto"  # the caller asked for results on disk
+        with published(job, self.url) as sent, offered(job.id, self.url, start) as offer:
+            return self._run_sent(sent, offer)
 
-    def _run_sent(self, job: Job) -> dict[int, Outcome]:
+    def _run_sent(self, job: Job, offer: Offer | None) -> dict[int, Outcome]:
         template = _template(job)
         payload = len(template) + sum(a.nbytes for a in job.whole)
         account = Accounting(job.id, len(job.chunks))
         self.accounts.append(account)
-        state = _JobState(job, template, inline=payload <= INLINE_BYTES, account=account)
+        state = _JobState(job, template, payload <= INLINE_BYTES, account, offer)
         if len(job.chunks) >= AUTO_PREWARM_CHUNKS and self._asked < self.auto_prewarm:
             self.prewarm(self.auto_prewarm)  # once: the platform may cap sandboxes lower
         self._called = True
@@ -441,7 +453,10 @@ class OpenLambdaExecutor(Executor):
                 for twin in running.pop(unit):
                     account.cancelled += twin.cancel()
                 # a call stops at its first user error, so it may answer fewer chunks
-                outcomes = dict(zip(units[unit], task.result(), strict=False))
+                outcomes = {
+                    chunk: _collected(state.offer, outcome)
+                    for chunk, outcome in zip(units[unit], task.result(), strict=False)
+                }
                 for chunk, outcome in outcomes.items():
                     if chunk in done:  # cannot happen while units are disjoint: never merge twice
                         account.dropped["superseded"] += 1
@@ -554,6 +569,7 @@ class OpenLambdaExecutor(Executor):
                 state.template if with_template else None,
                 job.whole if with_template else None,
                 parts,
+                state.offer.task if state.offer is not None else None,  # for large results
                 attempt,
             )
             frame = await self._exchange(frames.encode(frames.TASK, task, self.secret))
@@ -617,6 +633,17 @@ class OpenLambdaExecutor(Executor):
             first = text.splitlines()[0] if text else ""
             raise PlatformFailure(f"HTTP {reply.status}: {first}", f"http {reply.status}", text)
         raise ExecutionError(f"{self.endpoint} answered HTTP {reply.status}: {text}")
+
+
+def _collected(offer: Offer | None, outcome: Outcome) -> Outcome:
+    """An accepted outcome with the results its chunk stored read back from the client's disk
+    (and their files removed); a result that cannot be read becomes the chunk's error."""
+    if offer is None or outcome.error is not None:
+        return outcome
+    try:
+        return Outcome(collect(outcome.value, offer))
+    except RemoteArrayError as exc:
+        return Outcome(error=exc, traceback=traceback.format_exc())
 
 
 def _describe_call(call: Any) -> str:

@@ -9,7 +9,9 @@ A task carries its job's key and, when the executor thinks this sandbox may lack
 (function, args, kwargs) template and shared arrays; warm sandboxes keep the last few jobs, so
 the template travels once per job per sandbox, and a miss is answered MISSING. A split argument
 may arrive as a reference (lampy.remote): the handler reads the chunk's rows itself, with one
-Range request straight into a new array.
+Range request straight into a new array. When the task offers a place for large results (the
+client's array server), result arrays over the offer's threshold are uploaded there and the
+answer carries their references (lampy.runtime.remote.results).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lampy.runtime.entry import Outcome, run_chunk
 from lampy.runtime.job import Part, Placeholder, fill
 from lampy.runtime.openlambda import frames
 from lampy.runtime.remote.reference import materialize
+from lampy.runtime.remote.results import store
 
 JOBS_KEPT = 8
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -103,7 +106,10 @@ def _serve(environ: dict[str, Any]) -> frames.Outgoing:
         return frames.encode(frames.PONG, os.getpid(), secret)
     if frame.kind != frames.TASK:
         raise FrameError(f"expected a task frame, got {frames.KINDS[frame.kind]}")
-    key, chunks, template, whole, parts, attempt = frame.value
+    # (key, chunks, template, whole, parts[, offer], attempt): a task without an offer (from
+    # a client that offers no place for results) has its results answered in the frame
+    key, chunks, template, whole, parts, *offered, attempt = frame.value
+    offer = offered[0] if offered else None
     if template is not None:
         _jobs[key] = (_load(template), whole)
         while len(_jobs) > JOBS_KEPT:
@@ -113,8 +119,10 @@ def _serve(environ: dict[str, Any]) -> frames.Outgoing:
     _jobs.move_to_end(key)
     call, shared = _jobs[key]
     outcomes = []
-    for chunk_parts in parts:  # one or more chunks; stop at the first user error
+    for chunk, chunk_parts in zip(chunks, parts, strict=True):  # stop at the first user error
         outcome = call if isinstance(call, Outcome) else _run(call, shared, chunk_parts)
+        if offer is not None and outcome.error is None:
+            outcome = _stored(outcome, offer, f"{chunk}-{attempt}")
         outcomes.append(outcome)
         if outcome.error is not None:
             break
@@ -142,6 +150,15 @@ def _run(call: Call, whole: tuple[Any, ...], parts: tuple[Any, ...]) -> Outcome:
     except BaseException as exc:  # SystemExit and friends must not end the sandbox
         text = f"{type(exc).__qualname__}: {exc}"
         return Outcome(error=RemoteError(text), traceback=traceback.format_exc())
+
+
+def _stored(outcome: Outcome, offer: tuple[str, int], name: str) -> Outcome:
+    """The outcome with its large result arrays uploaded to the offered place; a failed upload
+    (refused, server gone) is the chunk's error, named by the executor like a failed read."""
+    try:
+        return Outcome(store(outcome.value, offer, name))
+    except RemoteArrayError as exc:
+        return Outcome(error=exc, traceback=traceback.format_exc())
 
 
 def _result(call: tuple[Any, ...], outcomes: list[Outcome], secret: bytes) -> frames.Outgoing:

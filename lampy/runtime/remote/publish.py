@@ -54,6 +54,14 @@ class _Publisher:
         self.directory: Path | None = None
         self.host = self.url = ""
 
+    def running(self, host: str) -> tuple[Path, str] | None:
+        """The server's directory and URL if it runs on `host`."""
+        with self.lock:
+            alive = self.process is not None and self.process.poll() is None
+            if alive and host == self.host and self.directory is not None:
+                return self.directory, self.url
+            return None
+
     def start(self, host: str) -> tuple[Path, str]:
         with self.lock:
             if self.process is not None and self.process.poll() is None and host == self.host:
@@ -114,6 +122,15 @@ def published(job: Job, platform_url: str) -> Iterator[Job]:
     finally:
         for path in files:
             path.unlink(missing_ok=True)
+
+
+def serving(platform_url: str, start: bool) -> tuple[Path, str] | None:
+    """This process's array server (directory, URL) on the address the platform reaches, if
+    it runs; started first when `start`. None when the route from the platform is unknown."""
+    host = _reachable_host(platform_url)
+    if host is None:
+        return None
+    return _publisher.running(host) or (_publisher.start(host) if start else None)
 
 
 def _local_bytes(array: np.ndarray | RemoteArray) -> int:

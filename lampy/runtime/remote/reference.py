@@ -180,8 +180,11 @@ def upload(url: str, array: np.ndarray) -> RemoteArray:
     url = _normalize(url)
     if url.startswith("file:"):
         raise RemoteArrayError(f"upload needs an http(s) URL of a lampy server; got {url}")
-    if not isinstance(array, np.ndarray) or array.dtype.hasobject:
-        raise RemoteArrayError(f"upload takes a numeric ndarray; got {type(array).__name__}")
+    if not isinstance(array, np.ndarray) or array.dtype.hasobject or array.ndim == 0:
+        what = "a 0-d array" if isinstance(array, np.ndarray) and array.ndim == 0 else ""
+        raise RemoteArrayError(
+            f"upload takes a numeric ndarray with rows; got {what or type(array).__name__}"
+        )
     data = np.ascontiguousarray(array)
     header = header_bytes(data.shape, data.dtype)
     flat = data.reshape(-1).view(np.uint8).data
@@ -194,8 +197,12 @@ def upload(url: str, array: np.ndarray) -> RemoteArray:
     length = str(len(header) + flat.nbytes)
     with _request("PUT", url, {"Content-Length": length}, body()) as response:
         _check(response, url, expect=201)
-        response.read()
-    return remote(url)
+        try:
+            record = json.loads(response.read())
+        except ValueError as exc:
+            raise RemoteArrayError(f"{url}: the upload's answer is not JSON ({exc})") from None
+    meta = NpyMeta.from_json(record, url)  # the server's answer: no second request
+    return RemoteArray(url, meta, 0, meta.shape[0])
 
 
 # -- HTTP -------------------------------------------------------------------------------------
