@@ -8,6 +8,11 @@
   (>= 1x), and >= 100x fewer bytes sent (asserted).
 - publish threshold: push against auto-publish for one array of 1, 4, 16 and 64 MiB; where
   publishing starts to win sets `lampy.runtime.remote.publish.PUBLISH_BYTES`.
+- large results: a region whose result is 1024x its input (a quarter of the large input's
+  size, 64 chunks), its result arrays sent back in the answers against PUT to the client's
+  array server by reference; each row notes the bytes the client received in answers.
+- result threshold: the same for results of 1, 4, 16 and 64 MiB (8 chunks); where references
+  start to win sets `lampy.runtime.remote.results.RESULT_BYTES`.
 
 LAMPY_BENCH_REMOTE_BYTES shrinks the large input (e.g. 268435456 for a quick check).
 """
@@ -29,7 +34,7 @@ import lampy
 from lampy.runtime import executors
 from lampy.runtime.openlambda import frames
 from lampy.runtime.openlambda.executor import AiohttpTransport, OpenLambdaExecutor, Reply
-from lampy.runtime.remote import publish
+from lampy.runtime.remote import publish, results
 from lampy.runtime.remote.reference import RemoteArray, remote
 from lampy.runtime.settings import resolve_options
 from lampy.testing import free_port, openlambda_worker, wait_ready
@@ -39,16 +44,19 @@ TOTAL_BYTES = int(os.environ.get("LAMPY_BENCH_REMOTE_BYTES", 2 << 30))
 CHUNKS = 64
 THRESHOLD_SIZES = [1 << 20, 4 << 20, 16 << 20, 64 << 20]
 LARGE = "input of {:.3g} GiB through one region, {} chunks"
+RESULT = "result of {:.3g} GiB from one region, {} chunks"
 
 
 class Counting(AiohttpTransport):
-    """The real transport, counting the bytes of the frames the client sends."""
+    """The real transport, counting the bytes of the frames the client sends and receives."""
 
-    sent = 0
+    sent = received = 0
 
     async def post(self, frame: frames.Outgoing, timeout: float) -> Reply:
         Counting.sent += frame.size
-        return await super().post(frame, timeout)
+        reply = await super().post(frame, timeout)
+        Counting.received += reply.reader.total if reply.reader else len(reply.body)
+        return reply
 
 
 def row_sums(x: np.ndarray) -> np.ndarray:
@@ -162,3 +170,61 @@ def test_publish_threshold(benchmark: Any, worker: str, mode: str, nbytes: int) 
     benchmark.extra_info.update(
         system="auto-publish" if mode == "publish" else "push", baseline=mode == "push"
     )
+
+
+def widened(x: np.ndarray) -> np.ndarray:
+    """Rows of COLUMNS float64 from one int64 each: a result 1024x the input."""
+    return np.multiply.outer(x, np.ones(COLUMNS))
+
+
+def run_results(worker: str, rows: int, threshold: int, chunks: int) -> Any:
+    region = lampy.elemwise(widened, chunks=chunks)
+    saved, results.RESULT_BYTES = results.RESULT_BYTES, threshold
+    try:
+        with lampy.using(executor="openlambda", url=worker):
+            return region(np.arange(rows, dtype=np.int64))
+    finally:
+        results.RESULT_BYTES = saved
+
+
+RESULT_MODES = {
+    "answer": "in the answers: result arrays inside each call's frame",
+    "reference": "by reference: PUT to the client's array server, mapped by the client",
+}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("mode", list(RESULT_MODES))
+def test_large_results(benchmark: Any, worker: str, counted: OpenLambdaExecutor, mode: str) -> None:
+    assert publish.serving(worker, start=True) is not None  # the server publishing starts
+    rows = TOTAL_BYTES // 4 // (COLUMNS * 8)
+    threshold = 1 if mode == "reference" else 1 << 62
+    expected = widened(np.arange(rows, dtype=np.int64))
+    np.testing.assert_array_equal(run_results(worker, rows, threshold, CHUNKS), expected)  # warm
+    Counting.received = 0
+    benchmark.group = RESULT.format(expected.nbytes / 2**30, CHUNKS)
+    result = benchmark.pedantic(
+        run_results, args=(worker, rows, threshold, CHUNKS), rounds=3, iterations=1
+    )
+    np.testing.assert_array_equal(result, expected)
+    received = Counting.received / 3
+    benchmark.extra_info.update(
+        system=RESULT_MODES[mode],
+        note=f"client received {received / 1e6:,.3f} MB in answers per job",
+        received_bytes=received,
+        **({"baseline": True} if mode == "answer" else {"target": 1.0}),
+    )
+    if mode == "reference":
+        assert received * 100 <= expected.nbytes, f"only {expected.nbytes / received:.0f}x fewer"
+
+
+@pytest.mark.parametrize("nbytes", THRESHOLD_SIZES)
+@pytest.mark.parametrize("mode", list(RESULT_MODES))
+def test_result_threshold(benchmark: Any, worker: str, mode: str, nbytes: int) -> None:
+    assert publish.serving(worker, start=True) is not None
+    rows = nbytes // (COLUMNS * 8)
+    threshold = 1 if mode == "reference" else 1 << 62
+    run_results(worker, rows, threshold, 8)  # warm
+    benchmark.group = f"result threshold: {nbytes >> 20} MiB, 8 chunks of {nbytes >> 13} KiB"
+    benchmark.pedantic(run_results, args=(worker, rows, threshold, 8), rounds=7, iterations=1)
+    benchmark.extra_info.update(system=mode, baseline=mode == "answer")

@@ -1,22 +1,25 @@
 """Results by reference: large chunk results go to the client's array server, not into answers.
 
 An answer frame carries every byte of a chunk's result through the platform's front door and
-is hashed on both ends. When the client offers a place (its array server, started for
-publishing, see `publish.offered`), the handler PUTs each result array larger than the offer's
-threshold as a `.npy` file under the job's directory and answers a `Stored` reference instead.
+is hashed on both ends. When the client offers a place (`offered`: a directory of its array
+server, when one runs), the handler PUTs each result array over `RESULT_BYTES` as a `.npy`
+file there and answers a `Stored` reference instead.
 The client's server runs on the client's machine, so the client then maps the file it received
 (no second transfer) and removes it at once; files of answers it did not take (a retry's, a
 backup's twin) go with the job's directory when the job ends.
 
 Where an elemwise result ends up is the `results` option of the openlambda executor (a `Sink`):
 
-- "auto" (default): an ordinary ndarray, equal to numpy bit for bit;
+- "auto" (default): an ordinary ndarray, equal to numpy bit for bit; results travel by
+  reference when the client's array server runs (publishing a large argument started it),
+  none is started for results alone;
 - "mmap:PATH": a `.npy` file at PATH, returned memory-mapped (a `numpy.memmap`);
 - "remote": a `.npy` file on the client's array server, returned as a `lampy.remote`
   reference that the next region takes as an argument (each of its chunks reads its rows).
+  It lives until the client process exits (the server's directory is removed then).
 
-This module is imported by the handler inside sandboxes: only the standard library, numpy and
-lampy's reference code.
+Both of these start the server when needed. The handler imports this module inside sandboxes:
+it needs only the standard library, numpy and lampy.
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ from lampy.runtime.remote import publish
 from lampy.runtime.remote.npy import NpyMeta, version_of
 from lampy.runtime.remote.reference import RemoteArray, upload
 
-# Chosen with bench/bench_remote.py ("large results" rows, 8 chunks, `lampy worker`): see
-# the comment there for the figures. Smaller arrays ride in the answer frame.
-RESULT_BYTES = 16 << 20
+# Chosen with bench/bench_remote.py ("result threshold" rows: 8 chunks, `lampy worker` on
+# loopback, 3 runs): results of 128 KiB per chunk came back faster in the answers (1.02x-1.7x),
+# 512 KiB was a toss-up (0.9x-1.4x), from 2 MiB references won every run (1.1x-1.5x).
+# Smaller arrays ride in the answer frame.
+RESULT_BYTES = 2 << 20
 MODES = '"auto", "mmap:/path/out.npy" or "remote"'
 
 
