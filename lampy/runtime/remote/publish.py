@@ -127,6 +127,8 @@ def published(job: Job, platform_url: str) -> Iterator[Job]:
 def serving(platform_url: str, start: bool) -> tuple[Path, str] | None:
     """This process's array server (directory, URL) on the address the platform reaches, if
     it runs; started first when `start`. None when the route from the platform is unknown."""
+    if not start and _publisher.process is None:
+        return None  # nothing to look up
     host = _reachable_host(platform_url)
     if host is None:
         return None

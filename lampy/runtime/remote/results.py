@@ -123,9 +123,9 @@ def store(value: Any, offer: tuple[str, int], name: str) -> Any:
         except RemoteArrayError as exc:
             raise type(exc)(
                 f"this chunk's result ({leaf.shape} {leaf.dtype}, {leaf.nbytes:,} bytes) could "
-                f"not be stored on the client's array server: {exc}. Is the client's `lampy "
-                "serve` reachable from the sandboxes? Or set results='auto' and keep the "
-                "server from starting (results then travel in the answers)"
+                f"not be stored on the client's array server: {exc}. The client runs that "
+                "server on the address the platform reaches it by: check that sandboxes can "
+                "connect to it, and that it is still running"
             ) from None
 
     return _leaves(value, one, np.ndarray)
@@ -146,9 +146,9 @@ def collect(value: Any, offer: Offer) -> Any:
                 f"offered ({offer.url})"
             )
         relative = urllib.parse.unquote(reference.url[len(offer.url) :])
-        path = offer.directory / relative
         if "/" in relative or relative.startswith("."):
             raise RemoteArrayError(f"a stored result names a bad file {relative!r}")
+        path = offer.directory / relative
         local = RemoteArray("file://" + urllib.parse.quote(str(path)), reference.meta, 0, 0)
         try:
             return replace(local, stop=reference.meta.shape[0]).fetch()
