@@ -43,9 +43,9 @@ from lampy.runtime.remote.npy import NpyMeta, version_of
 from lampy.runtime.remote.reference import RemoteArray, upload
 
 # Chosen with bench/bench_remote.py ("result threshold" rows: 8 chunks, `lampy worker` on
-# loopback, 3 runs): results of 128 KiB per chunk came back faster in the answers (1.02x-1.7x),
-# 512 KiB was a toss-up (0.9x-1.4x), from 2 MiB references won every run (1.1x-1.5x).
-# Smaller arrays ride in the answer frame.
+# loopback, 3 runs): results of 128 KiB per chunk came back faster in the answers (1.02x-1.7x);
+# at 512 KiB answers won one run by 1.4x and references two by 1.03x-1.12x; from 2 MiB
+# references won every run (1.12x-1.46x). Smaller arrays ride in the answer frame.
 RESULT_BYTES = 2 << 20
 MODES = '"auto", "mmap:/path/out.npy" or "remote"'
 
