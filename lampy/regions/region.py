@@ -26,6 +26,7 @@ from lampy.runtime.entry import Outcome, run_chunk
 from lampy.runtime.executors.base import Executor
 from lampy.runtime.job import Job
 from lampy.runtime.plan import Plan, Probe, plan, probe_rows
+from lampy.runtime.remote.results import Sink, sink_of
 from lampy.runtime.settings import (
     Chunks,
     check_chunks,
@@ -69,10 +70,11 @@ class Region:
                 f"its parameters: {sorted(names or ())}"
             )
 
-    def merge(self, results: list[Any]) -> Any:
-        """The chunks' results combined into what the undecorated call returns."""
+    def merge(self, results: list[Any], sink: Sink | None = None) -> Any:
+        """The chunks' results combined into what the undecorated call returns (an elemwise
+        result written where `sink` says, when the executor's options name one)."""
         if self.combine is None:
-            return concatenate(results)
+            return concatenate(results, sink)
         return self.finish(tree_merge(results, self.combine))
 
     def answer(self, value: Any, coverage: Coverage) -> Any:
@@ -118,7 +120,8 @@ class ParallelFunction:
             executor.start()
         if not call_plan.fan_out:
             value = self.region.function(*binding.direct_args, **binding.direct_kwargs)
-            return self.region.answer(self.region.finish(value), Coverage(call_plan.chunks))
+            whole = self.region.merge([value], sink_of(executor))
+            return self.region.answer(whole, Coverage(call_plan.chunks))
         done = {0: probe} if probe is not None else {}
         offset = len(done)  # the probe's rows, already computed, are chunk 0
         job = binding.job(
@@ -133,7 +136,7 @@ class ParallelFunction:
         done |= {chunk + offset: outcome for chunk, outcome in outcomes.items()}
         coverage = self._coverage(done, call_plan, executor.needs_pickle)
         merged = [done[c].value for c in coverage.merged]
-        return self.region.answer(self.region.merge(merged), coverage)
+        return self.region.answer(self.region.merge(merged, sink_of(executor)), coverage)
 
     def _coverage(self, done: dict[int, Outcome], call_plan: Plan, remote: bool) -> Coverage:
         """Which chunks to merge; raises a user error, or a lost chunk unless partial is allowed.
