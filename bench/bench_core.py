@@ -230,7 +230,9 @@ WORKLOADS = {
         targets={"local": {"beats": DASK}, "local-8": {"beats": DASK}},
     ),
 }
-CASES = [(w, s) for w in WORKLOADS for s in ALL]
+CLUSTER = ("lampy-dask", "dask-distributed")  # rows that need the Dask cluster: run last
+CASES = [(w, s) for w in WORKLOADS for s in ALL if s not in CLUSTER]
+CASES += [(w, s) for w in WORKLOADS for s in CLUSTER]
 SKIP = {
     ("b", "tensorflow"),
     ("b", "joblib"),
@@ -271,7 +273,6 @@ def test_workload(
     request: pytest.FixtureRequest,
     expected: dict[str, Any],
     copy_bytes_per_s: float,
-    dask_client: Any,
     workload: str,
     system: str,
 ) -> None:
@@ -293,7 +294,8 @@ def test_workload(
     elif system in ("inline", "local", "local-8", "openlambda", "lampy-dask"):
         fn = _lampy(w, system, row, request)
     elif system.startswith("dask"):
-        fn = _dask(w, system, row, dask_client)
+        client = request.getfixturevalue("dask_client") if system in CLUSTER else None
+        fn = _dask(w, system, row, client)
     else:  # tensorflow, joblib
         module = system
         make = w.tensorflow if system == "tensorflow" else w.joblib
@@ -331,7 +333,7 @@ def _dask(w: Workload, system: str, row: Row, dask_client: Any) -> Callable[[], 
     assert w.dask is not None
     built = w.dask(da)
     collection, like = built if isinstance(built, tuple) else (built, None)
-    client = with_dask_client(row, dask_client) if system == "dask-distributed" else None
+    client = with_dask_client(row, dask_client) if system in CLUSTER else None
 
     def run() -> Any:
         with warnings.catch_warnings():

@@ -63,13 +63,17 @@ def stage_inputs(hour: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("stage", ["features", "scatter"])
-@pytest.mark.parametrize("system", SYSTEMS)
+# rows that need the Dask cluster run last (see the dask_client fixture)
+CASES = [(st, sy) for st in ("features", "scatter") for sy in SYSTEMS if sy != "dask-distributed"]
+CASES += [("features", "dask-distributed"), ("scatter", "dask-distributed")]
+
+
+@pytest.mark.parametrize(("stage", "system"), CASES)
 def test_stage(
     benchmark: Any,
     row: Row,
+    request: pytest.FixtureRequest,
     stage_inputs: dict[str, Any],
-    dask_client: Any,
     stage: str,
     system: str,
 ) -> None:
@@ -96,7 +100,9 @@ def test_stage(
 
     elif system.startswith("dask"):
         da = row.need("dask.array", "Dask (dask[distributed])")
-        client = with_dask_client(row, dask_client) if system == "dask-distributed" else None
+        client = None
+        if system == "dask-distributed":
+            client = with_dask_client(row, request.getfixturevalue("dask_client"))
         fn = _dask(da, stage, args, client)
     else:
         tf = row.need("tensorflow", "TensorFlow (tensorflow-cpu)")

@@ -65,11 +65,13 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dask_client() -> Iterator[Any]:
     """A distributed LocalCluster of processes (one per core, one thread each), on loopback.
 
-    Workers start with one BLAS thread each (Dask's default), like lampy's local pool.
+    Workers start with one BLAS thread each (Dask's default), like lampy's local pool. Even idle,
+    a cluster costs the other rows time (its scheduler runs in this process), so it lives for
+    one module only, asked for lazily by the rows that use it, and those rows run last.
     """
     try:
         import distributed
@@ -126,6 +128,7 @@ def _rows(benchmarks: list[Any]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for group, members in groups.items():
+        members.sort(key=lambda b: not b.extra_info.get("baseline"))  # baseline first
         base = next((b.stats.median for b in members if b.extra_info.get("baseline")), None)
         limit = next((b.extra_info["limit_s"] for b in members if "limit_s" in b.extra_info), None)
         medians = {b.extra_info.get("system", b.name): b.stats.median for b in members}
