@@ -16,7 +16,7 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 
 from lampy.errors import ShapeError, UnsupportedOperation, UsageError
 from lampy.lazy.graph import Node, check_submatrix, evaluate, source
-from lampy.runtime.remote.reference import remote
+from lampy.runtime.remote.reference import RemoteArray, remote
 from lampy.runtime.settings import Chunks
 
 SUPPORTED_FUNCTIONS = (
@@ -174,7 +174,8 @@ class LazyArray(NDArrayOperatorsMixin):
 
 def array(obj: Any, dtype: Any = None) -> LazyArray:
     """A lazy array from a list, an ndarray, a lazy array, the path of a `.npy` file, or the
-    http(s) URL of one on an array server (`lampy serve`), read by reference.
+    http(s) URL of one on an array server (`lampy serve`) or a `lampy.remote` reference to one,
+    read by reference.
 
     A `.npy` file is read when the graph runs (only its header now), so a saved graph keeps
     the path rather than the data.
@@ -185,8 +186,13 @@ def array(obj: Any, dtype: Any = None) -> LazyArray:
                 "lampy.array cannot change a lazy array's dtype; pass numpy data"
             )
         return obj
-    if isinstance(obj, str) and obj.startswith(("http://", "https://")):
-        reference = remote(obj, dtype)  # only the metadata now; chunks read their own rows
+    if isinstance(obj, RemoteArray) or (
+        isinstance(obj, str) and obj.startswith(("http://", "https://"))
+    ):
+        # only the metadata now; chunks read their own rows
+        reference = obj if isinstance(obj, RemoteArray) else remote(obj, dtype)
+        if dtype is not None and np.dtype(dtype) != reference.dtype:
+            raise UsageError(f"{reference.url} holds {reference.dtype}, not {np.dtype(dtype)}")
         data: Any = reference  # array-like: regions split it, other steps read it (__array__)
         return LazyArray(Node("source", (), {}, reference.shape, reference.dtype, data=data))
     if isinstance(obj, str | os.PathLike):

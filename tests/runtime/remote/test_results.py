@@ -169,8 +169,12 @@ def test_results_kept_remote_feed_the_next_region(
     assert np.asarray(again).tobytes() == ((DATA * 3.0 - 1.0) * 3.0 - 1.0).tobytes()
     assert sent_back < DATA.nbytes / 4
     assert executor.sink.mode == "remote"
-    lazy = lampy.array(kept.url)  # a lazy array over it, run anywhere
-    assert_same((lazy + 1).run(executor="inline"), (DATA * 3.0 - 1.0) + 1)
+    for lazy in (lampy.array(kept), lampy.array(kept.url)):  # a lazy array over it, run anywhere
+        assert_same((lazy + 1).run(executor="inline"), (DATA * 3.0 - 1.0) + 1)
+    tail = lampy.array(kept[100:])  # a narrower reference keeps its rows
+    assert_same(tail.run(executor="inline"), (DATA * 3.0 - 1.0)[100:])
+    with pytest.raises(lampy.UsageError, match="holds float64, not int32"):
+        lampy.array(kept, dtype=np.int32)
 
 
 def test_bad_results_options_are_refused_before_running() -> None:
