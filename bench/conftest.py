@@ -71,24 +71,32 @@ def dask_client() -> Iterator[Any]:
 
     Workers start with one BLAS thread each (Dask's default), like lampy's local pool. Even idle,
     a cluster costs the other rows time (its scheduler runs in this process), so it lives for
-    one module only, asked for lazily by the rows that use it, and those rows run last.
+    one module only, asked for lazily by the rows that use it, and those rows run last. The
+    environment it changes is put back at once.
     """
     try:
         import distributed
     except ImportError:
         yield None
         return
-    with (
-        distributed.LocalCluster(
+    saved = dict(os.environ)
+    try:
+        cluster = distributed.LocalCluster(
             n_workers=cores(),
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
             silence_logs=logging.CRITICAL,
-        ) as cluster,
-        distributed.Client(cluster, set_as_default=False) as client,
-    ):
+        )
+    finally:
+        # LocalCluster leaves MALLOC_TRIM_THRESHOLD_=65536 and one-thread BLAS settings in this
+        # process's environment; every process started later (a lampy pool, a lampy worker)
+        # would inherit them, and the trim threshold alone made lampy's workers several times
+        # slower here (fresh pages on every allocation).
+        os.environ.clear()
+        os.environ.update(saved)
+    with cluster, distributed.Client(cluster, set_as_default=False) as client:
         yield client
 
 
