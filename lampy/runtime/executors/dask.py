@@ -60,7 +60,6 @@ SECONDS_PER_BYTE = 1 / 4.6e8  # scattered to a worker over TCP, and back
 SECONDS_PER_CHUNK = 3.6e-3  # one task through the scheduler and back
 JOBS_KEPT = 4  # unpickled templates a worker keeps
 DEPTH = 16  # chunk tasks per worker thread at a time (one running): hides the round trip
-FREE_RESENDS = 10  # a chunk sent this often is charged for any loss (bounds a rare race)
 WORKER_WAIT_S = 60.0  # for a worker to come back when every worker has left
 
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -174,15 +173,18 @@ class DaskExecutor(Executor):
 
 
 class _Run:
-    """One job on the cluster: scatter, submit, collect, and resubmit chunks whose worker left.
+    """One job on the cluster: scatter, submit, collect, and resend chunks whose worker left.
 
     Every chunk's rows are scattered up front, spread over the workers by their threads, but a
-    worker gets at most `DEPTH` chunk tasks per thread at a time (one running, the next queued
-    so the worker never waits for the client); more go out as tasks finish, to the worker
-    holding their rows or to an idle one, which fetches them. A worker runs its tasks in
-    submission order, so when it dies, the oldest unfinished tasks it had, one per thread,
-    were running: only those chunks are charged an attempt. The others merely lost their rows
-    and are sent again for free, so one poisonous chunk cannot use up its neighbours' attempts.
+    worker gets at most `DEPTH` chunk tasks per thread at a time (so it never waits for the
+    client); more go out as tasks finish, to the worker holding their rows or to an idle one,
+    which fetches them.
+
+    When a worker dies, which of its chunks killed it cannot be told (Dask does not say which
+    task was running, and a finished task's result dies with it), so none is charged yet: they
+    all become suspects, and each suspect is run again alone on a worker that has nothing else
+    to do. A worker that dies then died running that chunk: only that is charged an attempt.
+    So a poisonous chunk uses up its own attempts, never its neighbours'.
     """
 
     def __init__(self, client: distributed.Client, job: Job, attempts: int) -> None:
@@ -193,9 +195,11 @@ class _Run:
         self.causes: dict[int, list[str]] = {}
         self.sent: dict[int, int] = {}  # chunk -> submissions so far (unique task keys)
         self.threads: dict[str, int] = {}  # live worker -> threads
-        self.inflight: dict[str, dict[Future[Any], None]] = {}  # worker -> tasks, oldest first
+        self.inflight: dict[str, set[Future[Any]]] = {}  # worker -> its tasks not answered
         self.waiting: dict[str, deque[tuple[int, Future[Any]]]] = {}  # rows held, no task yet
-        self.running_when_lost: dict[str, set[Future[Any]]] = {}
+        self.suspects: deque[int] = deque()  # chunks lost with a worker, to run alone
+        self.alone: dict[str, Future[Any]] = {}  # worker -> the suspect it runs alone
+        self.gone: set[str] = set()
 
     def go(self) -> dict[int, Outcome]:
         done: dict[int, Outcome] = {}
@@ -207,8 +211,8 @@ class _Run:
                 for future, result in batch:
                     chunk, _ = self.tasks[future]
                     outcome = self._outcome(future, result, chunk)
-                    if outcome is None:  # lost with a worker: to be sent again
-                        self._scatter([chunk])
+                    if outcome is None:  # lost with its worker: a suspect, to run alone
+                        self.suspects.append(chunk)
                         continue
                     done[chunk] = outcome
                     lost = isinstance(outcome.error, RetriesExhausted)
@@ -230,24 +234,49 @@ class _Run:
             placement.setdefault(worker, []).append(chunk)
             load[worker] += 1
         for worker, mine in placement.items():
-            rows = [tuple(a[slice(*self.job.chunks[c])] for a in self.job.split) for c in mine]
-            try:
-                parts = self.client.scatter(rows, workers=[worker], hash=False)
-            except KeyError:  # the scheduler no longer knows this worker: it just left
-                self.threads = {}
+            parts = self._rows_to(worker, mine)
+            if parts is None:  # the worker just left: place these again
                 self._scatter(mine)
                 continue
             self.waiting[worker].extend(zip(mine, parts, strict=True))
 
+    def _rows_to(self, worker: str, chunks: list[int]) -> list[Future[Any]] | None:
+        rows = [tuple(a[slice(*self.job.chunks[c])] for a in self.job.split) for c in chunks]
+        try:
+            parts: list[Future[Any]] = self.client.scatter(rows, workers=[worker], hash=False)
+        except KeyError:  # the scheduler no longer knows this worker: it just left
+            self.gone.add(worker)
+            self.threads = {}
+            return None
+        return parts
+
     def _submit(self) -> list[Future[Any]]:
-        """Top every live worker up to DEPTH tasks per thread; idle ones take rows from others."""
+        """Top every live worker up to DEPTH tasks per thread; idle ones take rows from others.
+
+        A suspect goes to a worker with nothing in flight and runs there alone; while suspects
+        wait and none runs, one worker gets no new work, so that it drains.
+        """
         self._find_workers()
         if not self.shared or any(f.status != "finished" for f in self.shared):
             self.shared = self.client.scatter(
                 [self.job.template, *self.job.whole], broadcast=True, hash=False
             )
+        draining = next(iter(self.threads)) if self.suspects and not self.alone else None
         futures: list[Future[Any]] = []
-        for worker, threads in self.threads.items():
+        for worker, threads in list(self.threads.items()):
+            if worker in self.alone:
+                continue
+            if self.suspects and not self.inflight[worker]:
+                chunk = self.suspects.popleft()
+                parts = self._rows_to(worker, [chunk])
+                if parts is None:
+                    self.suspects.appendleft(chunk)
+                    continue
+                self.alone[worker] = self._send(worker, [(chunk, parts[0])])[0]
+                futures.append(self.alone[worker])
+                continue
+            if worker == draining:
+                continue
             mine: list[tuple[int, Future[Any]]] = []
             while len(mine) < DEPTH * threads - len(self.inflight[worker]):
                 source = worker if self.waiting[worker] else max(self.waiting, key=self._backlog)
@@ -276,7 +305,7 @@ class _Run:
         )
         for future, (c, _) in zip(mapped, mine, strict=True):
             self.tasks[future] = (c, worker)
-            self.inflight[worker][future] = None
+            self.inflight[worker].add(future)
         return mapped
 
     def _backlog(self, worker: str) -> int:
@@ -288,7 +317,7 @@ class _Run:
             return
         for _ in range(2):
             alive: dict[str, int] = self.client.nthreads()
-            self.threads = {w: n for w, n in alive.items() if w not in self.running_when_lost}
+            self.threads = {w: n for w, n in alive.items() if w not in self.gone}
             if self.threads:
                 break
             try:
@@ -301,32 +330,24 @@ class _Run:
                 f"(waited {WORKER_WAIT_S:g}s); is its nanny or autoscaler up?"
             )
         for worker in self.threads:
-            self.inflight.setdefault(worker, {})
+            self.inflight.setdefault(worker, set())
             self.waiting.setdefault(worker, deque())
-        homeless = [w for w in self.waiting if w not in self.threads]
-        for worker in homeless:  # rows that waited on a worker that left: scatter them again
-            chunks = [c for c, _ in self.waiting.pop(worker)]
+        for worker in [w for w in self.waiting if w not in self.threads]:
+            chunks = [c for c, _ in self.waiting.pop(worker)]  # their rows left with it
             self._scatter(chunks)
 
-    def _charged(self, future: Future[Any], worker: str) -> bool:
-        """Whether a task cancelled because rows were lost was running on a worker that died."""
-        if worker not in self.running_when_lost:
-            if worker in self.client.nthreads():
-                return False  # alive: the rows it was fetching left with another worker
-            unfinished = [f for f in self.inflight.pop(worker, {}) if f.status != "finished"]
-            self.running_when_lost[worker] = set(unfinished[: self.threads.get(worker, 1)])
-            self.threads = {}  # ask the scheduler again who is alive
-        return future in self.running_when_lost[worker]
-
     def _outcome(self, future: Future[Any], result: Any, chunk: int) -> Outcome | None:
-        """The chunk's outcome; None when it is to be sent again.
+        """The chunk's outcome; None when it is to run again, alone (see the class).
 
         `result` is what as_completed gathered: the chunk's error Outcome or pickled value, a
         CancelledError, or for a task that raised, (type, exception, traceback).
         """
         _, worker = self.tasks.pop(future)
+        self.inflight.get(worker, set()).discard(future)
+        ran_alone = self.alone.get(worker) is future
+        if ran_alone:
+            del self.alone[worker]
         if future.status == "finished":
-            self.inflight.get(worker, {}).pop(future, None)
             if isinstance(result, Outcome):
                 return result
             payload, buffers = result
@@ -336,13 +357,13 @@ class _Run:
                 return Outcome(error=exc, traceback=traceback.format_exc())
         error = result if isinstance(result, BaseException) else result[1]
         if isinstance(error, distributed.KilledWorker):  # Dask gave up after its own retries
-            self.inflight.get(worker, {}).pop(future, None)
             cause = f"KilledWorker: {error}"
         elif isinstance(error, CancelledError):
-            charged = self._charged(future, worker)
-            self.inflight.get(worker, {}).pop(future, None)
-            if not charged and self.sent[chunk] < FREE_RESENDS:
-                return None
+            if worker not in self.client.nthreads():
+                self.gone.add(worker)
+                self.threads = {}
+            if not ran_alone:
+                return None  # lost among others: not charged, run alone next
             cause = _LOST_DATA
         else:
             raise ExecutionError(

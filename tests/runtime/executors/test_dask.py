@@ -135,7 +135,8 @@ def test_results_come_back_exactly_even_big_endian(dask_address: str, chunks: in
 def wait_unless_done(x: np.ndarray, flag: str) -> np.ndarray:
     """Blocks the chunk holding row 0 until `flag` exists, so a test can kill its worker."""
     if x[0] == 0 and not os.path.exists(flag):
-        Path(flag + ".started").write_text(str(os.getpid()))
+        Path(flag + ".pid").write_text(str(os.getpid()))
+        os.replace(flag + ".pid", flag + ".started")  # whole, never half-written
         while not os.path.exists(flag):
             time.sleep(0.01)
     return x + 1
@@ -156,12 +157,14 @@ def test_worker_killed_during_a_chunk_its_chunk_runs_again(
     thread = threading.Thread(target=call)
     thread.start()
     started = Path(flag + ".started")
-    deadline = time.monotonic() + 30
-    while not started.exists():
-        assert time.monotonic() < deadline, "the chunk never started"
-        time.sleep(0.01)
-    os.kill(int(started.read_text()), signal.SIGKILL)
-    Path(flag).write_text("go")  # the chunk's next attempt finds the flag and finishes
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert time.monotonic() < deadline, "the chunk never started"
+            time.sleep(0.01)
+        os.kill(int(started.read_text()), signal.SIGKILL)
+    finally:
+        Path(flag).write_text("go")  # the chunk's next attempt finds the flag and finishes
     thread.join(timeout=60)
     assert not thread.is_alive()
     np.testing.assert_array_equal(result[0], x + 1)
