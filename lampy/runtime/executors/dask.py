@@ -17,9 +17,9 @@ lampy, numpy and the modules the function imports: the same environment as the c
 
 Failures are sorted as in the other executors. A user exception is the chunk's outcome, never
 retried. A worker that dies (killed, out of memory, restarted by its nanny) loses the rows it
-held: the chunks it was running are charged an attempt and sent again, up to `attempts` in all,
-then reported lost (`RetriesExhausted` naming the chunk, its rows and each attempt's cause);
-chunks whose rows only waited there are sent again for free (see `_Run`). A cluster that cannot
+held: its chunks run again, each alone on an idle worker, and a chunk whose lone run kills its
+worker is charged an attempt; after `attempts` it is reported lost (`RetriesExhausted` naming
+the chunk, its rows and each attempt's cause). See `_Run`. A cluster that cannot
 be reached fails fast with an `ExecutionError` naming the address; a worker that cannot run
 lampy's task at all (lampy missing there) fails the call with one that says what to check.
 """
