@@ -36,9 +36,11 @@ chaos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pytest bench -o python_files="bench_*.py" -o addopts="" -o testpaths=bench -o faulthandler_timeout=0 --benchmark-only --benchmark-columns=median,iqr,rounds -p no:cacheprovider
 
-# Peers for the comparison rows, each in its own venv (pyAudioAnalysis needs numpy < 2).
+# Peers for the comparison rows: Dask, TensorFlow and joblib in lampy's venv; pyAudioAnalysis in
+# its own (it needs numpy < 2).
 PAA := bench/.peers/paa
-bench-peers:
+bench-peers: $(STAMP)
+	$(BIN)/pip install --quiet 'dask[distributed]>=2025.1' tensorflow-cpu joblib
 	$(PYTHON) -m venv $(PAA)
 	$(PAA)/bin/pip install --quiet numpy==1.26.4 scipy==1.13.1 scikit-learn==1.5.2 \
 		matplotlib==3.9.2 hmmlearn==0.3.3 imbalanced-learn==0.12.4 eyeD3 pydub tqdm plotly \

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,10 +14,15 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import lampy
+from lampy.runtime import executors
 from lampy.testing import openlambda_worker
 
-EXECUTORS = ["inline", "local", "openlambda"]
+EXECUTORS = ["inline", "local", "openlambda", "dask"]
 SECRET = "test-secret-for-lampy"
+RANDOM_IN_STRATEGY = (
+    "ignore:Do not use the `random` module inside strategies"
+    ":hypothesis.errors.HypothesisDeprecationWarning"
+)
 
 settings.register_profile(
     "lampy", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -42,12 +50,58 @@ def worker_url(tmp_path_factory: pytest.TempPathFactory, lampy_secret: bytes) ->
         yield url
 
 
+@pytest.fixture(scope="session")
+def dask_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A small Dask cluster for the session: a scheduler and 2 one-thread workers, each its
+    own process on loopback, as a real cluster is (a LocalCluster would run its scheduler in
+    this process, and change this process's environment)."""
+    distributed = pytest.importorskip("distributed", reason="dask: pip install 'lampy[dask]'")
+    where = tmp_path_factory.mktemp("dask")
+    file = where / "scheduler.json"
+    loopback = ["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # tests import on workers
+    dask = [sys.executable, "-m", "dask"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    scheduler = subprocess.Popen(
+        [*dask, "scheduler", "--scheduler-file", file, "--port", "0", *loopback], **quiet
+    )
+    two = ["--nworkers", "2", "--nthreads", "1", "--local-directory", where]
+    workers = subprocess.Popen(
+        [*dask, "worker", "--scheduler-file", file, *two, *loopback], **quiet
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not file.exists():  # written once the scheduler listens
+            assert scheduler.poll() is None and time.monotonic() < deadline, "no dask scheduler"
+            time.sleep(0.05)
+        with distributed.Client(scheduler_file=str(file), timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+            address = client.scheduler.address
+        yield address
+        executors.shutdown()  # the executors' Clients close before their cluster does
+    finally:
+        for process in (workers, scheduler):
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Dask's client thread draws from `random` (backoff while reconnecting after a worker
+    died), which hypothesis takes for a strategy using `random`: not the dask tests' doing."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("executor") == "dask":
+            item.add_marker(pytest.mark.filterwarnings(RANDOM_IN_STRATEGY))
+
+
 @pytest.fixture(params=EXECUTORS)
 def executor(request: pytest.FixtureRequest) -> Iterator[str]:
     """Each executor's name, with `using` set so calls inside the test run there."""
     options = {}
     if request.param == "openlambda":
         options = {"url": request.getfixturevalue("worker_url")}
+    if request.param == "dask":
+        options = {"address": request.getfixturevalue("dask_address")}
     with lampy.using(executor=request.param, **options):
         yield request.param
 
