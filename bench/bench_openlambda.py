@@ -17,7 +17,6 @@ The executor's STARTUP_S, SECONDS_PER_CHUNK and SECONDS_PER_BYTE come from these
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,26 +27,14 @@ from conftest import Row, with_dask_client
 from rawnet import TcpEcho, raw_posts, trivial_server
 
 import lampy
-from lampy.runtime import executors
 from lampy.runtime.openlambda import frames
 from lampy.runtime.openlambda.deploy import upload
 from lampy.runtime.openlambda.executor import OpenLambdaExecutor
-from lampy.testing import openlambda_worker
 
 CHUNKS = 10_000
 CONCURRENCY = 32
 DATA = np.random.default_rng(0).standard_normal(32 * 1024 * 1024)  # 256 MiB
 FAN_OUT = f"(f) fan-out: {CHUNKS:,} no-op chunks"
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
-    try:
-        with openlambda_worker(tmp_path_factory.mktemp("registry"), max_sandboxes=4) as url:
-            yield url
-    finally:
-        executors.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from lampy.runtime.openlambda.executor import AiohttpTransport, OpenLambdaExecut
 from lampy.runtime.remote import publish, results
 from lampy.runtime.remote.reference import RemoteArray, remote
 from lampy.runtime.settings import resolve_options
-from lampy.testing import free_port, openlambda_worker, wait_ready
+from lampy.testing import free_port, wait_ready
 
 COLUMNS = 1024  # 8 KiB rows
 TOTAL_BYTES = int(os.environ.get("LAMPY_BENCH_REMOTE_BYTES", 2 << 30))
@@ -67,16 +67,6 @@ def make(nbytes: int) -> np.ndarray:
     rows = nbytes // (COLUMNS * 8)
     array = np.arange(rows * COLUMNS, dtype=np.float64).reshape(rows, COLUMNS)
     return np.remainder(array, 1000, out=array)  # in place: one 2 GiB array, not two
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
-    try:
-        with openlambda_worker(tmp_path_factory.mktemp("registry"), max_sandboxes=4) as url:
-            yield url
-    finally:
-        executors.shutdown()
 
 
 @pytest.fixture(scope="module")

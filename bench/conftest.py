@@ -66,6 +66,20 @@ def cores() -> int:
 
 
 @pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A `lampy worker` on loopback with 4 sandboxes, lampy deployed, for one bench module."""
+    from lampy.runtime import executors
+    from lampy.testing import openlambda_worker
+
+    os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
+    try:
+        with openlambda_worker(tmp_path_factory.mktemp("registry"), max_sandboxes=4) as url:
+            yield url
+    finally:
+        executors.shutdown()
+
+
+@pytest.fixture(scope="module")
 def dask_client() -> Iterator[Any]:
     """A distributed LocalCluster of processes (one per core, one thread each), on loopback.
 
