@@ -12,6 +12,8 @@ import numpy as np
 
 import lampy
 
+from .flsd import class_sums
+
 SILHOUETTE_BLOCK = 1024
 
 
@@ -157,13 +159,11 @@ def segment_silhouette(
     """
     _, seg = np.unique(segment, return_inverse=True)
     n_seg = int(seg.max()) + 1
-    votes = np.zeros((n_seg, k))
-    np.add.at(votes, (seg, labels), 1.0)
+    votes = np.bincount(seg * k + labels, minlength=n_seg * k).reshape(n_seg, k)
     seg_labels = votes.argmax(axis=1)
     if np.unique(seg_labels).size < k:
         return -1.0
-    sums = np.zeros((n_seg, x.shape[1]))
-    np.add.at(sums, seg, x)
+    sums = class_sums(x, seg, n_seg)
     return silhouette(sums / votes.sum(axis=1, keepdims=True), seg_labels, k, sample)
 
 

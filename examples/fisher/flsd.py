@@ -14,13 +14,24 @@ import scipy.linalg
 import lampy
 
 
+def class_sums(x: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """The sum of the rows of `x` in each class: one bincount over (class, column) cells.
+
+    `np.add.at(sums, classes, x)` gives the same sums in the same order but is 3x slower, and
+    4x slower again in the local pool's workers, where the addresses of its small output and
+    its input happened to alias (bench_core's workload (c)).
+    """
+    columns = x.shape[1]
+    cells = (classes[:, None] * columns + np.arange(columns)).ravel()
+    sums = np.bincount(cells, weights=x.ravel(), minlength=n_classes * columns)
+    return sums.reshape(n_classes, columns)
+
+
 @lampy.sum
 def scatter_partials(x: np.ndarray, classes: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
     """Per-class counts and sums and the Gram matrix X^T X of one chunk."""
     counts = np.bincount(classes, minlength=n_classes).astype(np.float64)
-    sums = np.zeros((n_classes, x.shape[1]))
-    np.add.at(sums, classes, x)
-    return {"n": counts, "s": sums, "g": x.T @ x}
+    return {"n": counts, "s": class_sums(x, classes, n_classes), "g": x.T @ x}
 
 
 def scatter_matrices(x: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

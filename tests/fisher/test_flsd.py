@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import scipy.linalg
+from hypothesis import given
+from hypothesis import strategies as st
 
 from examples.fisher import flsd
 
@@ -58,3 +60,20 @@ def test_time_blocks_and_standardize() -> None:
     assert list(classes) == [0, 0, 1, 2, 2]
     z = flsd.standardize(np.array([[1.0, 5.0], [3.0, 5.0]]))
     np.testing.assert_allclose(z, [[-1.0, 0.0], [1.0, 0.0]])
+
+
+@given(
+    rows=st.integers(0, 300),
+    columns=st.integers(1, 8),
+    classes=st.integers(1, 20),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_class_sums_equal_add_at_bit_for_bit(
+    rows: int, columns: int, classes: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, columns))
+    labels = rng.integers(0, classes, rows)
+    expected = np.zeros((classes, columns))
+    np.add.at(expected, labels, x)
+    np.testing.assert_array_equal(flsd.class_sums(x, labels, classes), expected)
