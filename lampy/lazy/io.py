@@ -3,7 +3,8 @@
 The JSON form lists nodes inputs-first: each has its operation, parameters, shape and dtype,
 and its inputs as node indices or constants. Real source data up to `INLINE_ELEMENTS` elements is
 written inline; larger arrays go to `.npy` files beside the JSON (named after it) and are
-referenced by relative path, as are sources that were read from `.npy` files. A region node
+referenced by relative path, as are sources that were read from `.npy` files. A source that is a
+remote reference (`lampy.remote`) is saved as its URL and rows, never read. A region node
 keeps its function as "module:qualname", imported again on load, so the region must be defined
 at the top level of an importable module; its other arguments must be plain JSON values.
 """
@@ -24,6 +25,7 @@ from lampy.errors import UnsupportedOperation, UsageError
 from lampy.lazy.array import LazyArray
 from lampy.lazy.graph import Node, schedule, walk
 from lampy.regions.region import ParallelFunction
+from lampy.runtime.remote.reference import RemoteArray, remote
 
 INLINE_ELEMENTS = 1024
 FORMAT = "lampy-graph/1"
@@ -164,7 +166,9 @@ def save_graph(lazy: LazyArray, path: str | os.PathLike[str]) -> Path:
         }
         if n.op == "region":
             record["params"] = {**n.params, "function": _function_name(n)}
-        if n.op == "source" and n.path is not None:
+        if n.op == "source" and isinstance(n.data, RemoteArray):
+            record["remote"] = {"url": n.data.url, "rows": [n.data.start, n.data.stop]}
+        elif n.op == "source" and n.path is not None:
             record["npy"] = os.path.relpath(os.path.abspath(n.path), target.parent.absolute())
         elif n.op == "source" and n.size <= INLINE_ELEMENTS and n.dtype.kind in "biuf":
             record["data"] = n.data.tolist() if n.data is not None else None
@@ -187,6 +191,16 @@ def load_graph(path: str | os.PathLike[str]) -> LazyArray:
     for record in document["nodes"]:
         dtype = np.dtype(record["dtype"])
         shape = tuple(record["shape"])
+        if "remote" in record:
+            start, stop = record["remote"]["rows"]
+            reference = remote(record["remote"]["url"], dtype)[start:stop]
+            if reference.shape != shape:
+                raise UsageError(
+                    f"{record['remote']['url']} rows {start}:{stop} now have shape "
+                    f"{reference.shape}; the saved graph expects {shape}"
+                )
+            nodes.append(Node("source", (), {}, shape, dtype, data=reference))
+            continue
         if "npy" in record:
             npy = str(source.parent / record["npy"])
             nodes.append(Node("source", (), {}, shape, dtype, path=npy))

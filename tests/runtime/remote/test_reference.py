@@ -190,6 +190,20 @@ def test_lampy_array_of_a_url_is_lazy_and_by_reference(server: Server) -> None:
     np.testing.assert_array_equal(np.asarray(lazy[10:20].T.run(executor="inline")), array[10:20].T)
 
 
+def test_a_saved_graph_keeps_the_reference_not_the_data(server: Server, tmp_path: Path) -> None:
+    array = np.arange(40.0).reshape(20, 2)
+    reference = remote(server.save("graph.npy", array))[5:15]
+    saved = lampy.save_graph(np.sqrt(lampy.array(reference)) + 1, tmp_path / "g.json")
+    text = saved.read_text()
+    assert reference.url in text and '"rows": [\n     5,\n     15\n    ]' in text
+    assert "data" not in text and not list(tmp_path.glob("*.npy"))  # nothing read or copied
+    loaded = lampy.load_graph(saved)
+    np.testing.assert_array_equal(loaded.run(executor="inline"), np.sqrt(array[5:15]) + 1)
+    server.save("graph.npy", array[:12])  # the file shrank: the saved rows no longer exist
+    with pytest.raises(lampy.UsageError, match=r"rows 5:15 now have shape \(7, 2\)"):
+        lampy.load_graph(saved)
+
+
 def test_names_that_need_escaping(server: Server) -> None:
     array = np.arange(6).reshape(3, 2)
     server.save("with space/a b%.npy", array)
