@@ -39,6 +39,7 @@ from lampy.regions.decorators import sum as sum_region
 from lampy.regions.region import ParallelFunction, Region
 from lampy.runtime import executors
 from lampy.runtime.plan import split_rows
+from lampy.runtime.remote.reference import RemoteArray
 from lampy.runtime.settings import Chunks, resolve_executor, resolve_options
 
 Scalar = bool | int | float | complex | np.generic
@@ -59,7 +60,7 @@ class Node:
     params: Mapping[str, Any]
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
-    data: np.ndarray | None = field(default=None, repr=False)
+    data: np.ndarray | RemoteArray | None = field(default=None, repr=False)  # a source's
     path: str | None = None
     function: ParallelFunction | None = field(default=None, repr=False)  # op "region" only
 
@@ -118,7 +119,8 @@ def source(data: np.ndarray | None, path: str | None = None) -> Node:
     return Node("source", (), {}, tuple(data.shape), data.dtype, data=data)
 
 
-def load_source(node: Node) -> np.ndarray:
+def load_source(node: Node) -> np.ndarray | RemoteArray:
+    """A source's array; a reference stays one (regions split it, each chunk reads its rows)."""
     if node.data is not None:
         return node.data
     assert node.path is not None

@@ -171,7 +171,7 @@ def save_graph(lazy: LazyArray, path: str | os.PathLike[str]) -> Path:
         elif n.op == "source" and n.path is not None:
             record["npy"] = os.path.relpath(os.path.abspath(n.path), target.parent.absolute())
         elif n.op == "source" and n.size <= INLINE_ELEMENTS and n.dtype.kind in "biuf":
-            record["data"] = n.data.tolist() if n.data is not None else None
+            record["data"] = n.data.tolist() if isinstance(n.data, np.ndarray) else None
         elif n.op == "source" and n.data is not None:
             name = f"{target.stem}.{i}.npy"
             np.save(target.parent / name, n.data)
