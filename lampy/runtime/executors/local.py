@@ -255,14 +255,13 @@ class LocalExecutor(Executor):
                         todo.appendleft(chunk)
                 wake = min(deadline for _, _, deadline in busy.values()) - time.monotonic()
                 ready = wait(list(busy), timeout=max(0.0, wake) if wake < 86400 else None)
-                for conn in ready or [c for c, b in busy.items() if b[2] <= time.monotonic()]:
+                now = time.monotonic()
+                expired = [] if ready else [c for c, (_, _, end) in busy.items() if end <= now]
+                for conn in [*ready, *expired]:
                     worker, chunk, _ = busy.pop(conn)
-                    try:
-                        outcome = worker.receive() if ready else None
-                    except (EOFError, OSError):
-                        outcome = None
-                    if outcome is None:
-                        status = worker.exit_status() if ready else self._timed_out(worker)
+                    outcome = self._collect(worker, expired=conn in expired)
+                    if outcome is None:  # the worker died or hung: replaced, chunk retried
+                        status = self._timed_out(worker) if expired else worker.exit_status()
                         idle.append(self._replace(worker))
                         causes[chunk].append(WorkerLost(f"worker pid {worker.pid} {status}"))
                         if len(causes[chunk]) < MAX_ATTEMPTS:
@@ -279,6 +278,16 @@ class LocalExecutor(Executor):
         finally:
             for worker, _, _ in busy.values():  # abandoned mid-chunk: their state is unknown
                 self._replace(worker)
+
+    @staticmethod
+    def _collect(worker: _Worker, expired: bool) -> Outcome | None:
+        """The chunk's outcome, or None when its worker died or is past its deadline."""
+        if expired:
+            return None
+        try:
+            return worker.receive()
+        except (EOFError, OSError):
+            return None
 
     def _timed_out(self, worker: _Worker) -> str:
         worker.process.kill()
