@@ -24,7 +24,7 @@ from lampy.runtime.codec import dumps
 from lampy.runtime.combine import concatenate, tree_merge
 from lampy.runtime.entry import Outcome, run_chunk
 from lampy.runtime.executors.base import Executor
-from lampy.runtime.job import Job
+from lampy.runtime.job import Job, chunk_label
 from lampy.runtime.plan import Plan, Probe, plan, probe_rows
 from lampy.runtime.remote.results import Sink, sink_of
 from lampy.runtime.settings import (
@@ -279,8 +279,7 @@ def _raise_remote(outcome: Outcome, chunk: int, call_plan: Plan, remote: bool) -
     """Re-raise a chunk's user exception with its own type, naming the chunk and its rows."""
     error = outcome.error
     assert error is not None
-    start, stop = call_plan.chunks[chunk]
-    where = f"raised in lampy chunk {chunk} of {len(call_plan.chunks)} (rows {start}:{stop})"
+    where = f"raised in lampy {chunk_label(chunk, len(call_plan.chunks), call_plan.chunks[chunk])}"
     if hasattr(error, "add_note"):
         error.add_note(where)
     if remote:

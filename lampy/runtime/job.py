@@ -50,6 +50,11 @@ def fill(
     return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
 
 
+def chunk_label(number: int, total: int, rows: Rows) -> str:
+    """How every message names a chunk: its number within the call, and its rows."""
+    return f"chunk {number} of {total} (rows {rows[0]}:{rows[1]})"
+
+
 @dataclass(frozen=True, eq=False)
 class Job:
     """Everything an executor needs to run the chunks of one call."""
@@ -73,10 +78,7 @@ class Job:
         >>> Job(print, (), {}, (), (), ((0, 5), (5, 9)), first=1).label(1)
         'chunk 2 of 3 (rows 5:9)'
         """
-        start, stop = self.chunks[chunk]
-        return (
-            f"chunk {self.first + chunk} of {self.first + len(self.chunks)} (rows {start}:{stop})"
-        )
+        return chunk_label(self.first + chunk, self.first + len(self.chunks), self.chunks[chunk])
 
     def arguments(self, chunk: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The chunk's arguments as in-process views of the caller's arrays (no copies);
