@@ -2,7 +2,8 @@
 
 Every executor runs chunks through `run_chunk`: the inline executor in the caller's process, the
 local pool in its worker processes, the OpenLambda handler in a sandbox. It knows nothing of
-executors or transports: it takes a function and its arguments and returns an `Outcome`.
+executors or transports: it takes a function and its arguments (or an argument template and
+how to look up its placeholders) and returns an `Outcome`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lampy.errors import RemoteError
+from lampy.errors import RemoteArrayError, RemoteError
+from lampy.runtime.job import Placeholder, fill
 
 
 @dataclass
@@ -44,3 +46,18 @@ def run_chunk(
         return Outcome(value=function(*args, **kwargs))
     except Exception as exc:
         return Outcome(error=exc, traceback=traceback.format_exc())
+
+
+def run_filled(
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    lookup: Callable[[Placeholder], Any],
+) -> Outcome:
+    """Fill the argument template with `lookup`, then `run_chunk`. A reference's rows that
+    cannot be read (lampy.remote) are this chunk's error as well, reported the same way."""
+    try:
+        arguments = fill(args, kwargs, lookup)
+    except RemoteArrayError as exc:
+        return Outcome(error=exc, traceback=traceback.format_exc())
+    return run_chunk(function, *arguments)

@@ -44,11 +44,11 @@ except ImportError as exc:  # the registry turns this into "the dask executor ca
         f"dask.distributed is not installed ({exc}); install it with: pip install 'lampy[dask]'"
     ) from exc
 
-from lampy.errors import ExecutionError, OptionError, RemoteArrayError, RetriesExhausted
+from lampy.errors import ExecutionError, OptionError, RetriesExhausted
 from lampy.runtime.codec import dumps_out_of_band, loads
-from lampy.runtime.entry import Outcome, run_chunk
+from lampy.runtime.entry import Outcome, run_filled
 from lampy.runtime.executors.base import Executor
-from lampy.runtime.job import Job, Part, Placeholder, fill
+from lampy.runtime.job import Job, Part, Placeholder
 from lampy.runtime.plan import Costs
 from lampy.runtime.remote.reference import materialize
 
@@ -405,11 +405,7 @@ def _run_on_worker(
     def lookup(p: Placeholder) -> Any:  # a reference's rows (lampy.remote) are read here
         return materialize(parts[p.index]) if isinstance(p, Part) else whole[p.index]
 
-    try:
-        arguments = fill(args, kwargs, lookup)
-    except RemoteArrayError as exc:  # a reference's rows could not be read: the chunk's error
-        return Outcome(error=exc, traceback=traceback.format_exc()).portable()
-    outcome = run_chunk(function, *arguments)
+    outcome = run_filled(function, args, kwargs, lookup)
     if outcome.error is not None:
         return outcome.portable()
     try:  # pickled here: a value that cannot travel is the chunk's error, not Dask's

@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from lampy.errors import RemoteArrayError
 from lampy.runtime.codec import dumps, loads
-from lampy.runtime.entry import Outcome, run_chunk
-from lampy.runtime.job import Part, Placeholder, fill
+from lampy.runtime.entry import Outcome, run_filled
+from lampy.runtime.job import Part, Placeholder
 from lampy.runtime.remote.reference import RemoteArray
 from lampy.runtime.shm import array_in, dump_to_file
 
@@ -90,11 +89,7 @@ def _run(
             return _array(arena, split[p.index], rows)
         return _array(arena, whole[p.index], None)
 
-    try:
-        arguments = fill(args, kwargs, lookup)
-    except RemoteArrayError as exc:  # a reference's rows could not be read: the chunk's error
-        return Outcome(error=exc, traceback=traceback.format_exc())
-    return run_chunk(function, *arguments)
+    return run_filled(function, args, kwargs, lookup)
 
 
 def _array(arena: int, ref: ArrayRef, rows: tuple[int, int] | None) -> np.ndarray:

@@ -25,8 +25,8 @@ from typing import Any
 
 from lampy.errors import BadSignature, FrameError, RemoteArrayError, RemoteError, VersionMismatch
 from lampy.runtime.codec import dumps, loads
-from lampy.runtime.entry import Outcome, run_chunk
-from lampy.runtime.job import Part, Placeholder, fill
+from lampy.runtime.entry import Outcome, run_filled
+from lampy.runtime.job import Part, Placeholder
 from lampy.runtime.openlambda import frames
 from lampy.runtime.remote.reference import materialize
 from lampy.runtime.remote.results import store
@@ -144,9 +144,7 @@ def _run(call: Call, whole: tuple[Any, ...], parts: tuple[Any, ...]) -> Outcome:
         return materialize(parts[p.index]) if isinstance(p, Part) else whole[p.index]
 
     try:
-        return run_chunk(function, *fill(args, kwargs, lookup))
-    except RemoteArrayError as exc:  # a reference's rows (one Range request) could not be read
-        return Outcome(error=exc, traceback=traceback.format_exc())
+        return run_filled(function, args, kwargs, lookup)
     except BaseException as exc:  # SystemExit and friends must not end the sandbox
         text = f"{type(exc).__qualname__}: {exc}"
         return Outcome(error=RemoteError(text), traceback=traceback.format_exc())
