@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,31 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lampy.runtime.net import free_port, wait_ready
+
 #: The fault plan `chaos()` uses by default: the mix `lampy worker --chaos` documents (22%).
 DEFAULT_PLAN = "kill=0.05,502=0.05,429=0.05,hang=0.02,reset=0.02,corrupt=0.01,duplicate=0.02"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(
-    url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
-) -> None:
-    """Wait until the worker at `url` answers `GET /status` (or its process has exited)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/status", timeout=1):
-                return
-        except OSError:
-            exited = process is not None and process.poll() is not None
-            if exited or time.monotonic() > deadline:
-                raise RuntimeError(f"lampy worker did not start on {url}") from None
-            time.sleep(0.05)
 
 
 def worker_command(

@@ -20,7 +20,6 @@ does not run until the graph does (so `.explain()` has no time estimate for it).
 
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +30,7 @@ import numpy as np
 from lampy.errors import SplitLengthError, UnsplittableError, UnsupportedOperation, UsageError
 from lampy.lazy.array import LazyArray, array
 from lampy.lazy.graph import Node
-from lampy.regions.binding import Shared
+from lampy.regions.binding import Shared, named_arguments
 from lampy.regions.region import ParallelFunction
 from lampy.runtime.plan import probe_rows
 
@@ -121,23 +120,11 @@ def call(
 def _arguments(
     function: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> tuple[list[Any], list[str], tuple[str, ...]]:
-    """The call's values in order, their names, and the names of those passed by keyword."""
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):  # builtins and ufuncs without a signature
-        positional = [f"args[{i}]" for i in range(len(args))]
-        return [*args, *kwargs.values()], [*positional, *kwargs], tuple(kwargs)
-    bound = signature.bind(*args, **kwargs)  # a TypeError as the function itself would raise
-    names: list[str] = []
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            names += [f"{name}[{i}]" for i in range(len(value))]
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            names += list(value)
-        else:
-            names.append(name)
-    return [*bound.args, *bound.kwargs.values()], names, tuple(bound.kwargs)
+    """The call's values in order, their names, and the names of those passed by keyword
+    (a TypeError as the function itself would raise for a bad call)."""
+    named = named_arguments(function, args, kwargs)
+    keywords = tuple(name for name, positional, _ in named if not positional)
+    return [value for *_, value in named], [name for name, *_ in named], keywords
 
 
 def _rows(

@@ -173,13 +173,10 @@ def step_cost(
     whole = sum(n.nbytes for n, s in zip(step.leaves, step.split, strict=True) if not s)
     result = step.node.nbytes * (1 if step.kind == "elemwise" else chunks)
     moved = split + whole * parallel + result
-    per_result_byte = costs.seconds_per_result_byte
-    if per_result_byte is None:
-        per_result_byte = costs.seconds_per_byte
     seconds = (
         costs.startup_s
         + (split + whole * parallel) * costs.seconds_per_byte
-        + result * per_result_byte
+        + result * costs.result_byte_seconds
         + chunks * costs.seconds_per_chunk
         + compute / parallel
     )

@@ -42,8 +42,6 @@ from lampy.runtime.plan import split_rows
 from lampy.runtime.remote.reference import RemoteArray
 from lampy.runtime.settings import Chunks, resolve_executor, resolve_options
 
-Scalar = bool | int | float | complex | np.generic
-REDUCTIONS = ("sum", "mean", "min", "max")
 MOVES = ("source", "getitem", "transpose", "concatenate")
 
 

@@ -123,7 +123,7 @@ def bind(
     kwargs: Mapping[str, Any],
 ) -> Binding:
     """Sort a call's arguments; raises TypeError as the function itself would for a bad call."""
-    named = _named_arguments(function, args, kwargs)
+    named = named_arguments(function, args, kwargs)
     split: list[np.ndarray | RemoteArray] = []
     split_names: list[str] = []
     whole: list[np.ndarray] = []
@@ -173,7 +173,7 @@ def bind(
     )
 
 
-def _named_arguments(
+def named_arguments(
     function: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> list[tuple[str, bool, Any]]:
     """(name, passed positionally, value) for every argument, in call order."""

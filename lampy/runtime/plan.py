@@ -36,6 +36,13 @@ class Costs:
     #: Results may cost more per byte than inputs (fresh memory, then joined); None: the same.
     seconds_per_result_byte: float | None = None
 
+    @property
+    def result_byte_seconds(self) -> float:
+        """Seconds per byte of results brought back."""
+        if self.seconds_per_result_byte is None:
+            return self.seconds_per_byte
+        return self.seconds_per_result_byte
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -183,13 +190,10 @@ def plan(
     sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
     sent += shared_bytes * costs.workers
     returned = probe.result_bytes / probe.rows * rest
-    per_result_byte = costs.seconds_per_result_byte
-    if per_result_byte is None:
-        per_result_byte = costs.seconds_per_byte
     started = (
         probe.seconds
         + sent * costs.seconds_per_byte
-        + returned * per_result_byte
+        + returned * costs.result_byte_seconds
         + count * costs.seconds_per_chunk
         + (probe.row_seconds * rest + count * probe.call_seconds) / costs.workers
     )

@@ -359,7 +359,7 @@ class _Run:
         if isinstance(error, distributed.KilledWorker):  # Dask gave up after its own retries
             cause = f"KilledWorker: {error}"
         elif isinstance(error, CancelledError):
-            if worker not in self.client.nthreads():
+            if worker not in self.gone and worker not in self.client.nthreads():
                 self.gone.add(worker)
                 self.threads = {}
             if not ran_alone:

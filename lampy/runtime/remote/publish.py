@@ -35,9 +35,9 @@ import numpy as np
 
 from lampy.errors import RemoteArrayError
 from lampy.runtime.job import Job
+from lampy.runtime.net import free_port, wait_ready
 from lampy.runtime.remote.npy import NpyMeta, header_bytes, version_of
 from lampy.runtime.remote.reference import RemoteArray
-from lampy.testing import wait_ready
 
 # Chosen with bench/bench_remote.py ("publish threshold" rows, 8 chunks, `lampy worker`): at
 # 1 MiB publishing is no faster than pushing (0.93x), from 4-8 MiB it wins in some runs and not
@@ -70,7 +70,7 @@ class _Publisher:
             self.stop()
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
             self.directory = Path(tempfile.mkdtemp(prefix="lampy-publish-", dir=shm))
-            port = _free_port_on(host)
+            port = free_port(host)
             self.host, self.url = host, f"http://{host}:{port}"
             command = [sys.executable, "-m", "lampy.cli", "serve", str(self.directory)]
             command += ["--host", host, "--port", str(port)]
@@ -172,9 +172,3 @@ def _reachable_host(platform_url: str) -> str | None:
             return str(probe.getsockname()[0])
     except OSError:
         return None  # no route known: push the bytes instead
-
-
-def _free_port_on(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])

@@ -31,7 +31,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +149,10 @@ def collect(value: Any, offer: Offer) -> Any:
         if "/" in relative or relative.startswith("."):
             raise RemoteArrayError(f"a stored result names a bad file {relative!r}")
         path = offer.directory / relative
-        local = RemoteArray("file://" + urllib.parse.quote(str(path)), reference.meta, 0, 0)
+        url = "file://" + urllib.parse.quote(str(path))
+        local = RemoteArray(url, reference.meta, 0, reference.meta.shape[0])
         try:
-            return replace(local, stop=reference.meta.shape[0]).fetch()
+            return local.fetch()
         finally:
             path.unlink(missing_ok=True)
 
