@@ -27,9 +27,9 @@ from conftest import Row, with_dask_client
 from rawnet import TcpEcho, raw_posts, trivial_server
 
 import lampy
-from lampy.runtime.openlambda import frames
-from lampy.runtime.openlambda.deploy import upload
-from lampy.runtime.openlambda.executor import OpenLambdaExecutor
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._deploy import upload
+from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 
 CHUNKS = 10_000
 CONCURRENCY = 32

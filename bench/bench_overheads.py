@@ -16,7 +16,7 @@ import numpy as np
 from conftest import Row, with_dask_client
 
 import lampy
-from lampy.runtime.executors.local import LocalExecutor
+from lampy.runtime.executors._local import LocalExecutor
 
 CHUNKS = 1000
 ROWS = 256 * 1024  # rows of 128 float64: 256 MiB in, 2 MiB back (a typical small result)
@@ -102,7 +102,7 @@ def _median_seconds(fn: Any, *args: Any) -> float:
 
 
 def _job(x: np.ndarray, chunks: tuple[tuple[int, int], ...]) -> Any:
-    from lampy.runtime.job import Job, Part
+    from lampy.runtime._job import Job, Part
 
     return Job(noop, (Part(0),), {}, (x,), (), chunks)
 
@@ -130,7 +130,7 @@ def test_dask_bytes_moved(benchmark: Any, row: Row, dask_client: Any) -> None:
     with lampy.using(executor="dask", client=client):
         f(x)
         benchmark.pedantic(f, args=(x,), rounds=3, iterations=1)
-    from lampy.runtime.executors.dask import SECONDS_PER_CHUNK
+    from lampy.runtime.executors._dask import SECONDS_PER_CHUNK
 
     extra = benchmark.stats.stats.median - baseline - 8 * SECONDS_PER_CHUNK  # less the chunks
     moved = x.nbytes + ROWS * 8

@@ -7,12 +7,12 @@
   Each row notes the bytes the client sent in frames. Targets: pull no slower than push
   (>= 1x), and >= 100x fewer bytes sent (asserted).
 - publish threshold: push against auto-publish for one array of 1, 4, 16 and 64 MiB; where
-  publishing starts to win sets `lampy.runtime.remote.publish.PUBLISH_BYTES`.
+  publishing starts to win sets `lampy.runtime.remote._publish.PUBLISH_BYTES`.
 - large results: a region whose result is 1024x its input (a quarter of the large input's
   size, 64 chunks), its result arrays sent back in the answers against PUT to the client's
   array server by reference; each row notes the bytes the client received in answers.
 - result threshold: the same for results of 1, 4, 16 and 64 MiB (8 chunks); where references
-  start to win sets `lampy.runtime.remote.results.RESULT_BYTES`.
+  start to win sets `lampy.runtime.remote._results.RESULT_BYTES`.
 
 LAMPY_BENCH_REMOTE_BYTES shrinks the large input (e.g. 268435456 for a quick check).
 """
@@ -32,11 +32,12 @@ import pytest
 
 import lampy
 from lampy.runtime import executors
-from lampy.runtime.openlambda import frames
-from lampy.runtime.openlambda.executor import AiohttpTransport, OpenLambdaExecutor, Reply
-from lampy.runtime.remote import publish, results
-from lampy.runtime.remote.reference import RemoteArray, remote
-from lampy.runtime.settings import resolve_options
+from lampy.runtime._settings import resolve_options
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._executor import AiohttpTransport, OpenLambdaExecutor, Reply
+from lampy.runtime.remote import _publish as publish
+from lampy.runtime.remote import _results as results
+from lampy.runtime.remote._reference import RemoteArray, remote
 from lampy.testing import free_port, wait_ready
 
 COLUMNS = 1024  # 8 KiB rows

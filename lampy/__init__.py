@@ -12,7 +12,7 @@ processes (the default), or on OpenLambda sandboxes, returning what the function
 
 from typing import Any
 
-from lampy.errors import (
+from lampy._errors import (
     BadSignature,
     ExecutionError,
     FrameError,
@@ -37,13 +37,13 @@ from lampy.errors import (
     WorkerLost,
 )
 from lampy.lazy import LazyArray, array, calibrate, load_graph, save_graph
-from lampy.regions.binding import shared
-from lampy.regions.decorators import elemwise, reduce, sum
-from lampy.regions.partial import Coverage, Partial
-from lampy.regions.region import ParallelFunction
-from lampy.runtime.plan import Plan
-from lampy.runtime.remote.reference import RemoteArray, remote
-from lampy.runtime.settings import using
+from lampy.regions._binding import shared
+from lampy.regions._decorators import elemwise, reduce, sum
+from lampy.regions._partial import Coverage, Partial
+from lampy.regions._region import ParallelFunction
+from lampy.runtime._plan import Plan
+from lampy.runtime._settings import using
+from lampy.runtime.remote._reference import RemoteArray, remote
 
 __version__ = "0.1.0"
 
@@ -54,7 +54,7 @@ def prewarm(n: int, **options: Any) -> int:
     Options are those of `lampy.using(executor="openlambda", ...)`, which they override. The
     import is deferred: lampy itself runs inside sandboxes that lack aiohttp and tenacity.
     """
-    from lampy.runtime.openlambda.executor import prewarm as warm
+    from lampy.runtime.openlambda._executor import prewarm as warm
 
     return warm(n, **options)
 

@@ -47,22 +47,22 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "calibrate":
-        from lampy.lazy.cost import calibrate
+        from lampy.lazy._cost import calibrate
 
         for constant, value in sorted(calibrate().items()):
             unit = "flop/s" if constant.startswith("gemm_flops") else "s per element"
             print(f"{constant:>18}  {value:.3g} {unit}")
         return 0
     if args.command == "serve":
-        from lampy.runtime.remote.server import MAX_UPLOAD_BYTES
-        from lampy.runtime.remote.server import serve as serve_arrays
+        from lampy.runtime.remote._server import MAX_UPLOAD_BYTES
+        from lampy.runtime.remote._server import serve as serve_arrays
 
         serve_arrays(args.directory, args.host, args.port, args.max_upload or MAX_UPLOAD_BYTES)
         return 0
     if args.command == "worker":
-        from lampy.errors import OptionError
-        from lampy.runtime.openlambda.chaos import Plan
-        from lampy.runtime.openlambda.worker import serve
+        from lampy._errors import OptionError
+        from lampy.runtime.openlambda._chaos import Plan
+        from lampy.runtime.openlambda._worker import serve
 
         try:
             plan = None if args.chaos is None else Plan.parse(args.chaos, args.chaos_seed)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             worker.error(str(exc))  # exits with status 2 and the usage line
         serve(args.host, args.port, args.registry, args.max_sandboxes, args.runtime_limit, plan)
         return 0
-    from lampy.runtime.openlambda import deploy as packaging
+    from lampy.runtime.openlambda import _deploy as packaging
 
     if args.output is not None:
         args.output.write_bytes(packaging.build())

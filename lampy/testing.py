@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lampy.runtime.net import free_port, wait_ready
+from lampy.runtime._net import free_port, wait_ready
 
 #: The fault plan `chaos()` uses by default: the mix `lampy worker --chaos` documents (22%).
 DEFAULT_PLAN = "kill=0.05,502=0.05,429=0.05,hang=0.02,reset=0.02,corrupt=0.01,duplicate=0.02"
@@ -63,7 +63,7 @@ def openlambda_worker(
     set LAMPY_SECRET first to keep a test away from the user's own secret. With `chaos` (a
     `--chaos` plan) the worker injects faults into calls, dealt from `chaos_seed`.
     """
-    from lampy.runtime.openlambda.deploy import upload
+    from lampy.runtime.openlambda._deploy import upload
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -145,8 +145,8 @@ def chaos(
     """
     import lampy
     from lampy.runtime import executors
-    from lampy.runtime.openlambda.executor import OpenLambdaExecutor
-    from lampy.runtime.settings import resolve_options
+    from lampy.runtime._settings import resolve_options
+    from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 
     start = time.perf_counter()
     with lampy.using(executor="inline", chunks=chunks):

@@ -14,15 +14,15 @@ from hypothesis import strategies as st
 
 import lampy
 import lampy.lazy as lazy
-from lampy.errors import (
+from lampy._errors import (
     ResultError,
     SplitLengthError,
     UnsplittableError,
     UnsupportedOperation,
     UsageError,
 )
-from lampy.lazy.graph import schedule
-from lampy.regions.region import ParallelFunction
+from lampy.lazy._graph import schedule
+from lampy.regions._region import ParallelFunction
 from tests.conftest import assert_same
 from tests.lazy.test_lazy import Expr, both, expressions
 

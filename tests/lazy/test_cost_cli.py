@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lampy.cli import main
-from lampy.lazy.cost import DEFAULTS, cache_path, constants
+from lampy.lazy._cost import DEFAULTS, cache_path, constants
 
 
 def test_calibrate_prints_units_and_caches_every_constant(

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lampy.lazy as lazy
-from lampy.errors import ShapeError, UnsupportedOperation, UsageError
-from lampy.lazy.graph import schedule
-from lampy.regions.region import ParallelFunction
+from lampy._errors import ShapeError, UnsupportedOperation, UsageError
+from lampy.lazy._graph import schedule
+from lampy.regions._region import ParallelFunction
 from tests.conftest import assert_same
 
 RNG = np.random.default_rng(0)
@@ -270,7 +270,7 @@ def test_explain_shows_regions_chunks_bytes_and_times() -> None:
 
 
 def test_calibrate_caches_constants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lampy.lazy import cost
+    from lampy.lazy import _cost as cost
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     measured = lazy.calibrate(elements=1 << 12, repeats=1)

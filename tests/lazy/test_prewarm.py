@@ -13,8 +13,8 @@ import pytest
 import lampy
 import lampy.lazy as lazy
 from lampy.runtime import executors
-from lampy.runtime.executors.base import Executor
-from lampy.runtime.settings import resolve_options
+from lampy.runtime._settings import resolve_options
+from lampy.runtime.executors._base import Executor
 from tests.conftest import assert_same
 
 X = np.random.default_rng(3).uniform(-1, 1, (12, 5))

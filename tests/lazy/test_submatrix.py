@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lampy.lazy as lazy
-from lampy.errors import OptionError
-from lampy.lazy.graph import schedule
-from lampy.regions.region import ParallelFunction
+from lampy._errors import OptionError
+from lampy.lazy._graph import schedule
+from lampy.regions._region import ParallelFunction
 from tests.conftest import assert_same
 from tests.lazy.test_lazy import DATA, Expr, both, expressions
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lampy
-from lampy.runtime import blas
+from lampy.runtime import _blas as blas
 
 
 def openblas_threads() -> int:

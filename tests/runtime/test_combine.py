@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lampy.errors import ResultError
-from lampy.runtime.combine import add, concatenate, tree_merge
+from lampy._errors import ResultError
+from lampy.runtime._combine import add, concatenate, tree_merge
 
 
 def test_concatenate_nested_structures() -> None:

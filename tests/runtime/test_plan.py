@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lampy.runtime.plan import Costs, Probe, plan, probe_rows, split_rows
+from lampy.runtime._plan import Costs, Probe, plan, probe_rows, split_rows
 
 TWO = Costs(workers=2, startup_s=0.0, seconds_per_byte=1 / 2.5e9, seconds_per_chunk=4e-4)
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import lampy
-from lampy.runtime.settings import resolve_chunks, resolve_executor, resolve_options
+from lampy.runtime._settings import resolve_chunks, resolve_executor, resolve_options
 
 
 def test_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,8 +46,8 @@ def test_using_is_per_task() -> None:
 
 
 def test_boolean_options_from_env_strings() -> None:
-    from lampy.errors import OptionError
-    from lampy.runtime.executors.base import Executor
+    from lampy._errors import OptionError
+    from lampy.runtime.executors._base import Executor
 
     class Toggle(Executor):
         name = "toggle"

@@ -12,14 +12,14 @@ import importlib
 import threading
 from typing import Any
 
-from lampy.errors import LampyError, UnknownExecutorError
-from lampy.runtime.executors.base import Executor
+from lampy._errors import LampyError, UnknownExecutorError
+from lampy.runtime.executors._base import Executor
 
 _REGISTRY: dict[str, str | type[Executor]] = {
-    "inline": "lampy.runtime.executors.inline:InlineExecutor",
-    "local": "lampy.runtime.executors.local:LocalExecutor",
-    "openlambda": "lampy.runtime.openlambda.executor:OpenLambdaExecutor",
-    "dask": "lampy.runtime.executors.dask:DaskExecutor",
+    "inline": "lampy.runtime.executors._inline:InlineExecutor",
+    "local": "lampy.runtime.executors._local:LocalExecutor",
+    "openlambda": "lampy.runtime.openlambda._executor:OpenLambdaExecutor",
+    "dask": "lampy.runtime.executors._dask:DaskExecutor",
 }
 _instances: dict[tuple[str, tuple[tuple[str, Any], ...]], Executor] = {}
 _lock = threading.Lock()

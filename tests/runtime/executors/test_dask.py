@@ -206,9 +206,9 @@ def test_partial_sum_merges_the_chunks_whose_workers_lived(dask_address: str) ->
 
 def test_without_dask_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed now fails
-    monkeypatch.delitem(sys.modules, "lampy.runtime.executors.dask")
-    monkeypatch.setitem(executors._REGISTRY, "dask", "lampy.runtime.executors.dask:DaskExecutor")
+    monkeypatch.delitem(sys.modules, "lampy.runtime.executors._dask")
+    monkeypatch.setitem(executors._REGISTRY, "dask", "lampy.runtime.executors._dask:DaskExecutor")
     with pytest.raises(lampy.LampyError, match=r"pip install 'lampy\[dask\]'"):
         executors.executor_class("dask")
     with pytest.raises(ImportError, match=r"pip install 'lampy\[dask\]'"):
-        importlib.import_module("lampy.runtime.executors.dask")
+        importlib.import_module("lampy.runtime.executors._dask")

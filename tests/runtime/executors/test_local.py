@@ -14,7 +14,7 @@ import pytest
 
 import lampy
 from lampy.runtime import executors
-from lampy.runtime.executors.local import LocalExecutor
+from lampy.runtime.executors._local import LocalExecutor
 
 
 def pool() -> LocalExecutor:

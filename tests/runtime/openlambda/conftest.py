@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from lampy.runtime.openlambda.worker import Worker
+from lampy.runtime.openlambda._worker import Worker
 from lampy.testing import free_port, wait_ready
 
 

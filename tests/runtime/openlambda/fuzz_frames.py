@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from lampy.errors import FrameError
-from lampy.runtime.openlambda import frames
+from lampy._errors import FrameError
+from lampy.runtime.openlambda import _frames as frames
 
 KEY = b"fuzz-secret"
 

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 
 import lampy
-from lampy.errors import RetriesExhausted
+from lampy._errors import RetriesExhausted
 from lampy.runtime import executors
-from lampy.runtime.openlambda.chaos import Plan
-from lampy.runtime.openlambda.deploy import upload
-from lampy.runtime.openlambda.executor import Accounting, OpenLambdaExecutor
-from lampy.runtime.settings import resolve_options
+from lampy.runtime._settings import resolve_options
+from lampy.runtime.openlambda._chaos import Plan
+from lampy.runtime.openlambda._deploy import upload
+from lampy.runtime.openlambda._executor import Accounting, OpenLambdaExecutor
 from lampy.testing import chaos, free_port, openlambda_worker, wait_ready, worker_command
 from lampy.testing import worker_stats as stats
 from tests.conftest import assert_same

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from lampy.cli import main
-from lampy.runtime.openlambda import deploy
-from lampy.runtime.openlambda.secret import load_secret
+from lampy.runtime._secret import load_secret
+from lampy.runtime.openlambda import _deploy as deploy
 from tests.conftest import SECRET
 
 CLEAN_IMPORT = """
@@ -31,7 +31,7 @@ class NotInSandbox:  # the sandbox has only requirements.txt: numpy and cloudpic
             raise ImportError(f"{name} is not installed in the sandbox")
 sys.meta_path.insert(0, NotInSandbox())
 import lampy
-from lampy.runtime.openlambda import frames
+from lampy.runtime.openlambda import _frames as frames
 import f
 body = frames.encode(frames.PING, 0, b"%s").join()
 class Input:
@@ -61,7 +61,7 @@ def test_tarball_is_pinned_and_carries_the_secret(tmp_path: Path) -> None:
     assert f"numpy=={np.__version__}" in pins and f"cloudpickle=={cloudpickle.__version__}" in pins
     assert (tmp_path / ".env").read_text() == "LAMPY_SECRET=s3\n"
     assert "def f(" not in (tmp_path / "f.py").read_text()
-    assert (tmp_path / "lampy" / "runtime" / "openlambda" / "handler.py").exists()
+    assert (tmp_path / "lampy" / "runtime" / "openlambda" / "_handler.py").exists()
 
 
 def test_tarball_runs_without_the_installed_lampy(tmp_path: Path) -> None:
@@ -74,7 +74,7 @@ def test_tarball_runs_without_the_installed_lampy(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     ok, modules = done.stdout.split(" ", 1)
-    assert ok == "True" and "'lampy.runtime.openlambda.handler'" in modules
+    assert ok == "True" and "'lampy.runtime.openlambda._handler'" in modules
 
 
 def test_cli_deploy_output_and_url(

@@ -19,12 +19,13 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lampy.errors import ExecutionError, RetriesExhausted
-from lampy.runtime.job import Job, Part, Whole
-from lampy.runtime.openlambda import executor as module
-from lampy.runtime.openlambda import frames, handler
-from lampy.runtime.openlambda.executor import OpenLambdaExecutor, Reply, Transport
-from lampy.runtime.plan import split_rows
+from lampy._errors import ExecutionError, RetriesExhausted
+from lampy.runtime._job import Job, Part, Whole
+from lampy.runtime._plan import split_rows
+from lampy.runtime.openlambda import _executor as module
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda import _handler as handler
+from lampy.runtime.openlambda._executor import OpenLambdaExecutor, Reply, Transport
 from lampy.testing import free_port
 from tests.conftest import SECRET
 

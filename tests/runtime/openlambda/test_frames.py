@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from lampy.errors import BadSignature, FrameError, TooLarge, VersionMismatch
-from lampy.runtime.openlambda import frames
+from lampy._errors import BadSignature, FrameError, TooLarge, VersionMismatch
+from lampy.runtime.openlambda import _frames as frames
 
 KEY = b"k" * 32
 unpickled: list[str] = []

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lampy.errors import FrameError, TooLarge, VersionMismatch
-from lampy.runtime.openlambda import frames
+from lampy._errors import FrameError, TooLarge, VersionMismatch
+from lampy.runtime.openlambda import _frames as frames
 
 from .test_handler import call
 

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lampy.runtime.codec import dumps
-from lampy.runtime.job import Part, Whole
-from lampy.runtime.openlambda import frames, handler
+from lampy.runtime._codec import dumps
+from lampy.runtime._job import Part, Whole
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda import _handler as handler
 
 from .test_frames import Tripwire, unpickled
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import lampy
-from lampy.errors import ExecutionError, RemoteTraceback
-from lampy.runtime.openlambda.executor import prewarm
+from lampy._errors import ExecutionError, RemoteTraceback
+from lampy.runtime.openlambda._executor import prewarm
 
 
 class CursedRow(Exception):

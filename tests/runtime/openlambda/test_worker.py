@@ -155,7 +155,7 @@ def test_full_queue_answers_429(make_worker: Any) -> None:
 
 
 def test_scales_up_under_load_and_back_down(make_worker: Any, monkeypatch: Any) -> None:
-    from lampy.runtime.openlambda import worker as module
+    from lampy.runtime.openlambda import _worker as module
 
     monkeypatch.setattr(module, "IDLE_GRACE_S", 0.2)
     worker = make_worker(max_sandboxes=3)

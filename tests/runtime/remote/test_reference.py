@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import lampy
-from lampy.errors import RemoteArrayError, RemoteArrayNotFound, RemoteArrayRefused
-from lampy.runtime.remote.reference import RemoteArray, materialize, remote, upload
+from lampy._errors import RemoteArrayError, RemoteArrayNotFound, RemoteArrayRefused
+from lampy.runtime.remote._reference import RemoteArray, materialize, remote, upload
 
 from .conftest import Server
 

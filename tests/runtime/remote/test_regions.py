@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import lampy
-from lampy.errors import RemoteArrayError, RemoteArrayNotFound, SplitLengthError
-from lampy.regions.binding import bind
-from lampy.runtime.executors.local import _Arena
-from lampy.runtime.openlambda import frames
-from lampy.runtime.openlambda.executor import AiohttpTransport, OpenLambdaExecutor, Reply
-from lampy.runtime.plan import split_rows
-from lampy.runtime.remote import publish
-from lampy.runtime.remote.reference import RemoteArray, remote
+from lampy._errors import RemoteArrayError, RemoteArrayNotFound, SplitLengthError
+from lampy.regions._binding import bind
+from lampy.runtime._plan import split_rows
+from lampy.runtime.executors._local import _Arena
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._executor import AiohttpTransport, OpenLambdaExecutor, Reply
+from lampy.runtime.remote import _publish as publish
+from lampy.runtime.remote._reference import RemoteArray, remote
 from tests.conftest import assert_same
 
 from .conftest import Server

@@ -17,14 +17,15 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import lampy
-from lampy.errors import OptionError, RemoteArrayError, ResultError
+from lampy._errors import OptionError, RemoteArrayError, ResultError
 from lampy.runtime import executors
-from lampy.runtime.openlambda import frames
-from lampy.runtime.openlambda.executor import AiohttpTransport, OpenLambdaExecutor, Reply
-from lampy.runtime.remote import publish, results
-from lampy.runtime.remote.reference import RemoteArray, upload
-from lampy.runtime.remote.results import Sink
-from lampy.runtime.settings import resolve_options
+from lampy.runtime._settings import resolve_options
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._executor import AiohttpTransport, OpenLambdaExecutor, Reply
+from lampy.runtime.remote import _publish as publish
+from lampy.runtime.remote import _results as results
+from lampy.runtime.remote._reference import RemoteArray, upload
+from lampy.runtime.remote._results import Sink
 from lampy.testing import free_port
 from tests.conftest import assert_same
 

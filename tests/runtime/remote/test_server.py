@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from lampy.cli import main
-from lampy.runtime.remote import auth
-from lampy.runtime.remote import server as server_module
-from lampy.runtime.remote.reference import VERSION_HEADER
+from lampy.runtime.remote import _auth as auth
+from lampy.runtime.remote import _server as server_module
+from lampy.runtime.remote._reference import VERSION_HEADER
 
 from .conftest import Server
 

@@ -29,15 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from lampy.errors import (
+from lampy._errors import (
     RemoteArrayError,
     RemoteArrayNotFound,
     RemoteArrayRefused,
 )
-from lampy.runtime.openlambda.secret import load_secret
-from lampy.runtime.remote import auth
-from lampy.runtime.remote.npy import NpyMeta, header_bytes, read_meta, version_of
-from lampy.runtime.shm import map_private
+from lampy.runtime._secret import load_secret
+from lampy.runtime._shm import map_private
+from lampy.runtime.remote import _auth as auth
+from lampy.runtime.remote._npy import NpyMeta, header_bytes, read_meta, version_of
 
 VERSION_HEADER = "X-Lampy-Version"  # a read names the file version its reference was made from
 TIMEOUT_S = 60.0  # per socket operation of a read or upload

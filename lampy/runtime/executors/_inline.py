@@ -5,10 +5,10 @@ It is the reference semantics every other executor must match, and it needs no s
 
 from __future__ import annotations
 
-from lampy.runtime.entry import Outcome, run_chunk
-from lampy.runtime.executors.base import Executor
-from lampy.runtime.job import Job
-from lampy.runtime.plan import Costs
+from lampy.runtime._job import Job
+from lampy.runtime._plan import Costs
+from lampy.runtime._worker_side import Outcome, run_chunk
+from lampy.runtime.executors._base import Executor
 
 
 class InlineExecutor(Executor):

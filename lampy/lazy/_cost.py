@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from lampy.lazy.graph import Blocks, Node, Step, check_submatrix, schedule
-from lampy.runtime import blas, executors
-from lampy.runtime.plan import CHUNKS_PER_WORKER, Costs
-from lampy.runtime.settings import Chunks, resolve_chunks, resolve_executor, resolve_options
+from lampy.lazy._graph import Blocks, Node, Step, check_submatrix, schedule
+from lampy.runtime import _blas as blas
+from lampy.runtime import executors
+from lampy.runtime._plan import CHUNKS_PER_WORKER, Costs
+from lampy.runtime._settings import Chunks, resolve_chunks, resolve_executor, resolve_options
 
 # Measured with calibrate() on the 2-core reference machine (2026-11-23), seconds per element of
 # 4 Mi float64 (32 MiB, past the caches, as for arrays worth distributing). GEMM rates on a quiet

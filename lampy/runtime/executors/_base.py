@@ -18,10 +18,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from lampy.errors import OptionError
-from lampy.runtime.entry import Outcome
-from lampy.runtime.job import Job
-from lampy.runtime.plan import Costs
+from lampy._errors import OptionError
+from lampy.runtime._job import Job
+from lampy.runtime._plan import Costs
+from lampy.runtime._worker_side import Outcome
 
 
 class Executor(ABC):

@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from lampy.errors import OptionError, RemoteArrayError, ResultError
-from lampy.runtime.remote import publish
-from lampy.runtime.remote.npy import NpyMeta, version_of
-from lampy.runtime.remote.reference import RemoteArray, upload
+from lampy._errors import OptionError, RemoteArrayError, ResultError
+from lampy.runtime.remote import _publish as publish
+from lampy.runtime.remote._npy import NpyMeta, version_of
+from lampy.runtime.remote._reference import RemoteArray, upload
 
 # Chosen with bench/bench_remote.py ("result threshold" rows: 8 chunks, `lampy worker` on
 # loopback, 3 runs): results of 128 KiB per chunk came back faster in the answers (1.02x-1.7x);

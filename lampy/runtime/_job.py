@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from lampy.runtime.codec import dumps
-from lampy.runtime.remote.reference import RemoteArray, materialize
+from lampy.runtime._codec import dumps
+from lampy.runtime.remote._reference import RemoteArray, materialize
 
 Rows = tuple[int, int]
 

@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from lampy.errors import SplitLengthError, UnsplittableError, UnsupportedOperation, UsageError
-from lampy.lazy.array import LazyArray, array
-from lampy.lazy.graph import Node
-from lampy.regions.binding import Shared, named_arguments
-from lampy.regions.region import ParallelFunction
-from lampy.runtime.plan import probe_rows
+from lampy._errors import SplitLengthError, UnsplittableError, UnsupportedOperation, UsageError
+from lampy.lazy._array import LazyArray, array
+from lampy.lazy._graph import Node
+from lampy.regions._binding import Shared, named_arguments
+from lampy.regions._region import ParallelFunction
+from lampy.runtime._plan import probe_rows
 
 Declared = tuple[tuple[int | None, ...], np.dtype[Any]]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lampy.runtime.codec import dumps_out_of_band, padding
+from lampy.runtime._codec import dumps_out_of_band, padding
 
 Layout = list[tuple[int, int]]  # (offset, nbytes) of each buffer in a file
 

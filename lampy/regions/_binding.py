@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from lampy.errors import SplitLengthError, UnsplittableError
-from lampy.runtime.job import Job, Part, Placeholder, Rows, Whole, fill
-from lampy.runtime.remote.reference import RemoteArray, materialize
+from lampy._errors import SplitLengthError, UnsplittableError
+from lampy.runtime._job import Job, Part, Placeholder, Rows, Whole, fill
+from lampy.runtime.remote._reference import RemoteArray, materialize
 
 
 class Shared:

@@ -19,12 +19,12 @@ import urllib.request
 from importlib import metadata
 from pathlib import Path
 
-from lampy.runtime.openlambda.secret import load_secret
+from lampy.runtime._secret import load_secret
 
 PINNED = ("numpy", "cloudpickle")
 F_PY = '''"""lampy's handler for OpenLambda: a WSGI app taking signed binary frames (see lampy/)."""
 
-from lampy.runtime.openlambda.handler import app
+from lampy.runtime.openlambda._handler import app
 
 __all__ = ["app"]
 '''

@@ -31,16 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from lampy.errors import OptionError, ResultError, UsageError
-from lampy.regions.binding import shared
-from lampy.regions.decorators import elemwise
-from lampy.regions.decorators import reduce as reduce_region
-from lampy.regions.decorators import sum as sum_region
-from lampy.regions.region import ParallelFunction, Region
+from lampy._errors import OptionError, ResultError, UsageError
+from lampy.regions._binding import shared
+from lampy.regions._decorators import elemwise
+from lampy.regions._decorators import reduce as reduce_region
+from lampy.regions._decorators import sum as sum_region
+from lampy.regions._region import ParallelFunction, Region
 from lampy.runtime import executors
-from lampy.runtime.plan import split_rows
-from lampy.runtime.remote.reference import RemoteArray
-from lampy.runtime.settings import Chunks, resolve_executor, resolve_options
+from lampy.runtime._plan import split_rows
+from lampy.runtime._settings import Chunks, resolve_executor, resolve_options
+from lampy.runtime.remote._reference import RemoteArray
 
 MOVES = ("source", "getitem", "transpose", "concatenate")
 
@@ -512,7 +512,7 @@ def _prewarm(
     warm = getattr(instance, "prewarm", None)
     if warm is None or instance.costs().startup_s == 0:
         return  # cannot pre-warm, or already warm
-    from lampy.lazy.cost import explain  # cost builds on this module
+    from lampy.lazy._cost import explain  # cost builds on this module
 
     count = explain(root, executor, chunks, submatrix).prewarm(name)
     if count > 0:

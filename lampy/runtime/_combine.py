@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from lampy.errors import ResultError
-from lampy.runtime.remote.results import Sink
+from lampy._errors import ResultError
+from lampy.runtime.remote._results import Sink
 
 
 def concatenate(results: Sequence[Any], sink: Sink | None = None) -> Any:

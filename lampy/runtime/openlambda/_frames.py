@@ -39,8 +39,8 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from lampy.errors import BadSignature, FrameError, TooLarge, VersionMismatch
-from lampy.runtime.codec import dumps_out_of_band, loads, padding
+from lampy._errors import BadSignature, FrameError, TooLarge, VersionMismatch
+from lampy.runtime._codec import dumps_out_of_band, loads, padding
 
 MAGIC = b"LMPY"
 FORMAT = 1

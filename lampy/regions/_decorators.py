@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, overload
 
-from lampy.errors import OptionError
-from lampy.regions.region import ParallelFunction, Region
-from lampy.runtime.combine import add
-from lampy.runtime.settings import Chunks
+from lampy._errors import OptionError
+from lampy.regions._region import ParallelFunction, Region
+from lampy.runtime._combine import add
+from lampy.runtime._settings import Chunks
 
 Function = Callable[..., Any]
 Decorator = Callable[[Function], ParallelFunction]
@@ -67,7 +67,7 @@ def reduce(
 
     `combine(a, b)` must be associative (order is kept, so it need not commute). With
     `allow_partial=0.99`, chunks lost to the platform may be left out while the rest cover 99%
-    of the rows, and calls return `lampy.Partial(value, coverage)` (see lampy.regions.partial).
+    of the rows, and calls return `lampy.Partial(value, coverage)` (see lampy.regions._partial).
     """
     if not callable(combine):
         raise OptionError(

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from lampy.errors import OptionError, RetriesExhausted
-from lampy.runtime.job import Rows
+from lampy._errors import OptionError, RetriesExhausted
+from lampy.runtime._job import Rows
 
 
 def check_fraction(allow_partial: float | None) -> None:

@@ -3,10 +3,10 @@
 `run()` is synchronous but the calls are asynchronous: one pooled aiohttp session lives on an
 event loop in a background thread, so a caller that is itself inside a running loop (Jupyter)
 works too. Bodies always carry Content-Length (OpenLambda reads a chunked body as empty).
-Split arrays over `PUBLISH_BYTES` travel by reference (lampy.runtime.remote.publish): each
+Split arrays over `PUBLISH_BYTES` travel by reference (lampy.runtime.remote._publish): each
 sandbox reads its rows from an array server instead of the client pushing them in the call.
 Results over `RESULT_BYTES` travel back the same way when that server runs (or the option
-results="mmap:PATH" | "remote" asks for it): lampy.runtime.remote.results.
+results="mmap:PATH" | "remote" asks for it): lampy.runtime.remote._results.
 
 Failures are sorted before anything is retried. Platform failures (connection refused or reset,
 429, 502 and other 5xx, client timeouts, an answer that fails its signature or is not for the
@@ -42,7 +42,7 @@ import cloudpickle
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
-from lampy.errors import (
+from lampy._errors import (
     BadSignature,
     ExecutionError,
     FrameError,
@@ -51,15 +51,15 @@ from lampy.errors import (
     RetriesExhausted,
     SerializationError,
 )
-from lampy.runtime.codec import dumps
-from lampy.runtime.entry import Outcome
-from lampy.runtime.executors.base import Executor
-from lampy.runtime.job import Job
-from lampy.runtime.openlambda import frames
-from lampy.runtime.openlambda.secret import load_secret
-from lampy.runtime.plan import Costs
-from lampy.runtime.remote.publish import published
-from lampy.runtime.remote.results import Offer, Sink, collect, offered
+from lampy.runtime._codec import dumps
+from lampy.runtime._job import Job
+from lampy.runtime._plan import Costs
+from lampy.runtime._secret import load_secret
+from lampy.runtime._worker_side import Outcome
+from lampy.runtime.executors._base import Executor
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.remote._publish import published
+from lampy.runtime.remote._results import Offer, Sink, collect, offered
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:5000"
@@ -309,7 +309,7 @@ class OpenLambdaExecutor(Executor):
         if timeout <= 0 or backoff < 0:
             raise OptionError(f"timeout must be > 0 and backoff >= 0; got {timeout}, {backoff}")
         self.url, self.lambda_name = url.rstrip("/"), name
-        #: Where an elemwise result goes (the region asks): see lampy.runtime.remote.results.
+        #: Where an elemwise result goes (the region asks): see lampy.runtime.remote._results.
         self.sink = replace(Sink.parse(results), platform=self.url)
         self.endpoint = f"{self.url}/run/{name}"
         self.concurrency, self.timeout = concurrency, timeout
@@ -705,7 +705,7 @@ def prewarm(n: int, **options: Any) -> int:
     Options are those of `lampy.using(executor="openlambda", ...)`, which they override.
     """
     from lampy.runtime import executors
-    from lampy.runtime.settings import resolve_options
+    from lampy.runtime._settings import resolve_options
 
     executor = executors.get("openlambda", {**resolve_options("openlambda"), **options})
     assert isinstance(executor, OpenLambdaExecutor)

@@ -8,7 +8,7 @@ own rows.
 A worker that dies, or runs a chunk longer than `timeout` seconds (it is then killed), is replaced
 and its chunk retried, up to `MAX_ATTEMPTS` times; then the chunk is lost (`RetriesExhausted`).
 
-Workers are fresh interpreters (`python -m lampy.runtime.executors.local_worker`), not forks, so
+Workers are fresh interpreters (`python -m lampy.runtime.executors._local_worker`), not forks, so
 a script without an `if __name__ == "__main__"` guard is never re-imported by the pool, and no
 lock held by a thread of the caller is inherited.
 """
@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from lampy.errors import OptionError, RemoteError, RetriesExhausted, WorkerLost
-from lampy.runtime.codec import loads
-from lampy.runtime.entry import Outcome
-from lampy.runtime.executors.base import Executor
-from lampy.runtime.executors.local_worker import JOBS_KEPT, ArrayRef
-from lampy.runtime.job import Job
-from lampy.runtime.plan import Costs
-from lampy.runtime.remote.reference import RemoteArray
-from lampy.runtime.shm import anonymous_file, layout_of, load_from_file
+from lampy._errors import OptionError, RemoteError, RetriesExhausted, WorkerLost
+from lampy.runtime._codec import loads
+from lampy.runtime._job import Job
+from lampy.runtime._plan import Costs
+from lampy.runtime._shm import anonymous_file, layout_of, load_from_file
+from lampy.runtime._worker_side import Outcome
+from lampy.runtime.executors._base import Executor
+from lampy.runtime.executors._local_worker import JOBS_KEPT, ArrayRef
+from lampy.runtime.remote._reference import RemoteArray
 
 MAX_ATTEMPTS = 3
 TIMEOUT_S = 3600.0  # per chunk by default: bounds a hung chunk, spares any sane long one
@@ -104,7 +104,7 @@ class _Worker:
                 [
                     sys.executable,
                     "-m",
-                    "lampy.runtime.executors.local_worker",
+                    "lampy.runtime.executors._local_worker",
                     str(theirs.fileno()),
                 ],
                 pass_fds=(theirs.fileno(),),

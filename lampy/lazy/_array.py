@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-from lampy.errors import ShapeError, UnsupportedOperation, UsageError
-from lampy.lazy.graph import Node, check_submatrix, evaluate, source
-from lampy.runtime.remote.reference import RemoteArray, remote
-from lampy.runtime.settings import Chunks
+from lampy._errors import ShapeError, UnsupportedOperation, UsageError
+from lampy.lazy._graph import Node, check_submatrix, evaluate, source
+from lampy.runtime._settings import Chunks
+from lampy.runtime.remote._reference import RemoteArray, remote
 
 SUPPORTED_FUNCTIONS = (
     "sum, mean, min, max (axis None or an int), matmul, dot, transpose, concatenate (axis 0), "
@@ -31,7 +31,7 @@ class LazyArray(NDArrayOperatorsMixin):
 
     __slots__ = ("node",)
     #: Recognised by `ParallelFunction.__call__` (without importing this module) to make a
-    #: region call with a lazy argument a node of the graph; see lampy.lazy.calls.
+    #: region call with a lazy argument a node of the graph; see lampy.lazy._calls.
     __lampy_lazy__ = True
 
     def __init__(self, node: Node) -> None:
@@ -102,13 +102,13 @@ class LazyArray(NDArrayOperatorsMixin):
         submatrix: tuple[int, int] | None = None,
     ) -> Any:
         """The schedule after fusion with cost estimates per executor; nothing runs."""
-        from lampy.lazy.cost import explain
+        from lampy.lazy._cost import explain
 
         return explain(self.node, executor, chunks, submatrix)
 
     def graph(self) -> Any:
         """The graph behind this array, for saving, printing as DOT or inspecting."""
-        from lampy.lazy.io import Graph
+        from lampy.lazy._io import Graph
 
         return Graph(self.node)
 

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from lampy.errors import UnsupportedOperation, UsageError
-from lampy.lazy.array import LazyArray
-from lampy.lazy.graph import Node, schedule, walk
-from lampy.regions.region import ParallelFunction
-from lampy.runtime.remote.reference import RemoteArray, remote
+from lampy._errors import UnsupportedOperation, UsageError
+from lampy.lazy._array import LazyArray
+from lampy.lazy._graph import Node, schedule, walk
+from lampy.regions._region import ParallelFunction
+from lampy.runtime.remote._reference import RemoteArray, remote
 
 INLINE_ELEMENTS = 1024
 FORMAT = "lampy-graph/1"

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from lampy.errors import RemoteArrayError
+from lampy._errors import RemoteArrayError
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lampy.errors import RemoteArrayError
-from lampy.runtime.job import Job
-from lampy.runtime.net import free_port, wait_ready
-from lampy.runtime.remote.npy import NpyMeta, header_bytes, version_of
-from lampy.runtime.remote.reference import RemoteArray
+from lampy._errors import RemoteArrayError
+from lampy.runtime._job import Job
+from lampy.runtime._net import free_port, wait_ready
+from lampy.runtime.remote._npy import NpyMeta, header_bytes, version_of
+from lampy.runtime.remote._reference import RemoteArray
 
 # Chosen with bench/bench_remote.py ("publish threshold" rows, 8 chunks, `lampy worker`): at
 # 1 MiB publishing is no faster than pushing (0.93x), from 4-8 MiB it wins in some runs and not

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lampy.errors import RemoteArrayError, RemoteArrayNotFound, RemoteArrayRefused
-from lampy.runtime.openlambda.secret import load_secret
-from lampy.runtime.remote import auth
-from lampy.runtime.remote.npy import NpyMeta, read_meta
-from lampy.runtime.remote.reference import VERSION_HEADER
+from lampy._errors import RemoteArrayError, RemoteArrayNotFound, RemoteArrayRefused
+from lampy.runtime._secret import load_secret
+from lampy.runtime.remote import _auth as auth
+from lampy.runtime.remote._npy import NpyMeta, read_meta
+from lampy.runtime.remote._reference import VERSION_HEADER
 
 DEFAULT_PORT = 5050
 MAX_UPLOAD_BYTES = 8 << 30  # the executor's own frame limit (frames.MAX_FRAME_BYTES)

@@ -11,7 +11,7 @@ the template travels once per job per sandbox, and a miss is answered MISSING. A
 may arrive as a reference (lampy.remote): the handler reads the chunk's rows itself, with one
 Range request straight into a new array. When the task offers a place for large results (the
 client's array server), result arrays over the offer's threshold are uploaded there and the
-answer carries their references (lampy.runtime.remote.results).
+answer carries their references (lampy.runtime.remote._results).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lampy.errors import BadSignature, FrameError, RemoteArrayError, RemoteError, VersionMismatch
-from lampy.runtime.codec import dumps, loads
-from lampy.runtime.entry import Outcome, run_filled
-from lampy.runtime.job import Part, Placeholder
-from lampy.runtime.openlambda import frames
-from lampy.runtime.remote.reference import materialize
-from lampy.runtime.remote.results import store
+from lampy._errors import BadSignature, FrameError, RemoteArrayError, RemoteError, VersionMismatch
+from lampy.runtime._codec import dumps, loads
+from lampy.runtime._job import Part, Placeholder
+from lampy.runtime._worker_side import Outcome, run_filled
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.remote._reference import materialize
+from lampy.runtime.remote._results import store
 
 JOBS_KEPT = 8
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
-from lampy.errors import OptionError
+from lampy._errors import OptionError
 
 DEFAULT_EXECUTOR = "local"
 Chunks = int | Literal["auto"]

@@ -44,13 +44,13 @@ except ImportError as exc:  # the registry turns this into "the dask executor ca
         f"dask.distributed is not installed ({exc}); install it with: pip install 'lampy[dask]'"
     ) from exc
 
-from lampy.errors import ExecutionError, OptionError, RetriesExhausted
-from lampy.runtime.codec import dumps_out_of_band, loads
-from lampy.runtime.entry import Outcome, run_filled
-from lampy.runtime.executors.base import Executor
-from lampy.runtime.job import Job, Part, Placeholder
-from lampy.runtime.plan import Costs
-from lampy.runtime.remote.reference import materialize
+from lampy._errors import ExecutionError, OptionError, RetriesExhausted
+from lampy.runtime._codec import dumps_out_of_band, loads
+from lampy.runtime._job import Job, Part, Placeholder
+from lampy.runtime._plan import Costs
+from lampy.runtime._worker_side import Outcome, run_filled
+from lampy.runtime.executors._base import Executor
+from lampy.runtime.remote._reference import materialize
 
 ATTEMPTS = 3  # per chunk, as the local pool's MAX_ATTEMPTS
 CONNECT_TIMEOUT_S = 10.0

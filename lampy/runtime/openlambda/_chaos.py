@@ -18,7 +18,7 @@ Plan('kill=0.05,429=0.1', seed=7)
 >>> Plan.parse("kill=0.5,boom=0.1")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-lampy.errors.OptionError: --chaos: unknown fault 'boom'; faults: kill, 502, 429, hang, reset, ...
+lampy._errors.OptionError: --chaos: unknown fault 'boom'; faults: kill, 502, 429, hang, reset, ...
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from lampy.errors import OptionError
+from lampy._errors import OptionError
 
 #: Every fault the worker can inject, and what it does to the call.
 FAULTS = {

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lampy.errors import RemoteArrayError, RemoteError
-from lampy.runtime.job import Placeholder, fill
+from lampy._errors import RemoteArrayError, RemoteError
+from lampy.runtime._job import Placeholder, fill
 
 
 @dataclass

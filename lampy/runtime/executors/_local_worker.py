@@ -1,6 +1,6 @@
 """A local worker process: receives jobs and chunks over a Unix socket and runs them.
 
-Started by the local executor as `python -m lampy.runtime.executors.local_worker FD`, where FD is
+Started by the local executor as `python -m lampy.runtime.executors._local_worker FD`, where FD is
 its end of a socket pair. Messages (pickled, over a private socket):
 
 parent -> worker
@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from lampy.runtime.codec import dumps, loads
-from lampy.runtime.entry import Outcome, run_filled
-from lampy.runtime.job import Part, Placeholder
-from lampy.runtime.remote.reference import RemoteArray
-from lampy.runtime.shm import array_in, dump_to_file
+from lampy.runtime._codec import dumps, loads
+from lampy.runtime._job import Part, Placeholder
+from lampy.runtime._shm import array_in, dump_to_file
+from lampy.runtime._worker_side import Outcome, run_filled
+from lampy.runtime.remote._reference import RemoteArray
 
 # (offset, dtype, shape) in the arena, or a reference (lampy.remote) whose rows a worker reads
 ArrayRef = tuple[int, np.dtype[Any], tuple[int, ...]] | RemoteArray

@@ -16,24 +16,25 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lampy.errors import OptionError, RemoteTraceback, RetriesExhausted, SerializationError
-from lampy.regions.binding import Binding, Shared, bind, parameter_names
-from lampy.regions.partial import Coverage, Partial, check_fraction
-from lampy.runtime import blas, executors
-from lampy.runtime.codec import dumps
-from lampy.runtime.combine import concatenate, tree_merge
-from lampy.runtime.entry import Outcome, run_chunk
-from lampy.runtime.executors.base import Executor
-from lampy.runtime.job import Job, chunk_label
-from lampy.runtime.plan import Plan, Probe, plan, probe_rows
-from lampy.runtime.remote.results import Sink, sink_of
-from lampy.runtime.settings import (
+from lampy._errors import OptionError, RemoteTraceback, RetriesExhausted, SerializationError
+from lampy.regions._binding import Binding, Shared, bind, parameter_names
+from lampy.regions._partial import Coverage, Partial, check_fraction
+from lampy.runtime import _blas as blas
+from lampy.runtime import executors
+from lampy.runtime._codec import dumps
+from lampy.runtime._combine import concatenate, tree_merge
+from lampy.runtime._job import Job, chunk_label
+from lampy.runtime._plan import Plan, Probe, plan, probe_rows
+from lampy.runtime._settings import (
     Chunks,
     check_chunks,
     resolve_chunks,
     resolve_executor,
     resolve_options,
 )
+from lampy.runtime._worker_side import Outcome, run_chunk
+from lampy.runtime.executors._base import Executor
+from lampy.runtime.remote._results import Sink, sink_of
 
 PLANS_KEPT = 32  # auto decisions remembered per function (by argument shapes)
 
@@ -48,7 +49,7 @@ class Region:
     shared: frozenset[str] = frozenset()
     chunks: Chunks | None = None
     executor: str | None = None
-    allow_partial: float | None = None  # reductions only: see lampy.regions.partial
+    allow_partial: float | None = None  # reductions only: see lampy.regions._partial
 
     def __post_init__(self) -> None:
         if not callable(self.function):
@@ -111,7 +112,7 @@ class ParallelFunction:
         if any(hasattr(type(v), "__lampy_lazy__") for v in values):
             # A lazy argument makes the call a graph node. Local import: lampy.lazy builds on
             # lampy.regions, so a module-level import here would be a cycle.
-            from lampy.lazy.calls import call
+            from lampy.lazy._calls import call
 
             return call(self, args, kwargs)
         binding, executor, chunks = self._prepare(args, kwargs)

@@ -37,10 +37,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lampy.runtime.openlambda.chaos import Plan
+from lampy.runtime.openlambda._chaos import Plan
 
 NAME = re.compile(r"^[A-Za-z0-9.\-_]+$")
-SANDBOX_SCRIPT = str(Path(__file__).with_name("sandbox.py"))
+SANDBOX_SCRIPT = str(Path(__file__).with_name("_sandbox.py"))
 QUEUE_LIMIT = 1024  # OpenLambda's waiting-request bound per lambda
 SCALE_TICK_S = 0.1  # at most one sandbox added or removed per tick
 TARGET_QUEUE_MS = 10.0  # one sandbox per this much outstanding work
