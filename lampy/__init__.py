@@ -39,8 +39,8 @@ from lampy._errors import (
 from lampy.lazy import LazyArray, array, calibrate, load_graph, save_graph
 from lampy.regions._binding import shared
 from lampy.regions._decorators import elemwise, reduce, sum
+from lampy.regions._function import ParallelFunction
 from lampy.regions._partial import Coverage, Partial
-from lampy.regions._region import ParallelFunction
 from lampy.runtime._plan import Plan
 from lampy.runtime._settings import using
 from lampy.runtime.remote._reference import RemoteArray, remote

@@ -5,6 +5,8 @@ deployed, so a test or benchmark can run regions on the openlambda executor exac
 would against OpenLambda. `chaos()` runs a region on such a worker while it injects faults
 (sandboxes killed mid-call, 502, 429, hangs, resets, damaged and duplicated answers) and checks
 the answer is the inline executor's, so users can test their own code under failure.
+`InProcessTransport` runs the openlambda executor against lampy's real handler in this process
+(no worker, no network), and `assert_same` compares answers leaf by leaf.
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from lampy.runtime._net import free_port, wait_ready
+from lampy.runtime._tree import zip_leaves
+from lampy.runtime.openlambda._transport import Reply, Transport
+
+__all__ = [
+    "DEFAULT_PLAN",
+    "ChaosReport",
+    "InProcessTransport",
+    "assert_same",
+    "chaos",
+    "free_port",
+    "openlambda_worker",
+    "wait_ready",
+    "worker_command",
+    "worker_stats",
+]
 
 #: The fault plan `chaos()` uses by default: the mix `lampy worker --chaos` documents (22%).
 DEFAULT_PLAN = "kill=0.05,502=0.05,429=0.05,hang=0.02,reset=0.02,corrupt=0.01,duplicate=0.02"
@@ -189,7 +206,7 @@ def chaos(
                 f"exactly-once broken: chunks accepted twice {twice}, never answered "
                 f"{missing}, lost {sorted(account.lost)}"
             )
-    _assert_same(got, expected, exact)
+    _compare(got, expected, exact, rtol=1e-9, against="inline")
     return ChaosReport(
         plan=plan,
         seed=seed,
@@ -226,23 +243,54 @@ def _total(counters: Iterable[Counter[str]]) -> dict[str, int]:
     return total
 
 
-def _assert_same(actual: Any, expected: Any, exact: bool, where: str = "result") -> None:
-    """Equal leaf by leaf (tuples, lists, dicts of arrays), with the same dtype and shape."""
+def assert_same(actual: Any, expected: Any, exact: bool = True) -> None:
+    """Assert two answers are equal leaf by leaf (tuples, lists and dicts of arrays), with the
+    same structure, dtypes and shapes: bit for bit when `exact`, else allclose (rtol 1e-6)."""
+    _compare(actual, expected, exact, rtol=1e-6, against="expected")
+
+
+def _compare(actual: Any, expected: Any, exact: bool, rtol: float, against: str) -> None:
     import numpy as np
 
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
-        for key in expected:
-            _assert_same(actual[key], expected[key], exact, f"{where}[{key!r}]")
-    elif isinstance(expected, tuple | list):
-        assert type(actual) is type(expected) and len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            _assert_same(a, e, exact, f"{where}[{i}]")
-    else:
-        a, e = np.asarray(actual), np.asarray(expected)
-        same = (a.dtype, a.shape) == (e.dtype, e.shape)
-        assert same, f"{where}: {a.dtype}{a.shape} under chaos, {e.dtype}{e.shape} inline"
+    from lampy._errors import ResultError
+
+    def same(pair: list[Any], where: str) -> None:
+        e, a = np.asarray(pair[0]), np.asarray(pair[1])
+        at = f"result{where}"
+        assert (a.dtype, a.shape) == (e.dtype, e.shape), (
+            f"{at}: got {a.dtype}{a.shape}, {against} {e.dtype}{e.shape}"
+        )
+        message = f"{at} differs from {against}"
         if exact:
-            np.testing.assert_array_equal(a, e, err_msg=f"{where} differs from inline")
+            np.testing.assert_array_equal(a, e, err_msg=message)
         else:
-            np.testing.assert_allclose(a, e, rtol=1e-9, err_msg=f"{where} differs from inline")
+            np.testing.assert_allclose(a, e, rtol=rtol, atol=1e-9, err_msg=message)
+
+    try:
+        zip_leaves([expected, actual], same)
+    except ResultError as exc:
+        raise AssertionError(f"the answer's structure differs from {against}: {exc}") from None
+
+
+class InProcessTransport(Transport):
+    """Calls lampy's real handler in this process, as an OpenLambda worker would, with no
+    worker and no network (like httpx's WSGI transport): the openlambda executor's own tests
+    use it, and a subclass can fail calls on purpose before passing them on.
+
+        OpenLambdaExecutor(transport=InProcessTransport())
+    """
+
+    async def post(self, frame: Any, timeout: float) -> Reply:
+        import io
+
+        from lampy.runtime.openlambda._handler import app
+
+        body = frame.join()
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "CONTENT_LENGTH": str(len(body)),
+            "wsgi.input": io.BytesIO(body),
+        }
+        status: list[str] = []
+        answer = app(environ, lambda line, headers: status.append(line))
+        return Reply(int(status[0][:3]), b"".join(bytes(part) for part in answer))

@@ -8,7 +8,7 @@ computing in the caller: a silent fallback would copy everything to the client.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 
 from lampy._errors import ShapeError, UnsupportedOperation, UsageError
 from lampy.lazy._graph import Node, check_submatrix, evaluate, source
+from lampy.regions._function import ParallelFunction
 from lampy.runtime._settings import Chunks
 from lampy.runtime.remote._reference import RemoteArray, remote
 
@@ -30,9 +31,19 @@ class LazyArray(NDArrayOperatorsMixin):
     """A numpy-like array whose operations build a graph; `.run()` computes it with lampy."""
 
     __slots__ = ("node",)
-    #: Recognised by `ParallelFunction.__call__` (without importing this module) to make a
-    #: region call with a lazy argument a node of the graph; see lampy.lazy._calls.
-    __lampy_lazy__ = True
+
+    @staticmethod
+    def __lampy_region_call__(
+        function: ParallelFunction, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> LazyArray:
+        """A region called with a lazy argument: the call becomes a node of the graph.
+
+        `ParallelFunction.__call__` looks for this on its arguments' types, so the regions
+        layer needs no import of this one (see lampy.lazy._calls).
+        """
+        from lampy.lazy._calls import call  # _calls builds lazy arrays: imported when used
+
+        return call(function, args, kwargs)
 
     def __init__(self, node: Node) -> None:
         self.node = node

@@ -31,7 +31,7 @@ from lampy._errors import SplitLengthError, UnsplittableError, UnsupportedOperat
 from lampy.lazy._array import LazyArray, array
 from lampy.lazy._graph import Node
 from lampy.regions._binding import Shared, named_arguments
-from lampy.regions._region import ParallelFunction
+from lampy.regions._function import ParallelFunction
 from lampy.runtime._plan import probe_rows
 
 Declared = tuple[tuple[int | None, ...], np.dtype[Any]]

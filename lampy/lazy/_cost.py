@@ -268,7 +268,7 @@ def explain(
     for name in dict.fromkeys((chosen, "inline", "local")):
         instance = executors.get(name, resolve_options(name))
         costs = instance.costs()
-        if hasattr(instance, "prewarm"):
+        if instance.can_prewarm:
             warms.add(name)
         if blocks is not None:
             count, asked = blocks[0] * blocks[1], True

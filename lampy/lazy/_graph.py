@@ -23,7 +23,7 @@ with r * c row chunks.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,14 +33,14 @@ import numpy as np
 
 from lampy._errors import OptionError, ResultError, UsageError
 from lampy.regions._binding import shared
-from lampy.regions._decorators import elemwise
-from lampy.regions._decorators import reduce as reduce_region
-from lampy.regions._decorators import sum as sum_region
-from lampy.regions._region import ParallelFunction, Region
+from lampy.regions._function import ParallelFunction
+from lampy.regions._region import Region
+from lampy.regions._runner import RegionRunner
 from lampy.runtime import executors
+from lampy.runtime._combine import add
+from lampy.runtime._job import RowSource
 from lampy.runtime._plan import split_rows
 from lampy.runtime._settings import Chunks, resolve_executor, resolve_options
-from lampy.runtime.remote._reference import RemoteArray
 
 MOVES = ("source", "getitem", "transpose", "concatenate")
 
@@ -58,7 +58,7 @@ class Node:
     params: Mapping[str, Any]
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
-    data: np.ndarray | RemoteArray | None = field(default=None, repr=False)  # a source's
+    data: np.ndarray | RowSource | None = field(default=None, repr=False)  # a source's
     path: str | None = None
     function: ParallelFunction | None = field(default=None, repr=False)  # op "region" only
 
@@ -117,7 +117,7 @@ def source(data: np.ndarray | None, path: str | None = None) -> Node:
     return Node("source", (), {}, tuple(data.shape), data.dtype, data=data)
 
 
-def load_source(node: Node) -> np.ndarray | RemoteArray:
+def load_source(node: Node) -> np.ndarray | RowSource:
     """A source's array; a reference stays one (regions split it, each chunk reads its rows)."""
     if node.data is not None:
         return node.data
@@ -307,6 +307,8 @@ class Step:
     split: tuple[bool, ...]  # per leaf: split by rows (True) or shared whole
     fused: tuple[Node, ...]  # the nodes this step computes (its program, in order)
     function: ChunkFunction | RegionCall | None = None
+    #: The region step's runner, kept with the schedule: its auto plans hold across runs.
+    runner: RegionRunner | None = field(default=None, compare=False, repr=False)
 
     @property
     def rows(self) -> int:
@@ -335,12 +337,17 @@ class Step:
 def schedule(root: Node) -> list[Step]:
     """The steps that compute `root`, in order; every node appears in at most one step.
 
+    Made once per graph and kept with it (while the graph lives), so explaining, pre-warming
+    and running share one schedule, and its region steps keep their plans across runs.
+
     >>> import numpy as np
     >>> a = source(np.ones((4, 2)))
     >>> e = Node("ufunc", (a, 1.0), {"name": "add"}, (4, 2), np.dtype("float64"))
     >>> [s.kind for s in schedule(Node("ufunc", (e,), {"name": "exp"}, e.shape, e.dtype))]
     ['source', 'elemwise']
     """
+    if root in _schedules:
+        return _schedules[root]
     steps: list[Step] = []
     done: set[int] = set()
 
@@ -359,7 +366,11 @@ def schedule(root: Node) -> list[Step]:
         done.add(id(node))
 
     materialize(root)
+    _schedules[root] = steps
     return steps
+
+
+_schedules: weakref.WeakKeyDictionary[Node, list[Step]] = weakref.WeakKeyDictionary()
 
 
 def _region_step(node: Node, materialize: Callable[[Node], None]) -> Step:
@@ -408,36 +419,56 @@ def _region_step(node: Node, materialize: Callable[[Node], None]) -> Step:
         assert node.function is not None
         call = RegionCall(program, node.function.region.function, node.args, node.params)
         fused.append(node)
-        return Step("region", node, tuple(leaves), tuple(split), tuple(fused), call)
+        return _step("region", node, leaves, split, fused, call)
     if is_rowwise(node):
         outputs = (inline(node),)
-        function = ChunkFunction(Program((), ()), "rows")
-        kind = "elemwise"
+        kind, terminal, axis, accumulate = "elemwise", "rows", None, None
     elif node.op == "matmul":
         outputs = (inline(node.args[0]), inline(node.args[1]))
-        function = ChunkFunction(Program((), ()), "dot")
-        kind = "reduce"
+        kind, terminal, axis, accumulate = "reduce", "dot", None, None
     else:
         x = node.args[0]
         outputs = (inline(x),)
-        kind = "reduce"
-        accumulate = None
-        if node.params["kind"] == "mean":
-            accumulate = str(_mean_accumulator(x.dtype)) if _mean_accumulator(x.dtype) else None
-        function = ChunkFunction(
-            Program((), ()), node.params["kind"], node.params["axis"], accumulate
-        )
+        kind, terminal, axis = "reduce", node.params["kind"], node.params["axis"]
+        wide = _mean_accumulator(x.dtype) if terminal == "mean" else None
+        accumulate = str(wide) if wide is not None else None
     if kind == "reduce":
         fused.append(node)
-    program = Program(tuple(instructions), outputs)
-    return Step(
-        kind,
-        node,
-        tuple(leaves),
-        tuple(split),
-        tuple(fused),
-        dataclasses.replace(function, program=program),
-    )
+    function = ChunkFunction(Program(tuple(instructions), outputs), terminal, axis, accumulate)
+    return _step(kind, node, leaves, split, fused, function)
+
+
+def _step(
+    kind: str,
+    node: Node,
+    leaves: list[Node],
+    split: list[bool],
+    fused: list[Node],
+    function: ChunkFunction | RegionCall,
+) -> Step:
+    """A region step with the region that runs it (kept with the step across runs)."""
+    if isinstance(function, RegionCall):
+        assert node.function is not None
+        own = node.function.region
+        region = Region(
+            function,
+            combine=own.combine,
+            finalize=own.finalize,
+            chunks=own.chunks,
+            executor=own.executor,
+        )
+    elif kind == "elemwise":
+        region = Region(function)
+    elif function.terminal in ("sum", "dot"):
+        region = Region(function, combine=add)
+    elif function.terminal == "mean":
+        region = Region(function, combine=add, finalize=MeanFinalize(str(node.dtype)))
+    else:
+        region = Region(
+            function, combine=_combine_min if function.terminal == "min" else _combine_max
+        )
+    runner = RegionRunner(region)
+    return Step(kind, node, tuple(leaves), tuple(split), tuple(fused), function, runner)
 
 
 def _mean_accumulator(dtype: np.dtype[Any]) -> np.dtype[Any] | None:
@@ -509,14 +540,13 @@ def _prewarm(
 ) -> None:
     name = resolve_executor(executor)
     instance = executors.get(name, resolve_options(name))
-    warm = getattr(instance, "prewarm", None)
-    if warm is None or instance.costs().startup_s == 0:
-        return  # cannot pre-warm, or already warm
+    if not instance.can_prewarm or instance.is_warm():
+        return
     from lampy.lazy._cost import explain  # cost builds on this module
 
     count = explain(root, executor, chunks, submatrix).prewarm(name)
     if count > 0:
-        warm(count)
+        instance.prewarm(count)
 
 
 def run_step(
@@ -542,39 +572,12 @@ def run_step(
         return _run_blocks(step, leaves, executor, submatrix)
     if submatrix is not None:
         chunks = submatrix[0] * submatrix[1]
-    region = _region(step, executor, chunks)
-    arguments = [v if s else shared(v) for v, s in zip(leaves, step.split, strict=True)]
-    result = region(*arguments)
+    assert step.runner is not None
+    arguments = tuple(v if s else shared(v) for v, s in zip(leaves, step.split, strict=True))
+    result = step.runner.run(arguments, {}, executor, chunks)
     if step.kind == "region":
         _check_result(node, result)
     return result
-
-
-def _region(step: Step, executor: str | None, chunks: Chunks | None) -> ParallelFunction:
-    """The region that runs `step`; a region node's own decorator options win over run()'s."""
-    node, function = step.node, step.function
-    options: dict[str, Any] = {"chunks": chunks, "executor": executor}
-    if isinstance(function, RegionCall):
-        assert node.function is not None
-        own = node.function.region
-        return ParallelFunction(
-            Region(
-                function,
-                combine=own.combine,
-                finalize=own.finalize,
-                chunks=own.chunks if own.chunks is not None else chunks,
-                executor=own.executor or executor,
-            )
-        )
-    assert function is not None
-    if step.kind == "elemwise":
-        return elemwise(**options)(function)
-    if function.terminal in ("sum", "dot"):
-        return sum_region(**options)(function)
-    if function.terminal == "mean":
-        return sum_region(finalize=MeanFinalize(str(node.dtype)), **options)(function)
-    combine = _combine_min if function.terminal == "min" else _combine_max
-    return reduce_region(combine, **options)(function)
 
 
 def column_blocks(step: Step, leaves: list[Any], blocks: int) -> list[list[Any]]:
@@ -604,10 +607,12 @@ def _run_blocks(step: Step, leaves: list[Any], executor: str | None, blocks: Blo
     """r x c blocks: the column blocks run at once (threads, each with the caller's lampy
     settings), each as the step's region over r row chunks; joined along axis 1."""
     rows, columns = blocks
-    region = _region(step, executor, rows)
+    runner = step.runner
+    assert runner is not None
 
     def one(block: list[Any]) -> Any:
-        return region(*[v if s else shared(v) for v, s in zip(block, step.split, strict=True)])
+        arguments = tuple(v if s else shared(v) for v, s in zip(block, step.split, strict=True))
+        return runner.run(arguments, {}, executor, rows)
 
     parts = column_blocks(step, leaves, columns)
     context = contextvars.copy_context()

@@ -24,7 +24,8 @@ import numpy as np
 from lampy._errors import UnsupportedOperation, UsageError
 from lampy.lazy._array import LazyArray
 from lampy.lazy._graph import Node, schedule, walk
-from lampy.regions._region import ParallelFunction
+from lampy.regions._function import ParallelFunction
+from lampy.runtime._job import read
 from lampy.runtime.remote._reference import RemoteArray, remote
 
 INLINE_ELEMENTS = 1024
@@ -174,7 +175,7 @@ def save_graph(lazy: LazyArray, path: str | os.PathLike[str]) -> Path:
             record["data"] = n.data.tolist() if isinstance(n.data, np.ndarray) else None
         elif n.op == "source" and n.data is not None:
             name = f"{target.stem}.{i}.npy"
-            np.save(target.parent / name, n.data)
+            np.save(target.parent / name, read(n.data))
             record["npy"] = name
         records.append(record)
     target.write_text(json.dumps({"format": FORMAT, "nodes": records}, indent=1) + "\n")

@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 
 from lampy._errors import SplitLengthError, UnsplittableError
-from lampy.runtime._job import Job, Part, Placeholder, Rows, Whole, fill
-from lampy.runtime.remote._reference import RemoteArray, materialize
+from lampy.runtime._job import Job, Part, Rows, SplitArray, Whole, fill, is_row_source, read
 
 
 class Shared:
@@ -47,19 +46,15 @@ class Binding:
 
     args: tuple[Any, ...]  # the arguments with Part/Whole placeholders where arrays were
     kwargs: dict[str, Any]
-    split: tuple[np.ndarray | RemoteArray, ...]
+    split: tuple[SplitArray, ...]
     split_names: tuple[str, ...]
     whole: tuple[np.ndarray, ...]
     constants: tuple[tuple[str, Any], ...]
 
     @cached_property
     def direct(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The user's values (markers removed) for a plain call here; references read whole."""
-
-        def lookup(p: Placeholder) -> Any:
-            return materialize(self.split[p.index]) if isinstance(p, Part) else self.whole[p.index]
-
-        return fill(self.args, self.kwargs, lookup)
+        """The user's values (markers removed) for a plain call here; row sources read whole."""
+        return fill(self.args, self.kwargs, [read(a) for a in self.split], self.whole)
 
     @property
     def direct_args(self) -> tuple[Any, ...]:
@@ -75,16 +70,12 @@ class Binding:
 
     @property
     def row_bytes(self) -> int:
-        return sum(a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)) for a in self.split)
+        return sum(_row_bytes(a) for a in self.split)
 
     @property
     def sent_row_bytes(self) -> int:
         """Bytes per row an executor moves itself: references are read by the workers."""
-        return sum(
-            a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
-            for a in self.split
-            if isinstance(a, np.ndarray)
-        )
+        return sum(_row_bytes(a) for a in self.split if not is_row_source(a))
 
     @property
     def shapes(self) -> tuple[tuple[tuple[int, ...], str], ...]:
@@ -124,7 +115,7 @@ def bind(
 ) -> Binding:
     """Sort a call's arguments; raises TypeError as the function itself would for a bad call."""
     named = named_arguments(function, args, kwargs)
-    split: list[np.ndarray | RemoteArray] = []
+    split: list[SplitArray] = []
     split_names: list[str] = []
     whole: list[np.ndarray] = []
     constants: list[tuple[str, Any]] = []
@@ -134,7 +125,7 @@ def bind(
         marked = isinstance(value, Shared)
         value = value.value if isinstance(value, Shared) else value
         is_shared = marked or name.partition("[")[0] in shared_names
-        if isinstance(value, RemoteArray):
+        if is_row_source(value):
             if not is_shared:
                 split.append(value)
                 split_names.append(name)
@@ -205,7 +196,7 @@ def _rebuild(named: list[tuple[str, bool, Any]]) -> tuple[tuple[Any, ...], dict[
     return args, kwargs
 
 
-def _check_lengths(split: list[np.ndarray | RemoteArray], names: list[str]) -> None:
+def _check_lengths(split: list[SplitArray], names: list[str]) -> None:
     lengths = [a.shape[0] for a in split]
     if len(set(lengths)) > 1:
         described = ", ".join(
@@ -216,3 +207,7 @@ def _check_lengths(split: list[np.ndarray | RemoteArray], names: list[str]) -> N
             "needs whole must be marked shared: lampy.shared(x) at the call, or "
             "shared=('x',) on the decorator"
         )
+
+
+def _row_bytes(array: SplitArray) -> int:
+    return array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))

@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, overload
 
 from lampy._errors import OptionError
-from lampy.regions._region import ParallelFunction, Region
+from lampy.regions._function import ParallelFunction
+from lampy.regions._region import Region
 from lampy.runtime._combine import add
 from lampy.runtime._settings import Chunks
 

@@ -3,23 +3,66 @@
 Array arguments are replaced by placeholders in the argument template: `Part(i)` stands for the
 chunk's rows of split array i, `Whole(i)` for shared array i. Each executor decides how the
 arrays travel (in-process views, shared memory, frames over HTTP); the template stays the same.
-A split array may be a `RemoteArray` (lampy.remote): a reference whose rows each chunk reads itself.
+
+A split array may also be a `RowSource`: rows that whoever runs the chunk reads itself (a
+`lampy.remote` reference is one). The core knows only this protocol, never a transport.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from lampy.runtime._codec import dumps
-from lampy.runtime.remote._reference import RemoteArray, materialize
 
 Rows = tuple[int, int]
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """Rows of an array kept elsewhere: sliced by rows without reading, read by `fetch()`."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype[Any]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def __getitem__(self, rows: slice) -> Any: ...
+
+    def fetch(self) -> np.ndarray: ...
+
+
+SplitArray = np.ndarray | RowSource
+
+
+def is_row_source(value: object) -> bool:
+    """Whether `value` is rows to read later rather than data here (ndarrays are data)."""
+    return not isinstance(value, np.ndarray) and isinstance(value, RowSource)
+
+
+def read(value: SplitArray) -> np.ndarray:
+    """The array itself, or a row source's rows read."""
+    return value if isinstance(value, np.ndarray) else value.fetch()
+
+
+def aligned(array: Any) -> Any:
+    """An ndarray numpy calls aligned (a copy if needed); other values as they are.
+
+    Arrays decoded from a transport may sit at odd addresses in its buffers (Dask's do); numpy
+    runs other loops on unaligned data, which round differently from the caller's numpy.
+    """
+    if isinstance(array, np.ndarray) and not array.flags.aligned:
+        return array.copy()
+    return array
 
 
 @dataclass(frozen=True)
@@ -36,16 +79,18 @@ class Whole:
     index: int
 
 
-Placeholder = Part | Whole
-
-
 def fill(
-    args: tuple[Any, ...], kwargs: Mapping[str, Any], lookup: Callable[[Placeholder], Any]
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    split: Sequence[Any],
+    whole: Sequence[Any],
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Replace every top-level placeholder in an argument template by `lookup(placeholder)`."""
+    """The argument template with every top-level placeholder replaced by its value."""
 
     def one(value: Any) -> Any:
-        return lookup(value) if isinstance(value, Part | Whole) else value
+        if isinstance(value, Part):
+            return split[value.index]
+        return whole[value.index] if isinstance(value, Whole) else value
 
     return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
 
@@ -62,7 +107,7 @@ class Job:
     function: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
-    split: tuple[np.ndarray | RemoteArray, ...]
+    split: tuple[SplitArray, ...]
     whole: tuple[np.ndarray, ...]
     chunks: tuple[Rows, ...]
     #: Keep running the other chunks when one is lost to platform failures (partial answers);
@@ -80,17 +125,10 @@ class Job:
         """
         return chunk_label(self.first + chunk, self.first + len(self.chunks), self.chunks[chunk])
 
-    def arguments(self, chunk: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The chunk's arguments as in-process views of the caller's arrays (no copies);
-        references are read here, just the chunk's rows."""
+    def rows(self, chunk: int) -> tuple[SplitArray, ...]:
+        """The chunk's rows of each split array: views, or narrower row sources (nothing read)."""
         start, stop = self.chunks[chunk]
-
-        def lookup(p: Placeholder) -> Any:
-            if isinstance(p, Part):
-                return materialize(self.split[p.index][start:stop])
-            return self.whole[p.index]
-
-        return fill(self.args, self.kwargs, lookup)
+        return tuple(a[start:stop] for a in self.split)
 
     @cached_property
     def template(self) -> bytes:

@@ -22,7 +22,7 @@ from lampy._errors import (
     UsageError,
 )
 from lampy.lazy._graph import schedule
-from lampy.regions._region import ParallelFunction
+from lampy.regions._runner import RegionRunner
 from tests.conftest import assert_same
 from tests.lazy.test_lazy import Expr, both, expressions
 
@@ -113,10 +113,10 @@ def test_regions_over_random_trees_equal_numpy(
 
 
 def test_the_chain_feeding_a_region_runs_in_its_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[ParallelFunction] = []
-    original = ParallelFunction.__call__
+    calls: list[RegionRunner] = []
+    original = RegionRunner.run
 
-    def counting(self: ParallelFunction, *args: Any, **kwargs: Any) -> Any:
+    def counting(self: RegionRunner, *args: Any, **kwargs: Any) -> Any:
         calls.append(self)
         return original(self, *args, **kwargs)
 
@@ -126,7 +126,7 @@ def test_the_chain_feeding_a_region_runs_in_its_chunks(monkeypatch: pytest.Monke
     assert [(s.kind, [n.label() for n in s.fused]) for s in steps] == [
         ("region", ["exp", "add", "elemwise project"])
     ]
-    monkeypatch.setattr(ParallelFunction, "__call__", counting)
+    monkeypatch.setattr(RegionRunner, "run", counting)
     assert_same(node.run(executor="inline", chunks=2), np.tanh((np.exp(X) + Y) @ W))
     assert len(calls) == 1  # one region call: the fused chain rides along
 

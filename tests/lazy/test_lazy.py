@@ -13,10 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lampy
 import lampy.lazy as lazy
 from lampy._errors import ShapeError, UnsupportedOperation, UsageError
 from lampy.lazy._graph import schedule
-from lampy.regions._region import ParallelFunction
+from lampy.regions import _runner as runner_module
+from lampy.regions._runner import RegionRunner
 from tests.conftest import assert_same
 
 RNG = np.random.default_rng(0)
@@ -96,14 +98,14 @@ def test_random_reductions_equal_numpy(executor: str, expr: Expr, kind: str, axi
 
 
 def test_seeds_example_fuses_into_one_region(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[ParallelFunction] = []
-    original = ParallelFunction.__call__
+    calls: list[RegionRunner] = []
+    original = RegionRunner.run
 
-    def counting(self: ParallelFunction, *args: Any, **kwargs: Any) -> Any:
+    def counting(self: RegionRunner, *args: Any, **kwargs: Any) -> Any:
         calls.append(self)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(ParallelFunction, "__call__", counting)
+    monkeypatch.setattr(RegionRunner, "run", counting)
     a, b, d = (lazy.array(DATA[k]) for k in ("a", "b", "row"))
     c = np.exp(a + b + d) * 2 - np.sqrt(np.abs(a))
     steps = schedule(c.node)
@@ -112,6 +114,7 @@ def test_seeds_example_fuses_into_one_region(monkeypatch: pytest.MonkeyPatch) ->
     assert region.split == (True, True, False)  # the row vector is shared, not split
     assert_same(c.run(executor="inline", chunks=3), np.asarray(c.run(executor="inline")))
     assert len(calls) == 2  # one region call per run, however long the chain
+    assert calls[0] is calls[1]  # the same step's runner both times: its plans are kept
 
 
 def test_reduction_fuses_its_elementwise_input() -> None:
@@ -276,3 +279,25 @@ def test_calibrate_caches_constants(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     measured = lazy.calibrate(elements=1 << 12, repeats=1)
     assert set(measured) == set(cost.DEFAULTS)
     assert cost.constants() == measured
+
+
+def test_a_lazy_reduction_stops_probing_once_its_executor_is_warm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The graph keeps its steps' runners across runs, so once the pool is warm the auto plan
+    is kept and later runs time no probe (as a decorated function's repeated calls do)."""
+    probes: list[int] = []
+    original = runner_module._timed
+
+    def timed(job: Any, chunk: int) -> Any:
+        probes.append(chunk)
+        return original(job, chunk)
+
+    monkeypatch.setattr(runner_module, "_timed", timed)
+    x = lazy.array(np.random.default_rng(5).standard_normal((200_000, 4)))
+    total = np.exp(x).sum(axis=0)
+    with lampy.using(executor="local"):
+        for _ in range(3):
+            before = len(probes)
+            assert_same(total.run(), np.exp(np.asarray(x.run())).sum(axis=0), exact=False)
+    assert probes and len(probes) - before == 0, probes

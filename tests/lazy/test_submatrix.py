@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import lampy.lazy as lazy
 from lampy._errors import OptionError
 from lampy.lazy._graph import schedule
-from lampy.regions._region import ParallelFunction
+from lampy.regions._runner import RegionRunner
 from tests.conftest import assert_same
 from tests.lazy.test_lazy import DATA, Expr, both, expressions
 
@@ -31,13 +31,13 @@ def test_random_trees_by_blocks_are_bit_identical(
 def _spy(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, ...]]]:
     """Each region call's array argument shapes, as the region received them."""
     calls: list[list[tuple[int, ...]]] = []
-    original = ParallelFunction.__call__
+    original = RegionRunner.run
 
-    def spying(self: ParallelFunction, *args: Any, **kwargs: Any) -> Any:
+    def spying(self: RegionRunner, args: tuple[Any, ...], *rest: Any, **kwargs: Any) -> Any:
         calls.append([np.shape(getattr(a, "value", a)) for a in args])
-        return original(self, *args, **kwargs)
+        return original(self, args, *rest, **kwargs)
 
-    monkeypatch.setattr(ParallelFunction, "__call__", spying)
+    monkeypatch.setattr(RegionRunner, "run", spying)
     return calls
 
 

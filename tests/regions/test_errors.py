@@ -87,7 +87,7 @@ def test_unknown_executor_lists_the_known_ones(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_unknown_executor_option() -> None:
-    expected = "no option 'url'; its options: timeout, workers"
+    expected = "no option 'url'; its options: attempts, timeout, workers"
     with pytest.raises(lampy.OptionError, match=expected), lampy.using(executor="local", url="x"):
         lampy.elemwise(add, chunks=2)(np.zeros(2), np.zeros(2))
 

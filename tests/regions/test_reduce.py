@@ -82,10 +82,10 @@ def test_auto_plan_is_kept_for_repeated_calls_on_a_started_pool() -> None:
     f = lampy.sum(executor="local")(moments)
     x = np.random.default_rng(5).random((20_000, 8))
     first = f(x)
-    plans = list(f._plans.values())
+    plans = list(f.runner._plans.values())
     assert len(plans) == 1
     for _ in range(3):
         assert_same(f(x), first)  # bit for bit: the same chunks every time
-    assert list(f._plans.values()) == plans
+    assert list(f.runner._plans.values()) == plans
     assert f.explain(x) == plans[0]
-    assert cloudpickle.loads(cloudpickle.dumps(f))._plans == {}
+    assert cloudpickle.loads(cloudpickle.dumps(f)).runner._plans == {}

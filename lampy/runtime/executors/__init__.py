@@ -1,19 +1,23 @@
 """The executor registry: names to executor classes, loaded on first use.
 
-An executor is one module plus one line here: its "module:Class" path, imported only when the
-executor is first asked for, so its dependencies load only then. One instance is kept per
-(name, options), so a local pool or an HTTP session is reused across calls.
+An executor is one module plus one registration: its "module:Class" path, imported only when
+the executor is first asked for, so its dependencies load only then. lampy's own are registered
+below; users add theirs with `lampy.register_executor`. One instance is kept per (name,
+options), so a local pool or an HTTP session is reused across calls.
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib
+import re
 import threading
 from typing import Any
 
-from lampy._errors import LampyError, UnknownExecutorError
+from lampy._errors import LampyError, OptionError, UnknownExecutorError
 from lampy.runtime.executors._base import Executor
+
+__all__ = ["Executor", "check_name", "executor_class", "get", "names", "register", "shutdown"]
 
 _REGISTRY: dict[str, str | type[Executor]] = {
     "inline": "lampy.runtime.executors._inline:InlineExecutor",
@@ -21,6 +25,47 @@ _REGISTRY: dict[str, str | type[Executor]] = {
     "openlambda": "lampy.runtime.openlambda._executor:OpenLambdaExecutor",
     "dask": "lampy.runtime.executors._dask:DaskExecutor",
 }
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def register(name: str, target: str | type[Executor]) -> None:
+    """Make an executor available by name: `target` is its class, or "module:Class" to import
+    on first use (so its dependencies load only then). Registering a name again replaces it.
+
+    >>> register("mine", "lampy.runtime.executors._inline:InlineExecutor")
+    >>> "mine" in names()
+    True
+    >>> unregister("mine")
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise OptionError(
+            f"an executor name is lowercase letters, digits and _, starting with a letter; "
+            f"got {name!r}"
+        )
+    if isinstance(target, str):
+        if not _TARGET.match(target):
+            raise OptionError(
+                f"register {name!r}: give 'module:Class' or the class; got {target!r}"
+            )
+    elif not (isinstance(target, type) and issubclass(target, Executor)):
+        raise OptionError(
+            f"register {name!r}: the class must subclass lampy.Executor; got {target!r}"
+        )
+    with _lock:
+        _REGISTRY[name] = target
+        for key in [k for k in _instances if k[0] == name]:
+            _instances.pop(key).close()
+
+
+def unregister(name: str) -> None:
+    """Forget an executor registered by name (closing its instances)."""
+    with _lock:
+        _REGISTRY.pop(check_name(name))
+        for key in [k for k in _instances if k[0] == name]:
+            _instances.pop(key).close()
+
+
 _instances: dict[tuple[str, tuple[tuple[str, Any], ...]], Executor] = {}
 _lock = threading.Lock()
 
@@ -45,7 +90,10 @@ def executor_class(name: str) -> type[Executor]:
             target = getattr(importlib.import_module(module), attr)
         except ImportError as exc:
             raise LampyError(f"the {name} executor cannot load: {exc}") from exc
-        assert isinstance(target, type) and issubclass(target, Executor)
+        except AttributeError:
+            raise LampyError(f"the {name} executor cannot load: {module} has no {attr}") from None
+        if not (isinstance(target, type) and issubclass(target, Executor)):
+            raise LampyError(f"the {name} executor: {target!r} is not a lampy.Executor subclass")
         _REGISTRY[name] = target
     return target
 

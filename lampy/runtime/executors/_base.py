@@ -1,15 +1,16 @@
 """The executor interface: where the chunks of a job run.
 
-An executor gets a `Job` and returns the chunks' outcomes by chunk index. A failed chunk is an
-outcome, not a raise, so the caller decides how to report it:
-- a user exception is the outcome's `error`, with the remote traceback;
-- a chunk lost to the platform (a dead worker, a timeout, a refused call) is retried up to the
-  executor's budget and then becomes an outcome whose `error` is a `RetriesExhausted` (an
-  `ExecutionError`) naming the chunk with `job.label(chunk)` and every attempt's cause.
-The executor may stop at the first failed chunk (the outcomes are then incomplete but include
-it); with `job.keep_going` it runs every chunk that is not a user error, for partial answers.
-Failures of the executor as a whole (unreachable, refused credentials) are raised.
-Executors never look inside regions.
+An executor gets a `Job` and returns the chunks' outcomes by chunk index. It starts chunks on
+its workers, where `run_task` (the worker side) runs them, and reports how each attempt ended
+to a `ChunkScheduler`, which owns the rules every executor shares: a user exception is the
+chunk's outcome (never retried); a chunk lost to the platform runs again up to the attempt
+budget, then its outcome is a `RetriesExhausted`; the job stops at the first failed chunk
+unless `job.keep_going`. Failures of the executor as a whole (unreachable, refused
+credentials) are raised. Executors never look inside regions.
+
+What an executor can do beyond running jobs it declares here, rather than being probed:
+`can_prewarm` (then `prewarm(n)` works), `result_sink` (where elemwise results are joined, if
+not in memory), `is_warm()` (whether a call now pays no start-up).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from lampy._errors import OptionError
+from lampy._errors import OptionError, UsageError
+from lampy.runtime._combine import Destination
 from lampy.runtime._job import Job
 from lampy.runtime._plan import Costs
 from lampy.runtime._worker_side import Outcome
@@ -30,6 +32,8 @@ class Executor(ABC):
     name: ClassVar[str]
     #: Whether the function and arguments leave the process (so must pickle).
     needs_pickle: ClassVar[bool] = True
+    #: Whether `prewarm(n)` can start workers ahead of a fan-out.
+    can_prewarm: ClassVar[bool] = False
     #: Option names the constructor takes, with their types (used to parse env strings).
     option_types: ClassVar[Mapping[str, type]] = {}
 
@@ -63,6 +67,19 @@ class Executor(ABC):
 
     def start(self) -> None:  # noqa: B027 (executors without start-up cost have nothing to do)
         """Begin starting workers without waiting, so a later call finds them warm."""
+
+    def is_warm(self) -> bool:
+        """Whether a call now pays no start-up (so an auto plan made now holds for later)."""
+        return True
+
+    @property
+    def result_sink(self) -> Destination | None:
+        """Where elemwise results are joined when not into memory (an executor option)."""
+        return None
+
+    def prewarm(self, n: int) -> int:
+        """Start `n` workers ahead of a fan-out; returns how many answered."""
+        raise UsageError(f"the {self.name} executor cannot pre-warm workers")
 
     def close(self) -> None:  # noqa: B027 (most executors hold nothing to release)
         """Release workers and connections; the executor may be used again afterwards."""

@@ -29,8 +29,8 @@ from __future__ import annotations
 import socket
 import threading
 import traceback
-from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import CancelledError
 from typing import Any
 
@@ -44,28 +44,29 @@ except ImportError as exc:  # the registry turns this into "the dask executor ca
         f"dask.distributed is not installed ({exc}); install it with: pip install 'lampy[dask]'"
     ) from exc
 
-from lampy._errors import ExecutionError, OptionError, RetriesExhausted
+from lampy._errors import ExecutionError, OptionError
 from lampy.runtime._codec import dumps_out_of_band, loads
-from lampy.runtime._job import Job, Part, Placeholder
+from lampy.runtime._job import Job, aligned
 from lampy.runtime._plan import Costs
-from lampy.runtime._worker_side import Outcome, run_filled
+from lampy.runtime._scheduler import ATTEMPTS, ChunkScheduler, check_attempts
+from lampy.runtime._tree import map_leaves
+from lampy.runtime._worker_side import Outcome, Templates, run_task
 from lampy.runtime.executors._base import Executor
-from lampy.runtime.remote._reference import materialize
 
-ATTEMPTS = 3  # per chunk, as the local pool's MAX_ATTEMPTS
 CONNECT_TIMEOUT_S = 10.0
 # Measured by bench/bench_overheads.py against a 2-worker LocalCluster on the reference machine
 # (a busy one: other jobs shared its 2 cores), so "auto" fans out to Dask only for heavy work.
 SECONDS_PER_BYTE = 1 / 4.6e8  # scattered to a worker over TCP, and back
 SECONDS_PER_CHUNK = 3.6e-3  # one task through the scheduler and back
-JOBS_KEPT = 4  # unpickled templates a worker keeps
 DEPTH = 16  # chunk tasks per worker thread at a time (one running): hides the round trip
 WORKER_WAIT_S = 60.0  # for a worker to come back when every worker has left
 
-Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 Pickled = tuple[bytes, list[memoryview]]  # a chunk's value from dumps_out_of_band
-_calls: OrderedDict[str, Call | Outcome] = OrderedDict()  # on a worker: job id -> template
-_calls_lock = threading.Lock()
+_templates = Templates()  # on a worker: the jobs it has seen
+ADVICE = (
+    "A worker killed by SIGKILL is often the out-of-memory killer: ask for more chunks "
+    "(chunks=N) or give the workers more memory."
+)
 _LOST_DATA = (
     "its task was cancelled: the Dask worker holding the chunk's rows left the cluster "
     "(killed, out of memory, or restarted by its nanny)"
@@ -98,13 +99,12 @@ class DaskExecutor(Executor):
             raise OptionError(
                 f"give the dask executor address= or client=, not both (address={address!r})"
             )
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise OptionError(f"attempts must be a positive int; got {attempts!r}")
         if not connect_timeout > 0:
             raise OptionError(f"connect_timeout must be seconds > 0; got {connect_timeout!r}")
         if address is not None:
             _check_address(address)
-        self.address, self.attempts, self.connect_timeout = address, attempts, connect_timeout
+        self.address, self.connect_timeout = address, connect_timeout
+        self.attempts = check_attempts(attempts)
         self._given = client
         self._own: distributed.Client | None = None
         self._lock = threading.Lock()
@@ -188,11 +188,11 @@ class _Run:
     """
 
     def __init__(self, client: distributed.Client, job: Job, attempts: int) -> None:
-        self.client, self.job, self.attempts = client, job, attempts
+        self.client, self.job = client, job
+        self.scheduler = ChunkScheduler(job, attempts, ADVICE)
         self.prefix = f"lampy-{getattr(job.function, '__name__', 'chunk')}-{job.id}"
         self.shared: list[Future[Any]] = []
         self.tasks: dict[Future[Any], tuple[int, str]] = {}  # -> chunk, the worker running it
-        self.causes: dict[int, list[str]] = {}
         self.sent: dict[int, int] = {}  # chunk -> submissions so far (unique task keys)
         self.threads: dict[str, int] = {}  # live worker -> threads
         self.inflight: dict[str, set[Future[Any]]] = {}  # worker -> its tasks not answered
@@ -202,24 +202,19 @@ class _Run:
         self.gone: set[str] = set()
 
     def go(self) -> dict[int, Outcome]:
-        done: dict[int, Outcome] = {}
-        self._scatter(list(range(len(self.job.chunks))))
+        scheduler = self.scheduler
+        self._scatter(list(iter(scheduler.next, None)))
         pending = as_completed(loop=self.client.loop, with_results=True, raise_errors=False)
         try:
             pending.update(self._submit())
             for batch in pending.batches():
                 for future, result in batch:
-                    chunk, _ = self.tasks[future]
-                    outcome = self._outcome(future, result, chunk)
-                    if outcome is None:  # lost with its worker: a suspect, to run alone
-                        self.suspects.append(chunk)
-                        continue
-                    done[chunk] = outcome
-                    lost = isinstance(outcome.error, RetriesExhausted)
-                    if outcome.error is not None and not (lost and self.job.keep_going):
-                        return done
+                    self._settle(future, result)
+                    self.suspects.extend(iter(scheduler.next, None))  # lost: to run alone
+                    if scheduler.done:
+                        return scheduler.outcomes
                 pending.update(self._submit())
-            return done
+            return scheduler.outcomes
         finally:
             if self.tasks:
                 self.client.cancel(list(self.tasks))
@@ -241,7 +236,7 @@ class _Run:
             self.waiting[worker].extend(zip(mine, parts, strict=True))
 
     def _rows_to(self, worker: str, chunks: list[int]) -> list[Future[Any]] | None:
-        rows = [tuple(a[slice(*self.job.chunks[c])] for a in self.job.split) for c in chunks]
+        rows = [self.job.rows(c) for c in chunks]
         try:
             parts: list[Future[Any]] = self.client.scatter(rows, workers=[worker], hash=False)
         except KeyError:  # the scheduler no longer knows this worker: it just left
@@ -336,56 +331,49 @@ class _Run:
             chunks = [c for c, _ in self.waiting.pop(worker)]  # their rows left with it
             self._scatter(chunks)
 
-    def _outcome(self, future: Future[Any], result: Any, chunk: int) -> Outcome | None:
-        """The chunk's outcome; None when it is to run again, alone (see the class).
+    def _settle(self, future: Future[Any], result: Any) -> None:
+        """Tell the scheduler how this task ended (see the class for lost workers).
 
         `result` is what as_completed gathered: the chunk's error Outcome or pickled value, a
         CancelledError, or for a task that raised, (type, exception, traceback).
         """
-        _, worker = self.tasks.pop(future)
+        chunk, worker = self.tasks.pop(future)
         self.inflight.get(worker, set()).discard(future)
         ran_alone = self.alone.get(worker) is future
         if ran_alone:
             del self.alone[worker]
         if future.status == "finished":
-            if isinstance(result, Outcome):
-                return result
-            payload, buffers = result
-            try:
-                return Outcome(value=loads(payload, buffers))
-            except Exception as exc:  # e.g. a class the worker has and this process has not
-                return Outcome(error=exc, traceback=traceback.format_exc())
+            self.scheduler.finished(chunk, _decoded(result), 0.0)
+            return
         error = result if isinstance(result, BaseException) else result[1]
         if isinstance(error, distributed.KilledWorker):  # Dask gave up after its own retries
-            cause = f"KilledWorker: {error}"
+            self.scheduler.failed(chunk, f"KilledWorker: {error}")
         elif isinstance(error, CancelledError):
             if worker not in self.gone and worker not in self.client.nthreads():
                 self.gone.add(worker)
                 self.threads = {}
-            if not ran_alone:
-                return None  # lost among others: not charged, run alone next
-            cause = _LOST_DATA
+            if ran_alone:
+                self.scheduler.failed(chunk, _LOST_DATA)
+            else:
+                self.scheduler.again(chunk)  # lost among others: not charged, run alone next
         else:
             raise ExecutionError(
                 f"{self.job.label(chunk)}: a Dask worker could not run lampy's task "
                 f"({type(error).__name__}: {error}). Are lampy, numpy and cloudpickle installed "
                 "on the workers, at the versions used here?"
             ) from error
-        causes = self.causes.setdefault(chunk, [])
-        causes.append(cause)
-        if len(causes) < self.attempts:
-            return None
-        tried = "\n".join(f"  attempt {i}: {c}" for i, c in enumerate(causes, 1))
-        lost = RetriesExhausted(
-            f"{self.job.label(chunk)} lost its Dask worker on all {len(causes)} attempts:\n"
-            f"{tried}\nA worker killed by SIGKILL is often the out-of-memory killer: ask for "
-            "more chunks (chunks=N) or give the workers more memory.",
-            chunk=self.job.first + chunk,
-            rows=self.job.chunks[chunk],
-            causes=tuple(causes),
-        )
-        lost.__cause__ = error
-        return Outcome(error=lost)
+
+
+def _decoded(result: Outcome | Pickled) -> Outcome:
+    """A finished task's outcome; arrays aligned (Dask's buffers may leave them at odd
+    addresses, where numpy rounds differently)."""
+    if isinstance(result, Outcome):
+        return result
+    payload, buffers = result
+    try:
+        return Outcome(value=map_leaves(loads(payload, buffers), aligned))
+    except Exception as exc:  # e.g. a class the worker has and this process has not
+        return Outcome(error=exc, traceback=traceback.format_exc())
 
 
 def _run_on_worker(
@@ -397,39 +385,13 @@ def _run_on_worker(
     an object holding arrays turns big-endian arrays native) and its array bytes still travel
     out of band, as memoryviews Dask sends without copying.
     """
-    call = _load(job_id, template)
-    if isinstance(call, Outcome):
-        return call
-    function, args, kwargs = call
+    outcome = run_task(_templates.load(job_id, template).call, parts, whole, _encode)
+    return outcome if outcome.error is not None else outcome.value
 
-    def lookup(p: Placeholder) -> Any:  # a reference's rows (lampy.remote) are read here
-        return materialize(parts[p.index]) if isinstance(p, Part) else whole[p.index]
 
-    outcome = run_filled(function, args, kwargs, lookup)
-    if outcome.error is not None:
-        return outcome.portable()
-    try:  # pickled here: a value that cannot travel is the chunk's error, not Dask's
-        payload, buffers = dumps_out_of_band(outcome.value)
-    except Exception as exc:
-        return Outcome(error=exc, traceback=traceback.format_exc()).portable()
+def _encode(value: Any) -> Pickled:
+    payload, buffers = dumps_out_of_band(value)
     return payload, [buffer.raw() for buffer in buffers]
-
-
-def _load(job_id: str, template: bytes) -> Call | Outcome:
-    """The job's (function, args, kwargs), unpickled once per worker, or the error it raised."""
-    with _calls_lock:
-        if job_id in _calls:
-            _calls.move_to_end(job_id)
-            return _calls[job_id]
-    try:
-        call: Call | Outcome = loads(template)
-    except Exception as exc:
-        call = Outcome(error=exc, traceback=traceback.format_exc()).portable()
-    with _calls_lock:
-        _calls[job_id] = call
-        while len(_calls) > JOBS_KEPT:
-            _calls.popitem(last=False)
-    return call
 
 
 def _check_address(address: str) -> None:

@@ -5,9 +5,12 @@ It is the reference semantics every other executor must match, and it needs no s
 
 from __future__ import annotations
 
+import time
+
 from lampy.runtime._job import Job
 from lampy.runtime._plan import Costs
-from lampy.runtime._worker_side import Outcome, run_chunk
+from lampy.runtime._scheduler import ChunkScheduler
+from lampy.runtime._worker_side import Outcome, run_task
 from lampy.runtime.executors._base import Executor
 
 
@@ -19,9 +22,10 @@ class InlineExecutor(Executor):
         return Costs(workers=1)
 
     def run(self, job: Job) -> dict[int, Outcome]:
-        outcomes = {}
-        for chunk in range(len(job.chunks)):
-            outcomes[chunk] = run_chunk(job.function, *job.arguments(chunk))
-            if outcomes[chunk].error is not None:
-                break
-        return outcomes
+        call = (job.function, job.args, dict(job.kwargs))
+        scheduler = ChunkScheduler(job)
+        while (chunk := scheduler.next()) is not None:
+            scheduler.start(chunk, time.monotonic())
+            outcome = run_task(call, job.rows(chunk), job.whole)
+            scheduler.finished(chunk, outcome, time.monotonic())
+        return scheduler.outcomes

@@ -6,7 +6,7 @@ maps only its chunk's rows. Large results come back in shared memory too and are
 References (lampy.remote) are not copied in: each worker reads, or maps from a local file, its
 own rows.
 A worker that dies, or runs a chunk longer than `timeout` seconds (it is then killed), is replaced
-and its chunk retried, up to `MAX_ATTEMPTS` times; then the chunk is lost (`RetriesExhausted`).
+and its chunk retried as the chunk scheduler says (`attempts`); then the chunk is lost.
 
 Workers are fresh interpreters (`python -m lampy.runtime.executors._local_worker`), not forks, so
 a script without an `if __name__ == "__main__"` guard is never re-imported by the pool, and no
@@ -23,24 +23,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 import numpy as np
 
-from lampy._errors import OptionError, RemoteError, RetriesExhausted, WorkerLost
+from lampy._errors import OptionError, RemoteError, WorkerLost
 from lampy.runtime._codec import loads
-from lampy.runtime._job import Job
+from lampy.runtime._job import Job, SplitArray, is_row_source
 from lampy.runtime._plan import Costs
+from lampy.runtime._scheduler import ATTEMPTS, ChunkScheduler, check_attempts
 from lampy.runtime._shm import anonymous_file, layout_of, load_from_file
-from lampy.runtime._worker_side import Outcome
+from lampy.runtime._worker_side import TEMPLATES_KEPT, Outcome
 from lampy.runtime.executors._base import Executor
-from lampy.runtime.executors._local_worker import JOBS_KEPT, ArrayRef
-from lampy.runtime.remote._reference import RemoteArray
+from lampy.runtime.executors._local_worker import ArrayRef
 
-MAX_ATTEMPTS = 3
 TIMEOUT_S = 3600.0  # per chunk by default: bounds a hung chunk, spares any sane long one
 # Measured by bench/bench_overheads.py on the 2-core reference machine.
 STARTUP_S = 0.17  # starting the pool: interpreters importing numpy, in parallel
@@ -48,6 +47,10 @@ SECONDS_PER_BYTE = 1 / 6.5e9  # into the arena and mapped by a worker
 SECONDS_PER_RESULT_BYTE = 1 / 1.4e9  # written to fresh shared memory, then joined (copy row)
 SECONDS_PER_CHUNK = 1.1e-4  # one chunk's messages and scheduling
 ARENA_KEPT_BYTES = 1 << 30  # a larger arena is released after its job instead of reused
+ADVICE = (
+    "A worker killed by SIGKILL is often the out-of-memory killer: ask for more chunks "
+    "(chunks=N). A chunk that needs more time: lampy.using(executor='local', timeout=...)."
+)
 
 
 def available_cpus() -> int:
@@ -65,9 +68,9 @@ class _Arena:
         self.size = 0
         self.map: mmap.mmap | None = None
 
-    def place(self, arrays: tuple[np.ndarray | RemoteArray, ...]) -> list[ArrayRef]:
-        """Copy the arrays in; references stay references (each worker reads its own rows)."""
-        layout, total = layout_of([a.nbytes if isinstance(a, np.ndarray) else 0 for a in arrays])
+    def place(self, arrays: tuple[SplitArray, ...]) -> list[ArrayRef]:
+        """Copy the arrays in; row sources stay as they are (each worker reads its own rows)."""
+        layout, total = layout_of([0 if is_row_source(a) else a.nbytes for a in arrays])
         if self.fd is None or total > self.size:
             self.release()
             self.size = max(total, mmap.ALLOCATIONGRANULARITY)
@@ -76,7 +79,7 @@ class _Arena:
             self.id += 1
         refs: list[ArrayRef] = []
         for (offset, _), array in zip(layout, arrays, strict=True):
-            if isinstance(array, RemoteArray):
+            if not isinstance(array, np.ndarray):
                 refs.append(array)
                 continue
             target: np.ndarray = np.ndarray(
@@ -112,8 +115,9 @@ class _Worker:
                 stdin=subprocess.DEVNULL,
             )
         self.conn = Connection(ours.detach())
+        self.ready = False  # its imports are done: a chunk's clock starts only then
         self.arena_id = 0
-        self.jobs: deque[str] = deque(maxlen=JOBS_KEPT)
+        self.jobs: deque[str] = deque(maxlen=TEMPLATES_KEPT)
         self.conn.send(("path", sys.path))
 
     def send(
@@ -129,8 +133,12 @@ class _Worker:
             self.jobs.append(job.id)
         self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk]))
 
-    def receive(self) -> Outcome:
+    def receive(self) -> Outcome | None:
+        """The chunk's outcome, or None for the worker's "ready" message."""
         message = self.conn.recv()
+        if message[0] == "ready":
+            self.ready = True
+            return None
         if message[0] == "ok":
             _, _, payload, layout = message
             fd = recv_handle(self.conn) if layout else None
@@ -168,9 +176,11 @@ class _Worker:
 
 class LocalExecutor(Executor):
     name = "local"
-    option_types = {"workers": int, "timeout": float}
+    option_types = {"workers": int, "timeout": float, "attempts": int}
 
-    def __init__(self, workers: int | None = None, timeout: float = TIMEOUT_S) -> None:
+    def __init__(
+        self, workers: int | None = None, timeout: float = TIMEOUT_S, attempts: int = ATTEMPTS
+    ) -> None:
         if workers is not None and (isinstance(workers, bool) or workers < 1):
             raise OptionError(f"workers must be a positive int; got {workers!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
@@ -179,6 +189,7 @@ class LocalExecutor(Executor):
             )
         self.size = workers or available_cpus()
         self.timeout = float(timeout)
+        self.attempts = check_attempts(attempts)
         self._workers: list[_Worker] = []
         self._arena = _Arena()
         self._lock = threading.Lock()
@@ -238,72 +249,55 @@ class LocalExecutor(Executor):
     def _dispatch(
         self, job: Job, split: list[ArrayRef], whole: list[ArrayRef]
     ) -> dict[int, Outcome]:
-        todo = deque(range(len(job.chunks)))
-        causes: defaultdict[int, list[WorkerLost]] = defaultdict(list)
-        done: dict[int, Outcome] = {}
+        """Keep every worker busy; a worker that dies or passes its chunk's deadline is
+        replaced and the scheduler decides whether its chunk runs again."""
+        scheduler = ChunkScheduler(job, self.attempts, ADVICE)
         idle = list(self._workers)
         busy: dict[Any, tuple[_Worker, int, float]] = {}  # conn -> worker, chunk, deadline
         try:
-            while todo or busy:
-                while todo and idle:
-                    worker, chunk = idle.pop(), todo.popleft()
+            while not scheduler.done:
+                while idle and (chunk := scheduler.next()) is not None:
+                    worker = idle.pop()
                     try:
                         worker.send(job, chunk, self._arena, split, whole)
-                        busy[worker.conn] = (worker, chunk, time.monotonic() + self.timeout)
                     except OSError:  # died while idle: replace it; the chunk never ran
                         idle.append(self._replace(worker))
-                        todo.appendleft(chunk)
+                        scheduler.again(chunk)
+                        continue
+                    scheduler.start(chunk, time.monotonic())
+                    busy[worker.conn] = (worker, chunk, self._deadline(worker))
                 wake = min(deadline for _, _, deadline in busy.values()) - time.monotonic()
                 ready = wait(list(busy), timeout=max(0.0, wake) if wake < 86400 else None)
                 now = time.monotonic()
                 expired = [] if ready else [c for c, (_, _, end) in busy.items() if end <= now]
-                for conn in [*ready, *expired]:
+                for conn in ready:
                     worker, chunk, _ = busy.pop(conn)
-                    outcome = self._collect(worker, expired=conn in expired)
-                    if outcome is None:  # the worker died or hung: replaced, chunk retried
-                        status = self._timed_out(worker) if expired else worker.exit_status()
+                    try:
+                        outcome = worker.receive()
+                    except (EOFError, OSError):
                         idle.append(self._replace(worker))
-                        causes[chunk].append(WorkerLost(f"worker pid {worker.pid} {status}"))
-                        if len(causes[chunk]) < MAX_ATTEMPTS:
-                            todo.appendleft(chunk)
-                            continue
-                        outcome = Outcome(error=_lost(job, chunk, causes[chunk]))
-                    else:
-                        idle.append(worker)
-                    done[chunk] = outcome
-                    lost = isinstance(outcome.error, RetriesExhausted)
-                    if outcome.error is not None and not (lost and job.keep_going):
-                        return done
-            return done
+                        scheduler.failed(
+                            chunk, WorkerLost(f"worker pid {worker.pid} {worker.exit_status()}")
+                        )
+                        continue
+                    if outcome is None:  # "ready": the chunk's clock starts now
+                        busy[conn] = (worker, chunk, self._deadline(worker))
+                        continue
+                    idle.append(worker)
+                    scheduler.finished(chunk, outcome, now)
+                for conn in expired:
+                    worker, chunk, _ = busy.pop(conn)
+                    worker.process.kill()
+                    idle.append(self._replace(worker))
+                    why = (
+                        f"did not finish the chunk within timeout={self.timeout:g}s and was killed"
+                    )
+                    scheduler.failed(chunk, WorkerLost(f"worker pid {worker.pid} {why}"))
+            return scheduler.outcomes
         finally:
             for worker, _, _ in busy.values():  # abandoned mid-chunk: their state is unknown
                 self._replace(worker)
 
-    @staticmethod
-    def _collect(worker: _Worker, expired: bool) -> Outcome | None:
-        """The chunk's outcome, or None when its worker died or is past its deadline."""
-        if expired:
-            return None
-        try:
-            return worker.receive()
-        except (EOFError, OSError):
-            return None
-
-    def _timed_out(self, worker: _Worker) -> str:
-        worker.process.kill()
-        return f"did not finish the chunk within timeout={self.timeout:g}s and was killed"
-
-
-def _lost(job: Job, chunk: int, causes: list[WorkerLost]) -> RetriesExhausted:
-    """The error of a chunk whose worker died or hung on every attempt."""
-    tried = "\n".join(f"  attempt {i}: {cause}" for i, cause in enumerate(causes, 1))
-    error = RetriesExhausted(
-        f"{job.label(chunk)} lost its worker process on all {len(causes)} attempts:\n{tried}\n"
-        "A worker killed by SIGKILL is often the out-of-memory killer: ask for more chunks "
-        "(chunks=N). A chunk that needs more time: lampy.using(executor='local', timeout=...).",
-        chunk=job.first + chunk,
-        rows=job.chunks[chunk],
-        causes=tuple(str(c) for c in causes),
-    )
-    error.__cause__ = causes[-1]
-    return error
+    def _deadline(self, worker: _Worker) -> float:
+        """When a chunk just sent to `worker` is overdue (never, until the worker is ready)."""
+        return time.monotonic() + self.timeout if worker.ready else float("inf")

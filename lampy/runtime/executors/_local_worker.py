@@ -1,7 +1,7 @@
 """A local worker process: receives jobs and chunks over a Unix socket and runs them.
 
-Started by the local executor as `python -m lampy.runtime.executors._local_worker FD`, where FD is
-its end of a socket pair. Messages (pickled, over a private socket):
+Started by the local executor as `python -m lampy.runtime.executors._local_worker FD`, where FD
+is its end of a socket pair. Messages (pickled, over a private socket):
 
 parent -> worker
   ("path", sys_path)                       once, so functions importable in the parent import here
@@ -9,6 +9,7 @@ parent -> worker
   ("job", job_id, template, split, whole)  the pickled (function, args, kwargs) and array locations
   ("chunk", job_id, chunk, start, stop)    run one chunk
 worker -> parent
+  ("ready",)                                once, when imports are done (chunk clocks start then)
   ("ok", chunk, payload, layout) [+ descriptor when layout]   the pickled result
   ("error", chunk, pickled_exception, traceback_text)
 """
@@ -17,30 +18,25 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
-from collections import OrderedDict
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 import numpy as np
 
-from lampy.runtime._codec import dumps, loads
-from lampy.runtime._job import Part, Placeholder
+from lampy.runtime._codec import dumps
+from lampy.runtime._job import RowSource, SplitArray
 from lampy.runtime._shm import array_in, dump_to_file
-from lampy.runtime._worker_side import Outcome, run_filled
-from lampy.runtime.remote._reference import RemoteArray
+from lampy.runtime._worker_side import Outcome, Templates, run_task
 
-# (offset, dtype, shape) in the arena, or a reference (lampy.remote) whose rows a worker reads
-ArrayRef = tuple[int, np.dtype[Any], tuple[int, ...]] | RemoteArray
-Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
-JOBS_KEPT = 4
+# (offset, dtype, shape) in the arena, or a row source (lampy.remote) whose rows a worker reads
+ArrayRef = tuple[int, np.dtype[Any], tuple[int, ...]] | RowSource
 
 
 def serve(conn: Connection) -> None:
     arena: int | None = None
-    jobs: OrderedDict[str, tuple[Call | Outcome, list[ArrayRef], list[ArrayRef]]] = OrderedDict()
+    templates = Templates()
+    conn.send(("ready",))
     while True:
         try:
             message = conn.recv()
@@ -55,64 +51,34 @@ def serve(conn: Connection) -> None:
             arena = recv_handle(conn)
         elif kind == "job":
             _, job_id, template, split, whole = message
-            jobs[job_id] = (_load(template), split, whole)
-            while len(jobs) > JOBS_KEPT:
-                jobs.popitem(last=False)
+            templates.load(job_id, template, (split, whole))
         elif kind == "chunk":
             _, job_id, chunk, start, stop = message
             assert arena is not None, "chunk before arena"
-            outcome = _run(arena, *jobs[job_id], (start, stop))
+            job = templates.get(job_id)
+            assert job is not None, "chunk of a job this worker was not sent"
+            split, whole = job.extras
+            rows = [_array(arena, ref, (start, stop)) for ref in split]
+            outcome = run_task(job.call, rows, [_array(arena, r) for r in whole], dump_to_file)
             _reply(conn, chunk, outcome)
 
 
-def _load(template: bytes) -> Call | Outcome:
-    """The job's (function, args, kwargs), or the error that unpickling them raised."""
-    try:
-        return loads(template)  # type: ignore[no-any-return]
-    except Exception as exc:
-        return Outcome(error=exc, traceback=traceback.format_exc())
-
-
-def _run(
-    arena: int,
-    call: Call | Outcome,
-    split: list[ArrayRef],
-    whole: list[ArrayRef],
-    rows: tuple[int, int],
-) -> Outcome:
-    if isinstance(call, Outcome):
-        return call
-    function, args, kwargs = call
-
-    def lookup(p: Placeholder) -> np.ndarray:
-        if isinstance(p, Part):
-            return _array(arena, split[p.index], rows)
-        return _array(arena, whole[p.index], None)
-
-    return run_filled(function, args, kwargs, lookup)
-
-
-def _array(arena: int, ref: ArrayRef, rows: tuple[int, int] | None) -> np.ndarray:
-    """An array in the arena (or its rows), or a reference's rows read here."""
-    if isinstance(ref, RemoteArray):
-        return ref.fetch() if rows is None else ref[rows[0] : rows[1]].fetch()
+def _array(arena: int, ref: ArrayRef, rows: tuple[int, int] | None = None) -> SplitArray:
+    """An array in the arena (or its rows), or a row source's rows (read by the worker side)."""
+    if not isinstance(ref, tuple):
+        return ref if rows is None else ref[rows[0] : rows[1]]
     return array_in(arena, *ref, rows=rows)
 
 
 def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
     if outcome.error is None:
-        try:
-            payload, layout, fd = dump_to_file(outcome.value)
-        except Exception as exc:
-            outcome = Outcome(error=exc, traceback=traceback.format_exc())
-        else:
-            conn.send(("ok", chunk, payload, layout))
-            if fd is not None:
-                send_handle(conn, fd, os.getppid())
-                os.close(fd)
-            return
-    portable = outcome.portable()
-    conn.send(("error", chunk, dumps(portable.error), portable.traceback))
+        payload, layout, fd = outcome.value
+        conn.send(("ok", chunk, payload, layout))
+        if fd is not None:
+            send_handle(conn, fd, os.getppid())
+            os.close(fd)
+        return
+    conn.send(("error", chunk, dumps(outcome.error), outcome.traceback))
 
 
 def main() -> None:

@@ -19,23 +19,18 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lampy._errors import BadSignature, FrameError, RemoteArrayError, RemoteError, VersionMismatch
-from lampy.runtime._codec import dumps, loads
-from lampy.runtime._job import Part, Placeholder
-from lampy.runtime._worker_side import Outcome, run_filled
+from lampy._errors import BadSignature, FrameError, VersionMismatch
+from lampy.runtime._codec import dumps_out_of_band
+from lampy.runtime._worker_side import Templates, run_task
 from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.remote._reference import materialize
 from lampy.runtime.remote._results import store
 
-JOBS_KEPT = 8
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
-Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
-_jobs: OrderedDict[str, tuple[Call | Outcome, tuple[Any, ...]]] = OrderedDict()
 _STATUS = {400: "400 Bad Request", 401: "401 Unauthorized", 413: "413 Payload Too Large"}
+_templates = Templates()  # the jobs this sandbox has seen
 
 
 def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[frames.Buffer]:
@@ -106,83 +101,28 @@ def _serve(environ: dict[str, Any]) -> frames.Outgoing:
         return frames.encode(frames.PONG, os.getpid(), secret)
     if frame.kind != frames.TASK:
         raise FrameError(f"expected a task frame, got {frames.KINDS[frame.kind]}")
-    # (key, chunks, template, whole, parts[, offer], attempt): a task without an offer (from
-    # a client that offers no place for results) has its results answered in the frame
-    key, chunks, template, whole, parts, *offered, attempt = frame.value
-    offer = offered[0] if offered else None
-    if template is not None:
-        _jobs[key] = (_load(template), whole)
-        while len(_jobs) > JOBS_KEPT:
-            _jobs.popitem(last=False)
-    elif key not in _jobs:
+    # (key, chunks, template, whole, parts, offer, attempt): with an offer (a place on the
+    # client's array server), large result arrays are stored there instead of answered
+    key, chunks, template, whole, parts, offer, attempt = frame.value
+    job = _templates.load(key, template, whole) if template is not None else _templates.get(key)
+    if job is None:
         return frames.encode(frames.MISSING, key, secret)
-    _jobs.move_to_end(key)
-    call, shared = _jobs[key]
     outcomes = []
-    for chunk, chunk_parts in zip(chunks, parts, strict=True):  # stop at the first user error
-        outcome = call if isinstance(call, Outcome) else _run(call, shared, chunk_parts)
-        if offer is not None and outcome.error is None:
-            outcome = _stored(outcome, offer, f"{chunk}-{attempt}")
-        outcomes.append(outcome)
+    for chunk, rows in zip(chunks, parts, strict=True):  # stop at the first user error
+        encode = dumps_out_of_band if offer is None else _storing(offer, f"{chunk}-{attempt}")
+        outcome = run_task(job.call, rows, job.extras, encode)
+        outcomes.append((outcome.value, outcome.error, outcome.traceback))
         if outcome.error is not None:
             break
-    return _result((key, chunks, attempt), outcomes, secret)
+    # the echo of (job, chunks, attempt) lets the executor drop an answer not for its call
+    return frames.encode(frames.RESULT, ((key, chunks, attempt), outcomes), secret)
 
 
-def _load(template: bytes) -> Call | Outcome:
-    """The job's (function, args, kwargs), or the error unpickling them raised (a user error)."""
-    try:
-        return loads(template)  # type: ignore[no-any-return]
-    except Exception as exc:
-        return Outcome(error=exc, traceback=traceback.format_exc())
+def _storing(offer: tuple[str, int], name: str) -> Callable[[Any], Any]:
+    """An encoder that first stores large result arrays at the offered place (their files
+    named after the chunk and call, so two calls never write the same file)."""
 
+    def encode(value: Any) -> Any:
+        return dumps_out_of_band(store(value, offer, name))
 
-def _run(call: Call, whole: tuple[Any, ...], parts: tuple[Any, ...]) -> Outcome:
-    function, args, kwargs = call
-
-    def lookup(p: Placeholder) -> Any:
-        return materialize(parts[p.index]) if isinstance(p, Part) else whole[p.index]
-
-    try:
-        return run_filled(function, args, kwargs, lookup)
-    except BaseException as exc:  # SystemExit and friends must not end the sandbox
-        text = f"{type(exc).__qualname__}: {exc}"
-        return Outcome(error=RemoteError(text), traceback=traceback.format_exc())
-
-
-def _stored(outcome: Outcome, offer: tuple[str, int], name: str) -> Outcome:
-    """The outcome with its large result arrays uploaded to the offered place; a failed upload
-    (refused, server gone) is the chunk's error, named by the executor like a failed read."""
-    try:
-        return Outcome(store(outcome.value, offer, name))
-    except RemoteArrayError as exc:
-        return Outcome(error=exc, traceback=traceback.format_exc())
-
-
-def _result(call: tuple[Any, ...], outcomes: list[Outcome], secret: bytes) -> frames.Outgoing:
-    """The RESULT frame: the task's (job, chunks, attempt), then (value, error, traceback) per
-    chunk run; the echo lets the executor drop an answer that is not for the call it made."""
-    try:
-        return frames.encode(frames.RESULT, (call, [_triple(o) for o in outcomes]), secret)
-    except Exception:  # some value cannot be pickled: that chunk's outcome becomes the error
-        triples = [_triple(_picklable(o)) for o in outcomes]
-        return frames.encode(frames.RESULT, (call, triples), secret)
-
-
-def _picklable(outcome: Outcome) -> Outcome:
-    try:
-        dumps(outcome.value)
-        return outcome
-    except Exception as exc:
-        return Outcome(error=exc, traceback=traceback.format_exc())
-
-
-def _triple(outcome: Outcome) -> tuple[Any, BaseException | None, str]:
-    if outcome.error is None:
-        return (outcome.value, None, "")
-    error: BaseException | None = outcome.error
-    try:  # cloudpickle carries exception classes that came by value with the function
-        loads(dumps(error))
-    except Exception:
-        error = outcome.portable().error
-    return (None, error, outcome.traceback)
+    return encode

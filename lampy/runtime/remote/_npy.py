@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -100,3 +103,28 @@ def header_bytes(shape: tuple[int, ...], dtype: np.dtype[Any]) -> bytes:
         out = io.BytesIO()
         np.lib.format.write_array_header_2_0(out, header)
     return out.getvalue()
+
+
+def write(path: Path, parts: Sequence[np.ndarray]) -> NpyMeta:
+    """Write the parts joined along axis 0 as one C-ordered `.npy` file at `path`, with the
+    dtype np.concatenate gives, atomically (a hidden partial file, then a rename: a reader of
+    an earlier file at `path` keeps its own bytes). Returns the new file's metadata."""
+    dtype = np.result_type(*parts)
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RemoteArrayError(f"cannot write {path}: {exc}") from None
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    try:
+        target = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+        offset = int(target.offset)
+        np.concatenate(parts, axis=0, out=target)
+        target.flush()
+        del target
+        os.replace(partial, path)
+    except OSError as exc:
+        raise RemoteArrayError(f"cannot write {path}: {exc}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return NpyMeta(shape, np.dtype(dtype), False, offset, version_of(path.stat()))

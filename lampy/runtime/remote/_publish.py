@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from lampy._errors import RemoteArrayError
-from lampy.runtime._job import Job
+from lampy.runtime._job import Job, SplitArray
 from lampy.runtime._net import free_port, wait_ready
-from lampy.runtime.remote._npy import NpyMeta, header_bytes, version_of
+from lampy.runtime.remote._npy import write
 from lampy.runtime.remote._reference import RemoteArray
 
 # Chosen with bench/bench_remote.py ("publish threshold" rows, 8 chunks, `lampy worker`): at
@@ -116,7 +116,8 @@ def published(job: Job, platform_url: str) -> Iterator[Job]:
                 array = np.asarray(split[i])
                 name = f"{uuid.uuid4().hex}.npy"
                 files.append(directory / name)
-                split[i] = _write(array, directory / name, f"{url}/{name}")
+                meta = write(directory / name, [array])
+                split[i] = RemoteArray(f"{url}/{name}", meta, 0, meta.shape[0])
         changed = any(a is not b for a, b in zip(split, job.split, strict=True))
         yield replace(job, split=tuple(split)) if changed else job
     finally:
@@ -135,29 +136,18 @@ def serving(platform_url: str, start: bool) -> tuple[Path, str] | None:
     return _publisher.running(host) or (_publisher.start(host) if start else None)
 
 
-def _local_bytes(array: np.ndarray | RemoteArray) -> int:
+def _local_bytes(array: SplitArray) -> int:
     """Bytes the client would push for this argument (0 for a reference to a server)."""
     if isinstance(array, RemoteArray):
         return array.nbytes if array.url.startswith("file:") else 0
     return array.nbytes
 
 
-def _read_local(array: np.ndarray | RemoteArray) -> np.ndarray | RemoteArray:
+def _read_local(array: SplitArray) -> SplitArray:
     """A local-file reference as a mapped array (sandboxes cannot open the client's files)."""
     if isinstance(array, RemoteArray) and array.url.startswith("file:"):
         return array.fetch()
     return array
-
-
-def _write(array: np.ndarray, path: Path, url: str) -> RemoteArray:
-    """Write `array` as a `.npy` file the server serves; its reference."""
-    data = np.ascontiguousarray(array)
-    header = header_bytes(data.shape, data.dtype)
-    with open(path, "wb") as file:
-        file.write(header)
-        file.write(data.reshape(-1).view(np.uint8).data)
-    meta = NpyMeta(data.shape, data.dtype, False, len(header), version_of(path.stat()))
-    return RemoteArray(url, meta, 0, data.shape[0])
 
 
 def _reachable_host(platform_url: str) -> str | None:

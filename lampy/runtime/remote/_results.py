@@ -24,12 +24,11 @@ it needs only the standard library, numpy and lampy.
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from lampy._errors import OptionError, RemoteArrayError, ResultError
+from lampy.runtime._tree import map_leaves
 from lampy.runtime.remote import _publish as publish
-from lampy.runtime.remote._npy import NpyMeta, version_of
+from lampy.runtime.remote._npy import write
 from lampy.runtime.remote._reference import RemoteArray, upload
 
 # Chosen with bench/bench_remote.py ("result threshold" rows: 8 chunks, `lampy worker` on
@@ -128,7 +128,7 @@ def store(value: Any, offer: tuple[str, int], name: str) -> Any:
                 "connect to it, and that it is still running"
             ) from None
 
-    return _leaves(value, one, np.ndarray)
+    return map_leaves(value, lambda leaf: one(leaf) if type(leaf) is np.ndarray else leaf)
 
 
 # -- on the client ----------------------------------------------------------------------------
@@ -156,15 +156,7 @@ def collect(value: Any, offer: Offer) -> Any:
         finally:
             path.unlink(missing_ok=True)
 
-    return _leaves(value, one, Stored)
-
-
-def _leaves(value: Any, one: Callable[[Any], Any], kind: type) -> Any:
-    if isinstance(value, tuple | list):
-        return type(value)(_leaves(v, one, kind) for v in value)
-    if isinstance(value, dict):
-        return {k: _leaves(v, one, kind) for k, v in value.items()}
-    return one(value) if type(value) is kind else value
+    return map_leaves(value, lambda leaf: one(leaf) if type(leaf) is Stored else leaf)
 
 
 @dataclass(frozen=True)
@@ -199,11 +191,10 @@ class Sink:
         if any(p.shape[1:] != parts[0].shape[1:] for p in parts):
             shapes = sorted({p.shape[1:] for p in parts})
             raise ResultError(f"chunk results differ in their trailing shapes: {shapes}")
-        dtype = np.result_type(*parts)
         shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
         if self.mode == "mmap":
             assert self.path is not None
-            _write(self.path, parts, dtype, shape)
+            write(self.path, parts)
             return np.load(self.path, mmap_mode="r+")
         server = publish.serving(self.platform or "http://127.0.0.1", start=True)
         if server is None:
@@ -213,36 +204,8 @@ class Sink:
             )
         directory, url = server
         name = f"kept/{uuid.uuid4().hex}.npy"
-        meta = _write(directory / name, parts, dtype, shape)
+        meta = write(directory / name, parts)
         return RemoteArray(f"{url}/{name}", meta, 0, shape[0])
 
     def _option(self) -> str:
         return f"'mmap:{self.path}'" if self.mode == "mmap" else f"{self.mode!r}"
-
-
-def sink_of(executor: object) -> Sink | None:
-    """The sink an executor's options name (executors without the option have none)."""
-    sink = getattr(executor, "sink", None)
-    return sink if isinstance(sink, Sink) else None
-
-
-def _write(path: Path, parts: Sequence[np.ndarray], dtype: Any, shape: tuple[int, ...]) -> NpyMeta:
-    """Write the joined parts as a `.npy` file at `path`, atomically (a hidden partial file,
-    then a rename: an earlier result mapped from `path` keeps its own bytes)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RemoteArrayError(f"cannot write the result to {path}: {exc}") from None
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
-    try:
-        target = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
-        offset = int(target.offset)
-        np.concatenate(parts, axis=0, out=target)
-        target.flush()
-        del target
-        os.replace(partial, path)
-    except OSError as exc:
-        raise RemoteArrayError(f"cannot write the result to {path}: {exc}") from None
-    finally:
-        partial.unlink(missing_ok=True)
-    return NpyMeta(shape, np.dtype(dtype), False, offset, version_of(path.stat()))

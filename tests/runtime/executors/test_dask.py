@@ -184,7 +184,7 @@ def test_a_chunk_that_always_kills_its_worker_is_lost_after_its_attempts(
         lampy.using(executor="dask", address=dask_address, attempts=2),
         pytest.raises(
             lampy.RetriesExhausted,
-            match=r"^chunk 0 of 4 \(rows 0:10\) lost its Dask worker on all 2",
+            match=r"^chunk 0 of 4 \(rows 0:10\) was lost: all 2 attempts failed",
         ) as caught,
     ):
         f(np.arange(40))

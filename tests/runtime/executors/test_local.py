@@ -86,9 +86,7 @@ def test_chunk_that_always_kills_its_worker_exhausts_its_retries() -> None:
     with pytest.raises(lampy.RetriesExhausted) as caught:
         f(np.arange(10))
     error = caught.value
-    assert re.match(
-        r"chunk 0 of 2 \(rows 0:5\) lost its worker process on all 3 attempts", str(error)
-    )
+    assert re.match(r"chunk 0 of 2 \(rows 0:5\) was lost: all 3 attempts failed", str(error))
     assert error.chunk == 0 and error.rows == (0, 5) and len(error.causes) == 3
     assert all("killed by SIGKILL" in cause for cause in error.causes)
     assert isinstance(error.__cause__, lampy.WorkerLost)
@@ -151,7 +149,7 @@ def test_partial_sum_below_its_fraction_raises_the_lost_chunk() -> None:
     assert str(caught.value).startswith(
         "allow_partial=0.95 needs 95.0% of the rows; the chunks that succeeded cover 90.0% of "
         "rows (90 of 100), 9 of 10 chunks; lost: chunk 0 (rows 0:10). The first lost chunk: "
-        "chunk 0 of 10 (rows 0:10) lost its worker process"
+        "chunk 0 of 10 (rows 0:10) was lost: all 3 attempts failed"
     )
     assert caught.value.chunk == 0 and isinstance(caught.value.__cause__, lampy.WorkerLost)
 

@@ -20,7 +20,8 @@ from lampy.regions._binding import bind
 from lampy.runtime._plan import split_rows
 from lampy.runtime.executors._local import _Arena
 from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.openlambda._executor import AiohttpTransport, OpenLambdaExecutor, Reply
+from lampy.runtime.openlambda._executor import OpenLambdaExecutor
+from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
 from lampy.runtime.remote import _publish as publish
 from lampy.runtime.remote._reference import RemoteArray, remote
 from tests.conftest import assert_same

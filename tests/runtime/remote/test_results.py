@@ -21,7 +21,8 @@ from lampy._errors import OptionError, RemoteArrayError, ResultError
 from lampy.runtime import executors
 from lampy.runtime._settings import resolve_options
 from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.openlambda._executor import AiohttpTransport, OpenLambdaExecutor, Reply
+from lampy.runtime.openlambda._executor import OpenLambdaExecutor
+from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
 from lampy.runtime.remote import _publish as publish
 from lampy.runtime.remote import _results as results
 from lampy.runtime.remote._reference import RemoteArray, upload

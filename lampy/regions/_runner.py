@@ -1,0 +1,217 @@
+"""The region runner: how one call of a region runs, below the decorators.
+
+One way through the house: bind the arguments, plan (timing a probe when chunks="auto"), run
+the chunks on an executor, combine the results. Decorated functions call it, and so do lazy
+graphs, one runner per graph step, so an auto decision made once on a started executor is kept
+for later calls with the same shapes (no re-probing, and the same call always follows the same
+plan: bit-identical float reductions).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+from lampy._errors import RemoteTraceback, RetriesExhausted, SerializationError
+from lampy.regions._binding import Binding, bind
+from lampy.regions._partial import Coverage
+from lampy.regions._region import Region
+from lampy.runtime import _blas as blas
+from lampy.runtime import executors
+from lampy.runtime._codec import dumps
+from lampy.runtime._job import Job, chunk_label
+from lampy.runtime._plan import Plan, Probe, plan, probe_rows
+from lampy.runtime._settings import Chunks, resolve_chunks, resolve_executor, resolve_options
+from lampy.runtime._tree import leaves
+from lampy.runtime._worker_side import Outcome, run_task
+from lampy.runtime.executors import Executor
+
+PLANS_KEPT = 32  # auto decisions remembered per region (by argument shapes)
+
+
+class RegionRunner:
+    """Runs the calls of one region; keeps its auto plans across calls."""
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+        self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
+
+    def run(
+        self,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        executor: str | None = None,
+        chunks: Chunks | None = None,
+    ) -> Any:
+        """What the undecorated function returns for these arguments. `executor` and `chunks`
+        apply where the region's own options leave them open (a lazy graph's run() options)."""
+        binding, where, count = self._prepare(args, kwargs, executor, chunks)
+        call_plan, probe = self._plan(binding, where, count)
+        if call_plan.warm_up:
+            where.start()
+        region = self.region
+        if not call_plan.fan_out:
+            value = region.function(*binding.direct_args, **binding.direct_kwargs)
+            return region.answer(
+                region.merge([value], where.result_sink), Coverage(call_plan.chunks)
+            )
+        done = {0: probe} if probe is not None else {}
+        offset = len(done)  # the probe's rows, already computed, are chunk 0
+        job = binding.job(
+            region.function,
+            call_plan.chunks[offset:],
+            keep_going=region.allow_partial is not None,
+            first=offset,
+        )
+        if where.needs_pickle:
+            _check_serializable(job, binding)
+        outcomes = where.run(job)
+        done |= {chunk + offset: outcome for chunk, outcome in outcomes.items()}
+        coverage = self._coverage(done, call_plan, where.needs_pickle)
+        merged = [done[c].value for c in coverage.merged]
+        return region.answer(region.merge(merged, where.result_sink), coverage)
+
+    def explain(
+        self,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        executor: str | None = None,
+        chunks: Chunks | None = None,
+    ) -> Plan:
+        """The plan a call with these arguments would follow, without running the job."""
+        return self._plan(*self._prepare(args, kwargs, executor, chunks))[0]
+
+    def _prepare(
+        self,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        executor: str | None,
+        chunks: Chunks | None,
+    ) -> tuple[Binding, Executor, int | None]:
+        region = self.region
+        name = resolve_executor(region.executor or executor)
+        where = executors.get(name, resolve_options(name))
+        count = resolve_chunks(region.chunks if region.chunks is not None else chunks)
+        binding = bind(region.function, region.shared, args, kwargs)
+        return binding, where, None if count == "auto" else count
+
+    def _plan(
+        self, binding: Binding, executor: Executor, chunks: int | None
+    ) -> tuple[Plan, Outcome | None]:
+        """The plan, and the probe's outcome when the plan reuses it as chunk 0."""
+        costs = executor.costs()
+
+        def make(probe: Probe | None) -> Plan:
+            return plan(
+                executor=executor.name,
+                costs=costs,
+                rows=binding.rows,
+                row_bytes=binding.row_bytes,
+                shared_bytes=binding.shared_bytes,
+                chunks=chunks,
+                probe=probe,
+                sent_row_bytes=binding.sent_row_bytes,
+            )
+
+        if chunks is not None or costs.workers <= 1 or binding.rows < 2:
+            return make(None), None
+        key = (executor.name, id(executor), binding.shapes)
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            return self._plans[key], None
+        rows = probe_rows(binding.rows, binding.row_bytes)
+        job = binding.job(self.region.function, ((0, 1), (0, rows)))
+        with blas.one_thread():  # as in a worker, and no BLAS threads left spinning
+            (call_seconds, _), (seconds, outcome) = (_timed(job, 0), _timed(job, 1))
+        if rows == 1:
+            call_seconds = 0.0  # one point only: all of it counts as per-row work
+        probe = Probe(rows, seconds, _nbytes(outcome.value), min(call_seconds, seconds))
+        result = make(probe)
+        if executor.is_warm():
+            self._plans[key] = result
+            while len(self._plans) > PLANS_KEPT:
+                self._plans.popitem(last=False)
+        return result, outcome if result.fan_out else None
+
+    def _coverage(self, done: dict[int, Outcome], call_plan: Plan, remote: bool) -> Coverage:
+        """Which chunks to merge; raises a user error, or a lost chunk unless partial is allowed.
+
+        A user exception is always raised (the lowest chunk first): skipping it would hide a bug.
+        """
+        lost: dict[int, RetriesExhausted] = {}
+        for chunk in sorted(done):
+            error = done[chunk].error
+            if isinstance(error, RetriesExhausted):
+                lost[chunk] = error
+            elif error is not None:
+                _raise_remote(done[chunk], chunk, call_plan, remote)
+        coverage = Coverage(call_plan.chunks, lost)
+        if lost:
+            needed = self.region.allow_partial
+            if needed is None or coverage.fraction < needed:
+                first = min(lost)
+                error = lost[first]
+                if needed is not None:
+                    error = RetriesExhausted(
+                        f"allow_partial={needed} needs {needed:.1%} of the rows; the chunks "
+                        f"that succeeded cover {coverage}. The first lost chunk: {error}",
+                        chunk=error.chunk,
+                        rows=error.rows,
+                        causes=error.causes,
+                    )
+                    error.__cause__ = lost[first].__cause__
+                _raise_lost(error, done[first].traceback)
+        return coverage
+
+
+def _timed(job: Job, chunk: int) -> tuple[float, Outcome]:
+    """Run one chunk in this process and time it; a user error is raised as it is."""
+    start = time.perf_counter()
+    outcome = run_task((job.function, job.args, dict(job.kwargs)), job.rows(chunk), job.whole)
+    seconds = time.perf_counter() - start
+    if outcome.error is not None:
+        raise outcome.error
+    return seconds, outcome
+
+
+def _nbytes(value: Any) -> int:
+    return sum(int(getattr(leaf, "nbytes", 8)) for leaf in leaves(value))
+
+
+def _check_serializable(job: Job, binding: Binding) -> None:
+    """Fail before sending anything when cloudpickle cannot carry the job; name the culprit."""
+    try:
+        job.template  # noqa: B018 (computed once and cached for the executor)
+    except Exception as failure:
+        culprit, cause = f"the function {job.function.__qualname__}", failure
+        for name, value in binding.constants:
+            try:
+                dumps(value)
+            except Exception as why:
+                culprit, cause = f"argument {name!r} ({type(value).__name__})", why
+                break
+        raise SerializationError(
+            f"cannot send {culprit} to worker processes: cloudpickle failed with "
+            f"{type(cause).__name__}: {cause}. Pass picklable values, or use executor='inline'."
+        ) from cause
+
+
+def _raise_lost(error: RetriesExhausted, traceback: str) -> None:
+    """A lost chunk's error, with the last remote traceback when the platform sent one."""
+    if traceback:
+        raise error from RemoteTraceback(traceback)
+    raise error
+
+
+def _raise_remote(outcome: Outcome, chunk: int, call_plan: Plan, remote: bool) -> None:
+    """Re-raise a chunk's user exception with its own type, naming the chunk and its rows."""
+    error = outcome.error
+    assert error is not None
+    where = f"raised in lampy {chunk_label(chunk, len(call_plan.chunks), call_plan.chunks[chunk])}"
+    if hasattr(error, "add_note"):
+        error.add_note(where)
+    if remote:
+        raise error from RemoteTraceback(f"{where}\n{outcome.traceback}")
+    raise error

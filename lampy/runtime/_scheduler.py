@@ -1,0 +1,155 @@
+"""The chunk scheduler: one set of rules for every executor about the fate of chunks.
+
+It owns the attempt budget (`ATTEMPTS`, one default for every executor, each executor's
+`attempts` option), the `RetriesExhausted` message with every attempt's cause, the rule to stop
+at the first failed chunk unless the job keeps going past lost ones (partial answers),
+exactly-once recording of outcomes, and which stragglers deserve a backup.
+
+It does no I/O and keeps no clock of its own (the executor passes `now`), so the same class
+runs in the client or inside a lambda. Executors only start chunks on workers and report how
+each attempt ended:
+
+    scheduler = ChunkScheduler(job, attempts, advice="what to do when a chunk is lost")
+    while not scheduler.done:
+        chunk = scheduler.next()          # None: nothing to start now
+        ... start it, wait for something to end ...
+        scheduler.finished(chunk, outcome, now)    # an answer (value or user error)
+        scheduler.failed(chunk, "why", now)        # the platform lost this attempt
+"""
+
+from __future__ import annotations
+
+import heapq
+import statistics
+from collections import deque
+
+from lampy._errors import OptionError, RetriesExhausted
+from lampy.runtime._job import Job
+from lampy.runtime._worker_side import Outcome
+
+ATTEMPTS = 3  # per chunk, for every executor: a chunk failing 3 times in a row is not bad luck
+STRAGGLER_DONE = 0.75  # backups only once this share of chunks is done ...
+STRAGGLER_FACTOR = 4.0  # ... for chunks running this many times the median ...
+STRAGGLER_MIN_S = 0.5  # ... and at least this much longer than it
+
+
+def check_attempts(attempts: object) -> int:
+    """Validate an executor's `attempts` option: a positive int."""
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise OptionError(f"attempts must be a positive int; got {attempts!r}")
+    return attempts
+
+
+class ChunkScheduler:
+    """What became of each chunk of one job, and what to run next."""
+
+    def __init__(self, job: Job, attempts: int = ATTEMPTS, advice: str = "") -> None:
+        self.job, self.attempts, self.advice = job, check_attempts(attempts), advice
+        self.outcomes: dict[int, Outcome] = {}
+        self.causes: dict[int, list[str]] = {}
+        self.stopped = False
+        self._last: dict[int, BaseException] = {}  # the latest cause that is an exception
+        self._todo = deque(range(len(job.chunks)))
+        self._again: list[int] = []  # chunks to run again, lowest first (so batches hold)
+        self._running: dict[int, int] = {}  # chunk -> attempts in flight (backups included)
+        self._started: dict[int, float] = {}  # chunk -> when its first copy in flight started
+        self._durations: list[float] = []
+        self._backed_up: set[int] = set()
+
+    @property
+    def done(self) -> bool:
+        """Every chunk has its outcome, or the job stopped at a failed one."""
+        return self.stopped or len(self.outcomes) == len(self.job.chunks)
+
+    @property
+    def running(self) -> int:
+        """Chunks with an attempt in flight."""
+        return len(self._running)
+
+    def next(self) -> int | None:
+        """The next chunk to start (retries first, lowest first), or None."""
+        while (self._again or self._todo) and not self.stopped:
+            chunk = heapq.heappop(self._again) if self._again else self._todo.popleft()
+            if chunk not in self.outcomes and chunk not in self._running:
+                return chunk
+        return None
+
+    def start(self, chunk: int, now: float) -> int:
+        """Note an attempt leaving for a worker; returns its number (1 for the first)."""
+        self._running[chunk] = self._running.get(chunk, 0) + 1
+        self._started.setdefault(chunk, now)
+        return len(self.causes.get(chunk, ())) + 1
+
+    def finished(self, chunk: int, outcome: Outcome, now: float) -> bool:
+        """An answer for `chunk`. False when it already has one (a duplicate: drop it)."""
+        self._ended(chunk)
+        if chunk in self.outcomes:
+            return False
+        self.outcomes[chunk] = outcome
+        started = self._started.pop(chunk, None)
+        if started is not None and outcome.error is None:
+            self._durations.append(now - started)
+        lost = isinstance(outcome.error, RetriesExhausted)
+        if outcome.error is not None and not (lost and self.job.keep_going):
+            self.stopped = True
+        return True
+
+    def failed(self, chunk: int, cause: BaseException | str, last_words: str = "") -> bool:
+        """The platform lost an attempt at `chunk` (`cause` says how): charge it. True when the
+        chunk is to run again; False when it is now lost (its outcome a RetriesExhausted), or
+        another copy is still in flight, or it has its answer already."""
+        self._ended(chunk)
+        if chunk in self.outcomes:
+            return False
+        causes = self.causes.setdefault(chunk, [])
+        causes.append(str(cause))
+        if isinstance(cause, BaseException):
+            self._last[chunk] = cause
+        if chunk in self._running:
+            return False  # a backup's twin is still running: it may yet answer
+        if len(causes) < self.attempts:
+            heapq.heappush(self._again, chunk)
+            return True
+        self.finished(chunk, Outcome(error=self._lost(chunk), traceback=last_words), 0.0)
+        return False
+
+    def again(self, chunk: int) -> None:
+        """Run `chunk` again without charging an attempt (its worker left for another reason)."""
+        self._ended(chunk)
+        if chunk not in self.outcomes and chunk not in self._running:
+            heapq.heappush(self._again, chunk)
+
+    def stragglers(self, now: float) -> list[int]:
+        """Chunks worth a backup attempt: once most chunks are done, those running far longer
+        than the median (chunks are pure, so a second copy is safe; the first answer wins)."""
+        if len(self.outcomes) < STRAGGLER_DONE * len(self.job.chunks) or not self._durations:
+            return []
+        median = statistics.median(self._durations)
+        slow = max(STRAGGLER_FACTOR * median, median + STRAGGLER_MIN_S)
+        late = [
+            c
+            for c in self._running
+            if c not in self._backed_up and now - self._started.get(c, now) > slow
+        ]
+        self._backed_up.update(late)
+        return late
+
+    def _ended(self, chunk: int) -> None:
+        left = self._running.get(chunk, 0) - 1
+        if left > 0:
+            self._running[chunk] = left
+        else:
+            self._running.pop(chunk, None)
+
+    def _lost(self, chunk: int) -> RetriesExhausted:
+        causes = self.causes[chunk]
+        tried = "\n".join(f"  attempt {i}: {cause}" for i, cause in enumerate(causes, 1))
+        error = RetriesExhausted(
+            f"{self.job.label(chunk)} was lost: all {len(causes)} attempts failed, each time in "
+            f"the platform, not in your code:\n{tried}\n{self.advice}".rstrip(),
+            chunk=self.job.first + chunk,
+            rows=self.job.chunks[chunk],
+            causes=tuple(causes),
+        )
+        error.__cause__ = self._last.get(chunk)
+        return error

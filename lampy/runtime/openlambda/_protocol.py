@@ -1,0 +1,266 @@
+"""lampy's protocol with its lambda: one call is a signed task frame out, a result frame back.
+
+`Caller` makes one attempt at a call and sorts what went wrong before anything is retried:
+platform failures (connection refused or reset, 429, 502 and other 5xx, client timeouts, an
+answer that fails its signature or is not for the call that asked) raise `PlatformFailure`,
+which the chunk scheduler charges as a lost attempt; a missing lambda, a refused request
+signature or a version mismatch raise errors that say what to do, and are not retried. A user
+exception comes back in-band with HTTP 200 as the chunk's outcome.
+
+Every call carries its (job, chunks, call number) and the handler echoes it, so a late
+duplicate or a superseded call's answer is recognised and dropped. A task carries the job's
+template only where the sandbox may lack it; a sandbox that answers MISSING gets it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import cloudpickle
+
+from lampy._errors import (
+    BadSignature,
+    ExecutionError,
+    FrameError,
+    RemoteArrayError,
+    SerializationError,
+)
+from lampy.runtime._codec import dumps, loads
+from lampy.runtime._job import Job
+from lampy.runtime._worker_side import Outcome
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._transport import Transport
+from lampy.runtime.remote._results import Offer, collect
+
+INLINE_BYTES = 1 << 16  # smaller templates ride along with every call: a miss costs more
+_REMOTE_PACKAGES = {"numpy", "cloudpickle", "lampy"}  # the deploy tarball carries lampy
+_pickle_lock = threading.Lock()
+
+
+class PlatformFailure(Exception):
+    """A failure of the platform, not of the chunk: worth another attempt.
+
+    `kind` sorts it for the accounting ("http 502", "timeout", "connection", "corrupt",
+    "stale"); `text` is what the platform said, if anything (the give-up error's traceback).
+    """
+
+    def __init__(self, cause: str, kind: str, text: str = "") -> None:
+        super().__init__(cause)
+        self.kind, self.text = kind, text
+
+
+#: Failure kinds that are answers received and refused, rather than attempts with no answer.
+DROPPED = ("corrupt", "stale")
+
+
+@dataclass
+class Accounting:
+    """What became of one job's calls, so tests (and curious users) can check exactly-once.
+
+    When the job ends, every chunk that ran has exactly one accepted answer or is `lost`
+    (given up after the retry budget); answers that arrived but were not taken are counted in
+    `dropped` by why: "corrupt" (failed the signature or frame checks), "stale" (signed, but
+    for another job, chunk or attempt: a late duplicate), "superseded" (a backup's twin
+    answered first). `failures` counts attempts that got no answer, by kind ("http 502",
+    "http 429", "timeout", "connection").
+    """
+
+    job: str
+    chunks: int
+    attempts: Counter[int] = field(default_factory=Counter)  # calls that carried each chunk
+    accepted: Counter[int] = field(default_factory=Counter)  # answers taken, per chunk
+    lost: set[int] = field(default_factory=set)
+    dropped: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    cancelled: int = 0  # calls cancelled in flight (a backup's twin, a job that stopped early)
+
+    def note(self, failure: PlatformFailure) -> None:
+        (self.dropped if failure.kind in DROPPED else self.failures)[failure.kind] += 1
+
+
+@dataclass
+class JobState:
+    """One job as the caller sends it: its template (sent where a sandbox may lack it)."""
+
+    job: Job
+    template: bytes
+    inline: bool  # small enough to ride with every call
+    account: Accounting
+    offer: Offer | None = None  # where large results may go (the client's array server)
+    sends: int = 0  # calls that carried the template
+    calls: int = 0  # calls made: each call's number, echoed by its answer
+
+
+class Caller:
+    """Makes single calls to one lambda through a transport."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        secret: bytes,
+        url: str,
+        name: str,
+        timeout: float,
+        concurrency: int,
+    ) -> None:
+        self.transport, self.secret, self.url = transport, secret, url
+        self.lambda_name, self.timeout, self.concurrency = name, timeout, concurrency
+        self.endpoint = f"{url}/run/{name}"
+
+    async def call(self, state: JobState, chunks: tuple[int, ...]) -> list[Outcome]:
+        """One attempt at `chunks`: their outcomes (fewer after a user error), or a raise.
+
+        The answer must echo this call's (job, chunks, number); any other signed answer (a
+        replayed or late duplicate, a superseded call's) is dropped and the attempt fails.
+        """
+        job = state.job
+        state.calls += 1
+        parts = tuple(job.rows(c) for c in chunks)
+        with_template = state.inline or state.sends < self.concurrency
+        asked = (job.id, chunks, state.calls)
+        offer = state.offer.task if state.offer is not None else None
+        while True:
+            if with_template:
+                state.sends += 1
+            task = (
+                job.id,
+                chunks,
+                state.template if with_template else None,
+                job.whole if with_template else None,
+                parts,
+                offer,
+                state.calls,
+            )
+            frame = await self.exchange(frames.encode(frames.TASK, task, self.secret))
+            missing = frame.kind == frames.MISSING and frame.value == job.id
+            if missing and not with_template:
+                with_template = True  # this sandbox has not seen the job yet
+                continue
+            answered = frame.kind == frames.RESULT and isinstance(frame.value, tuple)
+            if not answered or frame.value[0] != asked:
+                raise PlatformFailure(
+                    f"dropped an answer not for this call: got {_describe(frame)}, "
+                    f"asked {_describe_call(asked)}",
+                    "stale",
+                )
+            results = frame.value[1]
+            complete = len(results) == len(chunks) or (results and results[-1][1] is not None)
+            if not complete:
+                raise FrameError(f"{len(results)} results for {len(chunks)} chunks")
+            return [_decoded(state.offer, *result) for result in results]
+
+    async def ping(self, hold: float) -> int:
+        """A no-op call that keeps its sandbox `hold` seconds; the sandbox's process id."""
+        frame = await self.exchange(frames.encode(frames.PING, hold, self.secret))
+        if frame.kind != frames.PONG or not isinstance(frame.value, int):
+            raise PlatformFailure(f"expected a pong, got {_describe(frame)}", "stale")
+        return frame.value
+
+    async def exchange(self, frame: frames.Outgoing) -> frames.Frame:
+        """POST a frame; the answer's frame, or the failure sorted into retry or not.
+
+        A 200 answer that fails the frame checks was damaged on the way (a wrong secret is
+        refused with 401 before anything runs), so it is retried like a lost answer.
+        """
+        try:
+            reply = await self.transport.post(frame, self.timeout)
+            if reply.status == 200:
+                if reply.reader:
+                    return reply.reader.frame()
+                return frames.decode(reply.body, self.secret)
+        except asyncio.TimeoutError:
+            raise PlatformFailure(
+                f"no answer within timeout={self.timeout:g} s (the client's wait; the "
+                "platform's own runtime limit answers 502 instead)",
+                "timeout",
+            ) from None
+        except (OSError, aiohttp.ClientError) as exc:
+            raise PlatformFailure(f"{type(exc).__name__}: {exc}", "connection") from None
+        except BadSignature:  # our request's signature was accepted: the answer was altered
+            raise PlatformFailure(
+                "dropped a damaged answer: its signature does not match", "corrupt"
+            ) from None
+        except FrameError as exc:
+            raise PlatformFailure(f"dropped a damaged answer: {exc}", "corrupt") from None
+        text = bytes(reply.body[:2000]).decode(errors="replace").strip()
+        if reply.status == 500 and text.startswith("lambda ") and "not found" in text:
+            raise ExecutionError(
+                f"lambda {self.lambda_name!r} is not deployed on {self.url} ({text}). "
+                f"Run `lampy deploy --url {self.url} --name {self.lambda_name}` first."
+            )
+        if reply.status == 500 and text.startswith("lampy handler failed"):
+            raise ExecutionError(
+                f"lampy's handler at {self.endpoint} failed outside user code; is the deployed "
+                f"lampy the same version as this one? (`lampy deploy` again) {text}"
+            )
+        if reply.status == 401:
+            raise BadSignature(f"{self.endpoint} refused our frame (401): {text}")
+        if reply.status == 429 or reply.status >= 500:
+            first = text.splitlines()[0] if text else ""
+            raise PlatformFailure(f"HTTP {reply.status}: {first}", f"http {reply.status}", text)
+        raise ExecutionError(f"{self.endpoint} answered HTTP {reply.status}: {text}")
+
+
+def _decoded(offer: Offer | None, value: Any, error: BaseException | None, text: str) -> Outcome:
+    """A chunk's outcome from its answer: the value unpickled, with the results its chunk
+    stored read back from the client's disk (their files removed); a stored result that
+    cannot be read becomes the chunk's error."""
+    if error is not None:
+        return Outcome(error=error, traceback=text)
+    payload, buffers = value
+    try:
+        result = loads(payload, buffers)
+        return Outcome(collect(result, offer) if offer is not None else result)
+    except RemoteArrayError as exc:
+        return Outcome(error=exc, traceback=traceback.format_exc())
+
+
+def _describe_call(call: Any) -> str:
+    """A (job, chunks, attempt) triple as messages show it."""
+    try:
+        job, chunks, attempt = call
+        which = f"chunk {chunks[0]}" if len(chunks) == 1 else f"chunks {chunks[0]}-{chunks[-1]}"
+        return f"job {str(job)[:8]} {which} attempt {attempt}"
+    except (TypeError, ValueError, IndexError):
+        return repr(call)[:80]
+
+
+def _describe(frame: frames.Frame) -> str:
+    """What an answer is, for a message about an answer that was not the one asked for."""
+    if frame.kind == frames.RESULT and isinstance(frame.value, tuple) and frame.value:
+        return f"the result for {_describe_call(frame.value[0])}"
+    return f"a {frames.KINDS[frame.kind]} frame"
+
+
+def template_of(job: Job) -> bytes:
+    """The job's (function, args, kwargs), with the function's own module pickled by value.
+
+    A sandbox has only the standard library, numpy, cloudpickle and lampy, so a function from the
+    user's module (or a test module) must travel by value, with the helpers it calls there.
+    """
+    module = sys.modules.get(getattr(job.function, "__module__", "") or "")
+    if module is None or module.__name__ == "__main__" or _installed_remotely(module.__name__):
+        return job.template
+    with _pickle_lock:
+        cloudpickle.register_pickle_by_value(module)
+        try:
+            return dumps((job.function, job.args, dict(job.kwargs)))
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot send {job.function.__qualname__} by value from module "
+                f"{module.__name__}: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def _installed_remotely(module: str) -> bool:
+    top = module.partition(".")[0]
+    return top in sys.stdlib_module_names or top in _REMOTE_PACKAGES

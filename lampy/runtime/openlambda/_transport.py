@@ -1,0 +1,93 @@
+"""Transports: how a frame reaches lampy's lambda and its answer comes back.
+
+One method, `post`: send a signed frame, return the answer (its status, and its body or a
+reader that took the frame in as it arrived). `AiohttpTransport` speaks HTTP to an OpenLambda
+worker; `lampy.testing.InProcessTransport` calls the real handler in this process, for tests.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
+
+from lampy._errors import FrameError
+from lampy.runtime.openlambda import _frames as frames
+
+SMALL_BYTES = 1 << 16  # smaller frames are joined: one write beats several
+
+
+@dataclass
+class Reply:
+    """An answer: its status, and its body, or for a frame the reader that took it in."""
+
+    status: int
+    body: bytes | bytearray = b""
+    reader: frames.Reader | None = None
+
+
+class Transport(ABC):
+    """One method: POST a frame to the lambda, return the answer."""
+
+    @abstractmethod
+    async def post(self, frame: frames.Outgoing, timeout: float) -> Reply: ...
+
+    async def close(self) -> None:  # noqa: B027 (most transports hold nothing)
+        """Release connections."""
+
+
+class _FramePayload(Payload):
+    """A frame written slice by slice with a known size, so aiohttp sends Content-Length."""
+
+    def __init__(self, frame: frames.Outgoing) -> None:
+        super().__init__(frame, content_type="application/octet-stream")
+        self._frame = frame
+        self._size = frame.size
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        for piece in self._frame:  # slices: asyncio copies whatever a write cannot send now
+            await writer.write(piece)
+            await writer.drain()
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a lampy frame is binary")
+
+
+class AiohttpTransport(Transport):
+    """HTTP to an OpenLambda worker through one pooled session (made on the loop that uses it)."""
+
+    def __init__(self, url: str, concurrency: int, secret: bytes) -> None:
+        self.url, self.concurrency, self.secret = url, concurrency, secret
+        self._session: aiohttp.ClientSession | None = None
+
+    async def post(self, frame: frames.Outgoing, timeout: float) -> Reply:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.concurrency)
+            self._session = aiohttp.ClientSession(connector=connector, read_bufsize=1 << 20)
+        data = frame.join() if frame.size <= SMALL_BYTES else _FramePayload(frame)
+        async with self._session.post(
+            self.url, data=data, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as response:
+            length = response.content_length
+            if response.status != 200 or length is None:
+                return Reply(response.status, await response.read())
+            prefix = await response.content.readexactly(min(length, frames.PREFIX_BYTES))
+            if frames.check_prefix(prefix) != length:  # before Reader allocates what it claims
+                raise FrameError(f"answer of {length:,} bytes does not match its frame")
+            reader = frames.Reader(prefix, self.secret)
+            while reader.missing:
+                chunk = await response.content.readany()
+                if not chunk:
+                    raise aiohttp.ClientPayloadError(
+                        f"answer ended after {reader.got:,} of {length:,} bytes"
+                    )
+                reader.feed(chunk)
+            return Reply(200, reader=reader)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
