@@ -36,33 +36,35 @@ from lampy._errors import (
     VersionMismatch,
     WorkerLost,
 )
-from lampy.lazy import LazyArray, array, calibrate, load_graph, save_graph
+from lampy.lazy import LazyArray, array, calibrate, declare, load_graph, save_graph
 from lampy.regions._binding import shared
 from lampy.regions._decorators import elemwise, reduce, sum
 from lampy.regions._function import ParallelFunction
 from lampy.regions._partial import Coverage, Partial
+from lampy.runtime import executors
 from lampy.runtime._plan import Plan
-from lampy.runtime._settings import using
-from lampy.runtime.remote._reference import RemoteArray, remote
+from lampy.runtime._settings import resolve_options, using
+from lampy.runtime.executors import Executor
+from lampy.runtime.executors import register as register_executor
+from lampy.runtime.remote._reference import RemoteArray, remote, upload
 
 __version__ = "0.1.0"
 
 
-def prewarm(n: int, **options: Any) -> int:
-    """Warm `n` OpenLambda sandboxes before a large fan-out; returns how many answered.
+def prewarm(n: int, executor: str = "openlambda", **options: Any) -> int:
+    """Warm `n` workers of an executor that can pre-warm (OpenLambda sandboxes) before a large
+    fan-out; returns how many answered.
 
-    Options are those of `lampy.using(executor="openlambda", ...)`, which they override. The
-    import is deferred: lampy itself runs inside sandboxes that lack aiohttp and tenacity.
+    Options are those of `lampy.using(executor=..., ...)`, which they override.
     """
-    from lampy.runtime.openlambda._executor import prewarm as warm
-
-    return warm(n, **options)
+    return executors.get(executor, {**resolve_options(executor), **options}).prewarm(n)
 
 
 __all__ = [
     "BadSignature",
     "Coverage",
     "ExecutionError",
+    "Executor",
     "FrameError",
     "LampyError",
     "LazyArray",
@@ -91,13 +93,16 @@ __all__ = [
     "__version__",
     "array",
     "calibrate",
+    "declare",
     "elemwise",
     "load_graph",
     "prewarm",
     "reduce",
+    "register_executor",
     "remote",
     "save_graph",
     "shared",
     "sum",
+    "upload",
     "using",
 ]

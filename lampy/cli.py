@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "worker":
         from lampy._errors import OptionError
-        from lampy.runtime.openlambda._chaos import Plan
+        from lampy.runtime.openlambda._chaos import FaultPlan
         from lampy.runtime.openlambda._worker import serve
 
         try:
-            plan = None if args.chaos is None else Plan.parse(args.chaos, args.chaos_seed)
+            plan = None if args.chaos is None else FaultPlan.parse(args.chaos, args.chaos_seed)
         except OptionError as exc:
             worker.error(str(exc))  # exits with status 2 and the usage line
         serve(args.host, args.port, args.registry, args.max_sandboxes, args.runtime_limit, plan)

@@ -9,15 +9,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
 import lampy
+import tests.toy_executor  # noqa: F401 (registers the "threads" executor)
 from lampy.runtime import executors
 from lampy.testing import openlambda_worker
 
-EXECUTORS = ["inline", "local", "openlambda", "dask"]
 SECRET = "test-secret-for-lampy"
 RANDOM_IN_STRATEGY = (
     "ignore:Do not use the `random` module inside strategies"
@@ -94,32 +93,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.filterwarnings(RANDOM_IN_STRATEGY))
 
 
-@pytest.fixture(params=EXECUTORS)
+@pytest.fixture
+def openlambda_options(worker_url: str) -> dict[str, Any]:
+    return {"url": worker_url}
+
+
+@pytest.fixture
+def dask_options(dask_address: str) -> dict[str, Any]:
+    return {"address": dask_address}
+
+
+@pytest.fixture(params=executors.names())
 def executor(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Each executor's name, with `using` set so calls inside the test run there."""
-    options = {}
-    if request.param == "openlambda":
-        options = {"url": request.getfixturevalue("worker_url")}
-    if request.param == "dask":
-        options = {"address": request.getfixturevalue("dask_address")}
+    """Each registered executor's name, with `using` set so calls inside the test run there.
+
+    An executor that needs set-up (a worker, a cluster) gets its options from a fixture named
+    `<name>_options`; any other runs with its defaults.
+    """
+    try:
+        options = request.getfixturevalue(f"{request.param}_options")
+    except pytest.FixtureLookupError:
+        options = {}
     with lampy.using(executor=request.param, **options):
         yield request.param
-
-
-def assert_same(actual: Any, expected: Any, exact: bool = True) -> None:
-    """Equal leaf by leaf, with the same dtype and shape; exact or allclose."""
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict) and actual.keys() == expected.keys()
-        for key in expected:
-            assert_same(actual[key], expected[key], exact)
-    elif isinstance(expected, tuple | list):
-        assert type(actual) is type(expected) and len(actual) == len(expected)
-        for a, e in zip(actual, expected, strict=True):
-            assert_same(a, e, exact)
-    else:
-        a, e = np.asarray(actual), np.asarray(expected)
-        assert a.dtype == e.dtype and a.shape == e.shape, (a.dtype, a.shape, e.dtype, e.shape)
-        if exact:
-            np.testing.assert_array_equal(a, e)
-        else:
-            np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-9)

@@ -12,6 +12,7 @@ import lampy
 PUBLIC = {
     "BadSignature",
     "Coverage",
+    "Executor",
     "FrameError",
     "TooLarge",
     "VersionMismatch",
@@ -41,14 +42,17 @@ PUBLIC = {
     "__version__",
     "array",
     "calibrate",
+    "declare",
     "elemwise",
     "load_graph",
     "prewarm",
     "reduce",
+    "register_executor",
     "remote",
     "save_graph",
     "shared",
     "sum",
+    "upload",
     "using",
 }
 

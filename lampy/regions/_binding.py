@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from lampy._errors import SplitLengthError, UnsplittableError
-from lampy.runtime._job import Job, Part, Rows, SplitArray, Whole, fill, is_row_source, read
+from lampy.runtime._job import Job, Part, SplitArray, Whole, fill, is_row_source, read
+from lampy.runtime._plan import Rows
 
 
 class Shared:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from lampy._errors import OptionError, RetriesExhausted
-from lampy.runtime._job import Rows
+from lampy.runtime._plan import Rows
 
 
 def check_fraction(allow_partial: float | None) -> None:

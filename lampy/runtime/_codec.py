@@ -6,14 +6,18 @@ or write them to a socket without copying them into one pickle.
 
 from __future__ import annotations
 
+import os
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import cloudpickle
 
 PROTOCOL = 5
 ALIGN = 64  # out-of-band buffers start at multiples of this, for SIMD loads
+#: The largest message a receiver takes (a frame body, an upload); LAMPY_MAX_FRAME_BYTES overrides.
+MAX_FRAME_BYTES = int(os.environ.get("LAMPY_MAX_FRAME_BYTES", 8 << 30))
+Layout = list[tuple[int, int]]  # (offset, nbytes) of each buffer
 
 
 def padding(offset: int) -> int:
@@ -23,6 +27,20 @@ def padding(offset: int) -> int:
     (0, 63, 0, 63)
     """
     return -offset % ALIGN
+
+
+def layout_of(sizes: Sequence[int], start: int = 0) -> tuple[Layout, int]:
+    """Aligned offsets for buffers of these sizes placed from `start`, and where they end.
+
+    >>> layout_of([3, 70], start=10)
+    ([(64, 3), (128, 70)], 198)
+    """
+    layout, end = [], start
+    for size in sizes:
+        offset = end + padding(end)
+        layout.append((offset, size))
+        end = offset + size
+    return layout, end
 
 
 def dumps(obj: Any) -> bytes:

@@ -19,8 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from lampy.runtime._codec import dumps
-
-Rows = tuple[int, int]
+from lampy.runtime._plan import Rows
 
 
 @runtime_checkable

@@ -6,6 +6,7 @@ The file lives in the user's config dir ($XDG_CONFIG_HOME/lampy/secret, else
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from pathlib import Path
@@ -21,7 +22,13 @@ def load_secret() -> bytes:
     given = os.environ.get("LAMPY_SECRET")
     if given:
         return given.encode()
-    path = secret_path()
+    return _kept(secret_path())
+
+
+@functools.cache
+def _kept(path: Path) -> bytes:
+    """The secret kept at `path`, made on first use; read once per process (every signed
+    request asks for it)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:

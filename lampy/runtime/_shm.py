@@ -11,14 +11,11 @@ import mmap
 import os
 import pickle
 import tempfile
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from lampy.runtime._codec import dumps_out_of_band, padding
-
-Layout = list[tuple[int, int]]  # (offset, nbytes) of each buffer in a file
+from lampy.runtime._codec import Layout, dumps_out_of_band, layout_of
 
 
 def anonymous_file(size: int) -> int:
@@ -33,16 +30,6 @@ def anonymous_file(size: int) -> int:
         fd = handle
     os.ftruncate(fd, size)
     return fd
-
-
-def layout_of(sizes: Sequence[int]) -> tuple[Layout, int]:
-    """Aligned offsets for buffers of these sizes, and the total size they need."""
-    layout, end = [], 0
-    for size in sizes:
-        start = end + padding(end)
-        layout.append((start, size))
-        end = start + size
-    return layout, end
 
 
 def map_private(fd: int, offset: int, nbytes: int) -> memoryview:

@@ -23,7 +23,7 @@ from lampy._errors import (
 )
 from lampy.lazy._graph import schedule
 from lampy.regions._runner import RegionRunner
-from tests.conftest import assert_same
+from lampy.testing import assert_same
 from tests.lazy.test_lazy import Expr, both, expressions
 
 RNG = np.random.default_rng(2)

@@ -19,7 +19,7 @@ from lampy._errors import ShapeError, UnsupportedOperation, UsageError
 from lampy.lazy._graph import schedule
 from lampy.regions import _runner as runner_module
 from lampy.regions._runner import RegionRunner
-from tests.conftest import assert_same
+from lampy.testing import assert_same
 
 RNG = np.random.default_rng(0)
 N, M = 7, 3

@@ -15,7 +15,7 @@ import lampy.lazy as lazy
 from lampy.runtime import executors
 from lampy.runtime._settings import resolve_options
 from lampy.runtime.executors._base import Executor
-from tests.conftest import assert_same
+from lampy.testing import assert_same
 
 X = np.random.default_rng(3).uniform(-1, 1, (12, 5))
 

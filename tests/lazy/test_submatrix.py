@@ -13,7 +13,7 @@ import lampy.lazy as lazy
 from lampy._errors import OptionError
 from lampy.lazy._graph import schedule
 from lampy.regions._runner import RegionRunner
-from tests.conftest import assert_same
+from lampy.testing import assert_same
 from tests.lazy.test_lazy import DATA, Expr, both, expressions
 
 blocks = st.tuples(st.integers(1, 4), st.integers(1, 5))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lampy
-from tests.conftest import assert_same
+from lampy.testing import assert_same
 
 
 def affine(x: np.ndarray, y: np.ndarray, k: float = 2.0) -> np.ndarray:

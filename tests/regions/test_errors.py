@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import lampy
+from lampy.runtime import executors
 
 
 def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -123,7 +124,7 @@ def test_user_exception_keeps_type_and_names_chunk(executor: str) -> None:
         f(np.arange(10))
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "chunk 3 of 5 (rows 6:8)" in notes
-    if executor != "inline":
+    if executors.executor_class(executor).needs_pickle:  # from another process: its traceback
         cause = info.value.__cause__
         assert isinstance(cause, lampy.RemoteTraceback)
         assert "fails_on_row_7" in cause.text and "rows 6:8" in cause.text

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import lampy
-from tests.conftest import assert_same
+from lampy.testing import assert_same
 
 DTYPES = st.sampled_from([np.bool_, np.int32, np.int64, np.float32, np.float64, np.complex128])
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lampy
-from tests.conftest import assert_same
+from lampy.testing import assert_same
 
 
 def moments(x: np.ndarray) -> dict[str, object]:

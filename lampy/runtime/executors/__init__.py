@@ -1,9 +1,15 @@
-"""The executor registry: names to executor classes, loaded on first use.
+"""The executor registry: names to executor classes, loaded on first use; and what an
+executor is written with.
 
 An executor is one module plus one registration: its "module:Class" path, imported only when
 the executor is first asked for, so its dependencies load only then. lampy's own are registered
 below; users add theirs with `lampy.register_executor`. One instance is kept per (name,
 options), so a local pool or an HTTP session is reused across calls.
+
+Writing one: subclass `Executor`; `run(job)` starts each chunk a `ChunkScheduler` hands out on
+a worker, where `run_task(call, job.rows(chunk), job.whole)` runs it, and tells the scheduler
+how each attempt ended (`finished` with the `Outcome`, or `failed` when the worker was lost).
+tests/toy_executor.py is a whole one in a few lines.
 """
 
 from __future__ import annotations
@@ -15,9 +21,27 @@ import threading
 from typing import Any
 
 from lampy._errors import LampyError, OptionError, UnknownExecutorError
+from lampy.runtime._job import Job
+from lampy.runtime._plan import Costs
+from lampy.runtime._scheduler import ChunkScheduler
+from lampy.runtime._worker_side import Outcome, run_task
 from lampy.runtime.executors._base import Executor
 
-__all__ = ["Executor", "check_name", "executor_class", "get", "names", "register", "shutdown"]
+__all__ = [
+    "ChunkScheduler",
+    "Costs",
+    "Executor",
+    "Job",
+    "Outcome",
+    "check_name",
+    "executor_class",
+    "get",
+    "names",
+    "register",
+    "run_task",
+    "shutdown",
+    "unregister",
+]
 
 _REGISTRY: dict[str, str | type[Executor]] = {
     "inline": "lampy.runtime.executors._inline:InlineExecutor",

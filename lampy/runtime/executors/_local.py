@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from lampy._errors import OptionError, RemoteError, WorkerLost
-from lampy.runtime._codec import loads
+from lampy.runtime._codec import layout_of, loads
 from lampy.runtime._job import Job, SplitArray, is_row_source
 from lampy.runtime._plan import Costs
 from lampy.runtime._scheduler import ATTEMPTS, ChunkScheduler, check_attempts
-from lampy.runtime._shm import anonymous_file, layout_of, load_from_file
+from lampy.runtime._shm import anonymous_file, load_from_file
 from lampy.runtime._worker_side import TEMPLATES_KEPT, Outcome
 from lampy.runtime.executors._base import Executor
 from lampy.runtime.executors._local_worker import ArrayRef

@@ -7,15 +7,15 @@ A plan is a comma-separated list of `fault=probability`, e.g.
 the order calls arrive in). The worker counts what it did as `chaos_<fault>` in `GET /stats`,
 so a test can check the client saw every fault it was dealt.
 
->>> plan = Plan.parse("kill=0.05, 429=0.1", seed=7)
+>>> plan = FaultPlan.parse("kill=0.05, 429=0.1", seed=7)
 >>> plan
-Plan('kill=0.05,429=0.1', seed=7)
+FaultPlan('kill=0.05,429=0.1', seed=7)
 >>> round(plan.total, 2)
 0.15
 >>> draws = plan.dealer()
 >>> sorted({draws.draw() or "none" for _ in range(1000)})
 ['429', 'kill', 'none']
->>> Plan.parse("kill=0.5,boom=0.1")  # doctest: +ELLIPSIS
+>>> FaultPlan.parse("kill=0.5,boom=0.1")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
 lampy._errors.OptionError: --chaos: unknown fault 'boom'; faults: kill, 502, 429, hang, reset, ...
@@ -41,14 +41,14 @@ FAULTS = {
 
 
 @dataclass(frozen=True)
-class Plan:
+class FaultPlan:
     """Fault probabilities per call, in the order given, and the seed that deals them."""
 
     rates: tuple[tuple[str, float], ...]
     seed: int = 0
 
     @classmethod
-    def parse(cls, text: str, seed: int = 0) -> Plan:
+    def parse(cls, text: str, seed: int = 0) -> FaultPlan:
         """A plan from its `--chaos` string; refuses unknown faults and impossible rates."""
         rates: dict[str, float] = {}
         for item in text.split(","):
@@ -90,7 +90,7 @@ class Plan:
         return sum(rate for _, rate in self.rates)
 
     def __repr__(self) -> str:
-        return f"Plan({str(self)!r}, seed={self.seed})"
+        return f"FaultPlan({str(self)!r}, seed={self.seed})"
 
     def __str__(self) -> str:
         return ",".join(f"{fault}={rate:g}" for fault, rate in self.rates)
@@ -103,7 +103,7 @@ class Plan:
 class Dealer:
     """Deals one fault (or none) per call, and the random bytes a fault needs."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: FaultPlan) -> None:
         self.plan = plan
         self.random = random.Random(plan.seed)
 
@@ -119,7 +119,7 @@ class Dealer:
     def corrupt(self, body: bytes) -> bytes:
         """`body` with one to three bytes flipped (XOR with a non-zero byte).
 
-        >>> dealer = Plan.parse("corrupt=1").dealer()
+        >>> dealer = FaultPlan.parse("corrupt=1").dealer()
         >>> body = bytes(100)
         >>> 1 <= sum(a != b for a, b in zip(body, dealer.corrupt(body))) <= 3
         True

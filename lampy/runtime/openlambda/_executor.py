@@ -23,7 +23,6 @@ import random
 import time
 from collections import deque
 from dataclasses import replace
-from typing import Any
 
 from lampy._errors import ExecutionError, OptionError, RetriesExhausted
 from lampy.runtime._combine import Destination
@@ -313,15 +312,3 @@ def _take(scheduler: ChunkScheduler, size: int) -> Unit:
     while len(unit) < size and (chunk := scheduler.next()) is not None:
         unit.append(chunk)
     return tuple(unit)
-
-
-def prewarm(n: int, **options: Any) -> int:
-    """Warm `n` sandboxes of the openlambda executor that calls here would use; returns the count.
-
-    Options are those of `lampy.using(executor="openlambda", ...)`, which they override.
-    """
-    from lampy.runtime import executors
-    from lampy.runtime._settings import resolve_options
-
-    executor = executors.get("openlambda", {**resolve_options("openlambda"), **options})
-    return executor.prewarm(n)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import platform
 import struct
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ import cloudpickle
 import numpy as np
 
 from lampy._errors import BadSignature, FrameError, TooLarge, VersionMismatch
-from lampy.runtime._codec import dumps_out_of_band, loads, padding
+from lampy.runtime._codec import MAX_FRAME_BYTES, dumps_out_of_band, layout_of, loads, padding
 
 MAGIC = b"LMPY"
 FORMAT = 1
@@ -59,8 +58,6 @@ TAG_BYTES = 32
 SLICE = 1 << 20  # large buffers are hashed and written in slices of this size
 MAX_HEADER_BYTES = 1 << 16
 OUT_OF_BAND_BYTES = 1 << 16  # smaller buffers are cheaper in band
-#: Largest body accepted (LAMPY_MAX_FRAME_BYTES overrides): bigger frames are refused unread.
-MAX_FRAME_BYTES = int(os.environ.get("LAMPY_MAX_FRAME_BYTES", 8 << 30))
 VERSIONS = f"{platform.python_version()} {np.__version__} {cloudpickle.__version__}"
 
 Buffer = bytes | bytearray | memoryview
@@ -113,15 +110,15 @@ def encode(kind: int, value: Any, secret: bytes) -> Outgoing:
             struct.pack(f"<IQ{len(raws)}Q", len(raws), len(data), *(r.nbytes for r in raws)),
         ]
     )
+    start = PREFIX_BYTES + len(header) + len(data)
+    layout, end = layout_of([r.nbytes for r in raws], start)
     body: list[Buffer] = [data]
-    offset = PREFIX_BYTES + len(header) + len(data)
-    for raw in raws:
-        if pad := padding(offset):
+    for (offset, _), raw in zip(layout, raws, strict=True):
+        if pad := offset - start:
             body.append(bytes(pad))
-            offset += pad
         body.append(raw.cast("B") if raw.format != "B" else raw)
-        offset += raw.nbytes
-    body_bytes = offset - PREFIX_BYTES - len(header)
+        start = offset + raw.nbytes
+    body_bytes = end - PREFIX_BYTES - len(header)
     prefix = _PREFIX.pack(MAGIC, FORMAT, kind, 0, len(header), body_bytes)
     return Outgoing([prefix + header, *body], secret)
 

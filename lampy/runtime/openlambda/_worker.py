@@ -37,7 +37,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lampy.runtime.openlambda._chaos import Plan
+from lampy.runtime.openlambda._chaos import FaultPlan
 
 NAME = re.compile(r"^[A-Za-z0-9.\-_]+$")
 SANDBOX_SCRIPT = str(Path(__file__).with_name("_sandbox.py"))
@@ -126,6 +126,14 @@ class Lambda:
         self.average_ms = TARGET_QUEUE_MS
         self.scaler: asyncio.Task[None] | None = None
 
+    async def remove(self, sandbox: Sandbox) -> None:
+        """Take a sandbox out of this lambda's pools (idle or busy) and stop it."""
+        if sandbox in self.idle:
+            self.idle.remove(sandbox)
+        if sandbox in self.sandboxes:
+            self.sandboxes.remove(sandbox)
+        await sandbox.stop()
+
 
 class Worker:
     """The worker's state and its aiohttp application."""
@@ -136,7 +144,7 @@ class Worker:
         max_sandboxes: int = 2 * (os.cpu_count() or 1),
         runtime_limit: float = 30.0,
         queue_limit: int = QUEUE_LIMIT,
-        chaos: Plan | None = None,
+        chaos: FaultPlan | None = None,
     ) -> None:
         self.registry = registry
         self.chaos = chaos.dealer() if chaos is not None else None
@@ -230,10 +238,7 @@ class Worker:
             return
         if lam.scaler is not None:
             lam.scaler.cancel()
-        idle, lam.idle = lam.idle, []
-        for sb in idle:
-            lam.sandboxes.remove(sb)
-        await asyncio.gather(*(sb.stop() for sb in idle))
+        await asyncio.gather(*(lam.remove(sb) for sb in list(lam.idle)))
 
     def _lambda(self, name: str) -> Lambda | None:
         """The loaded lambda, extracting its blob on first use."""
@@ -323,10 +328,8 @@ class Worker:
         ]
         if idle:
             _, lam, sandbox = min(idle, key=lambda entry: entry[0])
-            lam.idle.remove(sandbox)
-            lam.sandboxes.remove(sandbox)
             self.stats["sandboxes_evicted"] += 1
-            await sandbox.stop()
+            await lam.remove(sandbox)
 
     async def _add(self, lam: Lambda) -> None:
         """Start one sandbox and hand it to a waiting call (or keep it idle)."""
@@ -348,8 +351,7 @@ class Worker:
 
     def _release(self, lam: Lambda, sandbox: Sandbox) -> None:
         if self.lambdas.get(lam.name) is not lam:  # code replaced meanwhile
-            lam.sandboxes.remove(sandbox)
-            task = asyncio.get_running_loop().create_task(sandbox.stop())
+            task = asyncio.get_running_loop().create_task(lam.remove(sandbox))
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
             return
@@ -375,9 +377,7 @@ class Worker:
             elif have > desired and lam.idle:
                 oldest = lam.idle[0]
                 if time.monotonic() - oldest.idle_since >= IDLE_GRACE_S:
-                    lam.idle.remove(oldest)
-                    lam.sandboxes.remove(oldest)
-                    await oldest.stop()
+                    await lam.remove(oldest)
             await asyncio.sleep(SCALE_TICK_S)
 
     async def _forward(
@@ -423,7 +423,7 @@ class Worker:
                 why = f"context deadline exceeded (runtime limit {self.runtime_limit:g} s)"
             else:
                 why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            await self._destroy(lam, sandbox)
+            await lam.remove(sandbox)
             self.stats["roundtrip_failed"] += 1
             if prepared:  # too late for a status line: cut the answer short
                 assert request.transport is not None
@@ -435,7 +435,7 @@ class Worker:
             self._release(lam, sandbox)
             return prepared[0]
         except asyncio.CancelledError:  # the caller hung up mid-call: the sandbox state is unknown
-            await asyncio.shield(self._destroy(lam, sandbox))
+            await asyncio.shield(lam.remove(sandbox))
             raise
         elapsed_ms = (time.monotonic() - start) * 1e3
         lam.average_ms = 0.8 * lam.average_ms + 0.2 * elapsed_ms
@@ -460,11 +460,6 @@ class Worker:
             answer.body = self.answers[self.chaos.pick(len(self.answers))]
         self.answers.append(body)
         return answer
-
-    async def _destroy(self, lam: Lambda, sandbox: Sandbox) -> None:
-        await sandbox.stop()
-        if sandbox in lam.sandboxes:
-            lam.sandboxes.remove(sandbox)
 
 
 async def _send(request: web.Request, writer: asyncio.StreamWriter) -> None:
@@ -535,7 +530,7 @@ def serve(
     registry: Path | None = None,
     max_sandboxes: int | None = None,
     runtime_limit: float = 30.0,
-    chaos: Plan | None = None,
+    chaos: FaultPlan | None = None,
 ) -> None:
     """Run a worker until interrupted (the `lampy worker` command)."""
     worker = Worker(

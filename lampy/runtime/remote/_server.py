@@ -22,13 +22,14 @@ from pathlib import Path
 from aiohttp import web
 
 from lampy._errors import RemoteArrayError, RemoteArrayNotFound, RemoteArrayRefused
+from lampy.runtime._codec import MAX_FRAME_BYTES
 from lampy.runtime._secret import load_secret
 from lampy.runtime.remote import _auth as auth
 from lampy.runtime.remote._npy import NpyMeta, read_meta
 from lampy.runtime.remote._reference import VERSION_HEADER
 
 DEFAULT_PORT = 5050
-MAX_UPLOAD_BYTES = 8 << 30  # the executor's own frame limit (frames.MAX_FRAME_BYTES)
+MAX_UPLOAD_BYTES = MAX_FRAME_BYTES  # what lampy's frames may carry
 SLICE = 1 << 20  # uploads are written, and files sent, in slices of this size
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -25,12 +25,18 @@ import lampy
 from lampy._errors import RetriesExhausted
 from lampy.runtime import executors
 from lampy.runtime._settings import resolve_options
-from lampy.runtime.openlambda._chaos import Plan
+from lampy.runtime.openlambda._chaos import FaultPlan
 from lampy.runtime.openlambda._deploy import upload
 from lampy.runtime.openlambda._executor import Accounting, OpenLambdaExecutor
-from lampy.testing import chaos, free_port, openlambda_worker, wait_ready, worker_command
+from lampy.testing import (
+    assert_same,
+    chaos,
+    free_port,
+    openlambda_worker,
+    wait_ready,
+    worker_command,
+)
 from lampy.testing import worker_stats as stats
-from tests.conftest import assert_same
 
 from .test_executor import make_job
 
@@ -271,7 +277,7 @@ def test_lampy_testing_chaos_catches_a_region_that_is_not_pure(lampy_secret: byt
 )
 def test_bad_chaos_plans_are_refused_clearly(text: str, message: str) -> None:
     with pytest.raises(lampy.OptionError, match=message):
-        Plan.parse(text)
+        FaultPlan.parse(text)
 
 
 def test_cli_refuses_a_bad_plan_before_starting() -> None:
@@ -281,7 +287,7 @@ def test_cli_refuses_a_bad_plan_before_starting() -> None:
 
 
 def test_a_seed_deals_the_same_faults() -> None:
-    plan = Plan.parse(PLAN, seed=5)
+    plan = FaultPlan.parse(PLAN, seed=5)
     first, second = plan.dealer(), plan.dealer()
     dealt = [first.draw() for _ in range(2000)]
     assert dealt == [second.draw() for _ in range(2000)]

@@ -27,8 +27,7 @@ from lampy.runtime.remote import _publish as publish
 from lampy.runtime.remote import _results as results
 from lampy.runtime.remote._reference import RemoteArray, upload
 from lampy.runtime.remote._results import Sink
-from lampy.testing import free_port
-from tests.conftest import assert_same
+from lampy.testing import assert_same, free_port
 
 from .conftest import Server
 
