@@ -132,9 +132,21 @@ def bind(
                 split_names.append(name)
                 return Part(len(split) - 1)
             value = value.fetch()
-        if not isinstance(value, np.ndarray) or (value.dtype == object and marked):
+        subclass = isinstance(value, np.ndarray) and type(value) not in (np.ndarray, np.memmap)
+        if not isinstance(value, np.ndarray) or (marked and value.dtype == object):
             constants.append((name, value))
             return value
+        if is_shared and subclass:  # sent whole as it is, in the pickled call: nothing lost
+            constants.append((name, value))
+            return value
+        if subclass:
+            kind = f"{type(value).__module__}.{type(value).__qualname__}"
+            raise UnsplittableError(
+                f"argument {name!r} is a {kind}, which lampy cannot split without losing what "
+                f"the subclass adds (a mask, matrix rules); pass np.asarray({name}) (and a "
+                f"masked array's mask as a second array, or {name}.filled(value)), or "
+                f"lampy.shared({name}) to send it whole"
+            )
         if is_shared:
             whole.append(value)
             return Whole(len(whole) - 1)

@@ -7,7 +7,7 @@ and the options its calls default to. How a call runs is the runner's job (`_run
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,8 @@ from lampy.regions._binding import parameter_names
 from lampy.regions._partial import Coverage, Partial, check_fraction
 from lampy.runtime import executors
 from lampy.runtime._combine import Destination, concatenate, tree_merge
+from lampy.runtime._job import chunk_label
+from lampy.runtime._plan import Rows
 from lampy.runtime._settings import Chunks, check_chunks
 
 
@@ -51,11 +53,21 @@ class Region:
                 f"its parameters: {sorted(names or ())}"
             )
 
-    def merge(self, results: list[Any], destination: Destination | None = None) -> Any:
-        """The chunks' results combined into what the undecorated call returns (an elemwise
-        result joined into `destination` when the executor has a result sink)."""
+    def merge(
+        self,
+        results: list[Any],
+        chunks: Sequence[Rows],
+        merged: Sequence[int],
+        destination: Destination | None = None,
+        split: bool = True,
+    ) -> Any:
+        """The results of chunks `merged` (numbers into the call's `chunks`) combined into
+        what the undecorated call returns (an elemwise result joined into `destination` when
+        the executor has a result sink). `split` False: the call split no array."""
         if self.combine is None:
-            return concatenate(results, destination)
+            labels = [chunk_label(c, len(chunks), chunks[c]) for c in merged]
+            rows = [chunks[c][1] - chunks[c][0] for c in merged] if split else None
+            return concatenate(results, labels, rows, destination)
         return self.finish(tree_merge(results, self.combine))
 
     def answer(self, value: Any, coverage: Coverage) -> Any:

@@ -54,9 +54,9 @@ class RegionRunner:
         region = self.region
         if not call_plan.fan_out:
             value = region.function(*binding.direct_args, **binding.direct_kwargs)
-            return region.answer(
-                region.merge([value], where.result_sink), Coverage(call_plan.chunks)
-            )
+            sink, split = where.result_sink, bool(binding.split)
+            whole = region.merge([value], call_plan.chunks, (0,), sink, split)
+            return region.answer(whole, Coverage(call_plan.chunks))
         done = {0: probe} if probe is not None else {}
         offset = len(done)  # the probe's rows, already computed, are chunk 0
         job = binding.job(
@@ -70,8 +70,9 @@ class RegionRunner:
         outcomes = where.run(job)
         done |= {chunk + offset: outcome for chunk, outcome in outcomes.items()}
         coverage = self._coverage(done, call_plan, where.needs_pickle)
-        merged = [done[c].value for c in coverage.merged]
-        return region.answer(region.merge(merged, where.result_sink), coverage)
+        values = [done[c].value for c in coverage.merged]
+        merged = region.merge(values, call_plan.chunks, coverage.merged, where.result_sink)
+        return region.answer(merged, coverage)
 
     def explain(
         self,

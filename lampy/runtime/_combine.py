@@ -23,25 +23,62 @@ class Destination(Protocol):
         """The parts joined along axis 0 there, with the dtype and values np.concatenate gives."""
 
 
-def concatenate(results: Sequence[Any], destination: Destination | None = None) -> Any:
-    """Join elemwise chunk results along axis 0, leaf by leaf; one result is returned as is."""
+def concatenate(
+    results: Sequence[Any],
+    labels: Sequence[str],
+    rows: Sequence[int] | None,
+    destination: Destination | None = None,
+) -> Any:
+    """Join elemwise chunk results along axis 0, leaf by leaf, into what one call over all the
+    rows returns; `labels` name the chunks and `rows` are their row counts (None when the call
+    split no array, so rows mean nothing).
+
+    Each chunk must return one row per input row, as plain ndarrays of one trailing shape and
+    dtype: anything else would make the answer depend on how the rows were cut, so it is a
+    `ResultError` naming the chunk. The joined array keeps the chunks' dtype, byte order
+    included.
+    """
+    zip_leaves(list(results), lambda parts, where: _check(parts, where, labels, rows))
     if destination is not None:
         return destination.assemble(results)
     if len(results) == 1:
         return results[0]
-    return zip_leaves(results, _join)
+    return zip_leaves(list(results), _join)
 
 
-def _join(parts: list[Any], where: str) -> np.ndarray:
-    for i, part in enumerate(parts):
+def _check(parts: list[Any], where: str, labels: Sequence[str], rows: Sequence[int] | None) -> None:
+    at = f" (at result{where})" if where else ""
+    first = parts[0]
+    for i, (part, label) in enumerate(zip(parts, labels, strict=True)):
         if not isinstance(part, np.ndarray) or part.ndim == 0:
             raise ResultError(
                 f"an elemwise region must return arrays with a leading axis to concatenate "
-                f"(or tuples/dicts of them); chunk {i} returned {describe(part)}"
-                f"{f' at {where}' if where else ''}. "
+                f"(or tuples/dicts of them); {label} returned {describe(part)}{at}. "
                 "Use @lampy.reduce or @lampy.sum for functions that reduce over rows."
             )
-    return np.concatenate(parts, axis=0)
+        if type(part) not in (np.ndarray, np.memmap):
+            raise ResultError(
+                f"{label} returned a {type(part).__module__}.{type(part).__qualname__}{at}; "
+                "lampy joins plain ndarrays and would drop what the subclass adds (a mask, "
+                "matrix rules): return np.asarray(...) or the parts (data and mask) as arrays"
+            )
+        if rows is not None and part.shape[0] != rows[i]:
+            raise ResultError(
+                f"{label} returned {part.shape[0]} rows for its {rows[i]} input rows{at}; an "
+                "elemwise region must return one row per input row (its result would depend "
+                "on how the rows were cut). Use @lampy.reduce or @lampy.sum for functions "
+                "that combine rows."
+            )
+        if (part.shape[1:], part.dtype) != (first.shape[1:], first.dtype):
+            raise ResultError(
+                f"chunk results differ{at}: {labels[0]} returned rows of shape "
+                f"{first.shape[1:]} {first.dtype}, {label} rows of shape {part.shape[1:]} "
+                f"{part.dtype}; every chunk must return the same trailing shape and dtype"
+            )
+
+
+def _join(parts: list[Any], where: str) -> np.ndarray:
+    return np.concatenate(parts, axis=0, dtype=parts[0].dtype)  # keeps the byte order
 
 
 def tree_merge(partials: Sequence[Any], combine: Callable[[Any, Any], Any]) -> Any:

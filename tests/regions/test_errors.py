@@ -104,7 +104,9 @@ def test_wrong_call_raises_the_functions_own_type_error(executor: str) -> None:
 
 
 def test_elemwise_result_must_have_rows(executor: str) -> None:
-    with pytest.raises(lampy.ResultError, match="chunk 0 returned a float.*@lampy.reduce"):
+    with pytest.raises(
+        lampy.ResultError, match=r"chunk 0 of 2 \(rows 0:2\) returned a float.*@lampy.reduce"
+    ):
         lampy.elemwise(chunks=2)(lambda x: float(x.sum()))(np.zeros(4))
 
 

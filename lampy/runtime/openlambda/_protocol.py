@@ -122,9 +122,10 @@ class Caller:
         """
         job = state.job
         state.calls += 1
+        number = state.calls  # this call's own: other calls go on while it waits
         parts = tuple(job.rows(c) for c in chunks)
         with_template = state.inline or state.sends < self.concurrency
-        asked = (job.id, chunks, state.calls)
+        asked = (job.id, chunks, number)
         offer = state.offer.task if state.offer is not None else None
         while True:
             if with_template:
@@ -136,7 +137,7 @@ class Caller:
                 job.whole if with_template else None,
                 parts,
                 offer,
-                state.calls,
+                number,
             )
             frame = await self.exchange(frames.encode(frames.TASK, task, self.secret))
             missing = frame.kind == frames.MISSING and frame.value == job.id
