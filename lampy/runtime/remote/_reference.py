@@ -18,6 +18,7 @@ refused rather than misread.
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import json
 import os
@@ -44,6 +45,16 @@ TIMEOUT_S = 60.0  # per socket operation of a read or upload
 UPLOAD_SLICE = 1 << 20  # uploads are written in slices of this size (no joined copy)
 _pool: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
 _pool_lock = threading.Lock()
+
+
+@atexit.register
+def _close_pool() -> None:
+    """Close the kept-alive connections (left open, each warns when collected at exit)."""
+    with _pool_lock:
+        connections = [c for idle in _pool.values() for c in idle]
+        _pool.clear()
+    for connection in connections:
+        connection.close()
 
 
 @dataclass(frozen=True)
