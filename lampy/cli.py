@@ -140,7 +140,9 @@ def _parser() -> Parser:
         return sub
 
     worker = command("worker", "run an OpenLambda-compatible worker")
-    worker.add_argument("--host", default="127.0.0.1", help="address to bind (this machine only)")
+    worker.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (the default: this machine only)"
+    )
     worker.add_argument("--port", type=port, default=WORKER_PORT, help="TCP port")
     worker.add_argument(
         "--registry", type=Path, help="directory of uploaded lambdas (default: a temp dir)"
@@ -169,7 +171,9 @@ def _parser() -> Parser:
 
     server = command("serve", "serve the .npy files of a directory by range")
     server.add_argument("directory", type=Path)
-    server.add_argument("--host", default="127.0.0.1", help="address to bind (this machine only)")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (the default: this machine only)"
+    )
     server.add_argument("--port", type=port, default=SERVE_PORT, help="TCP port")
     server.add_argument(
         "--max-upload", type=positive(int), help="largest PUT in bytes (default 8 GiB)"
@@ -191,7 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
     from lampy.runtime.remote.server import serve as serve_arrays
 
     if not args.directory.is_dir():
-        raise Failure(f"{args.directory} is not a directory")
+        raise Usage(f"{args.directory} is not a directory")
     check_port_free(args.host, args.port)
     serve_arrays(args.directory, args.host, args.port, args.max_upload or MAX_UPLOAD_BYTES)
     return 0
