@@ -44,7 +44,9 @@ def undocumented(module: ModuleType) -> list[str]:
         member = model.get(name)
         if member is None:
             missing.append(f"{module.__name__}.{name} (listed but not found)")
-        elif isinstance(member, pdoc.doc.Class | pdoc.doc.Function) and not member.docstring.strip():
+        elif (
+            isinstance(member, pdoc.doc.Class | pdoc.doc.Function) and not member.docstring.strip()
+        ):
             missing.append(f"{module.__name__}.{name}")
     return missing
 

@@ -2,8 +2,9 @@
 `lampy serve` (an array server for remote arrays) and `lampy calibrate` (measure the lazy
 arrays' cost constants on this machine).
 
-Mistakes are answered in one line on stderr, never a traceback: exit status 2 for a malformed
-command line, 1 for a failure (a port in use, nothing listening, a file that cannot be written).
+Mistakes are answered in one line on stderr, never a traceback: exit status 2 for a mistake in
+the command line (or a directory to serve that is not one), 1 for a failure (a port in use,
+nothing listening, a file that cannot be written).
 `--debug` or LAMPY_DEBUG=1 adds the traceback, for bug reports.
 """
 
@@ -141,7 +142,7 @@ def _parser() -> Parser:
 
     worker = command("worker", "run an OpenLambda-compatible worker")
     worker.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (the default: this machine only)"
+        "--host", default="127.0.0.1", help="address to bind; 127.0.0.1 serves this machine only"
     )
     worker.add_argument("--port", type=port, default=WORKER_PORT, help="TCP port")
     worker.add_argument(
@@ -172,7 +173,7 @@ def _parser() -> Parser:
     server = command("serve", "serve the .npy files of a directory by range")
     server.add_argument("directory", type=Path)
     server.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (the default: this machine only)"
+        "--host", default="127.0.0.1", help="address to bind; 127.0.0.1 serves this machine only"
     )
     server.add_argument("--port", type=port, default=SERVE_PORT, help="TCP port")
     server.add_argument(

@@ -129,7 +129,7 @@ def _parser() -> Parser:
     d.add_argument(
         "--speakers",
         type=_count(1),
-        help=f"number of speakers (default: chosen among 2..{max_k} by silhouette)",
+        help=f"number of speakers (default: found by silhouette, at most {max_k})",
     )
     d.add_argument("--reference", type=Path, help="reference RTTM: print DER and purities")
     d.add_argument("--out", type=Path, help="directory for the RTTM and the PNG timeline")
