@@ -3,8 +3,8 @@
 arrays' cost constants on this machine).
 
 Mistakes are answered in one line on stderr, never a traceback: exit status 2 for a mistake in
-the command line (or a directory to serve that is not one), 1 for a failure (a port in use,
-nothing listening, a file that cannot be written).
+the command line, 1 for a failure (a port in use, nothing listening, a file that cannot be
+written, a directory to serve that is not one).
 `--debug` or LAMPY_DEBUG=1 adds the traceback, for bug reports.
 """
 
@@ -40,7 +40,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (the message and where help is), status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def debugging(flag: bool = False) -> bool:
@@ -196,7 +196,8 @@ def _serve(args: argparse.Namespace) -> int:
     from lampy.runtime.remote.server import serve as serve_arrays
 
     if not args.directory.is_dir():
-        raise Usage(f"{args.directory} is not a directory")
+        # SystemExit, as the server itself says it: callers of main() rely on it.
+        raise SystemExit(f"lampy serve: {args.directory} is not a directory")
     check_port_free(args.host, args.port)
     serve_arrays(args.directory, args.host, args.port, args.max_upload or MAX_UPLOAD_BYTES)
     return 0
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if debugging(args.debug):
             traceback.print_exc()
         if isinstance(exc, Usage):
-            print(f"{prog}: {exc} (see {prog} --help)", file=sys.stderr)
+            print(f"{prog}: error: {exc} (see {prog} --help)", file=sys.stderr)
             return 2
         print(f"{prog}: {one_line(exc)}", file=sys.stderr)
         return 1

@@ -110,7 +110,6 @@ def test_a_port_in_use_is_reported_before_any_banner(
         (["worker", "--port", "http"], "not a port number"),
         (["worker", "--max-sandboxes", "0"], "must be above 0"),
         (["worker", "--chaos", "kill"], "needs a probability"),
-        (["serve", "/nonexistent-lampy-dir"], "/nonexistent-lampy-dir is not a directory"),
         (["deploy", "--url", "127.0.0.1:5300"], "write it like http://127.0.0.1:5300"),
         (["deploy"], "one of the arguments --url --output is required"),
         (["bogus"], "invalid choice: 'bogus'"),
@@ -118,6 +117,11 @@ def test_a_port_in_use_is_reported_before_any_banner(
 )
 def test_usage_mistakes(args: list[str], text: str) -> None:
     one_line_error(lampy_command(*args), 2, text)
+
+
+def test_serve_a_missing_directory() -> None:
+    done = lampy_command("serve", "/nonexistent-lampy-dir")
+    one_line_error(done, 1, "lampy serve: /nonexistent-lampy-dir is not a directory")
 
 
 def test_deploy_to_nothing_listening(closed_port: int) -> None:

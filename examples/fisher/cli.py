@@ -55,7 +55,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (the message and where help is), status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _count(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -410,7 +410,8 @@ def _out_dir(path: Path) -> Path:
 
 
 def _plot_title(wav: Path, result: Result, scored: Score | None) -> str:
-    title = f"{wav.name}: {result.n_speakers} speakers found"
+    plural = "" if result.n_speakers == 1 else "s"
+    title = f"{wav.name}: {result.n_speakers} speaker{plural} found"
     if scored is not None:
         title += (
             f"; DER {100 * scored.der:.1f}% (with 0.25 s collar {100 * scored.der_collar:.1f}%)"
