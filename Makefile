@@ -19,10 +19,11 @@ SAMPLE := examples/fisher/data/two_speakers
 OUT := out/fisher
 
 # Diarize the bundled sample on the default executor, write the RTTM and PNG under $(OUT), and
-# time the same run on the inline executor for comparison.
+# time the same run on the inline executor for comparison. More options: make run ARGS="--chunks 4".
+ARGS ?=
 run: $(STAMP)
 	$(BIN)/python -m examples.fisher diarize $(SAMPLE).wav --reference $(SAMPLE).rttm \
-		--out $(OUT) --compare-inline
+		--out $(OUT) --compare-inline $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -50,6 +50,8 @@ def debugging(flag: bool = False) -> bool:
 
 def one_line(error: BaseException) -> str:
     """An exception as one line: its first line, with its type when the message is empty."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.filename}: {error.strerror}"
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
 

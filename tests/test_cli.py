@@ -140,6 +140,13 @@ def test_deploy_output_to_a_missing_directory() -> None:
     one_line_error(done, 1, "cannot write /nonexistent-lampy-dir/x.tgz: No such file")
 
 
+def test_calibrate_into_a_cache_it_cannot_write(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    done = lampy_command("calibrate", XDG_CACHE_HOME=str(tmp_path / "a-file"))
+    one_line_error(done, 1, "lampy calibrate: ")
+    assert "Not a directory" in done.stderr
+
+
 @pytest.mark.parametrize("how", ["flag before", "flag after", "environment"])
 def test_debug_adds_the_traceback(how: str) -> None:
     deploy = ["deploy", "--output", "/nonexistent-lampy-dir/x.tgz"]
