@@ -170,7 +170,7 @@ def _parser() -> Parser:
 
 
 @dataclass
-class Executor:
+class ExecutorChoice:
     """The executor a command runs on, its options, and a way to see what it did."""
 
     name: str
@@ -178,7 +178,7 @@ class Executor:
     options: dict[str, Any]
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Executor:
+    def from_args(cls, args: argparse.Namespace) -> ExecutorChoice:
         """Resolve the executor as lampy will (flag, then LAMPY_EXECUTOR, then local).
 
         An openlambda worker that does not answer is an error here, before any work: the
@@ -400,6 +400,7 @@ def _table(result: Result, scored: Score | None, total: float) -> str:
 
 
 def _out_dir(path: Path) -> Path:
+    """The --out directory, made if needed; refused when it names a file."""
     if path.exists() and not path.is_dir():
         raise Usage(f"--out {path} is a file; --out names a directory for the RTTM and PNG")
     try:
@@ -420,12 +421,12 @@ def _plot_title(wav: Path, result: Result, scored: Score | None) -> str:
 
 
 def _diarize(args: argparse.Namespace) -> int:
-    out = _out_dir(args.out) if args.out else None
     signal, rate = read_wav(args.wav, min_seconds=MIN_SECONDS)
     seconds = signal.size / rate
     _check_speakers(args.speakers, seconds, args.wav)
     reference = _read_reference(args.reference, args.wav, seconds) if args.reference else None
-    executor = Executor.from_args(args)
+    out = _out_dir(args.out) if args.out else None  # before the run: fail before the work
+    executor = ExecutorChoice.from_args(args)
     startup = executor.start()
     done = executor.observe()
     start = time.perf_counter()
@@ -539,7 +540,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    executor = Executor.from_args(args)
+    executor = ExecutorChoice.from_args(args)
     with executor.using():
         trials = evaluate(
             args.speakers,
