@@ -446,19 +446,7 @@ def _diarize(args: argparse.Namespace) -> int:
     for warning in (_count_warning(result), implausible(scored) if scored else None):
         if warning:
             _warn(warning)
-    written: dict[str, str] = {}
-    if out is not None:
-        rttm_path = out / f"{args.wav.stem}.rttm"
-        rttm_path.write_text(format_rttm(result.turns, args.wav.stem))
-        written["rttm"] = str(rttm_path)
-        png = out / f"{args.wav.stem}.png"
-        mapping = scored.mapping if scored else None
-        title = _plot_title(args.wav, result, scored)
-        note = save_timeline(png, result.turns, reference, mapping, title)
-        if note:
-            _warn(note)
-        else:
-            written["png"] = str(png)
+    written = _write_outputs(out, args.wav, result, reference, scored) if out else {}
     if args.json:
         report: dict[str, Any] = {
             "file": str(args.wav),
@@ -483,6 +471,21 @@ def _diarize(args: argparse.Namespace) -> int:
     for kind, path in written.items():
         print(f"wrote {kind.upper()}: {path}")
     return 0
+
+
+def _write_outputs(
+    out: Path, wav: Path, result: Result, reference: list[Turn] | None, scored: Score | None
+) -> dict[str, str]:
+    """Write NAME.rttm and NAME.png into `out`; the paths written, by kind."""
+    rttm = out / f"{wav.stem}.rttm"
+    rttm.write_text(format_rttm(result.turns, wav.stem))
+    png = out / f"{wav.stem}.png"
+    mapping = scored.mapping if scored else None
+    note = save_timeline(png, result.turns, reference, mapping, _plot_title(wav, result, scored))
+    if note:  # no matplotlib: the RTTM alone
+        _warn(note)
+        return {"rttm": str(rttm)}
+    return {"rttm": str(rttm), "png": str(png)}
 
 
 def _comparison(name: str, total: float, inline_total: float, startup: float) -> str:
