@@ -456,6 +456,7 @@ def _diarize(args: argparse.Namespace) -> int:
             "timings": {**result.timings, "total": total},
             "executor": executor.name,
             "fan_out": fan_out,
+            "worker_startup": startup,
             "written": written,
         }
         if inline_total is not None:
