@@ -106,10 +106,13 @@ def test_the_quickstart_prints_what_the_readme_shows(tmp_path: Path) -> None:
     assert done.stdout == shown.group(1)
 
 
-def test_install_lines_name_the_distribution() -> None:
-    declared = re.search(r'^name = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+def test_install_lines_name_the_distribution_and_it_holds_only_lampy() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    declared = re.search(r'^name = "(.+)"$', pyproject, re.MULTILINE)
     name = declared.group(1) if declared else None
     assert name == "lampy-numpy"
+    # The wheel holds lampy alone: the Fisher example is no top-level package of it.
+    assert 'include = ["lampy", "lampy.*"]' in pyproject
     for page in PAGES:
         for line in re.findall(r"pip install [^\n`]*", page.read_text()):
             target = line.split()[2].strip("'\"")
