@@ -4,18 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest chaos bench bench-peers clean
+.PHONY: run test lint typecheck pytest docs chaos bench bench-peers clean
 
+# The distribution was called "lampy" before (a name taken on the package index): a venv made
+# then still holds it, and it would claim the same files, so it goes first.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip uninstall --quiet --yes lampy 2>/dev/null || true
 	$(BIN)/pip install --quiet -e '.[dev,fisher]'
 	touch $(STAMP)
 
 SAMPLE := examples/fisher/data/two_speakers
+OUT := out/fisher
 
+# Diarize the bundled sample on the default executor, write the RTTM and PNG under $(OUT), and
+# time the same run on the inline executor for comparison. More options: make run ARGS="--chunks 4".
+ARGS ?=
 run: $(STAMP)
-	$(BIN)/python -m examples.fisher diarize $(SAMPLE).wav --reference $(SAMPLE).rttm
+	$(BIN)/python -m examples.fisher diarize $(SAMPLE).wav --reference $(SAMPLE).rttm \
+		--out $(OUT) --compare-inline $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -28,6 +36,10 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# The API reference (pdoc) of what lampy and lampy.testing export, in build/docs/.
+docs: $(STAMP)
+	$(BIN)/python docs/build_api.py build/docs
 
 # The full chaos suite: 10 seeds x 1,000 chunks under 20% mixed faults (make test runs 2 x 300).
 chaos: $(STAMP)
@@ -47,4 +59,4 @@ bench-peers: $(STAMP)
 		simplejson pyAudioAnalysis==0.3.14
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) build out *.egg-info .pytest_cache .benchmarks

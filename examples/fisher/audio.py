@@ -105,6 +105,24 @@ def _decode(path: Path, raw: bytes, tag: int, bits: int) -> np.ndarray:
 def write_wav(path: str | Path, signal: np.ndarray, rate: int) -> None:
     """Write a mono 16-bit PCM wav file (samples are clipped to [-1, 1])."""
     pcm = (np.clip(signal, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    _write_pcm16(Path(path), pcm, rate)
+
+
+def trim_wav(path: str | Path, seconds: float) -> float:
+    """Cut a mono 16-bit PCM wav file (as `write_wav` writes) to at most `seconds`, in place.
+
+    The samples are kept as bytes, so what remains is bit-identical. Returns the new length.
+    """
+    path = Path(path)
+    (tag, channels, rate, bits), samples = _chunks(path, path.read_bytes())
+    if (tag, channels, bits) != (_PCM, 1, 16):
+        raise NotWavError(f"{path}: trim_wav handles mono 16-bit PCM only")
+    kept = samples[: 2 * round(seconds * rate)]
+    _write_pcm16(path, kept, rate)
+    return len(kept) / 2 / rate
+
+
+def _write_pcm16(path: Path, pcm: bytes, rate: int) -> None:
     header = struct.pack(
         "<4sI4s4sIHHIIHH4sI",
         b"RIFF",
@@ -121,4 +139,4 @@ def write_wav(path: str | Path, signal: np.ndarray, rate: int) -> None:
         b"data",
         len(pcm),
     )
-    Path(path).write_bytes(header + pcm)
+    path.write_bytes(header + pcm)

@@ -1,57 +1,379 @@
-"""`python -m examples.fisher diarize|generate|evaluate ...`: see the package docstring."""
+"""`python -m examples.fisher diarize|generate|evaluate ...`: see the package docstring.
+
+Mistakes are answered in one line on stderr, never a traceback: exit status 2 when the command
+line or an input file is wrong (a missing or malformed wav or RTTM, a recording too short to
+diarize), 1 when the work fails (the platform, a file that cannot be written, missing tools).
+`--debug` or LAMPY_DEBUG=1 adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import asdict
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
 
 import lampy
 
-from .audio import AudioError, read_wav
+from .audio import AudioError, read_wav, trim_wav
 from .evaluate import evaluate, summary
-from .pipeline import DiarizationError, Result, diarize
+from .pipeline import DiarizationError, Params, Result, diarize
 from .plot import save_timeline
-from .rttm import RttmError, format_rttm, read_rttm
-from .scoring import Score, score
-from .synth import SynthError, generate
+from .rttm import RttmError, Turn, format_rttm, read_rttm
+from .scoring import Score, ScoreError, implausible, score
+from .synth import VOICES, SynthError, generate
 
-MIN_SECONDS = 2.0
+EXECUTORS = ("inline", "local", "openlambda", "dask")
+OPENLAMBDA_URL = "http://127.0.0.1:5000"  # lampy's default for the openlambda executor
+MIN_SECONDS = 2.0  # shortest recording diarize reads (two 1 s mid-term windows)
+SECONDS_PER_SPEAKER = 2.0  # --speakers N needs N times this much audio: see _check_speakers
+REFERENCE_SLACK = 1.0  # seconds a reference may run past the end of its recording
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class Usage(Exception):
+    """The command line or an input file is wrong: one line, exit status 2."""
+
+
+class Failure(Exception):
+    """The work could not be done: one line, exit status 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (the message and where help is), status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type for integers in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"{low}..{high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(low: float) -> Callable[[str], float]:
+    """An argparse type for a duration of at least `low` seconds."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be at least {low:g} s, got {text}")
+        return value
+
+    return parse
+
+
+def _chunks(text: str) -> int | str:
+    return "auto" if text == "auto" else _count(1)(text)
+
+
+def _parser() -> Parser:
+    parser = Parser(
         prog="python -m examples.fisher",
         description="Speaker diarization with Fisher Linear Semi-Discriminant analysis on lampy.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("diarize", help="find who spoke when in a wav file")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (or LAMPY_DEBUG=1)")
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run_options = Parser(add_help=False)
+    run_options.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        help="where lampy runs the heavy stages: inline (this process), local (worker "
+        "processes, the default), openlambda (a worker at --url), dask (a scheduler at --url)",
+    )
+    run_options.add_argument(
+        "--chunks",
+        type=_chunks,
+        help="chunks per lampy region: a number, or auto (the default: fan out only when it pays)",
+    )
+    run_options.add_argument(
+        "--url",
+        help="openlambda: the worker (default LAMPY_OPENLAMBDA_URL or "
+        f"{OPENLAMBDA_URL}); dask: the scheduler address",
+    )
+    max_k = Params().max_speakers
+    d = sub.add_parser(
+        "diarize", help="find who spoke when in a wav file", parents=[common, run_options]
+    )
     d.add_argument("wav", type=Path)
-    d.add_argument("--speakers", type=int, help="number of speakers (default: chosen 2..4)")
+    d.add_argument(
+        "--speakers",
+        type=_count(1),
+        help=f"number of speakers (default: found by silhouette, at most {max_k})",
+    )
     d.add_argument("--reference", type=Path, help="reference RTTM: print DER and purities")
-    d.add_argument("--executor", default=None, help="lampy executor: inline, local, openlambda")
     d.add_argument("--out", type=Path, help="directory for the RTTM and the PNG timeline")
-    d.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    d.add_argument("--seed", type=_count(0), default=0, help="k-means seed (default 0)")
+    d.add_argument(
+        "--compare-inline",
+        action="store_true",
+        help="run again on the inline executor and print both times",
+    )
     d.add_argument("--json", action="store_true", help="print one JSON object")
-    g = sub.add_parser("generate", help="synthesize a conversation with espeak-ng and sox")
-    g.add_argument("wav", type=Path)
+    g = sub.add_parser(
+        "generate", help="synthesize a conversation with espeak-ng and sox", parents=[common]
+    )
+    g.add_argument("wav", type=Path, help="the .wav file to write")
     g.add_argument("--rttm", type=Path, help="ground truth path (default: FILE.rttm)")
-    g.add_argument("--speakers", type=int, default=2)
-    g.add_argument("--seconds", type=float, default=40.0)
-    g.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("evaluate", help="DER over generated conversations and k-means seeds")
-    e.add_argument("--speakers", type=int, default=2)
-    e.add_argument("--conversations", type=int, default=5)
-    e.add_argument("--seconds", type=float, default=90.0)
-    e.add_argument("--kmeans-seeds", type=int, default=3)
-    e.add_argument("--first-seed", type=int, default=100, help="seed of the first conversation")
+    g.add_argument("--speakers", type=_count(1, len(VOICES)), default=2, help="default 2")
+    g.add_argument(
+        "--seconds", type=_seconds(MIN_SECONDS), default=40.0, help="length (default 40)"
+    )
+    g.add_argument("--seed", type=_count(0), default=0, help="default 0")
+    e = sub.add_parser(
+        "evaluate",
+        help="DER over generated conversations and k-means seeds",
+        parents=[common, run_options],
+    )
+    e.add_argument("--speakers", type=_count(1, len(VOICES)), default=2, help="default 2")
+    e.add_argument("--conversations", type=_count(1), default=5, help="default 5")
+    e.add_argument("--seconds", type=_seconds(MIN_SECONDS), default=90.0, help="each (default 90)")
+    e.add_argument("--kmeans-seeds", type=_count(1), default=3, help="per conversation (3)")
+    e.add_argument(
+        "--first-seed", type=_count(0), default=100, help="seed of the first conversation (100)"
+    )
     e.add_argument("--known", action="store_true", help="give the true number of speakers")
-    e.add_argument("--executor", default=None, help="lampy executor: inline, local, openlambda")
     return parser
+
+
+# --- where the work runs, and what the executor did ------------------------------------------
+
+
+@dataclass
+class ExecutorChoice:
+    """The executor a command runs on, its options, and a way to see what it did."""
+
+    name: str
+    chunks: int | str | None
+    options: dict[str, Any]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ExecutorChoice:
+        """Resolve the executor as lampy will (flag, then LAMPY_EXECUTOR, then local).
+
+        An openlambda worker that does not answer is an error here, before any work: the
+        alternative, discovering it only when a stage fans out, would let a run that never
+        fans out "succeed" without the platform it asked for.
+        """
+        name = args.executor or os.environ.get("LAMPY_EXECUTOR") or "local"
+        options: dict[str, Any] = {}
+        if name == "openlambda":
+            url = (args.url or os.environ.get("LAMPY_OPENLAMBDA_URL") or OPENLAMBDA_URL).rstrip("/")
+            _check_openlambda(url)
+            options["url"] = url
+        elif name == "dask" and args.url:
+            options["address"] = args.url
+        elif args.url:
+            raise Usage(f"--url is for --executor openlambda or dask, not {name}")
+        return cls(name, args.chunks, options)
+
+    @contextmanager
+    def using(self) -> Iterator[None]:
+        """Run the block on this executor (a `lampy.using` block)."""
+        chunks = None if self.chunks in (None, "auto") else int(self.chunks)
+        with lampy.using(executor=self.name, chunks=chunks, **self.options):
+            yield
+
+    def start(self) -> float:
+        """Start the local pool ahead of the timed run; the seconds it took (0 elsewhere).
+
+        Starting worker processes is paid once per process, not per run: timing it apart
+        keeps the comparison with inline about the work, and leaves the workers' CPU time
+        from here on to the chunks alone.
+        """
+        if self.name != "local":
+            return 0.0
+        began = time.perf_counter()
+        with self.using():
+            _touch(np.zeros(2))
+        return time.perf_counter() - began
+
+    def observe(self) -> Callable[[], str]:
+        """Start watching the executor; the returned function says what it did meanwhile."""
+        if self.name == "local":
+            before, caller = _children_cpu(), time.process_time()
+
+            def local() -> str:
+                after = _children_cpu()
+                if after is None or before is None:
+                    return "local (fan-out not observable on this system)"
+                workers, cpu = after[0], after[1] - before[1]
+                if cpu < 0.01:  # the resolution of /proc's CPU times
+                    return f"local: did not fan out ({_why_not(self.chunks)})"
+                return (
+                    f"local: fanned out to {workers} worker processes, which did {cpu:.2f} s "
+                    f"of CPU work (this process {time.process_time() - caller:.2f} s); "
+                    f"chunks={self.chunks or 'auto'}"
+                )
+
+            return local
+        if self.name == "openlambda":
+            url = self.options["url"]
+            calls = _openlambda_requests(url)
+
+            def openlambda() -> str:
+                after = _openlambda_requests(url)
+                if after is None or calls is None:
+                    return f"openlambda at {url} (its /stats does not count calls)"
+                if after == calls:
+                    return f"openlambda at {url}: sent no calls ({_why_not(self.chunks)})"
+                return (
+                    f"openlambda at {url}: fanned out in {after - calls} calls; "
+                    f"chunks={self.chunks or 'auto'}"
+                )
+
+            return openlambda
+        if self.name == "inline":
+            return lambda: "inline: every chunk in this process, one after another (no fan-out)"
+        return lambda: f"{self.name} (fan-out is not observed for this executor)"
+
+
+@lampy.elemwise(chunks=2)
+def _touch(x: np.ndarray) -> np.ndarray:
+    """Two chunks of nothing: makes the local executor start its workers."""
+    return x
+
+
+def _why_not(chunks: int | str | None) -> str:
+    if chunks in (None, "auto"):
+        return 'chunks="auto" judged that no stage would gain; --chunks N forces a fan-out'
+    return "no stage had enough rows to split"
+
+
+def _children_cpu() -> tuple[int, float] | None:
+    """(child processes of this one, their CPU seconds so far) from /proc; None elsewhere.
+
+    The local executor's workers are this process's children, so their CPU time shows whether
+    and how much work left the process without looking inside lampy.
+    """
+    tasks = Path(f"/proc/{os.getpid()}/task")
+    try:
+        children = {
+            pid for task in tasks.iterdir() for pid in (task / "children").read_text().split()
+        }
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = 0.0
+    for pid in children:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it exited meanwhile
+        seconds += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return len(children), seconds
+
+
+def _check_openlambda(url: str) -> None:
+    """Fail unless an OpenLambda worker answers at `url` (GET /status: ready)."""
+    try:
+        with urllib.request.urlopen(f"{url}/status", timeout=5) as answer:
+            ready = answer.read(64).strip() == b"ready"
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        ready = False
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        reason = reason.strerror if isinstance(reason, OSError) and reason.strerror else reason
+        raise Failure(
+            f"no OpenLambda worker answers at {url} ({reason}): start one (`lampy worker`, then "
+            f"`lampy deploy --url {url}`), give --url, or choose another --executor"
+        ) from None
+    if not ready:
+        raise Failure(f"{url} is not an OpenLambda worker (GET /status did not answer ready)")
+
+
+def _openlambda_requests(url: str) -> int | None:
+    """The worker's count of calls served (`requests` in GET /stats), None if it has no /stats.
+
+    `lampy worker` lists a counter only once it is above zero, so a missing one counts as 0.
+    """
+    try:
+        with urllib.request.urlopen(f"{url}/stats", timeout=5) as answer:
+            stats = json.load(answer)
+    except (OSError, ValueError):
+        return None
+    count = stats.get("requests", 0) if isinstance(stats, dict) else None
+    return count if isinstance(count, int) else None
+
+
+# --- diarize -------------------------------------------------------------------------------
+
+
+def _read_reference(path: Path, wav: Path, seconds: float) -> list[Turn]:
+    """The reference turns of this recording, refusing one that cannot be its reference."""
+    turns = read_rttm(path, file_id=wav.stem)
+    if not turns:
+        raise Usage(f"{path}: no SPEAKER lines, so nothing to score against")
+    end = max(t.end for t in turns)
+    if end > seconds + REFERENCE_SLACK:
+        raise Usage(
+            f"{path}: turns run to {end:.1f} s but {wav} lasts {seconds:.1f} s; "
+            "is it the reference of this recording?"
+        )
+    return turns
+
+
+def _check_speakers(wanted: int | None, seconds: float, wav: Path) -> None:
+    """Refuse a speaker count the recording cannot hold.
+
+    A speaker becomes a cluster of 1 s mid-term windows; two seconds of audio per speaker is
+    the least that leaves each cluster more than one window, before any silence.
+    """
+    most = int(seconds // SECONDS_PER_SPEAKER)
+    if wanted is not None and wanted > most:
+        raise Usage(
+            f"--speakers {wanted}: {wav} lasts {seconds:.1f} s, room for at most {most} "
+            f"speakers ({SECONDS_PER_SPEAKER:g} s of audio each)"
+        )
+
+
+def _count_line(result: Result) -> str | None:
+    """How the speaker count was chosen, or None when it was given."""
+    if not result.silhouettes:
+        return None
+    sil = ", ".join(f"k={k}: {v:.3f}" for k, v in result.silhouettes.items())
+    return f"silhouette (higher is better): {sil}"
+
+
+def _count_warning(result: Result) -> str | None:
+    """A warning when no tried count shows speaker structure (every silhouette at or below 0)."""
+    if result.silhouettes and max(result.silhouettes.values()) <= 0.0:
+        return (
+            f"the speaker count {result.n_speakers} is a guess: no count tried separates the "
+            "voices (every silhouette <= 0; noise, one voice, or too little speech)"
+        )
+    return None
 
 
 def _table(result: Result, scored: Score | None, total: float) -> str:
@@ -59,9 +381,9 @@ def _table(result: Result, scored: Score | None, total: float) -> str:
     for t in result.turns:
         lines.append(f"{t.start:9.2f} {t.end:9.2f} {t.duration:7.2f}  {t.speaker}")
     lines.append(f"\nspeakers: {result.n_speakers}")
-    if result.silhouettes:
-        sil = ", ".join(f"k={k}: {v:.3f}" for k, v in result.silhouettes.items())
-        lines.append(f"silhouette: {sil}")
+    count = _count_line(result)
+    if count:
+        lines.append(count)
     if scored:
         lines += [
             f"DER (no collar): {100 * scored.der:.2f}%  (missed {100 * scored.missed:.2f}%, "
@@ -77,48 +399,153 @@ def _table(result: Result, scored: Score | None, total: float) -> str:
     return "\n".join(lines)
 
 
+def _out_dir(path: Path) -> Path:
+    """The --out directory, made if needed; refused when it names a file."""
+    if path.exists() and not path.is_dir():
+        raise Usage(f"--out {path} is a file; --out names a directory for the RTTM and PNG")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Failure(f"cannot make --out {path}: {exc.strerror}") from None
+    return path
+
+
+def _plot_title(wav: Path, result: Result, scored: Score | None) -> str:
+    plural = "" if result.n_speakers == 1 else "s"
+    title = f"{wav.name}: {result.n_speakers} speaker{plural} found"
+    if scored is not None:
+        title += (
+            f"; DER {100 * scored.der:.1f}% (with 0.25 s collar {100 * scored.der_collar:.1f}%)"
+        )
+    return title
+
+
 def _diarize(args: argparse.Namespace) -> int:
     signal, rate = read_wav(args.wav, min_seconds=MIN_SECONDS)
-    reference = read_rttm(args.reference) if args.reference else None
+    seconds = signal.size / rate
+    _check_speakers(args.speakers, seconds, args.wav)
+    reference = _read_reference(args.reference, args.wav, seconds) if args.reference else None
+    out = _out_dir(args.out) if args.out else None  # before the run: fail before the work
+    executor = ExecutorChoice.from_args(args)
+    startup = executor.start()
+    done = executor.observe()
     start = time.perf_counter()
-    with lampy.using(executor=args.executor) if args.executor else nullcontext():
+    with executor.using(), _names(args.wav):
         result = diarize(signal, rate, args.speakers, args.seed)
     total = time.perf_counter() - start
+    fan_out = done()
+    inline_total = None
+    if args.compare_inline:
+        start = time.perf_counter()
+        with lampy.using(executor="inline"), _names(args.wav):
+            again = diarize(signal, rate, args.speakers, args.seed)
+        inline_total = time.perf_counter() - start
+        if again.turns != result.turns:
+            _warn("the inline run found other turns (float sums in another order)")
     scored = score(reference, result.turns) if reference is not None else None
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        rttm_path = args.out / f"{args.wav.stem}.rttm"
-        rttm_path.write_text(format_rttm(result.turns, args.wav.stem))
-        mapping = scored.mapping if scored else None
-        png = args.out / f"{args.wav.stem}.png"
-        note = save_timeline(png, result.turns, reference, mapping)
-        if note and not args.json:
-            print(note, file=sys.stderr)
+    for warning in (_count_warning(result), implausible(scored) if scored else None):
+        if warning:
+            _warn(warning)
+    written = _write_outputs(out, args.wav, result, reference, scored) if out else {}
     if args.json:
-        out = {
+        report: dict[str, Any] = {
             "file": str(args.wav),
             "speakers": result.n_speakers,
             "silhouettes": result.silhouettes,
             "turns": [asdict(t) for t in result.turns],
             "timings": {**result.timings, "total": total},
+            "executor": executor.name,
+            "fan_out": fan_out,
+            "worker_startup": startup,
+            "written": written,
         }
+        if inline_total is not None:
+            report["inline_total"] = inline_total
         if scored:
-            out["score"] = asdict(scored)
-        print(json.dumps(out, indent=2))
-    else:
-        print(_table(result, scored, total))
+            report["score"] = asdict(scored)
+        print(json.dumps(report, indent=2))
+        return 0
+    print(_table(result, scored, total))
+    print(f"\nexecutor: {fan_out}")
+    if inline_total is not None:
+        print(_comparison(executor.name, total, inline_total, startup))
+    for kind, path in written.items():
+        print(f"wrote {kind.upper()}: {path}")
     return 0
 
 
+def _write_outputs(
+    out: Path, wav: Path, result: Result, reference: list[Turn] | None, scored: Score | None
+) -> dict[str, str]:
+    """Write NAME.rttm and NAME.png into `out`; the paths written, by kind."""
+    rttm = out / f"{wav.stem}.rttm"
+    rttm.write_text(format_rttm(result.turns, wav.stem))
+    png = out / f"{wav.stem}.png"
+    mapping = scored.mapping if scored else None
+    note = save_timeline(png, result.turns, reference, mapping, _plot_title(wav, result, scored))
+    if note:  # no matplotlib: the RTTM alone
+        _warn(note)
+        return {"rttm": str(rttm)}
+    return {"rttm": str(rttm), "png": str(png)}
+
+
+def _comparison(name: str, total: float, inline_total: float, startup: float) -> str:
+    ratio = inline_total / total
+    verdict = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+    started = f" (+{startup:.2f} s starting workers, once per process)" if startup else ""
+    return (
+        f"time: {name} {total:.2f} s{started} against inline {inline_total:.2f} s for the same "
+        f"run: {name} is {verdict}"
+    )
+
+
+@contextmanager
+def _names(wav: Path) -> Iterator[None]:
+    """Errors of the pipeline about the recording name the recording."""
+    try:
+        yield
+    except DiarizationError as exc:
+        raise Usage(f"{wav}: {exc}") from None
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
+
+
+# --- generate and evaluate -----------------------------------------------------------------
+
+
 def _generate(args: argparse.Namespace) -> int:
-    rttm = args.rttm or args.wav.with_suffix(".rttm")
-    turns = generate(args.wav, rttm, args.speakers, args.seconds, args.seed)
-    print(f"wrote {args.wav} and {rttm}: {len(turns)} turns, {turns[-1].end:.1f} s")
+    wav: Path = args.wav
+    rttm: Path = args.rttm or wav.with_suffix(".rttm")
+    if wav.suffix.lower() != ".wav":
+        raise Usage(f"{wav}: generate writes WAV audio only; name the file .wav")
+    for path in (wav, rttm):
+        if not path.parent.is_dir():
+            raise Failure(f"cannot write {path}: no directory {path.parent}")
+    # Write beside the targets, then rename: a failure leaves no half-made files behind.
+    with tempfile.TemporaryDirectory(dir=wav.parent, prefix=".generate-") as tmp:
+        tmp_wav, tmp_rttm = Path(tmp) / "conversation.wav", Path(tmp) / "conversation.rttm"
+        turns = generate(tmp_wav, tmp_rttm, args.speakers, args.seconds, args.seed)
+        # The generator ends on a whole turn, past the length asked for: cut it there.
+        length = trim_wav(tmp_wav, args.seconds)
+        turns = [Turn(t.start, min(t.end, length), t.speaker) for t in turns if t.start < length]
+        heard = {t.speaker for t in turns}
+        if len(heard) < args.speakers:
+            raise Usage(
+                f"--seconds {args.seconds:g} is too short for {args.speakers} speakers to each "
+                f"take a turn ({len(heard)} did); ask for more seconds or another --seed"
+            )
+        tmp_rttm.write_text(format_rttm(turns, wav.stem))
+        shutil.move(tmp_wav, wav)
+        shutil.move(tmp_rttm, rttm)
+    print(f"wrote {wav} ({length:.1f} s, {len(heard)} speakers, {len(turns)} turns) and {rttm}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    with lampy.using(executor=args.executor) if args.executor else nullcontext():
+    executor = ExecutorChoice.from_args(args)
+    with executor.using():
         trials = evaluate(
             args.speakers,
             args.conversations,
@@ -132,20 +559,37 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"diarize": _diarize, "generate": _generate, "evaluate": _evaluate}
+INPUT_ERRORS = (Usage, AudioError, RttmError, ScoreError, lampy.OptionError)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = _parser().parse_args(argv)
+    prog = f"python -m examples.fisher {args.command}"
     try:
         return COMMANDS[args.command](args)
-    except (
-        AudioError,
-        RttmError,
-        DiarizationError,
-        SynthError,
-        lampy.UnknownExecutorError,
-        lampy.OptionError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug or os.environ.get("LAMPY_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"{prog}: {_message(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, INPUT_ERRORS) else 1
+
+
+def _message(error: Exception) -> str:
+    """One line for any error: its first line, and for unexpected ones the way to learn more."""
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else ""
+    if isinstance(error, (*INPUT_ERRORS, Failure, SynthError)):
+        return first
+    if isinstance(error, lampy.LampyError):
+        return f"lampy failed: {first}"
+    if isinstance(error, OSError) and not isinstance(error, ModuleNotFoundError):
+        return f"{first or type(error).__name__}"
+    # A chunk's own exception comes back with its type and a note naming the chunk.
+    chunk = [n for n in getattr(error, "__notes__", []) if n.startswith("raised in lampy")]
+    where = f", {chunk[0]}" if chunk else ""
+    if chunk and isinstance(error, ModuleNotFoundError):
+        where += " (the workers cannot import it)"
+    return f"{type(error).__name__}: {first}{where} (--debug shows the traceback)"

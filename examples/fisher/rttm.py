@@ -27,10 +27,23 @@ class RttmError(ValueError):
     """An RTTM file that cannot be parsed."""
 
 
-def read_rttm(path: str | Path) -> list[Turn]:
-    """SPEAKER lines of an RTTM file as turns, sorted by start time."""
-    turns = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+def read_rttm(path: str | Path, file_id: str | None = None) -> list[Turn]:
+    """SPEAKER lines of an RTTM file as turns, sorted by start time.
+
+    With `file_id`, only that recording's lines are kept, and a file whose lines are all for
+    other recordings is refused: scoring against another recording's turns gives nonsense.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RttmError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise RttmError(f"{path}: a directory, not an RTTM file") from None
+    except UnicodeDecodeError:
+        raise RttmError(f"{path}: not an RTTM file (not text)") from None
+    turns, others = [], set()
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields or fields[0] != "SPEAKER":
             continue
@@ -40,7 +53,15 @@ def read_rttm(path: str | Path) -> list[Turn]:
             start, duration = float(fields[3]), float(fields[4])
         except ValueError as exc:
             raise RttmError(f"{path}:{number}: bad start or duration: {exc}") from None
+        if not (start >= 0 and duration >= 0):  # also refuses nan
+            raise RttmError(f"{path}:{number}: negative start or duration")
+        if file_id is not None and fields[1] != file_id:
+            others.add(fields[1])
+            continue
         turns.append(Turn(start, start + duration, fields[7]))
+    if not turns and others:
+        found = ", ".join(sorted(others)[:3]) + (", ..." if len(others) > 3 else "")
+        raise RttmError(f"{path}: holds turns of {found}, none of {file_id}")
     return sorted(turns, key=lambda t: (t.start, t.end))
 
 

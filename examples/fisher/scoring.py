@@ -16,6 +16,10 @@ from .rttm import Turn
 GRID = 0.01
 
 
+class ScoreError(ValueError):
+    """A reference that cannot score anything: it holds no speech."""
+
+
 @dataclass(frozen=True)
 class Score:
     """DER and its parts as fractions of reference speech time, plus purities."""
@@ -50,7 +54,13 @@ def _der_parts(ref: np.ndarray, hyp: np.ndarray, mapped: np.ndarray) -> tuple[fl
 
 
 def score(reference: list[Turn], hypothesis: list[Turn], collar: float = 0.25) -> Score:
-    """DER without collar and with `collar` s ignored around every reference boundary; purities."""
+    """DER without collar and with `collar` s ignored around every reference boundary; purities.
+
+    DER is (missed + false alarm + confusion) / reference speech: missed and confusion are at
+    most the reference speech, false alarm is not bounded by it, so DER may pass 100% when the
+    hypothesis holds more speech than the reference (see `implausible`). A reference without
+    speech is refused: nothing could be divided by it.
+    """
     end = max([t.end for t in reference + hypothesis], default=0.0)
     n = round(end / GRID) + 1
     ref, ref_names = activity(reference, n)
@@ -61,6 +71,8 @@ def score(reference: list[Turn], hypothesis: list[Turn], collar: float = 0.25) -
     for r, c in zip(rows, cols, strict=True):
         correct += ref[:, r] & hyp[:, c]
     m, f, c, total = _der_parts(ref, hyp, correct)
+    if total == 0:
+        raise ScoreError("the reference holds no speaker turns: there is nothing to score against")
     keep = np.ones(n, dtype=bool)
     pad = round(collar / GRID)
     for t in reference:
@@ -71,12 +83,28 @@ def score(reference: list[Turn], hypothesis: list[Turn], collar: float = 0.25) -
     table = ref[single].T.astype(np.int64) @ hyp[single].astype(np.int64)
     n_single = max(int(table.sum()), 1)
     return Score(
-        der=(m + f + c) / max(total, 1.0),
-        missed=m / max(total, 1.0),
-        false_alarm=f / max(total, 1.0),
-        confusion=c / max(total, 1.0),
+        der=(m + f + c) / total,
+        missed=m / total,
+        false_alarm=f / total,
+        confusion=c / total,
         der_collar=(mc + fc + cc) / max(total_c, 1.0),
         cluster_purity=float(table.max(axis=0).sum()) / n_single if table.size else 0.0,
         speaker_purity=float(table.max(axis=1).sum()) / n_single if table.size else 0.0,
         mapping={hyp_names[c]: ref_names[r] for r, c in zip(rows, cols, strict=True)},
+    )
+
+
+def implausible(scored: Score) -> str | None:
+    """Why a score suggests a wrong reference, or None: DER past 100% is all false alarm.
+
+    Missed speech and confusion together never pass 100% of the reference's speech, so a DER
+    above 100% means the hypothesis found more speech than the reference holds, as with the
+    reference of another (shorter, sparser) recording.
+    """
+    if scored.der <= 1.0:
+        return None
+    return (
+        f"DER {100 * scored.der:.1f}% is above 100%: the hypothesis holds "
+        f"{100 * scored.false_alarm:.0f}% more speech than the reference; is the reference "
+        "for this recording?"
     )
