@@ -17,7 +17,7 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 from lampy._errors import ShapeError, UnsupportedOperation, UsageError
 from lampy.lazy._graph import Node, check_submatrix, evaluate, source
 from lampy.regions._function import ParallelFunction
-from lampy.runtime._settings import Chunks
+from lampy.runtime._settings import Chunks, using
 from lampy.runtime.remote._reference import RemoteArray, remote
 
 SUPPORTED_FUNCTIONS = (
@@ -93,12 +93,18 @@ class LazyArray(NDArrayOperatorsMixin):
         executor: str | None = None,
         chunks: Chunks | None = None,
         submatrix: tuple[int, int] | None = None,
+        **options: Any,
     ) -> Any:
         """Compute with lampy regions; options default as for any region call.
 
         `submatrix=(r, c)` cuts 2-D element-wise work into r x c blocks (instead of `chunks`).
+        Other keywords are the executor's options, as in `lampy.using(executor, **options)`.
         """
-        return evaluate(self.node, executor, chunks, check_submatrix(submatrix, chunks))
+        blocks = check_submatrix(submatrix, chunks)
+        if not options:
+            return evaluate(self.node, executor, chunks, blocks)
+        with using(executor, **options):
+            return evaluate(self.node, executor, chunks, blocks)
 
     compute = run
 

@@ -215,10 +215,13 @@ def _check_lengths(split: list[SplitArray], names: list[str]) -> None:
         described = ", ".join(
             f"{n} has {length} rows" for n, length in zip(names, lengths, strict=True)
         )
+        odd = [n for n, length in zip(names, lengths, strict=True) if length != lengths[0]]
+        marks = " or ".join(f"lampy.shared({n.partition('[')[0]})" for n in odd[:2])
+        keys = ", ".join(repr(n.partition("[")[0]) for n in odd[:2])
         raise SplitLengthError(
             f"split arguments differ in length on axis 0: {described}. Arrays that every chunk "
-            "needs whole must be marked shared: lampy.shared(x) at the call, or "
-            "shared=('x',) on the decorator"
+            f"needs whole must be marked shared: {marks} at the call, or shared=({keys},) on "
+            "the decorator"
         )
 
 

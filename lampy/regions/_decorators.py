@@ -75,7 +75,14 @@ def reduce(
             f"reduce needs a combine function, as in @lampy.reduce(combine); got {combine!r}"
         )
 
-    def decorate(f: Function) -> ParallelFunction:
+    def decorate(f: Any) -> ParallelFunction:
+        if not callable(f):  # bare @lampy.reduce: `combine` was the function, this its data
+            name = getattr(combine, "__qualname__", repr(combine))
+            raise OptionError(
+                f"{name} was decorated with a bare @lampy.reduce, which needs its combine "
+                f"rule: write @lampy.reduce(combine) (e.g. @lampy.reduce(np.maximum)), or "
+                f"@lampy.sum for partials that add; it was then called with {type(f).__name__}"
+            )
         return ParallelFunction(
             Region(
                 f,

@@ -9,6 +9,10 @@ plan: bit-identical float reductions).
 
 from __future__ import annotations
 
+import inspect
+import linecache
+import re
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
@@ -147,7 +151,7 @@ class RegionRunner:
             if isinstance(error, RetriesExhausted):
                 lost[chunk] = error
             elif error is not None:
-                _raise_remote(done[chunk], chunk, call_plan, remote)
+                _raise_remote(done[chunk], chunk, call_plan, remote, self.region.function)
         coverage = Coverage(call_plan.chunks, lost)
         if lost:
             needed = self.region.allow_partial
@@ -206,7 +210,9 @@ def _raise_lost(error: RetriesExhausted, traceback: str) -> None:
     raise error
 
 
-def _raise_remote(outcome: Outcome, chunk: int, call_plan: Plan, remote: bool) -> None:
+def _raise_remote(
+    outcome: Outcome, chunk: int, call_plan: Plan, remote: bool, function: Any
+) -> None:
     """Re-raise a chunk's user exception with its own type, naming the chunk and its rows."""
     error = outcome.error
     assert error is not None
@@ -214,5 +220,30 @@ def _raise_remote(outcome: Outcome, chunk: int, call_plan: Plan, remote: bool) -
     if hasattr(error, "add_note"):
         error.add_note(where)
     if remote:
-        raise error from RemoteTraceback(f"{where}\n{outcome.traceback}")
+        text = _with_sources(outcome.traceback, function)
+        raise error from RemoteTraceback(f"{where}\n{text}")
     raise error
+
+
+def _with_sources(traceback: str, function: Any) -> str:
+    """The remote traceback with the file names and source lines cloudpickle drops from
+    functions it sends by value (they run as "<dynamic-code>"), found in the caller's module."""
+    module = sys.modules.get(getattr(function, "__module__", None) or "")
+    files: dict[str, str] = {}
+    for value in [function, *(vars(module).values() if module is not None else ())]:
+        code = getattr(inspect.unwrap(value), "__code__", None) if callable(value) else None
+        if code is not None:
+            files.setdefault(code.co_name, code.co_filename)
+
+    def restore(match: re.Match[str]) -> str:
+        indent, line, name = match.group(1), match.group(2), match.group(3)
+        path = files.get(name)
+        if path is None:
+            return match.group(0)
+        source = linecache.getline(path, int(line)).strip()
+        shown = f"\n{indent}  {source}" if source else ""
+        return f'{indent}File "{path}", line {line}, in {name}{shown}'
+
+    return re.sub(
+        r'^( *)File "<dynamic-code>", line (\d+), in (\w+)$', restore, traceback, flags=re.M
+    )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +155,41 @@ def test_exception_that_cannot_travel_becomes_remote_error() -> None:
 def test_probe_failure_raises_directly() -> None:
     with pytest.raises(BadRow):
         lampy.elemwise(executor="local")(fails_on_row_7)(np.arange(5000) % 8)
+
+
+def test_a_bare_reduce_says_it_needs_its_combine_rule() -> None:
+    @lampy.reduce  # type: ignore[arg-type]
+    def largest(x: np.ndarray) -> np.ndarray:
+        return x.max(axis=0)
+
+    with pytest.raises(lampy.OptionError, match=r"largest was decorated with a bare @lampy"):
+        largest(np.arange(4))  # type: ignore[arg-type]
+
+
+def test_split_length_hint_names_the_arguments_to_share() -> None:
+    @lampy.elemwise
+    def scaled(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return x * weights[: len(x)]
+
+    with pytest.raises(lampy.SplitLengthError, match=r"lampy.shared\(weights\) at the call"):
+        scaled(np.ones(10), np.ones(3))
+
+
+def test_remote_tracebacks_show_the_file_and_line_of_functions_sent_by_value(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import numpy as np, lampy\n"
+        "def boom(x):\n"
+        "    raise ValueError('boom here')\n"
+        "try:\n"
+        "    lampy.elemwise(chunks=2, executor='local')(boom)(np.arange(4))\n"
+        "except ValueError as error:\n"
+        "    print(error.__cause__)\n"
+    )
+    printed = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert f'File "{script}", line 3, in boom' in printed and "raise ValueError" in printed
+    assert "<dynamic-code>" not in printed

@@ -188,6 +188,7 @@ class OpenLambdaExecutor(Executor):
         def waiting() -> bool:  # a capped platform is given up on only after a cold start's time
             return stale < 2 or time.monotonic() - grew < PREWARM_PATIENCE_S
 
+        failure: BaseException | None = None
         while len(seen) < n and waiting() and time.monotonic() < deadline:
             before = len(seen)
             calls = [self.caller.ping(PREWARM_HOLD_S) for _ in range(n)]
@@ -196,8 +197,15 @@ class OpenLambdaExecutor(Executor):
                     raise answer
                 if isinstance(answer, int):
                     seen.add(answer)
+                elif isinstance(answer, BaseException):
+                    failure = answer
             stale = stale + 1 if len(seen) == before else 0
             grew = grew if stale else time.monotonic()
+        if not seen and failure is not None:
+            raise ExecutionError(
+                f"no sandbox answered a pre-warm call at {self.endpoint} ({failure}); is the "
+                f"OpenLambda worker up (GET {self.url}/status), and lampy deployed there?"
+            ) from failure
         return len(seen)
 
     async def _run_job(self, state: JobState) -> dict[int, Outcome]:

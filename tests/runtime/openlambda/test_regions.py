@@ -95,3 +95,19 @@ def test_missing_lambda_says_deploy(worker_url: str) -> None:
         pytest.raises(ExecutionError, match="lampy deploy --url .* --name not-deployed"),
     ):
         lampy.elemwise(np.negative, chunks=2)(np.arange(4))
+
+
+def test_prewarm_of_an_unreachable_platform_says_so() -> None:
+    from lampy.testing import free_port
+
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(lampy.ExecutionError, match=r"no sandbox answered a pre-warm call at"):
+        lampy.prewarm(2, url=nobody)
+
+
+def test_lazy_run_takes_the_executors_options(openlambda: str) -> None:
+    x = lampy.array(np.arange(40.0).reshape(20, 2))
+    expected = np.exp(np.arange(40.0).reshape(20, 2))
+    with lampy.using(executor="inline"):
+        got = np.exp(x).run(executor="openlambda", chunks=2, url=openlambda)
+    np.testing.assert_array_equal(got, expected)
