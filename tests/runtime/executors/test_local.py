@@ -104,7 +104,8 @@ def hang_once(x: np.ndarray, marker: str) -> np.ndarray:
 
 def test_hung_chunk_is_killed_at_its_timeout_and_retried(tmp_path: Path) -> None:
     x = np.arange(20.0)
-    with lampy.using(executor="local", timeout=1.0, chunks=2):
+    # 3 s: a replaced worker's first chunk imports this test module, slow on a loaded machine
+    with lampy.using(executor="local", timeout=3.0, chunks=2):
         np.testing.assert_array_equal(lampy.elemwise(hang_once)(x, str(tmp_path / "m")), x + 1)
 
 
