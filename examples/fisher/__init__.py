@@ -14,6 +14,16 @@ python -m examples.fisher generate OUT.wav [--speakers N] [--seconds S] [--seed 
 python -m examples.fisher evaluate [--speakers N] [--conversations C] [--known]
 """
 
-from .pipeline import Params, Result, diarize
+from typing import Any
 
 __all__ = ["Params", "Result", "diarize"]
+
+
+def __getattr__(name: str) -> Any:
+    """The pipeline's names, imported on first use: a worker process that unpickles a region
+    of `features` then imports numpy alone, not scipy and the rest of the pipeline (~0.6 s)."""
+    if name in __all__:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
