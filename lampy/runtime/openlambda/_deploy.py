@@ -5,11 +5,14 @@ inside the tarball under `lampy/`: all of it (it is small), because a pickled ar
 to any lampy object (a method region's `self` holds a ParallelFunction). Importing lampy needs
 only numpy and cloudpickle; aiohttp and tenacity are imported by the caller-side modules alone.
 `requirements.txt` pins the caller's exact numpy and cloudpickle (and their dependencies), since
-pickles move between the two ends; `.env` carries the secret that signs frames.
+pickles move between the two ends; `.env` carries the secret that signs frames, so the tarball
+is written 0600 (`save`) and its upload is signed, its bytes hashed under the signature
+(`lampy worker` refuses unsigned registry requests; OpenLambda's own registry checks nothing).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import tarfile
@@ -19,7 +22,8 @@ import urllib.request
 from importlib import metadata
 from pathlib import Path
 
-from lampy.runtime._secret import load_secret
+from lampy.runtime._secret import load_secret, write_private
+from lampy.runtime.remote import _auth as auth
 
 PINNED = ("numpy", "cloudpickle")
 F_PY = '''"""lampy's handler for OpenLambda: a WSGI app taking signed binary frames (see lampy/)."""
@@ -67,13 +71,23 @@ def build(secret: bytes | None = None) -> bytes:
     return out.getvalue()
 
 
+def save(path: Path, secret: bytes | None = None) -> None:
+    """Write the tarball to `path`, readable by this user only (it holds the secret)."""
+    write_private(path, build(secret))
+
+
 def upload(url: str, name: str = "lampy", secret: bytes | None = None) -> str:
-    """POST the tarball to `url`/registry/`name`; the worker's answer, or an error saying why."""
+    """POST the tarball to `url`/registry/`name`, signed; the worker's answer, or an error
+    saying why."""
+    key = secret or load_secret()
+    data = build(key)
+    target = f"/registry/{name}"
+    signed = auth.sign(key, "POST", target, "", str(len(data)), hashlib.sha256(data).hexdigest())
     request = urllib.request.Request(
-        f"{url.rstrip('/')}/registry/{name}",
-        data=build(secret),
+        f"{url.rstrip('/')}{target}",
+        data=data,
         method="POST",
-        headers={"Content-Type": "application/gzip"},
+        headers={"Content-Type": "application/gzip", "Content-Length": str(len(data)), **signed},
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as answer:

@@ -5,9 +5,17 @@ written as they are, never joined into one bytes object. Every frame is signed w
 HMAC-SHA256 under the shared secret, and the tag is checked before anything is unpickled:
 unpickling is running code, so an unsigned frame must never reach `pickle.loads`.
 
-The tag comes last, so both ends hash while the bytes move (the sender slice by slice as it
-writes, the receiver as slices arrive) instead of in a separate pass before sending or after
-receiving; a receiver still unpickles nothing until the whole frame is in and the tag matches.
+Nothing is allocated for a frame before its sender is known: the fixed-size prefix, which
+declares the frame's lengths, is signed on its own (the head tag), so a receiver reads those
+`HEAD_BYTES`, checks them, and only then makes room for what they declare. The prefix also
+carries the frame's time and a random nonce: a frame outside the time window, with a time that
+is not finite, or whose nonce this process has seen, is refused (`Replayed`) before anything
+else is read, so a captured task or answer cannot be played again.
+
+The whole frame's tag comes last, so both ends hash while the bytes move (the sender slice by
+slice as it writes, the receiver as slices arrive) instead of in a separate pass before sending
+or after receiving; a receiver still unpickles nothing until the whole frame is in and the tag
+matches.
 
 Layout (integers little-endian):
 
@@ -18,11 +26,14 @@ Layout (integers little-endian):
     6       2     reserved, zero
     8       4     header length H
     12      8     body length B
-    20      H     header: u16 n, n bytes "python numpy cloudpickle" versions, u32 count of
+    20      8     time the frame was made (Unix seconds, float64)
+    28      16    nonce (random)
+    44      32    head tag: HMAC-SHA256 of bytes 0-43
+    76      H     header: u16 n, n bytes "python numpy cloudpickle" versions, u32 count of
                   out-of-band buffers, u64 pickle length, one u64 per buffer
-    20+H    B     body: the pickle, then each buffer, at offsets (from the frame's start)
+    76+H    B     body: the pickle, then each buffer, at offsets (from the frame's start)
                   aligned to 64 bytes
-    20+H+B  32    HMAC-SHA256 of everything before it
+    76+H+B  32    HMAC-SHA256 of everything before it
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import hashlib
 import hmac
 import platform
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +52,10 @@ import numpy as np
 
 from lampy._errors import BadSignature, FrameError, TooLarge, VersionMismatch
 from lampy.runtime._codec import MAX_FRAME_BYTES, dumps_out_of_band, layout_of, loads, padding
+from lampy.runtime._secret import Freshness, nonce
 
 MAGIC = b"LMPY"
-FORMAT = 1
+FORMAT = 2
 TASK, RESULT, PING, PONG, MISSING, MISMATCH = range(1, 7)
 KINDS = {
     TASK: "task",
@@ -52,15 +65,21 @@ KINDS = {
     MISSING: "missing",
     MISMATCH: "mismatch",
 }
-_PREFIX = struct.Struct("<4sBBHIQ")
+_PREFIX = struct.Struct("<4sBBHIQd16s")
 PREFIX_BYTES = _PREFIX.size
 TAG_BYTES = 32
+HEAD_BYTES = PREFIX_BYTES + TAG_BYTES  # what a receiver reads before it knows the sender
 SLICE = 1 << 20  # large buffers are hashed and written in slices of this size
 MAX_HEADER_BYTES = 1 << 16
 OUT_OF_BAND_BYTES = 1 << 16  # smaller buffers are cheaper in band
 VERSIONS = f"{platform.python_version()} {np.__version__} {cloudpickle.__version__}"
 
 Buffer = bytes | bytearray | memoryview
+FRESHNESS = Freshness()  # the nonces of every frame this process took
+
+
+class Replayed(BadSignature):
+    """A signed frame refused for its time or nonce: replayed, too old, or from the future."""
 
 
 @dataclass
@@ -110,7 +129,7 @@ def encode(kind: int, value: Any, secret: bytes) -> Outgoing:
             struct.pack(f"<IQ{len(raws)}Q", len(raws), len(data), *(r.nbytes for r in raws)),
         ]
     )
-    start = PREFIX_BYTES + len(header) + len(data)
+    start = HEAD_BYTES + len(header) + len(data)
     layout, end = layout_of([r.nbytes for r in raws], start)
     body: list[Buffer] = [data]
     for (offset, _), raw in zip(layout, raws, strict=True):
@@ -118,20 +137,26 @@ def encode(kind: int, value: Any, secret: bytes) -> Outgoing:
             body.append(bytes(pad))
         body.append(raw.cast("B") if raw.format != "B" else raw)
         start = offset + raw.nbytes
-    body_bytes = end - PREFIX_BYTES - len(header)
-    prefix = _PREFIX.pack(MAGIC, FORMAT, kind, 0, len(header), body_bytes)
-    return Outgoing([prefix + header, *body], secret)
+    body_bytes = end - HEAD_BYTES - len(header)
+    prefix = _PREFIX.pack(MAGIC, FORMAT, kind, 0, len(header), body_bytes, time.time(), nonce())
+    head_tag = hmac.new(secret, prefix, hashlib.sha256).digest()
+    return Outgoing([prefix + head_tag + header, *body], secret)
 
 
-def check_prefix(prefix: Buffer, max_bytes: int | None = None) -> int:
-    """The whole frame's length, from its first PREFIX_BYTES bytes; refuses bad or huge frames."""
-    if len(prefix) < PREFIX_BYTES:
-        least = PREFIX_BYTES + TAG_BYTES
-        raise FrameError(f"truncated frame: {len(prefix)} bytes, a frame has at least {least}")
-    magic, version, kind, _, header, body = _PREFIX.unpack_from(prefix)
+def check_head(
+    head: Buffer, secret: bytes, max_bytes: int | None = None, freshness: Freshness | None = None
+) -> int:
+    """The whole frame's length, from its first HEAD_BYTES bytes, once they are signed, fresh
+    and new; refuses bad, huge, unsigned or replayed frames without reading further."""
+    view = memoryview(head)[:HEAD_BYTES]
+    if view[: len(MAGIC)] != MAGIC[: view.nbytes]:
+        raise FrameError(f"not a lampy frame (starts with {bytes(view[: len(MAGIC)])!r})")
+    if view.nbytes < HEAD_BYTES:
+        raise FrameError(
+            f"truncated frame: {view.nbytes} bytes, a frame has at least {HEAD_BYTES + TAG_BYTES}"
+        )
+    _, version, kind, _, header, body, when, once = _PREFIX.unpack_from(view)
     max_bytes = MAX_FRAME_BYTES if max_bytes is None else max_bytes
-    if magic != MAGIC:
-        raise FrameError(f"not a lampy frame (starts with {bytes(magic)!r})")
     if version != FORMAT:
         raise FrameError(f"lampy frame format {version}, this side speaks {FORMAT}: upgrade lampy")
     if kind not in KINDS:
@@ -145,18 +170,34 @@ def check_prefix(prefix: Buffer, max_bytes: int | None = None) -> int:
             f"frame of {header + body:,} bytes refused: the limit is {max_bytes:,} "
             "(LAMPY_MAX_FRAME_BYTES)"
         )
-    return PREFIX_BYTES + int(header) + int(body) + TAG_BYTES
+    expected = hmac.new(secret, view[:PREFIX_BYTES], hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, view[PREFIX_BYTES:]):
+        raise _mismatch()
+    stale = (freshness or FRESHNESS).check(when, bytes(once))
+    if stale is not None:
+        raise Replayed(f"{KINDS[kind]} frame refused: {stale}")
+    return HEAD_BYTES + int(header) + int(body) + TAG_BYTES
 
 
 class Reader:
-    """Receives one frame into a buffer of its declared size, hashing bytes as they arrive."""
+    """Receives one frame into a buffer of its declared size, hashing bytes as they arrive.
 
-    def __init__(self, prefix: Buffer, secret: bytes, max_bytes: int | None = None) -> None:
-        self.total = check_prefix(prefix, max_bytes)
+    Made from the frame's first HEAD_BYTES: the buffer is allocated only once they are
+    signed, fresh and new (`check_head`).
+    """
+
+    def __init__(
+        self,
+        head: Buffer,
+        secret: bytes,
+        max_bytes: int | None = None,
+        freshness: Freshness | None = None,
+    ) -> None:
+        self.total = check_head(head, secret, max_bytes, freshness)
         self.buffer = bytearray(self.total)
         self.mac = hmac.new(secret, digestmod=hashlib.sha256)
         self.got = 0
-        self.feed(prefix)
+        self.feed(head)
 
     @property
     def missing(self) -> int:
@@ -180,10 +221,13 @@ class Reader:
         return _load(memoryview(self.buffer), self.mac.digest())
 
 
-def decode(frame: Buffer, secret: bytes, max_bytes: int | None = None) -> Frame:
-    """Check length and tag, then versions, then unpickle (buffers are views into `frame`)."""
+def decode(
+    frame: Buffer, secret: bytes, max_bytes: int | None = None, freshness: Freshness | None = None
+) -> Frame:
+    """Check head, length and tag, then versions, then unpickle (buffers are views into
+    `frame`)."""
     view = memoryview(frame)
-    total = check_prefix(view[:PREFIX_BYTES], max_bytes)
+    total = check_head(view, secret, max_bytes, freshness)
     if view.nbytes != total:
         raise FrameError(f"truncated frame: {view.nbytes:,} bytes of {total:,}")
     return _load(view, hmac.new(secret, view[: total - TAG_BYTES], hashlib.sha256).digest())
@@ -191,12 +235,9 @@ def decode(frame: Buffer, secret: bytes, max_bytes: int | None = None) -> Frame:
 
 def _load(view: memoryview, digest: bytes) -> Frame:
     if not hmac.compare_digest(digest, view[-TAG_BYTES:]):
-        raise BadSignature(
-            "frame signature does not match: the two ends use different LAMPY_SECRET values "
-            "(redeploy with `lampy deploy`), or the frame was altered"
-        )
-    _, _, kind, _, header_len, _ = _PREFIX.unpack_from(view)
-    header = view[PREFIX_BYTES : PREFIX_BYTES + header_len]
+        raise _mismatch()
+    kind, header_len = _PREFIX.unpack_from(view)[2:5:2]
+    header = view[HEAD_BYTES : HEAD_BYTES + header_len]
     try:
         (n,) = struct.unpack_from("<H", header)
         versions = bytes(header[2 : 2 + n]).decode()
@@ -205,7 +246,7 @@ def _load(view: memoryview, digest: bytes) -> Frame:
     except (struct.error, UnicodeDecodeError) as exc:
         raise FrameError(f"malformed frame header: {exc}") from None
     check_versions(versions)
-    offset = PREFIX_BYTES + header_len + pickle_len
+    offset = HEAD_BYTES + header_len + pickle_len
     buffers = []
     for length in lengths:
         offset += padding(offset)
@@ -213,12 +254,19 @@ def _load(view: memoryview, digest: bytes) -> Frame:
         offset += length
     if offset != view.nbytes - TAG_BYTES:
         raise FrameError("malformed frame: buffer lengths do not add up to the body length")
-    start = PREFIX_BYTES + header_len
+    start = HEAD_BYTES + header_len
     try:
         value = loads(view[start : start + pickle_len], buffers)
     except Exception as exc:
         raise FrameError(f"cannot unpickle a {KINDS[kind]} frame: {exc!r}") from exc
     return Frame(kind, versions, value)
+
+
+def _mismatch() -> BadSignature:
+    return BadSignature(
+        "frame signature does not match: the two ends use different LAMPY_SECRET values "
+        "(redeploy with `lampy deploy`), or the frame was altered"
+    )
 
 
 def check_versions(theirs: str) -> None:

@@ -61,16 +61,15 @@ def _secret() -> bytes:
 def _read(environ: dict[str, Any], secret: bytes) -> frames.Frame:
     """The request's frame, read by Content-Length and hashed as it arrives.
 
-    Refused early when the prefix is bad or declares too much; nothing is unpickled unless
-    the whole frame arrived and its tag matches.
+    Only the fixed-size head is read before the sender is known: nothing is allocated for
+    what the frame declares until the head's own tag, time and nonce pass. Nothing is
+    unpickled unless the whole frame arrived and its tag matches.
     """
     length = int(environ.get("CONTENT_LENGTH") or 0)
     stream = environ["wsgi.input"]
-    prefix = _read_exactly(stream, min(length, frames.PREFIX_BYTES))
-    total = frames.check_prefix(prefix)  # before Reader allocates what an unsigned prefix claims
-    if total != length:
-        raise FrameError(f"truncated frame: Content-Length {length:,}, frame {total:,}")
-    reader = frames.Reader(prefix, secret)
+    reader = frames.Reader(_read_exactly(stream, min(length, frames.HEAD_BYTES)), secret)
+    if reader.total != length:
+        raise FrameError(f"truncated frame: Content-Length {length:,}, frame {reader.total:,}")
     while reader.missing:
         chunk = stream.read(min(reader.missing, frames.SLICE))
         if not chunk:

@@ -184,6 +184,8 @@ class Caller:
             ) from None
         except (OSError, aiohttp.ClientError) as exc:
             raise PlatformFailure(f"{type(exc).__name__}: {exc}", "connection") from None
+        except frames.Replayed as exc:  # an old answer played again (or a clock far off)
+            raise PlatformFailure(f"dropped a replayed answer: {exc}", "stale") from None
         except BadSignature:  # our request's signature was accepted: the answer was altered
             raise PlatformFailure(
                 "dropped a damaged answer: its signature does not match", "corrupt"

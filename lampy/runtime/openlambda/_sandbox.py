@@ -1,8 +1,17 @@
 """One sandbox of `lampy worker`: serves a lambda the way OpenLambda's Python runtime does.
 
-Run as a script (`python sandbox.py LAMBDA_DIR SOCKET`), not as part of lampy: a sandbox sees
-only the lambda's directory and the installed packages, like an OpenLambda sandbox, so a
-deployed tarball that forgot a module fails here too. Standard library only.
+Run as a script (`python sandbox.py LAMBDA_DIR FD [UID]`), not as part of lampy: a sandbox
+sees only the lambda's directory and the installed packages, like an OpenLambda sandbox, so a
+deployed tarball that forgot a module fails here too. Standard library only. FD is a listening
+Unix socket the worker made and handed over, so the sandbox needs no access to the worker's
+folder.
+
+With UID (a worker run as root), the sandbox becomes that user before it reads any of the
+lambda's files (`become`): one user per uploaded version, owning only its own folder, so a
+lambda cannot read another's files (the deployed lampy's `.env` holds the secret), nor the
+worker's registry or root's kept secret. Where the interpreter lives in a folder other users
+cannot enter (a pyenv under /root), that folder is replaced, in the sandbox's own mount
+namespace, by an empty one through which only the interpreter's and packages' folders show.
 
 Like min-image/runtimes/python/server_common.py: load `.env`, import `f.py` (or OL_ENTRY_FILE),
 pick OL_WSGI_ENTRY, then `f(event)` (JSON in and out), then `app` (WSGI); serve one request at a
@@ -158,16 +167,71 @@ def die_with_parent() -> None:
         sys.exit(1)
 
 
+CLONE_NEWNS, MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = (
+    0x20000,
+    2,
+    4,
+    4096,
+    16384,
+    1 << 18,
+)
+
+
+def become(uid: int) -> None:
+    """Become `uid` (and its group, no others) for good, keeping the interpreter in view."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+
+    needed = {os.path.realpath(p) for p in [sys.base_prefix, sys.prefix, *sys.path] if p}
+    blocked = sorted(
+        {(a, c) for p in needed if os.path.exists(p) for a, c in _closed_ancestors(p)},
+        key=lambda pair: len(pair[0]),
+    )
+    if blocked:
+        check(libc.unshare(CLONE_NEWNS), "unshare")
+        check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate")
+    for closed in dict.fromkeys(a for a, _ in blocked):  # outermost first
+        keep = {c: os.open(os.path.join(closed, c), os.O_PATH) for a, c in blocked if a == closed}
+        options = b"mode=0711"
+        check(
+            libc.mount(b"tmpfs", closed.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options), closed
+        )
+        for child, fd in keep.items():
+            os.mkdir(os.path.join(closed, child))
+            source, target = f"/proc/self/fd/{fd}".encode(), os.path.join(closed, child).encode()
+            check(libc.mount(source, target, None, MS_BIND | MS_REC, None), "bind")
+            os.close(fd)
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+def _closed_ancestors(path: str) -> list[tuple[str, str]]:
+    """(folder, child) for each folder on the way to `path` that other users cannot enter."""
+    parts = path.strip("/").split("/")
+    found = []
+    for depth in range(len(parts)):
+        folder = "/" + "/".join(parts[:depth])
+        if not os.stat(folder).st_mode & 0o001:
+            found.append((folder, parts[depth]))
+    return found
+
+
 def main() -> None:
-    die_with_parent()
-    directory, path = os.path.abspath(sys.argv[1]), sys.argv[2]
+    directory, fd = os.path.abspath(sys.argv[1]), int(sys.argv[2])
+    if len(sys.argv) > 3:
+        become(int(sys.argv[3]))
+    die_with_parent()  # after changing user, which clears it
     sys.path[0] = directory
     os.chdir(directory)
     load_env(directory)
     handle = entry(directory)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(1)
+    server = socket.socket(fileno=fd)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     previous: list[Any] = []

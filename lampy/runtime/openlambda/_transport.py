@@ -18,6 +18,7 @@ from lampy._errors import FrameError
 from lampy.runtime.openlambda import _frames as frames
 
 SMALL_BYTES = 1 << 16  # smaller frames are joined: one write beats several
+TEXT_BYTES = 1 << 16  # what is read of an answer that is not a frame (an error text)
 
 
 @dataclass
@@ -72,12 +73,12 @@ class AiohttpTransport(Transport):
             self.url, data=data, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as response:
             length = response.content_length
-            if response.status != 200 or length is None:
-                return Reply(response.status, await response.read())
-            prefix = await response.content.readexactly(min(length, frames.PREFIX_BYTES))
-            if frames.check_prefix(prefix) != length:  # before Reader allocates what it claims
+            if response.status != 200 or length is None:  # a text: its start is enough
+                return Reply(response.status, await response.content.read(TEXT_BYTES))
+            head = await response.content.readexactly(min(length, frames.HEAD_BYTES))
+            reader = frames.Reader(head, self.secret)  # allocates once the head is signed
+            if reader.total != length:
                 raise FrameError(f"answer of {length:,} bytes does not match its frame")
-            reader = frames.Reader(prefix, self.secret)
             while reader.missing:
                 chunk = await response.content.readany()
                 if not chunk:

@@ -13,6 +13,18 @@ What differs: no cgroups or freezer (idle sandboxes just block in accept), packa
 this interpreter rather than `requirements.txt`, and an idle sandbox is kept at least
 `IDLE_GRACE_S` before it is scaled down, so a pre-warm survives until the job that follows it.
 
+What it adds, because it also runs where OpenLambda's containers do not (docs/security.md):
+every registry request must be signed with the shared secret (`lampy deploy` signs; an
+upload's bytes are hashed under the signature); an upload streams to disk within a size limit
+and a limit on concurrent uploads, and is unpacked then, off the event loop, within limits on
+extracted bytes and members, and refused with the reason when it cannot run. Run as root, each
+uploaded version gets its own user id, owning its folder (0700), and its sandboxes run as that
+user, so one lambda cannot read another's files (the deployed lampy's `.env` holds the secret).
+Replacing or deleting a lambda answers its waiting calls at once (the new version serves them,
+or they get OpenLambda's "not found"), and its folder goes when its last call ends. The
+working folder `/tmp/lampy-worker-<pid>-*` is locked while the worker lives; a worker killed
+outright leaves it behind, and the next one to start removes it.
+
 With a chaos plan (`--chaos`, see chaos.py) the worker also injects faults into `/run` calls, the
 way a real platform fails: it kills sandboxes mid-call, answers 502 or 429, hangs past the
 runtime limit, resets connections, damages answers and replays earlier answers; it counts each
@@ -21,23 +33,32 @@ as `chaos_<fault>` in `/stats`.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
-import io
+import fcntl
+import hashlib
+import ipaddress
 import math
 import os
 import re
+import secrets
 import shutil
+import socket
 import sys
 import tarfile
 import tempfile
 import time
+import zlib
 from collections import Counter, deque
 from pathlib import Path
 
 from aiohttp import web
 
+from lampy._errors import OptionError
+from lampy.runtime._secret import Freshness, load_secret, private_dir, sweep_parts
 from lampy.runtime.openlambda._chaos import FaultPlan
+from lampy.runtime.remote import _auth as auth
 
 NAME = re.compile(r"^[A-Za-z0-9.\-_]+$")
 SANDBOX_SCRIPT = str(Path(__file__).with_name("_sandbox.py"))
@@ -50,6 +71,12 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", 
 IO_CHUNK = 1 << 20
 SMALL_BYTES = 1 << 16  # bodies up to this size are forwarded whole, in one write
 ANSWERS_KEPT = 16  # with a chaos plan: recent answers kept for replaying as duplicates
+MAX_UPLOAD_BYTES = 256 << 20  # a registry upload (lampy's own lambda is about 1 MB)
+MAX_EXTRACTED_BYTES = 1 << 30  # files unpacked from one upload, in all
+MAX_MEMBERS = 10_000  # entries of one upload's tarball
+UPLOAD_SLOTS = 2  # uploads received at once; more are answered 429
+SANDBOX_UIDS = (1 << 30, 1 << 31)  # the range each uploaded version's user id is drawn from
+OWNER_FILE = ".owner"  # in the working folder, written once its lock is held
 
 
 class SandboxError(Exception):
@@ -58,6 +85,14 @@ class SandboxError(Exception):
 
 class CallerGone(Exception):
     """The caller hung up while its answer was streaming; the sandbox itself is fine."""
+
+
+class Retired(Exception):
+    """The lambda a call waited for was replaced or deleted (or the worker is stopping)."""
+
+
+class Unrunnable(Exception):
+    """An upload that could never run: not a tar.gz, over a limit, or without an entry point."""
 
 
 class Sandbox:
@@ -69,22 +104,43 @@ class Sandbox:
         self.idle_since = time.monotonic()
 
     @classmethod
-    async def start(cls, directory: Path, workdir: Path, serial: int) -> Sandbox:
+    async def start(
+        cls, directory: Path, workdir: Path, serial: int, uid: int | None = None
+    ) -> Sandbox:
+        """Start one sandbox of the code in `directory`, as user `uid` when given.
+
+        The worker makes the listening socket and hands it over, so the sandbox needs no
+        access to the working folder, only to its own code (see docs/security.md).
+        """
         path = str(workdir / f"sb{serial}.sock")
         log = workdir / f"sb{serial}.log"
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
         env |= {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        with open(log, "wb") as errors:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                SANDBOX_SCRIPT,
-                str(directory),
-                path,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=errors,
-                env=env,
-            )
+        become = []
+        if uid is not None:  # the sandbox becomes `uid` before it reads the lambda's code
+            env["HOME"] = str(directory)
+            become = [str(uid)]
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            os.chmod(path, 0o600)  # only the worker connects
+            listener.listen(1)
+            with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as errors:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    SANDBOX_SCRIPT,
+                    str(directory),
+                    str(listener.fileno()),
+                    *become,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=errors,
+                    env=env,
+                    cwd=directory,
+                    pass_fds=(listener.fileno(),),
+                )
+        finally:
+            listener.close()  # the sandbox holds it now
         assert process.stdout is not None
         try:
             line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
@@ -94,6 +150,8 @@ class Sandbox:
             if process.returncode is None:
                 process.kill()
             await process.wait()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             tail = log.read_text(errors="replace").strip().splitlines()[-5:]
             raise SandboxError("\n".join(tail) or f"exited with code {process.returncode}")
         return cls(process, path)
@@ -115,9 +173,10 @@ class Sandbox:
 class Lambda:
     """A registered lambda: its code, its sandboxes, and the calls waiting for one."""
 
-    def __init__(self, name: str, directory: Path) -> None:
-        self.name, self.directory = name, directory
+    def __init__(self, name: str, directory: Path, uid: int | None) -> None:
+        self.name, self.directory, self.uid = name, directory, uid
         self.methods = _allowed_methods(directory)
+        self.retired = False  # replaced or deleted: its folder goes with its last sandbox
         self.sandboxes: list[Sandbox] = []
         self.idle: list[Sandbox] = []
         self.waiters: deque[asyncio.Future[Sandbox]] = deque()
@@ -133,6 +192,24 @@ class Lambda:
         if sandbox in self.sandboxes:
             self.sandboxes.remove(sandbox)
         await sandbox.stop()
+        await self.drop_if_drained()
+
+    async def retire(self) -> None:
+        """Answer every waiting call now (`Retired`), stop idle sandboxes; busy ones end with
+        their call, and the folder with the last of them."""
+        self.retired = True
+        if self.scaler is not None:
+            self.scaler.cancel()
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(Retired(self.name))
+        await asyncio.gather(*(self.remove(sb) for sb in list(self.idle)))
+        await self.drop_if_drained()
+
+    async def drop_if_drained(self) -> None:
+        if self.retired and not self.sandboxes and not self.starting:
+            await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
 
 class Worker:
@@ -145,22 +222,31 @@ class Worker:
         runtime_limit: float = 30.0,
         queue_limit: int = QUEUE_LIMIT,
         chaos: FaultPlan | None = None,
+        secret: bytes | None = None,
+        max_upload: int = MAX_UPLOAD_BYTES,
+        max_extracted: int = MAX_EXTRACTED_BYTES,
+        upload_slots: int = UPLOAD_SLOTS,
     ) -> None:
-        self.registry = registry
+        self.registry = private_dir(registry)
+        self.secret = secret or load_secret()
+        self.freshness = Freshness()  # nonces of the registry requests taken
         self.chaos = chaos.dealer() if chaos is not None else None
         self.answers: deque[bytes] = deque(maxlen=ANSWERS_KEPT)  # for chaos duplicates
         self.max_sandboxes = max_sandboxes
         self.runtime_limit = runtime_limit
         self.queue_limit = queue_limit
+        self.max_upload, self.max_extracted = max_upload, max_extracted
+        self.upload_slots, self.uploading = upload_slots, 0
+        self.isolated = os.geteuid() == 0  # each version its own user (root can switch)
         self.lambdas: dict[str, Lambda] = {}
         self.stats: Counter[str] = Counter()
         self.serial = 0
         self._stopping: set[asyncio.Task[None]] = set()
-        self.workdir = Path(tempfile.mkdtemp(prefix="lampy-worker-"))
-        registry.mkdir(parents=True, exist_ok=True)
+        self.swept = sweep_workdirs() + sweep_parts(self.registry)
+        self.workdir, self._lock = _locked_workdir(0o711 if self.isolated else 0o700)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 30, handler_args={"read_bufsize": IO_CHUNK})
+        app = web.Application(handler_args={"read_bufsize": IO_CHUNK})
         app.router.add_get("/status", self.status)
         app.router.add_get("/stats", self.get_stats)
         app.router.add_get("/registry", self.list_lambdas)
@@ -169,16 +255,26 @@ class Worker:
         app.router.add_get("/registry/{name}/config", self.config)
         app.router.add_route("*", "/run", self.run)
         app.router.add_route("*", "/run/{tail:.*}", self.run)
+        app.on_startup.append(self.load_registry)
         app.on_cleanup.append(self.shutdown)
         return app
 
+    async def load_registry(self, app: web.Application | None = None) -> None:
+        """Unpack the lambdas an earlier worker left in the registry (checked as uploads are)."""
+        for blob in sorted(self.registry.glob("*.tar.gz")):
+            name = blob.name[: -len(".tar.gz")]
+            try:
+                self._install(name, *await asyncio.to_thread(self._unpack, name, blob))
+            except Unrunnable as exc:
+                print(f"lampy worker: skipped {blob}: {exc}", file=sys.stderr, flush=True)
+
     async def shutdown(self, app: web.Application | None = None) -> None:
-        for lam in self.lambdas.values():
-            if lam.scaler is not None:
-                lam.scaler.cancel()
-            await asyncio.gather(*(sb.stop() for sb in lam.sandboxes))
+        lambdas = list(self.lambdas.values())
         self.lambdas.clear()
+        await asyncio.gather(*(lam.retire() for lam in lambdas))
+        await asyncio.gather(*(lam.remove(sb) for lam in lambdas for sb in list(lam.sandboxes)))
         shutil.rmtree(self.workdir, ignore_errors=True)
+        os.close(self._lock)
 
     # -- plain endpoints --------------------------------------------------------------------
 
@@ -197,62 +293,127 @@ class Worker:
     def _blob(self, name: str) -> Path:
         return self.registry / f"{name}.tar.gz"
 
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """401 unless the request is signed with the worker's secret, recent and new."""
+        why = auth.check(
+            self.secret, request.method, request.raw_path, request.headers, self.freshness
+        )
+        if why is None:
+            return None
+        self.stats["registry_refused"] += 1
+        return _text(401, f"registry request refused: {why}; sign it (`lampy deploy` does)")
+
     async def list_lambdas(self, request: web.Request) -> web.Response:
+        if refused := self._refused(request):
+            return refused
         blobs = self.registry.glob("*.tar.gz")
         return web.json_response(sorted(p.name[: -len(".tar.gz")] for p in blobs))
 
     async def upload(self, request: web.Request) -> web.Response:
+        """Stream the tarball to disk, unpack and check it off the loop, then swap it in."""
         name = request.match_info["name"]
         if not NAME.match(name):
             return _text(400, f"bad lambda name {name!r}: names must match {NAME.pattern}")
-        body = await request.read()
+        if refused := self._refused(request):
+            return refused
+        length = request.content_length
+        if length is None:
+            return _text(411, "an upload must declare its Content-Length")
+        if length > self.max_upload:
+            limit = f"{self.max_upload:,}"
+            return _text(413, f"upload of {length:,} bytes refused: the limit is {limit}")
+        if self.uploading >= self.upload_slots:
+            return _text(429, f"{self.uploading} uploads in progress: try again when they end")
+        self.uploading += 1
+        part = self.registry / f".{name}.{secrets.token_hex(8)}.part"
         try:
-            with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
-                tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            return _text(400, f"could not read the uploaded tar.gz: {exc}")
-        self._blob(name).write_bytes(body)
-        await self._retire(name)
+            why = await self._receive(request, part, length)
+            if why is not None:
+                return _text(400, why)
+            directory, uid = await asyncio.to_thread(self._unpack, name, part)
+            os.replace(part, self._blob(name))
+            old = self._install(name, directory, uid)
+            if old is not None:
+                await old.retire()
+        except Unrunnable as exc:
+            self.stats["uploads_refused"] += 1
+            return _text(400, f"lambda {name} refused: {exc}")
+        finally:
+            self.uploading -= 1
+            part.unlink(missing_ok=True)
         return _text(201, f"Lambda {name} uploaded successfully")
+
+    async def _receive(self, request: web.Request, part: Path, length: int) -> str | None:
+        """Write the body to `part` (0600, locked while written); why it is refused, if it is."""
+        digest, got = hashlib.sha256(), 0
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with open(fd, "wb") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)  # sweep_parts leaves a file being written alone
+            async for piece in request.content.iter_chunked(IO_CHUNK):
+                got += len(piece)
+                if got > length:
+                    return f"body longer than its Content-Length {length:,}"
+                digest.update(piece)
+                file.write(piece)
+        if got != length:
+            return f"body ended after {got:,} of {length:,} bytes"
+        signed = request.headers.get(auth.DIGEST_HEADER)
+        if signed is None or signed != digest.hexdigest():
+            return f"the body's SHA-256 is not the signed {auth.DIGEST_HEADER} ({signed})"
+        return None
+
+    def _unpack(self, name: str, blob: Path) -> tuple[Path, int | None]:
+        """Unpack `blob` into a new folder (a thread's work: it reads and writes disk).
+
+        Refused when it is not a tar.gz, has more than MAX_MEMBERS entries or more than
+        `max_extracted` bytes of files (counted from each entry's header, before its bytes
+        are unpacked), has an entry the tarfile "data" filter refuses (links or paths that
+        lead out, devices), or has no entry point OpenLambda's runtime would find.
+        """
+        directory = self.workdir / f"{name}-{secrets.token_hex(6)}"
+        directory.mkdir(mode=0o700)
+        uid = secrets.randbelow(SANDBOX_UIDS[1] - SANDBOX_UIDS[0]) + SANDBOX_UIDS[0]
+        try:
+            _extract(blob, directory, self.max_extracted)
+            _check_entry(directory)
+            if not self.isolated:
+                return directory, None
+            for folder, _, files in os.walk(directory):
+                os.chown(folder, uid, uid)
+                for file in files:
+                    os.chown(os.path.join(folder, file), uid, uid, follow_symlinks=False)
+            return directory, uid
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    def _install(self, name: str, directory: Path, uid: int | None) -> Lambda | None:
+        """Make `directory` the code of `name`; the version it replaces, to retire."""
+        old = self.lambdas.get(name)
+        self.lambdas[name] = Lambda(name, directory, uid)
+        return old
 
     async def delete(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        if refused := self._refused(request):
+            return refused
         if not NAME.match(name) or not self._blob(name).exists():
             return _text(404, f'lambda "{name}" not found in blob store ({self.registry})')
         self._blob(name).unlink()
-        await self._retire(name)
+        lam = self.lambdas.pop(name, None)
+        if lam is not None:
+            await lam.retire()
         return _text(200, f"Lambda {name} deleted successfully")
 
     async def config(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        lam = self._lambda(name) if NAME.match(name) else None
+        if refused := self._refused(request):
+            return refused
+        lam = self.lambdas.get(name)
         if lam is None:
             return _text(404, f'lambda "{name}" not found in blob store ({self.registry})')
         http = [{"method": m} for m in lam.methods or []]
         return web.json_response({"triggers": {"http": http}})
-
-    async def _retire(self, name: str) -> None:
-        """Forget loaded code: idle sandboxes stop now, busy ones when their call ends."""
-        lam = self.lambdas.pop(name, None)
-        if lam is None:
-            return
-        if lam.scaler is not None:
-            lam.scaler.cancel()
-        await asyncio.gather(*(lam.remove(sb) for sb in list(lam.idle)))
-
-    def _lambda(self, name: str) -> Lambda | None:
-        """The loaded lambda, extracting its blob on first use."""
-        if name in self.lambdas:
-            return self.lambdas[name]
-        blob = self._blob(name)
-        if not blob.exists():
-            return None
-        self.serial += 1
-        directory = self.workdir / f"{name}-{self.serial}"
-        with tarfile.open(blob, mode="r:gz") as tar:
-            tar.extractall(directory, filter="data")
-        lam = self.lambdas[name] = Lambda(name, directory)
-        return lam
 
     # -- running ----------------------------------------------------------------------------
 
@@ -260,7 +421,7 @@ class Worker:
         name = request.match_info.get("tail", "").split("/", 1)[0]
         if not name:
             return _text(500, "expected invocation format: /run/<lambda-name>")
-        lam = self._lambda(name) if NAME.match(name) else None
+        lam = self.lambdas.get(name)
         if lam is None:
             return _text(500, f'lambda "{name}" not found in blob store ({self.registry})')
         if lam.methods and request.method not in lam.methods:
@@ -278,14 +439,25 @@ class Worker:
             return _text(502, "RoundTrip failed: injected by --chaos\nSandbox State: running")
         lam.outstanding += 1
         try:
-            try:
-                sandbox = await self._acquire(lam)
-            except SandboxError as exc:
-                self.stats["sandbox_failures"] += 1
-                return _text(500, f"could not create Sandbox: {exc}")
-            except OverflowError:
-                self.stats["queue_full"] += 1
-                return _text(429, "lambda function queue is full")
+            while True:
+                try:
+                    sandbox = await self._acquire(lam)
+                    break
+                except Retired:  # replaced or deleted while this call waited
+                    newer = self.lambdas.get(name)
+                    if newer is None or newer is lam:
+                        return _text(
+                            500, f'lambda "{name}" not found in blob store ({self.registry})'
+                        )
+                    lam.outstanding -= 1  # the new version serves it
+                    lam = newer
+                    lam.outstanding += 1
+                except SandboxError as exc:
+                    self.stats["sandbox_failures"] += 1
+                    return _text(500, f"could not create Sandbox: {exc}")
+                except OverflowError:
+                    self.stats["queue_full"] += 1
+                    return _text(429, "lambda function queue is full")
             self.stats["cold_starts" if sandbox.fresh else "warm_starts"] += 1
             sandbox.fresh = False
             return await self._forward(lam, sandbox, request, fault)
@@ -293,6 +465,8 @@ class Worker:
             lam.outstanding -= 1
 
     async def _acquire(self, lam: Lambda) -> Sandbox:
+        if lam.retired:
+            raise Retired(lam.name)
         if lam.idle:
             return lam.idle.pop()
         if not lam.sandboxes and not lam.starting and self._room():
@@ -335,22 +509,26 @@ class Worker:
         """Start one sandbox and hand it to a waiting call (or keep it idle)."""
         lam.starting += 1
         self.serial += 1
+        failed: SandboxError | None = None
         try:
-            sandbox = await Sandbox.start(lam.directory, self.workdir, self.serial)
+            sandbox = await Sandbox.start(lam.directory, self.workdir, self.serial, lam.uid)
         except SandboxError as exc:
+            failed = exc
+        finally:
+            lam.starting -= 1
+        if failed is not None:
             while lam.waiters:
                 waiter = lam.waiters.popleft()
                 if not waiter.done():
-                    waiter.set_exception(SandboxError(str(exc)))
-            raise
-        finally:
-            lam.starting -= 1
+                    waiter.set_exception(SandboxError(str(failed)))
+            await lam.drop_if_drained()
+            raise failed
         self.stats["sandboxes_created"] += 1
         lam.sandboxes.append(sandbox)
         self._release(lam, sandbox)
 
     def _release(self, lam: Lambda, sandbox: Sandbox) -> None:
-        if self.lambdas.get(lam.name) is not lam:  # code replaced meanwhile
+        if lam.retired:  # code replaced or deleted meanwhile
             task = asyncio.get_running_loop().create_task(lam.remove(sandbox))
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
@@ -524,6 +702,106 @@ def _allowed_methods(directory: Path) -> list[str]:
     return re.findall(r"method:\s*[\"']?([A-Za-z]+)", path.read_text())
 
 
+def _extract(blob: Path, directory: Path, max_bytes: int) -> None:
+    """Unpack `blob` into `directory` entry by entry, within MAX_MEMBERS and `max_bytes`."""
+    members = unpacked = 0
+    try:
+        with tarfile.open(blob, mode="r:gz") as tar:
+            for member in tar:
+                members += 1
+                unpacked += member.size if member.isfile() else 0
+                if members > MAX_MEMBERS:
+                    raise Unrunnable(f"more than {MAX_MEMBERS:,} entries in the tarball")
+                if unpacked > max_bytes:
+                    raise Unrunnable(
+                        f"its files unpack to more than {max_bytes:,} bytes (at {member.name})"
+                    )
+                tar.extract(member, directory, filter="data")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise Unrunnable(f"could not unpack the uploaded tar.gz: {exc}") from None
+
+
+def _check_entry(directory: Path) -> None:
+    """Refuse code OpenLambda's Python runtime could never start: no entry file, one that
+    does not parse, or one that binds neither OL_WSGI_ENTRY, `f` nor `app`."""
+    env = _read_env(directory / ".env")
+    name = env.get("OL_ENTRY_FILE", "f.py")
+    path = directory / name
+    if not path.is_file():
+        raise Unrunnable(f"no {name} at the top of the tarball: OpenLambda imports it")
+    try:
+        tree = ast.parse(path.read_bytes(), name)
+    except (SyntaxError, ValueError) as exc:
+        raise Unrunnable(f"{name} does not parse: {exc}") from None
+    bound: set[str] = set()  # names bound anywhere: a heuristic that errs toward accepting
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            bound.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            bound |= {alias.asname or alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+    wanted = [env["OL_WSGI_ENTRY"]] if "OL_WSGI_ENTRY" in env else ["f", "app"]
+    if "*" not in bound and not bound & set(wanted):
+        raise Unrunnable(f"{name} defines none of {', '.join(wanted)}: nothing to call")
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    """KEY=value lines of a lambda's `.env`, read as the sandbox will."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(errors="replace").splitlines()
+    pairs = (line.strip().partition("=") for line in lines if not line.startswith("#"))
+    return {k.strip(): v.strip().strip("'\"") for k, eq, v in pairs if eq}
+
+
+def _locked_workdir(mode: int) -> tuple[Path, int]:
+    """A new working folder and the descriptor of its lock, held while this process lives.
+
+    The owner file is written once the lock is held: `sweep_workdirs` removes only folders
+    that have it and whose lock it can take, so it never takes a live worker's folder (nor
+    one of an older lampy that made no lock).
+    """
+    path = Path(tempfile.mkdtemp(prefix=f"lampy-worker-{os.getpid()}-"))
+    os.chmod(path, mode)  # 0711 when sandboxes are other users: they reach their own folder
+    lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    (path / OWNER_FILE).write_text(f"{os.getpid()}\n")
+    return path, lock
+
+
+def sweep_workdirs() -> int:
+    """Remove the working folders of workers that died without cleaning up (killed outright:
+    their folder may hold a lambda's `.env`, the secret); how many were removed."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob("lampy-worker-*"):
+        try:
+            if path.lstat().st_uid != os.geteuid() or not (path / OWNER_FILE).exists():
+                continue
+            lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its worker is alive
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        finally:
+            os.close(lock)
+    return removed
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 5000,
@@ -531,18 +809,32 @@ def serve(
     max_sandboxes: int | None = None,
     runtime_limit: float = 30.0,
     chaos: FaultPlan | None = None,
+    expose: bool = False,
 ) -> None:
-    """Run a worker until interrupted (the `lampy worker` command)."""
+    """Run a worker until interrupted (the `lampy worker` command).
+
+    A non-loopback `host` needs `expose`: /run, /status and /stats take no signature (as in
+    OpenLambda), so anyone who can reach the address can call every lambda's code.
+    """
+    if not _loopback(host) and not expose:
+        raise OptionError(
+            f"--host {host} is not a loopback address: anyone who can reach it could call "
+            "every lambda (/run needs no signature, as in OpenLambda). Pass "
+            "--expose-run-to-network to bind it anyway (registry requests stay signed)"
+        )
     worker = Worker(
-        registry or Path(tempfile.gettempdir()) / "lampy-registry",
+        registry or Path.home() / ".cache" / "lampy" / "registry",
         max_sandboxes or 2 * (os.cpu_count() or 1),
         runtime_limit,
         chaos=chaos,
     )
     faults = f", chaos {chaos} seed {chaos.seed}" if chaos is not None else ""
+    swept = f", removed {worker.swept} leftovers of dead workers" if worker.swept else ""
+    users = "one user per lambda" if worker.isolated else "sandboxes share this user"
     print(
         f"lampy worker on http://{host}:{port} (registry {worker.registry}, "
-        f"up to {worker.max_sandboxes} sandboxes, runtime limit {runtime_limit:g} s{faults})",
+        f"up to {worker.max_sandboxes} sandboxes, {users}, runtime limit {runtime_limit:g} s"
+        f"{faults}{swept})",
         flush=True,
     )
     web.run_app(worker.app(), host=host, port=port, print=None, access_log=None)

@@ -10,10 +10,15 @@ version its reference was made from (`X-Lampy-Version`), and a file rewritten si
 412 instead of bytes that moved. Paths must stay inside DIR (no `..`, no hidden names, no
 symlink leading out), name a `.npy` file, and uploads must declare their length, at most
 `max_upload` bytes. It binds 127.0.0.1 unless told otherwise.
+
+An upload is written to a hidden `.part` file beside its target, locked (flock) while it is
+written; a server killed mid-upload leaves it behind, so every start sweeps the `.part` files
+nobody holds a lock on any more (`sweep_parts`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,7 +28,7 @@ from aiohttp import web
 
 from lampy._errors import RemoteArrayError, RemoteArrayNotFound, RemoteArrayRefused
 from lampy.runtime._codec import MAX_FRAME_BYTES
-from lampy.runtime._secret import load_secret
+from lampy.runtime._secret import Freshness, load_secret, sweep_parts
 from lampy.runtime.remote import _auth as auth
 from lampy.runtime.remote._npy import NpyMeta, read_meta
 from lampy.runtime.remote._reference import VERSION_HEADER
@@ -45,6 +50,7 @@ class _Refused(Exception):
 def make_app(root: Path, secret: bytes, max_upload: int = MAX_UPLOAD_BYTES) -> web.Application:
     """The server's application: `root`'s `.npy` files, requests signed with `secret`."""
     base = root.resolve(strict=True)
+    freshness = Freshness()  # nonces of the requests this server took
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -59,7 +65,7 @@ def make_app(root: Path, secret: bytes, max_upload: int = MAX_UPLOAD_BYTES) -> w
         return web.Response(text="ready\n")
 
     async def get(request: web.Request) -> web.StreamResponse:
-        _authorize(request, secret)
+        _authorize(request, secret, freshness)
         name = request.match_info["tail"]
         path = _resolve(base, name)
         try:
@@ -75,7 +81,7 @@ def make_app(root: Path, secret: bytes, max_upload: int = MAX_UPLOAD_BYTES) -> w
         return web.FileResponse(path, chunk_size=SLICE)
 
     async def put(request: web.Request) -> web.Response:
-        _authorize(request, secret)
+        _authorize(request, secret, freshness)
         name = request.match_info["tail"]
         path = _resolve(base, name)
         length = request.content_length
@@ -107,6 +113,7 @@ async def _receive(request: web.Request, partial: Path, length: int, name: str) 
     """Write the body to `partial` and check it is a whole `.npy` file of `length` bytes."""
     got = 0
     with open(partial, "wb") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)  # held while written: sweep_parts leaves it alone
         async for piece in request.content.iter_chunked(SLICE):
             got += len(piece)
             if got > length:
@@ -124,8 +131,8 @@ async def _receive(request: web.Request, partial: Path, length: int, name: str) 
     return meta
 
 
-def _authorize(request: web.Request, secret: bytes) -> None:
-    why = auth.check(secret, request.method, request.raw_path, request.headers)
+def _authorize(request: web.Request, secret: bytes, freshness: Freshness) -> None:
+    why = auth.check(secret, request.method, request.raw_path, request.headers, freshness)
     if why is not None:
         raise _Refused(401, f"refused: {why}")
 
@@ -156,5 +163,7 @@ def serve(
     if not root.is_dir():
         raise SystemExit(f"lampy serve: {root} is not a directory")
     app = make_app(root, load_secret(), max_upload)
-    print(f"lampy serve: {root.resolve()} on http://{host}:{port}", flush=True)
+    swept = sweep_parts(root)
+    left = f" (removed {swept} partial uploads an earlier server left)" if swept else ""
+    print(f"lampy serve: {root.resolve()} on http://{host}:{port}{left}", flush=True)
     web.run_app(app, host=host, port=port, print=None, access_log=None)

@@ -31,7 +31,7 @@ def one_input(data: bytes) -> None:
     with contextlib.suppress(FrameError):
         frames.decode(bytearray(data), KEY)
     with contextlib.suppress(FrameError):
-        reader = frames.Reader(data[: frames.PREFIX_BYTES], KEY, max_bytes=len(data))
+        reader = frames.Reader(data[: frames.HEAD_BYTES], KEY, max_bytes=len(data))
         reader.feed(data[frames.PREFIX_BYTES :])
         reader.frame()
 
@@ -41,7 +41,7 @@ def main() -> None:
 
     frames.loads = tripwire  # type: ignore[assignment]
     atheris.Setup(sys.argv, one_input)
-    atheris.instrument_func(frames.check_prefix)
+    atheris.instrument_func(frames.check_head)
     atheris.instrument_func(frames.decode)
     atheris.instrument_func(frames._load)
     atheris.Fuzz()

@@ -21,6 +21,8 @@ from lampy.runtime._secret import load_secret
 from lampy.runtime.openlambda import _deploy as deploy
 from tests.conftest import SECRET
 
+from .test_worker import signed
+
 CLEAN_IMPORT = """
 import sys
 sys.path[0] = sys.argv[1]
@@ -83,9 +85,11 @@ def test_cli_deploy_output_and_url(
     target = tmp_path / "lampy.tar.gz"
     assert main(["deploy", "--output", str(target)]) == 0
     assert "f.py" in members(target.read_bytes())
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # it holds the secret
     assert main(["deploy", "--url", worker_url, "--name", "second"]) == 0
     assert "Lambda second uploaded successfully" in capsys.readouterr().out
-    with urllib.request.urlopen(f"{worker_url}/registry") as answer:
+    listing = urllib.request.Request(f"{worker_url}/registry", headers=signed("GET", "/registry"))
+    with urllib.request.urlopen(listing) as answer:
         assert "second" in json.loads(answer.read())
     assert main(["deploy", "--url", "http://127.0.0.1:9", "--name", "x"]) == 1
     assert "lampy deploy:" in capsys.readouterr().err

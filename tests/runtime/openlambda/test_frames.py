@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -42,10 +43,11 @@ def test_round_trip_keeps_arrays_out_of_band_and_uncopied() -> None:
 
 def test_header_carries_versions_and_lengths() -> None:
     data = join(frames.encode(frames.PING, None, KEY))
-    magic, version, kind, _, header, body = struct.unpack_from("<4sBBHIQ", data)
+    magic, version, kind, _, header, body, when, _ = struct.unpack_from("<4sBBHIQd16s", data)
     assert (magic, version, kind) == (b"LMPY", frames.FORMAT, frames.PING)
-    assert len(data) == frames.PREFIX_BYTES + header + body + frames.TAG_BYTES
-    assert frames.VERSIONS.encode() in data[frames.PREFIX_BYTES :]
+    assert len(data) == frames.HEAD_BYTES + header + body + frames.TAG_BYTES
+    assert frames.VERSIONS.encode() in data[frames.HEAD_BYTES :]
+    assert abs(when - time.time()) < 60
 
 
 @pytest.mark.parametrize(
@@ -87,21 +89,24 @@ def test_truncated_and_oversized_frames_are_refused() -> None:
 
 
 def test_reader_hashes_as_bytes_arrive_and_refuses_early() -> None:
+    head = frames.HEAD_BYTES
     data = join(frames.encode(frames.RESULT, np.arange(1 << 18), KEY))
-    reader = frames.Reader(data[:20], KEY)
-    for start in range(20, len(data), 4096):
+    reader = frames.Reader(data[:head], KEY)
+    for start in range(head, len(data), 4096):
         reader.feed(data[start : start + 4096])
     np.testing.assert_array_equal(reader.frame().value, np.arange(1 << 18))
+    data = join(frames.encode(frames.RESULT, np.arange(1 << 18), KEY))
     with pytest.raises(TooLarge):
-        frames.Reader(data[:20], KEY, max_bytes=1000)
-    partial = frames.Reader(data[:20], KEY)
-    partial.feed(data[20:100])
+        frames.Reader(data[:head], KEY, max_bytes=1000)
+    partial = frames.Reader(data[:head], KEY)
+    partial.feed(data[head:200])
     with pytest.raises(FrameError, match="truncated"):
         partial.frame()
     unpickled.clear()
-    forged = join(frames.encode(frames.TASK, Tripwire(), b"other"))
-    reader = frames.Reader(forged[:20], KEY)
-    reader.feed(forged[20:])
+    forged = join(frames.encode(frames.TASK, Tripwire(), KEY))
+    forged[-40] ^= 1  # the head is intact and signed, the body altered
+    reader = frames.Reader(forged[:head], KEY)
+    reader.feed(forged[head:])
     with pytest.raises(BadSignature):
         reader.frame()
     assert unpickled == []

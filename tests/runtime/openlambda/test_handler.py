@@ -131,13 +131,13 @@ def test_bad_signature_gets_401_and_nothing_unpickled(secret: bytes | None) -> N
 
 
 def test_truncated_and_oversized_bodies_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    body = task("job-d", add, (np.arange(1000),))
-    status, _, data = call(body[:-7])
+    status, _, data = call(task("job-d", add, (np.arange(1000),))[:-7])
     assert status == "400 Bad Request" and b"truncated" in data
+    body = task("job-d", add, (np.arange(1000),))
     status, _, data = call(body, length=len(body) - 7)  # input stops early
     assert status == "400 Bad Request" and b"truncated" in data
     monkeypatch.setattr(frames, "MAX_FRAME_BYTES", 100)
-    status, _, data = call(body)
+    status, _, data = call(task("job-d", add, (np.arange(1000),)))
     assert status == "413 Payload Too Large" and b"refused" in data
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import json
+import os
 import tarfile
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from lampy.runtime.remote import _auth as auth
 
 JSON_F = """
 import json, os, time
@@ -48,6 +52,9 @@ def tarball(files: dict[str, str]) -> bytes:
 def request(
     url: str, method: str, path: str, body: bytes | None = None, **headers: str
 ) -> tuple[int, dict[str, str], bytes]:
+    """One request; registry requests are signed as `lampy deploy` signs them."""
+    if path.startswith("/registry"):
+        headers |= signed(method, path, body)
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
@@ -56,6 +63,16 @@ def request(
         return answer.status, dict(answer.getheaders()), answer.read()
     finally:
         conn.close()
+
+
+def signed(
+    method: str, path: str, body: bytes | None = None, secret: bytes | None = None
+) -> dict[str, str]:
+    """The signature headers of a registry request (a body is hashed under it)."""
+    key = secret or os.environ["LAMPY_SECRET"].encode()
+    length = "" if body is None else str(len(body))
+    digest = "" if body is None else hashlib.sha256(body).hexdigest()
+    return auth.sign(key, method, path, "", length, digest)
 
 
 def install(url: str, name: str, files: dict[str, str]) -> None:
@@ -111,7 +128,7 @@ def test_wsgi_app_gets_method_path_and_raw_body(make_worker: Any) -> None:
 def test_error_answers(make_worker: Any) -> None:
     worker = make_worker()
     install(worker.url, "web", {"f.py": WSGI_APP, "ol.yaml": "- method: GET\n- method: POST\n"})
-    install(worker.url, "broken", {"f.py": "import no_such_module\n"})
+    install(worker.url, "broken", {"f.py": "import no_such_module\ndef f(event): ...\n"})
     status, headers, body = request(worker.url, "GET", "/run/")
     assert status == 500 and body.startswith(b"expected invocation format: /run/<lambda-name>")
     assert headers["Content-Type"].startswith("text/plain")
