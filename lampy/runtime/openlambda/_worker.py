@@ -793,6 +793,16 @@ def sweep_workdirs() -> int:
     return removed
 
 
+def check_exposure(host: str, expose: bool) -> None:
+    """Refuse a non-loopback `host` unless `expose` says to bind it anyway."""
+    if not _loopback(host) and not expose:
+        raise OptionError(
+            f"--host {host} is not a loopback address: anyone who can reach it could call "
+            "every lambda (/run needs no signature, as in OpenLambda). Pass "
+            "--expose-run-to-network to bind it anyway (registry requests stay signed)"
+        )
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -816,12 +826,7 @@ def serve(
     A non-loopback `host` needs `expose`: /run, /status and /stats take no signature (as in
     OpenLambda), so anyone who can reach the address can call every lambda's code.
     """
-    if not _loopback(host) and not expose:
-        raise OptionError(
-            f"--host {host} is not a loopback address: anyone who can reach it could call "
-            "every lambda (/run needs no signature, as in OpenLambda). Pass "
-            "--expose-run-to-network to bind it anyway (registry requests stay signed)"
-        )
+    check_exposure(host, expose)
     worker = Worker(
         registry or Path.home() / ".cache" / "lampy" / "registry",
         max_sandboxes or 2 * (os.cpu_count() or 1),
