@@ -148,7 +148,15 @@ def _parser() -> Parser:
     )
     worker.add_argument("--port", type=port, default=WORKER_PORT, help="TCP port")
     worker.add_argument(
-        "--registry", type=Path, help="directory of uploaded lambdas (default: a temp dir)"
+        "--expose-run-to-network",
+        action="store_true",
+        help="allow a non-loopback --host: anyone who reaches it can call every lambda's /run "
+        "and read /stats (registry requests stay signed)",
+    )
+    worker.add_argument(
+        "--registry",
+        type=Path,
+        help="directory of uploaded lambdas, made 0700 (default: ~/.cache/lampy/registry)",
     )
     worker.add_argument("--max-sandboxes", type=positive(int), help="default: twice the CPU count")
     worker.add_argument(
@@ -208,16 +216,18 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from lampy._errors import OptionError
     from lampy.runtime.openlambda._chaos import FaultPlan
-    from lampy.runtime.openlambda._worker import serve
+    from lampy.runtime.openlambda._worker import check_exposure, serve
 
     try:
         plan = None if args.chaos is None else FaultPlan.parse(args.chaos, args.chaos_seed)
+        check_exposure(args.host, args.expose_run_to_network)
     except OptionError as exc:
         raise Usage(str(exc)) from None
     if args.registry is not None and args.registry.exists() and not args.registry.is_dir():
         raise Failure(f"--registry {args.registry} is not a directory")
     check_port_free(args.host, args.port)
-    serve(args.host, args.port, args.registry, args.max_sandboxes, args.runtime_limit, plan)
+    limit, expose = args.runtime_limit, args.expose_run_to_network
+    serve(args.host, args.port, args.registry, args.max_sandboxes, limit, plan, expose)
     return 0
 
 
@@ -226,12 +236,13 @@ def _deploy(args: argparse.Namespace) -> int:
 
     if args.output is not None:
         try:
-            args.output.write_bytes(packaging.build())
+            packaging.save(args.output)
         except OSError as exc:
             raise Failure(f"cannot write {args.output}: {exc.strerror}") from None
         print(
-            f"wrote {args.output}; upload it with: curl --data-binary @{args.output} "
-            f"http://HOST:{WORKER_PORT}/registry/{args.name}"
+            f"wrote {args.output} (mode 0600: it holds the secret); upload it to OpenLambda "
+            f"with: curl --data-binary @{args.output} http://HOST:{WORKER_PORT}/registry/"
+            f"{args.name} (lampy worker takes signed uploads only: lampy deploy --url)"
         )
         return 0
     _check_worker(args.url)
