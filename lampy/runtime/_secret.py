@@ -66,9 +66,10 @@ def private_dir(path: Path) -> Path:
     Refuses a directory (or a symlink) owned by someone else: a directory another user made
     in advance, in a shared place such as /tmp, is how a secret would leak to them.
     """
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.is_symlink():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid():
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         raise OptionError(
             f"{path} is not a directory of this user (uid {os.geteuid()}); lampy keeps files "
             "holding the secret only in its own user's directories: choose another path"

@@ -256,7 +256,8 @@ class Worker:
         app.router.add_route("*", "/run", self.run)
         app.router.add_route("*", "/run/{tail:.*}", self.run)
         app.on_startup.append(self.load_registry)
-        app.on_cleanup.append(self.shutdown)
+        app.on_shutdown.append(self.shutdown)
+        app.on_cleanup.append(self.cleanup)
         return app
 
     async def load_registry(self, app: web.Application | None = None) -> None:
@@ -269,10 +270,16 @@ class Worker:
                 print(f"lampy worker: skipped {blob}: {exc}", file=sys.stderr, flush=True)
 
     async def shutdown(self, app: web.Application | None = None) -> None:
+        """Answer every call now: waiting ones get "not found", busy ones lose their sandbox
+        (502), before the server waits for its handlers to end (it would wait them out)."""
         lambdas = list(self.lambdas.values())
         self.lambdas.clear()
         await asyncio.gather(*(lam.retire() for lam in lambdas))
         await asyncio.gather(*(lam.remove(sb) for lam in lambdas for sb in list(lam.sandboxes)))
+
+    async def cleanup(self, app: web.Application | None = None) -> None:
+        """Remove the working folder (every lambda's unpacked code) and release its lock."""
+        await self.shutdown()
         shutil.rmtree(self.workdir, ignore_errors=True)
         os.close(self._lock)
 
