@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from lampy.runtime.openlambda._worker import Worker
+from lampy.runtime.openlambda._worker import Worker, sweep_workdirs
 from lampy.testing import free_port, wait_ready
 
 
@@ -57,3 +57,11 @@ def make_worker(tmp_path: Path) -> Iterator[object]:
     yield make
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_worker_folder_left() -> Iterator[None]:
+    """Workers these tests SIGKILL on purpose leave their folder (with a lambda's `.env`);
+    the next `lampy worker` to start would sweep it, and so does the end of the session."""
+    yield
+    sweep_workdirs()
