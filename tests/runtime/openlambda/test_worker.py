@@ -50,10 +50,11 @@ def tarball(files: dict[str, str]) -> bytes:
 
 
 def request(
-    url: str, method: str, path: str, body: bytes | None = None, **headers: str
+    url: str, method: str, path: str, body: bytes | None = None, sign: bool = True, **headers: str
 ) -> tuple[int, dict[str, str], bytes]:
-    """One request; registry requests are signed as `lampy deploy` signs them."""
-    if path.startswith("/registry"):
+    """One request; registry requests are signed as `lampy deploy` signs them, unless not
+    to `sign` (then the headers go as given)."""
+    if sign and path.startswith("/registry"):
         headers |= signed(method, path, body)
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)

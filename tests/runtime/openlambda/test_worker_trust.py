@@ -17,7 +17,7 @@ from lampy.cli import main
 from lampy.runtime._secret import private_dir, write_private
 from lampy.runtime.openlambda import _worker as worker_module
 
-from .test_worker import JSON_F, install, run_json, signed, tarball
+from .test_worker import JSON_F, install, request, run_json, signed, tarball
 
 THIEF_F = """
 import json
@@ -50,43 +50,28 @@ def test_unsigned_and_wrongly_signed_registry_requests_are_refused(
     worker = make_worker()
     install(worker.url, "echo", {"f.py": JSON_F})
     for headers in ({}, signed(method, path, body, secret=b"not the worker's secret")):
-        status, _, text = request_raw(worker.url, method, path, body, headers)
+        status, _, text = request(worker.url, method, path, body, False, **headers)
         assert status == 401 and b"registry request refused" in text
     assert run_json(worker.url, "echo", {})[0] == 200  # nothing was changed
     assert "evil" not in worker.worker.lambdas
-
-
-def request_raw(
-    url: str, method: str, path: str, body: bytes | None, headers: dict[str, str]
-) -> tuple[int, dict[str, str], bytes]:
-    """A request sent with exactly these headers (the helper in test_worker signs)."""
-    import http.client
-
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers)
-        answer = conn.getresponse()
-        return answer.status, dict(answer.getheaders()), answer.read()
-    finally:
-        conn.close()
 
 
 def test_a_replayed_or_altered_upload_is_refused(make_worker: Any) -> None:
     worker = make_worker()
     body = tarball({"f.py": JSON_F})
     headers = signed("POST", "/registry/echo", body)
-    assert request_raw(worker.url, "POST", "/registry/echo", body, headers)[0] == 201
-    status, _, text = request_raw(worker.url, "POST", "/registry/echo", body, headers)
+    assert request(worker.url, "POST", "/registry/echo", body, False, **headers)[0] == 201
+    status, _, text = request(worker.url, "POST", "/registry/echo", body, False, **headers)
     assert status == 401 and b"seen before" in text
-    other = tarball({"f.py": JSON_F + "\n# another body, same length?\n"})
-    headers = signed("POST", "/registry/echo", body)
-    headers["Content-Length"] = str(len(other))
-    assert request_raw(worker.url, "POST", "/registry/echo", other, headers)[0] == 401
+    other = tarball({"f.py": JSON_F + "\n# another body, another length\n"})
+    headers = signed("POST", "/registry/echo", body)  # the length is signed
+    assert request(worker.url, "POST", "/registry/echo", other, False, **headers)[0] == 401
     swapped = bytearray(body)
     swapped[-1] ^= 1  # same length: the signed SHA-256 is what catches it
     headers = signed("POST", "/registry/echo", body)
-    status, _, text = request_raw(worker.url, "POST", "/registry/echo", bytes(swapped), headers)
+    status, _, text = request(
+        worker.url, "POST", "/registry/echo", bytes(swapped), False, **headers
+    )
     assert status == 400 and b"SHA-256" in text
 
 
