@@ -182,7 +182,7 @@ class Caller:
                 "platform's own runtime limit answers 502 instead)",
                 "timeout",
             ) from None
-        except (OSError, aiohttp.ClientError) as exc:
+        except (OSError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:  # cut short
             raise PlatformFailure(f"{type(exc).__name__}: {exc}", "connection") from None
         except frames.Replayed as exc:  # an old answer played again (or a clock far off)
             raise PlatformFailure(f"dropped a replayed answer: {exc}", "stale") from None
