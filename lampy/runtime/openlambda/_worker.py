@@ -835,7 +835,8 @@ def serve(
     """
     check_exposure(host, expose)
     worker = Worker(
-        registry or Path.home() / ".cache" / "lampy" / "registry",
+        registry
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lampy/registry",
         max_sandboxes or 2 * (os.cpu_count() or 1),
         runtime_limit,
         chaos=chaos,
