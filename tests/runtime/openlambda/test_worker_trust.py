@@ -150,3 +150,12 @@ def test_cli_refuses_a_public_host_with_a_one_line_reason(
 
 def test_loopback_addresses_need_no_flag() -> None:
     assert all(map(worker_module._loopback, ["127.0.0.1", "127.8.9.1", "::1", "localhost"]))
+
+
+def test_without_root_sandboxes_run_as_the_workers_user(make_worker: Any) -> None:
+    """The fallback a worker not run as root takes (docs/security.md says what it gives up)."""
+    worker = make_worker()
+    worker.worker.isolated = False
+    install(worker.url, "echo", {"f.py": JSON_F, ".env": "GREETING=plain\n"})
+    assert worker.worker.lambdas["echo"].uid is None
+    assert json.loads(run_json(worker.url, "echo", {})[1])["env"] == "plain"
