@@ -226,11 +226,6 @@ def test_worker_that_stops_answering_or_dies_fails_the_job_in_bounded_time(
     executor = OpenLambdaExecutor(url=url, concurrency=4, **options)
     patient = OpenLambdaExecutor(url=url, concurrency=4, **OPTIONS)  # cold starts may be slow
     x = np.arange(100.0)
-    warm = OpenLambdaExecutor(url=url, concurrency=4, **OPTIONS)  # cold starts on a busy
-    try:  # machine can take more than the 1 s timeout: the sandboxes start first
-        assert sorted(warm.run(make_job(slow_double, x, 4))) == [0, 1, 2, 3]
-    finally:
-        warm.close()
     try:
         assert sorted(patient.run(make_job(slow_double, x, 4))) == [0, 1, 2, 3]
         process.send_signal(signal.SIGSTOP)  # accepts connections, never answers
