@@ -182,7 +182,7 @@ class OpenLambdaExecutor(Executor):
 
     async def _prewarm(self, n: int, timeout: float) -> int:
         deadline = time.monotonic() + timeout
-        seen: set[int] = set()
+        seen: set[str] = set()  # sandboxes, by the token each made
         stale, grew = 0, time.monotonic()
 
         def waiting() -> bool:  # a capped platform is given up on only after a cold start's time
@@ -195,7 +195,7 @@ class OpenLambdaExecutor(Executor):
             for answer in await asyncio.gather(*calls, return_exceptions=True):
                 if isinstance(answer, ExecutionError):
                     raise answer
-                if isinstance(answer, int):
+                if isinstance(answer, str):
                     seen.add(answer)
                 elif isinstance(answer, BaseException):
                     failure = answer

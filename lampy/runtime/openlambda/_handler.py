@@ -17,6 +17,7 @@ answer carries their references (lampy.runtime.remote._results).
 from __future__ import annotations
 
 import os
+import secrets
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -31,6 +32,9 @@ from lampy.runtime.remote._results import store
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 _STATUS = {400: "400 Bad Request", 401: "401 Unauthorized", 413: "413 Payload Too Large"}
 _templates = Templates()  # the jobs this sandbox has seen
+#: This sandbox's identity, made when it imported the handler. Not a process id: every
+#: OpenLambda sandbox runs in its own PID namespace, where the handler is pid 1.
+SANDBOX = secrets.token_hex(8)
 
 
 def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[frames.Buffer]:
@@ -97,7 +101,7 @@ def _serve(environ: dict[str, Any]) -> frames.Outgoing:
     if frame.kind == frames.PING:
         hold = float(frame.value or 0)
         time.sleep(min(max(hold, 0.0), 1.0))  # lets concurrent pings occupy distinct sandboxes
-        return frames.encode(frames.PONG, os.getpid(), secret)
+        return frames.encode(frames.PONG, SANDBOX, secret)
     if frame.kind != frames.TASK:
         raise FrameError(f"expected a task frame, got {frames.KINDS[frame.kind]}")
     # (key, chunks, template, whole, parts, offer, attempt): with an offer (a place on the

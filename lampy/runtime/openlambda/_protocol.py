@@ -157,10 +157,10 @@ class Caller:
                 raise FrameError(f"{len(results)} results for {len(chunks)} chunks")
             return [_decoded(state.offer, *result) for result in results]
 
-    async def ping(self, hold: float) -> int:
-        """A no-op call that keeps its sandbox `hold` seconds; the sandbox's process id."""
+    async def ping(self, hold: float) -> str:
+        """A no-op call that keeps its sandbox `hold` seconds; the sandbox's identity token."""
         frame = await self.exchange(frames.encode(frames.PING, hold, self.secret))
-        if frame.kind != frames.PONG or not isinstance(frame.value, int):
+        if frame.kind != frames.PONG or not isinstance(frame.value, str):
             raise PlatformFailure(f"expected a pong, got {_describe(frame)}", "stale")
         return frame.value
 

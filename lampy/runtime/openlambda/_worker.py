@@ -71,6 +71,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", 
 IO_CHUNK = 1 << 20
 SMALL_BYTES = 1 << 16  # bodies up to this size are forwarded whole, in one write
 ANSWERS_KEPT = 16  # with a chaos plan: recent answers kept for replaying as duplicates
+#: Counters `GET /stats` shows from the start (a monitor need not special-case a fresh worker).
+ALWAYS_COUNTED = ("requests", "cold_starts", "warm_starts", "sandboxes_created")
 MAX_UPLOAD_BYTES = 256 << 20  # a registry upload (lampy's own lambda is about 1 MB)
 MAX_EXTRACTED_BYTES = 1 << 30  # files unpacked from one upload, in all
 MAX_MEMBERS = 10_000  # entries of one upload's tarball
@@ -289,7 +291,7 @@ class Worker:
         return web.Response(text="ready\n")
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        counts = dict(self.stats)
+        counts = {key: 0 for key in ALWAYS_COUNTED} | dict(self.stats)
         counts["sandboxes"] = sum(len(lam.sandboxes) for lam in self.lambdas.values())
         counts["idle_sandboxes"] = sum(len(lam.idle) for lam in self.lambdas.values())
         counts["outstanding"] = sum(lam.outstanding for lam in self.lambdas.values())

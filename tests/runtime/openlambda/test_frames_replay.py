@@ -101,7 +101,7 @@ def test_the_client_refuses_an_answer_seen_before() -> None:
     caller = Caller(Replaying(), SECRET, "http://x", "lampy", 10.0, 1)
 
     async def twice() -> None:
-        assert isinstance(await caller.ping(0), int)
+        assert isinstance(await caller.ping(0), str)
         with pytest.raises(PlatformFailure, match="replayed") as info:
             await caller.ping(0)
         assert info.value.kind == "stale"

@@ -89,6 +89,8 @@ def run_json(url: str, name: str, event: dict[str, Any]) -> tuple[int, bytes]:
 def test_status_stats_and_registry(make_worker: Any) -> None:
     worker = make_worker()
     assert request(worker.url, "GET", "/status")[::2] == (200, b"ready\n")
+    fresh = json.loads(request(worker.url, "GET", "/stats")[2])
+    assert fresh["cold_starts"] == fresh["warm_starts"] == fresh["requests"] == 0
     assert json.loads(request(worker.url, "GET", "/registry")[2]) == []
     install(worker.url, "echo", {"f.py": JSON_F, ".env": "GREETING='hi there'\n"})
     yaml = "triggers:\n  http:\n  - method: POST\n"
