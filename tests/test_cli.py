@@ -135,6 +135,40 @@ def test_deploy_to_a_service_that_is_not_openlambda(wrong_service: str) -> None:
     one_line_error(done, 1, f"{wrong_service} is not an OpenLambda worker")
 
 
+class _ReadyButRefusing(BaseHTTPRequestHandler):
+    """Answers GET /status like a worker, then refuses the upload as aiohttp does: the body
+    repeats the status ("405: Method Not Allowed")."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "6")
+        self.end_headers()
+        self.wfile.write(b"ready\n")
+
+    def do_POST(self) -> None:
+        body = b"405: Method Not Allowed"
+        self.send_response(405)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_deploy_refused_names_the_status_once() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ReadyButRefusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        done = lampy_command("deploy", "--url", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    one_line_error(done, 1, "answered 405: Method Not Allowed")
+    assert "405: 405" not in done.stderr
+
+
 def test_deploy_output_to_a_missing_directory() -> None:
     done = lampy_command("deploy", "--output", "/nonexistent-lampy-dir/x.tgz")
     one_line_error(done, 1, "cannot write /nonexistent-lampy-dir/x.tgz: No such file")

@@ -96,5 +96,6 @@ def upload(url: str, name: str = "lampy", secret: bytes | None = None) -> str:
                 raise RuntimeError(f"expected 201 from {request.full_url}, got {answer.status}")
             return text
     except urllib.error.HTTPError as exc:
-        body = exc.read().decode(errors="replace").strip()
-        raise RuntimeError(f"{request.full_url} answered {exc.code}: {body}") from None
+        body = exc.read().decode(errors="replace").strip().removeprefix(f"{exc.code}: ")
+        said = (body.splitlines() or [exc.reason])[0]  # servers often repeat the status
+        raise RuntimeError(f"{request.full_url} answered {exc.code}: {said}") from None
