@@ -62,8 +62,8 @@ def test_worker_killed_4s_into_a_job_and_restarted_gives_the_exact_answer(
         np.testing.assert_array_equal(answer[0], x * x)
         assert calls[-1].failures["connection"] > 0  # the job did see the worker go
     finally:
-        executors.get("openlambda", {"url": url}).close()
         for process in started:
             if process.poll() is None:
                 process.terminate()
                 process.wait(timeout=10)
+        executors.get("openlambda", {"url": url}).close()
