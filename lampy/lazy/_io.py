@@ -339,6 +339,8 @@ def load_graph(
     document = json.loads(source.read_text())
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise UsageError(f"{str(source)!r} is not a lampy graph ({FORMAT}) file")
+    if not isinstance(document.get("nodes"), list) or not document["nodes"]:
+        raise UsageError(f"{str(source)!r} has no list of nodes")
     nodes: list[Node] = []
     for i, raw in enumerate(document["nodes"]):
         where = f"{source.name}: node {i}"
@@ -368,6 +370,4 @@ def load_graph(
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in record["params"].items()}
         function = _import_region(str(params["function"])) if record["op"] == "region" else None
         nodes.append(Node(record["op"], args, params, shape, dtype, function=function))
-    if not nodes:
-        raise UsageError(f"{str(source)!r} has no nodes")
     return LazyArray(nodes[-1])

@@ -22,30 +22,9 @@ import lampy
 from lampy.runtime import executors
 from lampy.runtime._sweep import claim, release, sweep
 from lampy.runtime.executors._local import LocalExecutor
+from tests.runtime.openlambda.test_chaos import alive, children
 
 GONE_WITHIN_S = 5.0
-
-
-def alive(pid: int) -> bool:
-    """Running, and not a zombie waiting for whoever reaps orphans."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def wait_for(condition: object, timeout: float, what: str) -> None:
