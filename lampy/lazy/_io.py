@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,12 +240,25 @@ class Trust:
     def url(self, where: str, url: object) -> str:
         if not isinstance(url, str):
             raise GraphRefused(f"{where} has a remote url that is not text: {url!r}")
-        if not (self.everything or any(url.startswith(prefix) for prefix in self.urls)):
+        if not (self.everything or any(_under(url, prefix) for prefix in self.urls)):
             raise GraphRefused(
                 f"{where} reads remote array {url!r}, a signed request to a server the file "
                 "chose: pass urls=[its server's URL] if you trust that server, or trusted=True"
             )
         return url
+
+
+def _under(url: str, prefix: str) -> bool:
+    """Whether `url` is on the server of `prefix` (scheme, host and port alike), below its path.
+
+    >>> _under("http://h:80/a/x.npy", "http://h:80/a"), _under("http://h:8080/x", "http://h:80")
+    (True, False)
+    """
+    asked, allowed = urllib.parse.urlsplit(url), urllib.parse.urlsplit(prefix)
+    folder = allowed.path.rstrip("/") + "/"
+    return (asked.scheme, asked.netloc) == (allowed.scheme, allowed.netloc) and (
+        allowed.path.strip("/") == "" or asked.path.startswith(folder)
+    )
 
 
 _KINDS = "biufcmM"  # dtypes an untrusted file may use: numbers, bools, times (no objects)
