@@ -377,7 +377,10 @@ def load_graph(
             nodes.append(Node("source", (), {}, shape, dtype, path=npy))
             continue
         if record["op"] == "source":
-            data = np.array(record["data"], dtype).reshape(shape)
+            data = np.array(record.get("data"), dtype)
+            if data.size != np.prod(shape, dtype=np.int64):  # empty rows save as []
+                raise UsageError(f"{where} holds data of shape {data.shape}, not {shape}")
+            data = data.reshape(shape)
             nodes.append(Node("source", (), {}, shape, dtype, data=data))
             continue
         args = tuple(nodes[a["node"]] if "node" in a else _load_const(a) for a in record["args"])

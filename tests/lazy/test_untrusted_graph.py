@@ -82,6 +82,9 @@ def test_each_operation_and_constant_outside_the_allow_list_is_refused(tmp_path:
         path = write(tmp_path / "bad.json", [first, bad])
         with pytest.raises(GraphRefused, match=rf"bad.json: node 1 .*{expected}"):
             lampy.load_graph(path)
+    short = write(tmp_path / "short.json", [{**first, "shape": [1000, 1000]}])
+    with pytest.raises(lampy.UsageError, match=r"node 0 holds data of shape \(2,\), not"):
+        lampy.load_graph(short)
 
 
 def test_a_region_node_imports_its_module_only_when_allowed(tmp_path: Path) -> None:

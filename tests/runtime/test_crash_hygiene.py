@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -173,3 +174,18 @@ def test_one_local_pool_serves_every_timeout() -> None:
             assert isinstance(local, LocalExecutor)
             pids.update(local.worker_pids())
     assert len(pids) == local.size
+
+
+def test_workers_started_from_a_thread_outlive_the_thread() -> None:
+    """Workers watch the process, not the thread that started them (a parent-death signal
+    would kill them when that thread ends, and lampy runs in whatever thread calls it)."""
+    local = executors.get("local", {})
+    assert isinstance(local, LocalExecutor)
+    local.close()
+    starter = threading.Thread(target=local.start)
+    starter.start()
+    starter.join()
+    pids = local.worker_pids()
+    x = np.arange(20.0)
+    np.testing.assert_array_equal(lampy.elemwise(chunks=2, executor="local")(np.negative)(x), -x)
+    assert local.worker_pids() == pids and all(map(alive, pids))
