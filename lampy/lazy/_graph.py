@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lampy._errors import OptionError, ResultError, UsageError
+from lampy._errors import OptionError, ResultError, UnsupportedOperation, UsageError
 from lampy.regions._binding import shared
 from lampy.regions._function import ParallelFunction
 from lampy.regions._region import Region
@@ -43,6 +43,21 @@ from lampy.runtime._plan import split_rows
 from lampy.runtime._settings import Chunks, resolve_executor, resolve_options
 
 MOVES = ("source", "getitem", "transpose", "concatenate")
+OPERATIONS = ("ufunc", "where", "matmul", "reshape", "reduce", *MOVES)
+#: The numpy functions a node may name, and nothing else: a graph read from a file names them
+#: as text, so `apply` looks names up here, never with getattr on numpy (np.load, np.savetxt).
+#: Ufuncs with one output and no core signature are what lazy arrays record.
+UFUNCS: Mapping[str, np.ufunc] = {
+    f.__name__: f
+    for f in vars(np).values()
+    if isinstance(f, np.ufunc) and f.nout == 1 and f.signature is None
+}
+REDUCTIONS: Mapping[str, Callable[..., Any]] = {
+    "sum": np.sum,
+    "mean": np.mean,
+    "min": np.min,
+    "max": np.max,
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,7 +147,7 @@ def load_source(node: Node) -> np.ndarray | RowSource:
 def apply(op: str, params: Mapping[str, Any], values: Sequence[Any]) -> Any:
     """Run one node's operation with numpy. Row-wise ops give each chunk its own rows back."""
     if op == "ufunc":
-        return getattr(np, params["name"])(*values)
+        return allowed(UFUNCS, params["name"], "numpy ufunc")(*values)
     if op == "where":
         return np.where(*values)
     if op == "matmul":
@@ -142,7 +157,7 @@ def apply(op: str, params: Mapping[str, Any], values: Sequence[Any]) -> Any:
         return x.reshape((x.shape[0], *params["shape"][1:]))
     if op == "reduce":
         (x,) = values
-        return getattr(np, params["kind"])(x, axis=params["axis"])
+        return allowed(REDUCTIONS, params["kind"], "reduction")(x, axis=params["axis"])
     if op == "transpose":
         return np.transpose(values[0], params["axes"])
     if op == "concatenate":
@@ -153,6 +168,14 @@ def apply(op: str, params: Mapping[str, Any], values: Sequence[Any]) -> Any:
             return x[params["index"]]
         return x[params["start"] : params["stop"] : params["step"]]
     raise UsageError(f"unknown lazy operation {op!r}")
+
+
+def allowed(table: Mapping[str, Any], name: object, what: str) -> Any:
+    """`table[name]`, or an error listing what a lazy node may name instead."""
+    if not isinstance(name, str) or name not in table:
+        known = ", ".join(sorted(table)) if len(table) < 10 else "one output, no signature"
+        raise UnsupportedOperation(f"{name!r} is not a {what} lazy arrays run ({known})")
+    return table[name]
 
 
 def is_rowwise(node: Node) -> bool:
@@ -235,7 +258,7 @@ class ChunkFunction:
         if self.terminal == "mean":
             n = x.size if self.axis is None else x.shape[0]
             return {"s": np.sum(x, axis=self.axis, dtype=self.accumulate), "n": n}
-        return getattr(np, self.terminal)(x, axis=self.axis)
+        return REDUCTIONS[self.terminal](x, axis=self.axis)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ referenced by relative path, as are sources that were read from `.npy` files. A 
 remote reference (`lampy.remote`) is saved as its URL and rows, never read. A region node
 keeps its function as "module:qualname", imported again on load, so the region must be defined
 at the top level of an importable module; its other arguments must be plain JSON values.
+
+Loading is safe on a file from anyone by default (`Trust`): only allow-listed numpy operations
+on numbers from the file or its folder; importing regions, reading elsewhere and asking array
+servers are each granted by the caller.
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +31,7 @@ import numpy as np
 
 from lampy._errors import UnsupportedOperation, UsageError
 from lampy.lazy._array import LazyArray
-from lampy.lazy._graph import Node, schedule, walk
+from lampy.lazy._graph import OPERATIONS, REDUCTIONS, UFUNCS, Node, allowed, schedule, walk
 from lampy.regions._function import ParallelFunction
 from lampy.runtime._job import read
 from lampy.runtime.remote._reference import RemoteArray, remote
@@ -182,32 +190,197 @@ def save_graph(lazy: LazyArray, path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def load_graph(path: str | os.PathLike[str]) -> LazyArray:
-    """The lazy array saved by `save_graph` (array data read back from inline or `.npy`)."""
+class GraphRefused(UsageError, PermissionError):
+    """A graph file asks for more than `load_graph` does for a file it cannot trust.
+
+    Also a PermissionError. The message names the node and what it asked for, and the
+    `load_graph` argument that allows it.
+    """
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What a graph file may make `load_graph` do beyond numpy arithmetic on its own data.
+
+    By default a graph runs only allow-listed numpy operations (`UFUNCS`, `REDUCTIONS`) on
+    numeric constants and data, inline or in `.npy` files in the graph's folder: loading an
+    untrusted file then runs no code of its choosing and reads nothing else. Each exception is
+    the caller's to grant: `regions` (a region node imports its module, which runs its code),
+    `paths` (folders outside the graph's that `.npy` fields may read) and `urls` (prefixes of
+    the array servers `remote` fields may ask, with this machine's signature); `trusted=True`
+    grants all of them, for files you wrote yourself.
+    """
+
+    everything: bool = False
+    regions: frozenset[str] = frozenset()
+    paths: tuple[Path, ...] = ()
+    urls: tuple[str, ...] = ()
+
+    def region(self, where: str, name: str) -> None:
+        module = name.partition(":")[0]
+        if not (self.everything or name in self.regions or module in self.regions):
+            raise GraphRefused(
+                f"{where} calls region {name}, and loading it would import and run module "
+                f"{module!r}: pass regions=[{name!r}] (or [{module!r}]) if you trust that "
+                "module, or trusted=True if you wrote the file"
+            )
+
+    def npy(self, where: str, folder: Path, relative: object) -> str:
+        if not isinstance(relative, str):
+            raise GraphRefused(f"{where} has an npy field that is not a path: {relative!r}")
+        path = (folder / relative).resolve()
+        inside = [folder.resolve(), *(p.resolve() for p in self.paths)]
+        if not (self.everything or any(path.is_relative_to(p) for p in inside)):
+            raise GraphRefused(
+                f"{where} reads {str(path)!r}, outside the graph's folder {str(folder)!r}: pass "
+                f"paths=[{str(path.parent)!r}] if it may read there, or trusted=True"
+            )
+        return str(path)
+
+    def url(self, where: str, url: object) -> str:
+        if not isinstance(url, str):
+            raise GraphRefused(f"{where} has a remote url that is not text: {url!r}")
+        if not (self.everything or any(_under(url, prefix) for prefix in self.urls)):
+            raise GraphRefused(
+                f"{where} reads remote array {url!r}, a signed request to a server the file "
+                "chose: pass urls=[its server's URL] if you trust that server, or trusted=True"
+            )
+        return url
+
+
+def _under(url: str, prefix: str) -> bool:
+    """Whether `url` is on the server of `prefix` (scheme, host and port alike), below its path.
+
+    >>> _under("http://h:80/a/x.npy", "http://h:80/a"), _under("http://h:8080/x", "http://h:80")
+    (True, False)
+    """
+    asked, allowed = urllib.parse.urlsplit(url), urllib.parse.urlsplit(prefix)
+    folder = allowed.path.rstrip("/") + "/"
+    return (asked.scheme, asked.netloc) == (allowed.scheme, allowed.netloc) and (
+        allowed.path.strip("/") == "" or asked.path.startswith(folder)
+    )
+
+
+_KINDS = "biufcmM"  # dtypes an untrusted file may use: numbers, bools, times (no objects)
+_DTYPE = re.compile(r"^[<>=|]?[A-Za-z]+[0-9]*(\[[0-9]*[A-Za-z]+\])?$")  # float64, <f8, M8[ns]
+
+
+def _dtype(where: str, text: object, trust: Trust) -> np.dtype[Any]:
+    if not isinstance(text, str) or (
+        not trust.everything and (not _DTYPE.match(text) or np.dtype(text).kind not in _KINDS)
+    ):
+        raise GraphRefused(
+            f"{where} has dtype {text!r}; an untrusted graph holds numbers only (dtype kinds "
+            f"{_KINDS!r}): pass trusted=True if you wrote the file"
+        )
+    return np.dtype(text)
+
+
+def _checked(where: str, record: Any, trust: Trust, count: int) -> dict[str, Any]:
+    """The record of one node, its operation, names and values checked against `trust`."""
+    if not isinstance(record, dict) or record.get("op") not in (*OPERATIONS, "region"):
+        op = record.get("op") if isinstance(record, dict) else record
+        raise GraphRefused(f"{where} has operation {op!r}; lazy graphs use {OPERATIONS}")
+    op, params = record["op"], record.get("params", {})
+    shape = record.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise GraphRefused(f"{where} has shape {shape!r}; a shape is a list of sizes")
+    if not isinstance(params, dict) or not all(_is_plain(v) for v in params.values()):
+        raise GraphRefused(f"{where} has parameters {params!r}; they are plain JSON values")
+    if op == "ufunc":
+        _named(where, UFUNCS, params.get("name"), "numpy ufunc")
+    if op == "reduce":
+        _named(where, REDUCTIONS, params.get("kind"), "reduction")
+    if op == "region":
+        trust.region(where, str(params.get("function")))
+    for arg in record.get("args", []):
+        if not isinstance(arg, dict):
+            raise GraphRefused(f"{where} has argument {arg!r}; arguments are JSON objects")
+        if "node" in arg and not (_is_int(arg["node"]) and 0 <= arg["node"] < count):
+            raise GraphRefused(f"{where} uses node {arg['node']!r}, not an earlier node")
+        if "node" not in arg:
+            _const_allowed(where, arg, op, trust)
+    return record
+
+
+def _named(where: str, table: Mapping[str, Any], name: object, what: str) -> None:
+    try:
+        allowed(table, name, what)
+    except UnsupportedOperation as why:
+        raise GraphRefused(f"{where} calls {name!r}, refused: {why}") from None
+
+
+def _const_allowed(where: str, arg: dict[str, Any], op: str, trust: Trust) -> None:
+    """Numbers (and None) anywhere; text only as an argument of a region the caller allowed."""
+    if "dtype" in arg:
+        _dtype(where, arg["dtype"], trust)
+        return
+    kind = arg.get("type")
+    if kind in ("bool", "int", "float", "complex", "None") or (kind == "str" and op == "region"):
+        return
+    raise GraphRefused(
+        f"{where} has a constant of type {kind!r} ({_short(repr(arg.get('const')))}); "
+        "an untrusted graph's constants are numbers"
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_plain(value: object) -> bool:
+    if isinstance(value, list):
+        return all(_is_plain(v) and not isinstance(v, list) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def load_graph(
+    path: str | os.PathLike[str],
+    *,
+    trusted: bool = False,
+    regions: Iterable[str] = (),
+    paths: Iterable[str | os.PathLike[str]] = (),
+    urls: Iterable[str] = (),
+) -> LazyArray:
+    """The lazy array saved by `save_graph` (array data read back from inline or `.npy`).
+
+    Safe on a file from anyone by default: see `Trust` for what a file may ask and which
+    argument grants more (`regions`, `paths`, `urls`, or `trusted=True` for all). A file that
+    asks for more raises `GraphRefused` naming the node, before anything is imported or read.
+    """
     source = Path(path)
+    trust = Trust(trusted, frozenset(regions), tuple(Path(p) for p in paths), tuple(urls))
     document = json.loads(source.read_text())
-    if document.get("format") != FORMAT:
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise UsageError(f"{str(source)!r} is not a lampy graph ({FORMAT}) file")
+    if not isinstance(document.get("nodes"), list) or not document["nodes"]:
+        raise UsageError(f"{str(source)!r} has no list of nodes")
     nodes: list[Node] = []
-    for record in document["nodes"]:
-        dtype = np.dtype(record["dtype"])
+    for i, raw in enumerate(document["nodes"]):
+        where = f"{source.name}: node {i}"
+        record = _checked(where, raw, trust, len(nodes))
+        dtype = _dtype(where, record["dtype"], trust)
         shape = tuple(record["shape"])
         if "remote" in record:
+            url = trust.url(where, record["remote"]["url"])
             start, stop = record["remote"]["rows"]
-            reference = remote(record["remote"]["url"], dtype)[start:stop]
+            reference = remote(url, dtype)[start:stop]
             if reference.shape != shape:
                 raise UsageError(
-                    f"{record['remote']['url']} rows {start}:{stop} now have shape "
+                    f"{url} rows {start}:{stop} now have shape "
                     f"{reference.shape}; the saved graph expects {shape}"
                 )
             nodes.append(Node("source", (), {}, shape, dtype, data=reference))
             continue
         if "npy" in record:
-            npy = str(source.parent / record["npy"])
+            npy = trust.npy(where, source.parent, record["npy"])
             nodes.append(Node("source", (), {}, shape, dtype, path=npy))
             continue
         if record["op"] == "source":
-            data = np.array(record["data"], dtype).reshape(shape)
+            data = np.array(record.get("data"), dtype)
+            if data.size != np.prod(shape, dtype=np.int64):  # empty rows save as []
+                raise UsageError(f"{where} holds data of shape {data.shape}, not {shape}")
+            data = data.reshape(shape)
             nodes.append(Node("source", (), {}, shape, dtype, data=data))
             continue
         args = tuple(nodes[a["node"]] if "node" in a else _load_const(a) for a in record["args"])

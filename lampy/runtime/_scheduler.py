@@ -1,9 +1,9 @@
 """The chunk scheduler: one set of rules for every executor about the fate of chunks.
 
-It owns the attempt budget (`ATTEMPTS`, one default for every executor, each executor's
-`attempts` option), the `RetriesExhausted` message with every attempt's cause, the rule to stop
-at the first failed chunk unless the job keeps going past lost ones (partial answers),
-exactly-once recording of outcomes, and which stragglers deserve a backup.
+It owns the retry budget (`ATTEMPTS` and `backoff`, one default for every executor, each executor's
+`attempts` option), the `RetriesExhausted` message with every attempt's cause, the rule to stop at
+the first failed chunk unless the job keeps going past lost ones (partial answers), exactly-once
+recording of outcomes, and which stragglers deserve a backup.
 
 It does no I/O and keeps no clock of its own (the executor passes `now`), so the same class
 runs in the client or inside a lambda. Executors only start chunks on workers and report how
@@ -20,6 +20,7 @@ each attempt ended:
 from __future__ import annotations
 
 import heapq
+import random
 import statistics
 from collections import deque
 
@@ -27,7 +28,14 @@ from lampy._errors import OptionError, RetriesExhausted
 from lampy.runtime._job import Job
 from lampy.runtime._worker_side import Outcome
 
-ATTEMPTS = 3  # per chunk, for every executor: a chunk failing 3 times in a row is not bad luck
+# The retry budget, a budget of time: a chunk lost to the platform runs again after waiting
+# `backoff(failures)`, 0.1 s doubling up to 4 s, for at most ATTEMPTS attempts in all. The waits
+# span `retry_span()` = 10.3 s, so a job rides out a worker that restarts within 10 s; a chunk
+# that kills its worker every time is lost after 8 attempts. Executors whose platform replaces
+# workers on its own (openlambda) wait; the local pool replaces its worker at once, so does not.
+ATTEMPTS = 8
+BACKOFF_S = 0.1
+BACKOFF_CAP_S = 4.0
 STRAGGLER_DONE = 0.75  # backups only once this share of chunks is done ...
 STRAGGLER_FACTOR = 4.0  # ... for chunks running this many times the median ...
 STRAGGLER_MIN_S = 0.5  # ... and at least this much longer than it
@@ -38,6 +46,23 @@ def check_attempts(attempts: object) -> int:
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
         raise OptionError(f"attempts must be a positive int; got {attempts!r}")
     return attempts
+
+
+def backoff(failures: int, first: float = BACKOFF_S) -> float:
+    """The wait before running a chunk again after its `failures`-th lost attempt: `first`
+    doubling per failure, at most BACKOFF_CAP_S, plus up to `first` of jitter (so the chunks
+    of a worker that died together do not all knock at once)."""
+    return min(BACKOFF_CAP_S, first * 2.0 ** (failures - 1)) + random.uniform(0, first)
+
+
+def retry_span(attempts: int = ATTEMPTS, first: float = BACKOFF_S) -> float:
+    """The least time from a chunk's first lost attempt to its last one (waits without jitter):
+    how long a platform may be away and the job still complete.
+
+    >>> round(retry_span(), 1)
+    10.3
+    """
+    return sum(min(BACKOFF_CAP_S, first * 2.0 ** (n - 1)) for n in range(1, attempts))
 
 
 class ChunkScheduler:

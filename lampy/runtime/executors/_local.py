@@ -11,6 +11,11 @@ and its chunk retried as the chunk scheduler says (`attempts`); then the chunk i
 Workers are fresh interpreters (`python -m lampy.runtime.executors._local_worker`), not forks, so
 a script without an `if __name__ == "__main__"` guard is never re-imported by the pool, and no
 lock held by a thread of the caller is inherited.
+
+One pool per size serves every option set: `timeout` and `attempts` are per call, so ten
+different timeouts still use the same workers. Workers watch this process's lifeline
+(lampy.runtime._sweep) and exit the moment it dies, even mid-chunk and even by SIGKILL; SIGTERM
+unwinds the caller like SIGINT, stopping the pool on the way out.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from lampy.runtime._job import Job, SplitArray, is_row_source
 from lampy.runtime._plan import Costs
 from lampy.runtime._scheduler import ATTEMPTS, ChunkScheduler, check_attempts
 from lampy.runtime._shm import anonymous_file, load_from_file
+from lampy.runtime._sweep import exit_on_sigterm, lifeline
 from lampy.runtime._worker_side import TEMPLATES_KEPT, Outcome
 from lampy.runtime.executors._base import Executor
 from lampy.runtime.executors._local_worker import ArrayRef
@@ -102,15 +108,11 @@ class _Worker:
 
     def __init__(self, env: dict[str, str]) -> None:
         ours, theirs = socket.socketpair()
+        fds = (theirs.fileno(), lifeline())
         with theirs:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "lampy.runtime.executors._local_worker",
-                    str(theirs.fileno()),
-                ],
-                pass_fds=(theirs.fileno(),),
+                [sys.executable, "-m", "lampy.runtime.executors._local_worker", *map(str, fds)],
+                pass_fds=fds,
                 env=env,
                 stdin=subprocess.DEVNULL,
             )
@@ -174,6 +176,59 @@ class _Worker:
         self.conn.close()
 
 
+class _Pool:
+    """The worker processes of one size and their arena; one job at a time."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.workers: list[_Worker] = []
+        self.arena = _Arena()
+        self.lock = threading.Lock()
+
+    def fill(self) -> None:
+        """Start workers up to the pool's size (they import in the background)."""
+        if not self.workers:
+            exit_on_sigterm()
+        while len(self.workers) < self.size:
+            self.workers.append(self._start())
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.workers = []
+        self.arena.release()
+
+    def _start(self) -> _Worker:
+        env = dict(os.environ)
+        threads = str(max(1, available_cpus() // self.size))
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, threads)
+        return _Worker(env)
+
+    def replace(self, worker: _Worker) -> _Worker:
+        worker.stop()
+        fresh = self._start()
+        self.workers[self.workers.index(worker)] = fresh
+        return fresh
+
+    def drop(self, worker: _Worker) -> None:
+        """Stop a worker left mid-chunk; the next job starts its replacement."""
+        worker.stop()
+        self.workers.remove(worker)
+
+
+_pools: dict[int, _Pool] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(size: int) -> _Pool:
+    """The pool of `size` workers this process shares across option sets."""
+    with _pools_lock:
+        if size not in _pools:
+            _pools[size] = _Pool(size)
+        return _pools[size]
+
+
 class LocalExecutor(Executor):
     name = "local"
     option_types = {"workers": int, "timeout": float, "attempts": int}
@@ -190,14 +245,12 @@ class LocalExecutor(Executor):
         self.size = workers or available_cpus()
         self.timeout = float(timeout)
         self.attempts = check_attempts(attempts)
-        self._workers: list[_Worker] = []
-        self._arena = _Arena()
-        self._lock = threading.Lock()
+        self.pool = _pool(self.size)
 
     def costs(self) -> Costs:
         return Costs(
             workers=self.size,
-            startup_s=0.0 if self._workers else STARTUP_S,
+            startup_s=0.0 if self.pool.workers else STARTUP_S,
             seconds_per_byte=SECONDS_PER_BYTE,
             seconds_per_chunk=SECONDS_PER_CHUNK,
             seconds_per_result_byte=SECONDS_PER_RESULT_BYTE,
@@ -205,63 +258,46 @@ class LocalExecutor(Executor):
 
     def start(self) -> None:
         """Start the worker processes (they import in the background; nothing waits)."""
-        with self._lock:
-            self._start_pool()
+        with self.pool.lock:
+            self.pool.fill()
 
     def run(self, job: Job) -> dict[int, Outcome]:
-        with self._lock:
-            self._start_pool()
-            refs = self._arena.place(job.split + job.whole)
+        pool = self.pool
+        with pool.lock:
+            pool.fill()
+            refs = pool.arena.place(job.split + job.whole)
             try:
                 return self._dispatch(job, refs[: len(job.split)], refs[len(job.split) :])
             finally:
-                if self._arena.size > ARENA_KEPT_BYTES:
-                    self._arena.release()
+                if pool.arena.size > ARENA_KEPT_BYTES:
+                    pool.arena.release()
 
     def close(self) -> None:
-        with self._lock:
-            for worker in self._workers:
-                worker.stop()
-            self._workers = []
-            self._arena.release()
+        """Stop the pool's workers (shared with other option sets: the next call restarts)."""
+        with self.pool.lock:
+            self.pool.close()
 
     def worker_pids(self) -> list[int]:
         """The pool's process ids (for tests and monitoring)."""
-        return [w.process.pid for w in self._workers]
-
-    def _start_pool(self) -> None:
-        if not self._workers:
-            self._workers = [self._start() for _ in range(self.size)]
-
-    def _start(self) -> _Worker:
-        env = dict(os.environ)
-        threads = str(max(1, available_cpus() // self.size))
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(var, threads)
-        return _Worker(env)
-
-    def _replace(self, worker: _Worker) -> _Worker:
-        worker.stop()
-        fresh = self._start()
-        self._workers[self._workers.index(worker)] = fresh
-        return fresh
+        return [w.process.pid for w in self.pool.workers]
 
     def _dispatch(
         self, job: Job, split: list[ArrayRef], whole: list[ArrayRef]
     ) -> dict[int, Outcome]:
         """Keep every worker busy; a worker that dies or passes its chunk's deadline is
         replaced and the scheduler decides whether its chunk runs again."""
+        pool, arena = self.pool, self.pool.arena
         scheduler = ChunkScheduler(job, self.attempts, ADVICE)
-        idle = list(self._workers)
+        idle = list(pool.workers)
         busy: dict[Any, tuple[_Worker, int, float]] = {}  # conn -> worker, chunk, deadline
         try:
             while not scheduler.done:
                 while idle and (chunk := scheduler.next()) is not None:
                     worker = idle.pop()
                     try:
-                        worker.send(job, chunk, self._arena, split, whole)
+                        worker.send(job, chunk, arena, split, whole)
                     except OSError:  # died while idle: replace it; the chunk never ran
-                        idle.append(self._replace(worker))
+                        idle.append(pool.replace(worker))
                         scheduler.again(chunk)
                         continue
                     scheduler.start(chunk, time.monotonic())
@@ -275,7 +311,7 @@ class LocalExecutor(Executor):
                     try:
                         outcome = worker.receive()
                     except (EOFError, OSError):
-                        idle.append(self._replace(worker))
+                        idle.append(pool.replace(worker))
                         scheduler.failed(
                             chunk, WorkerLost(f"worker pid {worker.pid} {worker.exit_status()}")
                         )
@@ -288,7 +324,7 @@ class LocalExecutor(Executor):
                 for conn in expired:
                     worker, chunk, _ = busy.pop(conn)
                     worker.process.kill()
-                    idle.append(self._replace(worker))
+                    idle.append(pool.replace(worker))
                     why = (
                         f"did not finish the chunk within timeout={self.timeout:g}s and was killed"
                     )
@@ -296,7 +332,7 @@ class LocalExecutor(Executor):
             return scheduler.outcomes
         finally:
             for worker, _, _ in busy.values():  # abandoned mid-chunk: their state is unknown
-                self._replace(worker)
+                pool.drop(worker)
 
     def _deadline(self, worker: _Worker) -> float:
         """When a chunk just sent to `worker` is overdue (never, until the worker is ready)."""

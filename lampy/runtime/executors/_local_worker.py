@@ -1,7 +1,9 @@
 """A local worker process: receives jobs and chunks over a Unix socket and runs them.
 
-Started by the local executor as `python -m lampy.runtime.executors._local_worker FD`, where FD
-is its end of a socket pair. Messages (pickled, over a private socket):
+Started by the local executor as `python -m lampy.runtime.executors._local_worker FD LIFELINE`,
+where FD is its end of a socket pair and LIFELINE the read end of the executor's process
+lifeline: the worker exits at once when the executor's process dies, even mid-chunk. Messages
+(pickled, over a private socket):
 
 parent -> worker
   ("path", sys_path)                       once, so functions importable in the parent import here
@@ -27,6 +29,7 @@ import numpy as np
 from lampy.runtime._codec import dumps
 from lampy.runtime._job import RowSource, SplitArray
 from lampy.runtime._shm import array_in, dump_to_file
+from lampy.runtime._sweep import watch
 from lampy.runtime._worker_side import Outcome, Templates, run_task
 
 # (offset, dtype, shape) in the arena, or a row source (lampy.remote) whose rows a worker reads
@@ -82,6 +85,7 @@ def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
 
 
 def main() -> None:
+    watch(int(sys.argv[2]), lambda: os._exit(1))  # the executor's process is gone
     serve(Connection(int(sys.argv[1])))
 
 

@@ -8,9 +8,10 @@ client pushing them in the call. Results over `RESULT_BYTES` travel back the sam
 server runs (or the option results="mmap:PATH" | "remote" asks for it).
 
 This module keeps `concurrency` calls in flight and reports each to the chunk scheduler, which
-decides what runs again: a platform failure (`_protocol.py` sorts them) waits an exponential
-backoff with jitter and is charged an attempt; a straggler gets a backup call, and the first
-valid answer wins (`accounts` keeps the tally per job, so tests can check exactly-once). When
+decides what runs again: a platform failure (`_protocol.py` sorts them) waits the scheduler's
+exponential backoff with jitter and is charged an attempt (by default 8 attempts spanning 10 s, so
+a worker that restarts within that time loses no job); a straggler gets a backup call, and the
+first valid answer wins (`accounts` keeps the tally per job, so tests can check exactly-once). When
 a job has far more tiny chunks than call slots, several ride in one call (each still runs and
 answers on its own). Jobs longer than 2 s show a progress line on a terminal (option
 progress="auto" | "on" | "off").
@@ -19,7 +20,6 @@ progress="auto" | "on" | "off").
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import deque
 from dataclasses import replace
@@ -28,7 +28,7 @@ from lampy._errors import ExecutionError, OptionError, RetriesExhausted
 from lampy.runtime._combine import Destination
 from lampy.runtime._job import Job
 from lampy.runtime._plan import Costs
-from lampy.runtime._scheduler import ATTEMPTS, ChunkScheduler, check_attempts
+from lampy.runtime._scheduler import ATTEMPTS, BACKOFF_S, ChunkScheduler, backoff, check_attempts
 from lampy.runtime._secret import load_secret
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.executors._base import Executor
@@ -86,7 +86,7 @@ class OpenLambdaExecutor(Executor):
         concurrency: int = 32,
         timeout: float = 60.0,
         attempts: int = ATTEMPTS,
-        backoff: float = 0.05,
+        backoff: float = BACKOFF_S,
         prewarm: int = 0,
         batch: int = 0,
         progress: str = "auto",
@@ -306,12 +306,8 @@ class OpenLambdaExecutor(Executor):
             return await self.caller.call(state, unit)
         except PlatformFailure:
             if attempt < self.attempts:
-                await asyncio.sleep(self._backoff(attempt))
+                await asyncio.sleep(backoff(attempt, self.backoff))
             raise
-
-    def _backoff(self, failures: int) -> float:
-        """Exponential backoff with jitter: about backoff * 2**(failures - 1), at most 2 s."""
-        return min(2.0, self.backoff * 2.0 ** (failures - 1)) + random.uniform(0, self.backoff)
 
 
 def _take(scheduler: ChunkScheduler, size: int) -> Unit:

@@ -11,6 +11,10 @@ each chunk a reference; sandboxes then pull their rows in parallel, straight fro
 The server binds the address this machine uses to reach the platform: 127.0.0.1 for a worker
 on loopback, else the outgoing interface's address. Every request to it is signed with the
 shared secret, which the sandboxes already hold.
+
+Nothing outlives the client (lampy.runtime._sweep): the server watches the client's lifeline
+and, when the client dies, removes the directory and exits; the directory holds a claim while
+the client lives, so starting a server first sweeps the directories of clients that are gone.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 from lampy._errors import RemoteArrayError
 from lampy.runtime._job import Job, SplitArray
 from lampy.runtime._net import free_port, wait_ready
+from lampy.runtime._sweep import claim, exit_on_sigterm, lifeline, release, sweep
 from lampy.runtime.remote._npy import write
 from lampy.runtime.remote._reference import RemoteArray
 
@@ -43,6 +48,7 @@ from lampy.runtime.remote._reference import RemoteArray
 # 1 MiB publishing is no faster than pushing (0.93x), from 4-8 MiB it wins in some runs and not
 # others on the noisy 2-core machine, at 16 MiB and above it won every run (1.1x-2.6x).
 PUBLISH_BYTES = 16 << 20
+PREFIX = "lampy-publish-"  # the server's directory, in /dev/shm where there is one
 
 
 class _Publisher:
@@ -68,13 +74,18 @@ class _Publisher:
                 assert self.directory is not None
                 return self.directory, self.url
             self.stop()
-            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            self.directory = Path(tempfile.mkdtemp(prefix="lampy-publish-", dir=shm))
+            exit_on_sigterm()
+            parent = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+            sweep(os.path.join(parent, f"{PREFIX}*-*"))  # claimed ones: PID-random
+            self.directory = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent))
+            claim(self.directory)
             port = free_port(host)
             self.host, self.url = host, f"http://{host}:{port}"
-            command = [sys.executable, "-m", "lampy.cli", "serve", str(self.directory)]
+            fd = lifeline()
+            command = [sys.executable, "-m", "lampy.runtime._sweep", str(fd)]
+            command += ["--remove", str(self.directory), "--", "serve", str(self.directory)]
             command += ["--host", host, "--port", str(port)]
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, pass_fds=(fd,))
             try:
                 wait_ready(self.url, self.process)
             except RuntimeError:
@@ -91,6 +102,7 @@ class _Publisher:
             self.process = None
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+            release(self.directory)
             self.directory = None
 
 

@@ -82,8 +82,8 @@ def kill_on_row_0(x: np.ndarray) -> np.ndarray:
 
 
 def test_chunk_that_always_kills_its_worker_exhausts_its_retries() -> None:
-    f = lampy.elemwise(chunks=2, executor="local")(kill_on_row_0)
-    with pytest.raises(lampy.RetriesExhausted) as caught:
+    f = lampy.elemwise(chunks=2)(kill_on_row_0)
+    with lampy.using(executor="local", attempts=3), pytest.raises(lampy.RetriesExhausted) as caught:
         f(np.arange(10))
     error = caught.value
     assert re.match(r"chunk 0 of 2 \(rows 0:5\) was lost: all 3 attempts failed", str(error))
@@ -117,7 +117,7 @@ def hang(x: np.ndarray) -> np.ndarray:
 def test_chunk_that_always_hangs_fails_within_its_retry_budget() -> None:
     start = time.monotonic()
     with (
-        lampy.using(executor="local", timeout=0.5, chunks=2),
+        lampy.using(executor="local", timeout=0.5, chunks=2, attempts=3),
         pytest.raises(
             lampy.RetriesExhausted, match=r"within timeout=0.5s and was killed"
         ) as caught,
@@ -134,8 +134,9 @@ def kill_on_row_5(x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def test_partial_sum_merges_the_chunks_that_succeeded() -> None:
-    f = lampy.sum(chunks=10, executor="local", allow_partial=0.8)(kill_on_row_5)
-    value, coverage = f(np.arange(100))
+    f = lampy.sum(chunks=10, allow_partial=0.8)(kill_on_row_5)
+    with lampy.using(executor="local", attempts=3):
+        value, coverage = f(np.arange(100))
     assert isinstance(coverage, lampy.Coverage) and not coverage.complete
     assert list(coverage.lost) == [0] and coverage.fraction == 0.9
     assert coverage.merged == tuple(range(1, 10))
@@ -144,8 +145,8 @@ def test_partial_sum_merges_the_chunks_that_succeeded() -> None:
 
 
 def test_partial_sum_below_its_fraction_raises_the_lost_chunk() -> None:
-    f = lampy.sum(chunks=10, executor="local", allow_partial=0.95)(kill_on_row_5)
-    with pytest.raises(lampy.RetriesExhausted) as caught:
+    f = lampy.sum(chunks=10, allow_partial=0.95)(kill_on_row_5)
+    with lampy.using(executor="local", attempts=3), pytest.raises(lampy.RetriesExhausted) as caught:
         f(np.arange(100))
     assert str(caught.value).startswith(
         "allow_partial=0.95 needs 95.0% of the rows; the chunks that succeeded cover 90.0% of "
