@@ -9,6 +9,7 @@ LampyError
 │   ├── OptionError           a bad option: chunks, combine, finalize  (also ValueError)
 │   ├── ShapeError            lazy operand shapes that do not fit      (also ValueError)
 │   ├── UnsupportedOperation  an operation lazy arrays do not offer    (also TypeError)
+│   ├── GraphRefused          a graph file asks for more than it may   (also PermissionError)
 │   └── UnknownExecutorError  an executor name that is not registered  (also ValueError)
 ├── ResultError               chunk results that cannot be combined    (also TypeError)
 ├── RemoteArrayError          a remote array cannot be read or written: bad URL, not a .npy
@@ -38,6 +39,7 @@ __all__ = [
     "BadSignature",
     "ExecutionError",
     "FrameError",
+    "GraphRefused",
     "LampyError",
     "OptionError",
     "RemoteArrayError",
@@ -74,6 +76,14 @@ class SplitLengthError(UsageError, ValueError):
 
 class UnsplittableError(UsageError, TypeError):
     """An argument that lampy would split cannot be split (0-d, object dtype)."""
+
+
+class GraphRefused(UsageError, PermissionError):
+    """A graph file asks for more than `load_graph` does for a file it cannot trust.
+
+    The message names the node and what it asked for, and the `load_graph` argument that
+    allows it (`regions=`, `paths=`, `urls=` or `trusted=True`).
+    """
 
 
 class SerializationError(UsageError, TypeError):

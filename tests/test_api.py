@@ -14,6 +14,7 @@ PUBLIC = {
     "Coverage",
     "Executor",
     "FrameError",
+    "GraphRefused",
     "TooLarge",
     "VersionMismatch",
     "ExecutionError",

@@ -193,3 +193,13 @@ def test_debug_adds_the_traceback(how: str) -> None:
     assert done.returncode == 1
     assert done.stderr.startswith("Traceback (most recent call last):")
     assert done.stderr.splitlines()[-1].startswith("lampy deploy: cannot write")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes get their own users only under root")
+def test_worker_whose_folder_sandbox_users_cannot_reach(tmp_path: Path, closed_port: int) -> None:
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)  # like pytest's own /tmp/pytest-of-root
+    done = lampy_command("worker", "--port", str(closed_port), TMPDIR=str(closed))
+    one_line_error(done, 1, "sandboxes run as their own users and cannot reach")
+    assert "set TMPDIR to a folder they may pass through" in done.stderr
+    assert not any(closed.iterdir())  # its folder went with it

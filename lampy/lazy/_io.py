@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from lampy._errors import UnsupportedOperation, UsageError
+from lampy._errors import GraphRefused, UnsupportedOperation, UsageError
 from lampy.lazy._array import LazyArray
 from lampy.lazy._graph import OPERATIONS, REDUCTIONS, UFUNCS, Node, allowed, schedule, walk
 from lampy.regions._function import ParallelFunction
@@ -188,14 +188,6 @@ def save_graph(lazy: LazyArray, path: str | os.PathLike[str]) -> Path:
         records.append(record)
     target.write_text(json.dumps({"format": FORMAT, "nodes": records}, indent=1) + "\n")
     return target
-
-
-class GraphRefused(UsageError, PermissionError):
-    """A graph file asks for more than `load_graph` does for a file it cannot trust.
-
-    Also a PermissionError. The message names the node and what it asked for, and the
-    `load_graph` argument that allows it.
-    """
 
 
 @dataclass(frozen=True)

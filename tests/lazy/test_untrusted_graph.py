@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import lampy
-from lampy.lazy._io import GraphRefused
+from lampy import GraphRefused
 from tests.lazy.test_calls import W, X, project
 
 

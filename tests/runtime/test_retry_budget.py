@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
@@ -36,8 +35,7 @@ def test_worker_killed_4s_into_a_job_and_restarted_gives_the_exact_answer(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = worker_command(port, tmp_path / "registry", max_sandboxes=2)
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # its sandbox folders stay in tmp_path
-    started = [subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)]
+    started = [subprocess.Popen(command, stdout=subprocess.DEVNULL)]
     x = np.arange(6000.0).reshape(3000, 2)
     answer: list[np.ndarray] = []
 
@@ -55,7 +53,7 @@ def test_worker_killed_4s_into_a_job_and_restarted_gives_the_exact_answer(
         assert job.is_alive() and calls, "the job is not running on the worker"
         started[0].kill()
         started[0].wait()
-        started.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env))
+        started.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))  # sweeps the first's
         wait_ready(url, started[1])
         job.join(timeout=60)
         assert not job.is_alive() and answer, "the job did not complete"

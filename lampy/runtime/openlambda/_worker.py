@@ -45,6 +45,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import sys
 import tarfile
 import tempfile
@@ -246,6 +247,15 @@ class Worker:
         self._stopping: set[asyncio.Task[None]] = set()
         self.swept = sweep_workdirs() + sweep_parts(self.registry)
         self.workdir, self._lock = _locked_workdir(0o711 if self.isolated else 0o700)
+        closed = _closed_to_others(self.workdir) if self.isolated else None
+        if closed is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            os.close(self._lock)
+            raise OptionError(
+                f"sandboxes run as their own users and cannot reach {self.workdir}: {closed} "
+                "is closed to other users; set TMPDIR to a folder they may pass through "
+                "(such as /tmp)"
+            )
 
     def app(self) -> web.Application:
         app = web.Application(handler_args={"read_bufsize": IO_CHUNK})
@@ -762,6 +772,14 @@ def _read_env(path: Path) -> dict[str, str]:
     lines = path.read_text(errors="replace").splitlines()
     pairs = (line.strip().partition("=") for line in lines if not line.startswith("#"))
     return {k.strip(): v.strip().strip("'\"") for k, eq, v in pairs if eq}
+
+
+def _closed_to_others(path: Path) -> Path | None:
+    """The first folder above `path` that other users may not pass through, if any."""
+    for folder in reversed(path.parents):
+        if not folder.stat().st_mode & stat.S_IXOTH:
+            return folder
+    return None
 
 
 def _locked_workdir(mode: int) -> tuple[Path, int]:
