@@ -9,6 +9,7 @@ matrix product, so every executor assigns every point identically.
 from __future__ import annotations
 
 import numpy as np
+from scipy.cluster.hierarchy import linkage
 
 import lampy
 
@@ -193,3 +194,77 @@ def viterbi(x: np.ndarray, centroids: np.ndarray, stay: float) -> np.ndarray:
     for t in range(x.shape[0] - 1, 0, -1):
         path[t - 1] = back[t, path[t]]
     return path
+
+
+def piece_means(x: np.ndarray, segment: np.ndarray, size: int) -> np.ndarray:
+    """Means of consecutive runs of at most `size` rows inside each segment (rows in time order).
+
+    Averaging a few windows damps what was said while a piece stays short enough to hold one
+    voice; pieces never straddle a pause.
+    """
+    starts = np.flatnonzero(np.concatenate([[True], segment[1:] != segment[:-1]]))
+    run = np.repeat(np.arange(starts.size), np.diff(np.append(starts, segment.size)))
+    position = np.arange(segment.size) - starts[run]
+    key = run * (segment.size + 1) + position // size
+    _, piece = np.unique(key, return_inverse=True)
+    counts = np.bincount(piece).astype(np.float64)
+    return class_sums(x, piece, counts.size) / counts[:, None]
+
+
+def merge_heights(pieces: np.ndarray, count: int) -> np.ndarray:
+    """Ward linkage heights of the last `count` merges, last first: heights[j] joins j + 2
+    clusters into j + 1 (zeros past the number of pieces)."""
+    heights = np.zeros(count)
+    if pieces.shape[0] > 1:
+        last = linkage(pieces, "ward")[::-1, 2][:count]
+        heights[: last.size] = last
+    return heights
+
+
+@lampy.elemwise(shared=("means", "inv_var", "log_norm"))
+def frame_loglik(
+    x: np.ndarray, means: np.ndarray, inv_var: np.ndarray, log_norm: np.ndarray
+) -> np.ndarray:
+    """Log-likelihood of each frame (rows of x) under each speaker's diagonal Gaussian."""
+    out = np.empty((x.shape[0], means.shape[0]))
+    for s in range(means.shape[0]):
+        d = x - means[s]
+        out[:, s] = log_norm[s] - 0.5 * (d * d * inv_var[s]).sum(axis=1)
+    return out
+
+
+def resegment(x: np.ndarray, labels: np.ndarray, reach: int, min_frames: int = 20) -> np.ndarray:
+    """Move each change of speaker to the frame where the two speakers' models split best.
+
+    `labels` (-1 = silence) come from clustering mid-term windows a second long, so a change can
+    be off by half a window. Each speaker gets a diagonal Gaussian over its frames' features
+    `x`; where one speaker's run meets another's without a pause, the boundary moves (within
+    `reach` frames and the two runs) to the split that maximizes the log-likelihood of the
+    frames before under the first speaker plus the frames after under the second. Speakers
+    with fewer than `min_frames` frames keep their boundaries.
+    """
+    k = int(labels.max()) + 1
+    counts = np.bincount(labels[labels >= 0], minlength=max(k, 1))
+    if k < 2 or np.count_nonzero(counts >= min_frames) < 2:
+        return labels
+    means = np.zeros((k, x.shape[1]))
+    var = np.ones((k, x.shape[1]))
+    for s in np.flatnonzero(counts >= min_frames):
+        mine = x[labels == s]
+        means[s], var[s] = mine.mean(axis=0), mine.var(axis=0) + 1e-3
+    log_norm = -0.5 * np.log(2.0 * np.pi * var).sum(axis=1)
+    speech = labels >= 0
+    ll = np.zeros((labels.size, k))
+    ll[speech] = frame_loglik(x[speech], means, 1.0 / var, log_norm)
+    starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
+    ends = np.append(starts[1:], labels.size)
+    out = labels.copy()
+    for r in range(1, starts.size):
+        a, b = labels[starts[r - 1]], labels[starts[r]]
+        if a < 0 or b < 0 or counts[a] < min_frames or counts[b] < min_frames:
+            continue
+        lo, hi = max(starts[r] - reach, starts[r - 1]), min(starts[r] + reach, ends[r])
+        gain = np.concatenate([[0.0], np.cumsum(ll[lo:hi, a] - ll[lo:hi, b])])
+        split = lo + int(np.argmax(gain))
+        out[lo:split], out[split:hi] = a, b
+    return out
