@@ -13,7 +13,8 @@ from pathlib import Path
 import lampy
 
 from .audio import AudioError, read_wav
-from .evaluate import evaluate, summary
+from .devset import CONDITIONS, SPLITS
+from .evaluate import evaluate
 from .pipeline import DiarizationError, Result, diarize
 from .plot import save_timeline
 from .rttm import RttmError, format_rttm, read_rttm
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("diarize", help="find who spoke when in a wav file")
     d.add_argument("wav", type=Path)
-    d.add_argument("--speakers", type=int, help="number of speakers (default: chosen 2..4)")
+    d.add_argument("--speakers", type=int, help="number of speakers (default: found, 1..8)")
     d.add_argument("--reference", type=Path, help="reference RTTM: print DER and purities")
     d.add_argument("--executor", default=None, help="lampy executor: inline, local, openlambda")
     d.add_argument("--out", type=Path, help="directory for the RTTM and the PNG timeline")
@@ -43,13 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--speakers", type=int, default=2)
     g.add_argument("--seconds", type=float, default=40.0)
     g.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("evaluate", help="DER over generated conversations and k-means seeds")
-    e.add_argument("--speakers", type=int, default=2)
-    e.add_argument("--conversations", type=int, default=5)
-    e.add_argument("--seconds", type=float, default=90.0)
+    e = sub.add_parser("evaluate", help="DER and speaker count on the development set")
+    e.add_argument("--split", choices=SPLITS, default="tune", help="tune on tune, report report")
+    e.add_argument("--per-count", type=int, default=5, help="conversations per speaker count")
+    e.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated")
     e.add_argument("--kmeans-seeds", type=int, default=3)
-    e.add_argument("--first-seed", type=int, default=100, help="seed of the first conversation")
     e.add_argument("--known", action="store_true", help="give the true number of speakers")
+    e.add_argument("--peer", type=Path, help="python with pyAudioAnalysis: score it instead")
     e.add_argument("--executor", default=None, help="lampy executor: inline, local, openlambda")
     return parser
 
@@ -58,10 +59,9 @@ def _table(result: Result, scored: Score | None, total: float) -> str:
     lines = [f"{'start':>9} {'end':>9} {'dur':>7}  speaker"]
     for t in result.turns:
         lines.append(f"{t.start:9.2f} {t.end:9.2f} {t.duration:7.2f}  {t.speaker}")
-    lines.append(f"\nspeakers: {result.n_speakers}")
-    if result.silhouettes:
-        sil = ", ".join(f"k={k}: {v:.3f}" for k, v in result.silhouettes.items())
-        lines.append(f"silhouette: {sil}")
+    c = result.count
+    found = f"{result.n_speakers} (confidence {c.confidence:.2f})" if c.known else "cannot tell"
+    lines.append(f"\nspeakers: {found}" + (f" ({c.note})" if c.note else ""))
     if scored:
         lines += [
             f"DER (no collar): {100 * scored.der:.2f}%  (missed {100 * scored.missed:.2f}%, "
@@ -98,7 +98,7 @@ def _diarize(args: argparse.Namespace) -> int:
         out = {
             "file": str(args.wav),
             "speakers": result.n_speakers,
-            "silhouettes": result.silhouettes,
+            "count": asdict(result.count),
             "turns": [asdict(t) for t in result.turns],
             "timings": {**result.timings, "total": total},
         }
@@ -119,15 +119,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     with lampy.using(executor=args.executor) if args.executor else nullcontext():
-        trials = evaluate(
-            args.speakers,
-            args.conversations,
-            args.seconds,
-            args.kmeans_seeds,
-            args.first_seed,
-            args.known,
+        conditions = tuple(args.conditions.split(","))
+        print(
+            evaluate(
+                args.split, args.per_count, conditions, args.kmeans_seeds, args.known, args.peer
+            )
         )
-    print(summary(trials, args.speakers))
     return 0
 
 
