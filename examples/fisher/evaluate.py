@@ -183,7 +183,7 @@ def report(outcomes: list[Outcome], known: bool, title: str) -> str:
         lines.append(f"| {cond} | {' | '.join(cells)} | {_mean([o.values['der'] for o in mine])} |")
     if not known:
         lines += ["", "Speaker count right, % of runs (cannot-tell counts as wrong)", ""]
-        lines += [f"| condition | {head} | 1-4 spk | 5-8 spk |", "|---" * (len(groups) + 3) + "|"]
+        lines += [f"| condition | {head} | 1-4 spk |", "|---" * (len(groups) + 2) + "|"]
         for cond in conditions:
             mine = [o for o in outcomes if o.case.condition == cond]
 
@@ -196,9 +196,7 @@ def report(outcomes: list[Outcome], known: bool, title: str) -> str:
                 return f"{100 * np.mean(hits):6.1f}" if hits else "     -"
 
             cells = [right(ns) for _, ns in groups]
-            lines.append(
-                f"| {cond} | {' | '.join(cells)} | {right((1, 2, 3, 4))} | {right((5, 6, 7, 8))} |"
-            )
+            lines.append(f"| {cond} | {' | '.join(cells)} | {right((1, 2, 3, 4))} |")
     lines += ["", "Per speaker count, clean: DER % / count right % / mean confidence", ""]
     lines += ["| speakers | " + " | ".join(str(n) for n in counts) + " |"]
     lines += ["|---" * (len(counts) + 1) + "|"]

@@ -37,13 +37,13 @@ class Params:
     mean_turn: float = 4.0  # expected turn length: sets the HMM's switch probability
     max_gap: float = 0.0  # same-speaker turns closer than this merge
     reach: float = 0.5  # how far re-segmentation may move a change of speaker
-    count_piece: float = 0.5  # the count is judged on pieces of speech this long
-    count_threshold: float = 30.0  # merge height (within-block deviations) of a new speaker ...
-    count_snr_slope: float = 0.2  # ... raised by this per dB of SNR below count_snr_ref,
+    count_piece: float = 0.3  # the count is judged on pieces of speech this long
+    count_threshold: float = 43.2  # merge height (within-block deviations) of a new speaker ...
+    count_snr_slope: float = 0.43  # ... raised by this per dB of SNR below count_snr_ref,
     count_snr_ref: float = 30.0  # as noise splits a voice into louder and quieter turns
     min_count_speech: float = 8.0  # less speech than this: the count is "cannot tell"
-    confidence_slope: float = 4.0  # logistic map from the count's margin to a confidence ...
-    confidence_offset: float = 0.0  # ... fitted on the tune split
+    confidence_slope: float = 8.5  # logistic map from the count's margin to a confidence ...
+    confidence_offset: float = -0.4  # ... fitted on the tune split
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def test_count_search_finds_separate_voices(k: int) -> None:
     assert found == k
     assert counted.known and 0.5 < counted.confidence <= 1.0
     assert sorted(counted.scores) == list(range(2, 9))
-    assert [s > 1 for s in counted.scores.values()] == [j < k for j in range(2, 9)]
+    assert [s > 1 for s in counted.scores.values()] == [j <= k for j in range(2, 9)]
 
 
 def test_count_confidence_falls_near_the_threshold() -> None:
