@@ -1,9 +1,10 @@
-"""k-means (k-means++ seeds, several seeded restarts run together), silhouette, Viterbi smoothing.
+"""k-means (k-means++ seeds, several seeded restarts run together), the speaker count's Ward
+merges, Viterbi smoothing and re-segmentation of speaker changes.
 
 Each k-means iteration is one `@lampy.sum` region over the points (assignment plus per-cluster
-counts and sums, for all restarts at once, so one call per iteration); the silhouette is a
-`@lampy.sum` over blocks of points. Distances in k-means are computed elementwise, not with a
-matrix product, so every executor assigns every point identically.
+counts and sums, for all restarts at once, so one call per iteration); the frame likelihoods of
+re-segmentation are a `@lampy.elemwise` region over frames. Distances in k-means are computed
+elementwise, not with a matrix product, so every executor assigns every point identically.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from scipy.cluster.hierarchy import linkage
 import lampy
 
 from .flsd import class_sums
-
-SILHOUETTE_BLOCK = 1024
 
 
 def _sq_dist(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -112,60 +111,6 @@ def _first_appearance_map(labels: np.ndarray, k: int) -> np.ndarray:
 def first_appearance(labels: np.ndarray) -> np.ndarray:
     """Renumber labels 0, 1, ... in order of first appearance."""
     return _first_appearance_map(labels, int(labels.max()) + 1)[labels]
-
-
-@lampy.sum(shared=("points", "point_labels"))
-def silhouette_partials(
-    x: np.ndarray, labels: np.ndarray, points: np.ndarray, point_labels: np.ndarray, k: int
-) -> dict[str, np.ndarray]:
-    """Sum of silhouette values of a chunk of points against all points (and the chunk size)."""
-    onehot = (point_labels[:, None] == np.arange(k)).astype(np.float64)
-    counts = onehot.sum(axis=0)
-    p2 = (points * points).sum(axis=1)
-    total = 0.0
-    for lo in range(0, x.shape[0], SILHOUETTE_BLOCK):
-        xb, lb = x[lo : lo + SILHOUETTE_BLOCK], labels[lo : lo + SILHOUETTE_BLOCK]
-        d2 = (xb * xb).sum(axis=1)[:, None] + p2[None, :] - 2.0 * xb @ points.T
-        per_cluster = np.sqrt(np.maximum(d2, 0.0)) @ onehot
-        rows = np.arange(xb.shape[0])
-        own = counts[lb]
-        a = per_cluster[rows, lb] / np.maximum(own - 1.0, 1.0)
-        others = per_cluster / np.where(counts > 0, counts, np.inf)
-        others[rows, lb] = np.inf
-        others[:, counts == 0] = np.inf
-        b = others.min(axis=1)
-        s = (b - a) / np.maximum(np.maximum(a, b), 1e-30)
-        total += float(np.where(own > 1, s, 0.0).sum())
-    return {"s": np.array(total), "n": np.array(float(x.shape[0]))}
-
-
-def silhouette(
-    x: np.ndarray, labels: np.ndarray, k: int, sample: int = 6000, seed: int = 0
-) -> float:
-    """Mean silhouette; above `sample` points, on a seeded random sample (sklearn's sample_size)."""
-    if x.shape[0] > sample:
-        keep = np.sort(np.random.default_rng(seed).choice(x.shape[0], sample, replace=False))
-        x, labels = x[keep], labels[keep]
-    p = silhouette_partials(x, labels, x, labels, k)
-    return float(p["s"] / p["n"])
-
-
-def segment_silhouette(
-    x: np.ndarray, labels: np.ndarray, segment: np.ndarray, k: int, sample: int = 6000
-) -> float:
-    """Silhouette of segment means, each labelled by the majority of its points' labels.
-
-    -1 when the segments carry fewer than k distinct labels (some cluster lives only inside
-    segments dominated by another).
-    """
-    _, seg = np.unique(segment, return_inverse=True)
-    n_seg = int(seg.max()) + 1
-    votes = np.bincount(seg * k + labels, minlength=n_seg * k).reshape(n_seg, k)
-    seg_labels = votes.argmax(axis=1)
-    if np.unique(seg_labels).size < k:
-        return -1.0
-    sums = class_sums(x, seg, n_seg)
-    return silhouette(sums / votes.sum(axis=1, keepdims=True), seg_labels, k, sample)
 
 
 def viterbi(x: np.ndarray, centroids: np.ndarray, stay: float) -> np.ndarray:
