@@ -121,7 +121,7 @@ def count_speakers(
 def _unit_spread(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Scale y so its rows deviate from their pseudo-class mean by 1 on average (rms)."""
     n = np.bincount(classes).astype(np.float64)
-    means = cluster.class_sums(y, classes, n.size) / np.maximum(n, 1.0)[:, None]
+    means = flsd.class_sums(y, classes, n.size) / np.maximum(n, 1.0)[:, None]
     spread = math.sqrt(float(((y - means[classes]) ** 2).sum(axis=1).mean()))
     return y / max(spread, 1e-12)
 
