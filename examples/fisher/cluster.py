@@ -198,18 +198,26 @@ def resegment(x: np.ndarray, labels: np.ndarray, reach: int, min_frames: int = 2
         mine = x[labels == s]
         means[s], var[s] = mine.mean(axis=0), mine.var(axis=0) + 1e-3
     log_norm = -0.5 * np.log(2.0 * np.pi * var).sum(axis=1)
-    speech = labels >= 0
-    ll = np.zeros((labels.size, k))
-    ll[speech] = frame_loglik(x[speech], means, 1.0 / var, log_norm)
     starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
     ends = np.append(starts[1:], labels.size)
+    first, second = labels[starts[:-1]], labels[starts[1:]]
+    modelled = counts >= min_frames
+    movable = np.flatnonzero((first >= 0) & (second >= 0) & modelled[first] & modelled[second])
+    if movable.size == 0:
+        return labels
+    # Only the frames around a movable change are scored: (changes x 2 reach) frames.
+    lo = np.maximum(starts[movable + 1] - reach, starts[movable])
+    hi = np.minimum(starts[movable + 1] + reach, ends[movable + 1])
+    spans = [np.arange(a, b) for a, b in zip(lo, hi, strict=True)]
+    scored = np.concatenate(spans)
+    ll = frame_loglik(x[scored], means, 1.0 / var, log_norm)
     out = labels.copy()
-    for r in range(1, starts.size):
-        a, b = labels[starts[r - 1]], labels[starts[r]]
-        if a < 0 or b < 0 or counts[a] < min_frames or counts[b] < min_frames:
-            continue
-        lo, hi = max(starts[r] - reach, starts[r - 1]), min(starts[r] + reach, ends[r])
-        gain = np.concatenate([[0.0], np.cumsum(ll[lo:hi, a] - ll[lo:hi, b])])
-        split = lo + int(np.argmax(gain))
-        out[lo:split], out[split:hi] = a, b
+    offset = 0
+    for r, span in zip(movable, spans, strict=True):
+        a, b = first[r], second[r]
+        part = ll[offset : offset + span.size]
+        offset += span.size
+        gain = np.concatenate([[0.0], np.cumsum(part[:, a] - part[:, b])])
+        split = int(np.argmax(gain))
+        out[span[:split]], out[span[split:]] = a, b
     return out

@@ -22,8 +22,9 @@ class Params:
     First chosen on generated 2-4 speaker conversations (2 s mid-term windows blur short turns;
     a ridge of 1e-3 overfits short recordings), then on the development set's tune split
     (`python -m examples.fisher evaluate --split tune`; docs/evaluation.md): 8 FLsD directions
-    (5 could not hold 6-8 voices apart), no merging of a speaker's turns across pauses (it
-    turned every pause of a monologue into false alarm), and the speaker-count threshold.
+    (5 could not hold 6-8 voices apart), a speaker's turns merged across pauses up to 0.6 s,
+    not 1 s (that turned every pause of a monologue into false alarm; 0 s left the pauses
+    inside a turn as missed speech), and the speaker-count threshold.
     """
 
     mid_window: float = 1.0  # mid-term statistics window ...
@@ -35,7 +36,7 @@ class Params:
     max_speakers: int = 8  # the count is searched over 1..max_speakers
     restarts: int = 10  # seeded k-means++ restarts
     mean_turn: float = 4.0  # expected turn length: sets the HMM's switch probability
-    max_gap: float = 0.0  # same-speaker turns closer than this merge
+    max_gap: float = 0.6  # same-speaker turns closer than this merge
     reach: float = 0.5  # how far re-segmentation may move a change of speaker
     count_piece: float = 0.3  # the count is judged on pieces of speech this long
     count_threshold: float = 43.2  # merge height (within-block deviations) of a new speaker ...

@@ -67,7 +67,8 @@ def speech_score(levels_db: np.ndarray, step: float, smooth: float = 0.075) -> n
     """
     levels = levels_db.reshape(levels_db.shape[0], -1).astype(np.float64)
     levels = uniform_filter1d(levels, max(1, round(smooth / step)), axis=0, mode="nearest")
-    excess = levels - np.percentile(levels, 10.0, axis=0)
+    # Every 4th frame is plenty for a percentile, at a quarter of the sorting.
+    excess = levels - np.percentile(levels[::4], 10.0, axis=0)
     top = max(1, excess.shape[1] // 4)
     return np.partition(excess, excess.shape[1] - top, axis=1)[:, -top:].mean(axis=1)
 
