@@ -298,7 +298,9 @@ def render(conversation: Conversation) -> tuple[np.ndarray, list[Turn]]:
 
 
 def _pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Seeded noise with a 1/f power spectrum (room and street noise are nearer pink than white)."""
+    """Seeded noise with a 1/f power spectrum (room and street noise are nearer pink than white),
+    scaled to unit variance. Its lowest bins (DC included) are kept, so its mean square is a few
+    tenths of a dB above its variance: the SNRs are set against the variance."""
     spectrum = np.fft.rfft(rng.normal(size=n))
     f = np.arange(spectrum.size, dtype=np.float64)
     spectrum /= np.sqrt(np.maximum(f, 1.0))

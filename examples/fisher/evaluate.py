@@ -25,6 +25,7 @@ from . import devset
 from .pipeline import Params, diarize
 from .rttm import Turn
 from .scoring import score
+from .synth import SynthError
 
 FIELDS = ("der", "der_collar", "missed", "false_alarm", "confusion", "found", "confidence", "secs")
 GROUPS: tuple[tuple[str, tuple[int, ...]], ...] = (
@@ -223,6 +224,13 @@ def evaluate(
     peer_python: str | Path | None = None,
 ) -> str:
     """Run a split of the development set and return the printable report."""
+    unknown = [c for c in conditions if c not in devset.CONDITIONS]
+    if unknown or split not in devset.SPLITS or per_count < 1 or kmeans_seeds < 1:
+        raise SynthError(
+            f"evaluate wants a split in {devset.SPLITS}, conditions from {devset.CONDITIONS} "
+            f"and counts of at least 1; got split {split!r}, conditions {conditions}, "
+            f"{per_count} per count, {kmeans_seeds} seeds"
+        )
     todo = cases(split, per_count, conditions, 1 if peer_python else kmeans_seeds)
     outcomes = run(todo, known, None, str(peer_python) if peer_python else None)
     who = "pyAudioAnalysis 0.3.14 (count given)" if peer_python else "lampy FLsD"
