@@ -210,8 +210,9 @@ def report(outcomes: list[Outcome], known: bool, title: str) -> str:
         conf = np.mean([o.values["confidence"] for o in mine]) if mine else np.nan
         cells.append(f"{der} / {hits:.0f} / {conf:.2f}" if not known else der)
     lines.append("| clean | " + " | ".join(cells) + " |")
-    secs = sum(o.values["secs"] for o in outcomes)
-    lines += ["", f"{len(outcomes)} runs, {secs:.0f} s of diarization time in total."]
+    secs = float(np.nansum([o.values["secs"] for o in outcomes]))
+    failed = sum(not np.isfinite(o.values["der"]) for o in outcomes)
+    lines += ["", f"{len(outcomes)} runs ({failed} failed), {secs:.0f} s of diarization in total."]
     return "\n".join(lines)
 
 
