@@ -51,9 +51,10 @@ def stage_inputs(hour: Any) -> dict[str, Any]:
     blocks = features.frame_blocks(signal, win, hop)
     feats, step = features.short_term_features(signal, rate)
     p = Params()
-    speech = vad.detect_speech(feats[:, 1], step)
+    speech = vad.detect_speech(features.log_mel(feats, rate), step)
     mid_win, mid_hop = round(p.mid_window / step), round(p.mid_step / step)
-    mid, centres, count = features.mid_term_features(feats, speech, mid_win, mid_hop)
+    voice = feats[:, features.VOICE_COLUMNS]
+    mid, centres, count = features.mid_term_features(voice, speech, mid_win, mid_hop)
     keep = count >= p.min_voiced * mid_win
     x = flsd.standardize(mid[keep])
     classes = flsd.time_blocks(centres[keep] * step, p.flsd_block)

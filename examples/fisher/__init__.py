@@ -1,17 +1,19 @@
 """Speaker diarization with Fisher Linear Semi-Discriminant analysis, its heavy steps on lampy.
 
 wav ─► short-term features (34 per 50 ms frame; @lampy.elemwise over blocks of frames)
-    ─► energy VAD ─► mid-term mean/std (1 s windows every 0.1 s, prefix sums)
+    ─► band VAD (threshold per recording) ─► mid-term mean/std of the level-free features
+       (1 s windows every 0.1 s, prefix sums)
     ─► FLsD projection (scatter matrices as a @lampy.sum; scipy.linalg.eigh)
+    ─► speaker count 1..8 by Ward merging of 0.3 s pieces, with a confidence, or "cannot tell"
     ─► k-means (k-means++, seeded restarts; each iteration a @lampy.sum)
-       and k by silhouette (a @lampy.sum over blocks) when the count is unknown
-    ─► HMM Viterbi smoothing ─► turns ─► RTTM, table, PNG; DER and purities
+    ─► HMM Viterbi smoothing ─► re-segmentation of speaker changes (frame likelihoods as a
+       @lampy.elemwise) ─► turns ─► RTTM, table, PNG; DER and purities
 
 python -m examples.fisher diarize FILE.wav [--speakers N] [--reference REF.rttm]
                                   [--executor inline|local|openlambda] [--out DIR]
                                   [--seed S] [--json]
 python -m examples.fisher generate OUT.wav [--speakers N] [--seconds S] [--seed S]
-python -m examples.fisher evaluate [--speakers N] [--conversations C] [--known]
+python -m examples.fisher evaluate [--split tune|report] [--per-count N] [--known] [--peer PY]
 """
 
 from typing import Any

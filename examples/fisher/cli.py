@@ -29,7 +29,8 @@ import numpy as np
 import lampy
 
 from .audio import AudioError, read_wav, trim_wav
-from .evaluate import evaluate, summary
+from .devset import CONDITIONS, SPLITS
+from .evaluate import evaluate
 from .pipeline import DiarizationError, Params, Result, diarize
 from .plot import save_timeline
 from .rttm import RttmError, Turn, format_rttm, read_rttm
@@ -89,6 +90,18 @@ def _seconds(low: float) -> Callable[[str], float]:
     return parse
 
 
+def _conditions(text: str) -> tuple[str, ...]:
+    """An argparse type for a comma-separated list of the development set's conditions."""
+    chosen = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = [c for c in chosen if c not in CONDITIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown condition(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(CONDITIONS)}"
+        )
+    return chosen
+
+
 def _chunks(text: str) -> int | str:
     return "auto" if text == "auto" else _count(1)(text)
 
@@ -129,7 +142,7 @@ def _parser() -> Parser:
     d.add_argument(
         "--speakers",
         type=_count(1),
-        help=f"number of speakers (default: found by silhouette, at most {max_k})",
+        help=f"number of speakers (default: found, 1..{max_k}, with a confidence)",
     )
     d.add_argument("--reference", type=Path, help="reference RTTM: print DER and purities")
     d.add_argument("--out", type=Path, help="directory for the RTTM and the PNG timeline")
@@ -152,17 +165,22 @@ def _parser() -> Parser:
     g.add_argument("--seed", type=_count(0), default=0, help="default 0")
     e = sub.add_parser(
         "evaluate",
-        help="DER over generated conversations and k-means seeds",
+        help="DER and speaker count on the development set (docs/evaluation.md)",
         parents=[common, run_options],
     )
-    e.add_argument("--speakers", type=_count(1, len(VOICES)), default=2, help="default 2")
-    e.add_argument("--conversations", type=_count(1), default=5, help="default 5")
-    e.add_argument("--seconds", type=_seconds(MIN_SECONDS), default=90.0, help="each (default 90)")
-    e.add_argument("--kmeans-seeds", type=_count(1), default=3, help="per conversation (3)")
     e.add_argument(
-        "--first-seed", type=_count(0), default=100, help="seed of the first conversation (100)"
+        "--split", choices=SPLITS, default="tune", help="tune on tune, report on report (tune)"
     )
+    e.add_argument("--per-count", type=_count(1), default=5, help="conversations per count (5)")
+    e.add_argument(
+        "--conditions",
+        type=_conditions,
+        default=CONDITIONS,
+        help=f"comma-separated, from {','.join(CONDITIONS)} (default: all)",
+    )
+    e.add_argument("--kmeans-seeds", type=_count(1), default=3, help="per conversation (3)")
     e.add_argument("--known", action="store_true", help="give the true number of speakers")
+    e.add_argument("--peer", type=Path, help="a python with pyAudioAnalysis: score it instead")
     return parser
 
 
@@ -358,21 +376,22 @@ def _check_speakers(wanted: int | None, seconds: float, wav: Path) -> None:
         )
 
 
-def _count_line(result: Result) -> str | None:
-    """How the speaker count was chosen, or None when it was given."""
-    if not result.silhouettes:
-        return None
-    sil = ", ".join(f"k={k}: {v:.3f}" for k, v in result.silhouettes.items())
-    return f"silhouette (higher is better): {sil}"
+def _count_line(result: Result) -> str:
+    """The speaker count and how sure it is: found with a confidence, given, or cannot tell."""
+    count = result.count
+    if not count.known:
+        return f"speakers: cannot tell ({count.note})" if count.note else "speakers: cannot tell"
+    if not count.scores:  # given with --speakers
+        return f"speakers: {result.n_speakers} (given)"
+    note = f"; {count.note}" if count.note else ""
+    return f"speakers: {result.n_speakers} (confidence {count.confidence:.2f}{note})"
 
 
-def _count_warning(result: Result) -> str | None:
-    """A warning when no tried count shows speaker structure (every silhouette at or below 0)."""
-    if result.silhouettes and max(result.silhouettes.values()) <= 0.0:
-        return (
-            f"the speaker count {result.n_speakers} is a guess: no count tried separates the "
-            "voices (every silhouette <= 0; noise, one voice, or too little speech)"
-        )
+def _count_warning(result: Result, wav: Path) -> str | None:
+    """A warning naming the file when the count could not be found (too little speech)."""
+    if not result.count.known:
+        why = result.count.note or "too little speech"
+        return f"{wav}: cannot tell how many speakers there are: {why}"
     return None
 
 
@@ -380,10 +399,7 @@ def _table(result: Result, scored: Score | None, total: float) -> str:
     lines = [f"{'start':>9} {'end':>9} {'dur':>7}  speaker"]
     for t in result.turns:
         lines.append(f"{t.start:9.2f} {t.end:9.2f} {t.duration:7.2f}  {t.speaker}")
-    lines.append(f"\nspeakers: {result.n_speakers}")
-    count = _count_line(result)
-    if count:
-        lines.append(count)
+    lines.append(f"\n{_count_line(result)}")
     if scored:
         lines += [
             f"DER (no collar): {100 * scored.der:.2f}%  (missed {100 * scored.missed:.2f}%, "
@@ -443,7 +459,7 @@ def _diarize(args: argparse.Namespace) -> int:
         if again.turns != result.turns:
             _warn("the inline run found other turns (float sums in another order)")
     scored = score(reference, result.turns) if reference is not None else None
-    for warning in (_count_warning(result), implausible(scored) if scored else None):
+    for warning in (_count_warning(result, args.wav), implausible(scored) if scored else None):
         if warning:
             _warn(warning)
     written = _write_outputs(out, args.wav, result, reference, scored) if out else {}
@@ -451,7 +467,7 @@ def _diarize(args: argparse.Namespace) -> int:
         report: dict[str, Any] = {
             "file": str(args.wav),
             "speakers": result.n_speakers,
-            "silhouettes": result.silhouettes,
+            "count": asdict(result.count),
             "turns": [asdict(t) for t in result.turns],
             "timings": {**result.timings, "total": total},
             "executor": executor.name,
@@ -546,15 +562,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     executor = ExecutorChoice.from_args(args)
     with executor.using():
-        trials = evaluate(
-            args.speakers,
-            args.conversations,
-            args.seconds,
-            args.kmeans_seeds,
-            args.first_seed,
-            args.known,
+        report = evaluate(
+            args.split, args.per_count, args.conditions, args.kmeans_seeds, args.known, args.peer
         )
-    print(summary(trials, args.speakers))
+    print(report)
     return 0
 
 

@@ -1,20 +1,20 @@
-"""k-means (k-means++ seeds, several seeded restarts run together), silhouette, Viterbi smoothing.
+"""k-means (k-means++ seeds, several seeded restarts run together), the speaker count's Ward
+merges, Viterbi smoothing and re-segmentation of speaker changes.
 
 Each k-means iteration is one `@lampy.sum` region over the points (assignment plus per-cluster
-counts and sums, for all restarts at once, so one call per iteration); the silhouette is a
-`@lampy.sum` over blocks of points. Distances in k-means are computed elementwise, not with a
-matrix product, so every executor assigns every point identically.
+counts and sums, for all restarts at once, so one call per iteration); the frame likelihoods of
+re-segmentation are a `@lampy.elemwise` region over frames. Distances in k-means are computed
+elementwise, not with a matrix product, so every executor assigns every point identically.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.cluster.hierarchy import linkage
 
 import lampy
 
 from .flsd import class_sums
-
-SILHOUETTE_BLOCK = 1024
 
 
 def _sq_dist(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -113,60 +113,6 @@ def first_appearance(labels: np.ndarray) -> np.ndarray:
     return _first_appearance_map(labels, int(labels.max()) + 1)[labels]
 
 
-@lampy.sum(shared=("points", "point_labels"))
-def silhouette_partials(
-    x: np.ndarray, labels: np.ndarray, points: np.ndarray, point_labels: np.ndarray, k: int
-) -> dict[str, np.ndarray]:
-    """Sum of silhouette values of a chunk of points against all points (and the chunk size)."""
-    onehot = (point_labels[:, None] == np.arange(k)).astype(np.float64)
-    counts = onehot.sum(axis=0)
-    p2 = (points * points).sum(axis=1)
-    total = 0.0
-    for lo in range(0, x.shape[0], SILHOUETTE_BLOCK):
-        xb, lb = x[lo : lo + SILHOUETTE_BLOCK], labels[lo : lo + SILHOUETTE_BLOCK]
-        d2 = (xb * xb).sum(axis=1)[:, None] + p2[None, :] - 2.0 * xb @ points.T
-        per_cluster = np.sqrt(np.maximum(d2, 0.0)) @ onehot
-        rows = np.arange(xb.shape[0])
-        own = counts[lb]
-        a = per_cluster[rows, lb] / np.maximum(own - 1.0, 1.0)
-        others = per_cluster / np.where(counts > 0, counts, np.inf)
-        others[rows, lb] = np.inf
-        others[:, counts == 0] = np.inf
-        b = others.min(axis=1)
-        s = (b - a) / np.maximum(np.maximum(a, b), 1e-30)
-        total += float(np.where(own > 1, s, 0.0).sum())
-    return {"s": np.array(total), "n": np.array(float(x.shape[0]))}
-
-
-def silhouette(
-    x: np.ndarray, labels: np.ndarray, k: int, sample: int = 6000, seed: int = 0
-) -> float:
-    """Mean silhouette; above `sample` points, on a seeded random sample (sklearn's sample_size)."""
-    if x.shape[0] > sample:
-        keep = np.sort(np.random.default_rng(seed).choice(x.shape[0], sample, replace=False))
-        x, labels = x[keep], labels[keep]
-    p = silhouette_partials(x, labels, x, labels, k)
-    return float(p["s"] / p["n"])
-
-
-def segment_silhouette(
-    x: np.ndarray, labels: np.ndarray, segment: np.ndarray, k: int, sample: int = 6000
-) -> float:
-    """Silhouette of segment means, each labelled by the majority of its points' labels.
-
-    -1 when the segments carry fewer than k distinct labels (some cluster lives only inside
-    segments dominated by another).
-    """
-    _, seg = np.unique(segment, return_inverse=True)
-    n_seg = int(seg.max()) + 1
-    votes = np.bincount(seg * k + labels, minlength=n_seg * k).reshape(n_seg, k)
-    seg_labels = votes.argmax(axis=1)
-    if np.unique(seg_labels).size < k:
-        return -1.0
-    sums = class_sums(x, seg, n_seg)
-    return silhouette(sums / votes.sum(axis=1, keepdims=True), seg_labels, k, sample)
-
-
 def viterbi(x: np.ndarray, centroids: np.ndarray, stay: float) -> np.ndarray:
     """Most likely label path under an HMM with Gaussian states at the centroids.
 
@@ -193,3 +139,85 @@ def viterbi(x: np.ndarray, centroids: np.ndarray, stay: float) -> np.ndarray:
     for t in range(x.shape[0] - 1, 0, -1):
         path[t - 1] = back[t, path[t]]
     return path
+
+
+def piece_means(x: np.ndarray, segment: np.ndarray, size: int) -> np.ndarray:
+    """Means of consecutive runs of at most `size` rows inside each segment (rows in time order).
+
+    Averaging a few windows damps what was said while a piece stays short enough to hold one
+    voice; pieces never straddle a pause.
+    """
+    starts = np.flatnonzero(np.concatenate([[True], segment[1:] != segment[:-1]]))
+    run = np.repeat(np.arange(starts.size), np.diff(np.append(starts, segment.size)))
+    position = np.arange(segment.size) - starts[run]
+    key = run * (segment.size + 1) + position // size
+    _, piece = np.unique(key, return_inverse=True)
+    counts = np.bincount(piece).astype(np.float64)
+    return class_sums(x, piece, counts.size) / counts[:, None]
+
+
+def merge_heights(pieces: np.ndarray, count: int) -> np.ndarray:
+    """Ward linkage heights of the last `count` merges, last first: heights[j] joins j + 2
+    clusters into j + 1 (zeros past the number of pieces)."""
+    heights = np.zeros(count)
+    if pieces.shape[0] > 1:
+        last = linkage(pieces, "ward")[::-1, 2][:count]
+        heights[: last.size] = last
+    return heights
+
+
+@lampy.elemwise(shared=("means", "inv_var", "log_norm"))
+def frame_loglik(
+    x: np.ndarray, means: np.ndarray, inv_var: np.ndarray, log_norm: np.ndarray
+) -> np.ndarray:
+    """Log-likelihood of each frame (rows of x) under each speaker's diagonal Gaussian."""
+    out = np.empty((x.shape[0], means.shape[0]))
+    for s in range(means.shape[0]):
+        d = x - means[s]
+        out[:, s] = log_norm[s] - 0.5 * (d * d * inv_var[s]).sum(axis=1)
+    return out
+
+
+def resegment(x: np.ndarray, labels: np.ndarray, reach: int, min_frames: int = 20) -> np.ndarray:
+    """Move each change of speaker to the frame where the two speakers' models split best.
+
+    `labels` (-1 = silence) come from clustering mid-term windows a second long, so a change can
+    be off by half a window. Each speaker gets a diagonal Gaussian over its frames' features
+    `x`; where one speaker's run meets another's without a pause, the boundary moves (within
+    `reach` frames and the two runs) to the split that maximizes the log-likelihood of the
+    frames before under the first speaker plus the frames after under the second. Speakers
+    with fewer than `min_frames` frames keep their boundaries.
+    """
+    k = int(labels.max()) + 1
+    counts = np.bincount(labels[labels >= 0], minlength=max(k, 1))
+    if k < 2 or np.count_nonzero(counts >= min_frames) < 2:
+        return labels
+    means = np.zeros((k, x.shape[1]))
+    var = np.ones((k, x.shape[1]))
+    for s in np.flatnonzero(counts >= min_frames):
+        mine = x[labels == s]
+        means[s], var[s] = mine.mean(axis=0), mine.var(axis=0) + 1e-3
+    log_norm = -0.5 * np.log(2.0 * np.pi * var).sum(axis=1)
+    starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
+    ends = np.append(starts[1:], labels.size)
+    first, second = labels[starts[:-1]], labels[starts[1:]]
+    modelled = counts >= min_frames
+    movable = np.flatnonzero((first >= 0) & (second >= 0) & modelled[first] & modelled[second])
+    if movable.size == 0:
+        return labels
+    # Only the frames around a movable change are scored: (changes x 2 reach) frames.
+    lo = np.maximum(starts[movable + 1] - reach, starts[movable])
+    hi = np.minimum(starts[movable + 1] + reach, ends[movable + 1])
+    spans = [np.arange(a, b) for a, b in zip(lo, hi, strict=True)]
+    scored = np.concatenate(spans)
+    ll = frame_loglik(x[scored], means, 1.0 / var, log_norm)
+    out = labels.copy()
+    offset = 0
+    for r, span in zip(movable, spans, strict=True):
+        a, b = first[r], second[r]
+        part = ll[offset : offset + span.size]
+        offset += span.size
+        gain = np.concatenate([[0.0], np.cumsum(part[:, a] - part[:, b])])
+        split = int(np.argmax(gain))
+        out[span[:split]], out[span[split:]] = a, b
+    return out

@@ -131,7 +131,7 @@ def sentence(rng: np.random.Generator) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def _synthesize(voice: Voice, text: str, rate: int, workdir: Path, index: int) -> np.ndarray:
+def speak(voice: Voice, text: str, rate: int, workdir: Path, index: int) -> np.ndarray:
     """Speak `text` with `voice`, resample to `rate` with sox (no dither), trim silence."""
     raw, out = workdir / f"{index}.raw.wav", workdir / f"{index}.wav"
     cmd = ["espeak-ng", "-v", voice.name, "-p", str(voice.pitch), "-s", str(voice.speed)]
@@ -176,7 +176,7 @@ def generate(
     gains = rng.uniform(0.5, 0.9, size=len(script))
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(4) as pool:
         jobs = [
-            pool.submit(_synthesize, VOICES[s], text, rate, Path(tmp), i)
+            pool.submit(speak, VOICES[s], text, rate, Path(tmp), i)
             for i, (s, text) in enumerate(script)
         ]
         clips = [job.result() for job in jobs]

@@ -42,34 +42,6 @@ def test_kmeans_is_seeded() -> None:
     np.testing.assert_array_equal(a[1], b[1])
 
 
-def _silhouette_loop(x: np.ndarray, labels: np.ndarray) -> float:
-    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
-    values = []
-    for i in range(len(x)):
-        own = labels == labels[i]
-        if own.sum() == 1:
-            values.append(0.0)
-            continue
-        a = d[i, own].sum() / (own.sum() - 1)
-        b = min(d[i, labels == c].mean() for c in set(labels) if c != labels[i])
-        values.append((b - a) / max(a, b))
-    return float(np.mean(values))
-
-
-def test_silhouette_matches_loop(executor: str) -> None:
-    x, truth = _blobs(3, 90)
-    labels = truth.copy()
-    labels[:5] = 1
-    assert cluster.silhouette(x, labels, 3) == pytest.approx(_silhouette_loop(x, labels), abs=1e-9)
-
-
-def test_silhouette_matches_sklearn() -> None:
-    metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is not installed")
-    x, truth = _blobs(4, 200, seed=5)
-    ours = cluster.silhouette(x, truth, 4)
-    assert ours == pytest.approx(metrics.silhouette_score(x, truth), abs=1e-9)
-
-
 def test_viterbi_matches_brute_force() -> None:
     rng = np.random.default_rng(2)
     centroids = np.array([[0.0], [1.0]])
@@ -97,14 +69,3 @@ def test_first_appearance() -> None:
     np.testing.assert_array_equal(
         cluster.first_appearance(np.array([2, 2, 0, 1, 0])), [0, 0, 1, 2, 1]
     )
-
-
-def test_segment_silhouette_uses_segment_means_and_majority_labels() -> None:
-    x, truth = _blobs(2, 200, seed=6)
-    segment = np.arange(200) // 10
-    labels = truth.copy()
-    labels[::10] = 1 - labels[::10]  # one stray label per segment: the majority still wins
-    means = x.reshape(20, 10, 2).mean(axis=1)
-    expected = _silhouette_loop(means, truth[::10])
-    assert cluster.segment_silhouette(x, labels, segment, 2) == pytest.approx(expected, abs=1e-9)
-    assert cluster.segment_silhouette(x, labels, segment, 3) == -1.0

@@ -65,8 +65,8 @@ def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_too_little_audio_or_speech() -> None:
     with pytest.raises(DiarizationError, match=r"0\.50 s of audio; need at least 2\.00 s"):
         diarize(np.zeros(8000, dtype=np.float32), 16000)
-    with pytest.raises(DiarizationError, match="mid-term windows hold speech"):
-        diarize(np.zeros(16000 * 5, dtype=np.float32), 16000)
+    silent = diarize(np.zeros(16000 * 5, dtype=np.float32), 16000)
+    assert silent.turns == [] and silent.count.note == "no speech found"
     with pytest.raises(DiarizationError, match="at least 1, got 0"):
         diarize(np.zeros(16000 * 5, dtype=np.float32), 16000, n_speakers=0)
 

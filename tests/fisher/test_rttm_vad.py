@@ -44,9 +44,30 @@ def test_detect_speech_on_bursts_and_silence() -> None:
     energy[100:200] = 1e-2
     energy[150] = 1e-7  # a one-frame pause inside speech
     energy[300] = 1e-2  # a one-frame click
-    speech = vad.detect_speech(energy, step=0.025)
+    speech = vad.detect_speech(10 * np.log10(energy), step=0.025)
     assert speech[100:200].all()
-    assert not speech[:100].any() and not speech[200:].any()
+    # Levels are smoothed over 3 frames, so a run may grow by one frame at either end.
+    assert not speech[:99].any() and not speech[201:].any()
+
+
+def test_detect_speech_follows_the_noise_floor() -> None:
+    """The same bursts found over a quiet floor and over a floor 40 dB louder that leaves them
+    only 8 dB above it; steady noise alone holds no speech."""
+    rng = np.random.default_rng(1)
+    bands = rng.normal(0.0, 1.0, (800, 40))
+    bursts = np.zeros(800, dtype=bool)
+    for start in (100, 300, 550):
+        bursts[start : start + 80] = True
+    for floor in (-80.0, -40.0):
+        levels = floor + bands + np.where(bursts, 8.0 if floor > -50 else 48.0, 0.0)[:, None]
+        speech = vad.detect_speech(levels, step=0.025)
+        assert (speech == bursts).mean() > 0.97
+    assert not vad.detect_speech(-40.0 + bands, step=0.025).any()
+
+
+def test_otsu_threshold_splits_two_groups() -> None:
+    values = np.r_[np.full(50, 1.0), np.full(30, 9.0)]
+    assert 1.0 < vad.otsu_threshold(values) < 9.0
 
 
 def test_run_index() -> None:

@@ -1,0 +1,104 @@
+"""The speaker count: the search on 1 and 5+ voices, its confidence, and "cannot tell"."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from examples.fisher import cluster, devset, diarize, synth
+from examples.fisher.audio import read_wav
+from examples.fisher.cli import main
+from examples.fisher.pipeline import Params, count_speakers
+from examples.fisher.scoring import score
+
+from .conftest import SAMPLE_WAV
+
+
+def _voices(k: int, seed: int = 0, per_voice: int = 60, apart: float = 6.0) -> np.ndarray:
+    """Pieces of k voices in an 8-d space: windows with unit spread around each voice's centre,
+    centres `apart` from each other, one pause-free segment of 10 windows at a time."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, 8))
+    centres *= apart / np.sqrt(2 * 8)
+    rows = [centres[s] + rng.normal(size=(10, 8)) for _ in range(per_voice) for s in range(k)]
+    return np.vstack(rows)
+
+
+@pytest.mark.parametrize("k", [1, 5, 7])
+def test_count_search_finds_separate_voices(k: int) -> None:
+    y = _voices(k, seed=k)
+    segment = np.arange(y.shape[0]) // 10
+    found, counted = count_speakers(y, segment, 40.0, Params(), 3)
+    assert found == k
+    assert counted.known and 0.5 < counted.confidence <= 1.0
+    assert sorted(counted.scores) == list(range(2, 9))
+    assert [s > 1 for s in counted.scores.values()] == [j <= k for j in range(2, 9)]
+
+
+def test_count_confidence_falls_near_the_threshold() -> None:
+    y = _voices(2, seed=3)
+    segment = np.arange(y.shape[0]) // 10
+    _, clear = count_speakers(y, segment, 40.0, Params(), 3)
+    height = clear.scores[2] * Params().count_threshold
+    _, marginal = count_speakers(y, segment, 40.0, Params(count_threshold=height * 0.95), 3)
+    assert marginal.confidence < clear.confidence
+
+
+def test_piece_means_never_straddle_a_pause() -> None:
+    x = np.arange(7, dtype=np.float64)[:, None]
+    segment = np.array([0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(cluster.piece_means(x, segment, 2)[:, 0], [0.5, 2.0, 3.5, 5.5])
+
+
+def test_resegment_moves_a_late_boundary_to_the_change() -> None:
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(0, 1, (200, 3)), rng.normal(4, 1, (200, 3))])
+    labels = np.r_[np.zeros(215, dtype=np.int64), np.ones(185, dtype=np.int64)]
+    out = cluster.resegment(x, labels, reach=30)
+    assert abs(int(np.argmax(out == 1)) - 200) <= 2
+
+
+def test_too_little_speech_is_cannot_tell(capsys: pytest.CaptureFixture[str]) -> None:
+    signal, rate = read_wav(SAMPLE_WAV)
+    clip = diarize(signal[: 3 * rate], rate)
+    assert not clip.count.known and clip.count.confidence == 0.0
+    assert "need 8 s to count speakers" in clip.count.note
+    assert clip.n_speakers == 1 and clip.turns
+    noise = np.random.default_rng(0).normal(0, 0.1, 20 * rate).astype(np.float32)
+    empty = diarize(noise, rate)
+    assert not empty.count.known and empty.count.note == "no speech found"
+    assert empty.turns == [] and empty.n_speakers == 0
+
+
+def test_cli_says_cannot_tell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    signal, rate = read_wav(SAMPLE_WAV)
+    from examples.fisher.audio import write_wav
+
+    write_wav(tmp_path / "short.wav", signal[: 4 * rate], rate)
+    assert main(["diarize", str(tmp_path / "short.wav"), "--executor", "inline"]) == 0
+    assert "speakers: cannot tell (only" in capsys.readouterr().out
+    assert main(["diarize", str(SAMPLE_WAV), "--executor", "inline"]) == 0
+    assert "speakers: 2 (confidence 0." in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tools() -> None:
+    if not synth.have_tools():
+        pytest.skip(synth.INSTALL_HINT)
+
+
+def test_one_speaker_is_not_split(tools: None, tmp_path: Path) -> None:
+    wav, rttm = tmp_path / "one.wav", tmp_path / "one.rttm"
+    turns = synth.generate(wav, rttm, n_speakers=1, seconds=30, seed=5)
+    result = diarize(*read_wav(wav))
+    assert result.n_speakers == 1 and result.count.known
+    assert score(turns, result.turns).der < 0.10
+
+
+def test_five_unheard_voices_are_counted(tools: None) -> None:
+    conversation = devset.conversations("tune", 1)[4]
+    assert conversation.n_speakers == 5
+    signal, reference = devset.render(conversation)
+    result = diarize(signal, devset.RATE)
+    assert result.n_speakers == 5 and result.count.confidence > 0.5
+    assert score(reference, result.turns).der < 0.15
