@@ -16,6 +16,11 @@ import lampy
 import tests.toy_executor  # noqa: F401 (registers the "threads" executor)
 from lampy.runtime import executors
 from lampy.testing import openlambda_worker
+from tests.olreal import (  # noqa: F401 (registers "olreal", OpenLambda's own worker, if here)
+    olreal_options,
+    olreal_url,
+    pytest_report_header,
+)
 
 SECRET = "test-secret-for-lampy"
 RANDOM_IN_STRATEGY = (
