@@ -15,8 +15,10 @@ Not LAMPY_OLREAL_*: that prefix holds the "olreal" executor's own options.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import signal
 import subprocess
 import time
 import urllib.error
@@ -38,12 +40,24 @@ KIT = Path(__file__).resolve().parents[2] / "shared" / "olreal"
 DIR = Path(os.environ.get("LAMPY_TEST_OLREAL_DIR", "/tmp/lampy-olreal-tests"))
 SKIP = os.environ.get("LAMPY_TEST_OLREAL_SKIP", "")
 SETUP_TIMEOUT_S = 900.0  # a first build: apt packages, Go, a Debian root filesystem (~2 min idle)
-STOP_TIMEOUT_S = 60.0
+# A worker stops in a second or two, unless a call is still queued when it is told to: it never
+# answers that call, and `ol worker down` waits 60 s for it (seen after most suite runs). So it
+# gets this long, then SIGKILL for it and its sandboxes.
+STOP_TIMEOUT_S = 15.0
 # The first call after a deploy makes OpenLambda pip-install requirements.txt (numpy) in a
 # sandbox; on a loaded machine that has taken more than a minute.
 DEPLOY_TIMEOUT_S = 300.0
 # The real worker's sandboxes start cold far slower than `lampy worker`'s on a loaded machine.
 CALL_TIMEOUT_S = 120.0
+
+
+# Tests that fail on the real worker for a known lampy bug: xfail(strict=True) there only.
+KNOWN_BUGS = {
+    "tests/regions/test_elemwise.py::test_explain_describes_the_plan": (
+        "lampy bug (issue 13): Plan.executor is the class's `name` (openlambda), not the name "
+        "the executor was registered and asked for"
+    ),
+}
 
 
 class Unavailable(Exception):
@@ -63,6 +77,15 @@ def pytest_report_header() -> str:
         return REASON
     where = f"OpenLambda's own worker from {KIT}, built in {DIR}"
     return f"olreal: {where}" + (f" (skipped: {SKIP})" if SKIP else "")
+
+
+def mark_known_bugs(items: list[pytest.Item]) -> None:
+    """Mark the olreal runs of KNOWN_BUGS as strict xfails (called from tests/conftest.py)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        reason = KNOWN_BUGS.get(item.nodeid.partition("[")[0])
+        if reason and callspec is not None and callspec.params.get("executor") == NAME:
+            item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 @contextmanager
@@ -110,13 +133,51 @@ def _setup(directory: Path, port: int) -> str:
 
 
 def _stop(directory: Path) -> None:
-    subprocess.run(
-        ["bash", str(KIT / "stop.sh"), str(directory)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=STOP_TIMEOUT_S,
-        check=False,
-    )
+    """stop.sh; for a worker it could not stop in time, SIGKILL and stop.sh again (which then
+    only removes the sandboxes' cgroups)."""
+    if _stop_sh(directory):
+        return
+    for pid in [*_worker_pids(directory), *sandbox_pids(directory)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _stop_sh(directory)
+
+
+def _stop_sh(directory: Path) -> bool:
+    """Run the kit's stop.sh; False when it did not finish in STOP_TIMEOUT_S (it is killed)."""
+    command = ["bash", str(KIT / "stop.sh"), str(directory)]
+    quiet = subprocess.DEVNULL
+    with subprocess.Popen(command, stdout=quiet, stderr=quiet, start_new_session=True) as stopping:
+        try:
+            stopping.wait(STOP_TIMEOUT_S)
+            return True
+        except subprocess.TimeoutExpired:
+            os.killpg(stopping.pid, signal.SIGKILL)  # stop.sh and the `ol worker down` it waits on
+            stopping.wait()
+            return False
+
+
+def _worker_pids(directory: Path) -> list[int]:
+    """The worker started from `directory`, if its recorded process is still that worker."""
+    try:
+        pid = int((directory / "w" / "worker" / "worker.pid").read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return []
+    return [pid] if command[0] == bytes(directory / "ol" / "ol") else []
+
+
+def sandbox_pids(directory: Path = DIR) -> list[int]:
+    """The processes of the worker's sandboxes in `directory`: their root is under it."""
+    roots = str(directory / "w" / "worker" / "root-sandboxes")
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.readlink(entry / "root").startswith(roots):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+    return found
 
 
 def wait_deployed(url: str, secret: bytes, name: str = "lampy") -> float:
