@@ -94,3 +94,18 @@ def test_sandboxes_killed_from_outside_mid_job(olreal: str) -> None:
         thread.join()
     assert killed, "no sandbox was found to kill"
     assert time.monotonic() - start < 100
+
+
+def past_the_runtime_limit(x: np.ndarray) -> np.ndarray:
+    time.sleep(45)  # OpenLambda ends a call after limits.runtime_sec, 30 s by default
+    return x
+
+
+@pytest.mark.slow
+def test_a_call_past_the_runtime_limit_is_a_502_naming_its_chunk(olreal: str) -> None:
+    with (
+        lampy.using(attempts=1),
+        pytest.raises(lampy.RetriesExhausted, match=r"HTTP 502: RoundTrip failed") as info,
+    ):
+        lampy.elemwise(past_the_runtime_limit, chunks=2)(np.arange(4))
+    assert info.value.rows in {(0, 2), (2, 4)}
