@@ -7,17 +7,22 @@ same things on the real platform (../shared/olreal), each a median, for both wor
 - cold sandbox: the first call after a redeploy (a new sandbox; packages already installed);
 - first call after the first deploy on a fresh worker (OpenLambda pip-installs numpy then);
 - per byte: a one-chunk identity call of 8 MiB (inside the call) and 64 MiB (by reference);
-- per chunk: 400 no-op chunks, one call each, 32 in flight.
+- per chunk: 400 no-op chunks, one call each, 32 in flight;
+- pre-warm: 8 concurrent pings on a lambda with one warm sandbox, each holding its sandbox
+  0.05 s (PREWARM_HOLD_S), 0.2 s or 0.5 s, and how many sandboxes the worker made for them.
 The notes give the derived figure (seconds per byte moved, per chunk) beside the constant it
 checks. Without the kit the OpenLambda rows skip, saying why.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import json
 import os
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -160,3 +165,34 @@ def test_per_chunk(benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExec
         benchmark.pedantic(f, args=(x,), rounds=3, iterations=1)
     per_chunk = benchmark.stats.stats.median / CHUNKS
     benchmark.extra_info["note"] = f"{per_chunk * 1e3:.2f} ms per chunk; SECONDS_PER_CHUNK 0.65 ms"
+
+
+def sandboxes_made(url: str) -> int:
+    """Sandboxes the worker made so far, from its /stats (each worker names it its own way)."""
+    with urllib.request.urlopen(f"{url}/stats", timeout=10) as answer:
+        stats = json.load(answer)
+    return int(stats.get("sandboxes_created", stats.get("Create().cnt", 0)))
+
+
+@pytest.mark.parametrize("hold", [0.05, 0.2, 0.5])
+def test_prewarm_hold(
+    benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], hold: float
+) -> None:
+    which, executor = deployed
+    row(f"8 concurrent pings holding their sandbox {hold:g} s, one sandbox warm", which)
+    before: list[int] = []
+
+    def one_warm_sandbox() -> None:
+        upload(executor.url)
+        time.sleep(REGISTRY_CACHE_S)
+        ping(executor)
+        before.append(sandboxes_made(executor.url))
+
+    async def burst() -> None:
+        await asyncio.gather(*(executor.caller.ping(hold) for _ in range(8)))
+
+    benchmark.pedantic(
+        lambda: executor._loop.run(burst()), setup=one_warm_sandbox, rounds=1, iterations=1
+    )
+    made = sandboxes_made(executor.url) - before[-1]
+    benchmark.extra_info["note"] = f"{made} sandboxes made; PREWARM_HOLD_S 0.05 s"
