@@ -80,12 +80,20 @@ def pytest_report_header() -> str:
     return f"olreal: {where}" + (f" (skipped: {SKIP})" if SKIP else "")
 
 
-def mark_known_bugs(items: list[pytest.Item]) -> None:
-    """Mark the olreal runs of KNOWN_BUGS as strict xfails (called from tests/conftest.py)."""
+def mark_items(items: list[pytest.Item]) -> None:
+    """Mark the olreal runs of KNOWN_BUGS as strict xfails; and when the kit has yet to build
+    in DIR, give every olreal test the build's time, since whichever runs first waits for it
+    (called from tests/conftest.py)."""
+    built = (DIR / "ol" / "ol").exists() and (DIR / "rootfs" / "runtimes" / "python").is_dir()
     for item in items:
         callspec = getattr(item, "callspec", None)
+        on_olreal = callspec is not None and callspec.params.get("executor") == NAME
+        if not (on_olreal or "olreal_url" in getattr(item, "fixturenames", ())):
+            continue
+        if not built:
+            item.add_marker(pytest.mark.timeout(SETUP_TIMEOUT_S + 120))
         reason = KNOWN_BUGS.get(item.nodeid.partition("[")[0])
-        if reason and callspec is not None and callspec.params.get("executor") == NAME:
+        if reason and on_olreal:
             item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
 
 
