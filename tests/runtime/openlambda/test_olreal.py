@@ -1,4 +1,4 @@
-"""What only OpenLambda's own worker can show: its sandboxes, its errors, its deploy.
+"""What only OpenLambda's own worker can show: its sandboxes, its errors, its limits.
 
 The region suite runs on it through the "olreal" executor (tests/olreal.py); these tests are
 about the platform itself. Skipped where the kit is absent or the worker cannot be built.
@@ -28,17 +28,12 @@ def olreal(olreal_url: str) -> Iterator[str]:
         yield olreal_url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lampy bug (issue 13): prewarm tells sandboxes apart by os.getpid(), which is 1 in "
-    "every OpenLambda sandbox (each has its own PID namespace), so it counts one",
-)
 def test_prewarm_reaches_several_sandboxes(olreal: str) -> None:
-    assert lampy.prewarm(3) >= 2
+    assert lampy.prewarm(3, executor=NAME) >= 2
 
 
 def test_every_sandbox_is_pid_1(olreal: str) -> None:
-    """Why a process id cannot name a sandbox here (the fact the prewarm bug comes from)."""
+    """Why lampy tells sandboxes apart by a token, not a process id (prewarm counted one)."""
 
     def pids(x: np.ndarray) -> np.ndarray:
         return np.full(len(x), os.getpid())
