@@ -16,6 +16,12 @@ import lampy
 import tests.toy_executor  # noqa: F401 (registers the "threads" executor)
 from lampy.runtime import executors
 from lampy.testing import openlambda_worker
+from tests.olreal import (  # noqa: F401 (registers "olreal", OpenLambda's own worker, if here)
+    mark_items,
+    olreal_options,
+    olreal_url,
+    pytest_report_header,
+)
 
 SECRET = "test-secret-for-lampy"
 RANDOM_IN_STRATEGY = (
@@ -91,6 +97,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("executor") == "dask":
             item.add_marker(pytest.mark.filterwarnings(RANDOM_IN_STRATEGY))
+    mark_items(items)
 
 
 @pytest.fixture

@@ -1,0 +1,198 @@
+"""OpenLambda's own worker against `lampy worker`, side by side in one run (issue 13).
+
+The openlambda executor's costs (STARTUP_S, SECONDS_PER_BYTE, SECONDS_PER_CHUNK), its pre-warm
+timing and the scheduler's straggler rule were tuned on `lampy worker`. These rows measure the
+same things on the real platform (../shared/olreal), each a median, for both workers:
+- warm call: one signed ping on a warm sandbox, and a one-chunk lampy call;
+- cold sandbox: the first call after a redeploy (a new sandbox; packages already installed);
+- first call after the first deploy on a fresh worker (OpenLambda pip-installs numpy then);
+- per byte: a one-chunk identity call of 8 MiB (inside the call) and 64 MiB (by reference);
+- per chunk: 400 no-op chunks, one call each, 32 in flight;
+- pre-warm: 8 concurrent pings on a lambda with one warm sandbox, each holding its sandbox
+  0.05 s (PREWARM_HOLD_S), 0.2 s or 0.5 s, and how many sandboxes the worker made for them.
+The notes give the derived figure (seconds per byte moved, per chunk) beside the constant it
+checks. Without the kit the OpenLambda rows skip, saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import Row
+
+import lampy
+from lampy.runtime.openlambda._deploy import upload
+from lampy.runtime.openlambda._executor import OpenLambdaExecutor
+
+ROOT = Path(__file__).resolve().parents[1]
+LAMPY_WORKER, OLREAL = "lampy worker", "OpenLambda's own worker"
+FIRST = "lampy-first"  # the lambda deployed first on each fresh worker
+REGISTRY_CACHE_S = 5.5  # OpenLambda looks for new code of a lambda every 5 s (registry_cache_ms)
+CHUNKS = 400
+SMALL, LARGE = 8 << 20, 64 << 20  # under and over PUBLISH_BYTES (16 MiB): inline, by reference
+
+
+def olreal_kit() -> ModuleType:
+    """tests/olreal.py, which starts and stops the real worker for the test suite too."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("tests.olreal")
+
+
+@pytest.fixture(scope="module")
+def olreal_worker() -> Iterator[str]:
+    """OpenLambda's own worker, fresh, with nothing deployed yet."""
+    os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
+    kit = olreal_kit()
+    if kit.REASON:
+        pytest.skip(kit.REASON)
+    try:
+        with kit.real_worker() as url:
+            yield url
+    except kit.Unavailable as exc:
+        pytest.skip(f"olreal: {exc}")
+
+
+@pytest.fixture(scope="module", params=[LAMPY_WORKER, OLREAL])
+def platform(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """(which, URL) of a fresh worker; lampy is deployed as "lampy" by `deployed`."""
+    fixture = "worker" if request.param == LAMPY_WORKER else "olreal_worker"
+    yield request.param, request.getfixturevalue(fixture)
+
+
+def wait_answers(url: str, name: str) -> float:
+    secret = os.environ["LAMPY_SECRET"].encode()
+    return float(olreal_kit().wait_deployed(url, secret, name))
+
+
+@pytest.fixture(scope="module")
+def deployed(platform: tuple[str, str]) -> Iterator[tuple[str, OpenLambdaExecutor]]:
+    """lampy deployed and warm on the platform; (which, an executor for it)."""
+    which, url = platform
+    upload(url)
+    wait_answers(url, "lampy")
+    executor = OpenLambdaExecutor(url=url, timeout=120.0)
+    yield which, executor
+    executor.close()
+
+
+def ping(executor: OpenLambdaExecutor) -> None:
+    executor._loop.run(executor.caller.ping(0.0))
+
+
+def noop(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def test_first_call_after_the_first_deploy(
+    benchmark: Any, row: Row, platform: tuple[str, str]
+) -> None:
+    """Runs first on each fresh worker: on OpenLambda it includes the pip install."""
+    which, url = platform
+    row("first call after the first deploy on a fresh worker", which)
+
+    def deploy_and_call() -> None:
+        upload(url, FIRST)
+        wait_answers(url, FIRST)
+
+    benchmark.pedantic(deploy_and_call, rounds=1, iterations=1)
+
+
+def test_warm_ping(benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor]) -> None:
+    which, executor = deployed
+    row("warm call: one signed ping", which)
+    benchmark.pedantic(ping, args=(executor,), rounds=30, iterations=1, warmup_rounds=3)
+
+
+def test_warm_one_chunk_call(
+    benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor]
+) -> None:
+    which, executor = deployed
+    row("warm call: a one-chunk lampy call", which)
+    f = lampy.elemwise(noop, chunks=1)
+    x = np.zeros(8)
+    with lampy.using(executor="openlambda", url=executor.url, timeout=120.0):
+        benchmark.pedantic(f, args=(x,), rounds=20, iterations=1, warmup_rounds=2)
+
+
+def test_cold_sandbox(benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor]) -> None:
+    """A redeploy retires the lambda's sandboxes, so the next call starts a new one."""
+    which, executor = deployed
+    row("cold sandbox: first call after a redeploy", which, note="vs STARTUP_S 0.2 s")
+
+    def redeploy() -> None:
+        upload(executor.url)
+        time.sleep(REGISTRY_CACHE_S)  # both workers alike, so the real one sees the new code
+
+    benchmark.pedantic(ping, args=(executor,), setup=redeploy, rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("nbytes", [SMALL, LARGE], ids=["8MiB", "64MiB"])
+def test_per_byte(
+    benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], nbytes: int
+) -> None:
+    which, executor = deployed
+    how = "inside the call" if nbytes == SMALL else "by reference"
+    row(f"one chunk of {nbytes >> 20} MiB there and back ({how})", which)
+    f = lampy.elemwise(noop, chunks=1)
+    x = np.random.default_rng(0).standard_normal(nbytes // 8)
+    with lampy.using(executor="openlambda", url=executor.url, timeout=120.0):
+        got = benchmark.pedantic(f, args=(x,), rounds=5, iterations=1, warmup_rounds=1)
+    np.testing.assert_array_equal(got, x)
+    rate = 2 * nbytes / benchmark.stats.stats.median
+    benchmark.extra_info["note"] = f"{rate / 1e9:.2f} GB/s moved; SECONDS_PER_BYTE 1/0.29e9"
+
+
+def test_per_chunk(benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor]) -> None:
+    which, executor = deployed
+    row(f"{CHUNKS} no-op chunks, one call each, 32 in flight", which)
+    f = lampy.elemwise(noop, chunks=CHUNKS)
+    x = np.zeros(CHUNKS)
+    with lampy.using(executor="openlambda", url=executor.url, batch=1, timeout=120.0):
+        f(x)  # the sandboxes this needs, up and warm
+        benchmark.pedantic(f, args=(x,), rounds=3, iterations=1)
+    per_chunk = benchmark.stats.stats.median / CHUNKS
+    benchmark.extra_info["note"] = f"{per_chunk * 1e3:.2f} ms per chunk; SECONDS_PER_CHUNK 0.65 ms"
+
+
+def sandboxes_made(url: str) -> int:
+    """Sandboxes the worker made so far, from its /stats (each worker names it its own way)."""
+    with urllib.request.urlopen(f"{url}/stats", timeout=10) as answer:
+        stats = json.load(answer)
+    return int(stats.get("sandboxes_created", stats.get("Create().cnt", 0)))
+
+
+@pytest.mark.parametrize("hold", [0.05, 0.2, 0.5])
+def test_prewarm_hold(
+    benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], hold: float
+) -> None:
+    which, executor = deployed
+    row(f"8 concurrent pings holding their sandbox {hold:g} s, one sandbox warm", which)
+    before: list[int] = []
+
+    def one_warm_sandbox() -> None:
+        upload(executor.url)
+        time.sleep(REGISTRY_CACHE_S)
+        ping(executor)
+        before.append(sandboxes_made(executor.url))
+
+    async def burst() -> None:
+        await asyncio.gather(*(executor.caller.ping(hold) for _ in range(8)))
+
+    benchmark.pedantic(
+        lambda: executor._loop.run(burst()), setup=one_warm_sandbox, rounds=1, iterations=1
+    )
+    made = sandboxes_made(executor.url) - before[-1]
+    benchmark.extra_info["note"] = f"{made} sandboxes made; PREWARM_HOLD_S 0.05 s"

@@ -1,0 +1,106 @@
+"""What only OpenLambda's own worker can show: its sandboxes, its errors, its limits.
+
+The region suite runs on it through the "olreal" executor (tests/olreal.py); these tests are
+about the platform itself. Skipped where the kit is absent or the worker cannot be built.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import lampy
+from lampy._errors import ExecutionError
+from tests.olreal import CALL_TIMEOUT_S, NAME, REASON, sandbox_pids
+
+pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON)
+
+
+@pytest.fixture
+def olreal(olreal_url: str) -> Iterator[str]:
+    with lampy.using(executor=NAME, url=olreal_url, timeout=CALL_TIMEOUT_S):
+        yield olreal_url
+
+
+def test_prewarm_reaches_several_sandboxes(olreal: str) -> None:
+    assert lampy.prewarm(3, executor=NAME) >= 2
+
+
+def test_every_sandbox_is_pid_1(olreal: str) -> None:
+    """Why lampy tells sandboxes apart by a token, not a process id (prewarm counted one)."""
+
+    def pids(x: np.ndarray) -> np.ndarray:
+        return np.full(len(x), os.getpid())
+
+    assert set(lampy.elemwise(pids, chunks=4)(np.arange(8)).tolist()) == {1}
+
+
+def test_missing_lambda_says_deploy(olreal: str) -> None:
+    with (
+        lampy.using(executor=NAME, name="not-deployed"),
+        pytest.raises(ExecutionError, match="lampy deploy --url .* --name not-deployed"),
+    ):
+        lampy.elemwise(np.negative, chunks=2)(np.arange(4))
+
+
+def slow_square(x: np.ndarray) -> np.ndarray:
+    time.sleep(0.2)
+    return x * x
+
+
+def test_sandboxes_killed_from_outside_mid_job(olreal: str) -> None:
+    """SIGKILL every sandbox of the worker twice during a job: the answer is exact or the
+    error names the lost chunk, and the job ends well within its retry budget."""
+    killed: list[int] = []
+    done = threading.Event()
+
+    def killer() -> None:
+        for _ in range(2):
+            deadline = time.monotonic() + 30
+            while not (pids := sandbox_pids()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if done.wait(0.5):
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+
+    x = np.arange(24.0)
+    thread = threading.Thread(target=killer)
+    thread.start()
+    start = time.monotonic()
+    try:
+        with lampy.using(attempts=6, timeout=60.0):
+            got = lampy.elemwise(slow_square, chunks=24)(x)
+        np.testing.assert_array_equal(got, x * x)
+    except lampy.RetriesExhausted as exc:
+        assert exc.rows is not None and f"(rows {exc.rows[0]}:{exc.rows[1]})" in str(exc)
+    finally:
+        done.set()
+        thread.join()
+    assert killed, "no sandbox was found to kill"
+    assert time.monotonic() - start < 100
+
+
+def past_the_runtime_limit(x: np.ndarray) -> np.ndarray:
+    time.sleep(45)  # OpenLambda ends a call after limits.runtime_sec, 30 s by default
+    return x
+
+
+@pytest.mark.slow
+def test_a_call_past_the_runtime_limit_is_a_502_naming_its_chunk(olreal: str) -> None:
+    with (
+        lampy.using(attempts=1),
+        pytest.raises(lampy.RetriesExhausted, match=r"HTTP 502: RoundTrip failed") as info,
+    ):
+        lampy.elemwise(past_the_runtime_limit, chunks=2)(np.arange(4))
+    assert info.value.rows in {(0, 2), (2, 4)}
