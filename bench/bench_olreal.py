@@ -20,11 +20,9 @@ import asyncio
 import importlib
 import json
 import os
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -36,7 +34,6 @@ import lampy
 from lampy.runtime.openlambda._deploy import upload
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 
-ROOT = Path(__file__).resolve().parents[1]
 LAMPY_WORKER, OLREAL = "lampy worker", "OpenLambda's own worker"
 FIRST = "lampy-first"  # the lambda deployed first on each fresh worker
 REGISTRY_CACHE_S = 5.5  # OpenLambda looks for new code of a lambda every 5 s (registry_cache_ms)
@@ -45,9 +42,8 @@ SMALL, LARGE = 8 << 20, 64 << 20  # under and over PUBLISH_BYTES (16 MiB): inlin
 
 
 def olreal_kit() -> ModuleType:
-    """tests/olreal.py, which starts and stops the real worker for the test suite too."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    """tests/olreal.py, which starts and stops the real worker for the test suite too (the
+    checkout's root is on sys.path: bench/conftest.py)."""
     return importlib.import_module("tests.olreal")
 
 

@@ -27,7 +27,6 @@ from conftest import Row, with_dask_client
 from rawnet import TcpEcho, raw_posts, trivial_server
 
 import lampy
-from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._deploy import upload
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 
@@ -101,7 +100,7 @@ def test_data_path_openlambda(benchmark: Any, row: Row, worker: str) -> None:
 
 
 def ping(executor: OpenLambdaExecutor) -> None:
-    executor._loop.run(executor._exchange(frames.encode(frames.PING, 0, executor.secret)))
+    executor._loop.run(executor.caller.ping(0))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# The Fisher example and the test helpers live in the checkout, not in the installed package.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PEERS_HINT = "run `make bench-peers`"

@@ -53,12 +53,7 @@ CALL_TIMEOUT_S = 120.0
 
 
 # Tests that fail on the real worker for a known lampy bug: xfail(strict=True) there only.
-KNOWN_BUGS = {
-    "tests/regions/test_elemwise.py::test_explain_describes_the_plan": (
-        "lampy bug (issue 13): Plan.executor is the class's `name` (openlambda), not the name "
-        "the executor was registered and asked for"
-    ),
-}
+KNOWN_BUGS: dict[str, str] = {}  # test node id -> the lampy bug that fails it on olreal only
 
 
 class Unavailable(Exception):

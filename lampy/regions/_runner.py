@@ -51,8 +51,8 @@ class RegionRunner:
     ) -> Any:
         """What the undecorated function returns for these arguments. `executor` and `chunks`
         apply where the region's own options leave them open (a lazy graph's run() options)."""
-        binding, where, count = self._prepare(args, kwargs, executor, chunks)
-        call_plan, probe = self._plan(binding, where, count)
+        binding, where, count, name = self._prepare(args, kwargs, executor, chunks)
+        call_plan, probe = self._plan(binding, where, count, name)
         if call_plan.warm_up:
             where.start()
         region = self.region
@@ -94,23 +94,25 @@ class RegionRunner:
         kwargs: Mapping[str, Any],
         executor: str | None,
         chunks: Chunks | None,
-    ) -> tuple[Binding, Executor, int | None]:
+    ) -> tuple[Binding, Executor, int | None, str]:
+        """The call's arguments bound, its executor, chunk count (None: auto) and the name the
+        executor was asked for (a class may be registered under several)."""
         region = self.region
         name = resolve_executor(region.executor or executor)
         where = executors.get(name, resolve_options(name))
         count = resolve_chunks(region.chunks if region.chunks is not None else chunks)
         binding = bind(region.function, region.shared, args, kwargs)
-        return binding, where, None if count == "auto" else count
+        return binding, where, None if count == "auto" else count, name
 
     def _plan(
-        self, binding: Binding, executor: Executor, chunks: int | None
+        self, binding: Binding, executor: Executor, chunks: int | None, name: str
     ) -> tuple[Plan, Outcome | None]:
         """The plan, and the probe's outcome when the plan reuses it as chunk 0."""
         costs = executor.costs()
 
         def make(probe: Probe | None) -> Plan:
             return plan(
-                executor=executor.name,
+                executor=name,
                 costs=costs,
                 rows=binding.rows,
                 row_bytes=binding.row_bytes,
@@ -122,7 +124,7 @@ class RegionRunner:
 
         if chunks is not None or costs.workers <= 1 or binding.rows < 2:
             return make(None), None
-        key = (executor.name, id(executor), binding.shapes)
+        key = (name, id(executor), binding.shapes)
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key], None
