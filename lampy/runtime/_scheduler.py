@@ -14,7 +14,7 @@ each attempt ended:
         chunk = scheduler.next()          # None: nothing to start now
         ... start it, wait for something to end ...
         scheduler.finished(chunk, outcome, now)    # an answer (value or user error)
-        scheduler.failed(chunk, "why", now)        # the platform lost this attempt
+        scheduler.failed(chunk, "why")             # the platform lost this attempt
 """
 
 from __future__ import annotations

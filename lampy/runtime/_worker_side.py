@@ -117,5 +117,18 @@ def run_task(
     return Outcome(value=value)
 
 
+def decoded(
+    payload: bytes | memoryview, buffers: Sequence[Any], then: Callable[[Any], Any] | None = None
+) -> Outcome:
+    """The caller's side of an encoded value: unpickled, then `then(value)`. A value that
+    cannot be read here (a class the worker has and this process has not, a stored result
+    gone) is the chunk's error, like any other."""
+    try:
+        value = loads(payload, buffers)
+        return Outcome(value=value if then is None else then(value))
+    except Exception as exc:
+        return Outcome(error=exc, traceback=traceback.format_exc())
+
+
 def _same(value: Any) -> Any:
     return value

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import traceback
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import CancelledError
@@ -45,12 +44,12 @@ except ImportError as exc:  # the registry turns this into "the dask executor ca
     ) from exc
 
 from lampy._errors import ExecutionError, OptionError
-from lampy.runtime._codec import dumps_out_of_band, loads
+from lampy.runtime._codec import dumps_out_of_band
 from lampy.runtime._job import Job, aligned
 from lampy.runtime._plan import Costs
 from lampy.runtime._scheduler import ATTEMPTS, ChunkScheduler, check_attempts
 from lampy.runtime._tree import map_leaves
-from lampy.runtime._worker_side import Outcome, Templates, run_task
+from lampy.runtime._worker_side import Outcome, Templates, decoded, run_task
 from lampy.runtime.executors._base import Executor
 
 CONNECT_TIMEOUT_S = 10.0
@@ -370,10 +369,7 @@ def _decoded(result: Outcome | Pickled) -> Outcome:
     if isinstance(result, Outcome):
         return result
     payload, buffers = result
-    try:
-        return Outcome(value=map_leaves(loads(payload, buffers), aligned))
-    except Exception as exc:  # e.g. a class the worker has and this process has not
-        return Outcome(error=exc, traceback=traceback.format_exc())
+    return decoded(payload, buffers, lambda value: map_leaves(value, aligned))
 
 
 def _run_on_worker(

@@ -250,11 +250,14 @@ class LocalExecutor(Executor):
     def costs(self) -> Costs:
         return Costs(
             workers=self.size,
-            startup_s=0.0 if self.pool.workers else STARTUP_S,
+            startup_s=0.0 if self.is_warm() else STARTUP_S,
             seconds_per_byte=SECONDS_PER_BYTE,
             seconds_per_chunk=SECONDS_PER_CHUNK,
             seconds_per_result_byte=SECONDS_PER_RESULT_BYTE,
         )
+
+    def is_warm(self) -> bool:
+        return bool(self.pool.workers)
 
     def start(self) -> None:
         """Start the worker processes (they import in the background; nothing waits)."""

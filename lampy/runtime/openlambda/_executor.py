@@ -133,7 +133,7 @@ class OpenLambdaExecutor(Executor):
     def costs(self) -> Costs:
         return Costs(
             workers=self.concurrency,
-            startup_s=0.0 if self._called else STARTUP_S,
+            startup_s=0.0 if self.is_warm() else STARTUP_S,
             seconds_per_byte=SECONDS_PER_BYTE,
             seconds_per_chunk=SECONDS_PER_CHUNK,
         )

@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-import traceback
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -29,12 +29,11 @@ from lampy._errors import (
     BadSignature,
     ExecutionError,
     FrameError,
-    RemoteArrayError,
     SerializationError,
 )
-from lampy.runtime._codec import dumps, loads
+from lampy.runtime._codec import dumps
 from lampy.runtime._job import Job
-from lampy.runtime._worker_side import Outcome
+from lampy.runtime._worker_side import Outcome, decoded
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._transport import Transport
 from lampy.runtime.remote._results import Offer, collect
@@ -213,16 +212,11 @@ class Caller:
 
 def _decoded(offer: Offer | None, value: Any, error: BaseException | None, text: str) -> Outcome:
     """A chunk's outcome from its answer: the value unpickled, with the results its chunk
-    stored read back from the client's disk (their files removed); a stored result that
-    cannot be read becomes the chunk's error."""
+    stored read back from the client's disk (their files removed)."""
     if error is not None:
         return Outcome(error=error, traceback=text)
     payload, buffers = value
-    try:
-        result = loads(payload, buffers)
-        return Outcome(collect(result, offer) if offer is not None else result)
-    except RemoteArrayError as exc:
-        return Outcome(error=exc, traceback=traceback.format_exc())
+    return decoded(payload, buffers, None if offer is None else partial(collect, offer=offer))
 
 
 def _describe_call(call: Any) -> str:

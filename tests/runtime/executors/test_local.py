@@ -174,3 +174,23 @@ def test_large_results_come_back_through_shared_memory() -> None:
     x = np.random.default_rng(0).random((4096, 64))  # 2 MiB: above the in-band limit
     np.testing.assert_array_equal(double(x), x * 2)
     assert double(x).flags.writeable
+
+
+def test_an_auto_plan_made_on_a_cold_pool_is_not_kept() -> None:
+    """A plan priced with the pool's start-up must not outlive the start-up (it would keep a
+    region from ever fanning out); once the pool is up, the plan is kept."""
+    executor = executors.get("local", {"workers": 5})
+    executor.close()  # cold: no worker of this size is running
+    f = lampy.elemwise(np.sqrt)
+    x = np.arange(100_000.0)
+    try:
+        with lampy.using(executor="local", workers=5):
+            assert not executor.is_warm() and executor.costs().startup_s > 0
+            f.explain(x)
+            assert not f.runner._plans
+            executor.start()
+            assert executor.is_warm() and executor.costs().startup_s == 0
+            f.explain(x)
+            assert len(f.runner._plans) == 1
+    finally:
+        executor.close()
