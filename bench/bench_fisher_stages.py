@@ -48,18 +48,19 @@ def stage_inputs(hour: Any) -> dict[str, Any]:
     builds them."""
     _, signal, rate, _ = hour
     win, hop = features.frame_geometry(rate)
-    blocks = features.frame_blocks(signal, win, hop)
+    body, edges = features.frame_rows(signal, win, hop)
     feats, step = features.short_term_features(signal, rate)
     p = Params()
-    speech = vad.detect_speech(features.log_mel(feats, rate), step)
+    mfcc = feats[:, features.MFCC_COLUMNS]
+    speech = vad.detect_speech(mfcc, step, features.mfcc_to_mel_db(rate))
     mid_win, mid_hop = round(p.mid_window / step), round(p.mid_step / step)
-    voice = feats[:, features.VOICE_COLUMNS]
-    mid, centres, count = features.mid_term_features(voice, speech, mid_win, mid_hop)
+    voice = features.VOICE_COLUMNS
+    mid, centres, count = features.mid_term_features(feats, speech, mid_win, mid_hop, voice)
     keep = count >= p.min_voiced * mid_win
     x = flsd.standardize(mid[keep])
     classes = flsd.time_blocks(centres[keep] * step, p.flsd_block)
     return {
-        "features": (blocks, rate, win, hop),
+        "features": (body, edges, rate, win, hop),
         "scatter": (x, classes, int(classes.max()) + 1),
     }
 

@@ -151,11 +151,12 @@ def diarize(
     with _timed(t, "features"):
         feats, step = features.short_term_features(signal, rate)
     with _timed(t, "vad"):
-        speech = vad.detect_speech(features.log_mel(feats, rate), step)
+        mfcc = feats[:, features.MFCC_COLUMNS]
+        speech = vad.detect_speech(mfcc, step, features.mfcc_to_mel_db(rate))
     with _timed(t, "mid-term"):
-        voice = feats[:, features.VOICE_COLUMNS]
         win, hop = round(p.mid_window / step), round(p.mid_step / step)
-        mid, centres, count = features.mid_term_features(voice, speech, win, hop)
+        voice = features.VOICE_COLUMNS
+        mid, centres, count = features.mid_term_features(feats, speech, win, hop, voice)
         keep = count >= p.min_voiced * win
         kept = centres[keep]
     spoken = float(np.count_nonzero(speech)) * step
@@ -187,9 +188,7 @@ def diarize(
         nearest = np.searchsorted((kept[:-1] + kept[1:]) / 2.0, np.arange(speech.size))
         frame_labels = np.where(speech, path[nearest], -1)
     with _timed(t, "resegment"):
-        frame_labels = cluster.resegment(
-            flsd.standardize(voice), frame_labels, round(p.reach / step)
-        )
+        frame_labels = cluster.resegment(feats, frame_labels, round(p.reach / step), voice)
         # A frame stands for the hop-long stretch around its window's centre.
         offset = (features.frame_geometry(rate)[0] / rate - step) / 2.0
         turns = labels_to_turns(frame_labels, step, p.max_gap, offset)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import uniform_filter1d
 
+import lampy
+
 
 def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start and end (exclusive) indices of the runs of True in a boolean vector."""
@@ -57,37 +59,69 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     return float(centres[np.argmax(below * above * (mean_below - mean_above) ** 2)])
 
 
-def speech_score(levels_db: np.ndarray, step: float, smooth: float = 0.075) -> np.ndarray:
+BATCH_FRAMES = 2048  # frames scored at a time: the (frames x bands) temporaries stay in cache
+
+
+@lampy.elemwise(shared=("to_levels", "floor"))
+def band_excess(coefs: np.ndarray, to_levels: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """Per frame, the mean dB by which the top quarter of its band levels (coefs @ to_levels)
+    exceed the bands' floor.
+
+    The product is summed term by term, not by BLAS, so a frame's score does not depend on
+    how the frames were chunked; frames go through in cache-sized batches.
+    """
+    out = np.empty(coefs.shape[0])
+    bands = to_levels.shape[1]
+    top = max(1, bands // 4)
+    for lo in range(0, coefs.shape[0], BATCH_FRAMES):
+        c = coefs[lo : lo + BATCH_FRAMES]
+        levels = np.broadcast_to(-floor, (c.shape[0], bands)).copy()
+        for j in range(to_levels.shape[0]):
+            levels += c[:, j, None] * to_levels[j]
+        out[lo : lo + c.shape[0]] = np.partition(levels, bands - top, axis=1)[:, -top:].mean(1)
+    return out
+
+
+def speech_score(
+    coefs: np.ndarray,
+    step: float,
+    to_levels: np.ndarray | None = None,
+    smooth: float = 0.075,
+) -> np.ndarray:
     """Per frame, the mean dB by which the top quarter of its bands exceed their noise floor.
 
-    Levels (frames x bands) are first averaged over `smooth` s. A band's floor is its 10th
-    percentile over the recording. Taking the bands most above their floor finds speech
-    wherever in the spectrum the noise leaves room for it (pink noise masks the low bands,
-    a telephone line the high ones).
+    Band levels in dB are `coefs @ to_levels` (frames x bands; `to_levels` None: `coefs` are
+    the levels), first averaged over `smooth` s. A band's floor is its 10th percentile over
+    the recording. Taking the bands most above their floor finds speech wherever in the
+    spectrum the noise leaves room for it (pink noise masks the low bands, a telephone line
+    the high ones). The map to levels is linear, so the few coefficients (MFCCs) are smoothed
+    rather than the many bands, and the per-frame scoring is a region (`band_excess`).
     """
-    levels = levels_db.reshape(levels_db.shape[0], -1).astype(np.float64)
-    levels = uniform_filter1d(levels, max(1, round(smooth / step)), axis=0, mode="nearest")
+    coefs = coefs.reshape(coefs.shape[0], -1).astype(np.float64)
+    to_levels = np.eye(coefs.shape[1]) if to_levels is None else to_levels
+    coefs = uniform_filter1d(coefs, max(1, round(smooth / step)), axis=0, mode="nearest")
     # Every 4th frame is plenty for a percentile, at a quarter of the sorting.
-    excess = levels - np.percentile(levels[::4], 10.0, axis=0)
-    top = max(1, excess.shape[1] // 4)
-    return np.partition(excess, excess.shape[1] - top, axis=1)[:, -top:].mean(axis=1)
+    floor = np.percentile(coefs[::4] @ to_levels, 10.0, axis=0)
+    return np.asarray(band_excess(coefs, to_levels, floor))
 
 
 def detect_speech(
     levels_db: np.ndarray,
     step: float,
+    to_levels: np.ndarray | None = None,
     min_margin_db: float = 2.0,
     min_gap: float = 0.25,
     min_speech: float = 0.15,
 ) -> np.ndarray:
-    """Boolean speech mask per frame from band levels in dB (frames x bands, or one level).
+    """Boolean speech mask per frame from band levels in dB (frames x bands, or one level),
+    or from coefficients that `to_levels` maps to them (see `speech_score`).
 
     A frame is speech when its score is above half of Otsu's split and at least
     `min_margin_db` (half the split keeps the quiet ends of words, whose score lies between
     the two groups). Pauses shorter than `min_gap` s are bridged and blips shorter than
     `min_speech` s dropped. Chosen on the development set's tune split.
     """
-    score = speech_score(levels_db, step)
+    score = speech_score(levels_db, step, to_levels)
     threshold = max(min_margin_db, 0.5 * otsu_threshold(score))
     mask = score > threshold
     mask = fill_gaps(mask, round(min_gap / step))
