@@ -124,7 +124,9 @@ def first_appearance(labels: np.ndarray) -> np.ndarray:
     return _first_appearance_map(labels, int(labels.max()) + 1)[labels]
 
 
-def viterbi(x: np.ndarray, centroids: np.ndarray, stay: float, piece: int | None = None) -> np.ndarray:
+def viterbi(
+    x: np.ndarray, centroids: np.ndarray, stay: float, piece: int | None = None
+) -> np.ndarray:
     """Most likely label path under an HMM with Gaussian states at the centroids.
 
     Each step keeps its state with probability `stay` (at least 1 / k) and moves to each other
@@ -247,14 +249,18 @@ def label_moments(
     x: np.ndarray, labels: np.ndarray, k: int, columns: tuple[int, ...]
 ) -> dict[str, np.ndarray]:
     """Per label 0..k-1, and for the unlabelled rows (-1) as label k: the count, and the sums
-    of `x[:, columns]` and of its squares."""
-    v = x[:, list(columns)]
-    cls = np.where(labels >= 0, labels, k)
-    return {
-        "n": np.bincount(cls, minlength=k + 1).astype(np.float64),
-        "s": class_sums(v, cls, k + 1),
-        "q": class_sums(v * v, cls, k + 1),
-    }
+    of `x[:, columns]` and of its squares (one-hot products over cache-sized batches)."""
+    n = np.zeros(k + 1)
+    s = np.zeros((k + 1, len(columns)))
+    q = np.zeros((k + 1, len(columns)))
+    for lo in range(0, x.shape[0], POINT_BATCH):
+        v = x[lo : lo + POINT_BATCH][:, list(columns)]
+        cls = np.where(labels[lo : lo + POINT_BATCH] >= 0, labels[lo : lo + POINT_BATCH], k)
+        member = (np.arange(k + 1)[:, None] == cls[None, :]).astype(np.float64)
+        n += member.sum(axis=1)
+        s += member @ v
+        q += member @ (v * v)
+    return {"n": n, "s": s, "q": q}
 
 
 def resegment(

@@ -184,7 +184,9 @@ def rows_features(body: np.ndarray, edges: np.ndarray, rate: int, win: int, hop:
 
 
 @lampy.elemwise
-def frame_features(body: np.ndarray, edges: np.ndarray, rate: int, win: int, hop: int) -> np.ndarray:
+def frame_features(
+    body: np.ndarray, edges: np.ndarray, rate: int, win: int, hop: int
+) -> np.ndarray:
     """`rows_features` as a region: each chunk computes its rows' frames."""
     return rows_features(body, edges, rate, win, hop)
 

@@ -64,7 +64,12 @@ class SpeakerCount:
 
 @dataclass
 class Result:
-    """Turns, per-frame labels (-1 = silence), chosen k and how it was chosen, time per stage."""
+    """Turns, per-frame labels (-1 = silence), chosen k and how it was chosen, time per stage.
+
+    `timings` is wall time per stage; `caller_cpu` the CPU time this process spent in it (all
+    its threads): on a fanned-out executor that is the stage's serial remainder (work here,
+    and lampy moving data and combining), the share more workers cannot shrink.
+    """
 
     turns: list[Turn]
     frame_labels: np.ndarray
@@ -72,17 +77,26 @@ class Result:
     n_speakers: int
     count: SpeakerCount
     timings: dict[str, float] = field(default_factory=dict)
+    caller_cpu: dict[str, float] = field(default_factory=dict)
 
 
 class DiarizationError(ValueError):
     """The recording cannot be diarized as asked (too short, or a speaker count below 1)."""
 
 
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[stage] = time.perf_counter() - start
+@dataclass
+class _Clock:
+    """Wall and caller CPU time per stage."""
+
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.wall[stage] = time.perf_counter() - start
+        self.cpu[stage] = time.process_time() - cpu
 
 
 def snr_db(energy: np.ndarray, speech: np.ndarray) -> float:
@@ -147,13 +161,13 @@ def diarize(
         raise DiarizationError(
             f"{signal.size / rate:.2f} s of audio; need at least {2 * p.mid_window:.2f} s"
         )
-    t: dict[str, float] = {}
-    with _timed(t, "features"):
+    timed = _Clock()
+    with timed("features"):
         feats, step = features.short_term_features(signal, rate)
-    with _timed(t, "vad"):
+    with timed("vad"):
         mfcc = feats[:, features.MFCC_COLUMNS]
         speech = vad.detect_speech(mfcc, step, features.mfcc_to_mel_db(rate))
-    with _timed(t, "mid-term"):
+    with timed("mid-term"):
         win, hop = round(p.mid_window / step), round(p.mid_step / step)
         voice = features.VOICE_COLUMNS
         mid, centres, count = features.mid_term_features(feats, speech, win, hop, voice)
@@ -165,12 +179,12 @@ def diarize(
         # Nothing to cluster: no turns, and no pretence of a count.
         note = "no speech found" if kept.size == 0 else too_little
         silent = SpeakerCount(False, 0.0, {}, note)
-        return Result([], np.full(speech.size, -1), step, 0, silent, t)
+        return Result([], np.full(speech.size, -1), step, 0, silent, timed.wall, timed.cpu)
     x = flsd.standardize(mid[keep])
-    with _timed(t, "flsd"):
+    with timed("flsd"):
         classes = flsd.time_blocks(kept * step, p.flsd_block)
         y = _unit_spread(x @ flsd.flsd_projection(x, classes, p.flsd_dims, p.flsd_ridge), classes)
-    with _timed(t, "cluster"):
+    with timed("cluster"):
         if n_speakers is not None:
             k, counted = n_speakers, SpeakerCount(True, 1.0, {}, "given")
         elif spoken < p.min_count_speech:
@@ -181,15 +195,15 @@ def diarize(
             snr = snr_db(feats[:, 1], speech)
             k, counted = count_speakers(y, segment, snr, p, round(p.count_piece / p.mid_step))
         _, centroids, _ = cluster.kmeans(y, k, seed=seed, restarts=p.restarts)
-    with _timed(t, "smooth"):
+    with timed("smooth"):
         stay = 1.0 - p.mid_step / p.mean_turn
         path = cluster.first_appearance(cluster.viterbi(y, centroids, stay))
         # Every speech frame takes the label of the nearest clustered window.
         nearest = np.searchsorted((kept[:-1] + kept[1:]) / 2.0, np.arange(speech.size))
         frame_labels = np.where(speech, path[nearest], -1)
-    with _timed(t, "resegment"):
+    with timed("resegment"):
         frame_labels = cluster.resegment(feats, frame_labels, round(p.reach / step), voice)
         # A frame stands for the hop-long stretch around its window's centre.
         offset = (features.frame_geometry(rate)[0] / rate - step) / 2.0
         turns = labels_to_turns(frame_labels, step, p.max_gap, offset)
-    return Result(turns, frame_labels, step, k, counted, t)
+    return Result(turns, frame_labels, step, k, counted, timed.wall, timed.cpu)

@@ -11,9 +11,10 @@ its seven conditions; 2.5 % missed at 10 dB SNR instead of 15.9 %).
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import uniform_filter1d
 
 import lampy
+
+BATCH_FRAMES = 2048  # frames scored at a time: the (frames x bands) temporaries stay in cache
 
 
 def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,27 +60,35 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     return float(centres[np.argmax(below * above * (mean_below - mean_above) ** 2)])
 
 
-BATCH_FRAMES = 2048  # frames scored at a time: the (frames x bands) temporaries stay in cache
-
-
 @lampy.elemwise(shared=("to_levels", "floor"))
 def band_excess(coefs: np.ndarray, to_levels: np.ndarray, floor: np.ndarray) -> np.ndarray:
     """Per frame, the mean dB by which the top quarter of its band levels (coefs @ to_levels)
     exceed the bands' floor.
 
-    The product is summed term by term, not by BLAS, so a frame's score does not depend on
+    The product is an einsum (plain C loops, not BLAS), so a frame's score does not depend on
     how the frames were chunked; frames go through in cache-sized batches.
     """
     out = np.empty(coefs.shape[0])
     bands = to_levels.shape[1]
     top = max(1, bands // 4)
     for lo in range(0, coefs.shape[0], BATCH_FRAMES):
-        c = coefs[lo : lo + BATCH_FRAMES]
-        levels = np.broadcast_to(-floor, (c.shape[0], bands)).copy()
-        for j in range(to_levels.shape[0]):
-            levels += c[:, j, None] * to_levels[j]
-        out[lo : lo + c.shape[0]] = np.partition(levels, bands - top, axis=1)[:, -top:].mean(1)
+        levels = np.einsum("ij,jk->ik", coefs[lo : lo + BATCH_FRAMES], to_levels) - floor
+        out[lo : lo + levels.shape[0]] = np.partition(levels, bands - top, axis=1)[:, -top:].mean(1)
     return out
+
+
+def moving_average(x: np.ndarray, size: int) -> np.ndarray:
+    """The mean of `size` consecutive rows around each row, edges repeated (as
+    scipy.ndimage.uniform_filter1d with mode="nearest"), by `size` shifted adds."""
+    if size <= 1:
+        return x.astype(np.float64)
+    padded = np.concatenate(
+        [np.repeat(x[:1], size // 2, 0), x, np.repeat(x[-1:], size - 1 - size // 2, 0)]
+    ).astype(np.float64)
+    out = padded[: x.shape[0]].copy()
+    for shift in range(1, size):
+        out += padded[shift : shift + x.shape[0]]
+    return out / size
 
 
 def speech_score(
@@ -97,11 +106,11 @@ def speech_score(
     the high ones). The map to levels is linear, so the few coefficients (MFCCs) are smoothed
     rather than the many bands, and the per-frame scoring is a region (`band_excess`).
     """
-    coefs = coefs.reshape(coefs.shape[0], -1).astype(np.float64)
+    coefs = coefs.reshape(coefs.shape[0], -1)
     to_levels = np.eye(coefs.shape[1]) if to_levels is None else to_levels
-    coefs = uniform_filter1d(coefs, max(1, round(smooth / step)), axis=0, mode="nearest")
-    # Every 4th frame is plenty for a percentile, at a quarter of the sorting.
-    floor = np.percentile(coefs[::4] @ to_levels, 10.0, axis=0)
+    coefs = moving_average(coefs, max(1, round(smooth / step)))
+    # Every 4th frame is plenty for a percentile, at a quarter of the sorting; bands as rows.
+    floor = np.percentile(np.einsum("ij,jk->ki", coefs[::4], to_levels), 10.0, axis=1)
     return np.asarray(band_excess(coefs, to_levels, floor))
 
 
