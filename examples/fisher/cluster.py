@@ -10,7 +10,6 @@ elementwise, not with a matrix product, so every executor assigns every point id
 from __future__ import annotations
 
 import numpy as np
-from scipy.cluster.hierarchy import linkage
 
 import lampy
 
@@ -225,6 +224,9 @@ def piece_means(x: np.ndarray, segment: np.ndarray, size: int) -> np.ndarray:
 def merge_heights(pieces: np.ndarray, count: int) -> np.ndarray:
     """Ward linkage heights of the last `count` merges, last first: heights[j] joins j + 2
     clusters into j + 1 (zeros past the number of pieces)."""
+    # Imported here: a worker that runs this module's regions need not load scipy (~0.4 s).
+    from scipy.cluster.hierarchy import linkage
+
     heights = np.zeros(count)
     if pieces.shape[0] > 1:
         last = linkage(pieces, "ward")[::-1, 2][:count]

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The region modules import scipy only where the caller needs it, so a worker process that
+# runs their regions never loads it; loading it here keeps its import out of a stage's time.
+import scipy.cluster.hierarchy
+import scipy.linalg  # noqa: F401
+
 from . import cluster, features, flsd, vad
 from .rttm import Turn, labels_to_turns
 
