@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -32,6 +33,11 @@ class Params:
     inside a turn as missed speech), and the speaker-count threshold.
     """
 
+    vad_split: float = 0.5  # speech above this share of Otsu's split of the VAD scores ...
+    vad_min_gap: float = 0.25  # ... pauses shorter than this bridged ...
+    vad_min_speech: float = 0.15  # ... and blips shorter than this dropped
+    label_min_gap: float = 0.1  # pauses this long or longer stay silent in the turns ...
+    label_min_snr: float = 8.0  # ... at this SNR (dB) or more; below it, vad_min_gap
     mid_window: float = 1.0  # mid-term statistics window ...
     mid_step: float = 0.1  # ... and hop
     min_voiced: float = 0.3  # share of a window that must be speech for it to be clustered
@@ -171,7 +177,15 @@ def diarize(
         feats, step = features.short_term_features(signal, rate)
     with timed("vad"):
         mfcc = feats[:, features.MFCC_COLUMNS]
-        speech = vad.detect_speech(mfcc, step, features.mfcc_to_mel_db(rate))
+        score = vad.speech_score(mfcc, step, features.mfcc_to_mel_db(rate))
+        mask = partial(vad.speech_mask, score, step, min_speech=p.vad_min_speech, split=p.vad_split)
+        speech = mask(min_gap=p.vad_min_gap)
+        snr = snr_db(feats[:, 1], speech)
+        # Clustering sees pauses under vad_min_gap bridged (short runs make poor windows and
+        # pieces); the turns keep every pause from label_min_gap up, such as the short one at
+        # a change of speaker, unless noise makes such short dips unreliable.
+        fine = snr >= p.label_min_snr
+        voiced = mask(min_gap=p.label_min_gap) if fine else speech
     with timed("mid-term"):
         win, hop = round(p.mid_window / step), round(p.mid_step / step)
         voice = features.VOICE_COLUMNS
@@ -197,7 +211,6 @@ def diarize(
             k, counted = 1, SpeakerCount(False, 0.0, {}, too_little)
         else:
             segment = vad.run_index(speech)[kept]
-            snr = snr_db(feats[:, 1], speech)
             k, counted = count_speakers(y, segment, snr, p, round(p.count_piece / p.mid_step))
         _, centroids, _ = cluster.kmeans(y, k, seed=seed, restarts=p.restarts)
     with timed("smooth"):
@@ -205,7 +218,7 @@ def diarize(
         path = cluster.first_appearance(cluster.viterbi(y, centroids, stay))
         # Every speech frame takes the label of the nearest clustered window.
         nearest = np.searchsorted((kept[:-1] + kept[1:]) / 2.0, np.arange(speech.size))
-        frame_labels = np.where(speech, path[nearest], -1)
+        frame_labels = np.where(voiced, path[nearest], -1)
     with timed("resegment"):
         frame_labels = cluster.resegment(feats, frame_labels, round(p.reach / step), voice)
         # A frame stands for the hop-long stretch around its window's centre.

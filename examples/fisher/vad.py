@@ -114,6 +114,26 @@ def speech_score(
     return np.asarray(band_excess(coefs, to_levels, floor))
 
 
+def speech_mask(
+    score: np.ndarray,
+    step: float,
+    min_margin_db: float = 2.0,
+    min_gap: float = 0.25,
+    min_speech: float = 0.15,
+    split: float = 0.5,
+) -> np.ndarray:
+    """Boolean speech mask per frame from the frames' speech scores (`speech_score`).
+
+    A frame is speech when its score is above `split` times Otsu's split and at least
+    `min_margin_db` (half the split keeps the quiet ends of words, whose score lies between
+    the two groups). Pauses shorter than `min_gap` s are bridged and blips shorter than
+    `min_speech` s dropped. Chosen on the development set's tune split.
+    """
+    threshold = max(min_margin_db, split * otsu_threshold(score))
+    mask = fill_gaps(score > threshold, round(min_gap / step))
+    return drop_short(mask, round(min_speech / step))
+
+
 def detect_speech(
     levels_db: np.ndarray,
     step: float,
@@ -121,17 +141,9 @@ def detect_speech(
     min_margin_db: float = 2.0,
     min_gap: float = 0.25,
     min_speech: float = 0.15,
+    split: float = 0.5,
 ) -> np.ndarray:
     """Boolean speech mask per frame from band levels in dB (frames x bands, or one level),
-    or from coefficients that `to_levels` maps to them (see `speech_score`).
-
-    A frame is speech when its score is above half of Otsu's split and at least
-    `min_margin_db` (half the split keeps the quiet ends of words, whose score lies between
-    the two groups). Pauses shorter than `min_gap` s are bridged and blips shorter than
-    `min_speech` s dropped. Chosen on the development set's tune split.
-    """
+    or from coefficients that `to_levels` maps to them: `speech_mask` of `speech_score`."""
     score = speech_score(levels_db, step, to_levels)
-    threshold = max(min_margin_db, 0.5 * otsu_threshold(score))
-    mask = score > threshold
-    mask = fill_gaps(mask, round(min_gap / step))
-    return drop_short(mask, round(min_speech / step))
+    return speech_mask(score, step, min_margin_db, min_gap, min_speech, split)
