@@ -30,7 +30,10 @@ class Params:
     (`python -m examples.fisher evaluate --split tune`; docs/evaluation.md): 8 FLsD directions
     (5 could not hold 6-8 voices apart), a speaker's turns merged across pauses up to 0.6 s,
     not 1 s (that turned every pause of a monologue into false alarm; 0 s left the pauses
-    inside a turn as missed speech), and the speaker-count threshold.
+    inside a turn as missed speech), the speaker-count threshold, and how the turns draw on
+    the VAD: pauses from 0.1 s up kept (the short one at a change of speaker) when the SNR
+    allows, and one frame trimmed off each end of a speech run (the VAD's smoothing and 50 ms
+    frames widen every run): clean 2-speaker DER 4.1 -> 2.7 %, count given.
     """
 
     vad_split: float = 0.5  # speech above this share of Otsu's split of the VAD scores ...
@@ -38,6 +41,7 @@ class Params:
     vad_min_speech: float = 0.15  # ... and blips shorter than this dropped
     label_min_gap: float = 0.1  # pauses this long or longer stay silent in the turns ...
     label_min_snr: float = 8.0  # ... at this SNR (dB) or more; below it, vad_min_gap
+    label_trim: float = 0.025  # ... and speech runs lose this much at each end
     mid_window: float = 1.0  # mid-term statistics window ...
     mid_step: float = 0.1  # ... and hop
     min_voiced: float = 0.3  # share of a window that must be speech for it to be clustered
@@ -183,9 +187,11 @@ def diarize(
         snr = snr_db(feats[:, 1], speech)
         # Clustering sees pauses under vad_min_gap bridged (short runs make poor windows and
         # pieces); the turns keep every pause from label_min_gap up, such as the short one at
-        # a change of speaker, unless noise makes such short dips unreliable.
+        # a change of speaker, and trim the VAD's widening of every run, unless noise makes
+        # such short dips and quiet edges unreliable.
+        trim = round(p.label_trim / step)
         fine = snr >= p.label_min_snr
-        voiced = mask(min_gap=p.label_min_gap) if fine else speech
+        voiced = vad.shrink(mask(min_gap=p.label_min_gap), trim) if fine else speech
     with timed("mid-term"):
         win, hop = round(p.mid_window / step), round(p.mid_step / step)
         voice = features.VOICE_COLUMNS

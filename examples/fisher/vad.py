@@ -48,6 +48,15 @@ def drop_short(mask: np.ndarray, min_run: int) -> np.ndarray:
     return out
 
 
+def shrink(mask: np.ndarray, frames: int) -> np.ndarray:
+    """Clear `frames` elements at both ends of every run of True (shorter runs vanish)."""
+    out = mask.copy()
+    for shift in range(1, frames + 1):
+        out[:-shift] &= mask[shift:]
+        out[shift:] &= mask[:-shift]
+    return out
+
+
 def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     """The cut that best splits `values` into two groups (Otsu: most between-group variance)."""
     counts, edges = np.histogram(values, bins)

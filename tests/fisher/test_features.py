@@ -124,3 +124,22 @@ def test_mid_term_features_match_loop() -> None:
         assert count[row] == len(chunk)
         np.testing.assert_allclose(mid[row, :3], chunk.mean(axis=0), atol=1e-12)
         np.testing.assert_allclose(mid[row, 3:], chunk.std(axis=0), atol=1e-7)
+
+
+def test_mid_term_statistics_do_not_depend_on_the_chunking(executor: str) -> None:
+    import lampy
+
+    rng = np.random.default_rng(3)
+    feats = rng.normal(5.0, 2.0, size=(3000, 6))
+    speech = rng.random(3000) > 0.1
+    with lampy.using(executor="inline"):
+        whole = features.mid_term_features(feats, speech, 40, 4, (0, 2, 5))
+    with lampy.using(executor=executor, chunks=5):
+        chunked = features.mid_term_features(feats, speech, 40, 4, (0, 2, 5))
+    for a, b in zip(whole, chunked, strict=True):
+        # std = sqrt(E[x^2] - E[x]^2): a window of one or two frames has a std of rounding noise
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-5)
+    mid, centres, count = whole
+    row = int(np.flatnonzero(count == 40)[0])
+    window = feats[centres[row] - 20 : centres[row] + 20][:, [0, 2, 5]]
+    np.testing.assert_allclose(mid[row], np.r_[window.mean(0), window.std(0)], rtol=1e-9)
