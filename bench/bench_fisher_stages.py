@@ -1,13 +1,19 @@
-"""(e) The Fisher pipeline's two heavy stages on one hour of audio, against Dask and TensorFlow.
+"""(e) The Fisher pipeline's two heavy stages on one hour of audio, against Dask and TensorFlow,
+and the serial remainder of every stage.
 
 - short-term features: the 34 features of every 50 ms frame (`frame_features`, rfft, filter
-  banks, entropies), over blocks of frames;
+  banks, entropies), over rows of blocks of frames (a view of the recording plus the few
+  samples around each row);
 - FLsD scatter sums: per-class counts and sums and the Gram matrix of the mid-term vectors
   (`scatter_partials`).
 numpy alone is the undecorated function; lampy local is the region as the pipeline calls it
 (chunks="auto"); Dask runs the same function per block of rows with dask.array (8 chunks);
 TensorFlow computes the same quantities with its own ops (tf.signal.rfft, segment sums,
 matmul), checked against numpy. The whole pipeline on each executor is in bench_fisher.py.
+
+The serial remainder: the whole pipeline on `local`, with, per stage, the CPU time the calling
+process spent (its own numpy work plus lampy moving data and combining): what more workers
+cannot shrink. It is written into the row's note and, per stage, into RESULTS.json.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from conftest import Row, cores, with_dask_client
 from threadpoolctl import threadpool_limits
 
 import lampy
-from examples.fisher import features, flsd, vad
+from examples.fisher import diarize, features, flsd, vad
 from examples.fisher.pipeline import Params
 
 CHUNKS = 8
@@ -48,18 +54,19 @@ def stage_inputs(hour: Any) -> dict[str, Any]:
     builds them."""
     _, signal, rate, _ = hour
     win, hop = features.frame_geometry(rate)
-    blocks = features.frame_blocks(signal, win, hop)
+    body, edges = features.frame_rows(signal, win, hop)
     feats, step = features.short_term_features(signal, rate)
     p = Params()
-    speech = vad.detect_speech(features.log_mel(feats, rate), step)
+    mfcc = feats[:, features.MFCC_COLUMNS]
+    speech = vad.detect_speech(mfcc, step, features.mfcc_to_mel_db(rate))
     mid_win, mid_hop = round(p.mid_window / step), round(p.mid_step / step)
-    voice = feats[:, features.VOICE_COLUMNS]
-    mid, centres, count = features.mid_term_features(voice, speech, mid_win, mid_hop)
+    voice = features.VOICE_COLUMNS
+    mid, centres, count = features.mid_term_features(feats, speech, mid_win, mid_hop, voice)
     keep = count >= p.min_voiced * mid_win
     x = flsd.standardize(mid[keep])
     classes = flsd.time_blocks(centres[keep] * step, p.flsd_block)
     return {
-        "features": (blocks, rate, win, hop),
+        "features": (body, edges, rate, win, hop),
         "scatter": (x, classes, int(classes.max()) + 1),
     }
 
@@ -126,15 +133,18 @@ def _check(result: Any, want: Any) -> None:
 
 def _dask(da: Any, stage: str, args: tuple[Any, ...], client: Any) -> Callable[[], Any]:
     if stage == "features":
-        blocks, rate, win, hop = args
-        per_block = (blocks.shape[1] - win) // hop
-        source = da.from_array(blocks, chunks=(-(-blocks.shape[0] // CHUNKS), -1))
-        collection = source.map_blocks(
+        body, edges, rate, win, hop = args
+        rows = -(-body.shape[0] // CHUNKS)
+        source = da.from_array(body, chunks=(rows, -1))
+        around = da.from_array(edges, chunks=(rows, -1))
+        collection = da.map_blocks(
             frame_features,
+            source,
+            around,
             rate,
             win,
             hop,
-            chunks=(source.chunks[0], (per_block,), (len(features.FEATURE_NAMES),)),
+            chunks=(source.chunks[0], (body.shape[1] // hop,), (len(features.FEATURE_NAMES),)),
             new_axis=2,
             dtype=np.float64,
         )
@@ -174,10 +184,12 @@ def _dask(da: Any, stage: str, args: tuple[Any, ...], client: Any) -> Callable[[
     return run
 
 
-def _tf_features(tf: Any, blocks: np.ndarray, rate: int, win: int, hop: int) -> Callable[[], Any]:
+def _tf_features(
+    tf: Any, body: np.ndarray, edges: np.ndarray, rate: int, win: int, hop: int
+) -> Callable[[], Any]:
     """The 34 features of examples/fisher/features.block_features, in TensorFlow ops."""
     fbank, dct, chroma = (tf.constant(m) for m in features._filters(rate, win))
-    n_bins, per_block, batch = win // 2, (blocks.shape[1] - win) // hop, 64
+    n_bins, per_block, batch = win // 2, body.shape[1] // hop, 64
     freqs = tf.constant(np.arange(n_bins) * rate / win)
     eps = features.EPS
 
@@ -222,8 +234,8 @@ def _tf_features(tf: Any, blocks: np.ndarray, rate: int, win: int, hop: int) -> 
         return tf.reshape(out, (nb, per_block, -1))
 
     def run() -> np.ndarray:
-        data = tf.constant(blocks)
-        parts = [one_batch(data[lo : lo + batch]) for lo in range(0, blocks.shape[0], batch)]
+        data = tf.concat([edges[:, :hop], body, edges[:, hop:]], axis=1)  # rows as frame_rows cut
+        parts = [one_batch(data[lo : lo + batch]) for lo in range(0, body.shape[0], batch)]
         return tf.concat(parts, axis=0).numpy()
 
     return run
@@ -239,3 +251,29 @@ def _tf_scatter(tf: Any, x: np.ndarray, classes: np.ndarray, n_classes: int) -> 
         }
 
     return run
+
+
+SERIAL = "(e) Fisher pipeline on local: serial remainder per stage"
+
+
+def test_serial_remainder_per_stage(benchmark: Any, row: Row, hour: Any) -> None:
+    """The hour on local; per stage, the caller's CPU time against the stage's wall time."""
+    row(SERIAL, "lampy local: caller CPU / wall per stage (median of 3)")
+    _, signal, rate, _ = hour
+    results = []
+
+    def run() -> None:
+        results.append(diarize(signal, rate, n_speakers=2))
+
+    with lampy.using(executor="local"):
+        diarize(signal[: rate * 60], rate, n_speakers=2)  # workers up and warm
+        benchmark.pedantic(run, rounds=3, iterations=1)
+    stages = list(results[0].timings)
+    cpu = {s: float(np.median([r.caller_cpu[s] for r in results])) for s in stages}
+    wall = {s: float(np.median([r.timings[s] for r in results])) for s in stages}
+    total = benchmark.stats.stats.median
+    benchmark.extra_info.update(caller_cpu=cpu, stage_wall=wall)
+    parts = ", ".join(f"{s} {cpu[s]:.2f}/{wall[s]:.2f}" for s in stages)
+    benchmark.extra_info["note"] = (
+        f"caller CPU {sum(cpu.values()):.2f} s of {total:.2f} s; per stage, s: {parts}"
+    )

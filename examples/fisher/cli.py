@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
-
 import lampy
 
 from .audio import AudioError, read_wav, trim_wav
@@ -222,20 +220,6 @@ class ExecutorChoice:
         with lampy.using(executor=self.name, chunks=chunks, **self.options):
             yield
 
-    def start(self) -> float:
-        """Start the local pool ahead of the timed run; the seconds it took (0 elsewhere).
-
-        Starting worker processes is paid once per process, not per run: timing it apart
-        keeps the comparison with inline about the work, and leaves the workers' CPU time
-        from here on to the chunks alone.
-        """
-        if self.name != "local":
-            return 0.0
-        began = time.perf_counter()
-        with self.using():
-            _touch(np.zeros(2))
-        return time.perf_counter() - began
-
     def observe(self) -> Callable[[], str]:
         """Start watching the executor; the returned function says what it did meanwhile."""
         if self.name == "local":
@@ -246,12 +230,18 @@ class ExecutorChoice:
                 if after is None or before is None:
                     return "local (fan-out not observable on this system)"
                 workers, cpu = after[0], after[1] - before[1]
+                here = f"this process {time.process_time() - caller:.2f} s"
+                if not before[0] and workers:
+                    return (
+                        f"local: started {workers} worker processes in the background, which "
+                        f"did {cpu:.2f} s of CPU work, their start-up included ({here}); "
+                        f"chunks={self.chunks or 'auto'}"
+                    )
                 if cpu < 0.01:  # the resolution of /proc's CPU times
                     return f"local: did not fan out ({_why_not(self.chunks)})"
                 return (
                     f"local: fanned out to {workers} worker processes, which did {cpu:.2f} s "
-                    f"of CPU work (this process {time.process_time() - caller:.2f} s); "
-                    f"chunks={self.chunks or 'auto'}"
+                    f"of CPU work ({here}); chunks={self.chunks or 'auto'}"
                 )
 
             return local
@@ -274,12 +264,6 @@ class ExecutorChoice:
         if self.name == "inline":
             return lambda: "inline: every chunk in this process, one after another (no fan-out)"
         return lambda: f"{self.name} (fan-out is not observed for this executor)"
-
-
-@lampy.elemwise(chunks=2)
-def _touch(x: np.ndarray) -> np.ndarray:
-    """Two chunks of nothing: makes the local executor start its workers."""
-    return x
 
 
 def _why_not(chunks: int | str | None) -> str:
@@ -443,7 +427,9 @@ def _diarize(args: argparse.Namespace) -> int:
     reference = _read_reference(args.reference, args.wav, seconds) if args.reference else None
     out = _out_dir(args.out) if args.out else None  # before the run: fail before the work
     executor = ExecutorChoice.from_args(args)
-    startup = executor.start()
+    # The local pool is not started here: chunks="auto" starts it in the background when a
+    # stage would gain from it, and runs in this process meanwhile, so a short recording never
+    # waits for workers it does not need.
     done = executor.observe()
     start = time.perf_counter()
     with executor.using(), _names(args.wav):
@@ -472,7 +458,6 @@ def _diarize(args: argparse.Namespace) -> int:
             "timings": {**result.timings, "total": total},
             "executor": executor.name,
             "fan_out": fan_out,
-            "worker_startup": startup,
             "written": written,
         }
         if inline_total is not None:
@@ -484,7 +469,7 @@ def _diarize(args: argparse.Namespace) -> int:
     print(_table(result, scored, total))
     print(f"\nexecutor: {fan_out}")
     if inline_total is not None:
-        print(_comparison(executor.name, total, inline_total, startup))
+        print(_comparison(executor.name, total, inline_total))
     for kind, path in written.items():
         print(f"wrote {kind.upper()}: {path}")
     return 0
@@ -505,13 +490,12 @@ def _write_outputs(
     return {"rttm": str(rttm), "png": str(png)}
 
 
-def _comparison(name: str, total: float, inline_total: float, startup: float) -> str:
+def _comparison(name: str, total: float, inline_total: float) -> str:
     ratio = inline_total / total
     verdict = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
-    started = f" (+{startup:.2f} s starting workers, once per process)" if startup else ""
     return (
-        f"time: {name} {total:.2f} s{started} against inline {inline_total:.2f} s for the same "
-        f"run: {name} is {verdict}"
+        f"time: {name} {total:.2f} s against inline {inline_total:.2f} s for the same run: "
+        f"{name} is {verdict}"
     )
 
 

@@ -10,7 +10,6 @@ elementwise, not with a matrix product, so every executor assigns every point id
 from __future__ import annotations
 
 import numpy as np
-from scipy.cluster.hierarchy import linkage
 
 import lampy
 
@@ -18,39 +17,50 @@ from .flsd import class_sums
 
 
 def _sq_dist(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Squared distances (restarts x points x k) from x (n x d) to centroids (restarts x k x d).
+    """Squared distances (restarts x k x points) from x (n x d) to centroids (restarts x k x d).
 
-    One elementwise pass per dimension: exact whatever the chunking (no BLAS blocking), and
-    without the (restarts x n x k x d) temporary of a broadcast difference.
+    One elementwise pass per dimension over the points' contiguous coordinates: exact whatever
+    the chunking (no BLAS blocking), and without the (restarts x k x n x d) temporary of a
+    broadcast difference.
     """
-    d2 = np.zeros((centroids.shape[0], x.shape[0], centroids.shape[1]))
+    coords = np.ascontiguousarray(x.T)
+    d2 = np.zeros((centroids.shape[0], centroids.shape[1], x.shape[0]))
     for j in range(x.shape[1]):
-        diff = x[None, :, None, j] - centroids[:, None, :, j]
+        diff = coords[j] - centroids[:, :, j, None]
         d2 += diff * diff
     return d2
 
 
+POINT_BATCH = 2048  # points per pass: the (restarts x points x k) temporaries stay in cache
+
+
 @lampy.sum(shared=("centroids",))
 def kmeans_partials(x: np.ndarray, centroids: np.ndarray) -> dict[str, np.ndarray]:
-    """Assign a chunk's points to the nearest centroid of every restart; per-cluster counts/sums."""
+    """Assign a chunk's points to the nearest centroid of every restart; per-cluster counts/sums.
+
+    Points go through in cache-sized batches; the sums add up batch after batch.
+    """
     restarts, k, dims = centroids.shape
-    d2 = _sq_dist(x, centroids)
-    labels = d2.argmin(axis=2)
-    flat = (labels + k * np.arange(restarts)[:, None]).ravel()
-    sums = np.empty((restarts * k, dims))
-    for j in range(dims):
-        sums[:, j] = np.bincount(flat, np.tile(x[:, j], restarts), minlength=restarts * k)
-    return {
-        "n": np.bincount(flat, minlength=restarts * k).reshape(restarts, k).astype(np.float64),
-        "s": sums.reshape(restarts, k, dims),
-        "inertia": np.take_along_axis(d2, labels[:, :, None], axis=2).sum(axis=(1, 2)),
-    }
+    n = np.zeros(restarts * k)
+    sums = np.zeros((restarts * k, dims))
+    inertia = np.zeros(restarts)
+    for lo in range(0, x.shape[0], POINT_BATCH):
+        xb = x[lo : lo + POINT_BATCH]
+        d2 = _sq_dist(xb, centroids)
+        labels = d2.argmin(axis=1)
+        # One-hot rows (restart, cluster) x points: the counts and sums are one product.
+        member = (labels[:, None, :] == np.arange(k)[None, :, None]).reshape(restarts * k, -1)
+        weights = member.astype(np.float64)
+        n += weights.sum(axis=1)
+        sums += weights @ xb
+        inertia += d2.min(axis=1).sum(axis=1)
+    return {"n": n.reshape(restarts, k), "s": sums.reshape(restarts, k, dims), "inertia": inertia}
 
 
 @lampy.elemwise(shared=("centroids",))
 def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid (k x d) for each point."""
-    return _sq_dist(x, centroids[None])[0].argmin(axis=1)
+    return _sq_dist(x, centroids[None])[0].argmin(axis=0)
 
 
 def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -113,32 +123,87 @@ def first_appearance(labels: np.ndarray) -> np.ndarray:
     return _first_appearance_map(labels, int(labels.max()) + 1)[labels]
 
 
-def viterbi(x: np.ndarray, centroids: np.ndarray, stay: float) -> np.ndarray:
+def viterbi(
+    x: np.ndarray, centroids: np.ndarray, stay: float, piece: int | None = None
+) -> np.ndarray:
     """Most likely label path under an HMM with Gaussian states at the centroids.
 
-    Each step keeps its state with probability `stay`; the emission variance is the mean
-    within-cluster variance. The loop runs over time steps (mid-term windows), each step a
-    vectorized max over k x k transitions.
+    Each step keeps its state with probability `stay` (at least 1 / k) and moves to each other
+    state with an equal share of the rest, so the best way into state j is either staying in
+    j or switching from the best state: k x k work per step, not k^3. The emission variance
+    is the mean within-cluster variance. The time steps (mid-term windows) are cut into
+    pieces of `piece` steps (default about the square root of their number), and each loop
+    below runs over the steps of one piece with all pieces at once, so an hour is a few
+    hundred numpy steps, not 36,000 Python ones:
+    1. each piece's max-plus transfer matrix (best score from each state before the piece to
+       each state at its end);
+    2. the scores entering each piece, piece after piece (k x k steps);
+    3. the usual Viterbi recursion inside every piece from its entering scores;
+    4. for each piece and each state it may end in, the path back to its start; then, piece
+       after piece from the last, the state each piece ends in.
+    Ties go to the lowest state, as in the step-by-step recursion.
     """
-    k = centroids.shape[0]
-    d2 = _sq_dist(x, centroids[None])[0]
+    k, n = centroids.shape[0], x.shape[0]
+    if k > 1 and not 1.0 / k <= stay < 1.0:
+        raise ValueError(f"stay must be in [1/k, 1) for k = {k} states, got {stay}")
+    d2 = _sq_dist(x, centroids[None])[0].T
     var = d2.min(axis=1).mean() / x.shape[1] + 1e-12
     log_emit = -d2 / (2.0 * var)
-    if k == 1:
-        return np.zeros(x.shape[0], dtype=np.int64)
-    log_trans = np.full((k, k), np.log((1.0 - stay) / (k - 1)))
-    np.fill_diagonal(log_trans, np.log(stay))
-    back = np.empty((x.shape[0], k), dtype=np.int64)
-    score = log_emit[0] - np.log(k)
-    for t in range(1, x.shape[0]):
-        cand = score[:, None] + log_trans
-        back[t] = cand.argmax(axis=0)
-        score = cand[back[t], np.arange(k)] + log_emit[t]
-    path = np.empty(x.shape[0], dtype=np.int64)
-    path[-1] = int(score.argmax())
-    for t in range(x.shape[0] - 1, 0, -1):
-        path[t - 1] = back[t, path[t]]
-    return path
+    if k == 1 or n < 2:
+        return np.full(n, int(log_emit[0].argmax()) if n else 0, dtype=np.int64)
+    log_stay, log_switch = np.log(stay), np.log((1.0 - stay) / (k - 1))
+    steps = n - 1  # steps 1..n-1 follow the start
+    size = piece or max(1, int(np.sqrt(steps)))
+    count = -(-steps // size)
+    emit = np.zeros((count * size, k))
+    emit[:steps] = log_emit[1:]
+    emit = emit.reshape(count, size, k)
+    real = (np.arange(count * size) < steps).reshape(count, size)  # padding: no step at all
+    # 1. transfer matrices, all pieces at once: (count, from, to)
+    transfer = np.full((count, k, k), log_switch)
+    transfer[:, np.arange(k), np.arange(k)] = log_stay
+    transfer = np.where(real[:, 0, None, None], transfer + emit[:, 0, None, :], _identity(k))
+    for s in range(1, size):
+        best = transfer.max(axis=2, keepdims=True) + log_switch
+        moved = np.maximum(transfer + log_stay, best) + emit[:, s, None, :]
+        transfer = np.where(real[:, s, None, None], moved, transfer)
+    # 2. scores entering each piece
+    entering = np.empty((count, k))
+    entering[0] = log_emit[0] - np.log(k)
+    for p in range(1, count):
+        entering[p] = (entering[p - 1][:, None] + transfer[p - 1]).max(axis=0)
+    # 3. the recursion inside every piece, with back-pointers
+    score = entering
+    back = np.empty((count, size, k), dtype=np.int64)
+    own = np.arange(k)
+    for s in range(size):
+        kept = score + log_stay
+        best = score.argmax(axis=1)[:, None]
+        switched = np.take_along_axis(score, best, axis=1) + log_switch
+        back[:, s] = np.where(
+            kept > switched, own, np.where(kept < switched, best, np.minimum(own, best))
+        )
+        back[:, s] = np.where(real[:, s, None], back[:, s], own)
+        moved = np.maximum(kept, switched) + emit[:, s]
+        score = np.where(real[:, s, None], moved, score)
+    # 4. paths back from every possible end state of every piece
+    state = np.broadcast_to(own, (count, k)).copy()
+    traced = np.empty((count, k, size), dtype=np.int64)
+    for s in range(size - 1, -1, -1):
+        traced[:, :, s] = state
+        state = np.take_along_axis(back[:, s], state, axis=1)
+    # `state` is now, per piece and end state, the state just before the piece.
+    path = np.empty((count, size), dtype=np.int64)
+    end = int(score[-1].argmax())
+    for p in range(count - 1, -1, -1):
+        path[p] = traced[p, end]
+        end = int(state[p, end])
+    return np.concatenate([[end], path.reshape(-1)[:steps]])
+
+
+def _identity(k: int) -> np.ndarray:
+    """The max-plus identity (0 on the diagonal, -inf elsewhere): a step that changes nothing."""
+    return np.where(np.eye(k, dtype=bool), 0.0, -np.inf)
 
 
 def piece_means(x: np.ndarray, segment: np.ndarray, size: int) -> np.ndarray:
@@ -159,6 +224,9 @@ def piece_means(x: np.ndarray, segment: np.ndarray, size: int) -> np.ndarray:
 def merge_heights(pieces: np.ndarray, count: int) -> np.ndarray:
     """Ward linkage heights of the last `count` merges, last first: heights[j] joins j + 2
     clusters into j + 1 (zeros past the number of pieces)."""
+    # Imported here: a worker that runs this module's regions need not load scipy (~0.4 s).
+    from scipy.cluster.hierarchy import linkage
+
     heights = np.zeros(count)
     if pieces.shape[0] > 1:
         last = linkage(pieces, "ward")[::-1, 2][:count]
@@ -178,31 +246,67 @@ def frame_loglik(
     return out
 
 
-def resegment(x: np.ndarray, labels: np.ndarray, reach: int, min_frames: int = 20) -> np.ndarray:
+@lampy.sum
+def label_moments(
+    x: np.ndarray, labels: np.ndarray, k: int, columns: tuple[int, ...]
+) -> dict[str, np.ndarray]:
+    """Per label 0..k-1, and for the unlabelled rows (-1) as label k: the count, and the sums
+    of `x[:, columns]` and of its squares (one-hot products over cache-sized batches)."""
+    n = np.zeros(k + 1)
+    s = np.zeros((k + 1, len(columns)))
+    q = np.zeros((k + 1, len(columns)))
+    for lo in range(0, x.shape[0], POINT_BATCH):
+        v = x[lo : lo + POINT_BATCH][:, list(columns)]
+        cls = np.where(labels[lo : lo + POINT_BATCH] >= 0, labels[lo : lo + POINT_BATCH], k)
+        member = (np.arange(k + 1)[:, None] == cls[None, :]).astype(np.float64)
+        n += member.sum(axis=1)
+        s += member @ v
+        q += member @ (v * v)
+    return {"n": n, "s": s, "q": q}
+
+
+def resegment(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    reach: int,
+    columns: tuple[int, ...] | None = None,
+    min_frames: int = 20,
+) -> np.ndarray:
     """Move each change of speaker to the frame where the two speakers' models split best.
 
     `labels` (-1 = silence) come from clustering mid-term windows a second long, so a change can
     be off by half a window. Each speaker gets a diagonal Gaussian over its frames' features
-    `x`; where one speaker's run meets another's without a pause, the boundary moves (within
-    `reach` frames and the two runs) to the split that maximizes the log-likelihood of the
-    frames before under the first speaker plus the frames after under the second. Speakers
-    with fewer than `min_frames` frames keep their boundaries.
+    (`feats[:, columns]`, standardized over the recording); where one speaker's run meets
+    another's without a pause, the boundary moves (within `reach` frames and the two runs) to
+    the split that maximizes the log-likelihood of the frames before under the first speaker
+    plus the frames after under the second. Speakers with fewer than `min_frames` frames keep
+    their boundaries. The models come from one pass of sums over the frames (a region), and
+    only the frames near a change are scored (another).
     """
+    columns = tuple(range(feats.shape[1])) if columns is None else columns
     k = int(labels.max()) + 1
-    counts = np.bincount(labels[labels >= 0], minlength=max(k, 1))
-    if k < 2 or np.count_nonzero(counts >= min_frames) < 2:
+    if k < 2:
         return labels
-    means = np.zeros((k, x.shape[1]))
-    var = np.ones((k, x.shape[1]))
-    for s in np.flatnonzero(counts >= min_frames):
-        mine = x[labels == s]
-        means[s], var[s] = mine.mean(axis=0), mine.var(axis=0) + 1e-3
+    m = label_moments(feats, labels, k, columns)
+    total = m["n"].sum()
+    mu = m["s"].sum(axis=0) / total
+    sd = np.sqrt(np.maximum(m["q"].sum(axis=0) / total - mu * mu, 0.0))
+    sd = np.where(sd > 0, sd, 1.0)
+    counts = m["n"][:k]
+    modelled = counts >= min_frames
+    if np.count_nonzero(modelled) < 2:
+        return labels
+    n = np.maximum(counts, 1.0)[:, None]
+    mean = m["s"][:k] / n
+    var = np.maximum(m["q"][:k] / n - mean * mean, 0.0)
+    means = np.where(modelled[:, None], (mean - mu) / sd, 0.0)
+    var = np.where(modelled[:, None], var / (sd * sd) + 1e-3, 1.0)
     log_norm = -0.5 * np.log(2.0 * np.pi * var).sum(axis=1)
     starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
     ends = np.append(starts[1:], labels.size)
     first, second = labels[starts[:-1]], labels[starts[1:]]
-    modelled = counts >= min_frames
-    movable = np.flatnonzero((first >= 0) & (second >= 0) & modelled[first] & modelled[second])
+    movable = np.flatnonzero((first >= 0) & (second >= 0))
+    movable = movable[modelled[first[movable]] & modelled[second[movable]]]
     if movable.size == 0:
         return labels
     # Only the frames around a movable change are scored: (changes x 2 reach) frames.
@@ -210,7 +314,8 @@ def resegment(x: np.ndarray, labels: np.ndarray, reach: int, min_frames: int = 2
     hi = np.minimum(starts[movable + 1] + reach, ends[movable + 1])
     spans = [np.arange(a, b) for a, b in zip(lo, hi, strict=True)]
     scored = np.concatenate(spans)
-    ll = frame_loglik(x[scored], means, 1.0 / var, log_norm)
+    x = (feats[scored][:, list(columns)] - mu) / sd
+    ll = frame_loglik(x, means, 1.0 / var, log_norm)
     out = labels.copy()
     offset = 0
     for r, span in zip(movable, spans, strict=True):

@@ -37,6 +37,7 @@ FEATURE_NAMES: tuple[str, ...] = (
 # development set's tune split from 23.6 % to 10.8 % DER on 5-8 speakers (count given).
 LEVEL_FEATURES = ("energy", "mfcc_1")
 VOICE_COLUMNS = tuple(i for i, name in enumerate(FEATURE_NAMES) if name not in LEVEL_FEATURES)
+MFCC_COLUMNS = slice(8, 8 + N_MFCC)
 
 
 def frame_geometry(rate: int, window: float = 0.05, step: float = 0.025) -> tuple[int, int]:
@@ -49,28 +50,53 @@ def n_frames(n_samples: int, win: int, hop: int) -> int:
     return 0 if n_samples < win else 1 + (n_samples - win) // hop
 
 
-def frame_blocks(signal: np.ndarray, win: int, hop: int, block: int = BLOCK) -> np.ndarray:
-    """Cut the signal into rows of `block` frames plus the frame before them (zeros for the first).
+def _window(signal: np.ndarray, start: int, length: int) -> np.ndarray:
+    """signal[start : start + length], with zeros where that runs outside the signal."""
+    out = np.zeros(length, dtype=signal.dtype)
+    lo, hi = max(start, 0), min(start + length, signal.size)
+    if hi > lo:
+        out[lo - start : hi - start] = signal[lo:hi]
+    return out
 
-    Row r holds samples [(r * block - 1) * hop, (r * block - 1) * hop + block * hop + win), so
-    consecutive rows overlap by one frame only: the blocks cost about one copy of the signal.
+
+def frame_rows(
+    signal: np.ndarray, win: int, hop: int, block: int = BLOCK
+) -> tuple[np.ndarray, np.ndarray]:
+    """The signal cut for `frame_features` with no copy of it: (body, edges).
+
+    Row r of `body` is the signal's samples [r * S, (r + 1) * S), S = block * hop, as a view
+    (a reshape: no bytes move, so the serial caller does not copy the recording); row r of
+    `edges` holds the `hop` samples before it and the `win - hop` after it (zeros outside the
+    signal). Together they hold block r's frames and the frame before them. The last row,
+    when the signal ends inside it, is a small padded copy (see `tail_rows`).
     """
     n = n_frames(signal.size, win, hop)
-    n_blocks = -(-n // block)
-    length = block * hop + win
     stride = block * hop
-    # One allocation, filled row by row range: fresh pages are costly on this kind of VM.
-    blocks = np.zeros((n_blocks, length), dtype=np.float32)
-    first = np.arange(n_blocks) * stride - hop  # signal index of each row's first sample
-    whole = (first >= 0) & (first + length <= signal.size)
-    if whole.any():
-        rows = np.flatnonzero(whole)
-        view = sliding_window_view(signal, length)[first[rows[0]] :: stride]
-        blocks[rows[0] : rows[-1] + 1] = view[: rows.size]
-    for r in np.flatnonzero(~whole):
-        lo, hi = max(first[r], 0), min(first[r] + length, signal.size)
-        blocks[r, lo - first[r] : hi - first[r]] = signal[lo:hi]
-    return blocks
+    rows = min(signal.size // stride, n // block)
+    body = signal[: rows * stride].reshape(rows, stride)
+    edges = np.zeros((rows, win), dtype=signal.dtype)
+    if rows:
+        edges[1:, :hop] = body[:-1, -hop:]
+        edges[:-1, hop:] = body[1:, : win - hop]
+        edges[-1, hop:] = _window(signal, rows * stride, win - hop)
+    return body, edges
+
+
+def tail_rows(
+    signal: np.ndarray, win: int, hop: int, block: int = BLOCK
+) -> tuple[np.ndarray, np.ndarray]:
+    """The frames `frame_rows` leaves out (fewer than a block), as one padded (body, edges) row,
+    or zero rows when there are none."""
+    n = n_frames(signal.size, win, hop)
+    stride = block * hop
+    rows = min(signal.size // stride, n // block)
+    if n <= rows * block:
+        return np.zeros((0, stride), signal.dtype), np.zeros((0, win), signal.dtype)
+    start = rows * stride
+    body = _window(signal, start, stride)[None, :]
+    before = _window(signal, start - hop, hop)
+    after = _window(signal, start + stride, win - hop)
+    return body, np.concatenate([before, after])[None, :]
 
 
 @lru_cache(maxsize=8)
@@ -141,63 +167,112 @@ def block_features(frames: np.ndarray, rate: int) -> np.ndarray:
     return out.reshape(n_blocks, n_plus_1 - 1, -1)
 
 
-@lampy.elemwise
-def frame_features(blocks: np.ndarray, rate: int, win: int, hop: int) -> np.ndarray:
-    """Features of every frame in a chunk of blocks: (blocks, frames per block, 34).
+def rows_features(body: np.ndarray, edges: np.ndarray, rate: int, win: int, hop: int) -> np.ndarray:
+    """Features of every frame of rows cut by `frame_rows`: (rows, frames per row, 34).
 
-    Blocks go through in batches of `BATCH_BLOCKS`, so the temporaries (frames, spectra) stay a
+    Rows go through in batches of `BATCH_BLOCKS`, so the temporaries (frames, spectra) stay a
     few MB however large the chunk: one big batch is memory-bound and several times slower.
     """
-    per_block = (blocks.shape[1] - win) // hop
-    out = np.empty((blocks.shape[0], per_block, len(FEATURE_NAMES)))
-    for lo in range(0, blocks.shape[0], BATCH_BLOCKS):
-        frames = sliding_window_view(blocks[lo : lo + BATCH_BLOCKS], win, axis=1)[:, ::hop]
-        out[lo : lo + BATCH_BLOCKS] = block_features(frames, rate)
+    per_block = body.shape[1] // hop
+    out = np.empty((body.shape[0], per_block, len(FEATURE_NAMES)))
+    for lo in range(0, body.shape[0], BATCH_BLOCKS):
+        hi = lo + BATCH_BLOCKS
+        rows = np.hstack([edges[lo:hi, :hop], body[lo:hi], edges[lo:hi, hop:]])
+        frames = sliding_window_view(rows, win, axis=1)[:, ::hop]
+        out[lo:hi] = block_features(frames, rate)
     return out
 
 
+@lampy.elemwise
+def frame_features(
+    body: np.ndarray, edges: np.ndarray, rate: int, win: int, hop: int
+) -> np.ndarray:
+    """`rows_features` as a region: each chunk computes its rows' frames."""
+    return rows_features(body, edges, rate, win, hop)
+
+
 def short_term_features(signal: np.ndarray, rate: int) -> tuple[np.ndarray, float]:
-    """(frames x 34) feature matrix and the frame step in seconds."""
+    """(frames x 34) feature matrix and the frame step in seconds.
+
+    The region gets the recording as a view (rows of whole blocks of frames) and the few
+    samples around each row; the last, partial block (under 1.6 s of audio) runs here.
+    """
     win, hop = frame_geometry(rate)
     n = n_frames(signal.size, win, hop)
-    feats = frame_features(frame_blocks(signal, win, hop), rate, win, hop)
-    return feats.reshape(-1, feats.shape[-1])[:n], hop / rate
+    feats = frame_features(*frame_rows(signal, win, hop), rate, win, hop)
+    feats = feats.reshape(-1, feats.shape[-1])
+    tail_body, tail_edges = tail_rows(signal, win, hop)
+    if tail_body.shape[0]:
+        tail = rows_features(tail_body, tail_edges, rate, win, hop)
+        feats = np.concatenate([feats, tail.reshape(-1, feats.shape[-1])])
+    return feats[:n], hop / rate
+
+
+WINDOW_BATCH = 256  # mid-term windows summed at a time: temporaries of a few hundred kB
+
+
+@lampy.elemwise(shared=("feats",))
+def window_stats(
+    lo: np.ndarray, hi: np.ndarray, feats: np.ndarray, columns: tuple[int, ...]
+) -> np.ndarray:
+    """Mean and std of `feats[lo:hi, columns]` for each window (lo == hi: zeros).
+
+    Windows go through in batches, each with prefix sums over just the frames its windows
+    cover: the temporaries stay in cache, and the sums stay short (little cancellation in
+    mean(x^2) - mean(x)^2). Windows must be in time order.
+    """
+    f = len(columns)
+    out = np.zeros((lo.size, 2 * f))
+    for at in range(0, lo.size, WINDOW_BATCH):
+        a, b = lo[at : at + WINDOW_BATCH], hi[at : at + WINDOW_BATCH]
+        first, last = int(a.min()), int(max(b.max(), a.min()))
+        x = feats[first:last][:, list(columns)]
+        # Prefix sums of x and x^2, features along rows: a contiguous cumsum is faster.
+        prefix = np.zeros((2 * f, last - first + 1))
+        np.cumsum(np.hstack([x, x * x]).T, axis=1, out=prefix[:, 1:])
+        sums = (prefix[:, b - first] - prefix[:, a - first]) / np.maximum(b - a, 1)
+        mean, mean_sq = sums[:f].T, sums[f:].T
+        out[at : at + a.size, :f] = mean
+        out[at : at + a.size, f:] = np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))
+    return out
 
 
 def mid_term_features(
-    feats: np.ndarray, speech: np.ndarray, win: int, step: int
+    feats: np.ndarray,
+    speech: np.ndarray,
+    win: int,
+    step: int,
+    columns: tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std of each feature over windows of `win` frames centred every `step` frames.
+    """Mean and std of each feature (of `columns`, default all) over windows of `win` frames
+    centred every `step` frames.
 
     Each window is clipped to the run of speech holding its centre, so no window mixes the two
     sides of a pause (at a change of speaker, such a window would form a cluster of its own).
-    Prefix sums make this linear in the number of frames whatever the window. Returns (windows x
-    2F statistics, centre frame of each window, frames in each window; 0 when the centre is
-    silence).
+    The statistics are a region over windows (`window_stats`); here only each window's bounds
+    are found, vectorized. Returns (windows x 2F statistics, centre frame of each window,
+    frames in each window; 0 when the centre is silence).
     """
     n = feats.shape[0]
+    columns = tuple(range(feats.shape[1])) if columns is None else columns
     centres = np.arange(win // 2, max(n - win + win // 2, win // 2) + 1, step)
     centres = centres[centres < n]
-    run_id = np.cumsum(np.concatenate([[True], speech[1:] != speech[:-1]])) - 1
-    run_start = np.flatnonzero(np.concatenate([[True], speech[1:] != speech[:-1]]))
+    change = np.concatenate([[True], speech[1:] != speech[:-1]])
+    run_id = np.cumsum(change) - 1
+    run_start = np.flatnonzero(change)
     run_end = np.append(run_start[1:], n)
     lo = np.maximum(centres - win // 2, run_start[run_id[centres]])
     hi = np.minimum(centres - win // 2 + win, run_end[run_id[centres]])
-    # Prefix sums of x and x^2, features along rows: a contiguous cumsum is several times faster.
-    f = feats.shape[1]
-    prefix = np.zeros((2 * f, n + 1))
-    np.cumsum(np.hstack([feats, feats * feats]).T, axis=1, out=prefix[:, 1:])
-    count = np.where(speech[centres], hi - lo, 0)
-    sums = (prefix[:, hi] - prefix[:, lo]) / np.maximum(count, 1)
-    mean, mean_sq = sums[:f].T, sums[f:].T
-    return np.hstack([mean, np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))]), centres, count
+    hi = np.where(speech[centres], hi, lo)  # a window centred in silence is empty
+    return window_stats(lo, hi, feats, columns), centres, hi - lo
 
 
-def log_mel(feats: np.ndarray, rate: int) -> np.ndarray:
-    """Smoothed log mel band levels in dB (frames x N_MEL), rebuilt from the frames' MFCCs.
+def mfcc_to_mel_db(rate: int) -> np.ndarray:
+    """The map (N_MFCC x N_MEL) from a frame's MFCCs (`feats[:, MFCC_COLUMNS]`) to its smoothed
+    log mel band levels in dB.
 
     The VAD wants band levels; inverting the DCT of the 13 MFCCs gives the spectral envelope
     without a second pass over the signal.
     """
     _, dct, _ = _filters(rate, frame_geometry(rate)[0])
-    return 10.0 * feats[:, 8 : 8 + N_MFCC] @ np.linalg.pinv(dct)
+    return 10.0 * np.linalg.pinv(dct)

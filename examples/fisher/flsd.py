@@ -9,7 +9,6 @@ sums and one Gram matrix, which add up across chunks: a `@lampy.sum` region.
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 
 import lampy
 
@@ -55,6 +54,9 @@ def flsd_projection(
     S_w is regularized by `regularization` times its mean diagonal, so constant or collinear
     features do not make it singular. At most (classes - 1) directions carry information.
     """
+    # Imported here: a worker that runs this module's region need not load scipy.
+    import scipy.linalg
+
     within, between = scatter_matrices(x, classes)
     n_used = int(np.count_nonzero(np.bincount(classes)))
     dims = max(1, min(dims, n_used - 1, x.shape[1]))

@@ -59,6 +59,43 @@ def test_viterbi_matches_brute_force() -> None:
     np.testing.assert_array_equal(cluster.viterbi(x, centroids, stay), best_path)
 
 
+def _stepwise_viterbi(x: np.ndarray, centroids: np.ndarray, stay: float) -> np.ndarray:
+    """The textbook recursion, one Python step per frame, dense k x k transitions."""
+    k = centroids.shape[0]
+    d2 = ((x[:, None, :] - centroids[None]) ** 2).sum(axis=2)
+    log_emit = -d2 / (2.0 * (d2.min(axis=1).mean() / x.shape[1] + 1e-12))
+    log_trans = np.full((k, k), np.log((1 - stay) / max(k - 1, 1)))
+    np.fill_diagonal(log_trans, np.log(stay))
+    score = log_emit[0] - np.log(k)
+    back = np.zeros((x.shape[0], k), dtype=int)
+    for t in range(1, x.shape[0]):
+        cand = score[:, None] + log_trans
+        back[t] = cand.argmax(axis=0)
+        score = cand.max(axis=0) + log_emit[t]
+    path = [int(score.argmax())]
+    for t in range(x.shape[0] - 1, 0, -1):
+        path.append(int(back[t, path[-1]]))
+    return np.array(path[::-1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_viterbi_in_pieces_matches_the_stepwise_recursion(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k, n = int(rng.integers(2, 9)), int(rng.integers(2, 600))
+    centroids = rng.standard_normal((k, 3))
+    truth = np.repeat(rng.integers(0, k, n // 6 + 1), 6)[:n]
+    x = centroids[truth] + rng.standard_normal((n, 3)) * rng.uniform(0.3, 1.5)
+    stay = float(rng.uniform(max(1.0 / k, 0.6), 0.99))
+    want = _stepwise_viterbi(x, centroids, stay)
+    for piece in (None, 1, 2, 7, n + 5):  # ragged last piece, one piece, one step per piece
+        np.testing.assert_array_equal(cluster.viterbi(x, centroids, stay, piece), want)
+
+
+def test_viterbi_refuses_a_stay_below_chance() -> None:
+    with pytest.raises(ValueError, match="stay must be in"):
+        cluster.viterbi(np.zeros((5, 1)), np.array([[0.0], [1.0], [2.0]]), stay=0.2)
+
+
 def test_viterbi_removes_a_one_step_blip() -> None:
     x = np.array([[0.0]] * 10 + [[0.52]] + [[0.0]] * 10)
     path = cluster.viterbi(x, np.array([[0.0], [1.0]]), stay=0.99)

@@ -24,7 +24,7 @@ def _voices(k: int, seed: int = 0, per_voice: int = 60, apart: float = 6.0) -> n
     return np.vstack(rows)
 
 
-@pytest.mark.parametrize("k", [1, 5, 7])
+@pytest.mark.parametrize("k", [1, 2, 5, 7, 8])
 def test_count_search_finds_separate_voices(k: int) -> None:
     y = _voices(k, seed=k)
     segment = np.arange(y.shape[0]) // 10

@@ -39,16 +39,23 @@ def _signal(rate: int, seconds: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("rate", [8000, 16000, 22050])
-def test_frame_blocks_hold_every_frame_and_its_predecessor(rate: int) -> None:
-    signal = _signal(rate, 3.3)
+@pytest.mark.parametrize("seconds", [0.5, 3.3, 4.0])
+def test_frame_rows_hold_every_frame_and_its_predecessor(rate: int, seconds: float) -> None:
+    signal = _signal(rate, seconds)
     win, hop = features.frame_geometry(rate)
-    blocks = features.frame_blocks(signal, win, hop, block=8)
+    body, edges = features.frame_rows(signal, win, hop, block=8)
+    tail_body, tail_edges = features.tail_rows(signal, win, hop, block=8)
+    assert np.shares_memory(body, signal)  # a view: the caller copies no audio
+    rows = np.hstack([np.vstack([edges, tail_edges])[:, :hop], np.vstack([body, tail_body])])
+    rows = np.hstack([rows, np.vstack([edges, tail_edges])[:, hop:]])
     n = features.n_frames(signal.size, win, hop)
-    assert blocks.shape[0] == -(-n // 8)
-    for i in [0, 1, 7, 8, 9, n - 1]:
-        row, j = divmod(i, 8)
+    assert rows.shape[0] == -(-n // 8) and tail_body.shape[0] <= 1
+    padded = np.concatenate([np.zeros(hop, np.float32), signal, np.zeros(8 * hop, np.float32)])
+    for i in range(-1, n):  # frame -1: the predecessor of frame 0, in zeros
+        row, j = divmod(i + 1, 8) if i < 0 else divmod(i, 8)
+        at = (j + 1) * hop if i >= 0 else 0
         np.testing.assert_array_equal(
-            blocks[row, (j + 1) * hop : (j + 1) * hop + win], signal[i * hop : i * hop + win]
+            rows[row, at : at + win], padded[(i + 1) * hop : (i + 1) * hop + win]
         )
 
 
@@ -117,3 +124,22 @@ def test_mid_term_features_match_loop() -> None:
         assert count[row] == len(chunk)
         np.testing.assert_allclose(mid[row, :3], chunk.mean(axis=0), atol=1e-12)
         np.testing.assert_allclose(mid[row, 3:], chunk.std(axis=0), atol=1e-7)
+
+
+def test_mid_term_statistics_do_not_depend_on_the_chunking(executor: str) -> None:
+    import lampy
+
+    rng = np.random.default_rng(3)
+    feats = rng.normal(5.0, 2.0, size=(3000, 6))
+    speech = rng.random(3000) > 0.1
+    with lampy.using(executor="inline"):
+        whole = features.mid_term_features(feats, speech, 40, 4, (0, 2, 5))
+    with lampy.using(executor=executor, chunks=5):
+        chunked = features.mid_term_features(feats, speech, 40, 4, (0, 2, 5))
+    for a, b in zip(whole, chunked, strict=True):
+        # std = sqrt(E[x^2] - E[x]^2): a window of one or two frames has a std of rounding noise
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-5)
+    mid, centres, count = whole
+    row = int(np.flatnonzero(count == 40)[0])
+    window = feats[centres[row] - 20 : centres[row] + 20][:, [0, 2, 5]]
+    np.testing.assert_allclose(mid[row], np.r_[window.mean(0), window.std(0)], rtol=1e-9)

@@ -73,3 +73,37 @@ def test_otsu_threshold_splits_two_groups() -> None:
 def test_run_index() -> None:
     mask = np.array([1, 1, 0, 0, 1, 0], dtype=bool)
     assert list(vad.run_index(mask)) == [0, 0, 1, 1, 2, 3]
+
+
+def test_shrink_trims_both_ends_of_every_run() -> None:
+    mask = np.array([0, 1, 1, 1, 1, 0, 1, 1, 0, 1, 1, 1], dtype=bool)
+    np.testing.assert_array_equal(
+        vad.shrink(mask, 1), [0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1]
+    )  # a run touching the end of the recording loses only its inner end
+    np.testing.assert_array_equal(vad.shrink(mask, 0), mask)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5])
+def test_moving_average_matches_scipy(size: int) -> None:
+    from scipy.ndimage import uniform_filter1d
+
+    x = np.random.default_rng(size).normal(size=(50, 3))
+    want = uniform_filter1d(x, size, axis=0, mode="nearest")
+    np.testing.assert_allclose(vad.moving_average(x, size), want, atol=1e-12)
+
+
+def test_speech_scores_do_not_depend_on_the_chunking(executor: str) -> None:
+    import lampy
+
+    rng = np.random.default_rng(4)
+    coefs = rng.normal(size=(5000, 13))
+    to_levels = rng.normal(size=(13, 40))
+    floor = rng.normal(size=40)
+    with lampy.using(executor="inline"):
+        whole = vad.band_excess(coefs, to_levels, floor)
+    with lampy.using(executor=executor, chunks=3):
+        chunked = vad.band_excess(coefs, to_levels, floor)
+    np.testing.assert_array_equal(chunked, whole)  # bit for bit: no BLAS in the product
+    levels = coefs @ to_levels - floor
+    want = np.sort(levels, axis=1)[:, -10:].mean(axis=1)
+    np.testing.assert_allclose(whole, want, rtol=1e-12, atol=1e-12)
