@@ -5,13 +5,18 @@ executor again as "olreal", with options naming the real worker, runs the whole 
 OpenLambda itself as well as on `lampy worker` (issue 13). Registration happens only where the
 kit exists (developer machines and CI; not a user's own clone), and the header of the run says
 which. The worker is started once per session with the kit's `setup.sh` in its own directory
-and on a free loopback port, lampy is deployed with lampy's own deploy code, and the worker is
-stopped at the end whatever happened. A worker that cannot be built or started skips the olreal
-tests with a one-line reason, as does LAMPY_TEST_OLREAL_SKIP (set by .ci/run when its build
-failed). Environment: LAMPY_TEST_OLREAL_DIR, the kit's build and worker directory (default
+and on a free loopback port, lampy is deployed with lampy's own deploy code (waiting, as
+`lampy deploy --url` does, until it answers), and the worker is stopped at the end whatever
+happened. Where the kit exists, a worker that cannot be built or started fails the tests that
+need it, with the reason: only a clone without the kit skips them.
+Every test that needs an OpenLambda worker, real or `lampy worker`, is marked `openlambda`
+(`make test-ol` runs them alone).
+Environment: LAMPY_TEST_OLREAL_DIR, the kit's build and worker directory (default
 /tmp/lampy-olreal-tests; reused across runs, so only the first run builds: 8 minutes here with
-the apt packages, under a load average of 10).
-Not LAMPY_OLREAL_*: that prefix holds the "olreal" executor's own options.
+the apt packages, under a load average of 10); LAMPY_TEST_OLREAL_PORT, its port (default: a
+free one). Not LAMPY_OLREAL_*: that prefix holds the "olreal" executor's own options.
+One real worker at a time per machine: the kit names every worker's cgroup pool `w-sandboxes`,
+so a second worker started meanwhile panics ("cg-N: file exists").
 """
 
 from __future__ import annotations
@@ -22,8 +27,6 @@ import os
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,14 +35,13 @@ from typing import Any
 import pytest
 
 import lampy
-from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.openlambda._deploy import upload
+from lampy.runtime.openlambda._deploy import DeployError, upload, wait_answering
 from lampy.testing import free_port
 
 NAME = "olreal"
 KIT = Path(__file__).resolve().parents[2] / "shared" / "olreal"
 DIR = Path(os.environ.get("LAMPY_TEST_OLREAL_DIR", "/tmp/lampy-olreal-tests"))
-SKIP = os.environ.get("LAMPY_TEST_OLREAL_SKIP", "")
+PORT = int(os.environ.get("LAMPY_TEST_OLREAL_PORT") or 0)  # 0: a free port
 SETUP_TIMEOUT_S = 900.0  # a first build: apt packages, Go, a Debian root filesystem
 # A worker stops in a second or two, unless a call is still queued when it is told to: it never
 # answers that call, and `ol worker down` waits 60 s for it (seen after most suite runs). So it
@@ -71,19 +73,27 @@ def pytest_report_header() -> str:
     """One line saying whether the suite also runs on OpenLambda's own worker, and why not."""
     if REASON:
         return REASON
-    where = f"OpenLambda's own worker from {KIT}, built in {DIR}"
-    return f"olreal: {where}" + (f" (skipped: {SKIP})" if SKIP else "")
+    return f"olreal: OpenLambda's own worker from {KIT}, built in {DIR}"
+
+
+OPENLAMBDA_FIXTURES = {"olreal_url", "worker_url", "openlambda_options", "olreal_options"}
 
 
 def mark_items(items: list[pytest.Item]) -> None:
-    """Mark the olreal runs of KNOWN_BUGS as strict xfails; and when the kit has yet to build
-    in DIR, give every olreal test the build's time, since whichever runs first waits for it
-    (called from tests/conftest.py)."""
+    """Mark every test that needs an OpenLambda worker `openlambda` (for `make test-ol`), the
+    olreal runs of KNOWN_BUGS as strict xfails, and, when the kit has yet to build in DIR,
+    give every olreal test the build's time, since whichever runs first waits for it (called
+    from tests/conftest.py)."""
     built = (DIR / "ol" / "ol").exists() and (DIR / "rootfs" / "runtimes" / "python").is_dir()
     for item in items:
         callspec = getattr(item, "callspec", None)
-        on_olreal = callspec is not None and callspec.params.get("executor") == NAME
-        if not (on_olreal or "olreal_url" in getattr(item, "fixturenames", ())):
+        platform = callspec.params.get("executor") if callspec is not None else None
+        fixtures = set(getattr(item, "fixturenames", ()))
+        on_olreal = platform == NAME
+        in_package = item.nodeid.startswith("tests/runtime/openlambda/")
+        if platform in ("openlambda", NAME) or fixtures & OPENLAMBDA_FIXTURES or in_package:
+            item.add_marker(pytest.mark.openlambda)
+        if not (on_olreal or "olreal_url" in fixtures):
             continue
         if not built:
             item.add_marker(pytest.mark.timeout(SETUP_TIMEOUT_S + 120))
@@ -110,7 +120,7 @@ def real_worker(directory: Path = DIR) -> Iterator[str]:
             ) from None
         _stop(directory)  # a worker left running by a session that was killed
         try:
-            yield _setup(directory, free_port())
+            yield _setup(directory, PORT or free_port())
         finally:
             _stop(directory)
 
@@ -185,41 +195,34 @@ def sandbox_pids(directory: Path = DIR) -> list[int]:
 
 
 def wait_deployed(url: str, secret: bytes, name: str = "lampy") -> float:
-    """Ping the lambda until a sandbox answers; the seconds it took (the pip install).
-
-    Every platform answer but a pong (500 while pip installs, 502, a refused connection) is
-    waited through until DEPLOY_TIMEOUT_S, then reported with the worker's last words.
-    """
+    """Wait as `lampy deploy --url` waits, until the lambda answers a ping; the seconds it
+    took (on OpenLambda, the first call's pip install)."""
     start = time.monotonic()
-    last = "no answer"
-    while time.monotonic() - start < DEPLOY_TIMEOUT_S:
-        request = urllib.request.Request(
-            f"{url}/run/{name}", data=frames.encode(frames.PING, 0, secret).join()
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=CALL_TIMEOUT_S) as answer:
-                if frames.decode(answer.read(), secret).kind == frames.PONG:
-                    return time.monotonic() - start
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}: {exc.read().decode(errors='replace').strip()[:500]}"
-        except OSError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        time.sleep(1.0)
-    raise AssertionError(f"lampy deployed at {url} never answered a ping: {last}")
+    try:
+        wait_answering(url, name, secret, timeout=DEPLOY_TIMEOUT_S)
+    except DeployError as exc:
+        raise AssertionError(f"lampy deployed at {url}: {exc}") from None
+    return time.monotonic() - start
 
 
 @pytest.fixture(scope="session")
 def olreal_url(lampy_secret: bytes) -> Iterator[str]:
-    """OpenLambda's own worker for the session, lampy deployed and answering; its URL."""
-    if REASON or SKIP:
-        pytest.skip(REASON or f"olreal: {SKIP}")
+    """OpenLambda's own worker for the session, lampy deployed and answering; its URL.
+
+    Where the kit exists, a worker that cannot be built, started or deployed to is a failure
+    of every test that needs it (the kit is part of every developer machine and CI)."""
+    if REASON:
+        pytest.skip(REASON)
+    failed = ""
     try:
         with real_worker() as url:
             upload(url)
             wait_deployed(url, lampy_secret)
             yield url
-    except Unavailable as exc:
-        pytest.skip(f"olreal: {exc}")
+    except Unavailable as exc:  # outside the `with`: the failure is reported, not raised in it
+        failed = str(exc)
+    if failed:
+        pytest.fail(f"olreal: OpenLambda's worker could not be started: {failed}", pytrace=False)
 
 
 @pytest.fixture
