@@ -15,8 +15,11 @@ Environment: LAMPY_TEST_OLREAL_DIR, the kit's build and worker directory (defaul
 /tmp/lampy-olreal-tests; reused across runs, so only the first run builds: 8 minutes here with
 the apt packages, under a load average of 10); LAMPY_TEST_OLREAL_PORT, its port (default: a
 free one). Not LAMPY_OLREAL_*: that prefix holds the "olreal" executor's own options.
-One real worker at a time per machine: the kit names every worker's cgroup pool `w-sandboxes`,
-so a second worker started meanwhile panics ("cg-N: file exists").
+One real worker at a time per machine: the kit names every worker's cgroup pool `w-sandboxes`
+(whatever its directory), so a second worker started meanwhile panics ("cg-N: file exists"),
+and the kit's stop.sh removes the empty cgroups of that pool, a running worker's spares
+included (it then panics creating a sandbox). So a session takes MACHINE_LOCK before it starts
+a worker, and waits for it while another session's worker runs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import time
@@ -39,10 +43,25 @@ from lampy.runtime.openlambda._deploy import DeployError, upload, wait_answering
 from lampy.testing import free_port
 
 NAME = "olreal"
-KIT = Path(__file__).resolve().parents[2] / "shared" / "olreal"
+KIT = Path(
+    os.environ.get("LAMPY_TEST_OLREAL_KIT") or Path(__file__).resolve().parents[2] / "shared/olreal"
+)
 DIR = Path(os.environ.get("LAMPY_TEST_OLREAL_DIR", "/tmp/lampy-olreal-tests"))
 PORT = int(os.environ.get("LAMPY_TEST_OLREAL_PORT") or 0)  # 0: a free port
 SETUP_TIMEOUT_S = 900.0  # a first build: apt packages, Go, a Debian root filesystem
+
+
+def _worker_dir_name() -> str:
+    """The worker directory's name in DIR, as the kit's setup.sh sets it (`W="$B/w"`); it
+    names the worker's cgroup pool too."""
+    found = re.search(r'^W="\$B/([^"/]+)"', (KIT / "setup.sh").read_text(), re.M)
+    return found.group(1) if found else "w"
+
+
+W = _worker_dir_name() if KIT.is_dir() else "w"
+POOL = Path(f"/sys/fs/cgroup/unified/{W}-sandboxes")  # its sandboxes' cgroups
+MACHINE_LOCK = Path(f"/tmp/lampy-olreal-{W}-sandboxes.lock")  # held while a worker of it runs
+MACHINE_WAIT_S = 1200.0  # how long a session waits for another session's worker to end
 # A worker stops in a second or two, unless a call is still queued when it is told to: it never
 # answers that call, and `ol worker down` waits 60 s for it (seen after most suite runs). So it
 # gets this long, then SIGKILL for it and its sandboxes.
@@ -106,19 +125,32 @@ def mark_items(items: list[pytest.Item]) -> None:
 def real_worker(directory: Path = DIR) -> Iterator[str]:
     """A real OpenLambda worker built and run from `directory` on a free loopback port.
 
-    A lock on the directory keeps two test sessions from sharing one worker; holding it, a
-    worker still running there was left by a session that died, and is stopped first.
+    The machine's lock keeps two test sessions from running a worker at once (one waits for
+    the other, and for any worker of another directory still running); holding it, a worker
+    still running from `directory` was left by a session that died. It is stopped, and the
+    kit's stop.sh removes what a worker that died left in the shared cgroup pool (a new
+    worker would panic on it).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    with (directory / "session.lock").open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Unavailable(
-                f"{directory} is in use by another test session; "
-                "set LAMPY_TEST_OLREAL_DIR to another directory"
-            ) from None
-        _stop(directory)  # a worker left running by a session that was killed
+    with MACHINE_LOCK.open("a") as lock:
+        deadline = time.monotonic() + MACHINE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                others = [p for p in all_worker_pids() if p not in _worker_pids(directory)]
+                if not others:
+                    break
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                waiting_for = f"OpenLambda worker {others[0]} of another session"
+            except BlockingIOError:
+                waiting_for = f"another test session (it holds {MACHINE_LOCK})"
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"waited {MACHINE_WAIT_S:g} s for the {waiting_for} to end: the kit runs "
+                    "one worker per machine (they share the cgroup pool w-sandboxes)"
+                )
+            time.sleep(1.0)
+        _stop(directory)
         try:
             yield _setup(directory, PORT or free_port())
         finally:
@@ -141,20 +173,36 @@ def _setup(directory: Path, port: int) -> str:
         raise Unavailable(f"setup.sh took over {SETUP_TIMEOUT_S:g} s (log {log})") from None
     lines = done.stdout.split()
     if done.returncode != 0 or not lines or not lines[-1].startswith("http://"):
-        said = log.read_text(errors="replace").strip().splitlines() or ["no output"]
-        raise Unavailable(f"setup.sh failed (exit {done.returncode}): {said[-1]} (log {log})")
+        said = (log.read_text(errors="replace") + done.stdout).strip().splitlines()
+        panic = [line for line in said if line.startswith("panic: ")]  # the worker's own end
+        last = (panic or said or ["no output"])[-1]
+        raise Unavailable(f"setup.sh failed (exit {done.returncode}): {last} (log {log})")
     return lines[-1]
 
 
 def _stop(directory: Path) -> None:
-    """stop.sh; for a worker it could not stop in time, SIGKILL and stop.sh again (which then
-    only removes the sandboxes' cgroups)."""
-    if _stop_sh(directory):
+    """stop.sh; then SIGKILL for what it left: a worker it could not stop in time, and the
+    sandboxes of a worker that died (a panic leaves them running in the shared cgroup pool,
+    where the next worker panics on their cgroups); then stop.sh again for the cgroups.
+    Called holding MACHINE_LOCK with no other session's worker running, so whatever runs in
+    the pool is a leftover."""
+    stopped = _stop_sh(directory)
+    leftovers = [*_worker_pids(directory), *sandbox_pids(directory), *pool_pids()]
+    if stopped and not leftovers:
         return
-    for pid in [*_worker_pids(directory), *sandbox_pids(directory)]:
+    for pid in leftovers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     _stop_sh(directory)
+
+
+def pool_pids() -> list[int]:
+    """The processes in the kit's cgroup pool (every worker's sandboxes: one pool for all)."""
+    found = []
+    for procs in POOL.glob("**/cgroup.procs"):
+        with contextlib.suppress(OSError, ValueError):
+            found += [int(pid) for pid in procs.read_text().split()]
+    return found
 
 
 def _stop_sh(directory: Path) -> bool:
@@ -174,16 +222,31 @@ def _stop_sh(directory: Path) -> bool:
 def _worker_pids(directory: Path) -> list[int]:
     """The worker started from `directory`, if its recorded process is still that worker."""
     try:
-        pid = int((directory / "w" / "worker" / "worker.pid").read_text())
+        pid = int((directory / W / "worker" / "worker.pid").read_text())
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return []
     return [pid] if command[0] == bytes(directory / "ol" / "ol") else []
 
 
+def all_worker_pids() -> list[int]:
+    """Every OpenLambda worker on this machine whose cgroup pool is ours (`ol worker up -p
+    .../<W>`, from any directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        up = command[0].endswith(b"/ol/ol") and command[1:4] == [b"worker", b"up", b"-p"]
+        if up and len(command) > 4 and Path(command[4].decode()).name == W:
+            found.append(int(entry.name))
+    return found
+
+
 def sandbox_pids(directory: Path = DIR) -> list[int]:
     """The processes of the worker's sandboxes in `directory`: their root is under it."""
-    roots = str(directory / "w" / "worker" / "root-sandboxes")
+    roots = str(directory / W / "worker" / "root-sandboxes")
     found = []
     for entry in Path("/proc").iterdir():
         try:

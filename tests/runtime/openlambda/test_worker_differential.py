@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.olreal import DIR, REASON
+from tests.olreal import DIR, REASON, W
 from tests.runtime.openlambda.test_worker import WSGI_APP, request, tarball
 
 pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON)
@@ -42,11 +42,13 @@ QUERY_APP = """
 def app(environ, start_response):
     body = "|".join([environ["REQUEST_METHOD"], environ["SCRIPT_NAME"], environ["PATH_INFO"],
                      environ["QUERY_STRING"], environ["wsgi.input"].read().decode()]).encode()
-    start_response("203 Odd", [("Content-Type", "text/x-odd"), ("X-Echo", "1")])
+    length = str(len(body))
+    start_response("203 Odd", [("Content-Type", "text/x-odd"), ("Content-Length", length)])
     return [body]
 """
 METHODS = "triggers:\n  http:\n  - method: GET\n  - method: POST\nenvironment:\n  A: b c\n"
 NO_REUSE = "environment:\n  GREETING: hello <&> there\nreuse-sandbox: false\n"
+REFUSED = "diff-refused-"  # the names of uploads both workers refuse
 
 
 @dataclass
@@ -77,7 +79,7 @@ class Server:
 def servers(make_worker: Any, olreal_url: str) -> tuple[Server, Server]:
     """(lampy worker, OpenLambda's worker), neither holding a "diff-" lambda."""
     lampy_worker = make_worker()
-    config = json.loads((DIR / "w" / "config.json").read_text())
+    config = json.loads((DIR / W / "config.json").read_text())
     real = Server(olreal_url, config["registry"].removeprefix("file://"))
     names = json.loads(request(olreal_url, "GET", "/registry/")[2])
     for name in names:
@@ -108,10 +110,18 @@ def until_yaml_detail(answer: Answer) -> Answer:
     return answer
 
 
+def round_trip_failed(answer: Answer) -> Answer:
+    """A 502's first words (what follows is each worker's account of its own sandbox)."""
+    answer.body = answer.body[: len(b"RoundTrip failed: ")]
+    return answer
+
+
 def names(answer: Answer) -> Answer:
-    """The listing's "diff-" names, sorted (OpenLambda lists in its map's order)."""
+    """The listing's "diff-" names, sorted (OpenLambda lists in its map's order), but for
+    the refused uploads OpenLambda lists too (checked in test_the_differences_kept_on_purpose)."""
     listed = json.loads(answer.body)
-    answer.body = json.dumps(sorted(n for n in listed if n.startswith("diff-"))).encode()
+    kept = sorted(n for n in listed if n.startswith("diff-") and not n.startswith(REFUSED))
+    answer.body = json.dumps(kept).encode()
     return answer
 
 
@@ -140,14 +150,24 @@ BEFORE: list[Case] = [
     ("DELETE", "/registry/a%20b", None, exact),
     ("GET", "/registry/a%20b/config", None, exact),
     ("DELETE", "/registry/diff-missing", None, exact),
-    ("POST", "/registry/diff-junk", b"not a tarball", exact),
-    ("POST", "/registry/diff-empty", b"", exact),
-    ("POST", "/registry/diff-short", b"\x1f\x8b\x08", exact),
-    ("POST", "/registry/diff-list", tarball({"f.py": ECHO, "ol.yaml": "- method: GET\n"}), exact),
-    ("POST", "/registry/diff-bad", tarball({"f.py": ECHO, "ol.yaml": "a: [\n"}), until_yaml_detail),
+    ("POST", "/registry/diff-refused-junk", b"not a tarball", exact),
+    ("POST", "/registry/diff-refused-empty", b"", exact),
+    ("POST", "/registry/diff-refused-short", b"\x1f\x8b\x08", exact),
     (
         "POST",
-        "/registry/diff-nomethod",
+        "/registry/diff-refused-list",
+        tarball({"f.py": ECHO, "ol.yaml": "- method: GET\n"}),
+        until_yaml_detail,
+    ),
+    (
+        "POST",
+        "/registry/diff-refused-bad",
+        tarball({"f.py": ECHO, "ol.yaml": "a: [\n"}),
+        until_yaml_detail,
+    ),
+    (
+        "POST",
+        "/registry/diff-refused-nomethod",
         tarball({"f.py": ECHO, "ol.yaml": "triggers:\n  http:\n  - method: ''\n"}),
         exact,
     ),
@@ -180,7 +200,7 @@ BEFORE: list[Case] = [
     ("GET", "/run/a%20b", None, exact),
     ("GET", "/run/diff-missing", None, exact),
     ("OPTIONS", "/run/diff-missing/x/y", None, exact),
-    ("POST", "/run/diff-broken", b"{}", until_sandbox_state),
+    ("POST", "/run/diff-broken", b"{}", round_trip_failed),
     ("DELETE", "/registry/diff-web", None, exact),
     ("DELETE", "/registry/diff-web", None, exact),
     ("GET", "/registry/", None, names),
@@ -208,13 +228,19 @@ def test_same_requests_same_answers(servers: tuple[Server, Server]) -> None:
 
 def test_reuse_sandbox_false_and_environment(servers: tuple[Server, Server]) -> None:
     """ol.yaml's environment reaches the lambda (quoted as OpenLambda writes `.env`) and
-    `reuse-sandbox: false` gives every call a new sandbox, on both workers."""
+    `reuse-sandbox: false` gives every call a new sandbox, on both workers. The calls are
+    spaced: OpenLambda a288ce1 loses a call of such a lambda that arrives while the one
+    before it ends (lambdaInstance.go drops it when it breaks out to make a new sandbox; the
+    call hangs), a bug `lampy worker` does not copy."""
     for server in servers:
         upload = server.send(
             "POST", "/registry/diff-token", tarball({"f.py": TOKEN, "ol.yaml": NO_REUSE})
         )
         assert upload.status == 201
-        answers = [json.loads(server.send("POST", "/run/diff-token", b"{}").body) for _ in range(3)]
+        answers = []
+        for _ in range(3):
+            answers.append(json.loads(server.send("POST", "/run/diff-token", b"{}").body))
+            time.sleep(0.5)
         assert [greeting for greeting, _ in answers] == ["hello <&> there"] * 3
         assert len({token for _, token in answers}) == 3, server.url
 
@@ -232,11 +258,14 @@ def test_the_differences_kept_on_purpose(servers: tuple[Server, Server]) -> None
     assert real.send("POST", "/registry/diff-nof", nothing).status == 201
     said = real.send("POST", "/run/diff-nof", b"{}")
     assert said.status == 500 and said.body.startswith(b"cannot determine runtime: no f.py")
-    # Asking for a missing lambda's config leaves its name in OpenLambda's listing.
+    # A refused upload, or asking for a missing lambda's config, leaves the name in
+    # OpenLambda's listing (its store makes the entry before it reads anything).
     for server in servers:
         assert server.send("GET", "/registry/diff-ghost/config").status == 404
-    assert b"diff-ghost" not in mine.send("GET", "/registry/").body
-    assert b"diff-ghost" in real.send("GET", "/registry/").body
+        assert server.send("POST", "/registry/diff-refused-ghost", b"junk").status == 500
+    for ghost in (b'"diff-ghost"', b'"diff-refused-ghost"'):
+        assert ghost not in mine.send("GET", "/registry/").body
+        assert ghost in real.send("GET", "/registry/").body
     # A new version serves at once on lampy worker; OpenLambda looks for new code 5 s after
     # it last took some (registry_cache_ms), and serves the old code until then.
     pulled = 0.0
