@@ -167,14 +167,15 @@ def wait_answering(
                     body = answer.read()
             except urllib.error.HTTPError as exc:
                 text = exc.read().decode(errors="replace")
-                last[0] = f"HTTP {exc.code}: {_first_line(text)}"
+                last[0] = f"HTTP {exc.code}: {_gist(text)}"
                 if (said := pip_error(text)) is not None:
                     raise DeployError(said) from None
                 passing = exc.code in (429, 502, 503, 504) or "not found in blob store" in text
                 if not passing:
                     raise DeployError(f"{name} answered {last[0]}") from None
             except OSError as exc:  # refused, reset, or this ping's own time ran out
-                last[0] = f"{type(exc).__name__}: {exc}"
+                if not (isinstance(exc, TimeoutError) and last[0] != "no answer yet"):
+                    last[0] = f"{type(exc).__name__}: {exc}"  # a time-out says less
             else:
                 try:
                     if frames.decode(body, key).kind == frames.PONG:
@@ -194,6 +195,9 @@ def wait_answering(
         done.set()
 
 
-def _first_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[0][:200] if lines else "(empty)"
+def _gist(text: str) -> str:
+    """A platform's answer in one line: a traceback's last line, anything else's first."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "(empty)"
+    return (lines[-1] if lines[0].startswith("Traceback") else lines[0]).strip()[:300]

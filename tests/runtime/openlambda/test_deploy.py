@@ -87,8 +87,10 @@ def test_cli_deploy_output_and_url(
     assert "f.py" in members(target.read_bytes())
     assert stat.S_IMODE(target.stat().st_mode) == 0o600  # it holds the secret
     assert main(["deploy", "--url", worker_url, "--name", "second"]) == 0
-    assert "Lambda second uploaded successfully" in capsys.readouterr().out
-    listing = urllib.request.Request(f"{worker_url}/registry", headers=signed("GET", "/registry"))
+    said = capsys.readouterr().out.splitlines()
+    assert said[-2] == "Lambda second uploaded successfully"
+    assert said[-1].startswith(f"second answers at {worker_url}/run/second (ready after ")
+    listing = urllib.request.Request(f"{worker_url}/registry/", headers=signed("GET", "/registry/"))
     with urllib.request.urlopen(listing) as answer:
         assert "second" in json.loads(answer.read())
     assert main(["deploy", "--url", "http://127.0.0.1:9", "--name", "x"]) == 1
