@@ -64,7 +64,7 @@ def prewarm(n: int, executor: str | None = None, **options: Any) -> int:
     if not executors.executor_class(name).can_prewarm:
         raise UsageError(
             f"lampy.prewarm: the {name} executor cannot pre-warm workers (it starts none on "
-            "demand); pre-warm one that can, e.g. lampy.prewarm(n, executor=\"openlambda\")"
+            'demand); pre-warm one that can, e.g. lampy.prewarm(n, executor="openlambda")'
         )
     return executors.get(name, {**resolve_options(name), **options}).prewarm(n)
 

@@ -36,6 +36,11 @@ from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.remote import _auth as auth
 
 PINNED = ("numpy", "cloudpickle")
+# numpy on one thread per sandbox: the parallelism is across sandboxes, and OpenLambda counts
+# threads against a sandbox's process limit (`limits.procs`, 10 by default), which OpenBLAS's
+# thread per core would exceed on a large machine. OpenLambda's runtime loads `.env` before
+# it imports f.py, so these apply before numpy starts.
+ONE_THREAD = b"OMP_NUM_THREADS=1\nOPENBLAS_NUM_THREADS=1\nMKL_NUM_THREADS=1\n"
 WAIT_S = 600.0  # `lampy deploy --url` waits this long for the first answer (pip, cold index)
 PROGRESS_EVERY_S = 10.0  # a progress line this often while waiting
 RETRY_AFTER_S = 1.0  # between pings that got a passing failure
@@ -72,7 +77,7 @@ def build(secret: bytes | None = None) -> bytes:
     files = {
         "f.py": F_PY.encode(),
         "requirements.txt": ("\n".join(requirements()) + "\n").encode(),
-        ".env": b"LAMPY_SECRET=" + (secret or load_secret()) + b"\n",
+        ".env": b"LAMPY_SECRET=" + (secret or load_secret()) + b"\n" + ONE_THREAD,
     }
     for path in sorted(root.rglob("*.py")):
         files[f"lampy/{path.relative_to(root).as_posix()}"] = path.read_bytes()

@@ -61,7 +61,9 @@ def test_tarball_is_pinned_and_carries_the_secret(tmp_path: Path) -> None:
         tar.extractall(tmp_path, filter="data")
     pins = (tmp_path / "requirements.txt").read_text().split()
     assert f"numpy=={np.__version__}" in pins and f"cloudpickle=={cloudpickle.__version__}" in pins
-    assert (tmp_path / ".env").read_text() == "LAMPY_SECRET=s3\n"
+    assert (tmp_path / ".env").read_text() == (
+        "LAMPY_SECRET=s3\nOMP_NUM_THREADS=1\nOPENBLAS_NUM_THREADS=1\nMKL_NUM_THREADS=1\n"
+    )
     assert "def f(" not in (tmp_path / "f.py").read_text()
     assert (tmp_path / "lampy" / "runtime" / "openlambda" / "_handler.py").exists()
 
