@@ -92,7 +92,8 @@ class SandboxError(Exception):
 
 
 class CallerGone(Exception):
-    """The caller hung up while its answer was streaming; the sandbox itself is fine."""
+    """The caller hung up, before its body reached the sandbox or while its answer streamed;
+    the sandbox itself is fine."""
 
 
 class Retired(Exception):
@@ -713,10 +714,10 @@ class Worker:
                 request.transport.close()
                 return prepared[0]
             return _text(502, f"RoundTrip failed: {why}\n\nSandbox State: {sandbox.state()}")
-        except CallerGone:
+        except CallerGone:  # the sandbox is fine: its connection closed before or after a call
             self.stats["callers_gone"] += 1
             self._release(lam, sandbox)
-            return prepared[0]
+            return prepared[0] if prepared else _text(500, "the caller hung up")
         except asyncio.CancelledError:  # the caller hung up mid-call: the sandbox state is unknown
             await asyncio.shield(lam.remove(sandbox))
             raise
@@ -754,7 +755,11 @@ async def _send(request: web.Request, writer: asyncio.StreamWriter) -> None:
             lines.append(f"{key}: {value}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     if has_length and (request.content_length or 0) <= SMALL_BYTES:  # one write, one wake-up
-        writer.write(head + await request.read())
+        try:
+            body = await request.read()
+        except (OSError, asyncio.IncompleteReadError) as exc:  # nothing reached the sandbox
+            raise CallerGone from exc
+        writer.write(head + body)
     elif has_length:
         writer.write(head)
         async for chunk in request.content.iter_any():

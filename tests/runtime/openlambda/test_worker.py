@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import os
+import socket
 import tarfile
 import textwrap
 import time
@@ -231,3 +232,19 @@ def test_idle_sandbox_of_another_lambda_is_evicted_when_full(make_worker: Any) -
     assert run_json(worker.url, "b", {})[0] == 200  # a's idle sandbox made room
     stats = json.loads(request(worker.url, "GET", "/stats")[2])
     assert stats["sandboxes_evicted"] == 1 and stats["sandboxes"] == 1
+
+
+def test_a_caller_gone_before_its_body_costs_no_sandbox(make_worker: Any) -> None:
+    """A caller that hangs up before its body arrived (a lost backup call, say) leaves the
+    sandbox warm: nothing reached it (OpenLambda, too, keeps it)."""
+    worker = make_worker()
+    install(worker.url, "echo", {"f.py": JSON_F})
+    pid = json.loads(run_json(worker.url, "echo", {})[1])["pid"]
+    host, port = worker.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /run/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.3)  # the worker has taken the sandbox and waits for the body
+    time.sleep(0.3)
+    assert json.loads(run_json(worker.url, "echo", {})[1])["pid"] == pid
+    stats = json.loads(request(worker.url, "GET", "/stats")[2])
+    assert stats["callers_gone"] == 1 and stats.get("roundtrip_failed", 0) == 0
