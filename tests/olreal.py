@@ -132,22 +132,28 @@ def real_worker(directory: Path = DIR) -> Iterator[str]:
     worker would panic on it).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    with MACHINE_LOCK.open("a") as lock:
+    with MACHINE_LOCK.open("a") as lock, (directory / "session.lock").open("a") as mine:
         deadline = time.monotonic() + MACHINE_WAIT_S
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:  # the directory's own lock, which sessions of older lampy take alone
+                    fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+                    raise
                 others = [p for p in all_worker_pids() if p not in _worker_pids(directory)]
                 if not others:
                     break
+                fcntl.flock(mine, fcntl.LOCK_UN)
                 fcntl.flock(lock, fcntl.LOCK_UN)
                 waiting_for = f"OpenLambda worker {others[0]} of another session"
             except BlockingIOError:
-                waiting_for = f"another test session (it holds {MACHINE_LOCK})"
+                waiting_for = f"another test session (it holds {MACHINE_LOCK} or {mine.name})"
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"waited {MACHINE_WAIT_S:g} s for the {waiting_for} to end: the kit runs "
-                    "one worker per machine (they share the cgroup pool w-sandboxes)"
+                    f"one worker per machine (they share the cgroup pool {POOL.name})"
                 )
             time.sleep(1.0)
         _stop(directory)
