@@ -14,7 +14,9 @@ Every test that needs an OpenLambda worker, real or `lampy worker`, is marked `o
 Environment: LAMPY_TEST_OLREAL_DIR, the kit's build and worker directory (default
 /tmp/lampy-olreal-tests; reused across runs, so only the first run builds: 8 minutes here with
 the apt packages, under a load average of 10); LAMPY_TEST_OLREAL_PORT, its port (default: a
-free one). Not LAMPY_OLREAL_*: that prefix holds the "olreal" executor's own options.
+free one); LAMPY_TEST_OLREAL_KIT, another kit (a copy whose setup.sh names its worker
+directory otherwise than `w`, and so its cgroup pool: then it runs beside the default's).
+Not LAMPY_OLREAL_*: that prefix holds the "olreal" executor's own options.
 One real worker at a time per machine: the kit names every worker's cgroup pool `w-sandboxes`
 (whatever its directory), so a second worker started meanwhile panics ("cg-N: file exists"),
 and the kit's stop.sh removes the empty cgroups of that pool, a running worker's spares
