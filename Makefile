@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest docs chaos bench bench-peers clean
+.PHONY: run test test-ol lint typecheck pytest docs chaos bench bench-peers clean
 
 # The distribution was called "lampy" before (a name taken on the package index): a venv made
 # then still holds it, and it would claim the same files, so it goes first.
@@ -36,6 +36,11 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# The OpenLambda suites alone: on `lampy worker` and on OpenLambda's own worker (built and run
+# from ../shared/olreal; LAMPY_TEST_OLREAL_DIR picks its directory). More options: ARGS="-x".
+test-ol: $(STAMP)
+	$(BIN)/pytest -m openlambda $(ARGS)
 
 # The API reference (pdoc) of what lampy and lampy.testing export, in build/docs/.
 docs: $(STAMP)

@@ -44,7 +44,7 @@ from lampy.regions._function import ParallelFunction
 from lampy.regions._partial import Coverage, Partial
 from lampy.runtime import executors
 from lampy.runtime._plan import Plan
-from lampy.runtime._settings import resolve_options, using
+from lampy.runtime._settings import resolve_executor, resolve_options, using
 from lampy.runtime.executors import Executor
 from lampy.runtime.executors import register as register_executor
 from lampy.runtime.remote._reference import RemoteArray, remote, upload
@@ -52,13 +52,21 @@ from lampy.runtime.remote._reference import RemoteArray, remote, upload
 __version__ = "0.1.0"
 
 
-def prewarm(n: int, executor: str = "openlambda", **options: Any) -> int:
-    """Warm `n` workers of an executor that can pre-warm (OpenLambda sandboxes) before a large
-    fan-out; returns how many answered.
+def prewarm(n: int, executor: str | None = None, **options: Any) -> int:
+    """Warm `n` workers of the executor in use (the `lampy.using` block's, else LAMPY_EXECUTOR,
+    else the default) or of the one named, before a large fan-out; returns how many answered.
 
-    Options are those of `lampy.using(executor=..., ...)`, which they override.
+    Only an executor that starts workers on demand can (openlambda: its sandboxes); any
+    other raises UsageError. Options are those of `lampy.using(executor=..., ...)`, which
+    they override.
     """
-    return executors.get(executor, {**resolve_options(executor), **options}).prewarm(n)
+    name = resolve_executor(executor)
+    if not executors.executor_class(name).can_prewarm:
+        raise UsageError(
+            f"lampy.prewarm: the {name} executor cannot pre-warm workers (it starts none on "
+            'demand); pre-warm one that can, e.g. lampy.prewarm(n, executor="openlambda")'
+        )
+    return executors.get(name, {**resolve_options(name), **options}).prewarm(n)
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
 import traceback
@@ -20,7 +21,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from lampy import __version__
 
@@ -177,6 +178,16 @@ def _parser() -> Parser:
     )
     target.add_argument("--output", type=Path, help="write the tar.gz here instead")
     deploy.add_argument("--name", default="lampy", help="the lambda's name")
+    deploy.add_argument(
+        "--timeout",
+        type=positive(float),
+        default=600.0,
+        help="seconds to wait until the lambda answers (OpenLambda pip-installs its "
+        "requirements on the first call); default 600",
+    )
+    deploy.add_argument(
+        "--no-wait", action="store_true", help="upload only, do not wait until it answers"
+    )
 
     command("calibrate", "measure lazy-array cost constants on this machine")
 
@@ -247,10 +258,48 @@ def _deploy(args: argparse.Namespace) -> int:
         return 0
     _check_worker(args.url)
     try:
-        print(packaging.upload(args.url, args.name))
+        print(packaging.upload(args.url, args.name), flush=True)
     except (RuntimeError, OSError) as exc:
         raise Failure(f"upload to {args.url} failed: {one_line(exc)}") from None
+    if args.no_wait:
+        return 0
+    shown = Progress(sys.stderr)
+    try:
+        took = packaging.wait_answering(
+            args.url, args.name, timeout=args.timeout, progress=shown.update
+        )
+    except packaging.DeployError as exc:
+        shown.end()
+        raise Failure(f"{args.name} uploaded but not ready: {exc}") from None
+    shown.end()
+    print(f"{args.name} answers at {args.url}/run/{args.name} (ready after {took:.1f} s)")
     return 0
+
+
+class Progress:
+    """One line that says how long `deploy` has waited: rewritten in place on a terminal,
+    a new line each time elsewhere (a log), and cleared when the wait ends."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream, self.shown = stream, False
+        self.live = stream.isatty()
+
+    def update(self, seconds: float, last: str) -> None:
+        line = (
+            f"waiting for the lambda to answer: {seconds:.0f} s (the first call installs "
+            f"requirements.txt on OpenLambda; last: {last})"
+        )
+        if self.live:
+            self.stream.write("\r\033[K" + line[: shutil.get_terminal_size().columns - 1])
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.shown = True
+
+    def end(self) -> None:
+        if self.live and self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
 
 
 def _check_worker(url: str) -> None:

@@ -38,7 +38,10 @@ BACKOFF_S = 0.1
 BACKOFF_CAP_S = 4.0
 STRAGGLER_DONE = 0.75  # backups only once this share of chunks is done ...
 STRAGGLER_FACTOR = 4.0  # ... for chunks running this many times the median ...
-STRAGGLER_MIN_S = 0.5  # ... and at least this much longer than it
+# ... and at least this much longer than it: above a new sandbox's start (bench_olreal.py row
+# "cold sandbox": 0.25 to 0.58 s on OpenLambda, up to 1.2 s on a loaded `lampy worker`), so a
+# call that merely waits for a sandbox gets no backup (each backup holds a sandbox more).
+STRAGGLER_MIN_S = 1.0
 
 
 def check_attempts(attempts: object) -> int:

@@ -8,6 +8,12 @@ only numpy and cloudpickle; aiohttp and tenacity are imported by the caller-side
 pickles move between the two ends; `.env` carries the secret that signs frames, so the tarball
 is written 0600 (`save`) and its upload is signed, its bytes hashed under the signature
 (`lampy worker` refuses unsigned registry requests; OpenLambda's own registry checks nothing).
+
+An upload is not a lambda ready to run: OpenLambda installs `requirements.txt` (numpy) in a
+sandbox on the lambda's first call, and holds that call meanwhile (seconds with a warm package
+cache, minutes without). `wait_answering` pings the lambda until it answers, reports how long
+it has waited, and stops at the first answer that says it never will: pip's own error when the
+install fails, a lambda that answers but not with this secret.
 """
 
 from __future__ import annotations
@@ -16,16 +22,30 @@ import hashlib
 import io
 import re
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from lampy._errors import FrameError, VersionMismatch
 from lampy.runtime._secret import load_secret, write_private
+from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.remote import _auth as auth
 
 PINNED = ("numpy", "cloudpickle")
+# numpy on one thread per sandbox: the parallelism is across sandboxes, and OpenLambda counts
+# threads against a sandbox's process limit (`limits.procs`, 10 by default), which OpenBLAS's
+# thread per core would exceed on a large machine. OpenLambda's runtime loads `.env` before
+# it imports f.py, so these apply before numpy starts.
+ONE_THREAD = b"OMP_NUM_THREADS=1\nOPENBLAS_NUM_THREADS=1\nMKL_NUM_THREADS=1\n"
+WAIT_S = 600.0  # `lampy deploy --url` waits this long for the first answer (pip, cold index)
+PROGRESS_EVERY_S = 10.0  # a progress line this often while waiting
+RETRY_AFTER_S = 1.0  # between pings that got a passing failure
+# OpenLambda's answer when pip fails: the installer lambda's traceback, which ends in this.
+PIP_FAILED = re.compile(r"pip install failed for (\S+) \(exit code (\d+)\): (.*)", re.S)
 F_PY = '''"""lampy's handler for OpenLambda: a WSGI app taking signed binary frames (see lampy/)."""
 
 from lampy.runtime.openlambda._handler import app
@@ -57,7 +77,7 @@ def build(secret: bytes | None = None) -> bytes:
     files = {
         "f.py": F_PY.encode(),
         "requirements.txt": ("\n".join(requirements()) + "\n").encode(),
-        ".env": b"LAMPY_SECRET=" + (secret or load_secret()) + b"\n",
+        ".env": b"LAMPY_SECRET=" + (secret or load_secret()) + b"\n" + ONE_THREAD,
     }
     for path in sorted(root.rglob("*.py")):
         files[f"lampy/{path.relative_to(root).as_posix()}"] = path.read_bytes()
@@ -99,3 +119,90 @@ def upload(url: str, name: str = "lampy", secret: bytes | None = None) -> str:
         body = exc.read().decode(errors="replace").strip().removeprefix(f"{exc.code}: ")
         said = (body.splitlines() or [exc.reason])[0]  # servers often repeat the status
         raise RuntimeError(f"{request.full_url} answered {exc.code}: {said}") from None
+
+
+class DeployError(Exception):
+    """A deployed lambda that does not answer, and why (pip's own words when pip failed)."""
+
+
+def pip_error(text: str) -> str | None:
+    """pip's own error lines from OpenLambda's answer to a call whose install failed."""
+    found = PIP_FAILED.search(text)
+    if found is None:
+        return None
+    package, code, output = found.groups()
+    output = output.split("\n\nDuring handling", 1)[0].strip().rstrip("'").strip()
+    said = [line.strip() for line in output.splitlines() if line.strip().startswith("ERROR")]
+    return f"pip could not install {package} (exit code {code}): " + (
+        " ".join(said) or output.splitlines()[-1] if output else "no output"
+    )
+
+
+def wait_answering(
+    url: str,
+    name: str = "lampy",
+    secret: bytes | None = None,
+    timeout: float = WAIT_S,
+    progress: Callable[[float, str], None] | None = None,
+) -> float:
+    """Ping `name` at `url` until it answers, at most `timeout` seconds; the seconds it took.
+
+    A refused connection, 429, 502..504 and "not found" (OpenLambda sees new code within 5 s)
+    are waited through; `progress(seconds, last answer)` is called every PROGRESS_EVERY_S
+    meanwhile. Raises DeployError at once when pip failed or the lambda answers something
+    else than a pong, and when `timeout` passes (naming the last answer).
+    """
+    key = secret or load_secret()
+    ping = frames.encode(frames.PING, 0, key).join()
+    start = time.monotonic()
+    last = ["no answer yet"]
+    done = threading.Event()
+
+    def report() -> None:
+        while progress is not None and not done.wait(PROGRESS_EVERY_S):
+            progress(time.monotonic() - start, last[0])
+
+    reporter = threading.Thread(target=report, daemon=True)
+    reporter.start()
+    try:
+        while (left := timeout - (time.monotonic() - start)) > 0:
+            request = urllib.request.Request(f"{url.rstrip('/')}/run/{name}", data=ping)
+            try:
+                with urllib.request.urlopen(request, timeout=left) as answer:
+                    body = answer.read()
+            except urllib.error.HTTPError as exc:
+                text = exc.read().decode(errors="replace")
+                last[0] = f"HTTP {exc.code}: {_gist(text)}"
+                if (said := pip_error(text)) is not None:
+                    raise DeployError(said) from None
+                passing = exc.code in (429, 502, 503, 504) or "not found in blob store" in text
+                if not passing:
+                    raise DeployError(f"{name} answered {last[0]}") from None
+            except OSError as exc:  # refused, reset, or this ping's own time ran out
+                if not (isinstance(exc, TimeoutError) and last[0] != "no answer yet"):
+                    last[0] = f"{type(exc).__name__}: {exc}"  # a time-out says less
+            else:
+                try:
+                    if frames.decode(body, key).kind == frames.PONG:
+                        return time.monotonic() - start
+                except (FrameError, VersionMismatch) as exc:
+                    raise DeployError(
+                        f"{name} answers, but not as this lampy ({exc}): "
+                        "was it deployed with another secret or another lampy?"
+                    ) from None
+                raise DeployError(f"{name} answered a ping with something else than a pong")
+            time.sleep(min(RETRY_AFTER_S, max(0.0, timeout - (time.monotonic() - start))))
+        raise DeployError(
+            f"{name} did not answer within {timeout:g} s (last: {last[0]}); "
+            "a slow package index may need a longer --timeout"
+        )
+    finally:
+        done.set()
+
+
+def _gist(text: str) -> str:
+    """A platform's answer in one line: a traceback's last line, anything else's first."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "(empty)"
+    return (lines[-1] if lines[0].startswith("Traceback") else lines[0]).strip()[:300]

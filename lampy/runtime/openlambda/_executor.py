@@ -46,17 +46,28 @@ from lampy.runtime.remote._publish import published
 from lampy.runtime.remote._results import Offer, Sink, offered
 
 DEFAULT_URL = "http://127.0.0.1:5000"
-# Measured with bench/bench_openlambda.py against `lampy worker` on the 2-core reference machine.
-STARTUP_S = 0.2  # a cold call: a sandbox starts and imports numpy and lampy
+# Measured with bench/bench_olreal.py on OpenLambda's own worker (the reference platform),
+# beside `lampy worker`, on the 2-core machine: medians of four runs (docs/openlambda.md), under
+# load averages of 10 to 18. One set for both workers: where they differ, OpenLambda's figure.
+# Row "cold sandbox: first call after a redeploy": OpenLambda 0.25 to 0.58 s (0.51 s in the last
+# run), lampy worker 0.28 to 1.2 s (the higher under load 18).
+STARTUP_S = 0.5  # a cold call: a sandbox starts and imports numpy and lampy
+# Rows "one chunk of 8 MiB / 64 MiB there and back": OpenLambda 0.37 to 0.70 GB/s moved,
+# lampy worker 0.12 to 0.81 GB/s (lowest under load 18): the old 0.29 GB/s stays, in between.
 SECONDS_PER_BYTE = 1 / 0.29e9  # per byte moved, through the worker and a sandbox
-SECONDS_PER_CHUNK = 6.5e-4  # one call per chunk, 32 in flight
+# Row "400 no-op chunks, one call each, 32 in flight": OpenLambda 1.6, 1.8, 3.9 and 4.4 ms a
+# chunk (median 2.8 ms); lampy worker 1.1 to 5.0 ms.
+SECONDS_PER_CHUNK = 2.8e-3  # one call per chunk, 32 in flight
 CALLS_PER_SLOT = 4  # automatic batching leaves at least this many calls per slot
 BATCH_BYTES = 1 << 20  # ... and batches at most this many bytes of split input
 # With prewarm=N, the first job of this many chunks warms N sandboxes first. Off by default:
 # bench/bench_openlambda.py shows the job's own calls ramp the platform up as fast, so warming
 # pays only when done ahead of time (lampy.prewarm while the caller prepares its data).
 AUTO_PREWARM_CHUNKS = 32
-PREWARM_HOLD_S = 0.05  # each pre-warm call holds its sandbox this long, so calls spread out
+# Row "8 concurrent pings holding their sandbox 0.05 / 0.2 / 0.5 s, one sandbox warm": OpenLambda
+# made 3 / 5 / 6 sandboxes in every run (it adds one per 100 ms), lampy worker 0-1 / 1-3 / 3;
+# 0.2 s gets most of them for less than half the wait of 0.5 s.
+PREWARM_HOLD_S = 0.2  # each pre-warm call holds its sandbox this long, so calls spread out
 PREWARM_PATIENCE_S = 1.0  # ... and stops once no new sandbox answered for this long (a cold
 # start is STARTUP_S on a quiet machine, several times that on a loaded one)
 ACCOUNTS_KEPT = 64  # jobs whose accounting the executor keeps

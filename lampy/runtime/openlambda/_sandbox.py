@@ -43,7 +43,10 @@ def load_env(directory: str) -> None:
             line = line.strip()
             if line and not line.startswith("#") and "=" in line:
                 key, _, value = line.partition("=")
-                os.environ[key.strip()] = value.strip().strip("'\"")
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] == '"':  # as OpenLambda quotes
+                    value = value[1:-1].replace('\\"', '"')
+                os.environ[key.strip()] = value.strip("'")
 
 
 class _Body:
@@ -106,26 +109,27 @@ def read_request(stream: BinaryIO) -> dict[str, Any] | None:
     line = stream.readline(65537).decode("latin-1").rstrip("\r\n")
     if not line:
         return None
-    method, target, _ = line.split(" ", 2)
+    method, target, version = line.split(" ", 2)
     path, _, query = target.partition("?")
-    environ: dict[str, Any] = {
+    parts = path.split("/")  # "", "run", the lambda's name, then the app's own path
+    environ: dict[str, Any] = {  # as OpenLambda's runtime (server_common.py) makes it
         "REQUEST_METHOD": method,
-        "PATH_INFO": path,
+        "SCRIPT_NAME": "/run/" + (parts[2] if len(parts) > 2 else ""),
+        "PATH_INFO": "/" + "/".join(parts[3:]),
         "QUERY_STRING": query,
-        "RAW_URI": target,
-        "SERVER_NAME": "localhost",
-        "SERVER_PORT": "0",
-        "SERVER_PROTOCOL": "HTTP/1.1",
+        "SERVER_PROTOCOL": version,
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": "http",
         "wsgi.errors": sys.stderr,
         "wsgi.multithread": False,
-        "wsgi.multiprocess": True,
+        "wsgi.multiprocess": False,
         "wsgi.run_once": False,
     }
     while True:
         header = stream.readline(65537).decode("latin-1").rstrip("\r\n")
         if not header:
+            host = environ.get("HTTP_HOST", "")
+            environ["SERVER_NAME"], _, environ["SERVER_PORT"] = host.partition(":")
             return environ
         key, _, value = header.partition(":")
         key = key.strip().upper().replace("-", "_")

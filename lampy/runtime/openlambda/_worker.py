@@ -38,9 +38,12 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import html
 import ipaddress
+import json
 import math
 import os
+import posixpath
 import re
 import secrets
 import shutil
@@ -58,10 +61,12 @@ from aiohttp import web
 
 from lampy._errors import OptionError
 from lampy.runtime._secret import Freshness, load_secret, private_dir, sweep_parts
+from lampy.runtime.openlambda import _olconfig as olconfig
 from lampy.runtime.openlambda._chaos import FaultPlan
 from lampy.runtime.remote import _auth as auth
 
 NAME = re.compile(r"^[A-Za-z0-9.\-_]+$")
+NAME_PATTERN = r"^[A-Za-z0-9\.\-\_]+$"  # NAME as OpenLambda's error texts spell it
 SANDBOX_SCRIPT = str(Path(__file__).with_name("_sandbox.py"))
 QUEUE_LIMIT = 1024  # OpenLambda's waiting-request bound per lambda
 SCALE_TICK_S = 0.1  # at most one sandbox added or removed per tick
@@ -87,7 +92,8 @@ class SandboxError(Exception):
 
 
 class CallerGone(Exception):
-    """The caller hung up while its answer was streaming; the sandbox itself is fine."""
+    """The caller hung up, before its body reached the sandbox or while its answer streamed;
+    the sandbox itself is fine."""
 
 
 class Retired(Exception):
@@ -95,7 +101,19 @@ class Retired(Exception):
 
 
 class Unrunnable(Exception):
-    """An upload that could never run: not a tar.gz, over a limit, or without an entry point."""
+    """An upload that could never run: over a limit, or without an entry point (lampy's own
+    check, 400), or one OpenLambda refuses too (not a tar.gz, a bad ol.yaml: 500, its text)."""
+
+    def __init__(self, why: str, like_openlambda: bool = False) -> None:
+        super().__init__(why)
+        self.like_openlambda = like_openlambda
+
+    def answer(self, name: str) -> web.Response:
+        if self.like_openlambda:
+            return _error(
+                500, f"Failed to add lambda: failed to extract config from temp tarball: {self}"
+            )
+        return _error(400, f"lambda {name} refused: {self}")
 
 
 class Sandbox:
@@ -176,9 +194,10 @@ class Sandbox:
 class Lambda:
     """A registered lambda: its code, its sandboxes, and the calls waiting for one."""
 
-    def __init__(self, name: str, directory: Path, uid: int | None) -> None:
-        self.name, self.directory, self.uid = name, directory, uid
-        self.methods = _allowed_methods(directory)
+    def __init__(
+        self, name: str, directory: Path, uid: int | None, config: olconfig.LambdaConfig
+    ) -> None:
+        self.name, self.directory, self.uid, self.config = name, directory, uid, config
         self.retired = False  # replaced or deleted: its folder goes with its last sandbox
         self.sandboxes: list[Sandbox] = []
         self.idle: list[Sandbox] = []
@@ -259,14 +278,7 @@ class Worker:
 
     def app(self) -> web.Application:
         app = web.Application(handler_args={"read_bufsize": IO_CHUNK})
-        app.router.add_get("/status", self.status)
-        app.router.add_get("/stats", self.get_stats)
-        app.router.add_get("/registry", self.list_lambdas)
-        app.router.add_post("/registry/{name}", self.upload)
-        app.router.add_delete("/registry/{name}", self.delete)
-        app.router.add_get("/registry/{name}/config", self.config)
-        app.router.add_route("*", "/run", self.run)
-        app.router.add_route("*", "/run/{tail:.*}", self.run)
+        app.router.add_route("*", "/{path:.*}", self.route)
         app.on_startup.append(self.load_registry)
         app.on_shutdown.append(self.shutdown)
         app.on_cleanup.append(self.cleanup)
@@ -295,6 +307,46 @@ class Worker:
         shutil.rmtree(self.workdir, ignore_errors=True)
         os.close(self._lock)
 
+    # -- routing, as OpenLambda's Go ServeMux routes ------------------------------------------
+
+    async def route(self, request: web.Request) -> web.StreamResponse:
+        """Dispatch on the decoded path as Go's ServeMux does: a path that is not clean
+        (`//`, `.`, `..`) and `/run`, `/registry` without their slash are redirected (301);
+        `/status` and `/stats` take any method; anything else is 404 `404 page not found`."""
+        path = request.path
+        clean = _clean_path(path)
+        if request.method != "CONNECT" and clean != path:
+            return _redirect(request, clean)
+        if path in ("/run", "/registry"):
+            return _redirect(request, path + "/")
+        if path == "/status":
+            return await self.status(request)
+        if path == "/stats":
+            return await self.get_stats(request)
+        if path.startswith("/registry/"):
+            return await self.registry_request(request, path.removeprefix("/registry/"))
+        if path.startswith("/run/"):
+            return await self.run(request)
+        return _error(404, "404 page not found")
+
+    async def registry_request(self, request: web.Request, rest: str) -> web.StreamResponse:
+        """OpenLambda's RegistryHandler: list, config, upload, delete; 501 for reading a
+        lambda's code (OpenLambda has no such endpoint), 405 for other methods."""
+        if rest == "":
+            if request.method == "GET":
+                return await self.list_lambdas(request)
+            return _error(405, "method not allowed")
+        parts = rest.split("/", 1)
+        if len(parts) == 2 and parts[1] == "config" and request.method == "GET":
+            return await self.config(request, parts[0])
+        if request.method == "POST":
+            return await self.upload(request, rest)
+        if request.method == "DELETE":
+            return await self.delete(request, rest)
+        if request.method == "GET":
+            return _error(501, "not implemented")
+        return _error(405, "method not allowed")
+
     # -- plain endpoints --------------------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
@@ -320,19 +372,21 @@ class Worker:
         if why is None:
             return None
         self.stats["registry_refused"] += 1
-        return _text(401, f"registry request refused: {why}; sign it (`lampy deploy` does)")
+        return _error(401, f"registry request refused: {why}; sign it (`lampy deploy` does)")
 
     async def list_lambdas(self, request: web.Request) -> web.Response:
+        """The names as a JSON list (OpenLambda's order is its map's, so any order; sorted)."""
         if refused := self._refused(request):
             return refused
-        blobs = self.registry.glob("*.tar.gz")
-        return web.json_response(sorted(p.name[: -len(".tar.gz")] for p in blobs))
+        names = sorted(p.name[: -len(".tar.gz")] for p in self.registry.glob("*.tar.gz"))
+        return web.Response(
+            body=olconfig.go_json(names), content_type="text/plain", charset="utf-8"
+        )
 
-    async def upload(self, request: web.Request) -> web.Response:
+    async def upload(self, request: web.Request, name: str) -> web.Response:
         """Stream the tarball to disk, unpack and check it off the loop, then swap it in."""
-        name = request.match_info["name"]
-        if not NAME.match(name):
-            return _text(400, f"bad lambda name {name!r}: names must match {NAME.pattern}")
+        if bad := _bad_name(name):
+            return bad
         if refused := self._refused(request):
             return refused
         length = request.content_length
@@ -349,18 +403,18 @@ class Worker:
             why = await self._receive(request, part, length)
             if why is not None:
                 return _text(400, why)
-            directory, uid = await asyncio.to_thread(self._unpack, name, part)
+            directory, uid, config = await asyncio.to_thread(self._unpack, name, part)
             os.replace(part, self._blob(name))
-            old = self._install(name, directory, uid)
+            old = self._install(name, directory, uid, config)
             if old is not None:
                 await old.retire()
         except Unrunnable as exc:
             self.stats["uploads_refused"] += 1
-            return _text(400, f"lambda {name} refused: {exc}")
+            return exc.answer(name)
         finally:
             self.uploading -= 1
             part.unlink(missing_ok=True)
-        return _text(201, f"Lambda {name} uploaded successfully")
+        return web.Response(status=201, text=f"Lambda {name} uploaded successfully")
 
     async def _receive(self, request: web.Request, part: Path, length: int) -> str | None:
         """Write the body to `part` (0600, locked while written); why it is refused, if it is."""
@@ -381,70 +435,98 @@ class Worker:
             return f"the body's SHA-256 is not the signed {auth.DIGEST_HEADER} ({signed})"
         return None
 
-    def _unpack(self, name: str, blob: Path) -> tuple[Path, int | None]:
+    def _unpack(self, name: str, blob: Path) -> tuple[Path, int | None, olconfig.LambdaConfig]:
         """Unpack `blob` into a new folder (a thread's work: it reads and writes disk).
 
         Refused when it is not a tar.gz, has more than MAX_MEMBERS entries or more than
         `max_extracted` bytes of files (counted from each entry's header, before its bytes
         are unpacked), has an entry the tarfile "data" filter refuses (links or paths that
-        lead out, devices), or has no entry point OpenLambda's runtime would find.
+        lead out, devices), or has no entry point OpenLambda's runtime would find; or when
+        OpenLambda would refuse it (not a tar.gz, an `ol.yaml` it cannot read). An `ol.yaml`
+        environment is written to the lambda's `.env`, over the tarball's own, as OpenLambda
+        writes it.
         """
         directory = self.workdir / f"{name}-{secrets.token_hex(6)}"
         directory.mkdir(mode=0o700)
         uid = secrets.randbelow(SANDBOX_UIDS[1] - SANDBOX_UIDS[0]) + SANDBOX_UIDS[0]
         try:
             _extract(blob, directory, self.max_extracted)
+            config = _read_config(directory)
+            if config.environment:
+                env = directory / ".env"
+                env.unlink(missing_ok=True)  # a link in the tarball is replaced, not followed
+                env.write_text(config.env_file())
             _check_entry(directory)
             if not self.isolated:
-                return directory, None
+                return directory, None, config
             for folder, _, files in os.walk(directory):
                 os.chown(folder, uid, uid)
                 for file in files:
                     os.chown(os.path.join(folder, file), uid, uid, follow_symlinks=False)
-            return directory, uid
+            return directory, uid, config
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
 
-    def _install(self, name: str, directory: Path, uid: int | None) -> Lambda | None:
+    def _install(
+        self, name: str, directory: Path, uid: int | None, config: olconfig.LambdaConfig
+    ) -> Lambda | None:
         """Make `directory` the code of `name`; the version it replaces, to retire."""
         old = self.lambdas.get(name)
-        self.lambdas[name] = Lambda(name, directory, uid)
+        self.lambdas[name] = Lambda(name, directory, uid, config)
         return old
 
-    async def delete(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+    async def delete(self, request: web.Request, name: str) -> web.Response:
+        if bad := _bad_name(name):
+            return bad
         if refused := self._refused(request):
             return refused
-        if not NAME.match(name) or not self._blob(name).exists():
-            return _text(404, f'lambda "{name}" not found in blob store ({self.registry})')
+        if not self._blob(name).exists():
+            return _error(500, f"lambda {name} not found")
         self._blob(name).unlink()
         lam = self.lambdas.pop(name, None)
         if lam is not None:
             await lam.retire()
-        return _text(200, f"Lambda {name} deleted successfully")
+        return web.Response(text=f"Lambda {name} deleted successfully")
 
-    async def config(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+    async def config(self, request: web.Request, name: str) -> web.Response:
+        """The lambda's `ol.yaml` as OpenLambda reads it, in OpenLambda's JSON."""
+        if bad := _bad_name(name):
+            return bad
         if refused := self._refused(request):
             return refused
         lam = self.lambdas.get(name)
         if lam is None:
-            return _text(404, f'lambda "{name}" not found in blob store ({self.registry})')
-        http = [{"method": m} for m in lam.methods or []]
-        return web.json_response({"triggers": {"http": http}})
+            blob = self._blob(name)
+            return _error(
+                404,
+                f'failed to load lambda "{name}": failed to open blob reader: '
+                f"open {blob}: no such file or directory",
+            )
+        return web.Response(body=lam.config.to_json(), content_type="application/json")
 
     # -- running ----------------------------------------------------------------------------
 
+    def _not_found(self, name: str) -> web.Response:
+        bucket, key = f"file://{self.registry}", f"{name}.tar.gz"
+        return _text(
+            500, f'lambda "{name}" not found in blob store (bucket="{bucket}", key="{key}")'
+        )
+
     async def run(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info.get("tail", "").split("/", 1)[0]
-        if not name:
-            return _text(500, "expected invocation format: /run/<lambda-name>")
+        parts = request.path.strip("/").split("/")
+        if len(parts) < 2:
+            answer = web.Response(status=500, text="expected invocation format: /run/<lambda-name>")
+            answer.headers["Access-Control-Allow-Origin"] = "*"
+            return answer
+        name = parts[1]
+        if not NAME.match(name):
+            return _text(500, f"invalid function name {_go_quote(name)}; must match {NAME_PATTERN}")
         lam = self.lambdas.get(name)
         if lam is None:
-            return _text(500, f'lambda "{name}" not found in blob store ({self.registry})')
-        if lam.methods and request.method not in lam.methods:
-            allowed = " ".join(lam.methods)
+            return self._not_found(name)
+        if not lam.config.allows(request.method):
+            allowed = " ".join(lam.config.http or [])
             return _text(
                 405, f"HTTP method not allowed. Sent: {request.method}, Allowed: [{allowed}]"
             )
@@ -455,7 +537,7 @@ class Worker:
             return _text(429, "lambda function queue is full")
         if fault == "502":
             self.stats["chaos_502"] += 1
-            return _text(502, "RoundTrip failed: injected by --chaos\nSandbox State: running")
+            return _text(502, "RoundTrip failed: injected by --chaos\n\nSandbox State: running")
         lam.outstanding += 1
         try:
             while True:
@@ -465,15 +547,17 @@ class Worker:
                 except Retired:  # replaced or deleted while this call waited
                     newer = self.lambdas.get(name)
                     if newer is None or newer is lam:
-                        return _text(
-                            500, f'lambda "{name}" not found in blob store ({self.registry})'
-                        )
+                        return self._not_found(name)
                     lam.outstanding -= 1  # the new version serves it
                     lam = newer
                     lam.outstanding += 1
-                except SandboxError as exc:
+                except SandboxError as exc:  # OpenLambda: the sandbox resets the connection
                     self.stats["sandbox_failures"] += 1
-                    return _text(500, f"could not create Sandbox: {exc}")
+                    return _text(
+                        502,
+                        "RoundTrip failed: EOF: the sandbox exited before it answered\n\n"
+                        f"Sandbox State: could not start; its last words:\n{exc}",
+                    )
                 except OverflowError:
                     self.stats["queue_full"] += 1
                     return _text(429, "lambda function queue is full")
@@ -546,8 +630,11 @@ class Worker:
         lam.sandboxes.append(sandbox)
         self._release(lam, sandbox)
 
-    def _release(self, lam: Lambda, sandbox: Sandbox) -> None:
-        if lam.retired:  # code replaced or deleted meanwhile
+    def _release(self, lam: Lambda, sandbox: Sandbox, served: bool = False) -> None:
+        """Hand a sandbox to the next waiting call, or keep it idle; stop it instead when its
+        code was replaced or deleted, or when it `served` a call of a lambda whose ol.yaml
+        says `reuse-sandbox: false`."""
+        if lam.retired or (served and not lam.config.reuse_sandbox):
             task = asyncio.get_running_loop().create_task(lam.remove(sandbox))
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
@@ -626,17 +713,17 @@ class Worker:
                 assert request.transport is not None
                 request.transport.close()
                 return prepared[0]
-            return _text(502, f"RoundTrip failed: {why}\nSandbox State: {sandbox.state()}")
-        except CallerGone:
+            return _text(502, f"RoundTrip failed: {why}\n\nSandbox State: {sandbox.state()}")
+        except CallerGone:  # the sandbox is fine: its connection closed before or after a call
             self.stats["callers_gone"] += 1
             self._release(lam, sandbox)
-            return prepared[0]
+            return prepared[0] if prepared else _text(500, "the caller hung up")
         except asyncio.CancelledError:  # the caller hung up mid-call: the sandbox state is unknown
             await asyncio.shield(lam.remove(sandbox))
             raise
         elapsed_ms = (time.monotonic() - start) * 1e3
         lam.average_ms = 0.8 * lam.average_ms + 0.2 * elapsed_ms
-        self._release(lam, sandbox)
+        self._release(lam, sandbox, served=True)
         if self.chaos is not None and isinstance(response, web.Response) and response.status == 200:
             return self._after(request, response, fault)
         return response
@@ -662,13 +749,17 @@ class Worker:
 async def _send(request: web.Request, writer: asyncio.StreamWriter) -> None:
     """Forward the request: method, path, headers and body, as the OpenLambda worker does."""
     has_length = request.content_length is not None
-    lines = [f"{request.method} {request.raw_path} HTTP/1.1", "Host: localhost"]
+    lines = [f"{request.method} {request.raw_path} HTTP/1.1", "Host: root"]  # as OpenLambda
     for key, value in request.headers.items():
         if key.lower() not in HOP_BY_HOP and (has_length or key.lower() != "content-length"):
             lines.append(f"{key}: {value}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     if has_length and (request.content_length or 0) <= SMALL_BYTES:  # one write, one wake-up
-        writer.write(head + await request.read())
+        try:
+            body = await request.read()
+        except (OSError, asyncio.IncompleteReadError) as exc:  # nothing reached the sandbox
+            raise CallerGone from exc
+        writer.write(head + body)
     elif has_length:
         writer.write(head)
         async for chunk in request.content.iter_any():
@@ -713,16 +804,65 @@ def _text(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text if text.endswith("\n") else text + "\n")
 
 
-def _allowed_methods(directory: Path) -> list[str]:
-    """HTTP methods listed in the lambda's ol.yaml (`- method: GET` lines); empty means any."""
-    path = directory / "ol.yaml"
-    if not path.exists():
-        return []
-    return re.findall(r"method:\s*[\"']?([A-Za-z]+)", path.read_text())
+def _error(status: int, text: str) -> web.Response:
+    """An answer as Go's http.Error writes it: the text, a newline, nosniff."""
+    answer = _text(status, text)
+    answer.headers["X-Content-Type-Options"] = "nosniff"
+    return answer
+
+
+def _bad_name(name: str) -> web.Response | None:
+    if NAME.match(name):
+        return None
+    return _error(400, f"invalid function name {_go_quote(name)}; must match {NAME_PATTERN}")
+
+
+def _go_quote(text: str) -> str:
+    """`text` as Go's %q writes it, for the printable text of a name (JSON's escaping)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _clean_path(path: str) -> str:
+    """Go's ServeMux cleanPath: `.`, `..` and repeated slashes resolved, a final slash kept."""
+    if not path.startswith("/"):
+        path = "/" + path
+    clean = "/" + posixpath.normpath(path).lstrip("/")
+    return clean + "/" if path.endswith("/") and clean != "/" else clean
+
+
+def _redirect(request: web.Request, location: str) -> web.Response:
+    """Go's 301 for a path the ServeMux rewrote: an HTML link for GET, nothing otherwise."""
+    if request.query_string:
+        location += "?" + request.query_string
+    answer = web.Response(status=301, headers={"Location": location})
+    if request.method in ("GET", "HEAD"):
+        answer.content_type, answer.charset = "text/html", "utf-8"
+    if request.method == "GET":
+        answer.text = f'<a href="{html.escape(location)}">Moved Permanently</a>.\n\n'
+    return answer
+
+
+def _read_config(directory: Path) -> olconfig.LambdaConfig:
+    """The lambda's `ol.yaml` (OpenLambda's defaults without one); refused as OpenLambda
+    refuses it."""
+    path = directory / olconfig.FILENAME
+    try:
+        text = path.read_text(errors="replace") if path.is_file() else None
+        return olconfig.parse(text)
+    except olconfig.ConfigError as exc:
+        raise Unrunnable(str(exc), like_openlambda=True) from None
 
 
 def _extract(blob: Path, directory: Path, max_bytes: int) -> None:
-    """Unpack `blob` into `directory` entry by entry, within MAX_MEMBERS and `max_bytes`."""
+    """Unpack `blob` into `directory` entry by entry, within MAX_MEMBERS and `max_bytes`.
+
+    What is not a gzip stream is refused with the words of OpenLambda's Go gzip reader.
+    """
+    with blob.open("rb") as file:
+        head = file.read(10)
+    if len(head) < 10 or head[:2] != b"\x1f\x8b":
+        why = "EOF" if not head else "unexpected EOF" if len(head) < 10 else "gzip: invalid header"
+        raise Unrunnable(f"invalid .gz file: {why}", like_openlambda=True)
     members = unpacked = 0
     try:
         with tarfile.open(blob, mode="r:gz") as tar:
@@ -736,8 +876,10 @@ def _extract(blob: Path, directory: Path, max_bytes: int) -> None:
                         f"its files unpack to more than {max_bytes:,} bytes (at {member.name})"
                     )
                 tar.extract(member, directory, filter="data")
+    except tarfile.FilterError as exc:  # lampy's own refusal: a path or link leading out
+        raise Unrunnable(f"unsafe entry in the tarball: {exc}") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise Unrunnable(f"could not unpack the uploaded tar.gz: {exc}") from None
+        raise Unrunnable(f"invalid tar: {exc}", like_openlambda=True) from None
 
 
 def _check_entry(directory: Path) -> None:

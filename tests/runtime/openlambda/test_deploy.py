@@ -61,7 +61,9 @@ def test_tarball_is_pinned_and_carries_the_secret(tmp_path: Path) -> None:
         tar.extractall(tmp_path, filter="data")
     pins = (tmp_path / "requirements.txt").read_text().split()
     assert f"numpy=={np.__version__}" in pins and f"cloudpickle=={cloudpickle.__version__}" in pins
-    assert (tmp_path / ".env").read_text() == "LAMPY_SECRET=s3\n"
+    assert (tmp_path / ".env").read_text() == (
+        "LAMPY_SECRET=s3\nOMP_NUM_THREADS=1\nOPENBLAS_NUM_THREADS=1\nMKL_NUM_THREADS=1\n"
+    )
     assert "def f(" not in (tmp_path / "f.py").read_text()
     assert (tmp_path / "lampy" / "runtime" / "openlambda" / "_handler.py").exists()
 
@@ -87,8 +89,10 @@ def test_cli_deploy_output_and_url(
     assert "f.py" in members(target.read_bytes())
     assert stat.S_IMODE(target.stat().st_mode) == 0o600  # it holds the secret
     assert main(["deploy", "--url", worker_url, "--name", "second"]) == 0
-    assert "Lambda second uploaded successfully" in capsys.readouterr().out
-    listing = urllib.request.Request(f"{worker_url}/registry", headers=signed("GET", "/registry"))
+    said = capsys.readouterr().out.splitlines()
+    assert said[-2] == "Lambda second uploaded successfully"
+    assert said[-1].startswith(f"second answers at {worker_url}/run/second (ready after ")
+    listing = urllib.request.Request(f"{worker_url}/registry/", headers=signed("GET", "/registry/"))
     with urllib.request.urlopen(listing) as answer:
         assert "second" in json.loads(answer.read())
     assert main(["deploy", "--url", "http://127.0.0.1:9", "--name", "x"]) == 1

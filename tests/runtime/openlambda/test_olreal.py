@@ -41,6 +41,17 @@ def test_every_sandbox_is_pid_1(olreal: str) -> None:
     assert set(lampy.elemwise(pids, chunks=4)(np.arange(8)).tolist()) == {1}
 
 
+def test_numpy_runs_on_one_thread_in_every_sandbox(olreal: str) -> None:
+    """lampy's `.env` sets the BLAS thread counts before numpy loads: OpenLambda counts
+    threads against a sandbox's process limit, and the parallelism is across sandboxes."""
+
+    def threads(x: np.ndarray) -> np.ndarray:
+        names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+        return np.array([[os.environ.get(name) == "1" for name in names]] * len(x))
+
+    assert lampy.elemwise(threads, chunks=2)(np.arange(4)).all()
+
+
 def test_missing_lambda_says_deploy(olreal: str) -> None:
     with (
         lampy.using(executor=NAME, name="not-deployed"),

@@ -1,4 +1,5 @@
-"""Regions end to end on the openlambda executor against a real `lampy worker`, equal to numpy."""
+"""Regions end to end on the openlambda executor, equal to numpy: on `lampy worker` and on
+OpenLambda's own worker (the "olreal" executor, tests/olreal.py), the same tests."""
 
 from __future__ import annotations
 
@@ -9,17 +10,35 @@ import numpy as np
 import pytest
 
 import lampy
-from lampy._errors import ExecutionError, RemoteTraceback
+from lampy._errors import ExecutionError, RemoteTraceback, UsageError
+from tests.olreal import CALL_TIMEOUT_S
+from tests.olreal import NAME as OLREAL
+from tests.olreal import REASON as NO_OLREAL
+
+PLATFORMS = [
+    "openlambda",
+    pytest.param(OLREAL, marks=pytest.mark.skipif(bool(NO_OLREAL), reason=NO_OLREAL)),
+]
 
 
 class CursedRow(Exception):
     """A user exception type defined in the caller's module: it must come back as itself."""
 
 
+@pytest.fixture(params=PLATFORMS)
+def platform(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(executor name, URL): `lampy worker`, or OpenLambda's own worker."""
+    if request.param == OLREAL:
+        return OLREAL, request.getfixturevalue("olreal_url")
+    return "openlambda", request.getfixturevalue("worker_url")
+
+
 @pytest.fixture
-def openlambda(worker_url: str) -> Iterator[str]:
-    with lampy.using(executor="openlambda", url=worker_url):
-        yield worker_url
+def openlambda(platform: tuple[str, str]) -> Iterator[str]:
+    executor, url = platform
+    timeout = {"timeout": CALL_TIMEOUT_S} if executor == OLREAL else {}
+    with lampy.using(executor=executor, url=url, **timeout):
+        yield url
 
 
 def offset(x: np.ndarray, y: np.ndarray, bias: float) -> np.ndarray:
@@ -85,13 +104,29 @@ def test_works_from_inside_a_running_event_loop(openlambda: str) -> None:
 
 
 def test_prewarm_reaches_several_sandboxes(openlambda: str) -> None:
-    warm = lampy.prewarm(3)
-    assert 2 <= warm <= 4  # the worker allows at most 4
+    warm = lampy.prewarm(3)  # the `using` block's executor: this platform
+    assert 2 <= warm <= 3
 
 
-def test_missing_lambda_says_deploy(worker_url: str) -> None:
+def test_prewarm_follows_the_using_block_and_says_when_it_cannot(
+    platform: tuple[str, str],
+) -> None:
+    executor, url = platform
     with (
-        lampy.using(executor="openlambda", url=worker_url, name="not-deployed"),
+        lampy.using(executor="inline"),
+        pytest.raises(
+            UsageError, match=r"lampy.prewarm: the inline executor cannot pre-warm workers"
+        ),
+    ):
+        lampy.prewarm(2)
+    with lampy.using(executor="inline"):  # named, it need not be the block's
+        assert lampy.prewarm(2, executor=executor, url=url, timeout=CALL_TIMEOUT_S) >= 1
+
+
+def test_missing_lambda_says_deploy(platform: tuple[str, str]) -> None:
+    executor, url = platform
+    with (
+        lampy.using(executor=executor, url=url, name="not-deployed"),
         pytest.raises(ExecutionError, match="lampy deploy --url .* --name not-deployed"),
     ):
         lampy.elemwise(np.negative, chunks=2)(np.arange(4))
@@ -101,7 +136,10 @@ def test_prewarm_of_an_unreachable_platform_says_so() -> None:
     from lampy.testing import free_port
 
     nobody = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(lampy.ExecutionError, match=r"no sandbox answered a pre-warm call at"):
+    with (
+        lampy.using(executor="openlambda"),
+        pytest.raises(lampy.ExecutionError, match=r"no sandbox answered a pre-warm call at"),
+    ):
         lampy.prewarm(2, url=nobody)
 
 

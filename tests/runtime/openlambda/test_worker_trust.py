@@ -39,7 +39,7 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="one user per lambda ne
     [
         ("POST", "/registry/evil", tarball({"f.py": JSON_F})),
         ("DELETE", "/registry/echo", None),
-        ("GET", "/registry", None),
+        ("GET", "/registry/", None),
         ("GET", "/registry/echo/config", None),
     ],
     ids=["upload", "delete", "list", "config"],
