@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from collections import deque
 from dataclasses import replace
 
-from lampy._errors import ExecutionError, OptionError, RetriesExhausted
+from lampy._errors import ExecutionError, OptionError, RemoteTraceback, RetriesExhausted
 from lampy.runtime._combine import Destination
 from lampy.runtime._job import Job
 from lampy.runtime._plan import Costs
@@ -32,6 +33,7 @@ from lampy.runtime._scheduler import ATTEMPTS, BACKOFF_S, ChunkScheduler, backof
 from lampy.runtime._secret import load_secret
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.executors._base import Executor
+from lampy.runtime.openlambda._coordinator import Assignment, Report
 from lampy.runtime.openlambda._loop import Loop, Progress
 from lampy.runtime.openlambda._protocol import (
     INLINE_BYTES,
@@ -39,11 +41,12 @@ from lampy.runtime.openlambda._protocol import (
     Caller,
     JobState,
     PlatformFailure,
+    by_value,
     template_of,
 )
-from lampy.runtime.openlambda._transport import AiohttpTransport, Transport
+from lampy.runtime.openlambda._transport import Transport
 from lampy.runtime.remote._publish import published
-from lampy.runtime.remote._results import Offer, Sink, offered
+from lampy.runtime.remote._results import Offer, Sink, collect, offered
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 # Measured with bench/bench_openlambda.py against `lampy worker` on the 2-core reference machine.
@@ -77,6 +80,7 @@ class OpenLambdaExecutor(Executor):
         "batch": int,
         "progress": str,
         "results": str,
+        "orchestrator": str,
     }
 
     def __init__(
@@ -91,6 +95,7 @@ class OpenLambdaExecutor(Executor):
         batch: int = 0,
         progress: str = "auto",
         results: str = "auto",
+        orchestrator: str = "client",
         transport: Transport | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or concurrency < 1:
@@ -101,6 +106,12 @@ class OpenLambdaExecutor(Executor):
             raise OptionError(f"batch must be 0 (automatic) or chunks per call; got {batch!r}")
         if timeout <= 0 or backoff < 0:
             raise OptionError(f"timeout must be > 0 and backoff >= 0; got {timeout}, {backoff}")
+        if orchestrator not in ("client", "lambda"):
+            raise OptionError(
+                f'orchestrator must be "client" (this process runs the job) or "lambda" (a '
+                f"call of the deployed lambda does); got {orchestrator!r}"
+            )
+        self.orchestrator = orchestrator
         self.url, self.lambda_name = url.rstrip("/"), name
         #: Where an elemwise result goes: see lampy.runtime.remote._results.
         self.sink = replace(Sink.parse(results), platform=self.url)
@@ -109,10 +120,15 @@ class OpenLambdaExecutor(Executor):
         self.batch, self.progress = batch, progress
         self.secret = load_secret()
         endpoint = f"{self.url}/run/{name}"
-        transport = transport or AiohttpTransport(endpoint, concurrency, self.secret)
+        if transport is None:
+            from lampy.runtime.openlambda._transport import AiohttpTransport
+
+            transport = AiohttpTransport(endpoint, concurrency, self.secret)
         self.caller = Caller(transport, self.secret, self.url, name, timeout, concurrency)
         self.backups = 0  # backup calls sent for stragglers, for tests and monitoring
         self.accounts: deque[Accounting] = deque(maxlen=ACCOUNTS_KEPT)  # the latest jobs'
+        #: what the coordinator lambdas of the latest jobs reported (orchestrator="lambda")
+        self.reports: deque[Report] = deque(maxlen=ACCOUNTS_KEPT)
         self._loop = Loop()
         self._called = False
         self._asked = 0  # the largest pre-warm asked for so far
@@ -146,9 +162,13 @@ class OpenLambdaExecutor(Executor):
         return self.sink if self.sink.mode != "auto" else None
 
     def run(self, job: Job) -> dict[int, Outcome]:
-        # large arrays travel by reference, both ways
-        start = self.sink.mode != "auto"  # the caller asked for results on disk
+        # large arrays travel by reference, both ways; a coordinator lambda stores elemwise
+        # results on the array server, so it starts for that
+        lambda_ = self.orchestrator == "lambda"
+        start = self.sink.mode != "auto" or (lambda_ and job.combine is None)
         with published(job, self.url) as sent, offered(job.id, self.url, start) as offer:
+            if lambda_:
+                return self._orchestrated(sent, offer)
             return self._run_sent(sent, offer)
 
     def _run_sent(self, job: Job, offer: Offer | None) -> dict[int, Outcome]:
@@ -159,8 +179,78 @@ class OpenLambdaExecutor(Executor):
         state = JobState(job, template, payload <= INLINE_BYTES, account, offer)
         if len(job.chunks) >= AUTO_PREWARM_CHUNKS and self._asked < self.auto_prewarm:
             self.prewarm(self.auto_prewarm)  # once: the platform may cap sandboxes lower
+        return self.run_state(state)
+
+    def run_state(self, state: JobState) -> dict[int, Outcome]:
+        """Run a job made ready to send (the client's, or a coordinator's in a sandbox)."""
         self._called = True
         return self._loop.run(self._run_job(state))
+
+    def _orchestrated(self, job: Job, offer: Offer | None) -> dict[int, Outcome]:
+        """Hand the job to a coordinator lambda (_coordinator.py) and wait for its report."""
+        template = template_of(job)
+        payload = len(template) + sum(a.nbytes for a in job.whole)
+        rule = by_value(job.combine, job.combine) if job.combine is not None else None
+        options = {
+            "name": self.lambda_name,
+            "concurrency": self.concurrency,
+            "timeout": self.timeout,
+            "attempts": self.attempts,
+            "backoff": self.backoff,
+            "batch": self.batch,
+        }
+        # every elemwise result array goes to the array server: the report carries references
+        task = (offer.url, 1) if offer is not None and job.combine is None else None
+        assignment = Assignment(
+            job.id,
+            template,
+            payload <= INLINE_BYTES,
+            job.whole,
+            job.split,
+            job.chunks,
+            job.keep_going,
+            job.first,
+            rule,
+            task,
+            self.url,
+            options,
+        )
+        account = Accounting(job.id, len(job.chunks))
+        self.accounts.append(account)
+        self._called = True
+        report = self._loop.run(self._coordinate(assignment, account))
+        self.reports.append(report)
+        self.backups += report.backups
+        _fold(account, report.account)
+        if report.combine_error is not None:
+            error = report.combine_error
+            assert error.error is not None
+            raise error.error from RemoteTraceback(
+                f"raised by the combine rule, merging partials in a lambda\n{error.traceback}"
+            )
+        if offer is None:
+            return report.outcomes
+        return {c: _collected(o, offer) for c, o in report.outcomes.items()}
+
+    async def _coordinate(self, assignment: Assignment, account: Accounting) -> Report:
+        """The coordinator call, retried like a chunk's when the platform loses it (the job
+        then runs again from its start: nothing of a lost coordinator is merged)."""
+        for attempt in range(1, self.attempts + 1):
+            account.attempts[-1] += 1
+            try:
+                report: Report = await self.caller.coordinate(assignment, self.timeout)
+                return report
+            except PlatformFailure as failure:
+                account.note(failure)
+                if attempt == self.attempts:
+                    raise ExecutionError(
+                        f"the coordinator lambda of job {assignment.job[:8]} was lost {attempt} "
+                        f"times, each time in the platform: {failure}. Check the worker (GET "
+                        f"{self.url}/status), or raise attempts= or timeout= (now "
+                        f"{self.timeout:g} s: a coordinator runs the whole job)"
+                    ) from failure
+                await asyncio.sleep(backoff(attempt, self.backoff))
+        raise AssertionError("unreachable")
 
     def prewarm(self, n: int, timeout: float = 30.0) -> int:
         """Send concurrent no-op calls until `n` sandboxes answered (or no more appear).
@@ -308,6 +398,26 @@ class OpenLambdaExecutor(Executor):
             if attempt < self.attempts:
                 await asyncio.sleep(backoff(attempt, self.backoff))
             raise
+
+
+def _fold(account: Accounting, theirs: Accounting) -> None:
+    """Add a coordinator's accounting of the chunk calls to the client's own."""
+    account.attempts.update(theirs.attempts)
+    account.accepted.update(theirs.accepted)
+    account.lost |= theirs.lost
+    account.dropped.update(theirs.dropped)
+    account.failures.update(theirs.failures)
+    account.cancelled += theirs.cancelled
+
+
+def _collected(outcome: Outcome, offer: Offer) -> Outcome:
+    """A chunk's outcome with the results its chunk stored read back from the client's disk."""
+    if outcome.error is not None:
+        return outcome
+    try:
+        return Outcome(value=collect(outcome.value, offer))
+    except Exception as exc:
+        return Outcome(error=exc, traceback=traceback.format_exc())
 
 
 def _take(scheduler: ChunkScheduler, size: int) -> Unit:
