@@ -16,6 +16,8 @@ import lampy
 import tests.toy_executor  # noqa: F401 (registers the "threads" executor)
 from lampy.runtime import executors
 from lampy.testing import openlambda_worker
+from tests.orchestrated import mark_items as mark_orchestrated
+from tests.orchestrated import orchestrated_options  # noqa: F401 (registers "orchestrated")
 from tests.olreal import (  # noqa: F401 (registers "olreal", OpenLambda's own worker, if here)
     mark_items,
     olreal_options,
@@ -98,6 +100,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if callspec is not None and callspec.params.get("executor") == "dask":
             item.add_marker(pytest.mark.filterwarnings(RANDOM_IN_STRATEGY))
     mark_items(items)
+    mark_orchestrated(items)
 
 
 @pytest.fixture

@@ -1,27 +1,41 @@
-"""Orchestration in a lambda: one call of lampy's lambda runs a whole job (orchestrator="lambda").
+"""Orchestration in a lambda: calls of lampy's lambda run a whole job (orchestrator="lambda").
 
-The client sends one COORDINATE frame: an `Assignment` holding the job's pickled template, its
-shared arrays, its split arrays (large ones as `lampy.remote` references, published as for any
-job) and the executor's options. The sandbox that takes it runs the same loop the client runs
-otherwise (`OpenLambdaExecutor._run_job`: lampy's ChunkScheduler, retries with backoff,
-straggler backups, exactly-once merging), its calls going to the same OpenLambda worker through
-`ThreadTransport` (a sandbox has no aiohttp), each frame signed with the lambda's secret.
+The client writes the job once to a job store (an array server, `remote/_jobs.py`): an
+`Assignment` holding the pickled template, the shared arrays, the split arrays (large ones as
+`lampy.remote` references, published as for any job) and the executor's options. It then sends
+one small COORDINATE frame, a `Summons`. The sandbox that takes it holds the job's lease and
+runs the loop the client runs otherwise (`OpenLambdaExecutor._run_job`: lampy's
+ChunkScheduler, retries with backoff, straggler backups, exactly-once), its calls going to the
+same OpenLambda worker through `ThreadTransport` (a sandbox has no aiohttp), every frame signed
+with the lambda's secret. The coordinator never unpickles the user's function.
 
-A reduction's partials are then merged in lambdas too, `FAN_IN` at a time, level by level
-(COMBINE frames): exactly the subtrees of the client's own `tree_merge`, so the answer is
-bit-identical to client orchestration; the client receives only those subtrees (one value, or
-one per level beside a chunk it ran itself). An elemwise job's results are stored on the
-client's array server by the chunks themselves; the coordinator answers their references.
+Durable state: each accepted outcome is recorded in the store as it comes, write-once, so no
+chunk is merged twice whoever ran it; a coordinator that takes over loads the records and runs
+only the rest. The hand-off rule: a coordinator orchestrates while its own remaining lifetime
+(the platform's runtime limit counts from its call) exceeds `handoff_margin`; then, since a
+fresh call has the whole limit ahead of it, it stops launching, summons a successor naming its
+own lease generation (so the successor may take the lease at once), waits until the successor
+holds it, and answers. A coordinator killed outright simply stops renewing its lease (`LEASE_S`);
+whoever watches the job (the client, or `lampy.job(id)` from any process) summons a new one
+once it has expired.
 
-The coordinator never unpickles the user's function: the template travels on as bytes.
+A reduction's partials are merged in lambdas, `FAN_IN` at a time, level by level (COMBINE
+frames): exactly the subtrees of the client's own `tree_merge`, so the answer is bit-identical
+to client orchestration, and the client receives only those subtrees (one value, or one per
+level beside a chunk it ran itself). An elemwise job's results are stored on the client's array
+server by the chunks themselves; the report holds their references.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import threading
 import time
 import traceback
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,16 +48,22 @@ from lampy.runtime._job import Job, SplitArray
 from lampy.runtime._plan import Rows
 from lampy.runtime._scheduler import backoff
 from lampy.runtime._worker_side import Outcome
+from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._protocol import Accounting, Caller, JobState, PlatformFailure
 from lampy.runtime.openlambda._transport import ThreadTransport
+from lampy.runtime.remote._jobs import JobStore, at_rest
 from lampy.runtime.remote._results import Offer
 
 FAN_IN = 8  # partials one combine call merges: a subtree three levels high
+LEASE_S = 3.0  # a coordinator's lease lasts this long unless renewed ...
+RENEW_S = 0.5  # ... which it is this often
+TAKEOVER_WAIT_S = 5.0  # a coordinator handing off waits this long for its successor's lease
+RECORDERS = 4  # threads writing outcomes to the store
 
 
 @dataclass(frozen=True)
 class Assignment:
-    """A whole job, as the client hands it to a coordinator lambda."""
+    """A whole job, as the client writes it to the job store."""
 
     job: str  # the job's id
     template: bytes  # the pickled (function, args, kwargs): passed on, never unpickled here
@@ -57,25 +77,59 @@ class Assignment:
     offer: tuple[str, int] | None  # where chunk results go on the client's array server
     url: str  # the OpenLambda worker, as sandboxes reach it
     options: dict[str, Any]  # the executor's options: name, concurrency, timeout, attempts...
+    lifetime: float  # the platform's runtime limit: how long one call may orchestrate
+
+
+@dataclass(frozen=True)
+class Summons:
+    """What a COORDINATE frame carries: which job, where its state is, and why."""
+
+    job: str
+    store: str  # the array server holding the job's state
+    why: str  # "start", "hand-off" (a predecessor chose this call), "revive" (a watcher did)
+    expect: int | None = None  # the lease generation a predecessor hands over
 
 
 @dataclass
 class Report:
-    """What a coordinator answers: outcomes by chunk (a reduction's merged subtrees as
-    `Merged` values under each subtree's first chunk), and what it took."""
+    """A finished job: outcomes by chunk (a reduction's merged subtrees as `Merged` values
+    under each subtree's first chunk), kept in the store as the job's result."""
 
     outcomes: dict[int, Outcome]
-    account: Accounting
-    sandbox: str  # which sandbox orchestrated (its token)
-    seconds: float
-    backups: int = 0
     combines: int = 0  # combine calls made
     combine_error: Outcome | None = None  # the combine rule raised (the user's error)
-    merged_levels: list[tuple[int, int]] = field(default_factory=list)  # subtrees answered
+    merged: list[tuple[int, int]] = field(default_factory=list)  # subtrees answered
+    holder: str = ""  # the coordinator that finished it
 
 
-def coordinate(assignment: Assignment, secret: bytes, sandbox: str) -> Report:
-    """Run `assignment` from this sandbox; its report (a user's error is in it, not raised)."""
+def handoff_margin(lifetime: float) -> float:
+    """How much of its lifetime a coordinator keeps for handing off: stopping, summoning a
+    successor, and seeing it hold the lease (a cold sandbox on a loaded machine: ~1 s)."""
+    return min(lifetime / 2, max(1.0, 0.1 * lifetime))
+
+
+def next_orchestrator(own_left: float, fresh: float, margin: float) -> str:
+    """Who orchestrates next, by remaining lifetime: this call while it has more than
+    `margin` left; else a fresh call (the platform's whole runtime limit ahead of it), when
+    that is longer; else this call still (no one has more time)."""
+    return "fresh call" if own_left <= margin and fresh > own_left else "this call"
+
+
+def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, str]:
+    """Orchestrate the job `summons` names from this sandbox until it is done or handed off.
+
+    Answers (what happened, detail): "done", "handed off" (to whom), "busy" (another live
+    coordinator holds the lease), "cancelled", or "finished already".
+    """
+    started = time.monotonic()
+    store = JobStore(summons.store, summons.job)
+    holder = f"{sandbox}/{secrets.token_hex(3)}"
+    decoded = frames.decode(store.spec(), secret, freshness=at_rest())
+    assignment: Assignment = decoded.value
+    lease = _Lease(store, holder, assignment.lifetime)
+    taken = lease.take(summons.expect, summons.why)
+    if taken is not None:
+        return taken
     from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 
     options = assignment.options
@@ -84,34 +138,206 @@ def coordinate(assignment: Assignment, secret: bytes, sandbox: str) -> Report:
     executor = OpenLambdaExecutor(
         url=assignment.url, progress="off", transport=transport, **options
     )
-    started = time.monotonic()
+    recorder = _Recorder(store, secret)
+    deadline = started + assignment.lifetime - handoff_margin(assignment.lifetime)
     try:
-        job = Job(
-            _never_called,
-            (),
-            {},
-            assignment.split,
-            assignment.whole,
-            assignment.chunks,
-            keep_going=assignment.keep_going,
-            first=assignment.first,
-            id=assignment.job,
-        )
-        account = Accounting(job.id, len(job.chunks))
-        offer = None
-        if assignment.offer is not None:  # file names unique to this coordinator
-            url, min_bytes = assignment.offer
-            offer = Offer(f"{url}c{secrets.token_hex(4)}-", min_bytes, _NOWHERE)
-        state = JobState(job, assignment.template, assignment.inline, account, offer)
-        state.collect = False  # stored results are the client's to read
+        state = _state(assignment, store, secret, recorder)
+        known = len(state.done)
+        state.stop = lambda: lease.lost is not None or time.monotonic() >= deadline
         outcomes = executor.run_state(state)
-        report = Report(outcomes, account, sandbox, 0.0, executor.backups)
+        recorder.flush(state.account, outcomes)
+        counts = _counts(state.account, executor.backups, known, summons.why, holder)
+        if lease.lost is not None:
+            store.counters(holder, counts)
+            return lease.lost, ""
+        if not state.complete:
+            store.counters(holder, counts)
+            left = assignment.lifetime - (time.monotonic() - started)
+            return "handed off", _hand_off(summons, lease, endpoint, secret, left)
+        report = Report(outcomes, holder=holder)
         if assignment.combine is not None and _mergeable(outcomes, assignment.keep_going):
-            executor._loop.run(_merge(executor.caller, assignment, report))
-        report.seconds = time.monotonic() - started
-        return report
+            executor._loop.run(_merge(executor.caller, assignment, report, state.account))
+        counts["combines"] = report.combines
+        store.counters(holder, counts)
+        store.put_result(frames.encode(frames.RESULT, report, secret).join())
+        return "done", holder
     finally:
+        lease.release()
+        recorder.close()
         executor.close()
+
+
+def _state(assignment: Assignment, store: JobStore, secret: bytes, recorder: _Recorder) -> JobState:
+    """The job as this coordinator runs it, with the outcomes recorded before it took over."""
+    job = Job(
+        _never_called,
+        (),
+        {},
+        assignment.split,
+        assignment.whole,
+        assignment.chunks,
+        keep_going=assignment.keep_going,
+        first=assignment.first,
+        id=assignment.job,
+    )
+    account = Accounting(job.id, len(job.chunks))
+    offer = None
+    if assignment.offer is not None:  # file names unique to this coordinator
+        url, min_bytes = assignment.offer
+        offer = Offer(f"{url}c{secrets.token_hex(4)}-", min_bytes, _NOWHERE)
+    state = JobState(job, assignment.template, assignment.inline, account, offer)
+    state.collect = False  # stored results are the client's to read
+    for chunk, frame in store.records():
+        state.done[chunk] = frames.decode(frame, secret, freshness=at_rest()).value
+    recorder.recorded.update(state.done)
+    state.record = recorder.record
+    return state
+
+
+class _Lease:
+    """This coordinator's hold on the job, renewed in a thread; `lost` says why it ended."""
+
+    def __init__(self, store: JobStore, holder: str, lifetime: float) -> None:
+        self.store, self.holder, self.lifetime = store, holder, lifetime
+        self.started = time.monotonic()
+        self.generation: int | None = None
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def take(self, expect: int | None, why: str) -> tuple[str, str] | None:
+        """Take the lease (None), or why not: the answer to give."""
+        status, lease = self.store.lease(self.holder, LEASE_S, expect, why, self.left())
+        if status == 410:
+            return "cancelled", ""
+        if lease.get("done"):
+            return "finished already", ""
+        if status == 409:
+            return "busy", str(lease.get("holder", ""))
+        self.generation = int(lease["generation"])
+        self._thread = threading.Thread(target=self._renew, name="lampy-lease", daemon=True)
+        self._thread.start()
+        return None
+
+    def left(self) -> float:
+        return max(0.0, self.lifetime - (time.monotonic() - self.started))
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_S):
+            try:
+                status, lease = self.store.lease(
+                    self.holder, LEASE_S, self.generation, "renew", self.left()
+                )
+            except Exception:  # the store unreachable for a moment: the lease may still hold
+                continue
+            if status == 410:
+                self.lost = "cancelled"
+            elif status != 200:
+                self.lost = "busy" if not lease.get("done") else "finished already"
+            if self.lost is not None:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class _Recorder:
+    """Writes accepted outcomes to the store in threads, so the loop never waits on it."""
+
+    def __init__(self, store: JobStore, secret: bytes) -> None:
+        self.store, self.secret = store, secret
+        self.recorded: dict[int, Outcome] = {}
+        self._pending: dict[int, Future[bool]] = {}
+        self._pool = ThreadPoolExecutor(RECORDERS, thread_name_prefix="lampy-record")
+
+    def record(self, chunk: int, outcome: Outcome) -> None:
+        if chunk in self.recorded or chunk in self._pending:
+            return
+        frame = frames.encode(frames.RESULT, outcome, self.secret).join()
+        self._pending[chunk] = self._pool.submit(self.store.record, chunk, frame)
+
+    def flush(self, account: Accounting, outcomes: dict[int, Outcome]) -> None:
+        """Record what is left (chunks lost after every attempt), wait for every write, and
+        take the recorded outcome wherever another coordinator recorded a chunk first."""
+        for chunk, outcome in outcomes.items():
+            self.record(chunk, outcome)
+        for chunk, written in self._pending.items():
+            if written.result():
+                self.recorded[chunk] = outcomes[chunk]
+            else:  # another coordinator's answer is the one merged
+                account.accepted[chunk] -= 1
+                account.dropped["recorded"] += 1
+        self._pending.clear()
+        if account.dropped["recorded"]:
+            for chunk, frame in self.store.records():
+                if chunk in outcomes:
+                    outcomes[chunk] = frames.decode(frame, self.secret, freshness=at_rest()).value
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _hand_off(summons: Summons, lease: _Lease, endpoint: str, secret: bytes, left: float) -> str:
+    """Summon a fresh call to take over and wait until it holds the lease; its holder name.
+
+    The call is made from a thread that outlives this answer: the successor answers it when
+    done, and nobody needs that answer (the job's state is in the store).
+    """
+    choice = next_orchestrator(left, lease.lifetime, handoff_margin(lease.lifetime))
+    successor = Summons(summons.job, summons.store, f"hand-off ({choice})", lease.generation)
+    frame = frames.encode(frames.COORDINATE, successor, secret)
+    transport = ThreadTransport(endpoint, 1, secret)
+    call = threading.Thread(
+        target=_call_quietly, args=(transport, frame, lease.lifetime * 2), daemon=True
+    )
+    call.start()
+    lease.release()
+    deadline = time.monotonic() + min(TAKEOVER_WAIT_S, max(0.5, left - 0.2))
+    while time.monotonic() < deadline:
+        holder = (lease.store.status().get("lease") or {}).get("holder", "")
+        if holder and holder != lease.holder:
+            return str(holder)
+        time.sleep(0.05)
+    return "(a successor was summoned; none holds the lease yet)"
+
+
+def _call_quietly(transport: ThreadTransport, frame: frames.Outgoing, timeout: float) -> None:
+    with contextlib.suppress(Exception):  # its answer is not needed: its work is in the store
+        transport._post(frame, timeout)
+
+
+def _counts(account: Accounting, backups: int, known: int, why: str, holder: str) -> dict[str, Any]:
+    """What one coordinator did, as the store keeps it (`lampy job ID` shows the sums)."""
+    return {
+        "why": why,
+        "took_over": known,
+        "accepted": sorted(c for c, n in account.accepted.items() if n > 0),
+        "attempts": {str(c): n for c, n in account.attempts.items()},
+        "lost": sorted(account.lost),
+        "failures": dict(account.failures),
+        "dropped": dict(account.dropped),
+        "cancelled": account.cancelled,
+        "backups": backups,
+        "combines": 0,
+        "at": time.time(),
+    }
+
+
+def fold(account: Accounting, counters: dict[str, dict[str, Any]]) -> Counter[str]:
+    """Every coordinator's counts (the store's) added into `account`; the totals of the
+    other counts (backups, combines, hand-offs)."""
+    totals: Counter[str] = Counter()
+    for counts in counters.values():
+        account.accepted.update(counts.get("accepted", []))
+        account.attempts.update({int(c): n for c, n in counts.get("attempts", {}).items()})
+        account.lost.update(counts.get("lost", []))
+        account.failures.update(counts.get("failures", {}))
+        account.dropped.update(counts.get("dropped", {}))
+        account.cancelled += counts.get("cancelled", 0)
+        totals.update(backups=counts.get("backups", 0), combines=counts.get("combines", 0))
+    return totals
 
 
 def _never_called(*args: Any, **kwargs: Any) -> Any:
@@ -132,7 +358,9 @@ def _mergeable(outcomes: dict[int, Outcome], keep_going: bool) -> bool:
     return True
 
 
-async def _merge(caller: Caller, assignment: Assignment, report: Report) -> None:
+async def _merge(
+    caller: Caller, assignment: Assignment, report: Report, account: Accounting
+) -> None:
     """Replace the partials in `report` by the subtrees of the client's tree that lack the
     chunks the client ran itself, each merged in combine calls `FAN_IN` partials at a time."""
     outcomes = report.outcomes
@@ -154,7 +382,7 @@ async def _merge(caller: Caller, assignment: Assignment, report: Report) -> None
             try:
                 outcome = await caller.combine(assignment.job, call, rule, partials)
             except PlatformFailure as failure:
-                report.account.note(failure)
+                account.note(failure)
                 if attempt == attempts:
                     raise
                 await asyncio.sleep(backoff(attempt, assignment.options["backoff"]))
@@ -180,7 +408,7 @@ async def _merge(caller: Caller, assignment: Assignment, report: Report) -> None
         del outcomes[chunk]
     for (lo, hi), value in zip(spans, values, strict=True):
         outcomes[position[lo]] = Outcome(value=Merged(value, hi - lo))
-    report.merged_levels = spans
+    report.merged = spans
 
 
 async def _one(group: list[Any], combine: Any) -> Any:

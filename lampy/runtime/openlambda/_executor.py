@@ -24,6 +24,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import replace
+from typing import Any
 
 from lampy._errors import ExecutionError, OptionError, RemoteTraceback, RetriesExhausted
 from lampy.runtime._combine import Destination
@@ -33,7 +34,8 @@ from lampy.runtime._scheduler import ATTEMPTS, BACKOFF_S, ChunkScheduler, backof
 from lampy.runtime._secret import load_secret
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.executors._base import Executor
-from lampy.runtime.openlambda._coordinator import Assignment, Report
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._coordinator import Assignment, Report, Summons, fold
 from lampy.runtime.openlambda._loop import Loop, Progress
 from lampy.runtime.openlambda._protocol import (
     INLINE_BYTES,
@@ -45,7 +47,9 @@ from lampy.runtime.openlambda._protocol import (
     template_of,
 )
 from lampy.runtime.openlambda._transport import Transport
-from lampy.runtime.remote._publish import published
+from lampy.runtime.openlambda._watch import watch
+from lampy.runtime.remote._jobs import JobStore
+from lampy.runtime.remote._publish import published, serving
 from lampy.runtime.remote._results import Offer, Sink, collect, offered
 
 DEFAULT_URL = "http://127.0.0.1:5000"
@@ -63,6 +67,9 @@ PREWARM_HOLD_S = 0.05  # each pre-warm call holds its sandbox this long, so call
 PREWARM_PATIENCE_S = 1.0  # ... and stops once no new sandbox answered for this long (a cold
 # start is STARTUP_S on a quiet machine, several times that on a loaded one)
 ACCOUNTS_KEPT = 64  # jobs whose accounting the executor keeps
+# OpenLambda's default limits.runtime_sec: how long one call may run, so how long one
+# coordinator lambda may orchestrate before it hands the job off (orchestrator="lambda")
+RUNTIME_LIMIT_S = 30.0
 Unit = tuple[int, ...]  # the chunks one call carries
 
 
@@ -81,6 +88,8 @@ class OpenLambdaExecutor(Executor):
         "progress": str,
         "results": str,
         "orchestrator": str,
+        "store": str,
+        "runtime_limit": float,
     }
 
     def __init__(
@@ -96,6 +105,8 @@ class OpenLambdaExecutor(Executor):
         progress: str = "auto",
         results: str = "auto",
         orchestrator: str = "client",
+        store: str = "",
+        runtime_limit: float = RUNTIME_LIMIT_S,
         transport: Transport | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or concurrency < 1:
@@ -111,7 +122,9 @@ class OpenLambdaExecutor(Executor):
                 f'orchestrator must be "client" (this process runs the job) or "lambda" (a '
                 f"call of the deployed lambda does); got {orchestrator!r}"
             )
-        self.orchestrator = orchestrator
+        if runtime_limit <= 0:
+            raise OptionError(f"runtime_limit must be > 0 seconds; got {runtime_limit!r}")
+        self.orchestrator, self.store, self.runtime_limit = orchestrator, store, runtime_limit
         self.url, self.lambda_name = url.rstrip("/"), name
         #: Where an elemwise result goes: see lampy.runtime.remote._results.
         self.sink = replace(Sink.parse(results), platform=self.url)
@@ -129,6 +142,7 @@ class OpenLambdaExecutor(Executor):
         self.accounts: deque[Accounting] = deque(maxlen=ACCOUNTS_KEPT)  # the latest jobs'
         #: what the coordinator lambdas of the latest jobs reported (orchestrator="lambda")
         self.reports: deque[Report] = deque(maxlen=ACCOUNTS_KEPT)
+        self.statuses: deque[dict[str, Any]] = deque(maxlen=ACCOUNTS_KEPT)  # their job stores'
         self._loop = Loop()
         self._called = False
         self._asked = 0  # the largest pre-warm asked for so far
@@ -187,10 +201,12 @@ class OpenLambdaExecutor(Executor):
         return self._loop.run(self._run_job(state))
 
     def _orchestrated(self, job: Job, offer: Offer | None) -> dict[int, Outcome]:
-        """Hand the job to a coordinator lambda (_coordinator.py) and wait for its report."""
+        """Write the job to the job store, summon a coordinator lambda (_coordinator.py) and
+        watch the job until its report is in the store (_watch.py)."""
+        store = self._job_store(job.id)
+        rule = by_value(job.combine, job.combine) if job.combine is not None else None
         template = template_of(job)
         payload = len(template) + sum(a.nbytes for a in job.whole)
-        rule = by_value(job.combine, job.combine) if job.combine is not None else None
         options = {
             "name": self.lambda_name,
             "concurrency": self.concurrency,
@@ -199,7 +215,7 @@ class OpenLambdaExecutor(Executor):
             "backoff": self.backoff,
             "batch": self.batch,
         }
-        # every elemwise result array goes to the array server: the report carries references
+        # every elemwise result array goes to the array server: the report holds references
         task = (offer.url, 1) if offer is not None and job.combine is None else None
         assignment = Assignment(
             job.id,
@@ -214,14 +230,22 @@ class OpenLambdaExecutor(Executor):
             task,
             self.url,
             options,
+            self.runtime_limit,
         )
+        spec = frames.encode(frames.COORDINATE, assignment, self.secret).join()
+        store.create(spec, len(job.chunks))
         account = Accounting(job.id, len(job.chunks))
         self.accounts.append(account)
         self._called = True
-        report = self._loop.run(self._coordinate(assignment, account))
+        summons = Summons(job.id, store.server, "start")
+        watching = watch(
+            self.caller, store, summons, self.attempts, self.backoff, self.runtime_limit, True
+        )
+        report, status = self._loop.run(watching)
         self.reports.append(report)
-        self.backups += report.backups
-        _fold(account, report.account)
+        self.statuses.append(status)
+        totals = fold(account, status["counters"])
+        self.backups += totals["backups"]
         if report.combine_error is not None:
             error = report.combine_error
             assert error.error is not None
@@ -232,25 +256,19 @@ class OpenLambdaExecutor(Executor):
             return report.outcomes
         return {c: _collected(o, offer) for c, o in report.outcomes.items()}
 
-    async def _coordinate(self, assignment: Assignment, account: Accounting) -> Report:
-        """The coordinator call, retried like a chunk's when the platform loses it (the job
-        then runs again from its start: nothing of a lost coordinator is merged)."""
-        for attempt in range(1, self.attempts + 1):
-            account.attempts[-1] += 1
-            try:
-                report: Report = await self.caller.coordinate(assignment, self.timeout)
-                return report
-            except PlatformFailure as failure:
-                account.note(failure)
-                if attempt == self.attempts:
-                    raise ExecutionError(
-                        f"the coordinator lambda of job {assignment.job[:8]} was lost {attempt} "
-                        f"times, each time in the platform: {failure}. Check the worker (GET "
-                        f"{self.url}/status), or raise attempts= or timeout= (now "
-                        f"{self.timeout:g} s: a coordinator runs the whole job)"
-                    ) from failure
-                await asyncio.sleep(backoff(attempt, self.backoff))
-        raise AssertionError("unreachable")
+    def _job_store(self, job: str) -> JobStore:
+        """The job's state: on the `store` server, else on this process's array server."""
+        if self.store:
+            return JobStore(self.store, job)
+        server = serving(self.url, start=True)
+        if server is None:
+            raise ExecutionError(
+                f"orchestrator='lambda' keeps the job's state on an array server the platform "
+                f"reaches, but the route from {self.url} to this machine is unknown: run "
+                "`lampy serve DIR --host ADDRESS` where the platform reaches it and pass "
+                "store='http://ADDRESS:PORT'"
+            )
+        return JobStore(server[1], job)
 
     def prewarm(self, n: int, timeout: float = 30.0) -> int:
         """Send concurrent no-op calls until `n` sandboxes answered (or no more appear).
@@ -313,6 +331,8 @@ class OpenLambdaExecutor(Executor):
         scheduler = ChunkScheduler(job, self.attempts, advice)
         size = self._batch_size(job)
         loop = asyncio.get_running_loop()
+        for chunk, known in state.done.items():  # a job taken over: these ran before
+            scheduler.finished(chunk, known, loop.time())
         finished: asyncio.Queue[tuple[Unit, asyncio.Task[list[Outcome]]]] = asyncio.Queue()
         running: dict[Unit, list[asyncio.Task[list[Outcome]]]] = {}
         progress = Progress(len(job.chunks), self.progress)
@@ -326,6 +346,8 @@ class OpenLambdaExecutor(Executor):
 
         try:
             while not scheduler.done:
+                if state.stop is not None and state.stop():
+                    break  # in-flight calls are cancelled below: their chunks stay to run
                 while len(running) < self.concurrency:
                     unit = _take(scheduler, size)
                     if not unit:
@@ -335,7 +357,8 @@ class OpenLambdaExecutor(Executor):
                     unit = next(u for u in running if chunk in u)
                     self.backups += 1
                     launch(unit)
-                wait = 0.05 if len(scheduler.outcomes) and scheduler.running else None
+                busy = len(scheduler.outcomes) and scheduler.running
+                wait = 0.05 if busy or state.stop is not None else None
                 try:
                     unit, task = await asyncio.wait_for(finished.get(), wait)
                 except asyncio.TimeoutError:
@@ -359,6 +382,8 @@ class OpenLambdaExecutor(Executor):
                 for chunk, outcome in zip(unit, task.result(), strict=False):
                     if scheduler.finished(chunk, outcome, loop.time()):
                         account.accepted[chunk] += 1
+                        if state.record is not None:
+                            state.record(chunk, outcome)
                     else:
                         account.dropped["superseded"] += 1
                 for twin in running.pop(unit, []):
@@ -367,6 +392,7 @@ class OpenLambdaExecutor(Executor):
             account.lost.update(
                 c for c, o in scheduler.outcomes.items() if isinstance(o.error, RetriesExhausted)
             )
+            state.complete = scheduler.done
             return scheduler.outcomes
         finally:
             progress.close()
@@ -398,16 +424,6 @@ class OpenLambdaExecutor(Executor):
             if attempt < self.attempts:
                 await asyncio.sleep(backoff(attempt, self.backoff))
             raise
-
-
-def _fold(account: Accounting, theirs: Accounting) -> None:
-    """Add a coordinator's accounting of the chunk calls to the client's own."""
-    account.attempts.update(theirs.attempts)
-    account.accepted.update(theirs.accepted)
-    account.lost |= theirs.lost
-    account.dropped.update(theirs.dropped)
-    account.failures.update(theirs.failures)
-    account.cancelled += theirs.cancelled
 
 
 def _collected(outcome: Outcome, offer: Offer) -> Outcome:

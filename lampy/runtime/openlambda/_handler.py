@@ -108,8 +108,8 @@ def _serve(environ: dict[str, Any]) -> frames.Outgoing:
     if frame.kind == frames.COORDINATE:  # a whole job to orchestrate from here
         from lampy.runtime.openlambda._coordinator import coordinate
 
-        report = coordinate(frame.value, secret, SANDBOX)
-        return frames.encode(frames.RESULT, ((frame.value.job, "coordinate"), report), secret)
+        said = coordinate(frame.value, secret, SANDBOX)
+        return frames.encode(frames.RESULT, ((frame.value.job, "coordinate"), said), secret)
     if frame.kind == frames.COMBINE:  # partials to merge, for a coordinator
         from lampy.runtime.openlambda._coordinator import combine_here
 

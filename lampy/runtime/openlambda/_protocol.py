@@ -18,6 +18,7 @@ import asyncio
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -94,6 +95,14 @@ class JobState:
     offer: Offer | None = None  # where large results may go (the client's array server)
     #: Read stored results back here (the client); a coordinator passes the references on.
     collect: bool = True
+    #: Outcomes known before the run starts (a coordinator taking over a job): not run again.
+    done: dict[int, Outcome] = field(default_factory=dict)
+    #: Told each accepted answer as it comes (a coordinator keeps the job's state durable).
+    record: Callable[[int, Outcome], None] | None = None
+    #: Asked between completions: True stops the run now (a hand-off, a cancelled job).
+    stop: Callable[[], bool] | None = None
+    #: Set by the run: every chunk has its outcome, or the job stopped at a failed one.
+    complete: bool = False
     sends: int = 0  # calls that carried the template
     calls: int = 0  # calls made: each call's number, echoed by its answer
 

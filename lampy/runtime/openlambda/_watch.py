@@ -1,0 +1,88 @@
+"""Watching a job that lambdas orchestrate: wait for its result, and summon a coordinator
+whenever none holds the job's lease (the first, or after one was killed without handing off).
+
+The client that started the job watches it; so does `lampy.job(id)` from any other process,
+which is how a job survives its client. Watching costs a long-polled request to the job store
+now and then, never a request per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from lampy._errors import ExecutionError
+from lampy.runtime._scheduler import backoff
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._coordinator import Report, Summons
+from lampy.runtime.openlambda._protocol import Caller, PlatformFailure
+from lampy.runtime.remote._jobs import JobStore, at_rest
+
+POLL_S = 1.0  # a result request waits this long for the result before the watcher looks again
+
+
+class JobCancelled(ExecutionError):
+    """The job was cancelled (`lampy.job(id).cancel()` or `lampy job ID --cancel`)."""
+
+
+async def watch(
+    caller: Caller,
+    store: JobStore,
+    summons: Summons,
+    attempts: int,
+    first_backoff: float,
+    lifetime: float,
+    start: bool,
+) -> tuple[Report, dict[str, Any]]:
+    """The job's report and its final status; summons coordinators as needed (the first one
+    when `start`). Gives up after `attempts` summonses in a row that brought no progress."""
+    loop = asyncio.get_running_loop()
+    call: asyncio.Future[Any] | None = None
+    summoned, progress, failure = 0, -1, ""
+
+    def summon(why: str) -> asyncio.Future[Any]:
+        nonlocal summoned
+        summoned += 1
+        asked = Summons(summons.job, summons.store, why)
+        return asyncio.ensure_future(caller.coordinate(asked, lifetime + 10.0))
+
+    if start:
+        call = summon("start")
+    try:
+        while True:
+            wait = POLL_S if call is None else min(POLL_S, 0.25)
+            data = await loop.run_in_executor(None, store.result, wait)
+            if data is not None:
+                report: Report = frames.decode(data, store.secret, freshness=at_rest()).value
+                return report, await loop.run_in_executor(None, store.status)
+            if call is not None and call.done():
+                try:
+                    what, _ = call.result()
+                except PlatformFailure as lost:  # its sandbox died, or ran past its limit
+                    failure = str(lost)
+                    what = "lost"
+                call = None
+                if what == "cancelled":
+                    raise JobCancelled(f"job {summons.job} was cancelled")
+            status = await loop.run_in_executor(None, store.status)
+            if status["state"] == "cancelled":
+                raise JobCancelled(f"job {summons.job} was cancelled")
+            lease = status["lease"]
+            if call is not None or (lease is not None and lease["until"] > time.time()):
+                continue
+            if status["done"] > progress:
+                progress, summoned = status["done"], 0
+            if summoned >= attempts:
+                raise ExecutionError(
+                    f"job {summons.job}: {summoned} coordinators in a row made no progress "
+                    f"({status['done']} of {status['chunks']} chunks done). The last failure: "
+                    f"{failure or 'none reported'}. Check the worker, then re-attach with "
+                    f"lampy.job({summons.job!r}, store={summons.store!r}).result()"
+                )
+            if summoned:
+                await asyncio.sleep(backoff(summoned, first_backoff))
+            call = summon("revive" if start or summoned else "re-attach")
+    finally:
+        if call is not None and not call.done():
+            call.cancel()
