@@ -16,14 +16,14 @@ import lampy
 import tests.toy_executor  # noqa: F401 (registers the "threads" executor)
 from lampy.runtime import executors
 from lampy.testing import openlambda_worker
-from tests.orchestrated import mark_items as mark_orchestrated
-from tests.orchestrated import orchestrated_options  # noqa: F401 (registers "orchestrated")
 from tests.olreal import (  # noqa: F401 (registers "olreal", OpenLambda's own worker, if here)
     mark_items,
     olreal_options,
     olreal_url,
     pytest_report_header,
 )
+from tests.orchestrated import mark_items as mark_orchestrated
+from tests.orchestrated import orchestrated_options  # noqa: F401 (registers "orchestrated")
 
 SECRET = "test-secret-for-lampy"
 RANDOM_IN_STRATEGY = (

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import threading
 import time
@@ -78,6 +79,9 @@ class Assignment:
     url: str  # the OpenLambda worker, as sandboxes reach it
     options: dict[str, Any]  # the executor's options: name, concurrency, timeout, attempts...
     lifetime: float  # the platform's runtime limit: how long one call may orchestrate
+    #: What the caller's side needs to finish a detached job (lampy.submit): the pickled
+    #: region, plan and outcomes of chunks run in the caller; never unpickled in a lambda.
+    caller_side: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, str]
     """
     started = time.monotonic()
     store = JobStore(summons.store, summons.job)
-    holder = f"{sandbox}/{secrets.token_hex(3)}"
+    holder = f"{sandbox}/{secrets.token_hex(3)} pid {os.getpid()}"  # pid 1 on OpenLambda
     decoded = frames.decode(store.spec(), secret, freshness=at_rest())
     assignment: Assignment = decoded.value
     lease = _Lease(store, holder, assignment.lifetime)

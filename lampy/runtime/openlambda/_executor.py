@@ -20,10 +20,12 @@ progress="auto" | "on" | "off").
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 import traceback
 from collections import deque
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from lampy._errors import ExecutionError, OptionError, RemoteTraceback, RetriesExhausted
@@ -146,6 +148,7 @@ class OpenLambdaExecutor(Executor):
         self._loop = Loop()
         self._called = False
         self._asked = 0  # the largest pre-warm asked for so far
+        self._summoned: set[concurrent.futures.Future[Any]] = set()  # detached jobs' first calls
 
     @property
     def endpoint(self) -> str:
@@ -180,10 +183,40 @@ class OpenLambdaExecutor(Executor):
         # results on the array server, so it starts for that
         lambda_ = self.orchestrator == "lambda"
         start = self.sink.mode != "auto" or (lambda_ and job.combine is None)
-        with published(job, self.url) as sent, offered(job.id, self.url, start) as offer:
+        store = self.store if lambda_ else ""
+        with published(job, self.url, store) as sent, offered(job.id, self.url, start) as offer:
             if lambda_:
                 return self._orchestrated(sent, offer)
             return self._run_sent(sent, offer)
+
+    def submit(self, job: Job, caller_side: Any) -> str:
+        """Start `job` in lambdas and return at once: its id, "JOB@STORE", which any process
+        with the secret re-attaches to (lampy.job). `caller_side` is what finishes it there
+        (pickled with the function's module by value, like the job's template)."""
+        if self.orchestrator != "lambda":
+            raise OptionError(
+                "a detached job needs orchestrator='lambda': with 'client' this process runs "
+                "the job, so it cannot go away"
+            )
+        with published(job, self.url, self.store, keep=True) as sent:
+            offer = self._detached_offer(sent) if job.combine is None else None
+            store = self._write_job(sent, offer, by_value(caller_side, job.function))
+        summons = Summons(job.id, store.server, "start")
+        self._summoned.add(self._loop.spawn(self.caller.coordinate(summons, self.runtime_limit)))
+        self._summoned = {f for f in self._summoned if not f.done()}
+        return f"{job.id}@{store.server}"
+
+    def _detached_offer(self, job: Job) -> Offer:
+        """Where a detached job's elemwise results go: the store, or this process's server
+        (kept until it exits: nothing here knows when the job's results are read)."""
+        if self.store:
+            url = f"{self.store.rstrip('/')}/results/{job.id}/"
+            return Offer(url, 1, Path("/nonexistent"))
+        server = serving(self.url, start=True)
+        if server is None:
+            raise ExecutionError(f"no array server reachable from {self.url}: pass store=URL")
+        directory, url = server
+        return Offer(f"{url}/results/{job.id}/", 1, directory / "results" / job.id)
 
     def _run_sent(self, job: Job, offer: Offer | None) -> dict[int, Outcome]:
         template = template_of(job)
@@ -203,40 +236,9 @@ class OpenLambdaExecutor(Executor):
     def _orchestrated(self, job: Job, offer: Offer | None) -> dict[int, Outcome]:
         """Write the job to the job store, summon a coordinator lambda (_coordinator.py) and
         watch the job until its report is in the store (_watch.py)."""
-        store = self._job_store(job.id)
-        rule = by_value(job.combine, job.combine) if job.combine is not None else None
-        template = template_of(job)
-        payload = len(template) + sum(a.nbytes for a in job.whole)
-        options = {
-            "name": self.lambda_name,
-            "concurrency": self.concurrency,
-            "timeout": self.timeout,
-            "attempts": self.attempts,
-            "backoff": self.backoff,
-            "batch": self.batch,
-        }
-        # every elemwise result array goes to the array server: the report holds references
-        task = (offer.url, 1) if offer is not None and job.combine is None else None
-        assignment = Assignment(
-            job.id,
-            template,
-            payload <= INLINE_BYTES,
-            job.whole,
-            job.split,
-            job.chunks,
-            job.keep_going,
-            job.first,
-            rule,
-            task,
-            self.url,
-            options,
-            self.runtime_limit,
-        )
-        spec = frames.encode(frames.COORDINATE, assignment, self.secret).join()
-        store.create(spec, len(job.chunks))
+        store = self._write_job(job, offer if job.combine is None else None, None)
         account = Accounting(job.id, len(job.chunks))
         self.accounts.append(account)
-        self._called = True
         summons = Summons(job.id, store.server, "start")
         watching = watch(
             self.caller, store, summons, self.attempts, self.backoff, self.runtime_limit, True
@@ -255,6 +257,42 @@ class OpenLambdaExecutor(Executor):
         if offer is None:
             return report.outcomes
         return {c: _collected(o, offer) for c, o in report.outcomes.items()}
+
+    def _write_job(self, job: Job, offer: Offer | None, caller_side: bytes | None) -> JobStore:
+        """The job written to its store, ready for a coordinator (every elemwise result array
+        goes to `offer`'s server, so the report holds references)."""
+        store = self._job_store(job.id)
+        rule = by_value(job.combine, job.combine) if job.combine is not None else None
+        template = template_of(job)
+        payload = len(template) + sum(a.nbytes for a in job.whole)
+        options = {
+            "name": self.lambda_name,
+            "concurrency": self.concurrency,
+            "timeout": self.timeout,
+            "attempts": self.attempts,
+            "backoff": self.backoff,
+            "batch": self.batch,
+        }
+        assignment = Assignment(
+            job.id,
+            template,
+            payload <= INLINE_BYTES,
+            job.whole,
+            job.split,
+            job.chunks,
+            job.keep_going,
+            job.first,
+            rule,
+            None if offer is None else (offer.url, 1),
+            self.url,
+            options,
+            self.runtime_limit,
+            caller_side,
+        )
+        spec = frames.encode(frames.COORDINATE, assignment, self.secret).join()
+        store.create(spec, len(job.chunks))
+        self._called = True
+        return store
 
     def _job_store(self, job: str) -> JobStore:
         """The job's state: on the `store` server, else on this process's array server."""

@@ -15,7 +15,7 @@ from typing import Any
 from lampy._errors import ExecutionError
 from lampy.runtime._scheduler import backoff
 from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.openlambda._coordinator import Report, Summons
+from lampy.runtime.openlambda._coordinator import LEASE_S, Report, Summons
 from lampy.runtime.openlambda._protocol import Caller, PlatformFailure
 from lampy.runtime.remote._jobs import JobStore, at_rest
 
@@ -34,9 +34,11 @@ async def watch(
     first_backoff: float,
     lifetime: float,
     start: bool,
+    deadline: float | None = None,
 ) -> tuple[Report, dict[str, Any]]:
     """The job's report and its final status; summons coordinators as needed (the first one
-    when `start`). Gives up after `attempts` summonses in a row that brought no progress."""
+    when `start`). Gives up after `attempts` summonses in a row that brought no progress, or
+    at `deadline` (time.monotonic()) with a TimeoutError; the job goes on."""
     loop = asyncio.get_running_loop()
     call: asyncio.Future[Any] | None = None
     summoned, progress, failure = 0, -1, ""
@@ -56,6 +58,11 @@ async def watch(
             if data is not None:
                 report: Report = frames.decode(data, store.secret, freshness=at_rest()).value
                 return report, await loop.run_in_executor(None, store.status)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"job {summons.job} is still running; re-attach later with "
+                    f"lampy.job('{summons.job}@{summons.store}').result()"
+                )
             if call is not None and call.done():
                 try:
                     what, _ = call.result()
@@ -68,8 +75,9 @@ async def watch(
             status = await loop.run_in_executor(None, store.status)
             if status["state"] == "cancelled":
                 raise JobCancelled(f"job {summons.job} was cancelled")
-            lease = status["lease"]
-            if call is not None or (lease is not None and lease["until"] > time.time()):
+            lease, now = status["lease"], time.time()
+            starting = lease is None and now - (status["created"] or 0) < LEASE_S  # summoned
+            if call is not None or starting or (lease is not None and lease["until"] > now):
                 continue
             if status["done"] > progress:
                 progress, summoned = status["done"], 0
