@@ -40,4 +40,4 @@ def mark_items(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def orchestrated_options(worker_url: str) -> dict[str, Any]:
-    return {"url": worker_url, "orchestrator": "lambda"}
+    return {"url": worker_url, "orchestrator": "lambda", "runtime_limit": 20.0}  # as the worker

@@ -36,6 +36,7 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ LEASE_S = 3.0  # a coordinator's lease lasts this long unless renewed ...
 RENEW_S = 0.5  # ... which it is this often
 TAKEOVER_WAIT_S = 5.0  # a coordinator handing off waits this long for its successor's lease
 RECORDERS = 4  # threads writing outcomes to the store
+REPORT_EVERY = 4  # renewals between two posts of a coordinator's counts (`lampy job ID`)
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,12 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, str]
     deadline = started + assignment.lifetime - handoff_margin(assignment.lifetime)
     try:
         state = _state(assignment, store, secret, recorder)
-        known = len(state.done)
+        known = sorted(state.done)
         state.stop = lambda: lease.lost is not None or time.monotonic() >= deadline
+        lease.counts = lambda: _counts(state.account, executor.backups, known, summons.why)
         outcomes = executor.run_state(state)
         recorder.flush(state.account, outcomes)
-        counts = _counts(state.account, executor.backups, known, summons.why, holder)
+        counts = _counts(state.account, executor.backups, known, summons.why)
         if lease.lost is not None:
             store.counters(holder, counts)
             return lease.lost, ""
@@ -206,6 +209,7 @@ class _Lease:
         self.started = time.monotonic()
         self.generation: int | None = None
         self.lost: str | None = None
+        self.counts: Callable[[], dict[str, Any]] | None = None  # progress, posted now and then
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -227,7 +231,12 @@ class _Lease:
         return max(0.0, self.lifetime - (time.monotonic() - self.started))
 
     def _renew(self) -> None:
+        beats = 0
         while not self._stop.wait(RENEW_S):
+            beats += 1
+            if self.counts is not None and beats % REPORT_EVERY == 0:
+                with contextlib.suppress(Exception):  # counts mid-change: the next one will do
+                    self.store.counters(self.holder, self.counts())
             try:
                 status, lease = self.store.lease(
                     self.holder, LEASE_S, self.generation, "renew", self.left()
@@ -312,11 +321,11 @@ def _call_quietly(transport: ThreadTransport, frame: frames.Outgoing, timeout: f
         transport._post(frame, timeout)
 
 
-def _counts(account: Accounting, backups: int, known: int, why: str, holder: str) -> dict[str, Any]:
+def _counts(account: Accounting, backups: int, known: list[int], why: str) -> dict[str, Any]:
     """What one coordinator did, as the store keeps it (`lampy job ID` shows the sums)."""
     return {
         "why": why,
-        "took_over": known,
+        "took_over": known,  # chunks recorded before this coordinator started
         "accepted": sorted(c for c, n in account.accepted.items() if n > 0),
         "attempts": {str(c): n for c, n in account.attempts.items()},
         "lost": sorted(account.lost),

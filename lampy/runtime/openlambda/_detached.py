@@ -106,3 +106,49 @@ def status(store_url: str, job: str) -> dict[str, Any]:
 
 def cancel(store_url: str, job: str) -> dict[str, Any]:
     return JobStore(store_url, job).cancel()
+
+
+def describe(status: dict[str, Any], store: str) -> str:
+    """A job's status as `lampy job ID` prints it: progress first, then who orchestrates,
+    the hand-offs, and what the chunk calls went through."""
+    total, done = status["chunks"] or 0, status["done"]
+    share = f" ({done / total:.0%})" if total else ""
+    lines = [
+        f"job {status['job']}@{store}: {status['state']}, {done} of {total} chunks done{share}"
+    ]
+    lease, now = status["lease"], time.time()
+    if lease is not None and status["state"] == "running":
+        if lease["until"] > now:
+            held = now - lease["since"]
+            left, lasts = lease["lifetime"], lease["until"] - now
+            lines.append(
+                f"orchestrated by lambda {lease['holder']} for {held:.1f} s (lifetime left "
+                f"{left:.1f} s when it last renewed; lease {lasts:.1f} s)"
+            )
+        else:
+            lines.append(
+                f"no lambda orchestrates it now (the last, {lease['holder']}, let its lease "
+                f"lapse {now - lease['until']:.1f} s ago): re-attach with lampy.job(ID).result()"
+            )
+    elif lease is not None:
+        lines.append(f"last orchestrated by lambda {lease['holder']}")
+    events = status["events"]
+    handoffs = [e for e in events if e["from"] is not None]
+    lines.append(f"orchestrators: {len(events)}, hand-offs: {len(handoffs)}")
+    for event in events:
+        when = time.strftime("%H:%M:%S", time.localtime(event["at"]))
+        lines.append(f"  {when} {event['why']}: {event['to']}")
+    counters = status["counters"]
+    attempts = sum(sum(c.get("attempts", {}).values()) for c in counters.values())
+    retried: dict[str, int] = {}
+    for counts in counters.values():
+        for kind, n in {**counts.get("failures", {}), **counts.get("dropped", {})}.items():
+            retried[kind] = retried.get(kind, 0) + n
+    backups = sum(c.get("backups", 0) for c in counters.values())
+    combines = sum(c.get("combines", 0) for c in counters.values())
+    listed = ", ".join(f"{k} {v}" for k, v in sorted(retried.items())) or "none"
+    lines.append(
+        f"chunk calls (as last reported): {attempts} attempts; failed or "
+        f"dropped: {listed}; straggler backups {backups}; combine calls {combines}"
+    )
+    return "\n".join(lines)
