@@ -114,7 +114,7 @@ class RegionRunner:
         costs = executor.costs()
 
         def make(probe: Probe | None) -> Plan:
-            return plan(
+            made = plan(
                 executor=name,
                 costs=costs,
                 rows=binding.rows,
@@ -124,6 +124,7 @@ class RegionRunner:
                 probe=probe,
                 sent_row_bytes=binding.sent_row_bytes,
             )
+            return replace(made, orchestrated_by=getattr(executor, "orchestrated_by", ""))
 
         if chunks is not None or costs.workers <= 1 or binding.rows < 2:
             return make(None), None

@@ -175,6 +175,17 @@ class OpenLambdaExecutor(Executor):
         return self._called
 
     @property
+    def orchestrated_by(self) -> str:
+        """Where a job's scheduling runs, for `explain()`: "" for this process."""
+        if self.orchestrator != "lambda":
+            return ""
+        store = self.store or "this process's array server"
+        return (
+            f"a coordinator lambda ({self.endpoint}), handing off to a fresh call before its "
+            f"{self.runtime_limit:g} s runtime limit; the job's state on {store}"
+        )
+
+    @property
     def result_sink(self) -> Destination | None:
         return self.sink if self.sink.mode != "auto" else None
 

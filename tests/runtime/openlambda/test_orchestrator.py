@@ -365,3 +365,55 @@ def test_lampy_job_shows_progress_and_answers_a_mistake_in_one_line(
     )
     assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
     assert json.dumps(handle.status())  # the status is plain JSON
+
+
+# -- chaos ----------------------------------------------------------------------------------
+
+CHAOS_PLAN = "kill=0.03,502=0.03,429=0.04,hang=0.01,reset=0.03,corrupt=0.03,duplicate=0.03"
+
+
+def wave(x: np.ndarray) -> np.ndarray:
+    return np.sin(x) * 3.0 + x
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("seed", [1, 2])
+def test_twenty_percent_mixed_faults_give_the_inline_answer_bit_for_bit(
+    tmp_path: Path, seed: int
+) -> None:
+    """Faults hit chunk calls, combine calls, hand-offs and the coordinators themselves (a
+    killed or hung coordinator is revived from the store's records)."""
+    x = np.random.default_rng(seed).standard_normal(200 * 40)
+    regions = {"sum": lampy.sum(energy, chunks=200), "elemwise": lampy.elemwise(wave, chunks=200)}
+    with lampy.using(executor="inline"):
+        expected = {kind: region(x) for kind, region in regions.items()}
+    options = {
+        "orchestrator": "lambda",
+        "runtime_limit": 3.0,
+        "attempts": 12,
+        "backoff": 0.02,
+        "timeout": 10.0,
+        "progress": "off",
+    }
+    registry = tmp_path / "registry"
+    with openlambda_worker(registry, 4, 3.0, chaos=CHAOS_PLAN, chaos_seed=seed) as url:
+        with lampy.using(executor="openlambda", url=url, **options):
+            for kind, region in regions.items():
+                start = time.monotonic()
+                got = region(x)
+                assert time.monotonic() - start < 120
+                assert_same(got, expected[kind], exact=True)
+                status = executor_in_use().statuses[-1]
+                assert status["state"] == "done" and status["done"] == 200
+        counters = status["counters"].values()
+        assert sum(sum(c["failures"].values()) + sum(c["dropped"].values()) for c in counters)
+
+
+def test_explain_says_where_orchestration_runs() -> None:
+    region = lampy.sum(energy, chunks=4)
+    with lampy.using(executor="openlambda", url="http://127.0.0.1:9", orchestrator="lambda"):
+        shown = str(region.explain(np.ones((100, 2))))
+    assert "orchestrated by a coordinator lambda (http://127.0.0.1:9/run/lampy)" in shown
+    assert "before its 30 s runtime limit" in shown
+    with lampy.using(executor="openlambda", url="http://127.0.0.1:9"):
+        assert "orchestrated" not in str(region.explain(np.ones((100, 2))))
