@@ -36,8 +36,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ FAN_IN = 8  # partials one combine call merges: a subtree three levels high
 LEASE_S = 3.0  # a coordinator's lease lasts this long unless renewed ...
 RENEW_S = 0.5  # ... which it is this often
 TAKEOVER_WAIT_S = 5.0  # a coordinator handing off waits this long for its successor's lease
-RECORDERS = 4  # threads writing outcomes to the store
+RECORD_BATCH_S = 0.02  # outcomes accepted within this long go to the store in one request
 REPORT_EVERY = 4  # renewals between two posts of a coordinator's counts (`lampy job ID`)
 
 
@@ -172,6 +171,7 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, str]
         lease.release()
         recorder.close()
         executor.close()
+        store.close()
 
 
 def _state(assignment: Assignment, store: JobStore, secret: bytes, recorder: _Recorder) -> JobState:
@@ -257,39 +257,72 @@ class _Lease:
 
 
 class _Recorder:
-    """Writes accepted outcomes to the store in threads, so the loop never waits on it."""
+    """Writes accepted outcomes to the store from one thread, a batch per request, so the
+    loop never waits on it and a 1,000-chunk job costs tens of requests, not a thousand."""
 
     def __init__(self, store: JobStore, secret: bytes) -> None:
         self.store, self.secret = store, secret
         self.recorded: dict[int, Outcome] = {}
-        self._pending: dict[int, Future[bool]] = {}
-        self._pool = ThreadPoolExecutor(RECORDERS, thread_name_prefix="lampy-record")
+        self.refused: set[int] = set()  # recorded first by another coordinator
+        self._queue: list[tuple[int, bytes]] = []
+        self._queued: set[int] = set()
+        self._lock = threading.Condition()
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, name="lampy-record", daemon=True)
+        self._thread.start()
 
     def record(self, chunk: int, outcome: Outcome) -> None:
-        if chunk in self.recorded or chunk in self._pending:
+        if chunk in self.recorded or chunk in self._queued:
             return
         frame = frames.encode(frames.RESULT, outcome, self.secret).join()
-        self._pending[chunk] = self._pool.submit(self.store.record, chunk, frame)
+        with self._lock:
+            self._queue.append((chunk, frame))
+            self._queued.add(chunk)
+            self._lock.notify()
+
+    def _write(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._lock.wait()
+                batch, self._queue = self._queue, []
+                if not batch and self._closing:
+                    return
+            time.sleep(RECORD_BATCH_S)  # let a few more answers join the next batch
+            try:
+                self.refused.update(self.store.record(batch))
+            except BaseException as exc:  # the store is down: the job cannot be kept
+                self._failure = exc
+                return
 
     def flush(self, account: Accounting, outcomes: dict[int, Outcome]) -> None:
         """Record what is left (chunks lost after every attempt), wait for every write, and
         take the recorded outcome wherever another coordinator recorded a chunk first."""
         for chunk, outcome in outcomes.items():
             self.record(chunk, outcome)
-        for chunk, written in self._pending.items():
-            if written.result():
-                self.recorded[chunk] = outcomes[chunk]
-            else:  # another coordinator's answer is the one merged
-                account.accepted[chunk] -= 1
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        for chunk in self._queued:
+            if chunk in self.refused:  # another coordinator's answer is the one merged
+                if account.accepted[chunk] > 0:
+                    account.accepted[chunk] -= 1
                 account.dropped["recorded"] += 1
-        self._pending.clear()
-        if account.dropped["recorded"]:
+            else:
+                self.recorded[chunk] = outcomes[chunk]
+        if self.refused:
             for chunk, frame in self.store.records():
                 if chunk in outcomes:
                     outcomes[chunk] = frames.decode(frame, self.secret, freshness=at_rest()).value
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
 
 
 def _hand_off(summons: Summons, lease: _Lease, endpoint: str, secret: bytes, left: float) -> str:
@@ -322,13 +355,17 @@ def _call_quietly(transport: ThreadTransport, frame: frames.Outgoing, timeout: f
 
 
 def _counts(account: Accounting, backups: int, known: list[int], why: str) -> dict[str, Any]:
-    """What one coordinator did, as the store keeps it (`lampy job ID` shows the sums)."""
+    """What one coordinator did, as the store keeps it (`lampy job ID` shows the sums);
+    chunk numbers as ranges, so a 1,000-chunk job's counts stay a few hundred bytes."""
+    by_count: dict[int, list[int]] = {}
+    for chunk, n in account.attempts.items():
+        by_count.setdefault(n, []).append(chunk)
     return {
         "why": why,
-        "took_over": known,  # chunks recorded before this coordinator started
-        "accepted": sorted(c for c, n in account.accepted.items() if n > 0),
-        "attempts": {str(c): n for c, n in account.attempts.items()},
-        "lost": sorted(account.lost),
+        "took_over": ranges(known),  # chunks recorded before this coordinator started
+        "accepted": ranges(c for c, n in account.accepted.items() if n > 0),
+        "attempts": {str(n): ranges(chunks) for n, chunks in by_count.items()},
+        "lost": ranges(account.lost),
         "failures": dict(account.failures),
         "dropped": dict(account.dropped),
         "cancelled": account.cancelled,
@@ -338,14 +375,35 @@ def _counts(account: Accounting, backups: int, known: list[int], why: str) -> di
     }
 
 
+def ranges(chunks: Iterable[int]) -> list[list[int]]:
+    """Chunk numbers as [first, last] runs.
+
+    >>> ranges([5, 0, 1, 2, 7, 6])
+    [[0, 2], [5, 7]]
+    """
+    runs: list[list[int]] = []
+    for chunk in sorted(chunks):
+        if runs and runs[-1][1] == chunk - 1:
+            runs[-1][1] = chunk
+        else:
+            runs.append([chunk, chunk])
+    return runs
+
+
+def chunks_of(runs: list[list[int]]) -> list[int]:
+    """The chunk numbers of `ranges` runs."""
+    return [c for first, last in runs for c in range(first, last + 1)]
+
+
 def fold(account: Accounting, counters: dict[str, dict[str, Any]]) -> Counter[str]:
     """Every coordinator's counts (the store's) added into `account`; the totals of the
     other counts (backups, combines, hand-offs)."""
     totals: Counter[str] = Counter()
     for counts in counters.values():
-        account.accepted.update(counts.get("accepted", []))
-        account.attempts.update({int(c): n for c, n in counts.get("attempts", {}).items()})
-        account.lost.update(counts.get("lost", []))
+        account.accepted.update(chunks_of(counts.get("accepted", [])))
+        for n, runs in counts.get("attempts", {}).items():
+            account.attempts.update({c: int(n) for c in chunks_of(runs)})
+        account.lost.update(chunks_of(counts.get("lost", [])))
         account.failures.update(counts.get("failures", {}))
         account.dropped.update(counts.get("dropped", {}))
         account.cancelled += counts.get("cancelled", 0)

@@ -20,7 +20,7 @@ from lampy._errors import OptionError
 from lampy.runtime._secret import load_secret
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.openlambda._coordinator import Assignment, Report, Summons
+from lampy.runtime.openlambda._coordinator import Assignment, Report, Summons, chunks_of
 from lampy.runtime.openlambda._loop import Loop
 from lampy.runtime.openlambda._protocol import Caller
 from lampy.runtime.openlambda._watch import watch
@@ -101,11 +101,13 @@ def read_back(outcomes: dict[int, Outcome], assignment: Assignment) -> dict[int,
 
 
 def status(store_url: str, job: str) -> dict[str, Any]:
-    return JobStore(store_url, job).status()
+    with JobStore(store_url, job) as store:
+        return store.status()
 
 
 def cancel(store_url: str, job: str) -> dict[str, Any]:
-    return JobStore(store_url, job).cancel()
+    with JobStore(store_url, job) as store:
+        return store.cancel()
 
 
 def describe(status: dict[str, Any], store: str) -> str:
@@ -139,7 +141,11 @@ def describe(status: dict[str, Any], store: str) -> str:
         when = time.strftime("%H:%M:%S", time.localtime(event["at"]))
         lines.append(f"  {when} {event['why']}: {event['to']}")
     counters = status["counters"]
-    attempts = sum(sum(c.get("attempts", {}).values()) for c in counters.values())
+    attempts = sum(
+        int(n) * len(chunks_of(runs))
+        for counts in counters.values()
+        for n, runs in counts.get("attempts", {}).items()
+    )
     retried: dict[str, int] = {}
     for counts in counters.values():
         for kind, n in {**counts.get("failures", {}), **counts.get("dropped", {})}.items():

@@ -212,6 +212,7 @@ class OpenLambdaExecutor(Executor):
         with published(job, self.url, self.store, keep=True) as sent:
             offer = self._detached_offer(sent) if job.combine is None else None
             store = self._write_job(sent, offer, by_value(caller_side, job.function))
+            store.close()
         summons = Summons(job.id, store.server, "start")
         self._summoned.add(self._loop.spawn(self.caller.coordinate(summons, self.runtime_limit)))
         self._summoned = {f for f in self._summoned if not f.done()}

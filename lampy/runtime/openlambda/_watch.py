@@ -19,8 +19,6 @@ from lampy.runtime.openlambda._coordinator import LEASE_S, Report, Summons
 from lampy.runtime.openlambda._protocol import Caller, PlatformFailure
 from lampy.runtime.remote._jobs import JobStore, at_rest
 
-POLL_S = 1.0  # a result request waits this long for the result before the watcher looks again
-
 
 class JobCancelled(ExecutionError):
     """The job was cancelled (`lampy.job(id).cancel()` or `lampy job ID --cancel`)."""
@@ -41,7 +39,7 @@ async def watch(
     at `deadline` (time.monotonic()) with a TimeoutError; the job goes on."""
     loop = asyncio.get_running_loop()
     call: asyncio.Future[Any] | None = None
-    summoned, progress, failure = 0, -1, ""
+    summoned, progress, failure, what = 0, -1, "", ""
 
     def summon(why: str) -> asyncio.Future[Any]:
         nonlocal summoned
@@ -53,31 +51,32 @@ async def watch(
         call = summon("start")
     try:
         while True:
-            wait = POLL_S if call is None else min(POLL_S, 0.25)
+            if call is not None:  # the summoned coordinator answers first: wait for it alone
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                await asyncio.wait({call}, timeout=left)
+                if not call.done():
+                    raise _still_running(summons)
+                try:
+                    what, _ = call.result()
+                except PlatformFailure as lost:  # its sandbox died, or ran past its limit
+                    failure, what = str(lost), "lost"
+                call = None
+                if what == "cancelled":
+                    raise JobCancelled(f"job {summons.job} was cancelled")
+            # a long poll: it answers as soon as the result is in
+            wait = 0.0 if what in ("done", "finished already") else LEASE_S
             data = await loop.run_in_executor(None, store.result, wait)
             if data is not None:
                 report: Report = frames.decode(data, store.secret, freshness=at_rest()).value
                 return report, await loop.run_in_executor(None, store.status)
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"job {summons.job} is still running; re-attach later with "
-                    f"lampy.job('{summons.job}@{summons.store}').result()"
-                )
-            if call is not None and call.done():
-                try:
-                    what, _ = call.result()
-                except PlatformFailure as lost:  # its sandbox died, or ran past its limit
-                    failure = str(lost)
-                    what = "lost"
-                call = None
-                if what == "cancelled":
-                    raise JobCancelled(f"job {summons.job} was cancelled")
+                raise _still_running(summons)
             status = await loop.run_in_executor(None, store.status)
             if status["state"] == "cancelled":
                 raise JobCancelled(f"job {summons.job} was cancelled")
             lease, now = status["lease"], time.time()
             starting = lease is None and now - (status["created"] or 0) < LEASE_S  # summoned
-            if call is not None or starting or (lease is not None and lease["until"] > now):
+            if starting or (lease is not None and lease["until"] > now):
                 continue
             if status["done"] > progress:
                 progress, summoned = status["done"], 0
@@ -94,3 +93,11 @@ async def watch(
     finally:
         if call is not None and not call.done():
             call.cancel()
+        store.close()
+
+
+def _still_running(summons: Summons) -> TimeoutError:
+    return TimeoutError(
+        f"job {summons.job} is still running; re-attach later with "
+        f"lampy.job('{summons.job}@{summons.store}').result()"
+    )

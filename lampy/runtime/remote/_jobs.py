@@ -4,8 +4,8 @@ client go away (orchestrator="lambda", lampy.runtime.openlambda._coordinator).
 A job lives in `jobs/<id>/` under the server's directory, never in a coordinator's memory:
 
     spec            the job, a signed frame (the coordinator's `Assignment`), written once
-    chunks/<n>      chunk n's outcome, a signed frame, written ONCE: a second write is refused
-                    (409), so no chunk is merged twice however many coordinators ran it
+    chunks/<n>      chunk n's outcome, a signed frame, written ONCE: a second write is refused,
+                    so no chunk is merged twice however many coordinators ran it
     lease.json      who orchestrates: holder, until (Unix time), generation, remaining lifetime
     events.jsonl    hand-offs and revivals, one JSON object a line
     counters.json   each coordinator's counts (calls, retries, failures), by holder
@@ -18,7 +18,8 @@ SHA-256 is signed too):
     PUT  /jobs/<id>/spec?chunks=N      create the job
     GET  /jobs/<id>/spec
     GET  /jobs/<id>                    status (JSON): chunks, done, lease, events, counters, state
-    PUT  /jobs/<id>/chunks/<n>         record an outcome: 201, or 409 when already recorded
+    PUT  /jobs/<id>/chunks             record outcomes (u32 chunk, u64 length, frame ...);
+                                       answers the chunks refused as recorded already
     GET  /jobs/<id>/chunks             every recorded outcome (u32 chunk, u64 length, frame ...)
     POST /jobs/<id>/lease              take or renew the orchestrator's lease (JSON), 409 if held
     POST /jobs/<id>/counters           a coordinator's counts (JSON)
@@ -41,6 +42,7 @@ import math
 import os
 import re
 import struct
+import threading
 import time
 import urllib.parse
 import uuid
@@ -118,22 +120,21 @@ def add_routes(app: Any, root: Path, max_upload: int, authorize: Callable[[Any],
         folder = where(request)
         return web.Response(body=(folder / request.match_info["file"]).read_bytes())
 
-    async def put_chunk(request: web.Request) -> web.Response:
+    async def put_chunks(request: web.Request) -> web.Response:
         folder = where(request)
-        chunk = int(request.match_info["n"])
-        data = await body(request, max_upload)
-        if not _write_once(folder / "chunks" / str(chunk), data):
-            return web.Response(status=409, text=f"chunk {chunk} is recorded already\n")
-        return web.Response(status=201, text="recorded\n")
+        data = memoryview(await body(request, max_upload))
+        try:
+            records = list(_unbundle(data))
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"bad records: {exc}\n") from None
+        refused = [chunk for chunk, frame in records if not _record(folder, chunk, frame)]
+        return web.json_response({"refused": refused})
 
     async def get_chunks(request: web.Request) -> web.StreamResponse:
         folder = where(request)
-        parts = []
-        for path in (folder / "chunks").iterdir():
-            if path.name.isdigit():
-                data = path.read_bytes()
-                parts += [_RECORD.pack(int(path.name), len(data)), data]
-        return web.Response(body=b"".join(parts), content_type="application/octet-stream")
+        found = [p for p in (folder / "chunks").iterdir() if p.name.isdigit()]
+        data = bundle([(int(p.name), p.read_bytes()) for p in found])
+        return web.Response(body=data, content_type="application/octet-stream")
 
     async def lease(request: web.Request) -> web.Response:
         folder = where(request)
@@ -214,7 +215,7 @@ def add_routes(app: Any, root: Path, max_upload: int, authorize: Callable[[Any],
 
     app.router.add_put("/jobs/{job}/spec", put_spec)
     app.router.add_get("/jobs/{job}/{file:spec}", get_file)
-    app.router.add_put("/jobs/{job}/chunks/{n:[0-9]{1,9}}", put_chunk)
+    app.router.add_put("/jobs/{job}/chunks", put_chunks)
     app.router.add_get("/jobs/{job}/chunks", get_chunks)
     app.router.add_post("/jobs/{job}/lease", lease)
     app.router.add_post("/jobs/{job}/counters", counters)
@@ -222,6 +223,28 @@ def add_routes(app: Any, root: Path, max_upload: int, authorize: Callable[[Any],
     app.router.add_get("/jobs/{job}/result", get_result)
     app.router.add_post("/jobs/{job}/cancel", cancel)
     app.router.add_get("/jobs/{job}", status)
+
+
+def _record(folder: Path, chunk: int, frame: memoryview) -> bool:
+    return _write_once(folder / "chunks" / str(chunk), bytes(frame))
+
+
+def bundle(records: list[tuple[int, bytes]]) -> bytes:
+    """Outcome records as one body: (u32 chunk, u64 length, frame) each."""
+    return b"".join(_RECORD.pack(chunk, len(frame)) + frame for chunk, frame in records)
+
+
+def _unbundle(data: memoryview) -> Iterator[tuple[int, memoryview]]:
+    at = 0
+    while at < len(data):
+        if len(data) - at < _RECORD.size:
+            raise ValueError("a truncated record")
+        chunk, length = _RECORD.unpack_from(data, at)
+        at += _RECORD.size
+        if length > len(data) - at:
+            raise ValueError("a truncated record")
+        yield chunk, data[at : at + length]
+        at += length
 
 
 def status_of(folder: Path) -> dict[str, Any]:
@@ -293,6 +316,9 @@ class JobStore:
         self.server, self.job, self.timeout = server.rstrip("/"), job, timeout
         self.host, self.port = parts.hostname, parts.port or 80
         self.secret = load_secret()
+        self._local = threading.local()  # a kept-alive connection per thread
+        self._open: set[http.client.HTTPConnection] = set()
+        self._lock = threading.Lock()
 
     @property
     def prefix(self) -> str:
@@ -308,18 +334,15 @@ class JobStore:
         value: dict[str, Any] = json.loads(self._call("GET", "")[1])
         return value
 
-    def record(self, chunk: int, frame: bytes) -> bool:
-        """Record chunk's outcome; False when it was recorded already (not merged twice)."""
-        return self._call("PUT", f"/chunks/{chunk}", frame, expect=(201, 409))[0] == 201
+    def record(self, records: list[tuple[int, bytes]]) -> list[int]:
+        """Record chunks' outcomes in one request; the chunks refused because they were
+        recorded already (another coordinator's answer is the one merged)."""
+        answer = self._call("PUT", "/chunks", bundle(records), digest=True)[1]
+        refused: list[int] = json.loads(answer)["refused"]
+        return refused
 
     def records(self) -> Iterator[tuple[int, memoryview]]:
-        data = memoryview(self._call("GET", "/chunks")[1])
-        at = 0
-        while at < len(data):
-            chunk, length = _RECORD.unpack_from(data, at)
-            at += _RECORD.size
-            yield chunk, data[at : at + length]
-            at += length
+        return _unbundle(memoryview(self._call("GET", "/chunks")[1]))
 
     def lease(
         self, holder: str, seconds: float, expect: int | None, why: str, lifetime: float
@@ -346,6 +369,19 @@ class JobStore:
         value: dict[str, Any] = json.loads(self._json("POST", "/cancel", {}, expect=(200,))[1])
         return value
 
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the kept-alive connections of every thread."""
+        with self._lock:
+            kept, self._open = self._open, set()
+        for connection in kept:
+            connection.close()
+
     def _json(
         self, method: str, path: str, value: dict[str, Any], expect: tuple[int, ...]
     ) -> tuple[int, bytes]:
@@ -367,18 +403,34 @@ class JobStore:
         headers = auth.sign(self.secret, method, target, "", length, hashed)
         if data is not None:
             headers["Content-Length"] = length
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        try:
-            connection.request(method, target, body=data, headers=headers)
-            response = connection.getresponse()
-            answer = response.read()
-        except OSError as exc:
-            raise StoreError(
-                f"cannot reach the job store {self.server} ({type(exc).__name__}: {exc}); is "
-                "its `lampy serve` still running?"
-            ) from None
-        finally:
+        for attempt in (1, 2):
+            connection: http.client.HTTPConnection | None = getattr(self._local, "kept", None)
+            self._local.kept = None
+            reused = connection is not None
+            if connection is None:
+                connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                connection.request(method, target, body=data, headers=headers)
+                response = connection.getresponse()
+                answer = response.read()
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                if reused and attempt == 1:
+                    headers = auth.sign(self.secret, method, target, "", length, hashed)
+                    headers |= {"Content-Length": length} if data is not None else {}
+                    continue  # a kept connection the server had closed: once more, fresh
+                raise StoreError(
+                    f"cannot reach the job store {self.server} ({type(exc).__name__}: {exc}); "
+                    "is its `lampy serve` still running?"
+                ) from None
+        assert connection is not None
+        if response.will_close:
             connection.close()
+        else:
+            self._local.kept = connection
+            with self._lock:
+                self._open.add(connection)
         if response.status in expect:
             return response.status, answer
         text = answer[:500].decode(errors="replace").strip()

@@ -1,0 +1,195 @@
+"""Orchestration in lambdas against orchestration by the client, side by side in one run (issue 18).
+
+One workload: a 1,000-chunk `@lampy.sum` over a 19 MiB input (published by reference, so
+chunk calls carry no rows in either mode), chunks=1000 so both modes merge the same tree.
+- client traffic: calls and bytes the client process sends and receives, to the platform (its
+  frames) and to the job store (the array server's /jobs requests), per job. Target: lambda
+  orchestration >= 100x fewer calls and bytes than client orchestration (noted per row).
+- end to end on `lampy worker` and on OpenLambda's own worker (../shared/olreal; the kit's
+  fixture, or a running worker with lampy deployed named by LAMPY_BENCH_OLREAL_URL). Target:
+  lambda orchestration no worse than 1.2x client orchestration (noted per row).
+- a slow client link: every call the client makes waits 20 ms more (`SlowLink`: a client far
+  from its platform); the coordinator, beside the worker, pays it once per job.
+Each mode's answer is checked equal to numpy's tree bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import Row
+
+import lampy
+from lampy.runtime import executors
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._executor import OpenLambdaExecutor
+from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
+from lampy.runtime.remote import _jobs as jobs
+
+CHUNKS = 1000
+ROWS, COLUMNS = 300 * CHUNKS, 8  # 19.2 MB: over PUBLISH_BYTES, so sent by reference
+GROUP = "1,000-chunk @lampy.sum ({})"
+LINK_S = 0.02  # the slow link's extra wait per client call
+MODES = ("client", "lambda")
+
+
+def energy(x: np.ndarray) -> np.ndarray:
+    return (np.sin(x) ** 2).sum(axis=0)
+
+
+REGION = lampy.sum(chunks=CHUNKS)(energy)
+
+
+class Traffic:
+    """Calls and bytes at the client, to the platform and to the job store."""
+
+    calls = bytes = store_calls = store_bytes = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.calls = cls.bytes = cls.store_calls = cls.store_bytes = 0
+
+    @classmethod
+    def total(cls) -> tuple[int, int]:
+        return cls.calls + cls.store_calls, cls.bytes + cls.store_bytes
+
+
+class Counting(AiohttpTransport):
+    extra_s = 0.0  # the slow link's wait per call
+
+    async def post(self, frame: frames.Outgoing, timeout: float) -> Reply:
+        if self.extra_s:
+            await asyncio.sleep(self.extra_s)
+        reply = await super().post(frame, timeout)
+        Traffic.calls += 1
+        Traffic.bytes += frame.size + (reply.reader.total if reply.reader else len(reply.body))
+        return reply
+
+
+@pytest.fixture(autouse=True)
+def count_store_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count the client's job-store requests (a coordinator's run in sandboxes, not here)."""
+    original = jobs.JobStore._call
+
+    def counted(self: jobs.JobStore, method: str, path: str, data: bytes | None = None, **kw: Any):  # type: ignore[no-untyped-def]
+        status, answer = original(self, method, path, data, **kw)
+        Traffic.store_calls += 1
+        Traffic.store_bytes += len(data or b"") + len(answer) + 300  # + headers, roughly
+        return status, answer
+
+    monkeypatch.setattr(jobs.JobStore, "_call", counted)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, Any]:
+    x = np.random.default_rng(0).standard_normal((ROWS, COLUMNS))
+    with lampy.using(executor="inline"):
+        return x, REGION(x)
+
+
+def executor_for(url: str, mode: str, extra_s: float = 0.0) -> OpenLambdaExecutor:
+    executor = OpenLambdaExecutor(
+        url=url, orchestrator=mode, timeout=120.0, progress="off", runtime_limit=30.0
+    )
+    counting = Counting(executor.endpoint, executor.concurrency, executor.secret)
+    counting.extra_s = extra_s
+    executor.transport = counting
+    return executor
+
+
+def run_mode(
+    benchmark: Any, row: Row, url: str, mode: str, data: tuple[np.ndarray, Any], extra: float
+) -> None:
+    x, expected = data
+    executor = executor_for(url, mode, extra)
+    name = f"bench_{mode}"
+    lampy.register_executor(name, OpenLambdaExecutor)
+    executors._instances[(name, ())] = executor
+    try:
+        with lampy.using(executor=name):
+            REGION(x)  # sandboxes up and warm, the input published
+            Traffic.reset()
+            got = REGION(x)
+            calls, moved = Traffic.total()
+            np.testing.assert_array_equal(got, expected)
+            benchmark.pedantic(REGION, args=(x,), rounds=3, iterations=1)
+    finally:
+        executors.unregister(name)
+        executor.close()
+    benchmark.extra_info["client_calls"], benchmark.extra_info["client_bytes"] = calls, moved
+    benchmark.extra_info["note"] = (
+        f"client: {calls} calls, {moved:,} bytes per job ({Traffic.calls} to the platform, "
+        f"{Traffic.store_calls} to the job store)"
+    )
+
+
+def olreal_url() -> Iterator[str]:
+    given = os.environ.get("LAMPY_BENCH_OLREAL_URL")
+    if given:
+        yield given.rstrip("/")
+        return
+    kit = importlib.import_module("tests.olreal")
+    if kit.REASON:
+        pytest.skip(kit.REASON)
+    try:
+        with kit.real_worker() as url:
+            yield url
+    except kit.Unavailable as exc:
+        pytest.skip(f"olreal: {exc}")
+
+
+@pytest.fixture(scope="module")
+def real_worker() -> Iterator[str]:
+    os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
+    from lampy.runtime.openlambda._deploy import upload
+
+    for url in olreal_url():
+        upload(url)
+        importlib.import_module("tests.olreal").wait_deployed(
+            url, os.environ["LAMPY_SECRET"].encode()
+        )
+        yield url
+
+
+@pytest.fixture(params=["lampy worker", "OpenLambda's own worker", "lampy worker, slow link"])
+def platform(request: pytest.FixtureRequest) -> tuple[str, str, float]:
+    if request.param == "OpenLambda's own worker":
+        return request.param, request.getfixturevalue("real_worker"), 0.0
+    extra = LINK_S if "slow link" in request.param else 0.0
+    return request.param, request.getfixturevalue("worker"), extra
+
+
+results: dict[tuple[str, str], tuple[float, int, int]] = {}  # (platform, mode): figures
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_orchestration(
+    benchmark: Any, row: Row, platform: tuple[str, str, float], mode: str, data: Any
+) -> None:
+    which, url, extra = platform
+    row(GROUP.format(which), f"{mode} orchestration", baseline=mode == "client")
+    run_mode(benchmark, row, url, mode, data, extra)
+    results[(which, mode)] = (
+        benchmark.stats.stats.median,
+        benchmark.extra_info["client_calls"],
+        benchmark.extra_info["client_bytes"],
+    )
+    if mode == "lambda" and (which, "client") in results:
+        seconds, calls, moved = results[(which, "client")]
+        ratio = benchmark.stats.stats.median / seconds
+        fewer = (
+            calls / benchmark.extra_info["client_calls"],
+            moved / benchmark.extra_info["client_bytes"],
+        )
+        verdict = "met" if fewer[0] >= 100 and fewer[1] >= 100 else "MISSED"
+        timing = "met" if ratio <= 1.2 else "MISSED"
+        benchmark.extra_info["note"] += (
+            f"; vs client: {fewer[0]:.0f}x fewer calls, {fewer[1]:.0f}x fewer bytes (>= 100x: "
+            f"{verdict}); time {ratio:.2f}x client's (<= 1.2x: {timing})"
+        )
