@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import secrets
 import threading
@@ -72,7 +73,7 @@ class Assignment:
     inline: bool  # small enough to ride with every chunk call
     whole: tuple[np.ndarray, ...]
     split: tuple[SplitArray, ...]
-    chunks: tuple[Rows, ...]
+    chunks: Runs  # the chunks' rows, as runs of sizes (a 1,000-chunk job's are two runs)
     keep_going: bool
     first: int  # the call's number of chunk 0 (the client ran the earlier ones)
     combine: bytes | None  # the pickled combine rule; None: elemwise
@@ -83,6 +84,43 @@ class Assignment:
     #: What the caller's side needs to finish a detached job (lampy.submit): the pickled
     #: region, plan and outcomes of chunks run in the caller; never unpickled in a lambda.
     caller_side: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Contiguous chunks as runs of equal sizes: (size, count) pairs from `start`; others
+    (never made by the planner today) kept as they are in `rows`."""
+
+    start: int
+    sizes: tuple[tuple[int, int], ...] = ()
+    rows: tuple[Rows, ...] | None = None
+
+    @classmethod
+    def of(cls, chunks: tuple[Rows, ...]) -> Runs:
+        """
+        >>> Runs.of(((0, 4), (4, 8), (8, 11))).sizes, Runs.of(((0, 4), (4, 8))).chunks()
+        (((4, 2), (3, 1)), ((0, 4), (4, 8)))
+        """
+        if not chunks or any(a[1] != b[0] for a, b in itertools.pairwise(chunks)):
+            return cls(0, (), chunks)
+        sizes: list[tuple[int, int]] = []
+        for start, stop in chunks:
+            size = stop - start
+            if sizes and sizes[-1][0] == size:
+                sizes[-1] = (size, sizes[-1][1] + 1)
+            else:
+                sizes.append((size, 1))
+        return cls(chunks[0][0], tuple(sizes))
+
+    def chunks(self) -> tuple[Rows, ...]:
+        if self.rows is not None:
+            return self.rows
+        found, at = [], self.start
+        for size, count in self.sizes:
+            for _ in range(count):
+                found.append((at, at + size))
+                at += size
+        return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -105,6 +143,8 @@ class Report:
     combine_error: Outcome | None = None  # the combine rule raised (the user's error)
     merged: list[tuple[int, int]] = field(default_factory=list)  # subtrees answered
     holder: str = ""  # the coordinator that finished it
+    #: the store's status once the report was kept (in the answer to the summoning call only)
+    status: dict[str, Any] | None = None
 
 
 def handoff_margin(lifetime: float) -> float:
@@ -120,11 +160,12 @@ def next_orchestrator(own_left: float, fresh: float, margin: float) -> str:
     return "fresh call" if own_left <= margin and fresh > own_left else "this call"
 
 
-def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, str]:
+def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]:
     """Orchestrate the job `summons` names from this sandbox until it is done or handed off.
 
-    Answers (what happened, detail): "done", "handed off" (to whom), "busy" (another live
-    coordinator holds the lease), "cancelled", or "finished already".
+    Answers (what happened, detail): "done" (the report, with the store's status), "handed
+    off" (to whom), "busy" (another live coordinator holds the lease), "cancelled", or
+    "finished already".
     """
     started = time.monotonic()
     store = JobStore(summons.store, summons.job)
@@ -144,10 +185,16 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, str]
         url=assignment.url, progress="off", transport=transport, **options
     )
     recorder = _Recorder(store, secret)
+    merger: _Merger | None = None
     deadline = started + assignment.lifetime - handoff_margin(assignment.lifetime)
     try:
         state = _state(assignment, store, secret, recorder)
         known = sorted(state.done)
+        merger = _Merger(executor.caller, assignment, Report({}, holder=holder), state.account)
+        streaming = assignment.combine is not None and not assignment.keep_going
+        if streaming:  # partials merged as they come, those recorded before first
+            executor._loop.run(_stream(merger, state.done))
+            state.record = _both(recorder.record, merger.stream)
         state.stop = lambda: lease.lost is not None or time.monotonic() >= deadline
         lease.counts = lambda: _counts(state.account, executor.backups, known, summons.why)
         outcomes = executor.run_state(state)
@@ -160,14 +207,19 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, str]
             store.counters(holder, counts)
             left = assignment.lifetime - (time.monotonic() - started)
             return "handed off", _hand_off(summons, lease, endpoint, secret, left)
-        report = Report(outcomes, holder=holder)
-        if assignment.combine is not None and _mergeable(outcomes, assignment.keep_going):
-            executor._loop.run(_merge(executor.caller, assignment, report, state.account))
+        report = merger.report
+        report.outcomes = outcomes
+        if merger.assignment.combine is not None and _mergeable(outcomes, assignment.keep_going):
+            streamed = streaming and not recorder.refused  # else merge what the store holds
+            executor._loop.run(merger.finish(outcomes, streamed))
         counts["combines"] = report.combines
         store.counters(holder, counts)
         store.put_result(frames.encode(frames.RESULT, report, secret).join())
-        return "done", holder
+        report.status = store.status()
+        return "done", report
     finally:
+        if merger is not None:
+            executor._loop.run(_abandon(merger))
         lease.release()
         recorder.close()
         executor.close()
@@ -182,7 +234,7 @@ def _state(assignment: Assignment, store: JobStore, secret: bytes, recorder: _Re
         {},
         assignment.split,
         assignment.whole,
-        assignment.chunks,
+        assignment.chunks.chunks(),
         keep_going=assignment.keep_going,
         first=assignment.first,
         id=assignment.job,
@@ -411,6 +463,25 @@ def fold(account: Accounting, counters: dict[str, dict[str, Any]]) -> Counter[st
     return totals
 
 
+def _both(
+    one: Callable[[int, Outcome], None], other: Callable[[int, Outcome], None]
+) -> Callable[[int, Outcome], None]:
+    def record(chunk: int, outcome: Outcome) -> None:
+        one(chunk, outcome)
+        other(chunk, outcome)
+
+    return record
+
+
+async def _stream(merger: _Merger, done: dict[int, Outcome]) -> None:
+    for chunk, outcome in sorted(done.items()):
+        merger.stream(chunk, outcome)
+
+
+async def _abandon(merger: _Merger) -> None:
+    merger.abandon()
+
+
 def _never_called(*args: Any, **kwargs: Any) -> Any:
     """A coordinator's Job holds the template as bytes only; nothing calls its function."""
     raise AssertionError("a coordinator does not run the user's function")
@@ -429,61 +500,134 @@ def _mergeable(outcomes: dict[int, Outcome], keep_going: bool) -> bool:
     return True
 
 
-async def _merge(
-    caller: Caller, assignment: Assignment, report: Report, account: Accounting
-) -> None:
-    """Replace the partials in `report` by the subtrees of the client's tree that lack the
-    chunks the client ran itself, each merged in combine calls `FAN_IN` partials at a time."""
-    outcomes = report.outcomes
-    kept = [c for c in sorted(outcomes) if outcomes[c].error is None]
-    first = assignment.first  # positions 0..first-1 are the client's
-    position = {first + i: chunk for i, chunk in enumerate(kept)}
-    spans = subtrees(first, first + len(kept))
-    rule = assignment.combine
-    assert rule is not None
-    number = 0
+class _Merger:
+    """Merges partials in combine lambdas, `FAN_IN` at a time, as the subtrees of the client's
+    tree that lack the chunks the client ran itself. With `stream`, each group of a level is
+    combined as soon as its members are in, while the job still runs; else all at the end."""
 
-    async def combine(partials: list[Any]) -> Any:
-        nonlocal number
-        number += 1
-        report.combines += 1
-        call = number
-        attempts = assignment.options["attempts"]
-        for attempt in range(1, attempts + 1):
+    def __init__(
+        self, caller: Caller, assignment: Assignment, report: Report, account: Accounting
+    ) -> None:
+        self.caller, self.assignment, self.report, self.account = (
+            caller,
+            assignment,
+            report,
+            account,
+        )
+        self.spans = subtrees(assignment.first, assignment.first + len(assignment.chunks.chunks()))
+        self.trees: dict[tuple[int, int], _Tree] = {}
+        self.calls = 0
+
+    async def combine(self, partials: list[Any]) -> Any:
+        rule = self.assignment.combine
+        assert rule is not None
+        self.calls += 1
+        self.report.combines += 1
+        call, options = self.calls, self.assignment.options
+        for attempt in range(1, options["attempts"] + 1):
             try:
-                outcome = await caller.combine(assignment.job, call, rule, partials)
+                outcome = await self.caller.combine(self.assignment.job, call, rule, partials)
             except PlatformFailure as failure:
-                account.note(failure)
-                if attempt == attempts:
+                self.account.note(failure)
+                if attempt == options["attempts"]:
                     raise
-                await asyncio.sleep(backoff(attempt, assignment.options["backoff"]))
+                await asyncio.sleep(backoff(attempt, options["backoff"]))
                 continue
             if outcome.error is not None:
                 raise CombineRaised(outcome)
             return outcome.value
         raise AssertionError("unreachable")
 
-    async def subtree(lo: int, hi: int) -> Any:
-        level = [outcomes[position[p]].value for p in range(lo, hi)]
-        while len(level) > 1:  # groups of FAN_IN from the left: tree_merge's own pairs
-            groups = [level[i : i + FAN_IN] for i in range(0, len(level), FAN_IN)]
-            level = list(await asyncio.gather(*(_one(g, combine) for g in groups)))
-        return level[0]
+    def stream(self, chunk: int, outcome: Outcome) -> None:
+        """A chunk's accepted partial (on the loop): into its subtree, merging what it
+        completes. Positions are fixed only when no chunk can be left out (not keep_going)."""
+        if outcome.error is not None:
+            return
+        position = self.assignment.first + chunk
+        for lo, hi in self.spans:
+            if lo <= position < hi:
+                tree = self.trees.get((lo, hi))
+                if tree is None:
+                    tree = self.trees[(lo, hi)] = _Tree(hi - lo, self.combine)
+                tree.put(0, position - lo, outcome.value)
+                return
 
-    try:
-        values = await asyncio.gather(*(subtree(lo, hi) for lo, hi in spans))
-    except CombineRaised as raised:
-        report.combine_error = raised.outcome
-        return
-    for chunk in kept:
-        del outcomes[chunk]
-    for (lo, hi), value in zip(spans, values, strict=True):
-        outcomes[position[lo]] = Outcome(value=Merged(value, hi - lo))
-    report.merged = spans
+    async def finish(self, outcomes: dict[int, Outcome], streamed: bool) -> None:
+        """Replace the partials in `outcomes` by `Merged` subtrees (or set the report's
+        combine error)."""
+        report, first = self.report, self.assignment.first
+        kept = [c for c in sorted(outcomes) if outcomes[c].error is None]
+        position = {first + i: chunk for i, chunk in enumerate(kept)}
+        spans = subtrees(first, first + len(kept))
+        try:
+            if streamed:
+                values = [await self.trees[span].root for span in spans]
+            else:
+                values = []
+                for lo, hi in spans:
+                    tree = _Tree(hi - lo, self.combine)
+                    for p in range(lo, hi):
+                        tree.put(0, p - lo, outcomes[position[p]].value)
+                    values.append(await tree.root)
+        except CombineRaised as raised:
+            report.combine_error = raised.outcome
+            return
+        for chunk in kept:
+            del outcomes[chunk]
+        for (lo, hi), value in zip(spans, values, strict=True):
+            outcomes[position[lo]] = Outcome(value=Merged(value, hi - lo))
+        report.merged = spans
+
+    def abandon(self) -> None:
+        for tree in self.trees.values():
+            tree.abandon()
 
 
-async def _one(group: list[Any], combine: Any) -> Any:
-    return group[0] if len(group) == 1 else await combine(group)
+class _Tree:
+    """One subtree merged level by level: a group of `FAN_IN` nodes (fewer at a level's end)
+    goes to one combine call once all are in; tree_merge's own pairs, so its own result."""
+
+    def __init__(self, width: int, combine: Any) -> None:
+        self.sizes = [width]
+        while self.sizes[-1] > 1:
+            self.sizes.append(-(-self.sizes[-1] // FAN_IN))
+        self.levels: list[dict[int, Any]] = [{} for _ in self.sizes]
+        self.combine = combine
+        self.root: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def put(self, level: int, index: int, value: Any) -> None:
+        if level == len(self.sizes) - 1:
+            if not self.root.done():
+                self.root.set_result(value)
+            return
+        nodes = self.levels[level]
+        nodes[index] = value
+        group = index // FAN_IN
+        members = range(group * FAN_IN, min((group + 1) * FAN_IN, self.sizes[level]))
+        if all(m in nodes for m in members):
+            values = [nodes.pop(m) for m in members]
+            if len(values) == 1:
+                self.put(level + 1, group, values[0])
+            else:
+                task = asyncio.ensure_future(self._merge(level + 1, group, values))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def _merge(self, level: int, index: int, values: list[Any]) -> None:
+        try:
+            merged = await self.combine(values)
+        except BaseException as exc:
+            if not self.root.done():
+                self.root.set_exception(exc)
+            return
+        self.put(level, index, merged)
+
+    def abandon(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if not self.root.done():
+            self.root.cancel()
 
 
 class CombineRaised(Exception):

@@ -37,7 +37,7 @@ from lampy.runtime._secret import load_secret
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.executors._base import Executor
 from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.openlambda._coordinator import Assignment, Report, Summons, fold
+from lampy.runtime.openlambda._coordinator import Assignment, Report, Runs, Summons, fold
 from lampy.runtime.openlambda._loop import Loop, Progress
 from lampy.runtime.openlambda._protocol import (
     INLINE_BYTES,
@@ -291,7 +291,7 @@ class OpenLambdaExecutor(Executor):
             payload <= INLINE_BYTES,
             job.whole,
             job.split,
-            job.chunks,
+            Runs.of(job.chunks),
             job.keep_going,
             job.first,
             rule,

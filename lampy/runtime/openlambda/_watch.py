@@ -57,10 +57,12 @@ async def watch(
                 if not call.done():
                     raise _still_running(summons)
                 try:
-                    what, _ = call.result()
+                    what, detail = call.result()
                 except PlatformFailure as lost:  # its sandbox died, or ran past its limit
-                    failure, what = str(lost), "lost"
+                    failure, what, detail = str(lost), "lost", None
                 call = None
+                if isinstance(detail, Report) and detail.status is not None:
+                    return detail, detail.status  # it finished the job: no need to ask
                 if what == "cancelled":
                     raise JobCancelled(f"job {summons.job} was cancelled")
             # a long poll: it answers as soon as the result is in
