@@ -170,11 +170,16 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]
     started = time.monotonic()
     store = JobStore(summons.store, summons.job)
     holder = f"{sandbox}/{secrets.token_hex(3)} pid {os.getpid()}"  # pid 1 on OpenLambda
-    decoded = frames.decode(store.spec(), secret, freshness=at_rest())
-    assignment: Assignment = decoded.value
-    lease = _Lease(store, holder, assignment.lifetime)
-    taken = lease.take(summons.expect, summons.why)
+    try:
+        decoded = frames.decode(store.spec(), secret, freshness=at_rest())
+        assignment: Assignment = decoded.value
+        lease = _Lease(store, holder, assignment.lifetime)
+        taken = lease.take(summons.expect, summons.why)
+    except BaseException:
+        store.close()
+        raise
     if taken is not None:
+        store.close()
         return taken
     from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 

@@ -140,8 +140,10 @@ def add_routes(app: Any, root: Path, max_upload: int, authorize: Callable[[Any],
         folder = where(request)
         asked = await json_body(request)
         holder, seconds = str(asked.get("holder", "")), float(asked.get("seconds", 0))
-        if not holder or not 0 < seconds <= 3600:
-            raise web.HTTPBadRequest(text="a lease needs a holder and 0 < seconds <= 3600\n")
+        if not 0 < len(holder) <= 200 or not 0 < seconds <= 3600:
+            raise web.HTTPBadRequest(
+                text="a lease needs a holder (at most 200 characters) and 0 < seconds <= 3600\n"
+            )
         async with locks.setdefault(folder.name, asyncio.Lock()):
             if (folder / "cancelled").exists():
                 return web.json_response({"cancelled": True}, status=410)
