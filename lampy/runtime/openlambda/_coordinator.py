@@ -56,7 +56,7 @@ from lampy.runtime.openlambda._transport import ThreadTransport
 from lampy.runtime.remote._jobs import JobStore, at_rest
 from lampy.runtime.remote._results import Offer
 
-FAN_IN = 8  # partials one combine call merges: a subtree three levels high
+FAN_IN = 32  # partials one combine call merges: a subtree five levels high (a power of 2)
 LEASE_S = 3.0  # a coordinator's lease lasts this long unless renewed ...
 RENEW_S = 0.5  # ... which it is this often
 TAKEOVER_WAIT_S = 5.0  # a coordinator handing off waits this long for its successor's lease

@@ -80,7 +80,7 @@ def assert_merged_once(executor: OpenLambdaExecutor, chunks: int) -> dict[str, A
 # -- the tree -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("total", [1, 2, 3, 7, 8, 9, 13, 64, 100])
+@pytest.mark.parametrize("total", [1, 2, 3, 7, 8, 9, 13, 33, 64, 100, 1000, 1057])
 def test_subtrees_and_fan_in_levels_rebuild_the_client_tree(total: int) -> None:
     """What a coordinator builds (the subtrees lacking the client's chunks, each merged FAN_IN
     at a time level by level) is the client's own tree, bracket for bracket."""
