@@ -131,6 +131,10 @@ class Summons:
     store: str  # the array server holding the job's state
     why: str  # "start", "hand-off" (a predecessor chose this call), "revive" (a watcher did)
     expect: int | None = None  # the lease generation a predecessor hands over
+    #: The job's spec (a signed `Assignment` frame) for the coordinator to write to the store
+    #: when the client did not (one client call per job), with its number of chunks.
+    spec: bytes | None = None
+    chunks: int = 0
 
 
 @dataclass
@@ -171,6 +175,9 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]
     store = JobStore(summons.store, summons.job)
     holder = f"{sandbox}/{secrets.token_hex(3)} pid {os.getpid()}"  # pid 1 on OpenLambda
     try:
+        if summons.spec is not None:  # the job as the client sent it: kept first
+            frames.decode(summons.spec, secret, freshness=at_rest())  # signed, or refused
+            store.create(summons.spec, summons.chunks)
         decoded = frames.decode(store.spec(), secret, freshness=at_rest())
         assignment: Assignment = decoded.value
         lease = _Lease(store, holder, assignment.lifetime)

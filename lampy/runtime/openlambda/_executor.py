@@ -211,8 +211,9 @@ class OpenLambdaExecutor(Executor):
             )
         with published(job, self.url, self.store, keep=True) as sent:
             offer = self._detached_offer(sent) if job.combine is None else None
-            store = self._write_job(sent, offer, by_value(caller_side, job.function))
-            store.close()
+            store, spec = self._prepare_job(sent, offer, by_value(caller_side, job.function))
+            with store:  # the handle is valid at once, before any coordinator started
+                store.create(spec, len(job.chunks))
         summons = Summons(job.id, store.server, "start")
         self._summoned.add(self._loop.spawn(self.caller.coordinate(summons, self.runtime_limit)))
         self._summoned = {f for f in self._summoned if not f.done()}
@@ -248,10 +249,11 @@ class OpenLambdaExecutor(Executor):
     def _orchestrated(self, job: Job, offer: Offer | None) -> dict[int, Outcome]:
         """Write the job to the job store, summon a coordinator lambda (_coordinator.py) and
         watch the job until its report is in the store (_watch.py)."""
-        store = self._write_job(job, offer if job.combine is None else None, None)
+        store, spec = self._prepare_job(job, offer if job.combine is None else None, None)
         account = Accounting(job.id, len(job.chunks))
         self.accounts.append(account)
-        summons = Summons(job.id, store.server, "start")
+        # the spec rides with the summons: the coordinator writes it to the store
+        summons = Summons(job.id, store.server, "start", spec=spec, chunks=len(job.chunks))
         watching = watch(
             self.caller, store, summons, self.attempts, self.backoff, self.runtime_limit, True
         )
@@ -270,9 +272,11 @@ class OpenLambdaExecutor(Executor):
             return report.outcomes
         return {c: _collected(o, offer) for c, o in report.outcomes.items()}
 
-    def _write_job(self, job: Job, offer: Offer | None, caller_side: bytes | None) -> JobStore:
-        """The job written to its store, ready for a coordinator (every elemwise result array
-        goes to `offer`'s server, so the report holds references)."""
+    def _prepare_job(
+        self, job: Job, offer: Offer | None, caller_side: bytes | None
+    ) -> tuple[JobStore, bytes]:
+        """The job's store and its spec, a signed `Assignment` frame (every elemwise result
+        array goes to `offer`'s server, so the report holds references)."""
         store = self._job_store(job.id)
         rule = by_value(job.combine, job.combine) if job.combine is not None else None
         template = template_of(job)
@@ -301,10 +305,8 @@ class OpenLambdaExecutor(Executor):
             self.runtime_limit,
             caller_side,
         )
-        spec = frames.encode(frames.COORDINATE, assignment, self.secret).join()
-        store.create(spec, len(job.chunks))
         self._called = True
-        return store
+        return store, frames.encode(frames.COORDINATE, assignment, self.secret).join()
 
     def _job_store(self, job: str) -> JobStore:
         """The job's state: on the `store` server, else on this process's array server."""

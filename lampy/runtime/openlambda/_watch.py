@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
-from lampy._errors import ExecutionError
+from lampy._errors import ExecutionError, RemoteArrayNotFound
 from lampy.runtime._scheduler import backoff
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._coordinator import LEASE_S, Report, Summons
@@ -44,7 +45,7 @@ async def watch(
     def summon(why: str) -> asyncio.Future[Any]:
         nonlocal summoned
         summoned += 1
-        asked = Summons(summons.job, summons.store, why)
+        asked = replace(summons, why=why)  # with the spec, when the client sends it so
         return asyncio.ensure_future(caller.coordinate(asked, lifetime + 10.0))
 
     if start:
@@ -67,13 +68,13 @@ async def watch(
                     raise JobCancelled(f"job {summons.job} was cancelled")
             # a long poll: it answers as soon as the result is in
             wait = 0.0 if what in ("done", "finished already") else LEASE_S
-            data = await loop.run_in_executor(None, store.result, wait)
+            data = await loop.run_in_executor(None, _result, store, wait)
             if data is not None:
                 report: Report = frames.decode(data, store.secret, freshness=at_rest()).value
                 return report, await loop.run_in_executor(None, store.status)
             if deadline is not None and time.monotonic() > deadline:
                 raise _still_running(summons)
-            status = await loop.run_in_executor(None, store.status)
+            status = await loop.run_in_executor(None, _status, store)
             if status["state"] == "cancelled":
                 raise JobCancelled(f"job {summons.job} was cancelled")
             lease, now = status["lease"], time.time()
@@ -96,6 +97,21 @@ async def watch(
         if call is not None and not call.done():
             call.cancel()
         store.close()
+
+
+def _result(store: JobStore, wait: float) -> bytes | None:
+    try:
+        return store.result(wait)
+    except RemoteArrayNotFound:  # its spec comes with the first coordinator, lost on the way
+        time.sleep(wait)
+        return None
+
+
+def _status(store: JobStore) -> dict[str, Any]:
+    try:
+        return store.status()
+    except RemoteArrayNotFound:  # not written yet: no lease, summon one with the spec
+        return {"state": "running", "lease": None, "created": 0, "done": 0, "chunks": None}
 
 
 def _still_running(summons: Summons) -> TimeoutError:

@@ -326,8 +326,11 @@ class JobStore:
     def prefix(self) -> str:
         return f"/jobs/{self.job}"
 
-    def create(self, spec: bytes, chunks: int) -> None:
-        self._call("PUT", "/spec", spec, query=f"chunks={chunks}", expect=(201,))
+    def create(self, spec: bytes, chunks: int) -> bool:
+        """Create the job; False when it exists already (a summons sent again)."""
+        return (
+            self._call("PUT", "/spec", spec, query=f"chunks={chunks}", expect=(201, 409))[0] == 201
+        )
 
     def spec(self) -> bytes:
         return self._call("GET", "/spec")[1]
