@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import shutil
 import time
 import traceback
 from collections import deque
@@ -257,7 +259,10 @@ class OpenLambdaExecutor(Executor):
         watching = watch(
             self.caller, store, summons, self.attempts, self.backoff, self.runtime_limit, True
         )
-        report, status = self._loop.run(watching)
+        try:
+            report, status = self._loop.run(watching)
+        finally:
+            self._forget(job.id)
         self.reports.append(report)
         self.statuses.append(status)
         totals = fold(account, status["counters"])
@@ -307,6 +312,18 @@ class OpenLambdaExecutor(Executor):
         )
         self._called = True
         return store, frames.encode(frames.COORDINATE, assignment, self.secret).join()
+
+    def _forget(self, job: str) -> None:
+        """Remove a finished job's state from this process's own array server (a job on a
+        `store` of its own stays there: nothing here knows who else may read it)."""
+        server = None if self.store else serving(self.url, start=False)
+        if server is None:
+            return
+        jobs = server[0] / "jobs"
+        shutil.rmtree(jobs / job, ignore_errors=True)
+        for folder in (jobs, server[0] / "results"):
+            with contextlib.suppress(OSError):  # still holding another job's files
+                folder.rmdir()
 
     def _job_store(self, job: str) -> JobStore:
         """The job's state: on the `store` server, else on this process's array server."""
