@@ -42,6 +42,7 @@ from lampy.regions._binding import shared
 from lampy.regions._decorators import elemwise, reduce, sum
 from lampy.regions._function import ParallelFunction
 from lampy.regions._partial import Coverage, Partial
+from lampy.regions._submit import JobHandle, job, submit
 from lampy.runtime import executors
 from lampy.runtime._plan import Plan
 from lampy.runtime._settings import resolve_executor, resolve_options, using
@@ -76,6 +77,7 @@ __all__ = [
     "Executor",
     "FrameError",
     "GraphRefused",
+    "JobHandle",
     "LampyError",
     "LazyArray",
     "OptionError",
@@ -105,6 +107,7 @@ __all__ = [
     "calibrate",
     "declare",
     "elemwise",
+    "job",
     "load_graph",
     "prewarm",
     "reduce",
@@ -112,6 +115,7 @@ __all__ = [
     "remote",
     "save_graph",
     "shared",
+    "submit",
     "sum",
     "upload",
     "using",

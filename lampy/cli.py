@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import traceback
 import urllib.error
 import urllib.parse
@@ -200,7 +201,32 @@ def _parser() -> Parser:
     server.add_argument(
         "--max-upload", type=positive(int), help="largest PUT in bytes (default 8 GiB)"
     )
+
+    job = command("job", "show a job orchestrated in lambdas (lampy.submit), or cancel it")
+    job.add_argument("id", help="the job's id, JOB@STORE as JobHandle.id prints it")
+    job.add_argument("--store", help="the job store's URL, when ID is the 32 hex digits alone")
+    job.add_argument("--cancel", action="store_true", help="stop the job")
+    job.add_argument(
+        "--watch", action="store_true", help="show its progress every second until it ends"
+    )
     return parser
+
+
+def _job(args: argparse.Namespace) -> int:
+    from lampy._errors import OptionError
+    from lampy.runtime.openlambda._detached import cancel, describe, parse_id, status
+
+    try:
+        store, job = parse_id(args.id, args.store)
+    except OptionError as exc:
+        raise Usage(str(exc)) from None
+    shown = cancel(store, job) if args.cancel else status(store, job)
+    print(describe(shown, store))
+    while args.watch and shown["state"] == "running":
+        time.sleep(1.0)
+        shown = status(store, job)
+        print(describe(shown, store).splitlines()[0], flush=True)
+    return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -329,6 +355,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "deploy": _deploy,
     "calibrate": _calibrate,
     "serve": _serve,
+    "job": _job,
 }
 
 

@@ -22,6 +22,8 @@ from tests.olreal import (  # noqa: F401 (registers "olreal", OpenLambda's own w
     olreal_url,
     pytest_report_header,
 )
+from tests.orchestrated import mark_items as mark_orchestrated
+from tests.orchestrated import orchestrated_options  # noqa: F401 (registers "orchestrated")
 
 SECRET = "test-secret-for-lampy"
 RANDOM_IN_STRATEGY = (
@@ -98,6 +100,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if callspec is not None and callspec.params.get("executor") == "dask":
             item.add_marker(pytest.mark.filterwarnings(RANDOM_IN_STRATEGY))
     mark_items(items)
+    mark_orchestrated(items)
 
 
 @pytest.fixture

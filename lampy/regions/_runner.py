@@ -16,6 +16,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from lampy._errors import RemoteTraceback, RetriesExhausted, SerializationError
@@ -69,12 +70,14 @@ class RegionRunner:
             keep_going=region.allow_partial is not None,
             first=offset,
         )
+        job = replace(job, combine=region.combine)  # executors may merge where chunks run
         if where.needs_pickle:
             _check_serializable(job, binding)
         outcomes = where.run(job)
         done |= {chunk + offset: outcome for chunk, outcome in outcomes.items()}
         coverage = self._coverage(done, call_plan, where.needs_pickle)
-        values = [done[c].value for c in coverage.merged]
+        # an executor that merged partials answers a Merged subtree for its first chunk only
+        values = [done[c].value for c in coverage.merged if c in done]
         merged = region.merge(values, call_plan.chunks, coverage.merged, where.result_sink)
         return region.answer(merged, coverage)
 
@@ -111,7 +114,7 @@ class RegionRunner:
         costs = executor.costs()
 
         def make(probe: Probe | None) -> Plan:
-            return plan(
+            made = plan(
                 executor=name,
                 costs=costs,
                 rows=binding.rows,
@@ -121,6 +124,7 @@ class RegionRunner:
                 probe=probe,
                 sent_row_bytes=binding.sent_row_bytes,
             )
+            return replace(made, orchestrated_by=getattr(executor, "orchestrated_by", ""))
 
         if chunks is not None or costs.workers <= 1 or binding.rows < 2:
             return make(None), None

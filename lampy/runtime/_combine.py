@@ -8,6 +8,7 @@ joined array goes is the caller's choice: memory by default, or a `Destination` 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -81,15 +82,72 @@ def _join(parts: list[Any], where: str) -> np.ndarray:
     return np.concatenate(parts, axis=0, dtype=parts[0].dtype)  # keeps the byte order
 
 
+@dataclass(frozen=True)
+class Merged:
+    """Partials already merged elsewhere (a tree reduced where the chunks ran): `value` is the
+    subtree over `width` consecutive partials, as `tree_merge` would have built it there.
+
+    Only subtrees of the tree `tree_merge` builds keep the answer bit-identical:
+    `subtrees(first, total)` names the ones a merger that lacks the first partials may build.
+    """
+
+    value: Any
+    width: int
+
+
 def tree_merge(partials: Sequence[Any], combine: Callable[[Any, Any], Any]) -> Any:
-    """Merge partials pairwise as a balanced tree, keeping their order (combine is associative)."""
-    level = list(partials)
-    while len(level) > 1:
-        merged = [combine(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            merged.append(level[-1])
-        level = merged
-    return level[0]
+    """Merge partials pairwise as a balanced tree, keeping their order (combine is associative).
+
+    The tree pairs 0+1, 2+3, ... then those pairs, carrying an odd last one up, so its root
+    over [lo, hi) joins [lo, lo + P) and [lo + P, hi), P the largest power of two below
+    hi - lo. A `Merged` item stands for its subtree's partials (see `subtrees`).
+    """
+    if not any(isinstance(p, Merged) for p in partials):
+        level = list(partials)
+        while len(level) > 1:
+            merged = [combine(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+            if len(level) % 2:
+                merged.append(level[-1])
+            level = merged
+        return level[0]
+    spans: dict[tuple[int, int], Any] = {}
+    start = 0
+    for item in partials:
+        width = item.width if isinstance(item, Merged) else 1
+        spans[(start, start + width)] = item.value if isinstance(item, Merged) else item
+        start += width
+
+    def node(lo: int, hi: int) -> Any:
+        if (lo, hi) in spans:
+            return spans[(lo, hi)]
+        if hi - lo < 2:
+            raise ResultError(f"merged partials do not cover position {lo} of the tree")
+        half = 1 << ((hi - lo - 1).bit_length() - 1)
+        return combine(node(lo, lo + half), node(lo + half, hi))
+
+    return node(0, start)
+
+
+def subtrees(first: int, total: int) -> list[tuple[int, int]]:
+    """The largest subtrees [lo, hi) of `tree_merge`'s tree over `total` partials that hold
+    none of the first `first`, in order: what a merger lacking those may build alone.
+
+    >>> subtrees(0, 5), subtrees(1, 5), subtrees(1, 8)
+    ([(0, 5)], [(1, 2), (2, 4), (4, 5)], [(1, 2), (2, 4), (4, 8)])
+    """
+    found: list[tuple[int, int]] = []
+
+    def visit(lo: int, hi: int) -> None:
+        if lo >= first:
+            found.append((lo, hi))
+        elif hi - lo > 1:
+            half = 1 << ((hi - lo - 1).bit_length() - 1)
+            visit(lo, lo + half)
+            visit(lo + half, hi)
+
+    if total > first:
+        visit(0, total)
+    return found
 
 
 def add(a: Any, b: Any) -> Any:

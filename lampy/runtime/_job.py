@@ -114,6 +114,9 @@ class Job:
     keep_going: bool = False
     #: The call's number of this job's chunk 0 (the caller may have run earlier chunks itself).
     first: int = 0
+    #: The region's combine rule (None: elemwise), for executors that merge partials where the
+    #: chunks run (lampy.runtime._combine.Merged); others ignore it.
+    combine: Callable[[Any, Any], Any] | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def label(self, chunk: int) -> str:

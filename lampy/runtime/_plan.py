@@ -76,6 +76,9 @@ class Plan:
     probe: Probe | None = field(default=None, compare=False)
     #: Fan-out would pay if the executor were already started: start it for later calls.
     warm_up: bool = False
+    #: Who runs the chunks' scheduling when not the calling process (an executor's
+    #: `orchestrated_by`, e.g. a coordinator lambda).
+    orchestrated_by: str = ""
 
     @property
     def bytes_per_chunk(self) -> list[int]:
@@ -90,6 +93,10 @@ class Plan:
             f"({self.row_bytes:,} bytes per row) on {where}; "
             f"{self.rows} rows x {self.row_bytes:,} bytes split, {self.shared_bytes:,} bytes "
             f"shared. Why: {self.reason}"
+        ) + (
+            f"; orchestrated by {self.orchestrated_by}"
+            if self.fan_out and self.orchestrated_by
+            else ""
         )
 
 

@@ -20,11 +20,17 @@ progress="auto" | "on" | "off").
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import shutil
 import time
+import traceback
 from collections import deque
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
-from lampy._errors import ExecutionError, OptionError, RetriesExhausted
+from lampy._errors import ExecutionError, OptionError, RemoteTraceback, RetriesExhausted
 from lampy.runtime._combine import Destination
 from lampy.runtime._job import Job
 from lampy.runtime._plan import Costs
@@ -32,6 +38,8 @@ from lampy.runtime._scheduler import ATTEMPTS, BACKOFF_S, ChunkScheduler, backof
 from lampy.runtime._secret import load_secret
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.executors._base import Executor
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._coordinator import Assignment, Report, Runs, Summons, fold
 from lampy.runtime.openlambda._loop import Loop, Progress
 from lampy.runtime.openlambda._protocol import (
     INLINE_BYTES,
@@ -39,11 +47,14 @@ from lampy.runtime.openlambda._protocol import (
     Caller,
     JobState,
     PlatformFailure,
+    by_value,
     template_of,
 )
-from lampy.runtime.openlambda._transport import AiohttpTransport, Transport
-from lampy.runtime.remote._publish import published
-from lampy.runtime.remote._results import Offer, Sink, offered
+from lampy.runtime.openlambda._transport import Transport
+from lampy.runtime.openlambda._watch import watch
+from lampy.runtime.remote._jobs import JobStore
+from lampy.runtime.remote._publish import published, serving
+from lampy.runtime.remote._results import Offer, Sink, collect, offered
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 # Measured with bench/bench_olreal.py on OpenLambda's own worker (the reference platform),
@@ -71,6 +82,9 @@ PREWARM_HOLD_S = 0.2  # each pre-warm call holds its sandbox this long, so calls
 PREWARM_PATIENCE_S = 1.0  # ... and stops once no new sandbox answered for this long (a cold
 # start is STARTUP_S on a quiet machine, several times that on a loaded one)
 ACCOUNTS_KEPT = 64  # jobs whose accounting the executor keeps
+# OpenLambda's default limits.runtime_sec: how long one call may run, so how long one
+# coordinator lambda may orchestrate before it hands the job off (orchestrator="lambda")
+RUNTIME_LIMIT_S = 30.0
 Unit = tuple[int, ...]  # the chunks one call carries
 
 
@@ -88,6 +102,9 @@ class OpenLambdaExecutor(Executor):
         "batch": int,
         "progress": str,
         "results": str,
+        "orchestrator": str,
+        "store": str,
+        "runtime_limit": float,
     }
 
     def __init__(
@@ -102,6 +119,9 @@ class OpenLambdaExecutor(Executor):
         batch: int = 0,
         progress: str = "auto",
         results: str = "auto",
+        orchestrator: str = "client",
+        store: str = "",
+        runtime_limit: float = RUNTIME_LIMIT_S,
         transport: Transport | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or concurrency < 1:
@@ -112,6 +132,14 @@ class OpenLambdaExecutor(Executor):
             raise OptionError(f"batch must be 0 (automatic) or chunks per call; got {batch!r}")
         if timeout <= 0 or backoff < 0:
             raise OptionError(f"timeout must be > 0 and backoff >= 0; got {timeout}, {backoff}")
+        if orchestrator not in ("client", "lambda"):
+            raise OptionError(
+                f'orchestrator must be "client" (this process runs the job) or "lambda" (a '
+                f"call of the deployed lambda does); got {orchestrator!r}"
+            )
+        if runtime_limit <= 0:
+            raise OptionError(f"runtime_limit must be > 0 seconds; got {runtime_limit!r}")
+        self.orchestrator, self.store, self.runtime_limit = orchestrator, store, runtime_limit
         self.url, self.lambda_name = url.rstrip("/"), name
         #: Where an elemwise result goes: see lampy.runtime.remote._results.
         self.sink = replace(Sink.parse(results), platform=self.url)
@@ -120,13 +148,20 @@ class OpenLambdaExecutor(Executor):
         self.batch, self.progress = batch, progress
         self.secret = load_secret()
         endpoint = f"{self.url}/run/{name}"
-        transport = transport or AiohttpTransport(endpoint, concurrency, self.secret)
+        if transport is None:
+            from lampy.runtime.openlambda._transport import AiohttpTransport
+
+            transport = AiohttpTransport(endpoint, concurrency, self.secret)
         self.caller = Caller(transport, self.secret, self.url, name, timeout, concurrency)
         self.backups = 0  # backup calls sent for stragglers, for tests and monitoring
         self.accounts: deque[Accounting] = deque(maxlen=ACCOUNTS_KEPT)  # the latest jobs'
+        #: what the coordinator lambdas of the latest jobs reported (orchestrator="lambda")
+        self.reports: deque[Report] = deque(maxlen=ACCOUNTS_KEPT)
+        self.statuses: deque[dict[str, Any]] = deque(maxlen=ACCOUNTS_KEPT)  # their job stores'
         self._loop = Loop()
         self._called = False
         self._asked = 0  # the largest pre-warm asked for so far
+        self._summoned: set[concurrent.futures.Future[Any]] = set()  # detached jobs' first calls
 
     @property
     def endpoint(self) -> str:
@@ -153,14 +188,61 @@ class OpenLambdaExecutor(Executor):
         return self._called
 
     @property
+    def orchestrated_by(self) -> str:
+        """Where a job's scheduling runs, for `explain()`: "" for this process."""
+        if self.orchestrator != "lambda":
+            return ""
+        store = self.store or "this process's array server"
+        return (
+            f"a coordinator lambda ({self.endpoint}), handing off to a fresh call before its "
+            f"{self.runtime_limit:g} s runtime limit; the job's state on {store}"
+        )
+
+    @property
     def result_sink(self) -> Destination | None:
         return self.sink if self.sink.mode != "auto" else None
 
     def run(self, job: Job) -> dict[int, Outcome]:
-        # large arrays travel by reference, both ways
-        start = self.sink.mode != "auto"  # the caller asked for results on disk
-        with published(job, self.url) as sent, offered(job.id, self.url, start) as offer:
+        # large arrays travel by reference, both ways; a coordinator lambda stores elemwise
+        # results on the array server, so it starts for that
+        lambda_ = self.orchestrator == "lambda"
+        start = self.sink.mode != "auto" or (lambda_ and job.combine is None)
+        store = self.store if lambda_ else ""
+        with published(job, self.url, store) as sent, offered(job.id, self.url, start) as offer:
+            if lambda_:
+                return self._orchestrated(sent, offer)
             return self._run_sent(sent, offer)
+
+    def submit(self, job: Job, caller_side: Any) -> str:
+        """Start `job` in lambdas and return at once: its id, "JOB@STORE", which any process
+        with the secret re-attaches to (lampy.job). `caller_side` is what finishes it there
+        (pickled with the function's module by value, like the job's template)."""
+        if self.orchestrator != "lambda":
+            raise OptionError(
+                "a detached job needs orchestrator='lambda': with 'client' this process runs "
+                "the job, so it cannot go away"
+            )
+        with published(job, self.url, self.store, keep=True) as sent:
+            offer = self._detached_offer(sent) if job.combine is None else None
+            store, spec = self._prepare_job(sent, offer, by_value(caller_side, job.function))
+            with store:  # the handle is valid at once, before any coordinator started
+                store.create(spec, len(job.chunks))
+        summons = Summons(job.id, store.server, "start")
+        self._summoned.add(self._loop.spawn(self.caller.coordinate(summons, self.runtime_limit)))
+        self._summoned = {f for f in self._summoned if not f.done()}
+        return f"{job.id}@{store.server}"
+
+    def _detached_offer(self, job: Job) -> Offer:
+        """Where a detached job's elemwise results go: the store, or this process's server
+        (kept until it exits: nothing here knows when the job's results are read)."""
+        if self.store:
+            url = f"{self.store.rstrip('/')}/results/{job.id}/"
+            return Offer(url, 1, Path("/nonexistent"))
+        server = serving(self.url, start=True)
+        if server is None:
+            raise ExecutionError(f"no array server reachable from {self.url}: pass store=URL")
+        directory, url = server
+        return Offer(f"{url}/results/{job.id}/", 1, directory / "results" / job.id)
 
     def _run_sent(self, job: Job, offer: Offer | None) -> dict[int, Outcome]:
         template = template_of(job)
@@ -170,8 +252,103 @@ class OpenLambdaExecutor(Executor):
         state = JobState(job, template, payload <= INLINE_BYTES, account, offer)
         if len(job.chunks) >= AUTO_PREWARM_CHUNKS and self._asked < self.auto_prewarm:
             self.prewarm(self.auto_prewarm)  # once: the platform may cap sandboxes lower
+        return self.run_state(state)
+
+    def run_state(self, state: JobState) -> dict[int, Outcome]:
+        """Run a job made ready to send (the client's, or a coordinator's in a sandbox)."""
         self._called = True
         return self._loop.run(self._run_job(state))
+
+    def _orchestrated(self, job: Job, offer: Offer | None) -> dict[int, Outcome]:
+        """Write the job to the job store, summon a coordinator lambda (_coordinator.py) and
+        watch the job until its report is in the store (_watch.py)."""
+        store, spec = self._prepare_job(job, offer if job.combine is None else None, None)
+        account = Accounting(job.id, len(job.chunks))
+        self.accounts.append(account)
+        # the spec rides with the summons: the coordinator writes it to the store
+        summons = Summons(job.id, store.server, "start", spec=spec, chunks=len(job.chunks))
+        watching = watch(
+            self.caller, store, summons, self.attempts, self.backoff, self.runtime_limit, True
+        )
+        try:
+            report, status = self._loop.run(watching)
+        finally:
+            self._forget(job.id)
+        self.reports.append(report)
+        self.statuses.append(status)
+        totals = fold(account, status["counters"])
+        self.backups += totals["backups"]
+        if report.combine_error is not None:
+            error = report.combine_error
+            assert error.error is not None
+            raise error.error from RemoteTraceback(
+                f"raised by the combine rule, merging partials in a lambda\n{error.traceback}"
+            )
+        if offer is None:
+            return report.outcomes
+        return {c: _collected(o, offer) for c, o in report.outcomes.items()}
+
+    def _prepare_job(
+        self, job: Job, offer: Offer | None, caller_side: bytes | None
+    ) -> tuple[JobStore, bytes]:
+        """The job's store and its spec, a signed `Assignment` frame (every elemwise result
+        array goes to `offer`'s server, so the report holds references)."""
+        store = self._job_store(job.id)
+        rule = by_value(job.combine, job.combine) if job.combine is not None else None
+        template = template_of(job)
+        payload = len(template) + sum(a.nbytes for a in job.whole)
+        options = {
+            "name": self.lambda_name,
+            "concurrency": self.concurrency,
+            "timeout": self.timeout,
+            "attempts": self.attempts,
+            "backoff": self.backoff,
+            "batch": self.batch,
+        }
+        assignment = Assignment(
+            job.id,
+            template,
+            payload <= INLINE_BYTES,
+            job.whole,
+            job.split,
+            Runs.of(job.chunks),
+            job.keep_going,
+            job.first,
+            rule,
+            None if offer is None else (offer.url, 1),
+            self.url,
+            options,
+            self.runtime_limit,
+            caller_side,
+        )
+        self._called = True
+        return store, frames.encode(frames.COORDINATE, assignment, self.secret).join()
+
+    def _forget(self, job: str) -> None:
+        """Remove a finished job's state from this process's own array server (a job on a
+        `store` of its own stays there: nothing here knows who else may read it)."""
+        server = None if self.store else serving(self.url, start=False)
+        if server is None:
+            return
+        jobs = server[0] / "jobs"
+        shutil.rmtree(jobs / job, ignore_errors=True)
+        for folder in (jobs, server[0] / "results"):
+            with contextlib.suppress(OSError):  # still holding another job's files
+                folder.rmdir()
+
+    def _job_store(self, job: str) -> JobStore:
+        """The job's state: on the `store` server, else on this process's array server."""
+        if self.store:
+            return JobStore(self.store, job)
+        server = serving(self.url, start=True)
+        if server is None:
+            raise ExecutionError(
+                f"orchestrator='lambda' keeps the job's state on an array server the platform "
+                f"reaches, but the route from {self.url} to this machine is unknown: run "
+                "`lampy serve DIR --host ADDRESS` where the platform reaches it and pass "
+                "store='http://ADDRESS:PORT'"
+            )
+        return JobStore(server[1], job)
 
     def prewarm(self, n: int, timeout: float = 30.0) -> int:
         """Send concurrent no-op calls until `n` sandboxes answered (or no more appear).
@@ -234,6 +411,8 @@ class OpenLambdaExecutor(Executor):
         scheduler = ChunkScheduler(job, self.attempts, advice)
         size = self._batch_size(job)
         loop = asyncio.get_running_loop()
+        for chunk, known in state.done.items():  # a job taken over: these ran before
+            scheduler.finished(chunk, known, loop.time())
         finished: asyncio.Queue[tuple[Unit, asyncio.Task[list[Outcome]]]] = asyncio.Queue()
         running: dict[Unit, list[asyncio.Task[list[Outcome]]]] = {}
         progress = Progress(len(job.chunks), self.progress)
@@ -247,6 +426,8 @@ class OpenLambdaExecutor(Executor):
 
         try:
             while not scheduler.done:
+                if state.stop is not None and state.stop():
+                    break  # in-flight calls are cancelled below: their chunks stay to run
                 while len(running) < self.concurrency:
                     unit = _take(scheduler, size)
                     if not unit:
@@ -256,7 +437,8 @@ class OpenLambdaExecutor(Executor):
                     unit = next(u for u in running if chunk in u)
                     self.backups += 1
                     launch(unit)
-                wait = 0.05 if len(scheduler.outcomes) and scheduler.running else None
+                busy = len(scheduler.outcomes) and scheduler.running
+                wait = 0.05 if busy or state.stop is not None else None
                 try:
                     unit, task = await asyncio.wait_for(finished.get(), wait)
                 except asyncio.TimeoutError:
@@ -280,6 +462,8 @@ class OpenLambdaExecutor(Executor):
                 for chunk, outcome in zip(unit, task.result(), strict=False):
                     if scheduler.finished(chunk, outcome, loop.time()):
                         account.accepted[chunk] += 1
+                        if state.record is not None:
+                            state.record(chunk, outcome)
                     else:
                         account.dropped["superseded"] += 1
                 for twin in running.pop(unit, []):
@@ -288,6 +472,7 @@ class OpenLambdaExecutor(Executor):
             account.lost.update(
                 c for c, o in scheduler.outcomes.items() if isinstance(o.error, RetriesExhausted)
             )
+            state.complete = scheduler.done
             return scheduler.outcomes
         finally:
             progress.close()
@@ -319,6 +504,16 @@ class OpenLambdaExecutor(Executor):
             if attempt < self.attempts:
                 await asyncio.sleep(backoff(attempt, self.backoff))
             raise
+
+
+def _collected(outcome: Outcome, offer: Offer) -> Outcome:
+    """A chunk's outcome with the results its chunk stored read back from the client's disk."""
+    if outcome.error is not None:
+        return outcome
+    try:
+        return Outcome(value=collect(outcome.value, offer))
+    except Exception as exc:
+        return Outcome(error=exc, traceback=traceback.format_exc())
 
 
 def _take(scheduler: ChunkScheduler, size: int) -> Unit:

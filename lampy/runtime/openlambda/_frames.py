@@ -22,7 +22,7 @@ Layout (integers little-endian):
     offset  size  field
     0       4     magic b"LMPY"
     4       1     format version
-    5       1     kind (TASK, RESULT, PING, PONG, MISSING, MISMATCH)
+    5       1     kind (TASK, RESULT, PING, PONG, MISSING, MISMATCH, COORDINATE, COMBINE)
     6       2     reserved, zero
     8       4     header length H
     12      8     body length B
@@ -56,8 +56,10 @@ from lampy.runtime._secret import Freshness, nonce
 
 MAGIC = b"LMPY"
 FORMAT = 2
-TASK, RESULT, PING, PONG, MISSING, MISMATCH = range(1, 7)
+TASK, RESULT, PING, PONG, MISSING, MISMATCH, COORDINATE, COMBINE = range(1, 9)
 KINDS = {
+    COORDINATE: "coordinate",  # a whole job, for a lambda to orchestrate (_coordinator.py)
+    COMBINE: "combine",  # partials to merge in a lambda
     TASK: "task",
     RESULT: "result",
     PING: "ping",
@@ -207,11 +209,16 @@ class Reader:
         n = len(chunk)
         if n > self.missing:
             raise FrameError(f"frame longer than declared: {self.got + n:,} of {self.total:,}")
-        view = memoryview(self.buffer)
-        view[self.got : self.got + n] = chunk
+        memoryview(self.buffer)[self.got : self.got + n] = chunk
+        self.take(n)
+
+    def take(self, n: int) -> None:
+        """`n` more bytes were written into `buffer` at `got` (read straight into it)."""
+        if n > self.missing:
+            raise FrameError(f"frame longer than declared: {self.got + n:,} of {self.total:,}")
         signed_end = self.total - TAG_BYTES
         if self.got < signed_end:
-            self.mac.update(view[self.got : min(self.got + n, signed_end)])
+            self.mac.update(memoryview(self.buffer)[self.got : min(self.got + n, signed_end)])
         self.got += n
 
     def frame(self) -> Frame:

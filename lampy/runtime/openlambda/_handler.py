@@ -12,6 +12,9 @@ may arrive as a reference (lampy.remote): the handler reads the chunk's rows its
 Range request straight into a new array. When the task offers a place for large results (the
 client's array server), result arrays over the offer's threshold are uploaded there and the
 answer carries their references (lampy.runtime.remote._results).
+
+Two more frames serve orchestration in a lambda (_coordinator.py): COORDINATE, a whole job this
+sandbox orchestrates, answered with its report; COMBINE, partials merged here for a coordinator.
 """
 
 from __future__ import annotations
@@ -102,6 +105,18 @@ def _serve(environ: dict[str, Any]) -> frames.Outgoing:
         hold = float(frame.value or 0)
         time.sleep(min(max(hold, 0.0), 1.0))  # lets concurrent pings occupy distinct sandboxes
         return frames.encode(frames.PONG, SANDBOX, secret)
+    if frame.kind == frames.COORDINATE:  # a whole job to orchestrate from here
+        from lampy.runtime.openlambda._coordinator import coordinate
+
+        said = coordinate(frame.value, secret, SANDBOX)
+        return frames.encode(frames.RESULT, ((frame.value.job, "coordinate"), said), secret)
+    if frame.kind == frames.COMBINE:  # partials to merge, for a coordinator
+        from lampy.runtime.openlambda._coordinator import combine_here
+
+        asked, rule, partials = frame.value
+        merged = combine_here(asked[0], rule, partials)
+        answer = (merged.value, merged.error, merged.traceback)
+        return frames.encode(frames.RESULT, (asked, answer), secret)
     if frame.kind != frames.TASK:
         raise FrameError(f"expected a task frame, got {frames.KINDS[frame.kind]}")
     # (key, chunks, template, whole, parts, offer, attempt): with an offer (a place on the

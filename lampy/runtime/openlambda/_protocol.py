@@ -18,11 +18,11 @@ import asyncio
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import aiohttp
 import cloudpickle
 
 from lampy._errors import (
@@ -93,6 +93,16 @@ class JobState:
     inline: bool  # small enough to ride with every call
     account: Accounting
     offer: Offer | None = None  # where large results may go (the client's array server)
+    #: Read stored results back here (the client); a coordinator passes the references on.
+    collect: bool = True
+    #: Outcomes known before the run starts (a coordinator taking over a job): not run again.
+    done: dict[int, Outcome] = field(default_factory=dict)
+    #: Told each accepted answer as it comes (a coordinator keeps the job's state durable).
+    record: Callable[[int, Outcome], None] | None = None
+    #: Asked between completions: True stops the run now (a hand-off, a cancelled job).
+    stop: Callable[[], bool] | None = None
+    #: Set by the run: every chunk has its outcome, or the job stopped at a failed one.
+    complete: bool = False
     sends: int = 0  # calls that carried the template
     calls: int = 0  # calls made: each call's number, echoed by its answer
 
@@ -154,7 +164,36 @@ class Caller:
             complete = len(results) == len(chunks) or (results and results[-1][1] is not None)
             if not complete:
                 raise FrameError(f"{len(results)} results for {len(chunks)} chunks")
-            return [_decoded(state.offer, *result) for result in results]
+            reading = state.offer if state.collect else None
+            return [_decoded(reading, *result) for result in results]
+
+    async def combine(self, job: str, number: int, rule: bytes, partials: list[Any]) -> Outcome:
+        """Merge `partials` in a lambda with the pickled combine `rule` (tree_merge's order);
+        the merged value, or the rule's own error as the outcome."""
+        asked = (job, "combine", number)
+        frame = await self.exchange(
+            frames.encode(frames.COMBINE, (asked, rule, partials), self.secret)
+        )
+        if frame.kind != frames.RESULT or not isinstance(frame.value, tuple):
+            raise PlatformFailure(f"expected a combine result, got {_describe(frame)}", "stale")
+        if frame.value[0] != asked:
+            raise PlatformFailure("dropped a combine result not for this call", "stale")
+        value, error, text = frame.value[1]
+        return Outcome(value=value, error=error, traceback=text)
+
+    async def coordinate(self, assignment: Any, timeout: float) -> Any:
+        """Hand a whole job to a coordinator lambda; its report (a `_coordinator.Report`)."""
+        asked = (assignment.job, "coordinate")
+        frame = await self.exchange(
+            frames.encode(frames.COORDINATE, assignment, self.secret), timeout
+        )
+        if frame.kind != frames.RESULT or not isinstance(frame.value, tuple):
+            raise PlatformFailure(
+                f"expected a coordinator's report, got {_describe(frame)}", "stale"
+            )
+        if frame.value[0] != asked:
+            raise PlatformFailure("dropped a coordinator's report not for this job", "stale")
+        return frame.value[1]
 
     async def ping(self, hold: float) -> str:
         """A no-op call that keeps its sandbox `hold` seconds; the sandbox's identity token."""
@@ -163,25 +202,26 @@ class Caller:
             raise PlatformFailure(f"expected a pong, got {_describe(frame)}", "stale")
         return frame.value
 
-    async def exchange(self, frame: frames.Outgoing) -> frames.Frame:
+    async def exchange(self, frame: frames.Outgoing, timeout: float | None = None) -> frames.Frame:
         """POST a frame; the answer's frame, or the failure sorted into retry or not.
 
         A 200 answer that fails the frame checks was damaged on the way (a wrong secret is
         refused with 401 before anything runs), so it is retried like a lost answer.
         """
+        timeout = self.timeout if timeout is None else timeout
         try:
-            reply = await self.transport.post(frame, self.timeout)
+            reply = await self.transport.post(frame, timeout)
             if reply.status == 200:
                 if reply.reader:
                     return reply.reader.frame()
                 return frames.decode(reply.body, self.secret)
         except asyncio.TimeoutError:
             raise PlatformFailure(
-                f"no answer within timeout={self.timeout:g} s (the client's wait; the "
+                f"no answer within timeout={timeout:g} s (the client's wait; the "
                 "platform's own runtime limit answers 502 instead)",
                 "timeout",
             ) from None
-        except (OSError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:  # cut short
+        except self.transport.cut_short as exc:  # the connection was cut short
             raise PlatformFailure(f"{type(exc).__name__}: {exc}", "connection") from None
         except frames.Replayed as exc:  # an old answer played again (or a clock far off)
             raise PlatformFailure(f"dropped a replayed answer: {exc}", "stale") from None
@@ -245,13 +285,21 @@ def template_of(job: Job) -> bytes:
     module = sys.modules.get(getattr(job.function, "__module__", "") or "")
     if module is None or module.__name__ == "__main__" or _installed_remotely(module.__name__):
         return job.template
+    return by_value((job.function, job.args, dict(job.kwargs)), job.function)
+
+
+def by_value(value: Any, function: Any) -> bytes:
+    """`value` pickled with `function`'s module pickled by value (unless a sandbox has it)."""
+    module = sys.modules.get(getattr(function, "__module__", "") or "")
+    if module is None or module.__name__ == "__main__" or _installed_remotely(module.__name__):
+        return dumps(value)
     with _pickle_lock:
         cloudpickle.register_pickle_by_value(module)
         try:
-            return dumps((job.function, job.args, dict(job.kwargs)))
+            return dumps(value)
         except Exception as exc:
             raise SerializationError(
-                f"cannot send {job.function.__qualname__} by value from module "
+                f"cannot send {function.__qualname__} by value from module "
                 f"{module.__name__}: {type(exc).__name__}: {exc}"
             ) from exc
         finally:

@@ -42,7 +42,7 @@ from lampy.runtime._job import Job, SplitArray
 from lampy.runtime._net import free_port, wait_ready
 from lampy.runtime._sweep import claim, exit_on_sigterm, lifeline, release, sweep
 from lampy.runtime.remote._npy import write
-from lampy.runtime.remote._reference import RemoteArray
+from lampy.runtime.remote._reference import RemoteArray, upload
 
 # Chosen with bench/bench_remote.py ("publish threshold" rows, 8 chunks, `lampy worker`): at
 # 1 MiB publishing is no faster than pushing (0.93x), from 4-8 MiB it wins in some runs and not
@@ -111,18 +111,25 @@ atexit.register(_publisher.stop)
 
 
 @contextmanager
-def published(job: Job, platform_url: str) -> Iterator[Job]:
-    """`job` with its large split arrays sent by reference; their files removed afterwards.
+def published(job: Job, platform_url: str, store: str = "", keep: bool = False) -> Iterator[Job]:
+    """`job` with its large split arrays sent by reference; their files removed afterwards
+    unless `keep` (a detached job outlives this call: they go with their server).
 
-    Local-file references are published too, or read and pushed when small; references to
-    array servers are left as they are.
+    With `store` (the URL of a `lampy serve` of its own), arrays are uploaded there instead of
+    written to this process's server, so they outlive this process. Local-file references are
+    published too, or read and pushed when small; references to array servers are left as
+    they are.
     """
     todo = [i for i, a in enumerate(job.split) if _local_bytes(a) > PUBLISH_BYTES]
-    host = _reachable_host(platform_url) if todo else None
+    host = _reachable_host(platform_url) if todo and not store else None
     split = [_read_local(a) for a in job.split]
     files: list[Path] = []
     try:
-        if host is not None:
+        if todo and store:
+            for i in todo:
+                name = f"published/{uuid.uuid4().hex}.npy"
+                split[i] = upload(f"{store.rstrip('/')}/{name}", np.asarray(split[i]))
+        elif host is not None:
             directory, url = _publisher.start(host)
             for i in todo:
                 array = np.asarray(split[i])
@@ -133,7 +140,7 @@ def published(job: Job, platform_url: str) -> Iterator[Job]:
         changed = any(a is not b for a, b in zip(split, job.split, strict=True))
         yield replace(job, split=tuple(split)) if changed else job
     finally:
-        for path in files:
+        for path in [] if keep else files:
             path.unlink(missing_ok=True)
 
 

@@ -136,7 +136,8 @@ def store(value: Any, offer: tuple[str, int], name: str) -> Any:
 
 def collect(value: Any, offer: Offer) -> Any:
     """`value` with each `Stored` leaf mapped from the file the handler uploaded (removed at
-    once: the mapping keeps its pages). Refuses references outside the offered directory."""
+    once: the mapping keeps its pages), or read over HTTP when the offered directory is not on
+    this machine (a job re-attached from elsewhere). Refuses references outside the offer."""
 
     def one(leaf: Stored) -> np.ndarray:
         reference = leaf.reference
@@ -149,6 +150,8 @@ def collect(value: Any, offer: Offer) -> Any:
         if "/" in relative or relative.startswith("."):
             raise RemoteArrayError(f"a stored result names a bad file {relative!r}")
         path = offer.directory / relative
+        if not path.parent.is_dir():  # the server runs elsewhere (a job store): read over HTTP
+            return reference.fetch()
         url = "file://" + urllib.parse.quote(str(path))
         local = RemoteArray(url, reference.meta, 0, reference.meta.shape[0])
         try:

@@ -4,6 +4,7 @@
     GET /name.npy?meta           JSON: shape, dtype, fortran_order, offset (of the data), version
     GET /name.npy  + Range       those bytes of the file (206, sent with sendfile: no copy here)
     PUT /name.npy  + body        a whole .npy file; checked, then moved into place atomically
+    /jobs/<id>/...               durable job state for orchestration in lambdas (_jobs.py)
 
 Every request but /status is signed with the shared secret (see `auth`). A read names the file
 version its reference was made from (`X-Lampy-Version`), and a file rewritten since is answered
@@ -30,6 +31,7 @@ from lampy._errors import RemoteArrayError, RemoteArrayNotFound, RemoteArrayRefu
 from lampy.runtime._codec import MAX_FRAME_BYTES
 from lampy.runtime._secret import Freshness, load_secret, sweep_parts
 from lampy.runtime.remote import _auth as auth
+from lampy.runtime.remote import _jobs as jobs
 from lampy.runtime.remote._npy import NpyMeta, read_meta
 from lampy.runtime.remote._reference import VERSION_HEADER
 
@@ -104,6 +106,7 @@ def make_app(root: Path, secret: bytes, max_upload: int = MAX_UPLOAD_BYTES) -> w
 
     app = web.Application(middlewares=[errors])
     app.router.add_get("/status", status)
+    jobs.add_routes(app, base, max_upload, lambda request: _authorize(request, secret, freshness))
     app.router.add_get("/{tail:.+}", get)
     app.router.add_put("/{tail:.+}", put)
     return app

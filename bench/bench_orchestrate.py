@@ -1,0 +1,213 @@
+"""Orchestration in lambdas against orchestration by the client, side by side in one run (issue 18).
+
+One workload: a 1,000-chunk `@lampy.sum` over a 19 MiB input (published by reference, so
+chunk calls carry no rows in either mode), chunks=1000 so both modes merge the same tree.
+- client traffic: calls and bytes the client process sends and receives, to the platform (its
+  frames) and to the job store (the array server's /jobs requests), per job. Target: lambda
+  orchestration >= 100x fewer calls and bytes than client orchestration (noted per row).
+- end to end on `lampy worker` and on OpenLambda's own worker (../shared/olreal; the kit's
+  fixture, or a running worker with lampy deployed named by LAMPY_BENCH_OLREAL_URL). Target:
+  lambda orchestration no worse than 1.2x client orchestration (noted per row).
+- a slow client link: every call the client makes to the platform waits 50 ms more (a client
+  far from its platform; its own array server stays near); the coordinator, beside the
+  worker, pays it once per job.
+Client orchestration runs with its automatic batching (several tiny chunks per call) and,
+as the issue counts it, with one call per chunk (batch=1).
+Each mode's answer is checked equal to numpy's tree bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import Row
+
+import lampy
+from lampy.runtime import executors
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._executor import OpenLambdaExecutor
+from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
+from lampy.runtime.remote import _jobs as jobs
+
+CHUNKS = 1000
+ROWS, COLUMNS = 300 * CHUNKS, 8  # 19.2 MB: over PUBLISH_BYTES, so sent by reference
+GROUP = "1,000-chunk @lampy.sum ({})"
+LINK_S = 0.05  # the slow link's extra wait per client call
+MODES = ("client", "client, one call per chunk", "lambda")
+
+
+def energy(x: np.ndarray) -> np.ndarray:
+    return (np.sin(x) ** 2).sum(axis=0)
+
+
+REGION = lampy.sum(chunks=CHUNKS)(energy)
+
+
+class Traffic:
+    """Calls and bytes at the client, to the platform and to the job store."""
+
+    calls = bytes = store_calls = store_bytes = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.calls = cls.bytes = cls.store_calls = cls.store_bytes = 0
+
+    @classmethod
+    def total(cls) -> tuple[int, int]:
+        return cls.calls + cls.store_calls, cls.bytes + cls.store_bytes
+
+
+class Counting(AiohttpTransport):
+    extra_s = 0.0  # the slow link's wait per call
+
+    async def post(self, frame: frames.Outgoing, timeout: float) -> Reply:
+        if self.extra_s:
+            await asyncio.sleep(self.extra_s)
+        reply = await super().post(frame, timeout)
+        Traffic.calls += 1
+        Traffic.bytes += frame.size + (reply.reader.total if reply.reader else len(reply.body))
+        return reply
+
+
+@pytest.fixture(autouse=True)
+def count_store_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count the client's job-store requests (a coordinator's run in sandboxes, not here)."""
+    original = jobs.JobStore._call
+
+    def counted(self: jobs.JobStore, method: str, path: str, data: bytes | None = None, **kw: Any):  # type: ignore[no-untyped-def]
+        status, answer = original(self, method, path, data, **kw)
+        Traffic.store_calls += 1
+        Traffic.store_bytes += len(data or b"") + len(answer) + 300  # + headers, roughly
+        return status, answer
+
+    monkeypatch.setattr(jobs.JobStore, "_call", counted)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, Any]:
+    x = np.random.default_rng(0).standard_normal((ROWS, COLUMNS))
+    with lampy.using(executor="inline"):
+        return x, REGION(x)
+
+
+def executor_for(url: str, mode: str, extra_s: float = 0.0) -> OpenLambdaExecutor:
+    executor = OpenLambdaExecutor(
+        url=url,
+        orchestrator="lambda" if mode == "lambda" else "client",
+        batch=1 if "one call per chunk" in mode else 0,
+        timeout=120.0,
+        progress="off",
+        runtime_limit=30.0,
+    )
+    counting = Counting(executor.endpoint, executor.concurrency, executor.secret)
+    counting.extra_s = extra_s
+    executor.transport = counting
+    return executor
+
+
+def run_mode(
+    benchmark: Any,
+    url: str,
+    mode: str,
+    data: tuple[np.ndarray, Any],
+    extra: float,
+    rounds: int,
+) -> None:
+    x, expected = data
+    executor = executor_for(url, mode, extra)
+    name = "bench_" + mode.replace(",", "").replace(" ", "_")
+    lampy.register_executor(name, OpenLambdaExecutor)
+    executors._instances[(name, ())] = executor
+    try:
+        with lampy.using(executor=name):
+            Traffic.reset()
+            got = REGION(x)  # counted; and sandboxes up and warm, the input published
+            calls, moved = Traffic.total()
+            platform_calls, store_calls = Traffic.calls, Traffic.store_calls
+            np.testing.assert_array_equal(got, expected)
+            benchmark.pedantic(REGION, args=(x,), rounds=rounds, iterations=1)
+    finally:
+        executors.unregister(name)
+        executor.close()
+    benchmark.extra_info["client_calls"], benchmark.extra_info["client_bytes"] = calls, moved
+    benchmark.extra_info["note"] = (
+        f"client: {calls} calls, {moved:,} bytes per job ({platform_calls} to the platform, "
+        f"{store_calls} to the job store; {rounds} timed rounds)"
+    )
+
+
+def olreal_url() -> Iterator[str]:
+    given = os.environ.get("LAMPY_BENCH_OLREAL_URL")
+    if given:
+        yield given.rstrip("/")
+        return
+    kit = importlib.import_module("tests.olreal")
+    if kit.REASON:
+        pytest.skip(kit.REASON)
+    try:
+        with kit.real_worker() as url:
+            yield url
+    except kit.Unavailable as exc:
+        pytest.skip(f"olreal: {exc}")
+
+
+@pytest.fixture(scope="module")
+def real_worker() -> Iterator[str]:
+    os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
+    from lampy.runtime.openlambda._deploy import upload
+
+    for url in olreal_url():
+        upload(url)
+        importlib.import_module("tests.olreal").wait_deployed(
+            url, os.environ["LAMPY_SECRET"].encode()
+        )
+        yield url
+
+
+@pytest.fixture(params=["lampy worker", "OpenLambda's own worker", "lampy worker, slow link"])
+def platform(request: pytest.FixtureRequest) -> tuple[str, str, float]:
+    if request.param == "OpenLambda's own worker":
+        return request.param, request.getfixturevalue("real_worker"), 0.0
+    extra = LINK_S if "slow link" in request.param else 0.0
+    return request.param, request.getfixturevalue("worker"), extra
+
+
+results: dict[tuple[str, str], tuple[float, int, int]] = {}  # (platform, mode): figures
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("mode", MODES)
+def test_orchestration(
+    benchmark: Any, row: Row, platform: tuple[str, str, float], mode: str, data: Any
+) -> None:
+    which, url, extra = platform
+    row(GROUP.format(which), f"{mode} orchestration", baseline=mode == "client")
+    # one call per chunk takes ~50 s a job on OpenLambda's own worker here: one round there
+    rounds = 1 if "per chunk" in mode and "OpenLambda" in which else 3
+    run_mode(benchmark, url, mode, data, extra, rounds)
+    results[(which, mode)] = (
+        benchmark.stats.stats.median,
+        benchmark.extra_info["client_calls"],
+        benchmark.extra_info["client_bytes"],
+    )
+    if mode != "lambda":
+        return
+    calls, moved = benchmark.extra_info["client_calls"], benchmark.extra_info["client_bytes"]
+    for peer in MODES[:-1]:
+        if (which, peer) not in results:
+            continue
+        seconds, their_calls, their_bytes = results[(which, peer)]
+        fewer = (their_calls / calls, their_bytes / moved)
+        verdict = "met" if min(fewer) >= 100 else "MISSED"
+        ratio = benchmark.stats.stats.median / seconds
+        timing = "met" if ratio <= 1.2 else "MISSED"
+        benchmark.extra_info["note"] += (
+            f"; vs {peer}: {fewer[0]:.0f}x fewer calls, {fewer[1]:.0f}x fewer bytes (>= 100x: "
+            f"{verdict}), time {ratio:.2f}x (<= 1.2x: {timing})"
+        )

@@ -1,0 +1,671 @@
+"""Orchestration in a lambda: calls of lampy's lambda run a whole job (orchestrator="lambda").
+
+The client writes the job once to a job store (an array server, `remote/_jobs.py`): an
+`Assignment` holding the pickled template, the shared arrays, the split arrays (large ones as
+`lampy.remote` references, published as for any job) and the executor's options. It then sends
+one small COORDINATE frame, a `Summons`. The sandbox that takes it holds the job's lease and
+runs the loop the client runs otherwise (`OpenLambdaExecutor._run_job`: lampy's
+ChunkScheduler, retries with backoff, straggler backups, exactly-once), its calls going to the
+same OpenLambda worker through `ThreadTransport` (a sandbox has no aiohttp), every frame signed
+with the lambda's secret. The coordinator never unpickles the user's function.
+
+Durable state: each accepted outcome is recorded in the store as it comes, write-once, so no
+chunk is merged twice whoever ran it; a coordinator that takes over loads the records and runs
+only the rest. The hand-off rule: a coordinator orchestrates while its own remaining lifetime
+(the platform's runtime limit counts from its call) exceeds `handoff_margin`; then, since a
+fresh call has the whole limit ahead of it, it stops launching, summons a successor naming its
+own lease generation (so the successor may take the lease at once), waits until the successor
+holds it, and answers. A coordinator killed outright simply stops renewing its lease (`LEASE_S`);
+whoever watches the job (the client, or `lampy.job(id)` from any process) summons a new one
+once it has expired.
+
+A reduction's partials are merged in lambdas, `FAN_IN` at a time, level by level (COMBINE
+frames): exactly the subtrees of the client's own `tree_merge`, so the answer is bit-identical
+to client orchestration, and the client receives only those subtrees (one value, or one per
+level beside a chunk it ran itself). An elemwise job's results are stored on the client's array
+server by the chunks themselves; the report holds their references.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import secrets
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lampy._errors import RetriesExhausted
+from lampy.runtime._combine import Merged, subtrees, tree_merge
+from lampy.runtime._job import Job, SplitArray
+from lampy.runtime._plan import Rows
+from lampy.runtime._scheduler import backoff
+from lampy.runtime._worker_side import Outcome
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._protocol import Accounting, Caller, JobState, PlatformFailure
+from lampy.runtime.openlambda._transport import ThreadTransport
+from lampy.runtime.remote._jobs import JobStore, at_rest
+from lampy.runtime.remote._results import Offer
+
+FAN_IN = 32  # partials one combine call merges: a subtree five levels high (a power of 2)
+LEASE_S = 3.0  # a coordinator's lease lasts this long unless renewed ...
+RENEW_S = 0.5  # ... which it is this often
+TAKEOVER_WAIT_S = 5.0  # a coordinator handing off waits this long for its successor's lease
+RECORD_BATCH_S = 0.02  # outcomes accepted within this long go to the store in one request
+REPORT_EVERY = 4  # renewals between two posts of a coordinator's counts (`lampy job ID`)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A whole job, as the client writes it to the job store."""
+
+    job: str  # the job's id
+    template: bytes  # the pickled (function, args, kwargs): passed on, never unpickled here
+    inline: bool  # small enough to ride with every chunk call
+    whole: tuple[np.ndarray, ...]
+    split: tuple[SplitArray, ...]
+    chunks: Runs  # the chunks' rows, as runs of sizes (a 1,000-chunk job's are two runs)
+    keep_going: bool
+    first: int  # the call's number of chunk 0 (the client ran the earlier ones)
+    combine: bytes | None  # the pickled combine rule; None: elemwise
+    offer: tuple[str, int] | None  # where chunk results go on the client's array server
+    url: str  # the OpenLambda worker, as sandboxes reach it
+    options: dict[str, Any]  # the executor's options: name, concurrency, timeout, attempts...
+    lifetime: float  # the platform's runtime limit: how long one call may orchestrate
+    #: What the caller's side needs to finish a detached job (lampy.submit): the pickled
+    #: region, plan and outcomes of chunks run in the caller; never unpickled in a lambda.
+    caller_side: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Contiguous chunks as runs of equal sizes: (size, count) pairs from `start`; others
+    (never made by the planner today) kept as they are in `rows`."""
+
+    start: int
+    sizes: tuple[tuple[int, int], ...] = ()
+    rows: tuple[Rows, ...] | None = None
+
+    @classmethod
+    def of(cls, chunks: tuple[Rows, ...]) -> Runs:
+        """
+        >>> Runs.of(((0, 4), (4, 8), (8, 11))).sizes, Runs.of(((0, 4), (4, 8))).chunks()
+        (((4, 2), (3, 1)), ((0, 4), (4, 8)))
+        """
+        if not chunks or any(a[1] != b[0] for a, b in itertools.pairwise(chunks)):
+            return cls(0, (), chunks)
+        sizes: list[tuple[int, int]] = []
+        for start, stop in chunks:
+            size = stop - start
+            if sizes and sizes[-1][0] == size:
+                sizes[-1] = (size, sizes[-1][1] + 1)
+            else:
+                sizes.append((size, 1))
+        return cls(chunks[0][0], tuple(sizes))
+
+    def chunks(self) -> tuple[Rows, ...]:
+        if self.rows is not None:
+            return self.rows
+        found, at = [], self.start
+        for size, count in self.sizes:
+            for _ in range(count):
+                found.append((at, at + size))
+                at += size
+        return tuple(found)
+
+
+@dataclass(frozen=True)
+class Summons:
+    """What a COORDINATE frame carries: which job, where its state is, and why."""
+
+    job: str
+    store: str  # the array server holding the job's state
+    why: str  # "start", "hand-off" (a predecessor chose this call), "revive" (a watcher did)
+    expect: int | None = None  # the lease generation a predecessor hands over
+    #: The job's spec (a signed `Assignment` frame) for the coordinator to write to the store
+    #: when the client did not (one client call per job), with its number of chunks.
+    spec: bytes | None = None
+    chunks: int = 0
+
+
+@dataclass
+class Report:
+    """A finished job: outcomes by chunk (a reduction's merged subtrees as `Merged` values
+    under each subtree's first chunk), kept in the store as the job's result."""
+
+    outcomes: dict[int, Outcome]
+    combines: int = 0  # combine calls made
+    combine_error: Outcome | None = None  # the combine rule raised (the user's error)
+    merged: list[tuple[int, int]] = field(default_factory=list)  # subtrees answered
+    holder: str = ""  # the coordinator that finished it
+    #: the store's status once the report was kept (in the answer to the summoning call only)
+    status: dict[str, Any] | None = None
+
+
+def handoff_margin(lifetime: float) -> float:
+    """How much of its lifetime a coordinator keeps for handing off: stopping, summoning a
+    successor, and seeing it hold the lease (a cold sandbox on a loaded machine: ~1 s)."""
+    return min(lifetime / 2, max(1.0, 0.1 * lifetime))
+
+
+def next_orchestrator(own_left: float, fresh: float, margin: float) -> str:
+    """Who orchestrates next, by remaining lifetime: this call while it has more than
+    `margin` left; else a fresh call (the platform's whole runtime limit ahead of it), when
+    that is longer; else this call still (no one has more time)."""
+    return "fresh call" if own_left <= margin and fresh > own_left else "this call"
+
+
+def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]:
+    """Orchestrate the job `summons` names from this sandbox until it is done or handed off.
+
+    Answers (what happened, detail): "done" (the report, with the store's status), "handed
+    off" (to whom), "busy" (another live coordinator holds the lease), "cancelled", or
+    "finished already".
+    """
+    started = time.monotonic()
+    store = JobStore(summons.store, summons.job)
+    holder = f"{sandbox}/{secrets.token_hex(3)} pid {os.getpid()}"  # pid 1 on OpenLambda
+    try:
+        if summons.spec is not None:  # the job as the client sent it: kept first
+            frames.decode(summons.spec, secret, freshness=at_rest())  # signed, or refused
+            store.create(summons.spec, summons.chunks)
+        decoded = frames.decode(store.spec(), secret, freshness=at_rest())
+        assignment: Assignment = decoded.value
+        lease = _Lease(store, holder, assignment.lifetime)
+        taken = lease.take(summons.expect, summons.why)
+    except BaseException:
+        store.close()
+        raise
+    if taken is not None:
+        store.close()
+        return taken
+    from lampy.runtime.openlambda._executor import OpenLambdaExecutor
+
+    options = assignment.options
+    endpoint = f"{assignment.url}/run/{options['name']}"
+    transport = ThreadTransport(endpoint, options["concurrency"], secret)
+    executor = OpenLambdaExecutor(
+        url=assignment.url, progress="off", transport=transport, **options
+    )
+    recorder = _Recorder(store, secret)
+    merger: _Merger | None = None
+    deadline = started + assignment.lifetime - handoff_margin(assignment.lifetime)
+    try:
+        state = _state(assignment, store, secret, recorder)
+        known = sorted(state.done)
+        merger = _Merger(executor.caller, assignment, Report({}, holder=holder), state.account)
+        streaming = assignment.combine is not None and not assignment.keep_going
+        if streaming:  # partials merged as they come, those recorded before first
+            executor._loop.run(_stream(merger, state.done))
+            state.record = _both(recorder.record, merger.stream)
+        state.stop = lambda: lease.lost is not None or time.monotonic() >= deadline
+        lease.counts = lambda: _counts(state.account, executor.backups, known, summons.why)
+        outcomes = executor.run_state(state)
+        recorder.flush(state.account, outcomes)
+        counts = _counts(state.account, executor.backups, known, summons.why)
+        if lease.lost is not None:
+            store.counters(holder, counts)
+            return lease.lost, ""
+        if not state.complete:
+            store.counters(holder, counts)
+            left = assignment.lifetime - (time.monotonic() - started)
+            return "handed off", _hand_off(summons, lease, endpoint, secret, left)
+        report = merger.report
+        report.outcomes = outcomes
+        if merger.assignment.combine is not None and _mergeable(outcomes, assignment.keep_going):
+            streamed = streaming and not recorder.refused  # else merge what the store holds
+            executor._loop.run(merger.finish(outcomes, streamed))
+        counts["combines"] = report.combines
+        store.counters(holder, counts)
+        store.put_result(frames.encode(frames.RESULT, report, secret).join())
+        report.status = store.status()
+        return "done", report
+    finally:
+        if merger is not None:
+            executor._loop.run(_abandon(merger))
+        lease.release()
+        recorder.close()
+        executor.close()
+        store.close()
+
+
+def _state(assignment: Assignment, store: JobStore, secret: bytes, recorder: _Recorder) -> JobState:
+    """The job as this coordinator runs it, with the outcomes recorded before it took over."""
+    job = Job(
+        _never_called,
+        (),
+        {},
+        assignment.split,
+        assignment.whole,
+        assignment.chunks.chunks(),
+        keep_going=assignment.keep_going,
+        first=assignment.first,
+        id=assignment.job,
+    )
+    account = Accounting(job.id, len(job.chunks))
+    offer = None
+    if assignment.offer is not None:  # file names unique to this coordinator
+        url, min_bytes = assignment.offer
+        offer = Offer(f"{url}c{secrets.token_hex(4)}-", min_bytes, _NOWHERE)
+    state = JobState(job, assignment.template, assignment.inline, account, offer)
+    state.collect = False  # stored results are the client's to read
+    for chunk, frame in store.records():
+        state.done[chunk] = frames.decode(frame, secret, freshness=at_rest()).value
+    recorder.recorded.update(state.done)
+    state.record = recorder.record
+    return state
+
+
+class _Lease:
+    """This coordinator's hold on the job, renewed in a thread; `lost` says why it ended."""
+
+    def __init__(self, store: JobStore, holder: str, lifetime: float) -> None:
+        self.store, self.holder, self.lifetime = store, holder, lifetime
+        self.started = time.monotonic()
+        self.generation: int | None = None
+        self.lost: str | None = None
+        self.counts: Callable[[], dict[str, Any]] | None = None  # progress, posted now and then
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def take(self, expect: int | None, why: str) -> tuple[str, str] | None:
+        """Take the lease (None), or why not: the answer to give."""
+        status, lease = self.store.lease(self.holder, LEASE_S, expect, why, self.left())
+        if status == 410:
+            return "cancelled", ""
+        if lease.get("done"):
+            return "finished already", ""
+        if status == 409:
+            return "busy", str(lease.get("holder", ""))
+        self.generation = int(lease["generation"])
+        self._thread = threading.Thread(target=self._renew, name="lampy-lease", daemon=True)
+        self._thread.start()
+        return None
+
+    def left(self) -> float:
+        return max(0.0, self.lifetime - (time.monotonic() - self.started))
+
+    def _renew(self) -> None:
+        beats = 0
+        while not self._stop.wait(RENEW_S):
+            beats += 1
+            if self.counts is not None and beats % REPORT_EVERY == 0:
+                with contextlib.suppress(Exception):  # counts mid-change: the next one will do
+                    self.store.counters(self.holder, self.counts())
+            try:
+                status, lease = self.store.lease(
+                    self.holder, LEASE_S, self.generation, "renew", self.left()
+                )
+            except Exception:  # the store unreachable for a moment: the lease may still hold
+                continue
+            if status == 410:
+                self.lost = "cancelled"
+            elif status != 200:
+                self.lost = "busy" if not lease.get("done") else "finished already"
+            if self.lost is not None:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class _Recorder:
+    """Writes accepted outcomes to the store from one thread, a batch per request, so the
+    loop never waits on it and a 1,000-chunk job costs tens of requests, not a thousand."""
+
+    def __init__(self, store: JobStore, secret: bytes) -> None:
+        self.store, self.secret = store, secret
+        self.recorded: dict[int, Outcome] = {}
+        self.refused: set[int] = set()  # recorded first by another coordinator
+        self._queue: list[tuple[int, bytes]] = []
+        self._queued: set[int] = set()
+        self._lock = threading.Condition()
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, name="lampy-record", daemon=True)
+        self._thread.start()
+
+    def record(self, chunk: int, outcome: Outcome) -> None:
+        if chunk in self.recorded or chunk in self._queued:
+            return
+        frame = frames.encode(frames.RESULT, outcome, self.secret).join()
+        with self._lock:
+            self._queue.append((chunk, frame))
+            self._queued.add(chunk)
+            self._lock.notify()
+
+    def _write(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._lock.wait()
+                batch, self._queue = self._queue, []
+                if not batch and self._closing:
+                    return
+            time.sleep(RECORD_BATCH_S)  # let a few more answers join the next batch
+            try:
+                self.refused.update(self.store.record(batch))
+            except BaseException as exc:  # the store is down: the job cannot be kept
+                self._failure = exc
+                return
+
+    def flush(self, account: Accounting, outcomes: dict[int, Outcome]) -> None:
+        """Record what is left (chunks lost after every attempt), wait for every write, and
+        take the recorded outcome wherever another coordinator recorded a chunk first."""
+        for chunk, outcome in outcomes.items():
+            self.record(chunk, outcome)
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        for chunk in self._queued:
+            if chunk in self.refused:  # another coordinator's answer is the one merged
+                if account.accepted[chunk] > 0:
+                    account.accepted[chunk] -= 1
+                account.dropped["recorded"] += 1
+            else:
+                self.recorded[chunk] = outcomes[chunk]
+        if self.refused:
+            for chunk, frame in self.store.records():
+                if chunk in outcomes:
+                    outcomes[chunk] = frames.decode(frame, self.secret, freshness=at_rest()).value
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+
+
+def _hand_off(summons: Summons, lease: _Lease, endpoint: str, secret: bytes, left: float) -> str:
+    """Summon a fresh call to take over and wait until it holds the lease; its holder name.
+
+    The call is made from a thread that outlives this answer: the successor answers it when
+    done, and nobody needs that answer (the job's state is in the store).
+    """
+    choice = next_orchestrator(left, lease.lifetime, handoff_margin(lease.lifetime))
+    successor = Summons(summons.job, summons.store, f"hand-off ({choice})", lease.generation)
+    frame = frames.encode(frames.COORDINATE, successor, secret)
+    transport = ThreadTransport(endpoint, 1, secret)
+    call = threading.Thread(
+        target=_call_quietly, args=(transport, frame, lease.lifetime * 2), daemon=True
+    )
+    call.start()
+    lease.release()
+    deadline = time.monotonic() + min(TAKEOVER_WAIT_S, max(0.5, left - 0.2))
+    while time.monotonic() < deadline:
+        holder = (lease.store.status().get("lease") or {}).get("holder", "")
+        if holder and holder != lease.holder:
+            return str(holder)
+        time.sleep(0.05)
+    return "(a successor was summoned; none holds the lease yet)"
+
+
+def _call_quietly(transport: ThreadTransport, frame: frames.Outgoing, timeout: float) -> None:
+    with contextlib.suppress(Exception):  # its answer is not needed: its work is in the store
+        transport._post(frame, timeout)
+
+
+def _counts(account: Accounting, backups: int, known: list[int], why: str) -> dict[str, Any]:
+    """What one coordinator did, as the store keeps it (`lampy job ID` shows the sums);
+    chunk numbers as ranges, so a 1,000-chunk job's counts stay a few hundred bytes."""
+    by_count: dict[int, list[int]] = {}
+    for chunk, n in account.attempts.items():
+        by_count.setdefault(n, []).append(chunk)
+    return {
+        "why": why,
+        "took_over": ranges(known),  # chunks recorded before this coordinator started
+        "accepted": ranges(c for c, n in account.accepted.items() if n > 0),
+        "attempts": {str(n): ranges(chunks) for n, chunks in by_count.items()},
+        "lost": ranges(account.lost),
+        "failures": dict(account.failures),
+        "dropped": dict(account.dropped),
+        "cancelled": account.cancelled,
+        "backups": backups,
+        "combines": 0,
+        "at": time.time(),
+    }
+
+
+def ranges(chunks: Iterable[int]) -> list[list[int]]:
+    """Chunk numbers as [first, last] runs.
+
+    >>> ranges([5, 0, 1, 2, 7, 6])
+    [[0, 2], [5, 7]]
+    """
+    runs: list[list[int]] = []
+    for chunk in sorted(chunks):
+        if runs and runs[-1][1] == chunk - 1:
+            runs[-1][1] = chunk
+        else:
+            runs.append([chunk, chunk])
+    return runs
+
+
+def chunks_of(runs: list[list[int]]) -> list[int]:
+    """The chunk numbers of `ranges` runs."""
+    return [c for first, last in runs for c in range(first, last + 1)]
+
+
+def fold(account: Accounting, counters: dict[str, dict[str, Any]]) -> Counter[str]:
+    """Every coordinator's counts (the store's) added into `account`; the totals of the
+    other counts (backups, combines, hand-offs)."""
+    totals: Counter[str] = Counter()
+    for counts in counters.values():
+        account.accepted.update(chunks_of(counts.get("accepted", [])))
+        for n, runs in counts.get("attempts", {}).items():
+            account.attempts.update({c: int(n) for c in chunks_of(runs)})
+        account.lost.update(chunks_of(counts.get("lost", [])))
+        account.failures.update(counts.get("failures", {}))
+        account.dropped.update(counts.get("dropped", {}))
+        account.cancelled += counts.get("cancelled", 0)
+        totals.update(backups=counts.get("backups", 0), combines=counts.get("combines", 0))
+    return totals
+
+
+def _both(
+    one: Callable[[int, Outcome], None], other: Callable[[int, Outcome], None]
+) -> Callable[[int, Outcome], None]:
+    def record(chunk: int, outcome: Outcome) -> None:
+        one(chunk, outcome)
+        other(chunk, outcome)
+
+    return record
+
+
+async def _stream(merger: _Merger, done: dict[int, Outcome]) -> None:
+    for chunk, outcome in sorted(done.items()):
+        merger.stream(chunk, outcome)
+
+
+async def _abandon(merger: _Merger) -> None:
+    merger.abandon()
+
+
+def _never_called(*args: Any, **kwargs: Any) -> Any:
+    """A coordinator's Job holds the template as bytes only; nothing calls its function."""
+    raise AssertionError("a coordinator does not run the user's function")
+
+
+_NOWHERE = Path("/nonexistent")  # an offer's directory on the client: a coordinator reads none
+
+
+def _mergeable(outcomes: dict[int, Outcome], keep_going: bool) -> bool:
+    """Whether the client will merge these outcomes (no user error, none lost unless the job
+    keeps going past lost chunks): only then are they merged here."""
+    for outcome in outcomes.values():
+        lost = isinstance(outcome.error, RetriesExhausted)
+        if outcome.error is not None and not (lost and keep_going):
+            return False
+    return True
+
+
+class _Merger:
+    """Merges partials in combine lambdas, `FAN_IN` at a time, as the subtrees of the client's
+    tree that lack the chunks the client ran itself. With `stream`, each group of a level is
+    combined as soon as its members are in, while the job still runs; else all at the end."""
+
+    def __init__(
+        self, caller: Caller, assignment: Assignment, report: Report, account: Accounting
+    ) -> None:
+        self.caller, self.assignment, self.report, self.account = (
+            caller,
+            assignment,
+            report,
+            account,
+        )
+        self.spans = subtrees(assignment.first, assignment.first + len(assignment.chunks.chunks()))
+        self.trees: dict[tuple[int, int], _Tree] = {}
+        self.calls = 0
+
+    async def combine(self, partials: list[Any]) -> Any:
+        rule = self.assignment.combine
+        assert rule is not None
+        self.calls += 1
+        self.report.combines += 1
+        call, options = self.calls, self.assignment.options
+        for attempt in range(1, options["attempts"] + 1):
+            try:
+                outcome = await self.caller.combine(self.assignment.job, call, rule, partials)
+            except PlatformFailure as failure:
+                self.account.note(failure)
+                if attempt == options["attempts"]:
+                    raise
+                await asyncio.sleep(backoff(attempt, options["backoff"]))
+                continue
+            if outcome.error is not None:
+                raise CombineRaised(outcome)
+            return outcome.value
+        raise AssertionError("unreachable")
+
+    def stream(self, chunk: int, outcome: Outcome) -> None:
+        """A chunk's accepted partial (on the loop): into its subtree, merging what it
+        completes. Positions are fixed only when no chunk can be left out (not keep_going)."""
+        if outcome.error is not None:
+            return
+        position = self.assignment.first + chunk
+        for lo, hi in self.spans:
+            if lo <= position < hi:
+                tree = self.trees.get((lo, hi))
+                if tree is None:
+                    tree = self.trees[(lo, hi)] = _Tree(hi - lo, self.combine)
+                tree.put(0, position - lo, outcome.value)
+                return
+
+    async def finish(self, outcomes: dict[int, Outcome], streamed: bool) -> None:
+        """Replace the partials in `outcomes` by `Merged` subtrees (or set the report's
+        combine error)."""
+        report, first = self.report, self.assignment.first
+        kept = [c for c in sorted(outcomes) if outcomes[c].error is None]
+        position = {first + i: chunk for i, chunk in enumerate(kept)}
+        spans = subtrees(first, first + len(kept))
+        try:
+            if streamed:
+                values = [await self.trees[span].root for span in spans]
+            else:
+                values = []
+                for lo, hi in spans:
+                    tree = _Tree(hi - lo, self.combine)
+                    for p in range(lo, hi):
+                        tree.put(0, p - lo, outcomes[position[p]].value)
+                    values.append(await tree.root)
+        except CombineRaised as raised:
+            report.combine_error = raised.outcome
+            return
+        for chunk in kept:
+            del outcomes[chunk]
+        for (lo, hi), value in zip(spans, values, strict=True):
+            outcomes[position[lo]] = Outcome(value=Merged(value, hi - lo))
+        report.merged = spans
+
+    def abandon(self) -> None:
+        for tree in self.trees.values():
+            tree.abandon()
+
+
+class _Tree:
+    """One subtree merged level by level: a group of `FAN_IN` nodes (fewer at a level's end)
+    goes to one combine call once all are in; tree_merge's own pairs, so its own result."""
+
+    def __init__(self, width: int, combine: Any) -> None:
+        self.sizes = [width]
+        while self.sizes[-1] > 1:
+            self.sizes.append(-(-self.sizes[-1] // FAN_IN))
+        self.levels: list[dict[int, Any]] = [{} for _ in self.sizes]
+        self.combine = combine
+        self.root: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def put(self, level: int, index: int, value: Any) -> None:
+        if level == len(self.sizes) - 1:
+            if not self.root.done():
+                self.root.set_result(value)
+            return
+        nodes = self.levels[level]
+        nodes[index] = value
+        group = index // FAN_IN
+        members = range(group * FAN_IN, min((group + 1) * FAN_IN, self.sizes[level]))
+        if all(m in nodes for m in members):
+            values = [nodes.pop(m) for m in members]
+            if len(values) == 1:
+                self.put(level + 1, group, values[0])
+            else:
+                task = asyncio.ensure_future(self._merge(level + 1, group, values))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def _merge(self, level: int, index: int, values: list[Any]) -> None:
+        try:
+            merged = await self.combine(values)
+        except BaseException as exc:
+            if not self.root.done():
+                self.root.set_exception(exc)
+            return
+        self.put(level, index, merged)
+
+    def abandon(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if not self.root.done():
+            self.root.cancel()
+
+
+class CombineRaised(Exception):
+    """The user's combine rule raised in a combine lambda: the job's error."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(str(outcome.error))
+        self.outcome = outcome
+
+
+# -- in the sandbox that merges ---------------------------------------------------------------
+
+
+_rules: dict[str, Any] = {}  # the combine rules this sandbox unpickled, by job
+
+
+def combine_here(job: str, rule: bytes, partials: list[Any]) -> Outcome:
+    """Merge `partials` with the job's combine rule as `tree_merge` does; the user's error,
+    if the rule raises, is the outcome."""
+    from lampy.runtime._codec import loads
+
+    try:
+        if job not in _rules:
+            while len(_rules) >= 8:
+                _rules.pop(next(iter(_rules)))
+            _rules[job] = loads(rule)
+        return Outcome(value=tree_merge(partials, _rules[job]))
+    except BaseException as exc:
+        return Outcome(error=exc, traceback=traceback.format_exc()).portable()

@@ -1,0 +1,121 @@
+"""Watching a job that lambdas orchestrate: wait for its result, and summon a coordinator
+whenever none holds the job's lease (the first, or after one was killed without handing off).
+
+The client that started the job watches it; so does `lampy.job(id)` from any other process,
+which is how a job survives its client. Watching costs a long-polled request to the job store
+now and then, never a request per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any
+
+from lampy._errors import ExecutionError, RemoteArrayNotFound
+from lampy.runtime._scheduler import backoff
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._coordinator import LEASE_S, Report, Summons
+from lampy.runtime.openlambda._protocol import Caller, PlatformFailure
+from lampy.runtime.remote._jobs import JobStore, at_rest
+
+
+class JobCancelled(ExecutionError):
+    """The job was cancelled (`lampy.job(id).cancel()` or `lampy job ID --cancel`)."""
+
+
+async def watch(
+    caller: Caller,
+    store: JobStore,
+    summons: Summons,
+    attempts: int,
+    first_backoff: float,
+    lifetime: float,
+    start: bool,
+    deadline: float | None = None,
+) -> tuple[Report, dict[str, Any]]:
+    """The job's report and its final status; summons coordinators as needed (the first one
+    when `start`). Gives up after `attempts` summonses in a row that brought no progress, or
+    at `deadline` (time.monotonic()) with a TimeoutError; the job goes on."""
+    loop = asyncio.get_running_loop()
+    call: asyncio.Future[Any] | None = None
+    summoned, progress, failure, what = 0, -1, "", ""
+
+    def summon(why: str) -> asyncio.Future[Any]:
+        nonlocal summoned
+        summoned += 1
+        asked = replace(summons, why=why)  # with the spec, when the client sends it so
+        return asyncio.ensure_future(caller.coordinate(asked, lifetime + 10.0))
+
+    if start:
+        call = summon("start")
+    try:
+        while True:
+            if call is not None:  # the summoned coordinator answers first: wait for it alone
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                await asyncio.wait({call}, timeout=left)
+                if not call.done():
+                    raise _still_running(summons)
+                try:
+                    what, detail = call.result()
+                except PlatformFailure as lost:  # its sandbox died, or ran past its limit
+                    failure, what, detail = str(lost), "lost", None
+                call = None
+                if isinstance(detail, Report) and detail.status is not None:
+                    return detail, detail.status  # it finished the job: no need to ask
+                if what == "cancelled":
+                    raise JobCancelled(f"job {summons.job} was cancelled")
+            # a long poll: it answers as soon as the result is in
+            wait = 0.0 if what in ("done", "finished already") else LEASE_S
+            data = await loop.run_in_executor(None, _result, store, wait)
+            if data is not None:
+                report: Report = frames.decode(data, store.secret, freshness=at_rest()).value
+                return report, await loop.run_in_executor(None, store.status)
+            if deadline is not None and time.monotonic() > deadline:
+                raise _still_running(summons)
+            status = await loop.run_in_executor(None, _status, store)
+            if status["state"] == "cancelled":
+                raise JobCancelled(f"job {summons.job} was cancelled")
+            lease, now = status["lease"], time.time()
+            starting = lease is None and now - (status["created"] or 0) < LEASE_S  # summoned
+            if starting or (lease is not None and lease["until"] > now):
+                continue
+            if status["done"] > progress:
+                progress, summoned = status["done"], 0
+            if summoned >= attempts:
+                raise ExecutionError(
+                    f"job {summons.job}: {summoned} coordinators in a row made no progress "
+                    f"({status['done']} of {status['chunks']} chunks done). The last failure: "
+                    f"{failure or 'none reported'}. Check the worker, then re-attach with "
+                    f"lampy.job({summons.job!r}, store={summons.store!r}).result()"
+                )
+            if summoned:
+                await asyncio.sleep(backoff(summoned, first_backoff))
+            call = summon("revive" if start or summoned else "re-attach")
+    finally:
+        if call is not None and not call.done():
+            call.cancel()
+        store.close()
+
+
+def _result(store: JobStore, wait: float) -> bytes | None:
+    try:
+        return store.result(wait)
+    except RemoteArrayNotFound:  # its spec comes with the first coordinator, lost on the way
+        time.sleep(wait)
+        return None
+
+
+def _status(store: JobStore) -> dict[str, Any]:
+    try:
+        return store.status()
+    except RemoteArrayNotFound:  # not written yet: no lease, summon one with the spec
+        return {"state": "running", "lease": None, "created": 0, "done": 0, "chunks": None}
+
+
+def _still_running(summons: Summons) -> TimeoutError:
+    return TimeoutError(
+        f"job {summons.job} is still running; re-attach later with "
+        f"lampy.job('{summons.job}@{summons.store}').result()"
+    )

@@ -1,0 +1,425 @@
+"""Orchestration in lambdas (orchestrator="lambda"), on real `lampy worker` processes.
+
+A coordinator lambda runs the job's scheduler, merges partials in combine lambdas, keeps the
+job's state in the array server's job store, and hands off before its runtime limit; the
+client may go away and re-attach. Every answer is checked bit for bit against the client's own
+orchestration (or inline), and every chunk merged exactly once, from the store's own records
+and the coordinators' counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import lampy
+from lampy.runtime import executors
+from lampy.runtime._combine import Merged, subtrees, tree_merge
+from lampy.runtime._settings import resolve_options
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._coordinator import (
+    FAN_IN,
+    chunks_of,
+    handoff_margin,
+    next_orchestrator,
+)
+from lampy.runtime.openlambda._executor import OpenLambdaExecutor
+from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
+from lampy.runtime.openlambda._watch import JobCancelled
+from lampy.runtime.remote import _publish
+from lampy.runtime.remote._jobs import JobStore
+from lampy.testing import assert_same, free_port, openlambda_worker, wait_ready
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def bracket(a: str, b: str) -> str:
+    return f"({a}{b})"
+
+
+def letters(x: np.ndarray) -> str:
+    return "".join(chr(ord("a") + int(v) % 26) for v in x)
+
+
+def energy(x: np.ndarray) -> np.ndarray:
+    return (np.sin(x) ** 2).sum(axis=0)
+
+
+def slow_energy(x: np.ndarray) -> np.ndarray:
+    time.sleep(0.04)
+    return (np.sin(x) ** 2).sum(axis=0)
+
+
+def executor_in_use() -> OpenLambdaExecutor:
+    executor = executors.get("openlambda", resolve_options("openlambda"))
+    assert isinstance(executor, OpenLambdaExecutor)
+    return executor
+
+
+def assert_merged_once(executor: OpenLambdaExecutor, chunks: int) -> dict[str, Any]:
+    """Every chunk accepted once over all coordinators, the store holding one record each."""
+    account, status = executor.accounts[-1], executor.statuses[-1]
+    assert status["state"] == "done" and status["done"] == chunks
+    assert sorted(account.accepted) == list(range(chunks))
+    assert set(account.accepted.values()) == {1}
+    mine = [set(chunks_of(c["accepted"])) for c in status["counters"].values()]
+    assert sum(len(m) for m in mine) == chunks  # disjoint: no chunk merged by two
+    return status
+
+
+# -- the tree -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 7, 8, 9, 13, 33, 64, 100, 1000, 1057])
+def test_subtrees_and_fan_in_levels_rebuild_the_client_tree(total: int) -> None:
+    """What a coordinator builds (the subtrees lacking the client's chunks, each merged FAN_IN
+    at a time level by level) is the client's own tree, bracket for bracket."""
+    leaves = [chr(ord("a") + i % 26) for i in range(total)]
+    expected = tree_merge(leaves, bracket)
+    for first in range(min(total, 3)):
+        nodes = []
+        for lo, hi in subtrees(first, total):
+            level = leaves[lo:hi]
+            while len(level) > 1:
+                groups = [level[i : i + FAN_IN] for i in range(0, len(level), FAN_IN)]
+                level = [tree_merge(g, bracket) for g in groups]
+            nodes.append(Merged(level[0], hi - lo))
+        assert tree_merge(leaves[:first] + nodes, bracket) == expected
+
+
+def test_the_hand_off_rule_prefers_the_longer_remaining_lifetime() -> None:
+    margin = handoff_margin(30.0)
+    assert margin == 3.0 and handoff_margin(2.0) == 1.0
+    assert next_orchestrator(20.0, 30.0, margin) == "this call"
+    assert next_orchestrator(2.0, 30.0, margin) == "fresh call"
+    assert next_orchestrator(0.5, 0.4, margin) == "this call"  # no one has more time
+
+
+# -- on the session's worker ----------------------------------------------------------------
+
+
+def test_float_sums_and_ordered_reductions_equal_client_orchestration(worker_url: str) -> None:
+    x = np.random.default_rng(5).standard_normal((6_000, 3))
+    text = np.arange(37)
+    total = lampy.sum(chunks=64)(energy)
+    ordered = lampy.reduce(bracket, chunks=13)(letters)
+    with lampy.using(executor="openlambda", url=worker_url, progress="off"):
+        expected = (total(x), ordered(text))
+    with lampy.using(executor="openlambda", url=worker_url, orchestrator="lambda", progress="off"):
+        got = (total(x), ordered(text))
+        executor = executor_in_use()
+        assert executor.reports[-1].combines > 0  # merged in lambdas, not here
+    assert_same(got[0], expected[0], exact=True)
+    assert got[1] == expected[1]  # the same brackets: the same tree
+    assert got[1].startswith("((((abc")
+
+
+class Counting(AiohttpTransport):
+    """The client's transport, counting its calls and bytes both ways."""
+
+    calls = sent = received = 0
+
+    async def post(self, frame: frames.Outgoing, timeout: float) -> Reply:
+        reply = await super().post(frame, timeout)
+        Counting.calls += 1
+        Counting.sent += frame.size
+        Counting.received += reply.reader.total if reply.reader else len(reply.body)
+        return reply
+
+
+@pytest.mark.parametrize("chunks", [40, 160])
+def test_the_client_makes_one_call_however_many_chunks(worker_url: str, chunks: int) -> None:
+    x = np.random.default_rng(1).standard_normal((chunks * 10, 2))
+    counted: dict[str, tuple[int, int]] = {}
+    for mode in ("client", "lambda"):
+        executor = OpenLambdaExecutor(url=worker_url, orchestrator=mode, progress="off")
+        executor.transport = Counting(executor.endpoint, 32, executor.secret)
+        Counting.calls = Counting.sent = Counting.received = 0
+        lampy.register_executor("counted", OpenLambdaExecutor)
+        executors._instances[("counted", ())] = executor
+        try:
+            with lampy.using(executor="counted"):
+                lampy.sum(chunks=chunks)(energy)(x)
+        finally:
+            executors.unregister("counted")
+        counted[mode] = (Counting.calls, Counting.sent + Counting.received)
+    assert counted["client"][0] >= chunks
+    assert counted["lambda"][0] == 1
+    assert counted["lambda"][1] * 5 < counted["client"][1]
+
+
+def test_a_chunks_error_and_a_combine_error_reach_the_caller(worker_url: str) -> None:
+    def fails(x: np.ndarray) -> np.ndarray:
+        if x[0] == 50:
+            raise ValueError(f"bad rows from {x[0]}")
+        return x.sum(axis=0)
+
+    def bad_combine(a: Any, b: Any) -> Any:
+        raise KeyError("combine refused")
+
+    with lampy.using(executor="openlambda", url=worker_url, orchestrator="lambda", progress="off"):
+        with pytest.raises(ValueError, match="bad rows from 50.0") as caught:
+            lampy.sum(chunks=10)(fails)(np.arange(100.0))
+        assert any("chunk 5 of 10" in note for note in caught.value.__notes__)
+        with pytest.raises(KeyError, match="combine refused") as raised:
+            lampy.reduce(bad_combine, chunks=4)(energy)(np.ones((8, 2)))
+        assert "merging partials in a lambda" in str(raised.value.__cause__)
+
+
+def test_a_coordinate_frame_signed_with_another_secret_is_refused(worker_url: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    from lampy.runtime.openlambda._coordinator import Summons
+
+    frame = frames.encode(frames.COORDINATE, Summons("0" * 32, "http://x", "start"), b"wrong")
+    request = urllib.request.Request(f"{worker_url}/run/lampy", data=frame.join(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 401
+    refused.value.close()
+
+
+# -- hand-offs, kills, detached jobs: a worker each -----------------------------------------
+
+
+@pytest.fixture
+def short_worker(tmp_path: Path) -> Iterator[str]:
+    """A worker whose runtime limit (2.5 s) is shorter than the jobs sent to it."""
+    with openlambda_worker(tmp_path / "registry", max_sandboxes=4, runtime_limit=2.5) as url:
+        yield url
+
+
+def test_a_runtime_limit_shorter_than_the_job_hands_off_and_stays_exact(short_worker: str) -> None:
+    x = np.random.default_rng(2).standard_normal((2_400, 3))
+    region = lampy.sum(chunks=240)(slow_energy)
+    with lampy.using(executor="inline"):
+        expected = region(x)
+    options = {"orchestrator": "lambda", "runtime_limit": 2.5, "progress": "off"}
+    with lampy.using(executor="openlambda", url=short_worker, **options):
+        got = region(x)
+        status = assert_merged_once(executor_in_use(), 240)
+    assert_same(got, expected, exact=True)
+    handoffs = [e for e in status["events"] if e["why"].startswith("hand-off")]
+    assert len(handoffs) >= 1, status["events"]
+    took = [len(chunks_of(c["took_over"])) for c in status["counters"].values()]
+    assert max(took) > 0  # a successor started from the store's records
+
+
+def test_the_coordinators_sandbox_killed_mid_job(short_worker: str) -> None:
+    """SIGKILL from outside: the lease lapses, the client summons another coordinator, which
+    takes over from the store's records."""
+    x = np.random.default_rng(3).standard_normal((1_200, 3))
+    region = lampy.sum(chunks=120)(slow_energy)
+    with lampy.using(executor="inline"):
+        expected = region(x)
+    options = {"orchestrator": "lambda", "runtime_limit": 2.5, "progress": "off"}
+    killed: list[int] = []
+
+    def kill_the_coordinator() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not killed:
+            for folder in (_publish._publisher.directory or Path("/nonexistent")).glob("jobs/*"):
+                with JobStore(_publish._publisher.url, folder.name) as store:
+                    status = store.status()
+                lease = status["lease"]
+                if lease and status["done"] >= 10 and status["state"] == "running":
+                    pid = int(lease["holder"].rsplit(" ", 1)[1])
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.05)
+
+    import threading
+
+    killer = threading.Thread(target=kill_the_coordinator)
+    with lampy.using(executor="openlambda", url=short_worker, **options):
+        killer.start()
+        got = region(x)
+        killer.join()
+        status = executor_in_use().statuses[-1]
+    assert killed, "the coordinator was never seen holding the job"
+    assert_same(got, expected, exact=True)
+    assert any(e["why"] == "revive" for e in status["events"]), status["events"]
+    # the killed one reported nothing; the last one took over its records and ran the rest
+    assert status["state"] == "done" and status["done"] == 120
+    last = max(status["counters"].values(), key=lambda c: len(chunks_of(c["took_over"])))
+    took, ran = set(chunks_of(last["took_over"])), set(chunks_of(last["accepted"]))
+    assert len(took) >= 10 and not took & ran and took | ran == set(range(120))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[str]:
+    """A `lampy serve` of its own: job state that outlives the client."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    served = tmp_path / "store"
+    served.mkdir()
+    command = [sys.executable, "-m", "lampy.cli", "serve", str(served), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        wait_ready(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+CLIENT = """
+import sys, time
+import numpy as np
+import lampy
+from tests.runtime.openlambda.test_orchestrator import slow_energy
+url, store = sys.argv[1], sys.argv[2]
+x = np.random.default_rng(4).standard_normal((1_500, 3))
+with lampy.using(executor="openlambda", url=url, orchestrator="lambda", store=store,
+                 runtime_limit=2.5, progress="off"):
+    handle = lampy.submit(lampy.sum(chunks=150)(slow_energy), x)
+print(handle.id, flush=True)
+time.sleep(60)  # killed before this ends
+"""
+
+ATTACH = """
+import sys
+import numpy as np
+import lampy
+np.save(sys.argv[2], lampy.job(sys.argv[1]).result(timeout=120))
+"""
+
+
+def test_the_client_killed_mid_job_and_a_new_process_reattaches(
+    short_worker: str, store: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, short_worker, store],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert client.stdout is not None
+        job_id = client.stdout.readline().strip()
+        handle = lampy.job(job_id)
+        deadline = time.monotonic() + 30
+        while handle.status()["done"] < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.kill()  # SIGKILL mid-job: no goodbye
+        client.wait()
+        if client.stdout is not None:
+            client.stdout.close()
+    assert handle.status()["state"] == "running"
+    out = tmp_path / "answer.npy"
+    subprocess.run([sys.executable, "-c", ATTACH, job_id, str(out)], env=env, check=True)
+    with lampy.using(executor="inline"):
+        expected = lampy.sum(chunks=150)(slow_energy)(
+            np.random.default_rng(4).standard_normal((1_500, 3))
+        )
+    assert_same(np.load(out), expected, exact=True)
+    status = handle.status()
+    assert status["state"] == "done" and status["done"] == 150
+    accepted = [set(chunks_of(c["accepted"])) for c in status["counters"].values()]
+    assert sum(len(a) for a in accepted) == 150 and set().union(*accepted) == set(range(150))
+
+
+def test_cancel_stops_the_job(short_worker: str, store: str) -> None:
+    x = np.random.default_rng(6).standard_normal((3_000, 3))
+    options = {"orchestrator": "lambda", "store": store, "runtime_limit": 2.5, "progress": "off"}
+    with lampy.using(executor="openlambda", url=short_worker, **options):
+        handle = lampy.submit(lampy.sum(chunks=300)(slow_energy), x)
+    deadline = time.monotonic() + 30
+    while handle.status()["done"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert handle.cancel()["state"] == "cancelled"
+    with pytest.raises(JobCancelled, match="cancelled"):
+        handle.result(timeout=30)
+    time.sleep(2 * 0.5 + 1.0)  # a renewal refused, in-flight chunks ended
+    settled = handle.status()["done"]
+    time.sleep(1.5)
+    assert handle.status()["done"] == settled < 300  # nothing runs any more
+
+
+def test_lampy_job_shows_progress_and_answers_a_mistake_in_one_line(
+    worker_url: str, store: str
+) -> None:
+    options = {"orchestrator": "lambda", "store": store, "runtime_limit": 20.0, "progress": "off"}
+    with lampy.using(executor="openlambda", url=worker_url, **options):
+        handle = lampy.submit(lampy.sum(chunks=12)(energy), np.ones((120, 2)))
+    assert_same(handle.result(timeout=60), np.full(2, 120 * np.sin(1.0) ** 2), exact=False)
+    shown = subprocess.run(
+        [sys.executable, "-m", "lampy.cli", "job", handle.id],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"job {handle.id}: done, 12 of 12 chunks done (100%)" in shown.stdout
+    assert "orchestrators: 1, hand-offs: 0" in shown.stdout
+    wrong = subprocess.run(
+        [sys.executable, "-m", "lampy.cli", "job", "nope"], capture_output=True, text=True
+    )
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
+    assert json.dumps(handle.status())  # the status is plain JSON
+
+
+# -- chaos ----------------------------------------------------------------------------------
+
+CHAOS_PLAN = "kill=0.03,502=0.03,429=0.04,hang=0.01,reset=0.03,corrupt=0.03,duplicate=0.03"
+
+
+def wave(x: np.ndarray) -> np.ndarray:
+    return np.sin(x) * 3.0 + x
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("seed", [1, 2])
+def test_twenty_percent_mixed_faults_give_the_inline_answer_bit_for_bit(
+    tmp_path: Path, seed: int
+) -> None:
+    """Faults hit chunk calls, combine calls, hand-offs and the coordinators themselves (a
+    killed or hung coordinator is revived from the store's records)."""
+    x = np.random.default_rng(seed).standard_normal(200 * 40)
+    regions = {"sum": lampy.sum(chunks=200)(energy), "elemwise": lampy.elemwise(chunks=200)(wave)}
+    with lampy.using(executor="inline"):
+        expected = {kind: region(x) for kind, region in regions.items()}
+    options = {
+        "orchestrator": "lambda",
+        "runtime_limit": 3.0,
+        "attempts": 12,
+        "backoff": 0.02,
+        "timeout": 10.0,
+        "progress": "off",
+    }
+    registry = tmp_path / "registry"
+    with openlambda_worker(registry, 4, 3.0, chaos=CHAOS_PLAN, chaos_seed=seed) as url:
+        with lampy.using(executor="openlambda", url=url, **options):
+            for kind, region in regions.items():
+                start = time.monotonic()
+                got = region(x)
+                assert time.monotonic() - start < 120
+                assert_same(got, expected[kind], exact=True)
+                status = executor_in_use().statuses[-1]
+                assert status["state"] == "done" and status["done"] == 200
+        counters = status["counters"].values()
+        assert sum(sum(c["failures"].values()) + sum(c["dropped"].values()) for c in counters)
+
+
+def test_explain_says_where_orchestration_runs() -> None:
+    region = lampy.sum(chunks=4)(energy)
+    with lampy.using(executor="openlambda", url="http://127.0.0.1:9", orchestrator="lambda"):
+        shown = str(region.explain(np.ones((100, 2))))
+    assert "orchestrated by a coordinator lambda (http://127.0.0.1:9/run/lampy)" in shown
+    assert "before its 30 s runtime limit" in shown
+    with lampy.using(executor="openlambda", url="http://127.0.0.1:9"):
+        assert "orchestrated" not in str(region.explain(np.ones((100, 2))))

@@ -1,0 +1,106 @@
+"""The job store on `lampy serve` (durable state for orchestration in lambdas), over real HTTP.
+
+Its promises: nothing is created or read without a signature; a chunk's outcome is recorded
+once (the second write is refused, so no chunk is merged twice); the lease goes to one holder
+at a time, to the successor its holder names, or to anyone once it lapsed; a cancelled job
+grants no lease.
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+import urllib.parse
+import uuid
+
+import pytest
+
+from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.remote._jobs import JobStore, StoreError, at_rest
+
+from .conftest import Server
+
+
+def new_job(server: Server, chunks: int = 4) -> JobStore:
+    store = JobStore(server.url, uuid.uuid4().hex)
+    store.create(frames.encode(frames.COORDINATE, {"spec": True}, store.secret).join(), chunks)
+    return store
+
+
+def raw(server: Server, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    parts = urllib.parse.urlsplit(server.url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+    try:
+        connection.request(method, path, body=body or None)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_unsigned_requests_are_refused_and_create_nothing(server: Server) -> None:
+    job = uuid.uuid4().hex
+    status, text = raw(server, "PUT", f"/jobs/{job}/spec?chunks=4", b"x" * 100)
+    assert status == 401 and b"unsigned" in text
+    assert not (server.root / "jobs" / job).exists()
+    with new_job(server) as store:
+        assert raw(server, "GET", f"/jobs/{store.job}")[0] == 401
+        assert raw(server, "GET", f"/jobs/{store.job}/chunks")[0] == 401
+
+
+def test_a_bad_job_id_is_refused() -> None:
+    with pytest.raises(StoreError, match="32 hex digits"):
+        JobStore("http://127.0.0.1:1", "../../etc")
+
+
+def test_an_outcome_is_recorded_once(server: Server) -> None:
+    with new_job(server) as store:
+        first = frames.encode(frames.RESULT, "first", store.secret).join()
+        second = frames.encode(frames.RESULT, "second", store.secret).join()
+        assert store.record([(0, first), (1, first)]) == []
+        assert store.record([(1, second), (2, second)]) == [1]  # chunk 1 kept its first answer
+        kept = {
+            c: frames.decode(f, store.secret, freshness=at_rest()).value for c, f in store.records()
+        }
+        assert kept == {0: "first", 1: "first", 2: "second"}
+        assert store.status()["done"] == 3
+
+
+def test_the_lease_goes_to_one_holder_at_a_time(server: Server) -> None:
+    with new_job(server) as store:
+        status, lease = store.lease("a", 0.5, None, "start", 30.0)
+        assert status == 200 and lease["holder"] == "a" and lease["generation"] == 1
+        status, held = store.lease("b", 3.0, None, "revive", 30.0)
+        assert status == 409 and held["holder"] == "a"
+        assert store.lease("a", 0.5, 1, "renew", 29.0)[0] == 200  # the holder renews
+        status, handed = store.lease("c", 3.0, 1, "hand-off", 30.0)  # the successor named
+        assert status == 200 and handed["holder"] == "c" and handed["generation"] == 2
+        assert store.lease("a", 3.0, 1, "renew", 28.0)[0] == 409  # the old holder lost it
+        status, _ = store.lease("d", 3.0, None, "revive", 30.0)
+        assert status == 409
+        time.sleep(3.2)  # c's lease lapses: anyone may take the job over
+        status, revived = store.lease("d", 3.0, None, "revive", 30.0)
+        assert status == 200 and revived["generation"] == 3
+        events = [(e["from"], e["to"], e["why"]) for e in store.status()["events"]]
+        assert events == [(None, "a", "start"), ("a", "c", "hand-off"), ("c", "d", "revive")]
+
+
+def test_a_cancelled_job_grants_no_lease_and_a_result_is_kept_once(server: Server) -> None:
+    with new_job(server) as done, new_job(server) as cancelled:
+        assert done.put_result(b"one") and not done.put_result(b"two")
+        assert done.result(0) == b"one" and done.status()["state"] == "done"
+        assert done.lease("late", 3.0, None, "revive", 30.0) == (409, {"done": True})
+        assert cancelled.cancel()["state"] == "cancelled"
+        assert cancelled.lease("x", 3.0, None, "start", 30.0) == (410, {"cancelled": True})
+        assert cancelled.result(0) is None
+
+
+def test_a_result_request_waits_for_the_result(server: Server) -> None:
+    import threading
+
+    with new_job(server) as store:
+        threading.Timer(0.3, store.put_result, args=(b"late",)).start()
+        start = time.monotonic()
+        assert store.result(5.0) == b"late"
+        assert 0.2 < time.monotonic() - start < 3.0
+        assert store.result(0.0) == b"late"
