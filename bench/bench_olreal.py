@@ -265,6 +265,9 @@ def test_fan_out_raw_aiohttp(
     benchmark.extra_info["note"] = f"{per_call * 1e3:.2f} ms per call"
 
 
+# One call per chunk on OpenLambda takes minutes (10,000 calls, a sandbox per call in flight at
+# first): more than the suite's 120 s per test.
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("batch", [0, 1], ids=["batched", "one-call-each"])
 def test_fan_out_lampy(
     benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], batch: int
