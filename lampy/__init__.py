@@ -45,6 +45,7 @@ from lampy.regions._partial import Coverage, Partial
 from lampy.runtime import executors
 from lampy.runtime._plan import Plan
 from lampy.runtime._settings import resolve_options, using
+from lampy.runtime._shm import asshared, empty
 from lampy.runtime.executors import Executor
 from lampy.runtime.executors import register as register_executor
 from lampy.runtime.remote._reference import RemoteArray, remote, upload
@@ -94,9 +95,11 @@ __all__ = [
     "WorkerLost",
     "__version__",
     "array",
+    "asshared",
     "calibrate",
     "declare",
     "elemwise",
+    "empty",
     "load_graph",
     "prewarm",
     "reduce",

@@ -114,6 +114,9 @@ class Job:
     keep_going: bool = False
     #: The call's number of this job's chunk 0 (the caller may have run earlier chunks itself).
     first: int = 0
+    #: The chunks' results are rows to join along axis 0 (an elemwise region splitting arrays):
+    #: an executor may assemble them in place (the local pool writes them into one output).
+    joins_rows: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def label(self, chunk: int) -> str:

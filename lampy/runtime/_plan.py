@@ -74,7 +74,8 @@ class Plan:
     fan_out: bool
     reason: str
     probe: Probe | None = field(default=None, compare=False)
-    #: Fan-out would pay if the executor were already started: start it for later calls.
+    #: The executor is cold, and once started it would save more than its start-up on a call
+    #: like this one: start it in the background after this call, for later calls.
     warm_up: bool = False
 
     @property
@@ -200,11 +201,19 @@ def plan(
     parallel = started + costs.startup_s
     estimate = f"serial {serial * 1e3:.3g} ms against fanned out {parallel * 1e3:.3g} ms"
     if rest < 1 or parallel >= FAN_OUT_MARGIN * serial:
-        warm_up = rest >= 1 and started < FAN_OUT_MARGIN * serial
+        warm_up = (
+            costs.startup_s > 0
+            and rest >= 1
+            and started < FAN_OUT_MARGIN * serial
+            and serial - started >= costs.startup_s
+        )
         reason = f"fan-out does not pay: {estimate} (from a probe of {probe.rows} rows)"
+        if costs.startup_s > 0:
+            reason += f", {costs.startup_s * 1e3:.3g} ms of it starting the workers"
         if warm_up:
             reason += (
-                f"; starting the workers now, as later calls will pay ({started * 1e3:.3g} ms)"
+                f"; starting the workers in the background after this call, as later calls "
+                f"will pay ({started * 1e3:.3g} ms)"
             )
         return result(whole, False, reason, warm_up)
     chunked = ((0, probe.rows), *split_rows(rest, count, start=probe.rows))

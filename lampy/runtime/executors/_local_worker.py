@@ -3,41 +3,91 @@
 Started by the local executor as `python -m lampy.runtime.executors._local_worker FD LIFELINE`,
 where FD is its end of a socket pair and LIFELINE the read end of the executor's process
 lifeline: the worker exits at once when the executor's process dies, even mid-chunk. Messages
-(pickled, over a private socket):
+(pickled, over a private socket; "+ descriptors" are passed alongside, SCM_RIGHTS):
 
 parent -> worker
-  ("path", sys_path)                       once, so functions importable in the parent import here
-  ("arena", arena_id) + descriptor         the file holding the job's arrays
-  ("job", job_id, template, split, whole)  the pickled (function, args, kwargs) and array locations
-  ("chunk", job_id, chunk, start, stop)    run one chunk
+  ("path", sys_path)                        once, so functions importable in the parent import here
+  ("job", job_id, template, split, whole)   the pickled (function, args, kwargs) and where each
+                                            array is: ArrayRef (descriptor number, offset, ...)
+  ("chunk", job_id, chunk, start, stop, descriptors, output) + descriptors
+                                            run one chunk; `descriptors` files hold its arrays
+                                            (and the output, when `output` says where)
+  ("out", output) [+ descriptor]            the answer to "spec": where the rows go, or None
 worker -> parent
-  ("ready",)                                once, when imports are done (chunk clocks start then)
+  ("ready",)                                 once, when imports are done (chunk clocks start then)
+  ("spec", chunk, spec)                      an elemwise chunk's rows, described: where to?
+  ("wrote", chunk)                           its rows are in the output
   ("ok", chunk, payload, layout) [+ descriptor when layout]   the pickled result
   ("error", chunk, pickled_exception, traceback_text)
+
+A chunk's descriptors are closed when it ends, and its mappings dropped: a worker holds no
+shared memory between chunks, so a result the caller drops is freed at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sys
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle, send_handle
+from multiprocessing.reduction import recvfds, sendfds
 from typing import Any
 
 import numpy as np
 
 from lampy.runtime._codec import dumps
+from lampy.runtime._combine import spec_of
 from lampy.runtime._job import RowSource, SplitArray
-from lampy.runtime._shm import array_in, dump_to_file
+from lampy.runtime._shm import array_in, dump_to_file, map_shared
 from lampy.runtime._sweep import watch
+from lampy.runtime._tree import leaves
 from lampy.runtime._worker_side import Outcome, Templates, run_task
 
-# (offset, dtype, shape) in the arena, or a row source (lampy.remote) whose rows a worker reads
-ArrayRef = tuple[int, np.dtype[Any], tuple[int, ...]] | RowSource
+
+@dataclass(frozen=True)
+class FileArray:
+    """An array stored C-ordered at `offset` of the chunk's descriptor number `file` (-1: an
+    array without bytes, made by the worker)."""
+
+    file: int
+    offset: int
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+
+# an array in shared memory, or a row source (lampy.remote) whose rows a worker reads
+ArrayRef = FileArray | RowSource
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where an elemwise job's rows go: its result's structure with a `Leaf` per array, and
+    each array's offset in the file the chunk's descriptor number `file` names."""
+
+    spec: Any
+    offsets: tuple[int, ...]
+    file: int
+
+
+ASK = "ask"  # the output is not made yet: describe the rows and wait for the answer
+
+
+def send_fds(conn: Connection, fds: list[int]) -> None:
+    if fds:
+        with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            sendfds(s, fds)
+
+
+def recv_fds(conn: Connection, count: int) -> list[int]:
+    if not count:
+        return []
+    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        return list(recvfds(s, count))
 
 
 def serve(conn: Connection) -> None:
-    arena: int | None = None
     templates = Templates()
     conn.send(("ready",))
     while True:
@@ -48,29 +98,78 @@ def serve(conn: Connection) -> None:
         kind = message[0]
         if kind == "path":
             sys.path[:0] = [p for p in message[1] if p not in sys.path]
-        elif kind == "arena":
-            if arena is not None:
-                os.close(arena)
-            arena = recv_handle(conn)
         elif kind == "job":
             _, job_id, template, split, whole = message
             templates.load(job_id, template, (split, whole))
         elif kind == "chunk":
-            _, job_id, chunk, start, stop = message
-            assert arena is not None, "chunk before arena"
-            job = templates.get(job_id)
-            assert job is not None, "chunk of a job this worker was not sent"
-            split, whole = job.extras
-            rows = [_array(arena, ref, (start, stop)) for ref in split]
-            outcome = run_task(job.call, rows, [_array(arena, r) for r in whole], dump_to_file)
-            _reply(conn, chunk, outcome)
+            _, job_id, chunk, start, stop, count, output = message
+            fds = recv_fds(conn, count)
+            try:
+                _chunk(conn, templates, job_id, chunk, (start, stop), fds, output)
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
 
-def _array(arena: int, ref: ArrayRef, rows: tuple[int, int] | None = None) -> SplitArray:
-    """An array in the arena (or its rows), or a row source's rows (read by the worker side)."""
-    if not isinstance(ref, tuple):
+def _chunk(
+    conn: Connection,
+    templates: Templates,
+    job_id: str,
+    chunk: int,
+    rows: tuple[int, int],
+    fds: list[int],
+    output: Output | str | None,
+) -> None:
+    job = templates.get(job_id)
+    assert job is not None, "chunk of a job this worker was not sent"
+    split, whole = job.extras
+    parts = [_array(fds, ref, rows) for ref in split]
+    encode = dump_to_file if output is None else _keep
+    outcome = run_task(job.call, parts, [_array(fds, r) for r in whole], encode)
+    del parts
+    if outcome.error is None and output is not None:
+        value = outcome.value
+        spec = spec_of(value, rows[1] - rows[0])
+        if output == ASK and spec is not None:
+            conn.send(("spec", chunk, spec))
+            output, more = conn.recv()[1:]
+            if isinstance(output, Output):
+                output = replace(output, file=len(fds))
+            fds += recv_fds(conn, more)
+        if isinstance(output, Output) and spec is not None and spec == output.spec:
+            _write(value, output, fds[output.file], rows)
+            conn.send(("wrote", chunk))
+            return
+        try:  # encoded only now; an error here is the chunk's, as in run_task
+            outcome = run_task((lambda: value, (), {}), [], [], dump_to_file)
+        finally:
+            del value
+    _reply(conn, chunk, outcome)
+
+
+def _keep(value: Any) -> Any:
+    return value
+
+
+def _write(value: Any, output: Output, fd: int, rows: tuple[int, int]) -> None:
+    """Copy the chunk's rows of each array into the output, where they belong."""
+    start, stop = rows
+    for leaf, spec, offset in zip(leaves(value), leaves(output.spec), output.offsets, strict=True):
+        view = map_shared(fd, offset + start * spec.row_bytes, (stop - start) * spec.row_bytes)
+        target = np.frombuffer(view, spec.dtype).reshape(leaf.shape)
+        np.copyto(target, leaf, casting="no")
+        del target, view
+
+
+def _array(fds: list[int], ref: ArrayRef, rows: tuple[int, int] | None = None) -> SplitArray:
+    """An array in shared memory (or its rows), or a row source's rows (read by the worker
+    side)."""
+    if not isinstance(ref, FileArray):
         return ref if rows is None else ref[rows[0] : rows[1]]
-    return array_in(arena, *ref, rows=rows)
+    if ref.file < 0:  # no bytes at all
+        shape = ref.shape if rows is None else (rows[1] - rows[0], *ref.shape[1:])
+        return np.empty(shape, ref.dtype)
+    return array_in(fds[ref.file], ref.offset, ref.dtype, ref.shape, rows=rows)
 
 
 def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
@@ -78,7 +177,7 @@ def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
         payload, layout, fd = outcome.value
         conn.send(("ok", chunk, payload, layout))
         if fd is not None:
-            send_handle(conn, fd, os.getppid())
+            send_fds(conn, [fd])
             os.close(fd)
         return
     conn.send(("error", chunk, dumps(outcome.error), outcome.traceback))
@@ -86,6 +185,9 @@ def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
 
 def main() -> None:
     watch(int(sys.argv[2]), lambda: os._exit(1))  # the executor's process is gone
+    if len(sys.argv) > 3 and sys.argv[3] == "idle":  # started ahead of need: imports done
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     serve(Connection(int(sys.argv[1])))
 
 
