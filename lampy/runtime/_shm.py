@@ -22,6 +22,7 @@ import pickle
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,21 +111,62 @@ def _address(buffer: Any) -> int:
     return int(np.frombuffer(buffer, np.uint8).__array_interface__["data"][0])
 
 
-def _forget(address: int, fd: int) -> None:
+# Dropped outputs kept for the next ones: fresh shared memory costs a page fault per 4 KiB page
+# (shmem gets no transparent huge pages unless the system enables them), which made a fresh
+# output cost 5x numpy's own fresh array (bench/bench_scale.py); a kept file's pages are there
+# already, and workers keep it mapped. Bounded, like an allocator's free list.
+OUTPUTS_KEPT_BYTES = 1 << 30
+_kept: list[tuple[int, int]] = []  # (size, descriptor) of dropped outputs, oldest first
+_listeners: list[Callable[[list[int]], None]] = []
+
+
+def _forget(address: int, fd: int, reuse: bool) -> None:
+    gone: list[int] = []
     with _lock:
-        if _segments.pop(address, None) is not None:
+        entry = _segments.pop(address, None)
+        if entry is not None:
             del _starts[bisect.bisect_left(_starts, address)]
+        if reuse and entry is not None and entry.size <= OUTPUTS_KEPT_BYTES:
+            _kept.append((entry.size, fd))
+            while sum(size for size, _ in _kept) > OUTPUTS_KEPT_BYTES:
+                gone.append(_close(_kept.pop(0)[1]))
+        else:
+            gone.append(_close(fd))
+    _tell(gone)
+
+
+def _close(fd: int) -> int:
+    inode = os.fstat(fd).st_ino
     os.close(fd)
+    return inode
 
 
-def adopt(fd: int, size: int, fresh: bool = False) -> mmap.mmap:
-    """Map a whole anonymous file as a segment; the segment owns `fd` from now on."""
+def _tell(inodes: list[int]) -> None:
+    if inodes:
+        for listener in list(_listeners):
+            listener(inodes)
+
+
+def retire(fd: int) -> None:
+    """Close a shared file that workers may keep mapped, telling the listeners its inode."""
+    _tell([_close(fd)])
+
+
+def on_retire(listener: Callable[[list[int]], None]) -> None:
+    """Call `listener(inodes)` whenever shared files are let go (in whichever thread drops
+    them), so whoever maps them elsewhere can unmap them."""
+    _listeners.append(listener)
+
+
+def adopt(fd: int, size: int, fresh: bool = False, reuse: bool = False) -> mmap.mmap:
+    """Map a whole anonymous file as a segment; the segment owns `fd` from now on. `reuse`: a
+    dropped output whose file may serve a later output (see `output`)."""
     mapped = mmap.mmap(fd, size)
     address = _address(mapped)
     with _lock:
         _segments[address] = _Entry(size, fd, fresh)
         bisect.insort(_starts, address)
-    weakref.finalize(mapped, _forget, address, fd)
+    weakref.finalize(mapped, _forget, address, fd, reuse)
     return mapped
 
 
@@ -134,6 +176,17 @@ def segment(nbytes: int, fresh: bool = False) -> tuple[mmap.mmap, int]:
     size = max(nbytes, mmap.PAGESIZE)
     fd = anonymous_file(size)
     return adopt(fd, size, fresh), fd
+
+
+def output(nbytes: int) -> tuple[mmap.mmap, int]:
+    """A segment for an output the pool's workers fill entirely: the file of a dropped output
+    of about this size when one is kept (its bytes are garbage until written), else new."""
+    with _lock:
+        fits = [i for i, (size, _) in enumerate(_kept) if nbytes <= size <= 2 * nbytes]
+        size, fd = _kept.pop(fits[0]) if fits else (max(nbytes, mmap.PAGESIZE), -1)
+    if fd < 0:
+        fd = anonymous_file(size)
+    return adopt(fd, size, fresh=True, reuse=True), fd
 
 
 def empty(shape: int | tuple[int, ...], dtype: Any = float) -> np.ndarray:

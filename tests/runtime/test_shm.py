@@ -3,9 +3,9 @@ copied, exact answers for every layout, and nothing left behind."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,15 +117,17 @@ def test_views_and_layouts_of_shared_arrays_give_numpys_answer(make: object) -> 
     assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
-def test_a_chunk_writing_into_its_input_changes_nothing_here() -> None:
-    @lampy.elemwise(chunks=3, executor="local")
+def test_a_chunk_writing_into_its_shared_input_writes_it_as_inline_does() -> None:
+    @lampy.elemwise(chunks=3)
     def clobber(x: np.ndarray) -> np.ndarray:
         x[:] = -1
         return x + 0
 
-    x = lampy.asshared(np.arange(30.0))
-    assert np.array_equal(clobber(x), np.full(30, -1.0))
-    assert np.array_equal(x, np.arange(30.0))
+    for executor in ("inline", "local"):
+        x = lampy.asshared(np.arange(30.0))
+        with lampy.using(executor=executor):
+            assert np.array_equal(clobber(x), np.full(30, -1.0))
+        assert np.array_equal(x, np.full(30, -1.0)), executor
 
 
 def test_results_that_cannot_be_shared_still_come_back() -> None:
@@ -155,18 +157,45 @@ def test_dropped_results_free_their_memory_and_leave_no_file() -> None:
     assert lampy_files_in_dev_shm() == files
 
 
-def test_workers_hold_no_shared_memory_between_chunks() -> None:
+def mapped_inodes(pid: int) -> set[int]:
+    """Inodes of lampy's shared files that process `pid` maps."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {int(line.split()[4]) for line in lines if "memfd:lampy" in line}
+
+
+def open_inodes() -> set[int]:
+    """Inodes of lampy's shared files this process holds open."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "memfd:lampy" in os.readlink(f"/proc/self/fd/{fd}"):
+                found.add(os.stat(f"/proc/self/fd/{fd}").st_ino)
+        except OSError:
+            pass
+    return found
+
+
+def test_workers_unmap_what_the_caller_lets_go() -> None:
     from lampy.runtime import executors
 
-    scaled(lampy.asshared(np.random.default_rng(5).random((2000, 32))))
-    for pid in executors.get("local", {}).worker_pids():  # type: ignore[attr-defined]
-        maps = Path(f"/proc/{pid}/maps").read_text()
-        assert "memfd:lampy" not in maps, f"worker {pid} still maps shared memory"
-        links = []
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        assert not [link for link in links if "memfd:lampy" in link]
+    pids = executors.get("local", {}).worker_pids()  # type: ignore[attr-defined]
+    x = lampy.asshared(np.random.default_rng(5).random((2000, 32)))
+    y = scaled(x)
+    held = set().union(*(mapped_inodes(pid) for pid in pids))
+    assert held, "kept mapped for the next chunks (no page faults again)"
+    scaled(x)
+    assert set().union(*(mapped_inodes(pid) for pid in pids)) <= held | open_inodes()
+    del x, y
+    for _ in range(3):  # outputs are kept for reuse: push them out with larger ones
+        scaled(lampy.asshared(np.ones((2000 * 40, 32))))
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while True:
+        mapped = set().union(*(mapped_inodes(pid) for pid in pids))
+        if mapped <= open_inodes() or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert mapped <= open_inodes(), "workers map only files the caller still holds"
 
 
 def test_join_in_place_refuses_what_is_not_laid_out_for_it() -> None:

@@ -38,12 +38,13 @@ import numpy as np
 
 from lampy._errors import OptionError, RemoteError, WorkerLost
 from lampy.runtime import _serial as serial
+from lampy.runtime import _shm as shm
 from lampy.runtime._codec import layout_of, loads
 from lampy.runtime._combine import Leaf
 from lampy.runtime._job import Job, is_row_source
 from lampy.runtime._plan import Costs
 from lampy.runtime._scheduler import ATTEMPTS, ChunkScheduler, check_attempts
-from lampy.runtime._shm import anonymous_file, load_from_file, locate, segment
+from lampy.runtime._shm import anonymous_file, load_from_file, locate, output
 from lampy.runtime._sweep import exit_on_sigterm, lifeline
 from lampy.runtime._tree import leaves, map_leaves
 from lampy.runtime._worker_side import TEMPLATES_KEPT, Outcome
@@ -123,7 +124,7 @@ class _Arena:
         if self.map is not None:
             self.map.close()
         if self.fd is not None:
-            os.close(self.fd)
+            shm.retire(self.fd)  # workers keep it mapped until told
         self.fd, self.map, self.size = None, None, 0
 
 
@@ -233,7 +234,7 @@ class _Output:
         layout, total = layout_of([rows * leaf.row_bytes for leaf in specs])
         self.spec = spec
         self.offsets = tuple(offset for offset, _ in layout)
-        mapped, self.fd = segment(total, fresh=True)
+        mapped, self.fd = output(total)
         arrays = iter(
             np.ndarray((rows, *leaf.trailing), leaf.dtype, buffer=mapped, offset=offset)
             for leaf, offset in zip(specs, self.offsets, strict=True)
@@ -361,6 +362,29 @@ class _Pool:
         self.copier = ThreadPoolExecutor(size, thread_name_prefix="lampy-copy")
         self.lock = threading.Lock()
         self.started_at = 0.0
+        self.forgotten: list[int] = []  # inodes the workers are to unmap
+        self._forgotten_lock = threading.Lock()
+        shm.on_retire(self._retired)
+
+    def _retired(self, inodes: list[int]) -> None:
+        """Shared files were let go: the workers unmap them now if the pool is idle, else
+        when its job ends."""
+        with self._forgotten_lock:
+            self.forgotten += inodes
+        if self.lock.acquire(blocking=False):
+            try:
+                self.forget()
+            finally:
+                self.lock.release()
+
+    def forget(self) -> None:
+        """Tell the workers which files to unmap (under `lock`)."""
+        with self._forgotten_lock:
+            inodes, self.forgotten = self.forgotten, []
+        if inodes:
+            for worker in self.workers:
+                with contextlib.suppress(OSError):  # gone: its mappings went with it
+                    worker.conn.send(("forget", inodes))
 
     def fill(self, idle: bool = False) -> None:
         """Start workers up to the pool's size (they import in the background)."""
@@ -467,11 +491,13 @@ class LocalExecutor(Executor):
             pool.fill()
             placed = _Placed(job, pool.arena, pool.copier)
             try:
+                pool.forget()
                 return self._dispatch(job, placed)
             finally:
                 placed.cancel()
                 if pool.arena.size > ARENA_KEPT_BYTES:
                     pool.arena.release()
+                pool.forget()
 
     def close(self) -> None:
         """Stop the pool's workers (shared with other option sets: the next call restarts)."""

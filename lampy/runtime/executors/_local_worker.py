@@ -12,7 +12,8 @@ parent -> worker
   ("chunk", job_id, chunk, start, stop, descriptors, output) + descriptors
                                             run one chunk; `descriptors` files hold its arrays
                                             (and the output, when `output` says where)
-  ("out", output) [+ descriptor]            the answer to "spec": where the rows go, or None
+  ("out", output, count) [+ descriptor]     the answer to "spec": where the rows go, or None
+  ("forget", inodes)                        files the caller let go: unmap them
 worker -> parent
   ("ready",)                                 once, when imports are done (chunk clocks start then)
   ("spec", chunk, spec)                      an elemwise chunk's rows, described: where to?
@@ -20,16 +21,22 @@ worker -> parent
   ("ok", chunk, payload, layout) [+ descriptor when layout]   the pickled result
   ("error", chunk, pickled_exception, traceback_text)
 
-A chunk's descriptors are closed when it ends, and its mappings dropped: a worker holds no
-shared memory between chunks, so a result the caller drops is freed at once.
+A chunk's descriptors are closed when it ends, but the files stay mapped (by inode) for the
+chunks that follow: mapping a file again would fault in every 4 KiB page once more, which cost
+more than the work in memory-bound chunks (bench/bench_scale.py). The caller says which files
+it let go ("forget"), before its next job or at once when the pool is idle; then the worker
+unmaps them and their memory is freed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextlib
+import mmap
 import os
 import socket
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recvfds, sendfds
@@ -40,7 +47,7 @@ import numpy as np
 from lampy.runtime._codec import dumps
 from lampy.runtime._combine import spec_of
 from lampy.runtime._job import RowSource, SplitArray
-from lampy.runtime._shm import array_in, dump_to_file, map_shared
+from lampy.runtime._shm import dump_to_file
 from lampy.runtime._sweep import watch
 from lampy.runtime._tree import leaves
 from lampy.runtime._worker_side import Outcome, Templates, run_task
@@ -87,6 +94,31 @@ def recv_fds(conn: Connection, count: int) -> list[int]:
         return list(recvfds(s, count))
 
 
+FILES_KEPT = 256  # files kept mapped at most (each mapping holds a descriptor)
+_files: OrderedDict[int, mmap.mmap] = OrderedDict()  # inode -> the whole file, mapped shared
+
+
+def _mapped(fd: int) -> mmap.mmap:
+    """The file `fd` opens, mapped whole (once per file, kept until the caller forgets it,
+    or until FILES_KEPT others were used since)."""
+    status = os.fstat(fd)
+    if status.st_ino in _files:
+        _files.move_to_end(status.st_ino)
+    else:
+        _files[status.st_ino] = mmap.mmap(fd, status.st_size)
+        if len(_files) > FILES_KEPT:
+            _forget([next(iter(_files))])
+    return _files[status.st_ino]
+
+
+def _forget(inodes: list[int]) -> None:
+    for inode in inodes:
+        mapped = _files.pop(inode, None)
+        if mapped is not None:
+            with contextlib.suppress(BufferError):  # in use: unmapped when its arrays go
+                mapped.close()
+
+
 def serve(conn: Connection) -> None:
     templates = Templates()
     conn.send(("ready",))
@@ -98,6 +130,8 @@ def serve(conn: Connection) -> None:
         kind = message[0]
         if kind == "path":
             sys.path[:0] = [p for p in message[1] if p not in sys.path]
+        elif kind == "forget":
+            _forget(message[1])
         elif kind == "job":
             _, job_id, template, split, whole = message
             templates.load(job_id, template, (split, whole))
@@ -137,7 +171,7 @@ def _chunk(
                 output = replace(output, file=len(fds))
             fds += recv_fds(conn, more)
         if isinstance(output, Output) and spec is not None and spec == output.spec:
-            _write(value, output, fds[output.file], rows)
+            _write(value, output, _mapped(fds[output.file]), rows)
             conn.send(("wrote", chunk))
             return
         try:  # encoded only now; an error here is the chunk's, as in run_task
@@ -151,25 +185,30 @@ def _keep(value: Any) -> Any:
     return value
 
 
-def _write(value: Any, output: Output, fd: int, rows: tuple[int, int]) -> None:
+def _write(value: Any, output: Output, mapped: mmap.mmap, rows: tuple[int, int]) -> None:
     """Copy the chunk's rows of each array into the output, where they belong."""
-    start, stop = rows
     for leaf, spec, offset in zip(leaves(value), leaves(output.spec), output.offsets, strict=True):
-        view = map_shared(fd, offset + start * spec.row_bytes, (stop - start) * spec.row_bytes)
-        target = np.frombuffer(view, spec.dtype).reshape(leaf.shape)
+        at = offset + rows[0] * spec.row_bytes
+        target = np.ndarray(leaf.shape, spec.dtype, buffer=mapped, offset=at)
         np.copyto(target, leaf, casting="no")
-        del target, view
 
 
 def _array(fds: list[int], ref: ArrayRef, rows: tuple[int, int] | None = None) -> SplitArray:
     """An array in shared memory (or its rows), or a row source's rows (read by the worker
-    side)."""
+    side). Arrays in shared memory are views of it: a chunk that writes into its input
+    writes into the caller's array, as the same function called in the caller would."""
     if not isinstance(ref, FileArray):
         return ref if rows is None else ref[rows[0] : rows[1]]
+    start, stop = rows if rows is not None else (0, ref.shape[0] if ref.shape else 1)
+    shape = ref.shape if rows is None else (stop - start, *ref.shape[1:])
     if ref.file < 0:  # no bytes at all
-        shape = ref.shape if rows is None else (rows[1] - rows[0], *ref.shape[1:])
         return np.empty(shape, ref.dtype)
-    return array_in(fds[ref.file], ref.offset, ref.dtype, ref.shape, rows=rows)
+    row_bytes = ref.dtype.itemsize * int(np.prod(ref.shape[1:], dtype=np.int64))
+    mapped = _mapped(fds[ref.file])
+    view: np.ndarray = np.ndarray(
+        shape, ref.dtype, buffer=mapped, offset=ref.offset + start * row_bytes
+    )
+    return view
 
 
 def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
