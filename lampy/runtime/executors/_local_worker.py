@@ -31,7 +31,6 @@ unmaps them and their memory is freed.
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import mmap
 import os
 import socket
