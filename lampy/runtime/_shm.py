@@ -102,7 +102,7 @@ class _Entry:
     fresh: bool = False
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # finalizers may run in any thread, even one holding it
 _starts: list[int] = []  # sorted start addresses of live segments
 _segments: dict[int, _Entry] = {}
 

@@ -206,3 +206,32 @@ def test_join_in_place_refuses_what_is_not_laid_out_for_it() -> None:
     assert shm.join_in_place([s[:4], s[5:]]) is None  # a gap
     assert shm.join_in_place([np.zeros((4, 2)), s[4:]]) is None  # not a fresh output
     assert shm.join_in_place([np.zeros((4, 2)), np.ones((6, 2))]) is None
+
+
+def test_auto_fan_out_puts_the_probes_rows_in_place_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An auto plan reuses the probe's rows (computed here) as chunk 0: they are copied into
+    the workers' output once, and the answer is still one shared array equal to numpy's."""
+    from lampy.regions import _runner as runner_module
+
+    original = runner_module._timed
+
+    def heavy(job: object, chunk: int) -> tuple[float, object]:
+        _, outcome = original(job, chunk)  # type: ignore[arg-type]
+        start, stop = job.chunks[chunk]  # type: ignore[attr-defined]
+        return 1e-3 * (stop - start), outcome  # 1 ms per row: fan-out clearly pays
+
+    monkeypatch.setattr(runner_module, "_timed", heavy)
+    f = lampy.elemwise(executor="local")(lambda x: (np.sqrt(x), x.astype(np.float32)))
+    from lampy.runtime import executors
+
+    pool = executors.get("local", {})
+    pool.start()
+    deadline = time.monotonic() + 60
+    while not pool.is_warm():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    x = np.random.default_rng(9).random((5000, 4))
+    assert f.explain(x).fan_out
+    root, narrow = f(x)
+    assert np.array_equal(root, np.sqrt(x)) and np.array_equal(narrow, x.astype(np.float32))
+    assert shm.is_shared(root) and shm.is_shared(narrow)

@@ -285,19 +285,19 @@ class _Worker:
     def send(
         self, job: Job, chunk: int, placed: _Placed, output: _Output | None, joins: bool
     ) -> None:
-        if job.id not in self.jobs:
-            with serial.timing("send"):
+        with serial.timing("send"):
+            if job.id not in self.jobs:
                 self.conn.send(("job", job.id, job.template, placed.split, placed.whole))
-            self.jobs.append(job.id)
-        fds = list(placed.fds)
-        where: Output | str | None = None
-        if output is not None:
-            where = output.described(len(fds))
-            fds.append(output.fd)
-        elif joins:
-            where = ASK
-        self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk], len(fds), where))
-        send_fds(self.conn, fds)
+                self.jobs.append(job.id)
+            fds = list(placed.fds)
+            where: Output | str | None = None
+            if output is not None:
+                where = output.described(len(fds))
+                fds.append(output.fd)
+            elif joins:
+                where = ASK
+            self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk], len(fds), where))
+            send_fds(self.conn, fds)
 
     def answer(self, output: _Output | None) -> None:
         """Tell a worker that described its rows where they go (None: send them back)."""
@@ -363,7 +363,7 @@ class _Pool:
         self.lock = threading.Lock()
         self.started_at = 0.0
         self.forgotten: list[int] = []  # inodes the workers are to unmap
-        self._forgotten_lock = threading.Lock()
+        self._forgotten_lock = threading.RLock()  # finalizers run in any thread
         shm.on_retire(self._retired)
 
     def _retired(self, inodes: list[int]) -> None:
