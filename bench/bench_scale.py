@@ -136,7 +136,12 @@ def test_scaling(benchmark: Any, row: Row, core: Any, workload: str, system: str
         got = measure(benchmark, one_core, 5, 1)
     elif system == "shared-8":
         n = cores()
-        row(group, "lampy local, 8 chunks, inputs already shared (lampy.asshared)", target=0.9)
+        row(
+            group,
+            "lampy local, 8 chunks, inputs already shared (lampy.asshared)",
+            target=0.9,
+            share_target=SHARE_TARGET,
+        )
         args = tuple(lampy.asshared(a) if isinstance(a, np.ndarray) else a for a in w.args)
         f = w.region(executor="local", chunks=8)
         warm(n)

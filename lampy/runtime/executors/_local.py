@@ -185,8 +185,8 @@ class _Placed:
         for start, stop in job.chunks:
             pending = list(first)
             for target, array in zip(targets[:count], job.split, strict=True):
-                if target is not None and stop > start:
-                    pending.append(copier.submit(_copy, target[start:stop], array[start:stop]))
+                if target is not None and stop > start:  # in blocks: all threads on chunk 0
+                    pending += _blocks(copier, target[start:stop], array[start:stop])
             self.ready.append(pending)
 
     def wait(self, chunk: int) -> None:
