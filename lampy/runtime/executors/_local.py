@@ -1,16 +1,24 @@
 """The local executor (the default): a pool of worker processes on this machine.
 
-The pool starts on first use and is reused across calls. A job's arrays are copied once into a
-shared-memory arena that the workers map, so array bytes are never pickled per chunk; each worker
-maps only its chunk's rows. Large results come back in shared memory too and are used in place.
-References (lampy.remote) are not copied in: each worker reads, or maps from a local file, its
-own rows.
+The pool starts on first use and is reused across calls. Arrays travel through shared memory,
+never pickled per chunk (ARCHITECTURE.md, "The local pool's data path"):
+- an input already in shared memory (a region's result, `lampy.empty`, `lampy.asshared`) is
+  passed by descriptor and offset; other inputs are copied into the pool's arena by threads,
+  chunk by chunk, while the first chunks already run;
+- an elemwise job's workers write their rows into one shared output that the caller returns
+  as an ordinary ndarray (no copy out); reductions send their partials back, large buffers
+  in shared memory too;
+- references (lampy.remote) are not copied in: each worker reads, or maps from a local file,
+  its own rows.
 A worker that dies, or runs a chunk longer than `timeout` seconds (it is then killed), is replaced
-and its chunk retried as the chunk scheduler says (`attempts`); then the chunk is lost.
+and its chunk retried as the chunk scheduler says (`attempts`); then the chunk is lost. A retried
+chunk rewrites its own rows of the output, and a worker left mid-chunk is killed before the call
+returns, so nothing writes into a result after it is returned.
 
 Workers are fresh interpreters (`python -m lampy.runtime.executors._local_worker`), not forks, so
 a script without an `if __name__ == "__main__"` guard is never re-imported by the pool, and no
-lock held by a thread of the caller is inherited.
+lock held by a thread of the caller is inherited. Started ahead of need (`start`), they import
+at idle priority and take no CPU time from the caller meanwhile.
 
 One pool per size serves every option set: `timeout` and `attempts` are per call, so ten
 different timeouts still use the same workers. Workers watch this process's lifeline
@@ -76,14 +84,6 @@ ADVICE = (
 # caller, which runs its call itself meanwhile) and returns to normal priority when it is ready,
 # or as soon as a job waits for it.
 _IDLE = getattr(os, "SCHED_IDLE", None)
-_BOOT = (
-    "import os, sys\n"
-    "if len(sys.argv) > 3 and sys.argv[3] == 'idle':\n"
-    "    try: os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
-    "    except (AttributeError, OSError): pass\n"
-    "from lampy.runtime.executors._local_worker import main\n"
-    "main()\n"
-)
 
 
 def available_cpus() -> int:
@@ -257,11 +257,15 @@ class _Worker:
         fds = (theirs.fileno(), lifeline())
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, *map(str, fds), "idle" if idle else "now"],
+                [sys.executable, "-m", "lampy.runtime.executors._local_worker", *map(str, fds)]
+                + (["idle"] if idle else []),
                 pass_fds=fds,
                 env=env,
                 stdin=subprocess.DEVNULL,
             )
+        if idle:  # at once: it has only begun to import
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
         self.conn = Connection(ours.detach())
         self.ready = False  # its imports are done: a chunk's clock starts only then
         self.idle = idle
@@ -395,8 +399,15 @@ class _Pool:
             self.workers.append(self._start(idle))
 
     def ready(self) -> bool:
-        """Whether every worker has finished starting (none would make a job wait)."""
-        return len(self.workers) == self.size and all(w.poll_ready() for w in self.workers)
+        """Whether every worker has finished starting (none would make a job wait). Workers
+        still importing at idle priority well past the usual start-up (a busy machine gives
+        idle processes no time) go back to normal priority, so the pool does start."""
+        if len(self.workers) == self.size and all(w.poll_ready() for w in self.workers):
+            return True
+        if time.monotonic() - self.started_at > 2 * STARTUP_S:
+            for worker in self.workers:
+                worker.hurry()
+        return False
 
     def close(self) -> None:
         for worker in self.workers:

@@ -1,8 +1,10 @@
 """A local worker process: receives jobs and chunks over a Unix socket and runs them.
 
-Started by the local executor as `python -m lampy.runtime.executors._local_worker FD LIFELINE`,
-where FD is its end of a socket pair and LIFELINE the read end of the executor's process
-lifeline: the worker exits at once when the executor's process dies, even mid-chunk. Messages
+Started by the local executor as `python -m lampy.runtime.executors._local_worker FD LIFELINE
+[idle]`, where FD is its end of a socket pair and LIFELINE the read end of the executor's process
+lifeline: the worker exits at once when the executor's process dies, even mid-chunk. "idle": the
+executor put it at idle priority while it imports; it returns to normal priority when ready.
+Messages
 (pickled, over a private socket; "+ descriptors" are passed alongside, SCM_RIGHTS):
 
 parent -> worker
