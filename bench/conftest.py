@@ -156,7 +156,7 @@ SCALING_INTRO = [
     "this row's. *efficiency*: numpy on one core's time over this row's, divided by the workers",
     "(1 is perfect scaling). *serial share*: the time the caller itself spends probing, copying",
     "inputs, pickling and sending, waiting for workers to start and combining results, over the",
-    "row's time (median of the rounds; lampy's own counters, `lampy/runtime/_serial.py`).",
+    "row's time (median of the rounds; lampy's own counters of the caller's time per phase).",
     "",
 ]
 

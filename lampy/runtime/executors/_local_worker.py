@@ -231,5 +231,7 @@ def main() -> None:
     serve(Connection(int(sys.argv[1])))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run as the module lampy imports, so its classes are the ones
+    from lampy.runtime.executors._local_worker import main as run  # the caller pickles
+
+    run()
