@@ -35,6 +35,10 @@ class Costs:
     seconds_per_chunk: float = 0.0
     #: Results may cost more per byte than inputs (fresh memory, then joined); None: the same.
     seconds_per_result_byte: float | None = None
+    #: The executor starts its workers in the background (`start()`): while it is not warm
+    #: (`startup_s` > 0), auto never waits for it, since a start-up on a busy machine can take
+    #: many times its estimate; the call runs here and later calls use the warm workers.
+    starts_in_background: bool = False
 
     @property
     def result_byte_seconds(self) -> float:
@@ -200,7 +204,8 @@ def plan(
     )
     parallel = started + costs.startup_s
     estimate = f"serial {serial * 1e3:.3g} ms against fanned out {parallel * 1e3:.3g} ms"
-    if rest < 1 or parallel >= FAN_OUT_MARGIN * serial:
+    wait_not = costs.starts_in_background and costs.startup_s > 0
+    if rest < 1 or parallel >= FAN_OUT_MARGIN * serial or wait_not:
         warm_up = (
             costs.startup_s > 0
             and rest >= 1
@@ -208,7 +213,12 @@ def plan(
             and serial - started >= costs.startup_s
         )
         reason = f"fan-out does not pay: {estimate} (from a probe of {probe.rows} rows)"
-        if costs.startup_s > 0:
+        if wait_not and parallel < FAN_OUT_MARGIN * serial:
+            reason = (
+                f"the workers are not started yet, and a call never waits for them: {estimate} "
+                f"(from a probe of {probe.rows} rows)"
+            )
+        elif costs.startup_s > 0:
             reason += f", {costs.startup_s * 1e3:.3g} ms of it starting the workers"
         if warm_up:
             reason += (

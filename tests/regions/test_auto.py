@@ -28,6 +28,7 @@ class ModelPool(InlineExecutor):
     needs_pickle = False
     warm = False
     startup_s = 0.4
+    background = False  # as the local pool: starts in the background, never waited for
 
     def costs(self) -> Costs:
         return Costs(
@@ -35,6 +36,7 @@ class ModelPool(InlineExecutor):
             startup_s=0.0 if self.warm else self.startup_s,
             seconds_per_byte=1e-10,
             seconds_per_chunk=1e-4,
+            starts_in_background=self.background,
         )
 
     def is_warm(self) -> bool:
@@ -51,7 +53,7 @@ class ModelPool(InlineExecutor):
 @pytest.fixture
 def pool() -> Iterator[type[ModelPool]]:
     events.clear()
-    ModelPool.warm, ModelPool.startup_s = False, 0.4
+    ModelPool.warm, ModelPool.startup_s, ModelPool.background = False, 0.4, False
     executors.register("modelpool", ModelPool)
     try:
         yield ModelPool
@@ -142,3 +144,17 @@ def test_a_starting_pool_prices_what_is_left_of_its_start_up(
     f = region()
     f(X)
     assert "fan out" in events
+
+
+def test_a_pool_starting_in_the_background_is_never_waited_for(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool.background = True
+    timings(monkeypatch, 1e-4)  # 10 s here: fanning out would win even with the start-up
+    f = region()
+    np.testing.assert_array_equal(f(X), X * 2)
+    assert "fan out" not in events and events[-1] == "start"  # here, then started after
+    pool.warm = True
+    events.clear()
+    f(X)
+    assert "fan out" in events  # warm: the pool is used

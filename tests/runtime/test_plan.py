@@ -78,6 +78,15 @@ def test_a_cold_pool_is_waited_for_only_when_that_clearly_beats_running_here() -
     assert p.fan_out and not p.warm_up
 
 
+def test_a_pool_that_starts_in_the_background_is_never_waited_for() -> None:
+    heavy = Probe(rows=256, seconds=0.01, result_bytes=0)  # 3.9 s serial, ~2 s fanned out
+    cold = Costs(workers=2, startup_s=0.4, starts_in_background=True)
+    p = plan(chunks=None, probe=heavy, **common(row_bytes=80, costs=cold))  # type: ignore[arg-type]
+    assert not p.fan_out and p.warm_up and "never waits" in p.reason
+    warm = Costs(workers=2, startup_s=0.0, starts_in_background=True)
+    assert plan(chunks=None, probe=heavy, **common(row_bytes=80, costs=warm)).fan_out  # type: ignore[arg-type]
+
+
 def test_fixed_call_cost_is_not_mistaken_for_work() -> None:
     # 2 ms per call whatever the rows, as for a small k-means step: one probe row costs as much
     # as six, so the work hardly grows with rows and fan-out cannot pay

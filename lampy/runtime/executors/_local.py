@@ -68,8 +68,9 @@ from lampy.runtime.executors._local_worker import (
 
 TIMEOUT_S = 3600.0  # per chunk by default: bounds a hung chunk, spares any sane long one
 # Measured by bench/bench_overheads.py and bench/bench_scale.py on the 2-core reference machine.
-# Start-up took 0.16-0.40 s there (interpreters importing numpy); planning takes the slow end,
-# so a cold pool is waited for only when that clearly beats running the call here.
+# Start-up took 0.16-0.40 s there when quiet, and 4-9 s with other jobs running: so "auto" never
+# waits for it (Costs.starts_in_background); this estimate only decides whether starting the
+# pool after a call is worth it.
 STARTUP_S = 0.4
 SECONDS_PER_BYTE = 1 / 6.5e9  # copied into the arena (by threads, pipelined) and mapped
 SECONDS_PER_RESULT_BYTE = 1 / 4e9  # written by the workers into the shared output (fresh pages)
@@ -471,6 +472,7 @@ class LocalExecutor(Executor):
             seconds_per_byte=SECONDS_PER_BYTE,
             seconds_per_chunk=SECONDS_PER_CHUNK,
             seconds_per_result_byte=SECONDS_PER_RESULT_BYTE,
+            starts_in_background=True,
         )
 
     def _startup_left(self) -> float:
