@@ -27,9 +27,9 @@ from conftest import Row, cores, with_dask_client
 from threadpoolctl import threadpool_limits
 
 import lampy
-from lampy.runtime import executors
 from examples.fisher.cluster import kmeans_partials
 from examples.fisher.flsd import scatter_partials
+from lampy.runtime import executors
 from lampy.testing import openlambda_worker
 
 CHUNKS = 8  # the same chunking for every chunked system
