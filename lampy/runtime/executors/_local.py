@@ -94,10 +94,18 @@ def available_cpus() -> int:
 
 
 def _normal_priority(pid: int) -> None:
-    if _IDLE is not None:
+    """Every thread of process `pid` back to normal priority (BLAS starts its threads while
+    the worker imports, at idle priority; a policy is per thread)."""
+    if _IDLE is None:
+        return
+    try:
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        threads = [pid]
+    for tid in threads:
         # gone, or not ours to change: it finishes importing at idle priority
         with contextlib.suppress(OSError):
-            os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
 class _Arena:

@@ -226,8 +226,10 @@ def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
 def main() -> None:
     watch(int(sys.argv[2]), lambda: os._exit(1))  # the executor's process is gone
     if len(sys.argv) > 3 and sys.argv[3] == "idle":  # started ahead of need: imports done
-        with contextlib.suppress(AttributeError, OSError):
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        tasks = "/proc/self/task"  # BLAS threads too: a policy is per thread
+        for tid in os.listdir(tasks) if os.path.isdir(tasks) else ["0"]:
+            with contextlib.suppress(AttributeError, OSError):
+                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
     serve(Connection(int(sys.argv[1])))
 
 
