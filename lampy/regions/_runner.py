@@ -27,7 +27,7 @@ from lampy.runtime import _serial as serial
 from lampy.runtime import executors
 from lampy.runtime._codec import dumps
 from lampy.runtime._job import Job, chunk_label
-from lampy.runtime._plan import Plan, Probe, plan, probe_rows
+from lampy.runtime._plan import Costs, Plan, Probe, plan, probe_rows, split_rows, worth_starting
 from lampy.runtime._settings import Chunks, resolve_chunks, resolve_executor, resolve_options
 from lampy.runtime._tree import leaves
 from lampy.runtime._worker_side import Outcome, run_task
@@ -53,8 +53,11 @@ class RegionRunner:
         """What the undecorated function returns for these arguments. `executor` and `chunks`
         apply where the region's own options leave them open (a lazy graph's run() options)."""
         binding, where, count, name = self._prepare(args, kwargs, executor, chunks)
-        call_plan, probe = self._plan(binding, where, count, name)
         region = self.region
+        costs = where.costs()
+        if count is None and costs.starts_in_background and costs.startup_s > 0:
+            return self._here_then_start(binding, where, costs)
+        call_plan, probe = self._plan(binding, where, count, name)
         if not call_plan.fan_out:
             value = region.function(*binding.direct_args, **binding.direct_kwargs)
             sink, split = where.result_sink, bool(binding.split)
@@ -82,6 +85,29 @@ class RegionRunner:
         with serial.timing("combine"):
             merged = region.merge(values, call_plan.chunks, coverage.merged, where.result_sink)
         return region.answer(merged, coverage)
+
+    def _here_then_start(self, binding: Binding, where: Executor, costs: Costs) -> Any:
+        """An auto call while the pool is cold or starting: it is never waited for, so the
+        call runs here, timed whole instead of probed (a probe would only cost time), and the
+        pool starts afterwards if it would have saved more than its start-up."""
+        region = self.region
+        start = time.perf_counter()
+        value = region.function(*binding.direct_args, **binding.direct_kwargs)
+        seconds = time.perf_counter() - start
+        rows = split_rows(binding.rows, 1)
+        with serial.timing("combine"):
+            whole = region.merge([value], rows, (0,), where.result_sink, bool(binding.split))
+        if worth_starting(
+            costs=costs,
+            rows=binding.rows,
+            row_bytes=binding.row_bytes,
+            shared_bytes=binding.shared_bytes,
+            seconds=seconds,
+            result_bytes=_nbytes(value),
+            sent_row_bytes=binding.sent_row_bytes,
+        ):
+            where.start()
+        return region.answer(whole, Coverage(rows))
 
     def explain(
         self,

@@ -229,3 +229,39 @@ def plan(
     chunked = ((0, probe.rows), *split_rows(rest, count, start=probe.rows))
     reason = f"fan-out pays: {estimate} (from a probe of {probe.rows} rows, reused as chunk 0)"
     return result(chunked, True, reason)
+
+
+def worth_starting(
+    *,
+    costs: Costs,
+    rows: int,
+    row_bytes: int,
+    shared_bytes: int,
+    seconds: float,
+    result_bytes: int,
+    sent_row_bytes: int | None = None,
+) -> bool:
+    """Whether a warm executor would have saved more than its start-up on a call that just
+    took `seconds` in the caller (no probe: a cold pool that starts in the background is
+    never waited for, so a cold call runs here and is timed whole).
+
+    >>> two = Costs(workers=2, startup_s=0.4, seconds_per_byte=1e-9, starts_in_background=True)
+    >>> worth_starting(costs=two, rows=10**6, row_bytes=8, shared_bytes=0, seconds=2.0,
+    ...                result_bytes=8 * 10**6)
+    True
+    >>> worth_starting(costs=two, rows=10**6, row_bytes=8, shared_bytes=0, seconds=0.5,
+    ...                result_bytes=8 * 10**6)
+    False
+    """
+    if costs.workers <= 1 or rows < 2:
+        return False
+    count = min(rows, costs.workers * CHUNKS_PER_WORKER)
+    sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
+    sent += shared_bytes * costs.workers
+    started = (
+        sent * costs.seconds_per_byte
+        + result_bytes * costs.result_byte_seconds
+        + count * costs.seconds_per_chunk
+        + seconds / costs.workers
+    )
+    return started < FAN_OUT_MARGIN * seconds and seconds - started >= costs.startup_s

@@ -3,6 +3,7 @@ runner's logic with a model executor and fixed probe timings (no clock in the as
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,12 +150,23 @@ def test_a_starting_pool_prices_what_is_left_of_its_start_up(
 def test_a_pool_starting_in_the_background_is_never_waited_for(
     pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Cold: the call runs here, timed whole (no probe), and the pool starts after it when a
+    warm pool would have saved more than its start-up; warm: the pool is used."""
     pool.background = True
-    timings(monkeypatch, 1e-4)  # 10 s here: fanning out would win even with the start-up
-    f = region()
-    np.testing.assert_array_equal(f(X), X * 2)
-    assert "fan out" not in events and events[-1] == "start"  # here, then started after
+    probed = timings(monkeypatch, 1e-4)
+
+    @lampy.elemwise(executor="modelpool")
+    def slow(x: np.ndarray) -> np.ndarray:
+        events.append(f"call {len(x)} rows")
+        time.sleep(0.03 if len(x) < ROWS else 1.2)  # 1.2 s here: about 0.6 s fanned out
+        return x * 2
+
+    np.testing.assert_array_equal(slow(X), X * 2)
+    assert events == [f"call {ROWS} rows", "start"] and not probed
+    events.clear()
+    np.testing.assert_array_equal(region()(X), X * 2)  # quick: not worth a start-up
+    assert events == [f"call {ROWS} rows"] and not probed
     pool.warm = True
     events.clear()
-    f(X)
-    assert "fan out" in events  # warm: the pool is used
+    slow(X)
+    assert "fan out" in events and probed  # warm: probed, and the pool is used
