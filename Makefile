@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-ol lint typecheck pytest docs chaos bench bench-peers clean
+.PHONY: run test test-ol lint typecheck pytest docs chaos bench bench-scale bench-peers clean
 
 # The distribution was called "lampy" before (a name taken on the package index): a venv made
 # then still holds it, and it would claim the same files, so it goes first.
@@ -50,8 +50,14 @@ docs: $(STAMP)
 chaos: $(STAMP)
 	LAMPY_CHAOS_FULL=1 $(BIN)/pytest -m chaos tests/runtime/openlambda/test_chaos.py
 
+BENCH := -o python_files="bench_*.py" -o addopts="" -o testpaths=bench -o faulthandler_timeout=0 --benchmark-only --benchmark-columns=median,iqr,rounds -p no:cacheprovider
 bench: $(STAMP)
-	$(BIN)/pytest bench -o python_files="bench_*.py" -o addopts="" -o testpaths=bench -o faulthandler_timeout=0 --benchmark-only --benchmark-columns=median,iqr,rounds -p no:cacheprovider
+	$(BIN)/pytest bench $(BENCH)
+
+# Only the scaling table (bench/bench_scale.py): rewrites its section of bench/RESULTS.md and
+# keeps the others.
+bench-scale: $(STAMP)
+	$(BIN)/pytest bench/bench_scale.py $(BENCH)
 
 # Peers for the comparison rows: Dask, TensorFlow and joblib in lampy's venv; pyAudioAnalysis in
 # its own (it needs numpy < 2).

@@ -15,6 +15,7 @@ installed are listed as skipped, with how to install them (`make bench-peers`).
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from threadpoolctl import threadpool_limits
 import lampy
 from examples.fisher.cluster import kmeans_partials
 from examples.fisher.flsd import scatter_partials
+from lampy.runtime import executors
 from lampy.testing import openlambda_worker
 
 CHUNKS = 8  # the same chunking for every chunked system
@@ -319,6 +321,13 @@ def _lampy(w: Workload, system: str, row: Row, request: pytest.FixtureRequest) -
         options = {"client": client}
     executor = {"local-8": "local", "lampy-dask": "dask"}.get(system, system)
     chunks = None if system in ("local", "inline") else CHUNKS
+    if executor == "local":  # the pool warm before the rounds: auto never waits for it
+        pool = executors.get("local", {})
+        pool.start()
+        deadline = time.monotonic() + 120
+        while not pool.is_warm():
+            assert time.monotonic() < deadline, "the local pool did not start within 120 s"
+            time.sleep(0.02)
     f = w.region(executor=executor, chunks=chunks)
 
     def run() -> Any:

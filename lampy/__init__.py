@@ -46,6 +46,7 @@ from lampy.regions._submit import JobHandle, job, submit
 from lampy.runtime import executors
 from lampy.runtime._plan import Plan
 from lampy.runtime._settings import resolve_executor, resolve_options, using
+from lampy.runtime._shm import asshared, empty
 from lampy.runtime.executors import Executor
 from lampy.runtime.executors import register as register_executor
 from lampy.runtime.remote._reference import RemoteArray, remote, upload
@@ -104,9 +105,11 @@ __all__ = [
     "WorkerLost",
     "__version__",
     "array",
+    "asshared",
     "calibrate",
     "declare",
     "elemwise",
+    "empty",
     "job",
     "load_graph",
     "prewarm",

@@ -93,10 +93,19 @@ class Binding:
         chunks: tuple[Rows, ...],
         keep_going: bool = False,
         first: int = 0,
+        joins_rows: bool = False,
     ) -> Job:
         """A job running `function` over these arguments, cut into `chunks`."""
         return Job(
-            function, self.args, self.kwargs, self.split, self.whole, chunks, keep_going, first
+            function,
+            self.args,
+            self.kwargs,
+            self.split,
+            self.whole,
+            chunks,
+            keep_going,
+            first,
+            joins_rows=joins_rows and bool(self.split),
         )
 
 
@@ -133,7 +142,7 @@ def bind(
                 return Part(len(split) - 1)
             value = value.fetch()
         subclass = isinstance(value, np.ndarray) and type(value) not in (np.ndarray, np.memmap)
-        if not isinstance(value, np.ndarray) or (marked and value.dtype == object):
+        if not isinstance(value, np.ndarray) or (is_shared and value.dtype.hasobject):
             constants.append((name, value))
             return value
         if is_shared and subclass:  # sent whole as it is, in the pickled call: nothing lost
@@ -155,7 +164,7 @@ def bind(
                 f"argument {name!r} is a 0-d array, which has no axis 0 to split; pass it as "
                 f"a Python scalar, or as lampy.shared({name}) if every chunk needs it"
             )
-        if value.dtype == object:
+        if value.dtype.hasobject:
             raise UnsplittableError(
                 f"argument {name!r} has object dtype, which cannot be shared between processes; "
                 f"convert it to a numeric dtype, or pass lampy.shared({name}) to send it whole"

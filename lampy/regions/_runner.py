@@ -24,10 +24,11 @@ from lampy.regions._binding import Binding, bind
 from lampy.regions._partial import Coverage
 from lampy.regions._region import Region
 from lampy.runtime import _blas as blas
+from lampy.runtime import _serial as serial
 from lampy.runtime import executors
 from lampy.runtime._codec import dumps
 from lampy.runtime._job import Job, chunk_label
-from lampy.runtime._plan import Plan, Probe, plan, probe_rows
+from lampy.runtime._plan import Costs, Plan, Probe, plan, probe_rows, split_rows, worth_starting
 from lampy.runtime._settings import Chunks, resolve_chunks, resolve_executor, resolve_options
 from lampy.runtime._tree import leaves
 from lampy.runtime._worker_side import Outcome, run_task
@@ -53,14 +54,18 @@ class RegionRunner:
         """What the undecorated function returns for these arguments. `executor` and `chunks`
         apply where the region's own options leave them open (a lazy graph's run() options)."""
         binding, where, count, name = self._prepare(args, kwargs, executor, chunks)
-        call_plan, probe = self._plan(binding, where, count, name)
-        if call_plan.warm_up:
-            where.start()
         region = self.region
+        costs = where.costs()
+        if count is None and costs.starts_in_background and costs.startup_s > 0:
+            return self._here_then_start(binding, where, costs)
+        call_plan, probe = self._plan(binding, where, count, name)
         if not call_plan.fan_out:
             value = region.function(*binding.direct_args, **binding.direct_kwargs)
             sink, split = where.result_sink, bool(binding.split)
-            whole = region.merge([value], call_plan.chunks, (0,), sink, split)
+            with serial.timing("combine"):
+                whole = region.merge([value], call_plan.chunks, (0,), sink, split)
+            if call_plan.warm_up:  # after the call, which the start-up must not slow down
+                where.start()
             return region.answer(whole, Coverage(call_plan.chunks))
         done = {0: probe} if probe is not None else {}
         offset = len(done)  # the probe's rows, already computed, are chunk 0
@@ -69,17 +74,43 @@ class RegionRunner:
             call_plan.chunks[offset:],
             keep_going=region.allow_partial is not None,
             first=offset,
+            joins_rows=region.combine is None,
         )
         job = replace(job, combine=region.combine)  # executors may merge where chunks run
         if where.needs_pickle:
-            _check_serializable(job, binding)
+            with serial.timing("send"):
+                _check_serializable(job, binding)
         outcomes = where.run(job)
         done |= {chunk + offset: outcome for chunk, outcome in outcomes.items()}
         coverage = self._coverage(done, call_plan, where.needs_pickle)
         # an executor that merged partials answers a Merged subtree for its first chunk only
         values = [done[c].value for c in coverage.merged if c in done]
-        merged = region.merge(values, call_plan.chunks, coverage.merged, where.result_sink)
+        with serial.timing("combine"):
+            merged = region.merge(values, call_plan.chunks, coverage.merged, where.result_sink)
         return region.answer(merged, coverage)
+
+    def _here_then_start(self, binding: Binding, where: Executor, costs: Costs) -> Any:
+        """An auto call while the pool is cold or starting: it is never waited for, so the
+        call runs here, timed whole instead of probed (a probe would only cost time), and the
+        pool starts afterwards if it would have saved more than its start-up."""
+        region = self.region
+        start = time.perf_counter()
+        value = region.function(*binding.direct_args, **binding.direct_kwargs)
+        seconds = time.perf_counter() - start
+        rows = split_rows(binding.rows, 1)
+        with serial.timing("combine"):
+            whole = region.merge([value], rows, (0,), where.result_sink, bool(binding.split))
+        if worth_starting(
+            costs=costs,
+            rows=binding.rows,
+            row_bytes=binding.row_bytes,
+            shared_bytes=binding.shared_bytes,
+            seconds=seconds,
+            result_bytes=_nbytes(value),
+            sent_row_bytes=binding.sent_row_bytes,
+        ):
+            where.start()
+        return region.answer(whole, Coverage(rows))
 
     def explain(
         self,
@@ -128,19 +159,22 @@ class RegionRunner:
 
         if chunks is not None or costs.workers <= 1 or binding.rows < 2:
             return make(None), None
-        key = (name, id(executor), binding.shapes)
+        # A plan made on a cold executor priced its start-up: it is kept for cold calls only,
+        # and the first call on the warm executor plans again.
+        warm = costs.startup_s == 0
+        key = (name, id(executor), binding.shapes, warm)
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key], None
         rows = probe_rows(binding.rows, binding.row_bytes)
         job = binding.job(self.region.function, ((0, 1), (0, rows)))
-        with blas.one_thread():  # as in a worker, and no BLAS threads left spinning
+        with serial.timing("probe"), blas.one_thread():  # as in a worker; no BLAS threads left
             (call_seconds, _), (seconds, outcome) = (_timed(job, 0), _timed(job, 1))
         if rows == 1:
             call_seconds = 0.0  # one point only: all of it counts as per-row work
         probe = Probe(rows, seconds, _nbytes(outcome.value), min(call_seconds, seconds))
         result = make(probe)
-        if executor.is_warm():
+        if warm or not result.fan_out:
             self._plans[key] = result
             while len(self._plans) > PLANS_KEPT:
                 self._plans.popitem(last=False)

@@ -3,6 +3,11 @@
 Results may be arrays or tuples, lists and dicts of them; combining goes leaf by leaf. Where the
 joined array goes is the caller's choice: memory by default, or a `Destination` it is given
 (an executor's result sink: a memory-mapped file, an array server).
+
+An executor may also assemble the rows itself: the local pool's workers write their rows
+straight into one shared output (described by a `Leaf` per array, from `spec_of`), and its
+chunk results are views of it, adjacent in order. Joining those is free: the joined array is a
+view of the output (`lampy.runtime._shm.join_in_place`), never a copy.
 """
 
 from __future__ import annotations
@@ -14,7 +19,38 @@ from typing import Any, Protocol
 import numpy as np
 
 from lampy._errors import ResultError
-from lampy.runtime._tree import describe, zip_leaves
+from lampy.runtime._shm import join_in_place
+from lampy.runtime._tree import describe, leaves, map_leaves, zip_leaves
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One array of an elemwise chunk's result, as rows: what one row holds."""
+
+    trailing: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize * int(np.prod(self.trailing, dtype=np.int64))
+
+
+def spec_of(value: Any, rows: int) -> Any:
+    """`value`'s structure with a `Leaf` per array, when every leaf is rows that can be written
+    into shared memory (a plain ndarray with `rows` rows, no Python objects, at least one byte
+    per row); otherwise None (the value then travels as it is, and joining checks it)."""
+    try:
+        spec = map_leaves(value, lambda leaf: _leaf(leaf, rows))
+    except ResultError:
+        return None
+    return spec if all(leaf is not None for leaf in leaves(spec)) else None
+
+
+def _leaf(value: Any, rows: int) -> Leaf | None:
+    if type(value) not in (np.ndarray, np.memmap) or value.ndim == 0 or value.shape[0] != rows:
+        return None
+    leaf = Leaf(tuple(value.shape[1:]), value.dtype)
+    return leaf if not value.dtype.hasobject and leaf.row_bytes > 0 else None
 
 
 class Destination(Protocol):
@@ -79,6 +115,9 @@ def _check(parts: list[Any], where: str, labels: Sequence[str], rows: Sequence[i
 
 
 def _join(parts: list[Any], where: str) -> np.ndarray:
+    joined = join_in_place(parts)  # rows the local pool wrote into one output: a view of it
+    if joined is not None:
+        return joined
     return np.concatenate(parts, axis=0, dtype=parts[0].dtype)  # keeps the byte order
 
 

@@ -117,6 +117,9 @@ class Job:
     #: The region's combine rule (None: elemwise), for executors that merge partials where the
     #: chunks run (lampy.runtime._combine.Merged); others ignore it.
     combine: Callable[[Any, Any], Any] | None = None
+    #: The chunks' results are rows to join along axis 0 (an elemwise region splitting arrays):
+    #: an executor may assemble them in place (the local pool writes them into one output).
+    joins_rows: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def label(self, chunk: int) -> str:

@@ -35,6 +35,10 @@ class Costs:
     seconds_per_chunk: float = 0.0
     #: Results may cost more per byte than inputs (fresh memory, then joined); None: the same.
     seconds_per_result_byte: float | None = None
+    #: The executor starts its workers in the background (`start()`): while it is not warm
+    #: (`startup_s` > 0), auto never waits for it, since a start-up on a busy machine can take
+    #: many times its estimate; the call runs here and later calls use the warm workers.
+    starts_in_background: bool = False
 
     @property
     def result_byte_seconds(self) -> float:
@@ -74,7 +78,8 @@ class Plan:
     fan_out: bool
     reason: str
     probe: Probe | None = field(default=None, compare=False)
-    #: Fan-out would pay if the executor were already started: start it for later calls.
+    #: The executor is cold, and once started it would save more than its start-up on a call
+    #: like this one: start it in the background after this call, for later calls.
     warm_up: bool = False
     #: Who runs the chunks' scheduling when not the calling process (an executor's
     #: `orchestrated_by`, e.g. a coordinator lambda).
@@ -206,14 +211,64 @@ def plan(
     )
     parallel = started + costs.startup_s
     estimate = f"serial {serial * 1e3:.3g} ms against fanned out {parallel * 1e3:.3g} ms"
-    if rest < 1 or parallel >= FAN_OUT_MARGIN * serial:
-        warm_up = rest >= 1 and started < FAN_OUT_MARGIN * serial
+    wait_not = costs.starts_in_background and costs.startup_s > 0
+    if rest < 1 or parallel >= FAN_OUT_MARGIN * serial or wait_not:
+        warm_up = (
+            costs.startup_s > 0
+            and rest >= 1
+            and started < FAN_OUT_MARGIN * serial
+            and serial - started >= costs.startup_s
+        )
         reason = f"fan-out does not pay: {estimate} (from a probe of {probe.rows} rows)"
+        if wait_not and parallel < FAN_OUT_MARGIN * serial:
+            reason = (
+                f"the workers are not started yet, and a call never waits for them: {estimate} "
+                f"(from a probe of {probe.rows} rows)"
+            )
+        elif costs.startup_s > 0:
+            reason += f", {costs.startup_s * 1e3:.3g} ms of it starting the workers"
         if warm_up:
             reason += (
-                f"; starting the workers now, as later calls will pay ({started * 1e3:.3g} ms)"
+                f"; starting the workers in the background after this call, as later calls "
+                f"will pay ({started * 1e3:.3g} ms)"
             )
         return result(whole, False, reason, warm_up)
     chunked = ((0, probe.rows), *split_rows(rest, count, start=probe.rows))
     reason = f"fan-out pays: {estimate} (from a probe of {probe.rows} rows, reused as chunk 0)"
     return result(chunked, True, reason)
+
+
+def worth_starting(
+    *,
+    costs: Costs,
+    rows: int,
+    row_bytes: int,
+    shared_bytes: int,
+    seconds: float,
+    result_bytes: int,
+    sent_row_bytes: int | None = None,
+) -> bool:
+    """Whether a warm executor would have saved more than its start-up on a call that just
+    took `seconds` in the caller (no probe: a cold pool that starts in the background is
+    never waited for, so a cold call runs here and is timed whole).
+
+    >>> two = Costs(workers=2, startup_s=0.4, seconds_per_byte=1e-9, starts_in_background=True)
+    >>> worth_starting(costs=two, rows=10**6, row_bytes=8, shared_bytes=0, seconds=2.0,
+    ...                result_bytes=8 * 10**6)
+    True
+    >>> worth_starting(costs=two, rows=10**6, row_bytes=8, shared_bytes=0, seconds=0.5,
+    ...                result_bytes=8 * 10**6)
+    False
+    """
+    if costs.workers <= 1 or rows < 2:
+        return False
+    count = min(rows, costs.workers * CHUNKS_PER_WORKER)
+    sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
+    sent += shared_bytes * costs.workers
+    started = (
+        sent * costs.seconds_per_byte
+        + result_bytes * costs.result_byte_seconds
+        + count * costs.seconds_per_chunk
+        + seconds / costs.workers
+    )
+    return started < FAN_OUT_MARGIN * seconds and seconds - started >= costs.startup_s

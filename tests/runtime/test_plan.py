@@ -55,10 +55,36 @@ def test_compute_bound_work_fans_out_and_reuses_the_probe() -> None:
 def test_a_cold_pool_raises_the_bar() -> None:
     probe = Probe(rows=256, seconds=0.001, result_bytes=0)
     warm = plan(chunks=None, probe=probe, **common(row_bytes=80))  # type: ignore[arg-type]
+    cold_costs = Costs(workers=2, startup_s=0.15)
+    cold = plan(chunks=None, probe=probe, **common(row_bytes=80, costs=cold_costs))  # type: ignore[arg-type]
+    assert warm.fan_out and not warm.warm_up
+    assert not cold.fan_out and cold.warm_up
+    assert "starting the workers in the background after this call" in cold.reason
+
+
+def test_a_cold_pool_is_not_started_for_calls_that_would_not_repay_its_start_up() -> None:
+    # warm, fan-out would save about 0.19 s of 0.39 s: less than a 0.35 s start-up
+    probe = Probe(rows=256, seconds=0.001, result_bytes=0)
     cold_costs = Costs(workers=2, startup_s=0.35)
     cold = plan(chunks=None, probe=probe, **common(row_bytes=80, costs=cold_costs))  # type: ignore[arg-type]
-    assert warm.fan_out and not cold.fan_out
-    assert cold.warm_up and "starting the workers now" in cold.reason
+    assert not cold.fan_out and not cold.warm_up
+    assert "of it starting the workers" in cold.reason
+
+
+def test_a_cold_pool_is_waited_for_only_when_that_clearly_beats_running_here() -> None:
+    heavy = Probe(rows=256, seconds=0.01, result_bytes=0)  # 3.9 s serial
+    cold_costs = Costs(workers=2, startup_s=0.4)
+    p = plan(chunks=None, probe=heavy, **common(row_bytes=80, costs=cold_costs))  # type: ignore[arg-type]
+    assert p.fan_out and not p.warm_up
+
+
+def test_a_pool_that_starts_in_the_background_is_never_waited_for() -> None:
+    heavy = Probe(rows=256, seconds=0.01, result_bytes=0)  # 3.9 s serial, ~2 s fanned out
+    cold = Costs(workers=2, startup_s=0.4, starts_in_background=True)
+    p = plan(chunks=None, probe=heavy, **common(row_bytes=80, costs=cold))  # type: ignore[arg-type]
+    assert not p.fan_out and p.warm_up and "never waits" in p.reason
+    warm = Costs(workers=2, startup_s=0.0, starts_in_background=True)
+    assert plan(chunks=None, probe=heavy, **common(row_bytes=80, costs=warm)).fan_out  # type: ignore[arg-type]
 
 
 def test_fixed_call_cost_is_not_mistaken_for_work() -> None:

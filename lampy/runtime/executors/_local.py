@@ -1,16 +1,24 @@
 """The local executor (the default): a pool of worker processes on this machine.
 
-The pool starts on first use and is reused across calls. A job's arrays are copied once into a
-shared-memory arena that the workers map, so array bytes are never pickled per chunk; each worker
-maps only its chunk's rows. Large results come back in shared memory too and are used in place.
-References (lampy.remote) are not copied in: each worker reads, or maps from a local file, its
-own rows.
+The pool starts on first use and is reused across calls. Arrays travel through shared memory,
+never pickled per chunk (ARCHITECTURE.md, "The local pool's data path"):
+- an input already in shared memory (a region's result, `lampy.empty`, `lampy.asshared`) is
+  passed by descriptor and offset; other inputs are copied into the pool's arena by threads,
+  chunk by chunk, while the first chunks already run;
+- an elemwise job's workers write their rows into one shared output that the caller returns
+  as an ordinary ndarray (no copy out); reductions send their partials back, large buffers
+  in shared memory too;
+- references (lampy.remote) are not copied in: each worker reads, or maps from a local file,
+  its own rows.
 A worker that dies, or runs a chunk longer than `timeout` seconds (it is then killed), is replaced
-and its chunk retried as the chunk scheduler says (`attempts`); then the chunk is lost.
+and its chunk retried as the chunk scheduler says (`attempts`); then the chunk is lost. A retried
+chunk rewrites its own rows of the output, and a worker left mid-chunk is killed before the call
+returns, so nothing writes into a result after it is returned.
 
 Workers are fresh interpreters (`python -m lampy.runtime.executors._local_worker`), not forks, so
 a script without an `if __name__ == "__main__"` guard is never re-imported by the pool, and no
-lock held by a thread of the caller is inherited.
+lock held by a thread of the caller is inherited. Started ahead of need (`start`), they import
+at idle priority and take no CPU time from the caller meanwhile.
 
 One pool per size serves every option set: `timeout` and `attempts` are per call, so ten
 different timeouts still use the same workers. Workers watch this process's lifeline
@@ -20,6 +28,7 @@ unwinds the caller like SIGINT, stopping the pool on the way out.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import signal
@@ -29,34 +38,53 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
-from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 import numpy as np
 
 from lampy._errors import OptionError, RemoteError, WorkerLost
+from lampy.runtime import _serial as serial
+from lampy.runtime import _shm as shm
 from lampy.runtime._codec import layout_of, loads
-from lampy.runtime._job import Job, SplitArray, is_row_source
+from lampy.runtime._combine import Leaf
+from lampy.runtime._job import Job, is_row_source
 from lampy.runtime._plan import Costs
 from lampy.runtime._scheduler import ATTEMPTS, ChunkScheduler, check_attempts
-from lampy.runtime._shm import anonymous_file, load_from_file
+from lampy.runtime._shm import anonymous_file, load_from_file, locate, output
 from lampy.runtime._sweep import exit_on_sigterm, lifeline
+from lampy.runtime._tree import leaves, map_leaves
 from lampy.runtime._worker_side import TEMPLATES_KEPT, Outcome
 from lampy.runtime.executors._base import Executor
-from lampy.runtime.executors._local_worker import ArrayRef
+from lampy.runtime.executors._local_worker import (
+    ASK,
+    ArrayRef,
+    FileArray,
+    Output,
+    recv_fds,
+    send_fds,
+)
 
 TIMEOUT_S = 3600.0  # per chunk by default: bounds a hung chunk, spares any sane long one
-# Measured by bench/bench_overheads.py on the 2-core reference machine.
-STARTUP_S = 0.17  # starting the pool: interpreters importing numpy, in parallel
-SECONDS_PER_BYTE = 1 / 6.5e9  # into the arena and mapped by a worker
-SECONDS_PER_RESULT_BYTE = 1 / 1.4e9  # written to fresh shared memory, then joined (copy row)
+# Measured by bench/bench_overheads.py and bench/bench_scale.py on the 2-core reference machine.
+# Start-up took 0.16-0.40 s there when quiet, and 4-9 s with other jobs running: so "auto" never
+# waits for it (Costs.starts_in_background); this estimate only decides whether starting the
+# pool after a call is worth it.
+STARTUP_S = 0.4
+SECONDS_PER_BYTE = 1 / 6.5e9  # copied into the arena (by threads, pipelined) and mapped
+SECONDS_PER_RESULT_BYTE = 1 / 4e9  # written by the workers into the shared output (fresh pages)
 SECONDS_PER_CHUNK = 1.1e-4  # one chunk's messages and scheduling
 ARENA_KEPT_BYTES = 1 << 30  # a larger arena is released after its job instead of reused
+COPY_BLOCK_BYTES = 8 << 20  # shared arrays are copied in blocks this size, by several threads
 ADVICE = (
     "A worker killed by SIGKILL is often the out-of-memory killer: ask for more chunks "
     "(chunks=N). A chunk that needs more time: lampy.using(executor='local', timeout=...)."
 )
+# A worker started ahead of need imports at idle priority (it then takes no CPU time from the
+# caller, which runs its call itself meanwhile) and returns to normal priority when it is ready,
+# or as soon as a job waits for it.
+_IDLE = getattr(os, "SCHED_IDLE", None)
 
 
 def available_cpus() -> int:
@@ -65,92 +93,253 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def _normal_priority(pid: int) -> None:
+    """Every thread of process `pid` back to normal priority (BLAS starts its threads while
+    the worker imports, at idle priority; a policy is per thread)."""
+    if _IDLE is None:
+        return
+    try:
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        threads = [pid]
+    for tid in threads:
+        # gone, or not ours to change: it finishes importing at idle priority
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+
+
 class _Arena:
-    """A shared-memory file holding a job's arrays in C order, reused from call to call."""
+    """A shared-memory file for a job's arrays that do not live in shared memory already,
+    reused from call to call. Copies into it are made by threads, chunk by chunk in order, so
+    the first chunks start while later rows are still being copied."""
 
     def __init__(self) -> None:
-        self.id = 0
         self.fd: int | None = None
         self.size = 0
         self.map: mmap.mmap | None = None
 
-    def place(self, arrays: tuple[SplitArray, ...]) -> list[ArrayRef]:
-        """Copy the arrays in; row sources stay as they are (each worker reads its own rows)."""
-        layout, total = layout_of([0 if is_row_source(a) else a.nbytes for a in arrays])
+    def reserve(self, total: int) -> None:
         if self.fd is None or total > self.size:
             self.release()
             self.size = max(total, mmap.ALLOCATIONGRANULARITY)
             self.fd = anonymous_file(self.size)
             self.map = mmap.mmap(self.fd, self.size)
-            self.id += 1
-        refs: list[ArrayRef] = []
-        for (offset, _), array in zip(layout, arrays, strict=True):
-            if not isinstance(array, np.ndarray):
-                refs.append(array)
-                continue
-            target: np.ndarray = np.ndarray(
-                array.shape, array.dtype, buffer=self.map, offset=offset
-            )
-            np.copyto(target, array, casting="no")
-            refs.append((offset, array.dtype, array.shape))
-        return refs
+
+    def view(self, offset: int, like: np.ndarray) -> np.ndarray:
+        view: np.ndarray = np.ndarray(like.shape, like.dtype, buffer=self.map, offset=offset)
+        return view
 
     def release(self) -> None:
         if self.map is not None:
             self.map.close()
         if self.fd is not None:
-            os.close(self.fd)
+            shm.retire(self.fd)  # workers keep it mapped until told
         self.fd, self.map, self.size = None, None, 0
+
+
+def _copy(target: np.ndarray, source: np.ndarray) -> None:
+    start = time.perf_counter()
+    np.copyto(target, source, casting="no")
+    serial.add("copy threads", time.perf_counter() - start)
+
+
+class _Placed:
+    """Where a job's arrays are for its workers, and which chunks' rows are there yet.
+
+    Arrays already in shared memory (C-contiguous, in a segment: `lampy.empty`, a region's
+    result) are passed by descriptor and offset: no byte is copied. Others are copied into the
+    arena by `copier` threads: shared arrays first (in blocks, in parallel), then each chunk's
+    rows in chunk order; `wait(chunk)` returns once that chunk's rows are in place.
+    """
+
+    def __init__(self, job: Job, arena: _Arena, copier: ThreadPoolExecutor) -> None:
+        arrays = job.split + job.whole
+        homes = [None if is_row_source(a) else locate(a) for a in arrays]  # type: ignore[arg-type]
+        copied = [
+            0 if is_row_source(a) or h is not None else a.nbytes
+            for a, h in zip(arrays, homes, strict=True)
+        ]
+        layout, total = layout_of(copied)
+        self.fds: list[int] = []
+        refs: list[ArrayRef] = []
+        targets: list[np.ndarray | None] = []
+        if any(copied):
+            arena.reserve(total)
+            assert arena.fd is not None
+            self.fds.append(arena.fd)
+        for array, home, (offset, nbytes) in zip(arrays, homes, layout, strict=True):
+            targets.append(None)
+            if is_row_source(array):
+                refs.append(array)  # type: ignore[arg-type]
+                continue
+            assert isinstance(array, np.ndarray)
+            if home is not None:
+                fd, at = home
+                if fd not in self.fds:
+                    self.fds.append(fd)
+                refs.append(FileArray(self.fds.index(fd), at, array.dtype, array.shape))
+                continue
+            if not nbytes:  # nothing to map: the worker makes it
+                refs.append(FileArray(-1, 0, array.dtype, array.shape))
+                continue
+            refs.append(FileArray(0, offset, array.dtype, array.shape))
+            targets[-1] = arena.view(offset, array)
+        count = len(job.split)
+        self.split, self.whole = refs[:count], refs[count:]
+        first: list[Future[None]] = []
+        for target, array in zip(targets[count:], job.whole, strict=True):
+            if target is not None:
+                first += _blocks(copier, target, array)
+        self.ready: list[list[Future[None]]] = []
+        for start, stop in job.chunks:
+            pending = list(first)
+            for target, array in zip(targets[:count], job.split, strict=True):
+                if target is not None and stop > start:  # in blocks: all threads on chunk 0
+                    pending += _blocks(copier, target[start:stop], array[start:stop])
+            self.ready.append(pending)
+
+    def wait(self, chunk: int) -> None:
+        """Block until the chunk's rows (and the shared arrays) are in place."""
+        pending = self.ready[chunk]
+        if pending and not all(f.done() for f in pending):
+            with serial.timing("copy"):
+                for future in pending:
+                    future.result()
+        for future in pending:
+            future.result()  # a failed copy raises here
+        self.ready[chunk] = []
+
+    def cancel(self) -> None:
+        """Drop copies not started yet (the job ended early) and wait for the running ones."""
+        for pending in self.ready:
+            for future in pending:
+                future.cancel()
+        for pending in self.ready:
+            for future in pending:
+                if not future.cancelled():
+                    future.exception()
+
+
+def _blocks(
+    copier: ThreadPoolExecutor, target: np.ndarray, source: np.ndarray
+) -> list[Future[None]]:
+    """Copy `source` into `target` in blocks of rows, by several threads."""
+    if target.ndim == 0 or target.shape[0] < 2:
+        return [copier.submit(_copy, target, source)]
+    row_bytes = max(1, target.nbytes // target.shape[0])
+    step = max(1, COPY_BLOCK_BYTES // row_bytes)
+    return [
+        copier.submit(_copy, target[i : i + step], source[i : i + step])
+        for i in range(0, target.shape[0], step)
+    ]
+
+
+class _Output:
+    """The shared output an elemwise job's workers write their rows into, made when the first
+    chunk describes its rows (its structure and each array's trailing shape and dtype)."""
+
+    def __init__(self, spec: Any, rows: int) -> None:
+        specs: list[Leaf] = leaves(spec)
+        layout, total = layout_of([rows * leaf.row_bytes for leaf in specs])
+        self.spec = spec
+        self.offsets = tuple(offset for offset, _ in layout)
+        mapped, self.fd = output(total)
+        arrays = iter(
+            np.ndarray((rows, *leaf.trailing), leaf.dtype, buffer=mapped, offset=offset)
+            for leaf, offset in zip(specs, self.offsets, strict=True)
+        )
+        self.arrays = map_leaves(spec, lambda leaf: next(arrays))
+
+    def described(self, file: int) -> Output:
+        return Output(self.spec, self.offsets, file)
+
+    def rows(self, start: int, stop: int) -> Any:
+        """A chunk's result: views of its rows of each array."""
+        return map_leaves(self.arrays, lambda array: array[start:stop])
 
 
 class _Worker:
     """One worker process and its end of a private socket pair."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], idle: bool) -> None:
         ours, theirs = socket.socketpair()
         fds = (theirs.fileno(), lifeline())
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "lampy.runtime.executors._local_worker", *map(str, fds)],
+                [sys.executable, "-m", "lampy.runtime.executors._local_worker", *map(str, fds)]
+                + (["idle"] if idle else []),
                 pass_fds=fds,
                 env=env,
                 stdin=subprocess.DEVNULL,
             )
+        if idle:  # at once: it has only begun to import
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
         self.conn = Connection(ours.detach())
         self.ready = False  # its imports are done: a chunk's clock starts only then
-        self.arena_id = 0
+        self.idle = idle
         self.jobs: deque[str] = deque(maxlen=TEMPLATES_KEPT)
         self.conn.send(("path", sys.path))
 
-    def send(
-        self, job: Job, chunk: int, arena: _Arena, split: list[ArrayRef], whole: list[ArrayRef]
-    ) -> None:
-        if self.arena_id != arena.id:
-            assert arena.fd is not None
-            self.conn.send(("arena", arena.id))
-            send_handle(self.conn, arena.fd, self.process.pid)
-            self.arena_id = arena.id
-        if job.id not in self.jobs:
-            self.conn.send(("job", job.id, job.template, split, whole))
-            self.jobs.append(job.id)
-        self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk]))
+    def hurry(self) -> None:
+        """A job waits for this worker: back to normal priority if it started at idle."""
+        if self.idle:
+            _normal_priority(self.pid)
+            self.idle = False
 
-    def receive(self) -> Outcome | None:
-        """The chunk's outcome, or None for the worker's "ready" message."""
-        message = self.conn.recv()
-        if message[0] == "ready":
+    def poll_ready(self) -> bool:
+        """Whether its imports are done (reads its "ready" message if it came)."""
+        if not self.ready and self.conn.poll(0):
+            message = self.conn.recv()
+            assert message[0] == "ready", message
             self.ready = True
-            return None
-        if message[0] == "ok":
+        return self.ready
+
+    def send(
+        self, job: Job, chunk: int, placed: _Placed, output: _Output | None, joins: bool
+    ) -> None:
+        with serial.timing("send"):
+            if job.id not in self.jobs:
+                self.conn.send(("job", job.id, job.template, placed.split, placed.whole))
+                self.jobs.append(job.id)
+            fds = list(placed.fds)
+            where: Output | str | None = None
+            if output is not None:
+                where = output.described(len(fds))
+                fds.append(output.fd)
+            elif joins:
+                where = ASK
+            self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk], len(fds), where))
+            send_fds(self.conn, fds)
+
+    def answer(self, output: _Output | None) -> None:
+        """Tell a worker that described its rows where they go (None: send them back)."""
+        if output is None:
+            self.conn.send(("out", None, 0))
+            return
+        self.conn.send(("out", output.described(-1), 1))  # the worker numbers the file
+        send_fds(self.conn, [output.fd])
+
+    def receive(self) -> tuple[str, Any]:
+        """The worker's next message: ("ready", None), ("spec", spec), ("wrote", None) or
+        ("outcome", Outcome)."""
+        message = self.conn.recv()
+        kind = message[0]
+        if kind == "ready":
+            self.ready = True
+            return "ready", None
+        if kind in ("spec", "wrote"):
+            return kind, message[2] if kind == "spec" else None
+        if kind == "ok":
             _, _, payload, layout = message
-            fd = recv_handle(self.conn) if layout else None
-            return Outcome(value=load_from_file(payload, layout, fd))
+            fd = recv_fds(self.conn, 1)[0] if layout else None
+            return "outcome", Outcome(value=load_from_file(payload, layout, fd))
         _, _, error, traceback = message
         try:
             exc = loads(error)
         except Exception as why:
             exc = RemoteError(f"an exception that cannot be unpickled here ({why})")
-        return Outcome(error=exc, traceback=traceback)
+        return "outcome", Outcome(error=exc, traceback=traceback)
 
     @property
     def pid(self) -> int:
@@ -177,20 +366,57 @@ class _Worker:
 
 
 class _Pool:
-    """The worker processes of one size and their arena; one job at a time."""
+    """The worker processes of one size, their arena and copy threads; one job at a time."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.workers: list[_Worker] = []
         self.arena = _Arena()
+        self.copier = ThreadPoolExecutor(size, thread_name_prefix="lampy-copy")
         self.lock = threading.Lock()
+        self.started_at = 0.0
+        self.forgotten: list[int] = []  # inodes the workers are to unmap
+        self._forgotten_lock = threading.RLock()  # finalizers run in any thread
+        shm.on_retire(self._retired)
 
-    def fill(self) -> None:
+    def _retired(self, inodes: list[int]) -> None:
+        """Shared files were let go: the workers unmap them now if the pool is idle, else
+        when its job ends."""
+        with self._forgotten_lock:
+            self.forgotten += inodes
+        if self.lock.acquire(blocking=False):
+            try:
+                self.forget()
+            finally:
+                self.lock.release()
+
+    def forget(self) -> None:
+        """Tell the workers which files to unmap (under `lock`)."""
+        with self._forgotten_lock:
+            inodes, self.forgotten = self.forgotten, []
+        if inodes:
+            for worker in self.workers:
+                with contextlib.suppress(OSError):  # gone: its mappings went with it
+                    worker.conn.send(("forget", inodes))
+
+    def fill(self, idle: bool = False) -> None:
         """Start workers up to the pool's size (they import in the background)."""
         if not self.workers:
             exit_on_sigterm()
+            self.started_at = time.monotonic()
         while len(self.workers) < self.size:
-            self.workers.append(self._start())
+            self.workers.append(self._start(idle))
+
+    def ready(self) -> bool:
+        """Whether every worker has finished starting (none would make a job wait). Workers
+        still importing at idle priority well past the usual start-up (a busy machine gives
+        idle processes no time) go back to normal priority, so the pool does start."""
+        if len(self.workers) == self.size and all(w.poll_ready() for w in self.workers):
+            return True
+        if time.monotonic() - self.started_at > 2 * STARTUP_S:
+            for worker in self.workers:
+                worker.hurry()
+        return False
 
     def close(self) -> None:
         for worker in self.workers:
@@ -198,12 +424,12 @@ class _Pool:
         self.workers = []
         self.arena.release()
 
-    def _start(self) -> _Worker:
+    def _start(self, idle: bool = False) -> _Worker:
         env = dict(os.environ)
         threads = str(max(1, available_cpus() // self.size))
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, threads)
-        return _Worker(env)
+        return _Worker(env, idle and _IDLE is not None)
 
     def replace(self, worker: _Worker) -> _Worker:
         worker.stop()
@@ -250,30 +476,49 @@ class LocalExecutor(Executor):
     def costs(self) -> Costs:
         return Costs(
             workers=self.size,
-            startup_s=0.0 if self.is_warm() else STARTUP_S,
+            startup_s=self._startup_left(),
             seconds_per_byte=SECONDS_PER_BYTE,
             seconds_per_chunk=SECONDS_PER_CHUNK,
             seconds_per_result_byte=SECONDS_PER_RESULT_BYTE,
+            starts_in_background=True,
         )
 
+    def _startup_left(self) -> float:
+        """Seconds a job made now would wait for workers to finish starting (an estimate)."""
+        if self.is_warm():
+            return 0.0
+        if not self.pool.workers:
+            return STARTUP_S
+        return max(STARTUP_S / 4, STARTUP_S - (time.monotonic() - self.pool.started_at))
+
     def is_warm(self) -> bool:
-        return bool(self.pool.workers)
+        """Every worker is up and has imported what it needs (a job now waits for nobody)."""
+        if not self.pool.lock.acquire(blocking=False):
+            return bool(self.pool.workers)  # a job is running on the pool: it is up
+        try:
+            return self.pool.ready()
+        finally:
+            self.pool.lock.release()
 
     def start(self) -> None:
-        """Start the worker processes (they import in the background; nothing waits)."""
+        """Start the worker processes in the background: they import at idle priority, so
+        they take no CPU time from this process meanwhile, and nothing waits for them."""
         with self.pool.lock:
-            self.pool.fill()
+            self.pool.fill(idle=True)
 
     def run(self, job: Job) -> dict[int, Outcome]:
         pool = self.pool
-        with pool.lock:
+        with pool.lock, serial.timing("job"):
             pool.fill()
-            refs = pool.arena.place(job.split + job.whole)
+            placed = _Placed(job, pool.arena, pool.copier)
             try:
-                return self._dispatch(job, refs[: len(job.split)], refs[len(job.split) :])
+                pool.forget()
+                return self._dispatch(job, placed)
             finally:
+                placed.cancel()
                 if pool.arena.size > ARENA_KEPT_BYTES:
                     pool.arena.release()
+                pool.forget()
 
     def close(self) -> None:
         """Stop the pool's workers (shared with other option sets: the next call restarts)."""
@@ -284,21 +529,31 @@ class LocalExecutor(Executor):
         """The pool's process ids (for tests and monitoring)."""
         return [w.process.pid for w in self.pool.workers]
 
-    def _dispatch(
-        self, job: Job, split: list[ArrayRef], whole: list[ArrayRef]
-    ) -> dict[int, Outcome]:
+    def _dispatch(self, job: Job, placed: _Placed) -> dict[int, Outcome]:
         """Keep every worker busy; a worker that dies or passes its chunk's deadline is
-        replaced and the scheduler decides whether its chunk runs again."""
-        pool, arena = self.pool, self.pool.arena
+        replaced and the scheduler decides whether its chunk runs again.
+
+        An elemwise job's workers write their rows into one shared output, made when the first
+        of them describes its rows; each such chunk's outcome is a view of its rows there.
+        """
+        pool = self.pool
         scheduler = ChunkScheduler(job, self.attempts, ADVICE)
+        joins, output = job.joins_rows, None
+        total_rows = job.split[0].shape[0] if job.split else 0
         idle = list(pool.workers)
         busy: dict[Any, tuple[_Worker, int, float]] = {}  # conn -> worker, chunk, deadline
+        waiting = 0.0 if all(w.ready for w in idle) else time.perf_counter()
+        for worker in idle:
+            worker.hurry()
         try:
+            with serial.timing("send"):
+                job.template  # noqa: B018 (pickled once, before the first chunk leaves)
             while not scheduler.done:
                 while idle and (chunk := scheduler.next()) is not None:
                     worker = idle.pop()
+                    placed.wait(chunk)
                     try:
-                        worker.send(job, chunk, arena, split, whole)
+                        worker.send(job, chunk, placed, output, joins)
                     except OSError:  # died while idle: replace it; the chunk never ran
                         idle.append(pool.replace(worker))
                         scheduler.again(chunk)
@@ -310,20 +565,38 @@ class LocalExecutor(Executor):
                 now = time.monotonic()
                 expired = [] if ready else [c for c, (_, _, end) in busy.items() if end <= now]
                 for conn in ready:
-                    worker, chunk, _ = busy.pop(conn)
+                    worker, chunk, deadline = busy.pop(conn)
                     try:
-                        outcome = worker.receive()
+                        kind, value = worker.receive()
+                        if kind == "spec":
+                            if output is None and value is not None:
+                                output = _Output(value, total_rows)
+                            worker.answer(
+                                output if output is not None and output.spec == value else None
+                            )
                     except (EOFError, OSError):
                         idle.append(pool.replace(worker))
                         scheduler.failed(
                             chunk, WorkerLost(f"worker pid {worker.pid} {worker.exit_status()}")
                         )
                         continue
-                    if outcome is None:  # "ready": the chunk's clock starts now
+                    if kind == "ready":  # the chunk's clock starts now
+                        if waiting:
+                            serial.add("start-up", time.perf_counter() - waiting)
+                            waiting = 0.0
                         busy[conn] = (worker, chunk, self._deadline(worker))
                         continue
+                    if kind == "spec":  # still on its chunk, writing its rows
+                        busy[conn] = (worker, chunk, deadline)
+                        continue
+                    if kind == "wrote":
+                        assert output is not None
+                        value = Outcome(value=output.rows(*job.chunks[chunk]))
+                    if waiting:
+                        serial.add("start-up", time.perf_counter() - waiting)
+                        waiting = 0.0
                     idle.append(worker)
-                    scheduler.finished(chunk, outcome, now)
+                    scheduler.finished(chunk, value, now)
                 for conn in expired:
                     worker, chunk, _ = busy.pop(conn)
                     worker.process.kill()

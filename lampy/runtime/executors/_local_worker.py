@@ -1,43 +1,126 @@
 """A local worker process: receives jobs and chunks over a Unix socket and runs them.
 
-Started by the local executor as `python -m lampy.runtime.executors._local_worker FD LIFELINE`,
-where FD is its end of a socket pair and LIFELINE the read end of the executor's process
-lifeline: the worker exits at once when the executor's process dies, even mid-chunk. Messages
-(pickled, over a private socket):
+Started by the local executor as `python -m lampy.runtime.executors._local_worker FD LIFELINE
+[idle]`, where FD is its end of a socket pair and LIFELINE the read end of the executor's process
+lifeline: the worker exits at once when the executor's process dies, even mid-chunk. "idle": the
+executor put it at idle priority while it imports; it returns to normal priority when ready.
+Messages
+(pickled, over a private socket; "+ descriptors" are passed alongside, SCM_RIGHTS):
 
 parent -> worker
-  ("path", sys_path)                       once, so functions importable in the parent import here
-  ("arena", arena_id) + descriptor         the file holding the job's arrays
-  ("job", job_id, template, split, whole)  the pickled (function, args, kwargs) and array locations
-  ("chunk", job_id, chunk, start, stop)    run one chunk
+  ("path", sys_path)                        once, so functions importable in the parent import here
+  ("job", job_id, template, split, whole)   the pickled (function, args, kwargs) and where each
+                                            array is: ArrayRef (descriptor number, offset, ...)
+  ("chunk", job_id, chunk, start, stop, descriptors, output) + descriptors
+                                            run one chunk; `descriptors` files hold its arrays
+                                            (and the output, when `output` says where)
+  ("out", output, count) [+ descriptor]     the answer to "spec": where the rows go, or None
+  ("forget", inodes)                        files the caller let go: unmap them
 worker -> parent
-  ("ready",)                                once, when imports are done (chunk clocks start then)
+  ("ready",)                                 once, when imports are done (chunk clocks start then)
+  ("spec", chunk, spec)                      an elemwise chunk's rows, described: where to?
+  ("wrote", chunk)                           its rows are in the output
   ("ok", chunk, payload, layout) [+ descriptor when layout]   the pickled result
   ("error", chunk, pickled_exception, traceback_text)
+
+A chunk's descriptors are closed when it ends, but the files stay mapped (by inode) for the
+chunks that follow: mapping a file again would fault in every 4 KiB page once more, which cost
+more than the work in memory-bound chunks (bench/bench_scale.py). The caller says which files
+it let go ("forget"), before its next job or at once when the pool is idle; then the worker
+unmaps them and their memory is freed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
+import socket
 import sys
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle, send_handle
+from multiprocessing.reduction import recvfds, sendfds
 from typing import Any
 
 import numpy as np
 
 from lampy.runtime._codec import dumps
+from lampy.runtime._combine import spec_of
 from lampy.runtime._job import RowSource, SplitArray
-from lampy.runtime._shm import array_in, dump_to_file
+from lampy.runtime._shm import dump_to_file
 from lampy.runtime._sweep import watch
+from lampy.runtime._tree import leaves
 from lampy.runtime._worker_side import Outcome, Templates, run_task
 
-# (offset, dtype, shape) in the arena, or a row source (lampy.remote) whose rows a worker reads
-ArrayRef = tuple[int, np.dtype[Any], tuple[int, ...]] | RowSource
+
+@dataclass(frozen=True)
+class FileArray:
+    """An array stored C-ordered at `offset` of the chunk's descriptor number `file` (-1: an
+    array without bytes, made by the worker)."""
+
+    file: int
+    offset: int
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+
+# an array in shared memory, or a row source (lampy.remote) whose rows a worker reads
+ArrayRef = FileArray | RowSource
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where an elemwise job's rows go: its result's structure with a `Leaf` per array, and
+    each array's offset in the file the chunk's descriptor number `file` names."""
+
+    spec: Any
+    offsets: tuple[int, ...]
+    file: int
+
+
+ASK = "ask"  # the output is not made yet: describe the rows and wait for the answer
+
+
+def send_fds(conn: Connection, fds: list[int]) -> None:
+    if fds:
+        with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            sendfds(s, fds)
+
+
+def recv_fds(conn: Connection, count: int) -> list[int]:
+    if not count:
+        return []
+    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        return list(recvfds(s, count))
+
+
+FILES_KEPT = 256  # files kept mapped at most (each mapping holds a descriptor)
+_files: OrderedDict[int, mmap.mmap] = OrderedDict()  # inode -> the whole file, mapped shared
+
+
+def _mapped(fd: int) -> mmap.mmap:
+    """The file `fd` opens, mapped whole (once per file, kept until the caller forgets it,
+    or until FILES_KEPT others were used since)."""
+    status = os.fstat(fd)
+    if status.st_ino in _files:
+        _files.move_to_end(status.st_ino)
+    else:
+        _files[status.st_ino] = mmap.mmap(fd, status.st_size)
+        if len(_files) > FILES_KEPT:
+            _forget([next(iter(_files))])
+    return _files[status.st_ino]
+
+
+def _forget(inodes: list[int]) -> None:
+    for inode in inodes:
+        mapped = _files.pop(inode, None)
+        if mapped is not None:
+            with contextlib.suppress(BufferError):  # in use: unmapped when its arrays go
+                mapped.close()
 
 
 def serve(conn: Connection) -> None:
-    arena: int | None = None
     templates = Templates()
     conn.send(("ready",))
     while True:
@@ -48,29 +131,85 @@ def serve(conn: Connection) -> None:
         kind = message[0]
         if kind == "path":
             sys.path[:0] = [p for p in message[1] if p not in sys.path]
-        elif kind == "arena":
-            if arena is not None:
-                os.close(arena)
-            arena = recv_handle(conn)
+        elif kind == "forget":
+            _forget(message[1])
         elif kind == "job":
             _, job_id, template, split, whole = message
             templates.load(job_id, template, (split, whole))
         elif kind == "chunk":
-            _, job_id, chunk, start, stop = message
-            assert arena is not None, "chunk before arena"
-            job = templates.get(job_id)
-            assert job is not None, "chunk of a job this worker was not sent"
-            split, whole = job.extras
-            rows = [_array(arena, ref, (start, stop)) for ref in split]
-            outcome = run_task(job.call, rows, [_array(arena, r) for r in whole], dump_to_file)
-            _reply(conn, chunk, outcome)
+            _, job_id, chunk, start, stop, count, output = message
+            fds = recv_fds(conn, count)
+            try:
+                _chunk(conn, templates, job_id, chunk, (start, stop), fds, output)
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
 
-def _array(arena: int, ref: ArrayRef, rows: tuple[int, int] | None = None) -> SplitArray:
-    """An array in the arena (or its rows), or a row source's rows (read by the worker side)."""
-    if not isinstance(ref, tuple):
+def _chunk(
+    conn: Connection,
+    templates: Templates,
+    job_id: str,
+    chunk: int,
+    rows: tuple[int, int],
+    fds: list[int],
+    output: Output | str | None,
+) -> None:
+    job = templates.get(job_id)
+    assert job is not None, "chunk of a job this worker was not sent"
+    split, whole = job.extras
+    parts = [_array(fds, ref, rows) for ref in split]
+    encode = dump_to_file if output is None else _keep
+    outcome = run_task(job.call, parts, [_array(fds, r) for r in whole], encode)
+    del parts
+    if outcome.error is None and output is not None:
+        value = outcome.value
+        spec = spec_of(value, rows[1] - rows[0])
+        if output == ASK and spec is not None:
+            conn.send(("spec", chunk, spec))
+            output, more = conn.recv()[1:]
+            if isinstance(output, Output):
+                output = replace(output, file=len(fds))
+            fds += recv_fds(conn, more)
+        if isinstance(output, Output) and spec is not None and spec == output.spec:
+            _write(value, output, _mapped(fds[output.file]), rows)
+            conn.send(("wrote", chunk))
+            return
+        try:  # encoded only now; an error here is the chunk's, as in run_task
+            outcome = run_task((lambda: value, (), {}), [], [], dump_to_file)
+        finally:
+            del value
+    _reply(conn, chunk, outcome)
+
+
+def _keep(value: Any) -> Any:
+    return value
+
+
+def _write(value: Any, output: Output, mapped: mmap.mmap, rows: tuple[int, int]) -> None:
+    """Copy the chunk's rows of each array into the output, where they belong."""
+    for leaf, spec, offset in zip(leaves(value), leaves(output.spec), output.offsets, strict=True):
+        at = offset + rows[0] * spec.row_bytes
+        target = np.ndarray(leaf.shape, spec.dtype, buffer=mapped, offset=at)
+        np.copyto(target, leaf, casting="no")
+
+
+def _array(fds: list[int], ref: ArrayRef, rows: tuple[int, int] | None = None) -> SplitArray:
+    """An array in shared memory (or its rows), or a row source's rows (read by the worker
+    side). Arrays in shared memory are views of it: a chunk that writes into its input
+    writes into the caller's array, as the same function called in the caller would."""
+    if not isinstance(ref, FileArray):
         return ref if rows is None else ref[rows[0] : rows[1]]
-    return array_in(arena, *ref, rows=rows)
+    start, stop = rows if rows is not None else (0, ref.shape[0] if ref.shape else 1)
+    shape = ref.shape if rows is None else (stop - start, *ref.shape[1:])
+    if ref.file < 0:  # no bytes at all
+        return np.empty(shape, ref.dtype)
+    row_bytes = ref.dtype.itemsize * int(np.prod(ref.shape[1:], dtype=np.int64))
+    mapped = _mapped(fds[ref.file])
+    view: np.ndarray = np.ndarray(
+        shape, ref.dtype, buffer=mapped, offset=ref.offset + start * row_bytes
+    )
+    return view
 
 
 def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
@@ -78,7 +217,7 @@ def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
         payload, layout, fd = outcome.value
         conn.send(("ok", chunk, payload, layout))
         if fd is not None:
-            send_handle(conn, fd, os.getppid())
+            send_fds(conn, [fd])
             os.close(fd)
         return
     conn.send(("error", chunk, dumps(outcome.error), outcome.traceback))
@@ -86,8 +225,15 @@ def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
 
 def main() -> None:
     watch(int(sys.argv[2]), lambda: os._exit(1))  # the executor's process is gone
+    if len(sys.argv) > 3 and sys.argv[3] == "idle":  # started ahead of need: imports done
+        tasks = "/proc/self/task"  # BLAS threads too: a policy is per thread
+        for tid in os.listdir(tasks) if os.path.isdir(tasks) else ["0"]:
+            with contextlib.suppress(AttributeError, OSError):
+                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
     serve(Connection(int(sys.argv[1])))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run as the module lampy imports, so its classes are the ones
+    from lampy.runtime.executors._local_worker import main as run  # the caller pickles
+
+    run()

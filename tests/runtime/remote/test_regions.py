@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ from hypothesis.extra import numpy as hnp
 import lampy
 from lampy._errors import RemoteArrayError, RemoteArrayNotFound, SplitLengthError
 from lampy.regions._binding import bind
+from lampy.runtime._job import Job, Part
 from lampy.runtime._plan import split_rows
-from lampy.runtime.executors._local import _Arena
+from lampy.runtime.executors._local import _Arena, _Placed
+from lampy.runtime.executors._local_worker import FileArray
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
@@ -191,9 +194,17 @@ def test_fetch_errors_inside_a_lazy_graph_are_typed(server: Server) -> None:
 def test_the_local_arena_leaves_references_to_the_workers(urls: dict[str, str]) -> None:
     reference = remote(urls["data"])
     arena = _Arena()
+    job = Job(copy_rows, (Part(0), Part(1)), {}, (reference, np.arange(4.0)), (), ((0, 4),))
     try:
-        placed = arena.place((reference, np.arange(4.0)))
-        assert placed[0] is reference and placed[1][1:] == (np.dtype(float), (4,))
+        with ThreadPoolExecutor(2) as copier:
+            placed = _Placed(job, arena, copier)
+            placed.wait(0)
+        assert placed.split[0] is reference
+        copied = placed.split[1]
+        assert isinstance(copied, FileArray) and (copied.dtype, copied.shape) == (
+            np.dtype(float),
+            (4,),
+        )
         assert arena.size < reference.nbytes  # only the in-memory array was copied in
     finally:
         arena.release()

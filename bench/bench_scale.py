@@ -1,0 +1,338 @@
+"""Scaling with the cores: workloads (a)-(e) on 1, 2, 4, ... workers, against numpy alone.
+
+For each workload of bench/bench_core.py ((a) rfft + matmul, (b) a + b, (c) Gram and class
+sums, (d) a k-means step) and (e) the Fisher diarization of one hour (the example's public
+pipeline entry point, `examples.fisher.diarize`, as bench/bench_fisher.py runs it):
+
+- numpy alone (the baseline: all cores for BLAS), and numpy on one core;
+- lampy `local` with 1, 2, 4, ... workers up to the machine's cores, each with its own pool
+  (chunks: max(8, 4 per worker) for (a)-(d); the pipeline's own `chunks="auto"` for (e));
+- the caller's serial share of each row, from lampy's own counters (lampy/runtime/_serial.py):
+  what the caller spends probing, copying inputs, pickling and sending, waiting for workers to
+  start and combining, over the call's time (for (e), of the pipeline's whole time: the
+  pipeline's own serial stages are not lampy's and are not counted).
+
+Also, side by side in the same run:
+- (b) with its inputs already in shared memory (`lampy.asshared`), 8 chunks;
+- chaining two elemwise regions against the two regions alone;
+- "auto never loses": the first call of a fresh process, `chunks="auto"` on `local` (pool
+  cold: probe and start-up included) against `inline`, per workload.
+
+Rows go to the "Scaling with the cores" section of bench/RESULTS.md (bench/conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import ROOT, Row, cores
+from threadpoolctl import threadpool_limits
+
+import lampy
+from lampy.runtime import _serial as serial
+from lampy.runtime import executors
+
+WORKERS = sorted({*(2**i for i in range(cores().bit_length()) if 2**i <= cores()), cores()})
+SHARE_TARGET = 0.05  # the caller's serial share on (a) and (b)
+GROUPS = {
+    "a": "(a) rfft + small matmul, 16384 x 1024",
+    "b": "(b) a + b, 256 MiB each",
+    "c": "(c) Gram matrix and per-class sums, 262144 x 64",
+    "d": "(d) one k-means iteration, 10^6 points",
+    "e": "(e) Fisher diarization, 1 hour of audio",
+}
+
+
+def chunks_for(workers: int) -> int:
+    return max(8, 4 * workers)
+
+
+def warm(workers: int) -> None:
+    """Start a pool of `workers` and wait until every worker is up."""
+    pool = executors.get("local", {"workers": workers})
+    pool.start()
+    deadline = time.monotonic() + 120
+    while not pool.is_warm():
+        assert time.monotonic() < deadline, "the pool did not start within 120 s"
+        time.sleep(0.02)
+
+
+def counted(fn: Callable[[], Any], shares: list[float], phases: list[dict[str, float]]) -> Any:
+    """`fn` with the caller's serial share of each call recorded."""
+
+    def run() -> Any:
+        before = serial.snapshot()
+        start = time.perf_counter()
+        value = fn()
+        wall = time.perf_counter() - start
+        spent = serial.since(before)
+        shares.append(serial.serial_seconds(spent) / wall)
+        phases.append(spent)
+        return value
+
+    return run
+
+
+def measure(
+    benchmark: Any, fn: Callable[[], Any], rounds: int, workers: int | None, **info: Any
+) -> Any:
+    shares: list[float] = []
+    phases: list[dict[str, float]] = []
+    run = counted(fn, shares, phases)
+    run()  # warm: imports, plans, pools
+    shares.clear()
+    phases.clear()
+    value = benchmark.pedantic(run, rounds=rounds, iterations=1)
+    keys = sorted({k for p in phases for k in p})
+    benchmark.extra_info.update(
+        scaling={
+            "workers": workers,
+            "serial_share": statistics.median(shares) if workers else None,
+            "phases_ms": {k: statistics.median(p.get(k, 0.0) for p in phases) * 1e3 for k in keys},
+        },
+        **info,
+    )
+    return value
+
+
+# -- (a)-(d) ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def core() -> Any:
+    import bench_core  # the workloads and their data, as bench_core.py times them
+
+    return bench_core
+
+
+SYSTEMS = ["numpy", "numpy-1core", *(f"local-{n}" for n in WORKERS)]
+CASES = [(w, s) for w in "abcd" for s in SYSTEMS] + [("b", "shared-8")]
+
+
+@pytest.mark.parametrize(("workload", "system"), CASES)
+def test_scaling(benchmark: Any, row: Row, core: Any, workload: str, system: str) -> None:
+    w = core.WORKLOADS[workload]
+    group = GROUPS[workload]
+    want = w.numpy()
+    if system == "numpy":
+        row(group, "numpy alone", baseline=True)
+        got = measure(benchmark, w.numpy, 5, None)
+    elif system == "numpy-1core":
+        row(group, "numpy alone, one core", one_core=True)
+
+        def one_core() -> Any:
+            with threadpool_limits(1):
+                return w.numpy()
+
+        got = measure(benchmark, one_core, 5, 1)
+    elif system == "shared-8":
+        n = cores()
+        row(
+            group,
+            "lampy local, 8 chunks, inputs already shared (lampy.asshared)",
+            target=0.9,
+            share_target=SHARE_TARGET,
+        )
+        args = tuple(lampy.asshared(a) if isinstance(a, np.ndarray) else a for a in w.args)
+        f = w.region(executor="local", chunks=8)
+        warm(n)
+        with lampy.using(executor="local", workers=n):
+            got = measure(benchmark, lambda: f(*args), 5, n)
+    else:
+        n = int(system.split("-")[1])
+        info: dict[str, Any] = {}
+        if workload == "a" and n == cores():
+            info["target"] = 1.8
+        if workload in "ab":
+            info["share_target"] = SHARE_TARGET
+        row(group, f"lampy local, {chunks_for(n)} chunks", **info)
+        f = w.region(executor="local", chunks=chunks_for(n))
+        warm(n)
+        with lampy.using(executor="local", workers=n):
+            got = measure(benchmark, lambda: f(*w.args), 5, n)
+    core._check(got, want, w.exact)
+
+
+# -- (e) ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_scaling_fisher_hour(
+    benchmark: Any, row: Row, hour: tuple[Path, Any, int, list[Any]], system: str
+) -> None:
+    from examples.fisher import diarize
+
+    _, signal, rate, _ = hour
+    group = GROUPS["e"]
+
+    def inline() -> Any:
+        with lampy.using(executor="inline"):
+            return diarize(signal, rate, n_speakers=2)
+
+    if system == "numpy":
+        row(group, "numpy alone (the same code, lampy inline)", baseline=True)
+        result = measure(benchmark, inline, 3, None)
+    elif system == "numpy-1core":
+        row(group, "numpy alone, one core (lampy inline)", one_core=True)
+
+        def one_core() -> Any:
+            with threadpool_limits(1):
+                return inline()
+
+        result = measure(benchmark, one_core, 3, 1)
+    else:
+        n = int(system.split("-")[1])
+        row(group, 'lampy local, chunks="auto" (the pipeline as it is)')
+        warm(n)
+
+        def local() -> Any:
+            with lampy.using(executor="local", workers=n):
+                return diarize(signal, rate, n_speakers=2)
+
+        result = measure(benchmark, local, 3, n)
+    benchmark.extra_info["turns"] = len(result.turns)
+
+
+# -- chaining ------------------------------------------------------------------------------------
+
+CHAIN_X = np.random.default_rng(7).standard_normal((4096, 8192))  # 256 MiB
+CHAIN_GROUP = "chaining two elemwise regions, 256 MiB, 8 chunks"
+
+
+@lampy.elemwise(chunks=8, executor="local")
+def log_magnitude(x: np.ndarray) -> np.ndarray:
+    return np.log1p(np.abs(x))
+
+
+@lampy.elemwise(chunks=8, executor="local")
+def scaled(y: np.ndarray) -> np.ndarray:
+    return y * 3.0 + 1.0
+
+
+@pytest.mark.parametrize("how", ["alone", "chained"])
+def test_chaining(benchmark: Any, row: Row, how: str) -> None:
+    """Two regions alone (each on an ordinary array) against the second fed the first's
+    result: chaining must cost no more (nothing is copied between them)."""
+    other = np.random.default_rng(8).standard_normal(CHAIN_X.shape)
+    warm(cores())
+    if how == "alone":
+        row(CHAIN_GROUP, "the two regions alone, one after the other", baseline=True)
+
+        def run() -> Any:
+            log_magnitude(CHAIN_X)
+            return scaled(other)
+
+        measure(benchmark, run, 5, cores())
+    else:
+        row(CHAIN_GROUP, "chained: scaled(log_magnitude(x))", target=1.0)
+        got = measure(benchmark, lambda: scaled(log_magnitude(CHAIN_X)), 5, cores())
+        np.testing.assert_array_equal(got, np.log1p(np.abs(CHAIN_X)) * 3.0 + 1.0)
+
+
+# -- auto never loses, first call included -------------------------------------------------------
+
+FIRST_CALL = """
+import sys, time
+import numpy as np
+import lampy
+sys.path[:0] = [{root!r}]
+rng = np.random.default_rng(0)
+kind, executor = sys.argv[1], sys.argv[2]
+if kind == "a":
+    def fn(frames, basis):
+        spectra = np.abs(np.fft.rfft(frames * np.hanning(frames.shape[1]), axis=1))
+        return np.log1p(spectra) @ basis
+    args = (rng.standard_normal((16_384, 1024)), rng.standard_normal((513, 64)))
+    region = lampy.elemwise(shared=("basis",))(fn)
+elif kind == "b":
+    def fn(a, b):
+        return a + b
+    args = (rng.standard_normal(32 * 1024 * 1024), rng.standard_normal(32 * 1024 * 1024))
+    region = lampy.elemwise(fn)
+elif kind == "c":
+    from examples.fisher.flsd import scatter_partials
+    x = rng.standard_normal((262_144, 64))
+    args = (x, rng.integers(0, 64, x.shape[0]), 64)
+    region = lampy.sum(scatter_partials.__wrapped__)
+else:
+    from examples.fisher.cluster import kmeans_partials
+    args = (rng.standard_normal((1_000_000, 8)), rng.standard_normal((1, 8, 8)))
+    region = lampy.sum(shared=("centroids",))(kmeans_partials.__wrapped__)
+print("ready", flush=True)
+sys.stdin.readline()
+with lampy.using(executor=executor):
+    region(*args)
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def first_call_script(tmp_path: Path) -> Path:
+    script = tmp_path / "first_call.py"
+    script.write_text(FIRST_CALL.format(root=str(ROOT)))
+    return script
+
+
+@pytest.mark.parametrize("executor", ["inline", "local"])
+@pytest.mark.parametrize("workload", ["a", "b", "c", "d"])
+def test_first_call(
+    benchmark: Any, row: Row, first_call_script: Path, workload: str, executor: str
+) -> None:
+    """The first call of a fresh process, timed alone: the process has made its data and
+    imported lampy (untimed); the call pays the probe and, on `local`, the pool's start-up."""
+    group = f"auto never loses, first call of a fresh process: {GROUPS[workload]}"
+    if executor == "inline":
+        row(group, 'lampy inline, chunks="auto"', baseline=True)
+    else:
+        row(group, 'lampy local, chunks="auto", pool cold', target=1 / 1.05)
+    processes: list[subprocess.Popen[str]] = []
+
+    def start() -> tuple[tuple[subprocess.Popen[str]], dict[str, Any]]:
+        env = dict(os.environ, LAMPY_EXECUTOR=executor)
+        process = subprocess.Popen(
+            [sys.executable, str(first_call_script), workload, executor],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        processes.append(process)
+        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        return (process,), {}
+
+    def first_call(process: subprocess.Popen[str]) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.stdout.readline().strip() == "done"
+
+    try:
+        benchmark.pedantic(first_call, setup=start, rounds=5, iterations=1)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            for pipe in (process.stdin, process.stdout):
+                if pipe is not None:
+                    pipe.close()
+    benchmark.extra_info["scaling"] = {"workers": cores() if executor == "local" else 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pools() -> Iterator[None]:
+    """Each module's pools stop at its end (they hold memory and processes)."""
+    yield
+    for n in WORKERS:
+        executors.get("local", {"workers": n}).close()

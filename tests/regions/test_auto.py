@@ -1,0 +1,172 @@
+"""How chunks="auto" decides on a pool that may be cold, starting or warm: unit tests of the
+runner's logic with a model executor and fixed probe timings (no clock in the assertions)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import lampy
+from lampy.regions import _runner as runner_module
+from lampy.runtime import executors
+from lampy.runtime._job import Job
+from lampy.runtime._plan import Costs
+from lampy.runtime._worker_side import Outcome
+from lampy.runtime.executors._inline import InlineExecutor
+
+ROWS = 100_000
+events: list[str] = []
+
+
+class ModelPool(InlineExecutor):
+    """A pool as the planner sees it: cold until `warm` is set; records what is asked of it."""
+
+    name = "modelpool"
+    needs_pickle = False
+    warm = False
+    startup_s = 0.4
+    background = False  # as the local pool: starts in the background, never waited for
+
+    def costs(self) -> Costs:
+        return Costs(
+            workers=2,
+            startup_s=0.0 if self.warm else self.startup_s,
+            seconds_per_byte=1e-10,
+            seconds_per_chunk=1e-4,
+            starts_in_background=self.background,
+        )
+
+    def is_warm(self) -> bool:
+        return self.warm
+
+    def start(self) -> None:
+        events.append("start")
+
+    def run(self, job: Job) -> dict[int, Outcome]:
+        events.append("fan out")
+        return super().run(job)
+
+
+@pytest.fixture
+def pool() -> Iterator[type[ModelPool]]:
+    events.clear()
+    ModelPool.warm, ModelPool.startup_s, ModelPool.background = False, 0.4, False
+    executors.register("modelpool", ModelPool)
+    try:
+        yield ModelPool
+    finally:
+        executors.unregister("modelpool")
+
+
+def timings(monkeypatch: pytest.MonkeyPatch, row_seconds: float) -> list[int]:
+    """Probes take `row_seconds` per row (and nothing per call); returns the probed chunks."""
+    probed: list[int] = []
+    original = runner_module._timed
+
+    def timed(job: Job, chunk: int) -> tuple[float, Outcome]:
+        probed.append(chunk)
+        _, outcome = original(job, chunk)
+        start, stop = job.chunks[chunk]
+        return row_seconds * (stop - start), outcome
+
+    monkeypatch.setattr(runner_module, "_timed", timed)
+    return probed
+
+
+def region() -> Any:
+    @lampy.elemwise(executor="modelpool")
+    def double(x: np.ndarray) -> np.ndarray:
+        events.append(f"call {len(x)} rows")
+        return x * 2
+
+    return double
+
+
+X = np.arange(float(ROWS))
+
+
+def test_heavy_work_on_a_cold_pool_runs_here_then_starts_the_pool(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1 s here, about 0.5 s fanned out warm, 0.9 s with a 0.4 s start-up: not clearly faster
+    timings(monkeypatch, 1e-5)
+    f = region()
+    np.testing.assert_array_equal(f(X), X * 2)
+    calls = [e for e in events if not e.startswith("call") or e.endswith(f"{ROWS} rows")]
+    assert calls == [f"call {ROWS} rows", "start"]  # the start-up never slows the call down
+
+
+def test_light_work_never_starts_the_pool(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timings(monkeypatch, 1e-8)  # 1 ms in all: the pool could never repay its start-up
+    f = region()
+    f(X)
+    assert "start" not in events and "fan out" not in events
+
+
+def test_a_cold_pool_is_waited_for_when_that_clearly_beats_running_here(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timings(monkeypatch, 1e-4)  # 10 s here, about 5 s fanned out: worth a 0.4 s start-up
+    f = region()
+    np.testing.assert_array_equal(f(X), X * 2)
+    assert "fan out" in events and "start" not in events
+
+
+def test_a_cold_plan_holds_until_the_pool_is_warm(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probed = timings(monkeypatch, 1e-5)
+    f = region()
+    f(X)
+    assert len(probed) == 2  # one row, then the probe's rows
+    f(X)
+    assert len(probed) == 2, "a second cold call plans from the kept cold plan"
+    assert events.count("start") == 2  # asked again (starting twice is starting once)
+    pool.warm = True
+    events.clear()
+    f(X)
+    assert len(probed) == 4 and "fan out" in events, "warm: planned again, and fans out"
+    events.clear()
+    f(X)
+    assert len(probed) == 4 and "fan out" in events, "the warm plan is kept"
+
+
+def test_a_starting_pool_prices_what_is_left_of_its_start_up(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timings(monkeypatch, 1e-5)
+    pool.startup_s = 0.05  # almost up: 0.55 s fanned out against 1 s here
+    f = region()
+    f(X)
+    assert "fan out" in events
+
+
+def test_a_pool_starting_in_the_background_is_never_waited_for(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cold: the call runs here, timed whole (no probe), and the pool starts after it when a
+    warm pool would have saved more than its start-up; warm: the pool is used."""
+    pool.background = True
+    probed = timings(monkeypatch, 1e-4)
+
+    @lampy.elemwise(executor="modelpool")
+    def slow(x: np.ndarray) -> np.ndarray:
+        events.append(f"call {len(x)} rows")
+        time.sleep(0.03 if len(x) < ROWS else 1.2)  # 1.2 s here: about 0.6 s fanned out
+        return x * 2
+
+    np.testing.assert_array_equal(slow(X), X * 2)
+    assert events == [f"call {ROWS} rows", "start"] and not probed
+    events.clear()
+    np.testing.assert_array_equal(region()(X), X * 2)  # quick: not worth a start-up
+    assert events == [f"call {ROWS} rows"] and not probed
+    pool.warm = True
+    events.clear()
+    slow(X)
+    assert "fan out" in events and probed  # warm: probed, and the pool is used

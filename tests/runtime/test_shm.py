@@ -1,0 +1,237 @@
+"""Shared memory through the local pool: results returned in place, shared inputs never
+copied, exact answers for every layout, and nothing left behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lampy
+from lampy.runtime import _serial as serial
+from lampy.runtime import _shm as shm
+
+
+@lampy.elemwise(chunks=4, executor="local")
+def scaled(x: np.ndarray, factor: float = 2.0) -> np.ndarray:
+    return x * factor
+
+
+@lampy.elemwise(chunks=4, executor="local")
+def pieces(x: np.ndarray) -> dict[str, object]:
+    return {"sum": x.sum(axis=1), "both": (x[:, :1].astype(np.float32), x.astype(">i8"))}
+
+
+def copied_bytes_during(call: object) -> float:
+    """Seconds the copy threads spent (0 when nothing was copied into the arena)."""
+    before = serial.snapshot()
+    call()  # type: ignore[operator]
+    return serial.since(before).get("copy threads", 0.0)
+
+
+def open_memfds() -> int:
+    return sum("memfd:lampy" in os.readlink(f"/proc/self/fd/{fd}") for fd in _fds())
+
+
+def _fds() -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            os.readlink(f"/proc/self/fd/{fd}")
+            found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
+def test_empty_and_asshared_are_ordinary_arrays_in_shared_memory() -> None:
+    x = lampy.empty((10, 3), np.int16)
+    assert type(x) is np.ndarray and x.shape == (10, 3) and x.dtype == np.int16
+    assert x.flags.writeable and x.flags.c_contiguous and not x.any()
+    assert shm.is_shared(x) and shm.is_shared(x[2:5]) and not shm.is_shared(x[:, 1])
+    y = np.arange(12.0).reshape(3, 4).astype(">f4")
+    s = lampy.asshared(y)
+    assert shm.is_shared(s) and s.dtype == y.dtype and np.array_equal(s, y)
+    assert lampy.asshared(s) is s  # already there: itself, as np.asarray does
+    fortran = np.asfortranarray(np.arange(6.0).reshape(2, 3))
+    assert np.array_equal(lampy.asshared(fortran), fortran)
+    assert lampy.empty(5).shape == (5,) and lampy.empty(0).size == 0
+
+
+def test_what_cannot_live_in_shared_memory_is_refused() -> None:
+    with pytest.raises(lampy.UnsplittableError, match="Python objects"):
+        lampy.empty(3, object)
+    with pytest.raises(lampy.UnsplittableError, match="Python objects"):
+        lampy.asshared(np.array([1, "a"], dtype=object))
+    with pytest.raises(lampy.UnsplittableError, match="masked"):
+        lampy.asshared(np.ma.masked_array([1, 2], mask=[0, 1]))
+    with pytest.raises(ValueError, match="negative"):
+        lampy.empty((2, -1))
+
+
+def test_an_elemwise_result_is_a_view_of_one_shared_output() -> None:
+    x = np.random.default_rng(0).random((1000, 16))
+    result = scaled(x)
+    assert type(result) is np.ndarray and np.array_equal(result, x * 2)
+    assert shm.is_shared(result) and result.flags.writeable and result.flags.c_contiguous
+    nested = pieces(x)
+    want = pieces.__wrapped__(x)
+    assert np.array_equal(nested["sum"], want["sum"])
+    for got, expected in zip(nested["both"], want["both"], strict=True):
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+        assert shm.is_shared(got)
+
+
+def test_chained_regions_copy_nothing_and_shared_inputs_are_not_copied() -> None:
+    x = lampy.asshared(np.random.default_rng(1).random((4000, 8)))
+    scaled(x)  # warm
+    assert copied_bytes_during(lambda: scaled(x)) == 0.0
+    first = scaled(x)
+    assert copied_bytes_during(lambda: scaled(first, 0.5)) == 0.0
+    np.testing.assert_array_equal(scaled(first, 0.5), x)
+    assert copied_bytes_during(lambda: scaled(x[100:900])) == 0.0  # a slice: still in place
+    plain = np.random.default_rng(2).random((4000, 8))
+    assert copied_bytes_during(lambda: scaled(plain)) > 0.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: a[::2],  # strided rows
+        lambda a: a[:, ::-1],  # reversed columns
+        lambda a: np.asfortranarray(a),
+        lambda a: a.T.copy().T,  # non-contiguous of a shared copy
+        lambda a: a.astype(">f8"),  # other byte order
+        lambda a: a[7:7],  # no rows
+    ],
+)
+def test_views_and_layouts_of_shared_arrays_give_numpys_answer(make: object) -> None:
+    base = lampy.asshared(np.random.default_rng(3).random((301, 5)))
+    x = make(base)  # type: ignore[operator]
+    got = scaled(x)
+    want = scaled.__wrapped__(x)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_a_chunk_writing_into_its_shared_input_writes_it_as_inline_does() -> None:
+    @lampy.elemwise(chunks=3)
+    def clobber(x: np.ndarray) -> np.ndarray:
+        x[:] = -1
+        return x + 0
+
+    for executor in ("inline", "local"):
+        x = lampy.asshared(np.arange(30.0))
+        with lampy.using(executor=executor):
+            assert np.array_equal(clobber(x), np.full(30, -1.0))
+        assert np.array_equal(x, np.full(30, -1.0)), executor
+
+
+def test_results_that_cannot_be_shared_still_come_back() -> None:
+    @lampy.elemwise(chunks=3, executor="local")
+    def labels(x: np.ndarray) -> np.ndarray:
+        return np.array([f"r{v:g}" for v in x], dtype=object)
+
+    x = np.arange(9.0)
+    assert list(labels(x)) == [f"r{v:g}" for v in x]
+
+
+def lampy_files_in_dev_shm() -> set[str]:
+    folder = Path("/dev/shm")
+    return {p.name for p in folder.iterdir() if "lampy" in p.name} if folder.is_dir() else set()
+
+
+def test_dropped_results_free_their_memory_and_leave_no_file() -> None:
+    x = np.random.default_rng(4).random((2000, 32))
+    scaled(x)
+    gc.collect()
+    before, files = open_memfds(), lampy_files_in_dev_shm()
+    result = scaled(x)
+    assert open_memfds() > before
+    del result
+    gc.collect()
+    assert open_memfds() == before
+    assert lampy_files_in_dev_shm() == files
+
+
+def mapped_inodes(pid: int) -> set[int]:
+    """Inodes of lampy's shared files that process `pid` maps."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {int(line.split()[4]) for line in lines if "memfd:lampy" in line}
+
+
+def open_inodes() -> set[int]:
+    """Inodes of lampy's shared files this process holds open."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "memfd:lampy" in os.readlink(f"/proc/self/fd/{fd}"):
+                found.add(os.stat(f"/proc/self/fd/{fd}").st_ino)
+        except OSError:
+            pass
+    return found
+
+
+def test_workers_unmap_what_the_caller_lets_go() -> None:
+    from lampy.runtime import executors
+
+    pids = executors.get("local", {}).worker_pids()  # type: ignore[attr-defined]
+    x = lampy.asshared(np.random.default_rng(5).random((2000, 32)))
+    y = scaled(x)
+    held = set().union(*(mapped_inodes(pid) for pid in pids))
+    assert held, "kept mapped for the next chunks (no page faults again)"
+    scaled(x)
+    assert set().union(*(mapped_inodes(pid) for pid in pids)) <= held | open_inodes()
+    del x, y
+    for _ in range(3):  # outputs are kept for reuse: push them out with larger ones
+        scaled(lampy.asshared(np.ones((2000 * 40, 32))))
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while True:
+        mapped = set().union(*(mapped_inodes(pid) for pid in pids))
+        if mapped <= open_inodes() or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert mapped <= open_inodes(), "workers map only files the caller still holds"
+
+
+def test_join_in_place_refuses_what_is_not_laid_out_for_it() -> None:
+    s = lampy.empty((10, 2))
+    s[:] = np.arange(20.0).reshape(10, 2)
+    assert shm.join_in_place([s[:4], s[4:]]) is not None  # adjacent: a view, no copy
+    assert shm.join_in_place([s[4:], s[:4]]) is None  # out of order
+    assert shm.join_in_place([s[:4], s[5:]]) is None  # a gap
+    assert shm.join_in_place([np.zeros((4, 2)), s[4:]]) is None  # not a fresh output
+    assert shm.join_in_place([np.zeros((4, 2)), np.ones((6, 2))]) is None
+
+
+def test_auto_fan_out_puts_the_probes_rows_in_place_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An auto plan reuses the probe's rows (computed here) as chunk 0: they are copied into
+    the workers' output once, and the answer is still one shared array equal to numpy's."""
+    from lampy.regions import _runner as runner_module
+
+    original = runner_module._timed
+
+    def heavy(job: object, chunk: int) -> tuple[float, object]:
+        _, outcome = original(job, chunk)  # type: ignore[arg-type]
+        start, stop = job.chunks[chunk]  # type: ignore[attr-defined]
+        return 1e-3 * (stop - start), outcome  # 1 ms per row: fan-out clearly pays
+
+    monkeypatch.setattr(runner_module, "_timed", heavy)
+    f = lampy.elemwise(executor="local")(lambda x: (np.sqrt(x), x.astype(np.float32)))
+    from lampy.runtime import executors
+
+    pool = executors.get("local", {})
+    pool.start()
+    deadline = time.monotonic() + 60
+    while not pool.is_warm():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    x = np.random.default_rng(9).random((5000, 4))
+    assert f.explain(x).fan_out
+    root, narrow = f(x)
+    assert np.array_equal(root, np.sqrt(x)) and np.array_equal(narrow, x.astype(np.float32))
+    assert shm.is_shared(root) and shm.is_shared(narrow)
