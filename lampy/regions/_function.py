@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lampy.regions._binding import Shared
 from lampy.regions._region import Region
 from lampy.regions._runner import RegionRunner
 from lampy.runtime._plan import Plan
+
+if TYPE_CHECKING:
+    from lampy.regions._submit import JobHandle
 
 
 class ParallelFunction:
@@ -50,6 +53,16 @@ class ParallelFunction:
     async def aio(self, *args: Any, **kwargs: Any) -> Any:
         """The same call for code inside an event loop: the loop keeps running meanwhile."""
         return await asyncio.to_thread(self, *args, **kwargs)
+
+    def submit(self, *args: Any, **kwargs: Any) -> JobHandle:
+        """Start this call in lambdas and return its handle at once: `lampy.submit(self, ...)`.
+
+        Needs `lampy.using(executor="openlambda", orchestrator="lambda")`; the handle's id
+        re-attaches from any process (`lampy.job(id).result()`).
+        """
+        from lampy.regions._submit import submit  # _submit builds on this module
+
+        return submit(self, *args, **kwargs)
 
     def explain(self, *args: Any, **kwargs: Any) -> Plan:
         """The plan a call with these arguments would follow, without running the job.

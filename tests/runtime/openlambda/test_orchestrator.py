@@ -373,6 +373,18 @@ def test_lampy_job_shows_progress_and_answers_a_mistake_in_one_line(
     assert json.dumps(handle.status())  # the status is plain JSON
 
 
+def test_a_region_submits_itself(worker_url: str, store: str) -> None:
+    options = {"orchestrator": "lambda", "store": store, "runtime_limit": 20.0, "progress": "off"}
+    total = lampy.sum(chunks=6)(energy)
+    x = np.arange(60.0).reshape(30, 2)
+    with lampy.using(executor="openlambda", url=worker_url, **options):
+        handle = total.submit(x)
+    assert_same(handle.result(timeout=60), lampy.job(handle.id).result(timeout=60))
+    assert_same(handle.result(timeout=60), energy(x), exact=False)
+    with pytest.raises(lampy.UsageError, match="orchestrator='lambda'"):
+        total.submit(x)  # the default executor cannot run a job without its caller
+
+
 # -- chaos ----------------------------------------------------------------------------------
 
 CHAOS_PLAN = "kill=0.03,502=0.03,429=0.04,hang=0.01,reset=0.03,corrupt=0.03,duplicate=0.03"
