@@ -215,3 +215,13 @@ def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def test_the_comparison_gives_no_verdict_within_two_runs_spread() -> None:
+    from examples.fisher.cli import _comparison
+
+    assert _comparison("local", 0.10, 0.09).endswith(
+        "local is about as fast (within 15%, two runs' usual spread)"
+    )
+    assert _comparison("local", 0.5, 1.0).endswith("local is 2.00x faster")
+    assert _comparison("local", 1.0, 0.5).endswith("local is 2.00x slower")
