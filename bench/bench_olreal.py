@@ -15,6 +15,10 @@ same things on the real platform (../shared/olreal), each a median, for both wor
   lambda on the same worker (target >= 0.5 for batching);
 - data path: 256 MiB there and back in one lampy call against the same bytes echoed over raw
   loopback TCP (target >= 0.2).
+- a 64-chunk job just after a redeploy: cold (its sandboxes start as its chunks arrive) against
+  pre-warmed ahead (`prewarm(8)` first, untimed);
+- (a) compute-bound elemwise (bench_core's rfft + small matmul, 16384 x 1024) in 8 chunks
+  against numpy alone, on each worker.
 The notes give the derived figure (seconds per byte moved, per chunk) beside the constant it
 checks. Without the kit the OpenLambda rows skip, saying why.
 """
@@ -309,3 +313,57 @@ def test_data_path_lampy(
     np.testing.assert_array_equal(got, DATA)
     rate = 2 * DATA.nbytes / benchmark.stats.stats.median / 1e9
     benchmark.extra_info["note"] = f"{rate:.2f} GB/s moved"
+
+
+def spectral_features(frames: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """bench_core's (a): magnitude spectra projected on a small basis."""
+    spectra = np.abs(np.fft.rfft(frames * np.hanning(frames.shape[1]), axis=1))
+    return np.log1p(spectra) @ basis
+
+
+JOB_CHUNKS = 64
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "prewarmed"])
+def test_job_cold_or_prewarmed(
+    benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], warm: bool
+) -> None:
+    """What pre-warming ahead saves a job that starts right after a redeploy."""
+    which, executor = deployed
+    group = f"a {JOB_CHUNKS}-chunk job just after a redeploy, on {which}"
+    if warm:
+        row(group, "pre-warmed ahead: prewarm(8), untimed, then the job")
+    else:
+        row(group, "cold: sandboxes start as the chunks arrive", baseline=True)
+    rng = np.random.default_rng(2)
+    frames, basis = rng.standard_normal((JOB_CHUNKS * 64, 1024)), rng.standard_normal((513, 16))
+    f = lampy.elemwise(shared=("basis",), chunks=JOB_CHUNKS)(spectral_features)
+
+    def redeploy() -> None:
+        upload(executor.url)
+        time.sleep(REGISTRY_CACHE_S)  # the worker sees the new code: old sandboxes retire
+        if warm:
+            executor.prewarm(8)
+
+    with lampy.using(executor="openlambda", url=executor.url, timeout=120.0):
+        got = benchmark.pedantic(f, args=(frames, basis), setup=redeploy, rounds=3, iterations=1)
+    np.testing.assert_allclose(got, spectral_features(frames, basis), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("system", ["numpy", "lampy"])
+def test_compute_bound(
+    benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], system: str
+) -> None:
+    which, executor = deployed
+    group = f"(a) rfft + small matmul, 16384 x 1024, on {which}"
+    rng = np.random.default_rng(0)
+    frames, basis = rng.standard_normal((16_384, 1024)), rng.standard_normal((513, 64))
+    if system == "numpy":
+        row(group, "numpy alone", baseline=True)
+        benchmark.pedantic(spectral_features, args=(frames, basis), rounds=5, warmup_rounds=1)
+        return
+    row(group, "lampy openlambda, chunks=8")
+    f = lampy.elemwise(shared=("basis",), chunks=8)(spectral_features)
+    with lampy.using(executor="openlambda", url=executor.url, timeout=120.0):
+        got = benchmark.pedantic(f, args=(frames, basis), rounds=5, iterations=1, warmup_rounds=1)
+    np.testing.assert_allclose(got, spectral_features(frames, basis), rtol=1e-9, atol=1e-9)
