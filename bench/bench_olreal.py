@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib
 import io
 import json
 import os
@@ -35,12 +34,11 @@ import tarfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Row
+from conftest import Row, olreal_kit, started_olreal
 from rawnet import TcpEcho, raw_posts
 
 import lampy
@@ -64,24 +62,10 @@ def app(environ, start_response):
 """
 
 
-def olreal_kit() -> ModuleType:
-    """tests/olreal.py, which starts and stops the real worker for the test suite too (the
-    checkout's root is on sys.path: bench/conftest.py)."""
-    return importlib.import_module("tests.olreal")
-
-
 @pytest.fixture(scope="module")
 def olreal_worker() -> Iterator[str]:
     """OpenLambda's own worker, fresh, with nothing deployed yet."""
-    os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
-    kit = olreal_kit()
-    if kit.REASON:
-        pytest.skip(kit.REASON)
-    try:
-        with kit.real_worker() as url:
-            yield url
-    except kit.Unavailable as exc:
-        pytest.skip(f"olreal: {exc}")
+    yield from started_olreal()
 
 
 @pytest.fixture(scope="module", params=[LAMPY_WORKER, OLREAL])

@@ -19,14 +19,13 @@ Each mode's answer is checked equal to numpy's tree bit for bit.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Row
+from conftest import Row, olreal_kit, started_olreal
 
 import lampy
 from lampy.runtime import executors
@@ -147,14 +146,7 @@ def olreal_url() -> Iterator[str]:
     if given:
         yield given.rstrip("/")
         return
-    kit = importlib.import_module("tests.olreal")
-    if kit.REASON:
-        pytest.skip(kit.REASON)
-    try:
-        with kit.real_worker() as url:
-            yield url
-    except kit.Unavailable as exc:
-        pytest.skip(f"olreal: {exc}")
+    yield from started_olreal()
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +156,7 @@ def real_worker() -> Iterator[str]:
 
     for url in olreal_url():
         upload(url)
-        importlib.import_module("tests.olreal").wait_deployed(
-            url, os.environ["LAMPY_SECRET"].encode()
-        )
+        olreal_kit().wait_deployed(url, os.environ["LAMPY_SECRET"].encode())
         yield url
 
 

@@ -20,6 +20,7 @@ kept as it was, and the hand-written sections after them are kept verbatim.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -40,6 +42,25 @@ if str(ROOT) not in sys.path:
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PEERS_HINT = "run `make bench-peers`"
 _skipped: list[dict[str, str]] = []
+
+
+def olreal_kit() -> ModuleType:
+    """tests/olreal.py, which starts and stops OpenLambda's own worker for the test suite too."""
+    return importlib.import_module("tests.olreal")
+
+
+def started_olreal() -> Iterator[str]:
+    """A fresh OpenLambda worker of the kit, for a bench module's fixture to yield from; the
+    module's OpenLambda rows skip, saying why, where the kit is absent or cannot start one."""
+    os.environ.setdefault("LAMPY_SECRET", "lampy-bench-secret")
+    kit = olreal_kit()
+    if kit.REASON:
+        pytest.skip(kit.REASON)
+    try:
+        with kit.real_worker() as url:
+            yield url
+    except kit.Unavailable as exc:
+        pytest.skip(f"olreal: {exc}")
 
 
 @dataclass

@@ -94,8 +94,10 @@ class Binding:
         keep_going: bool = False,
         first: int = 0,
         joins_rows: bool = False,
+        combine: Callable[[Any, Any], Any] | None = None,
     ) -> Job:
-        """A job running `function` over these arguments, cut into `chunks`."""
+        """A job running `function` over these arguments, cut into `chunks`; `combine` is the
+        region's rule, for executors that merge partials where the chunks run."""
         return Job(
             function,
             self.args,
@@ -105,6 +107,7 @@ class Binding:
             chunks,
             keep_going,
             first,
+            combine=combine,
             joins_rows=joins_rows and bool(self.split),
         )
 

@@ -28,7 +28,16 @@ from lampy.runtime import _serial as serial
 from lampy.runtime import executors
 from lampy.runtime._codec import dumps
 from lampy.runtime._job import Job, chunk_label
-from lampy.runtime._plan import Costs, Plan, Probe, plan, probe_rows, split_rows, worth_starting
+from lampy.runtime._plan import (
+    Costs,
+    Plan,
+    Probe,
+    Rows,
+    plan,
+    probe_rows,
+    split_rows,
+    worth_starting,
+)
 from lampy.runtime._settings import Chunks, resolve_chunks, resolve_executor, resolve_options
 from lampy.runtime._tree import leaves
 from lampy.runtime._worker_side import Outcome, run_task
@@ -60,10 +69,7 @@ class RegionRunner:
             return self._here_then_start(binding, where, costs)
         call_plan, probe = self._plan(binding, where, count, name)
         if not call_plan.fan_out:
-            value = region.function(*binding.direct_args, **binding.direct_kwargs)
-            sink, split = where.result_sink, bool(binding.split)
-            with serial.timing("combine"):
-                whole = region.merge([value], call_plan.chunks, (0,), sink, split)
+            whole, _, _ = self._whole_here(binding, call_plan.chunks, where)
             if call_plan.warm_up:  # after the call, which the start-up must not slow down
                 where.start()
             return region.answer(whole, Coverage(call_plan.chunks))
@@ -75,8 +81,8 @@ class RegionRunner:
             keep_going=region.allow_partial is not None,
             first=offset,
             joins_rows=region.combine is None,
+            combine=region.combine,
         )
-        job = replace(job, combine=region.combine)  # executors may merge where chunks run
         if where.needs_pickle:
             with serial.timing("send"):
                 _check_serializable(job, binding)
@@ -93,13 +99,8 @@ class RegionRunner:
         """An auto call while the pool is cold or starting: it is never waited for, so the
         call runs here, timed whole instead of probed (a probe would only cost time), and the
         pool starts afterwards if it would have saved more than its start-up."""
-        region = self.region
-        start = time.perf_counter()
-        value = region.function(*binding.direct_args, **binding.direct_kwargs)
-        seconds = time.perf_counter() - start
         rows = split_rows(binding.rows, 1)
-        with serial.timing("combine"):
-            whole = region.merge([value], rows, (0,), where.result_sink, bool(binding.split))
+        whole, value, seconds = self._whole_here(binding, rows, where)
         if worth_starting(
             costs=costs,
             rows=binding.rows,
@@ -110,7 +111,20 @@ class RegionRunner:
             sent_row_bytes=binding.sent_row_bytes,
         ):
             where.start()
-        return region.answer(whole, Coverage(rows))
+        return self.region.answer(whole, Coverage(rows))
+
+    def _whole_here(
+        self, binding: Binding, rows: tuple[Rows, ...], where: Executor
+    ) -> tuple[Any, Any, float]:
+        """The whole call in this process, combined as one chunk through the executor's sink:
+        (what to answer, the function's own value, its seconds)."""
+        region = self.region
+        start = time.perf_counter()
+        value = region.function(*binding.direct_args, **binding.direct_kwargs)
+        seconds = time.perf_counter() - start
+        with serial.timing("combine"):
+            whole = region.merge([value], rows, (0,), where.result_sink, bool(binding.split))
+        return whole, value, seconds
 
     def explain(
         self,

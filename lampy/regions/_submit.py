@@ -11,7 +11,6 @@ would have.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from lampy._errors import UsageError
@@ -110,8 +109,8 @@ def submit(function: Any, *args: Any, **kwargs: Any) -> JobHandle:
         call_plan.chunks[len(before) :],
         keep_going=region.allow_partial is not None,
         first=len(before),
+        combine=region.combine,
     )
-    job = replace(job, combine=region.combine)
     return JobHandle(start(job, (region, call_plan, before, bool(binding.split))))
 
 
