@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from bench_core import BASIS, FRAMES, spectral_features  # (a), as bench_core.py times it
 from conftest import Row, olreal_kit, started_olreal
 from rawnet import TcpEcho, raw_posts
 
@@ -299,12 +300,6 @@ def test_data_path_lampy(
     benchmark.extra_info["note"] = f"{rate:.2f} GB/s moved"
 
 
-def spectral_features(frames: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    """bench_core's (a): magnitude spectra projected on a small basis."""
-    spectra = np.abs(np.fft.rfft(frames * np.hanning(frames.shape[1]), axis=1))
-    return np.log1p(spectra) @ basis
-
-
 JOB_CHUNKS = 64
 
 
@@ -340,8 +335,7 @@ def test_compute_bound(
 ) -> None:
     which, executor = deployed
     group = f"(a) rfft + small matmul, 16384 x 1024, on {which}"
-    rng = np.random.default_rng(0)
-    frames, basis = rng.standard_normal((16_384, 1024)), rng.standard_normal((513, 64))
+    frames, basis = FRAMES, BASIS
     if system == "numpy":
         row(group, "numpy alone", baseline=True)
         benchmark.pedantic(spectral_features, args=(frames, basis), rounds=5, warmup_rounds=1)
