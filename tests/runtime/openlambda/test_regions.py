@@ -105,7 +105,9 @@ def test_works_from_inside_a_running_event_loop(openlambda: str) -> None:
 
 def test_prewarm_reaches_several_sandboxes(openlambda: str) -> None:
     warm = lampy.prewarm(3)  # the `using` block's executor: this platform
-    assert 2 <= warm <= 3
+    # Distinct sandboxes, not one per PID namespace. No upper bound: a second round of pings
+    # may reach sandboxes OpenLambda started meanwhile (4 for 3 asked, seen once in 5 runs).
+    assert warm >= 2
 
 
 def test_prewarm_follows_the_using_block_and_says_when_it_cannot(
