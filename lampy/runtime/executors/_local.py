@@ -76,7 +76,11 @@ TIMEOUT_S = 3600.0  # per chunk by default: bounds a hung chunk, spares any sane
 STARTUP_S = 0.4
 SECONDS_PER_BYTE = 1 / 6.5e9  # copied into the arena (by threads, pipelined) and mapped
 SECONDS_PER_RESULT_BYTE = 1 / 4e9  # written by the workers into the shared output (fresh pages)
-SECONDS_PER_CHUNK = 1.1e-4  # one chunk's messages and scheduling
+SECONDS_PER_CHUNK = 1.1e-4  # one chunk's messages and scheduling, at the least
+# A chunk's round trip beyond its work (messages, both processes waking up) is measured on
+# every chunk and averaged with this weight: on a busy machine it was 1-1.5 ms, not 0.11 ms
+# (bench/bench_scale.py, k-means partials), and auto must price what it meets.
+ROUND_TRIP_WEIGHT = 0.2
 ARENA_KEPT_BYTES = 1 << 30  # a larger arena is released after its job instead of reused
 COPY_BLOCK_BYTES = 8 << 20  # shared arrays are copied in blocks this size, by several threads
 ADVICE = (
@@ -321,6 +325,8 @@ class _Worker:
                 os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
         self.conn = Connection(ours.detach())
         self.ready = False  # its imports are done: a chunk's clock starts only then
+        self.sent_at = 0.0  # when its chunk left (perf_counter; 0: before it was ready)
+        self.busy = 0.0  # the seconds its last chunk took in the worker, as it said
         self.reads = False  # it read the caller's probe: it can copy rows from our memory
         self.idle = idle
         self.jobs: deque[str] = deque(maxlen=TEMPLATES_KEPT)
@@ -362,6 +368,7 @@ class _Worker:
                 where = ASK
             self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk], rows, len(fds), where))
             send_fds(self.conn, fds)
+            self.sent_at = time.perf_counter() if self.ready else 0.0  # start-up is not a trip
 
     def answer(self, output: _Output | None) -> None:
         """Tell a worker that described its rows where they go (None: send them back)."""
@@ -379,13 +386,16 @@ class _Worker:
         if kind == "ready":
             self.ready, self.reads = True, bool(message[1])
             return "ready", None
-        if kind in ("spec", "wrote"):
-            return kind, message[2] if kind == "spec" else None
+        if kind == "spec":
+            return kind, message[2]
+        self.busy = message[-1]
+        if kind == "wrote":
+            return kind, None
         if kind == "ok":
-            _, _, payload, layout = message
+            _, _, payload, layout, _ = message
             fd = recv_fds(self.conn, 1)[0] if layout else None
             return "outcome", Outcome(value=load_from_file(payload, layout, fd))
-        _, _, error, traceback = message
+        _, _, error, traceback, _ = message
         try:
             exc = loads(error)
         except Exception as why:
@@ -430,6 +440,7 @@ class _Pool:
         # bytes workers read back from this process's memory at start-up, to show they can
         self.probe = np.frombuffer(os.urandom(16), np.uint8).copy()
         self.may_read: bool | None = None  # readable(), asked once
+        self.round_trip = SECONDS_PER_CHUNK * size  # a chunk's seconds beyond its work (average)
         self._forgotten_lock = threading.RLock()  # finalizers run in any thread
         shm.on_retire(self._retired)
 
@@ -471,6 +482,11 @@ class _Pool:
             for worker in self.workers:
                 worker.hurry()
         return False
+
+    def timed(self, round_trip: float) -> None:
+        """A chunk took `round_trip` seconds more than its work: averaged in."""
+        weight = ROUND_TRIP_WEIGHT
+        self.round_trip = (1 - weight) * self.round_trip + weight * max(0.0, round_trip)
 
     def reads_caller(self) -> bool:
         """Whether every worker is up and has shown it can read this process's memory (a
@@ -545,7 +561,8 @@ class LocalExecutor(Executor):
             workers=self.size,
             startup_s=self._startup_left(),
             seconds_per_byte=SECONDS_PER_BYTE,
-            seconds_per_chunk=SECONDS_PER_CHUNK,
+            # the planner adds this per chunk; each worker pays its chunks' round trips in turn
+            seconds_per_chunk=max(SECONDS_PER_CHUNK, self.pool.round_trip / self.size),
             seconds_per_result_byte=SECONDS_PER_RESULT_BYTE,
             starts_in_background=True,
         )
@@ -663,6 +680,8 @@ class LocalExecutor(Executor):
                     if waiting:
                         serial.add("start-up", time.perf_counter() - waiting)
                         waiting = 0.0
+                    if worker.sent_at:
+                        pool.timed(time.perf_counter() - worker.sent_at - worker.busy)
                     idle.append(worker)
                     scheduler.finished(chunk, value, now)
                 for conn in expired:

@@ -25,9 +25,11 @@ worker -> parent
   ("ready", reads)                           once, when imports are done (chunk clocks start then);
                                             reads: whether it could read the caller's probe
   ("spec", chunk, spec)                      an elemwise chunk's rows, described: where to?
-  ("wrote", chunk)                           its rows are in the output
-  ("ok", chunk, payload, layout) [+ descriptor when layout]   the pickled result
-  ("error", chunk, pickled_exception, traceback_text)
+  ("wrote", chunk, busy)                     its rows are in the output
+  ("ok", chunk, payload, layout, busy) [+ descriptor when layout]   the pickled result
+  ("error", chunk, pickled_exception, traceback_text, busy)
+                                            busy: the seconds the chunk took here (the caller
+                                            learns the rest of a round trip from it)
 
 A chunk's descriptors are closed when it ends, but the files stay mapped (by inode) for the
 chunks that follow: mapping a file again would fault in every 4 KiB page once more, which cost
@@ -44,6 +46,7 @@ import mmap
 import os
 import socket
 import sys
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -193,6 +196,7 @@ def _chunk(
     fds: list[int],
     output: Output | str | None,
 ) -> None:
+    started = time.perf_counter()
     job = templates.get(job_id)
     assert job is not None, "chunk of a job this worker was not sent"
     split = split or job.extras[0]
@@ -210,23 +214,25 @@ def _chunk(
         value = outcome.value
         spec = spec_of(value, rows[1] - rows[0])
         if out is not None and isinstance(output, Output) and _is_same(value, out):
-            conn.send(("wrote", chunk))  # computed straight into the output: nothing to copy
+            conn.send(("wrote", chunk, time.perf_counter() - started))  # no copy: computed there
             return
         if output == ASK and spec is not None:
+            asked = time.perf_counter()
             conn.send(("spec", chunk, spec))
             output, more = conn.recv()[1:]
+            started += time.perf_counter() - asked  # waiting for the caller is not busy
             if isinstance(output, Output):
                 output = replace(output, file=len(fds))
             fds += recv_fds(conn, more)
         if isinstance(output, Output) and spec is not None and spec == output.spec:
             _write(value, output, _mapped(fds[output.file]), rows)
-            conn.send(("wrote", chunk))
+            conn.send(("wrote", chunk, time.perf_counter() - started))
             return
         try:  # encoded only now; an error here is the chunk's, as in run_task
             outcome = run_task((lambda: value, (), {}), [], [], dump_to_file)
         finally:
             del value
-    _reply(conn, chunk, outcome)
+    _reply(conn, chunk, outcome, time.perf_counter() - started)
 
 
 def _keep(value: Any) -> Any:
@@ -319,15 +325,15 @@ def _array(fds: list[int], ref: ArrayRef, rows: tuple[int, int] | None = None) -
     return view
 
 
-def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
+def _reply(conn: Connection, chunk: int, outcome: Outcome, busy: float) -> None:
     if outcome.error is None:
         payload, layout, fd = outcome.value
-        conn.send(("ok", chunk, payload, layout))
+        conn.send(("ok", chunk, payload, layout, busy))
         if fd is not None:
             send_fds(conn, [fd])
             os.close(fd)
         return
-    conn.send(("error", chunk, dumps(outcome.error), outcome.traceback))
+    conn.send(("error", chunk, dumps(outcome.error), outcome.traceback, busy))
 
 
 def main() -> None:
