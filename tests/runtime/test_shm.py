@@ -280,6 +280,20 @@ def test_workers_read_their_first_chunks_rows_from_the_caller() -> None:
     np.testing.assert_array_equal(x, keep)
 
 
+def test_inputs_workers_cannot_read_in_place_are_copied_here() -> None:
+    pool = warm_pool()
+
+    def mixed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a * 2 + b[:, :1]
+
+    f = lampy.elemwise(chunks=pool.size, executor="local")(mixed)
+    x = np.random.default_rng(9).random((4000, 8))
+    for view in (x[::2], x[:, ::3], np.asfortranarray(x), x.astype(">f8")):
+        plain = x[: len(view)]  # next to a strided split array: both are copied here
+        np.testing.assert_array_equal(f(view, plain), mixed(view, plain))
+        np.testing.assert_array_equal(f(plain, view), mixed(plain, view))
+
+
 def test_inputs_are_copied_here_when_workers_cannot_read_the_caller(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -198,11 +198,13 @@ class _Placed:
         count = len(job.split)
         self.split, self.whole = refs[:count], refs[count:]
         # the split refs of a chunk its worker reads from here, when any array would be copied
+        # (and every such array can be read where it is)
+        sources = list(zip(self.split, targets[:count], job.split, strict=True))
         direct = [
-            _address_of(array) if target is not None and _readable_in_place(array) else ref
-            for ref, target, array in zip(self.split, targets[:count], job.split, strict=True)
+            _by_address(array) if target is not None else ref for ref, target, array in sources
         ]
-        self.direct = direct if readers and direct != self.split else None
+        readable = all(target is None or _readable_here(array) for _, target, array in sources)
+        self.direct = direct if readers and readable and direct != self.split else None
         self.went_direct: set[int] = set(range(readers)) if self.direct is not None else set()
         self.shared: list[Future[None]] = []
         for target, array in zip(targets[count:], job.whole, strict=True):
@@ -258,14 +260,15 @@ def _wait(pending: list[Future[None]]) -> None:
         future.result()
 
 
-def _readable_in_place(array: np.ndarray) -> bool:
+def _readable_here(array: Any) -> bool:
     """Whether workers can copy their rows of `array` from this process's memory."""
-    return array.nbytes > 0 and array.flags.c_contiguous and type(array) is np.ndarray
+    return type(array) is np.ndarray and array.nbytes > 0 and array.flags.c_contiguous
 
 
-def _address_of(array: np.ndarray) -> CallerArray:
-    address = int(array.__array_interface__["data"][0])
-    return CallerArray(address, array.dtype, array.shape)
+def _by_address(array: Any) -> CallerArray:
+    """Where `array`'s bytes are in this process (valid for C-contiguous arrays only)."""
+    assert isinstance(array, np.ndarray)
+    return CallerArray(int(array.__array_interface__["data"][0]), array.dtype, array.shape)
 
 
 def _blocks(
@@ -309,7 +312,9 @@ class _Output:
 class _Worker:
     """One worker process and its end of a private socket pair."""
 
-    def __init__(self, env: dict[str, str], idle: bool, probe: tuple[int, int, bytes] | None) -> None:
+    def __init__(
+        self, env: dict[str, str], idle: bool, probe: tuple[int, int, bytes] | None
+    ) -> None:
         ours, theirs = socket.socketpair()
         fds = (theirs.fileno(), lifeline())
         with theirs:
