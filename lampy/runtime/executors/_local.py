@@ -208,7 +208,10 @@ class _Placed:
         self.went_direct: set[int] = set(range(readers)) if self.direct is not None else set()
         self.shared: list[Future[None]] = []
         for target, array in zip(targets[count:], job.whole, strict=True):
-            if target is not None:
+            if target is not None and target.nbytes <= COPY_BLOCK_BYTES:
+                with serial.timing("copy"):  # at once: waking a thread up could take longer
+                    np.copyto(target, array, casting="no")
+            elif target is not None:
                 self.shared += _blocks(copier, target, array)
         self.ready: list[list[Future[None]]] = []
         for chunk, (start, stop) in enumerate(job.chunks):
