@@ -17,6 +17,7 @@ from lampy.runtime import _serial as serial
 from lampy.runtime import _shm as shm
 from lampy.runtime import executors
 from lampy.runtime._job import Part
+from lampy.runtime.executors import _in_place as in_place
 from lampy.runtime.executors._caller_memory import CannotRead, read_into, readable
 from lampy.runtime.executors._local import LocalExecutor
 from lampy.runtime.executors._local_worker import _can_read, _takes_out
@@ -374,3 +375,61 @@ def test_a_function_that_ignores_out_still_gives_its_own_result() -> None:
     got = fresh(x)
     np.testing.assert_array_equal(got[0], x + 1)
     np.testing.assert_array_equal(got[1], (x * 2).astype(np.float32))
+
+
+KEPT: list[np.ndarray] = []  # in a worker: what `keeps` held on to
+
+
+def in_output_rows(x: np.ndarray) -> np.ndarray:
+    """True in rows whose chunk ran with its allocations steered into the output."""
+    from numpy._core.multiarray import get_handler_name
+
+    return np.full(x.shape[0], float(get_handler_name() == "lampy_output_rows"))
+
+
+def keeps(x: np.ndarray) -> np.ndarray:
+    result = x + 1
+    KEPT.append(result)  # lives on in the worker, in the output's memory
+    return result * 1  # not the array in the output's rows: copied over it
+
+
+@pytest.mark.skipif(not in_place.available(), reason="numpy without memory handlers")
+def test_plain_results_are_allocated_in_their_output_rows() -> None:
+    pool = warm_pool()
+    x = lampy.asshared(np.random.default_rng(10).random((400_000, 1)))
+    flags = lampy.elemwise(chunks=8, executor="local")(in_output_rows)(x)
+    # all but the chunks sent before the first one described its rows (one per worker)
+    assert flags.sum() >= (8 - pool.size) * 50_000 and not flags.all()
+    cases: list[Any] = [
+        lambda a: a + 1,
+        lambda a: np.sqrt(a * a + 1.0),
+        lambda a: (a * 2)[:, ::-1].copy(),
+        lambda a: (a + 1, a * 2),  # two results of one size: either may get either's rows
+        lambda a: (a * 2, np.exp(a)),
+        lambda a: {"twice": a * 2, "n": np.ones(len(a), np.int32)},
+        lambda a: (a * 2).astype(np.float32),
+        lambda a: np.zeros_like(a) + a,
+        lambda a: np.concatenate([a, a])[: len(a)] + 0,
+    ]
+    for case in cases:
+        got = lampy.elemwise(chunks=4, executor="local")(case)(x)
+        want = case(np.asarray(x))
+        if isinstance(want, dict):
+            assert all(np.array_equal(got[k], want[k]) for k in want)
+        elif isinstance(want, tuple):
+            assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not in_place.available(), reason="numpy without memory handlers")
+def test_a_worker_keeping_an_array_in_the_output_is_replaced() -> None:
+    pool = warm_pool()
+    before = set(pool.worker_pids())
+    x = np.random.default_rng(11).random((400_000, 1))
+    f = lampy.elemwise(chunks=4, executor="local")(keeps)
+    first = f(x)
+    np.testing.assert_array_equal(first, x + 1)
+    np.testing.assert_array_equal(f(x), x + 1)
+    np.testing.assert_array_equal(first, x + 1)  # a later call changed nothing in it
+    assert set(pool.worker_pids()) != before  # those that kept one were let go

@@ -62,7 +62,9 @@ from lampy.runtime._shm import dump_to_file
 from lampy.runtime._sweep import watch
 from lampy.runtime._tree import leaves
 from lampy.runtime._worker_side import Outcome, Templates, run_task
+from lampy.runtime.executors import _in_place as in_place
 from lampy.runtime.executors._caller_memory import read_into
+from lampy.runtime.executors._in_place import Slots
 
 
 @dataclass(frozen=True)
@@ -180,10 +182,12 @@ def serve(conn: Connection) -> None:
             _, job_id, chunk, start, stop, split, count, output = message
             fds = recv_fds(conn, count)
             try:
-                _chunk(conn, templates, job_id, chunk, (start, stop), split, fds, output)
+                slots = _chunk(conn, templates, job_id, chunk, (start, stop), split, fds, output)
             finally:
                 for fd in fds:
                     os.close(fd)
+            if slots is not None and slots.held():
+                return  # the function kept an array living in the output: a fresh worker
 
 
 def _chunk(
@@ -195,7 +199,9 @@ def _chunk(
     split: list[ArrayRef] | None,
     fds: list[int],
     output: Output | str | None,
-) -> None:
+) -> Slots | None:
+    """Run one chunk and answer; returns the output rows offered to its allocations, if any
+    (the caller checks, once the chunk's values are gone, that nothing kept them)."""
     started = time.perf_counter()
     job = templates.get(job_id)
     assert job is not None, "chunk of a job this worker was not sent"
@@ -203,19 +209,23 @@ def _chunk(
     whole = job.extras[1]
     parts = [_array(fds, ref, rows) for ref in split]
     encode = dump_to_file if output is None else _keep
-    call, out = job.call, None
-    if isinstance(output, Output) and (takes := _takes_out(call)) is not None:
-        out = _rows_of(output, _mapped(fds[output.file]), rows)
-        if out is not None:
-            call = (takes[0], takes[1], {**takes[2], "out": out})
-    outcome = run_task(call, parts, [_array(fds, r) for r in whole], encode)
+    call, target, offered = job.call, None, None
+    if isinstance(output, Output):
+        target = _rows_of(output, _mapped(fds[output.file]), rows)
+        takes = _takes_out(call)
+        if target is not None and takes is not None:  # numpy's out=: the function writes there
+            call = (takes[0], takes[1], {**takes[2], "out": target})
+        elif target is not None and in_place.available():  # its result allocated there
+            offered = target if isinstance(target, tuple) else (target,)
+    with in_place.results_into(offered or ()) as slots:
+        outcome = run_task(call, parts, [_array(fds, r) for r in whole], encode)
     del parts
     if outcome.error is None and output is not None:
         value = outcome.value
         spec = spec_of(value, rows[1] - rows[0])
-        if out is not None and isinstance(output, Output) and _is_same(value, out):
+        if target is not None and _is_same(value, target):
             conn.send(("wrote", chunk, time.perf_counter() - started))  # no copy: computed there
-            return
+            return slots
         if output == ASK and spec is not None:
             asked = time.perf_counter()
             conn.send(("spec", chunk, spec))
@@ -227,12 +237,13 @@ def _chunk(
         if isinstance(output, Output) and spec is not None and spec == output.spec:
             _write(value, output, _mapped(fds[output.file]), rows)
             conn.send(("wrote", chunk, time.perf_counter() - started))
-            return
+            return slots
         try:  # encoded only now; an error here is the chunk's, as in run_task
             outcome = run_task((lambda: value, (), {}), [], [], dump_to_file)
         finally:
             del value
     _reply(conn, chunk, outcome, time.perf_counter() - started)
+    return slots
 
 
 def _keep(value: Any) -> Any:
@@ -295,10 +306,19 @@ def _is_same(value: Any, out: Any) -> bool:
 
 
 def _write(value: Any, output: Output, mapped: mmap.mmap, rows: tuple[int, int]) -> None:
-    """Copy the chunk's rows of each array into the output, where they belong."""
-    for leaf, spec, offset in zip(leaves(value), leaves(output.spec), output.offsets, strict=True):
-        at = offset + rows[0] * spec.row_bytes
-        target = np.ndarray(leaf.shape, spec.dtype, buffer=mapped, offset=at)
+    """Copy the chunk's rows of each array into the output, where they belong. A result that
+    lives in the output already (in another array's rows: its allocation got them) is
+    copied aside first, so no write clobbers rows not read yet."""
+    arrays = leaves(value)
+    targets = [
+        np.ndarray(leaf.shape, spec.dtype, buffer=mapped, offset=offset + rows[0] * spec.row_bytes)
+        for leaf, spec, offset in zip(arrays, leaves(output.spec), output.offsets, strict=True)
+    ]
+    arrays = [
+        leaf.copy() if any(np.may_share_memory(leaf, t) for t in targets) else leaf
+        for leaf in arrays
+    ]
+    for target, leaf in zip(targets, arrays, strict=True):
         np.copyto(target, leaf, casting="no")
 
 
@@ -344,6 +364,12 @@ def main() -> None:
             with contextlib.suppress(AttributeError, OSError):
                 os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
     serve(Connection(int(sys.argv[1])))
+    # no interpreter teardown: arrays a function kept may still be freed through the memory
+    # handler of lampy.runtime.executors._in_place, which teardown would have taken apart
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # run as the module lampy imports, so its classes are the ones
