@@ -433,3 +433,22 @@ def test_a_worker_keeping_an_array_in_the_output_is_replaced() -> None:
     np.testing.assert_array_equal(f(x), x + 1)
     np.testing.assert_array_equal(first, x + 1)  # a later call changed nothing in it
     assert set(pool.worker_pids()) != before  # those that kept one were let go
+
+
+@pytest.mark.skipif(not in_place.available(), reason="numpy without memory handlers")
+def test_a_chunk_making_many_arrays_gets_numpys_handler_back() -> None:
+    from numpy._core.multiarray import get_handler_name
+
+    out = np.empty((100_000, 1))
+    x = np.ones_like(out)
+    with in_place.results_into((out,)) as slots:
+        first = x + 1  # the result's size: its rows
+        assert np.shares_memory(first, out) and get_handler_name() == "lampy_output_rows"
+        for _ in range(in_place.ALLOCATIONS):
+            np.ones(3) + 1
+        assert slots.exhausted and get_handler_name() != "lampy_output_rows"
+        del first
+        second = x + 2  # the rows are free again, but the handler is numpy's
+        assert not np.shares_memory(second, out)
+    assert not slots.held()
+    np.testing.assert_array_equal(second, x + 2)

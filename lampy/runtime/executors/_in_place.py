@@ -11,7 +11,9 @@ went to a temporary), the result is copied as before: correct either way.
 
 An array that got a slot and outlives the chunk (kept by the function in a global) would alias
 the output: `Slots.held()` says so, and the worker then exits after answering (the pool starts
-a fresh one), so no such array can see a later result change under it.
+a fresh one), so no such array can see a later result change under it. Functions that make
+many small arrays would pay for the handler's Python callbacks: after `ALLOCATIONS` of them in
+a chunk, numpy's own handler is back.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from typing import Any
 import numpy as np
 
 MIN_BYTES = 1 << 18  # smaller results are cheap to copy, and small sizes are common
+# Each allocation through the handler costs about 4 us of Python (ctypes): a chunk that makes
+# more arrays than this (a loop over rows) gets numpy's own handler back for the rest of it,
+# and says so (`Slots.exhausted`), so its job's later chunks run without it.
+ALLOCATIONS = 256
 
 _MALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _CALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t)
@@ -61,6 +67,9 @@ class Slots:
     def __init__(self, views: Sequence[np.ndarray]) -> None:
         self.free: dict[int, int] = {}  # address -> size, not handed out
         self.taken: dict[int, int] = {}  # handed out, not freed yet
+        self.left = ALLOCATIONS  # allocations before numpy's handler is put back
+        self.exhausted = False  # it was: the chunk made too many arrays
+        self.previous: Any = None  # the handler to put back
         for view in views:
             if view.nbytes >= MIN_BYTES and view.flags.c_contiguous:
                 self.free[int(view.__array_interface__["data"][0])] = view.nbytes
@@ -120,8 +129,23 @@ def _numpy() -> _Allocator:
     return machinery[2]
 
 
-def _malloc(ctx: Any, size: int) -> int | None:
+def _counted() -> Slots | None:
+    """This thread's slots, counting one allocation; numpy's handler goes back in place
+    when the chunk has made too many."""
     slots = _state.slots
+    if slots is not None:
+        slots.left -= 1
+        if slots.left <= 0:
+            machinery = _machinery()
+            assert machinery is not None
+            machinery[0](slots.previous)  # this allocation is served; later ones are numpy's
+            slots.exhausted = True
+            _state.slots = None
+    return slots
+
+
+def _malloc(ctx: Any, size: int) -> int | None:
+    slots = _counted()
     if slots is not None and size >= MIN_BYTES:
         for address, nbytes in slots.free.items():
             if nbytes == size:
@@ -141,6 +165,7 @@ def _calloc(ctx: Any, count: int, size: int) -> int | None:
         if address:
             ctypes.memset(address, 0, count * size)
         return address
+    _counted()
     numpy = _numpy()
     result: int | None = numpy.calloc(numpy.ctx, count, size)
     return result
@@ -189,10 +214,10 @@ def results_into(views: Sequence[np.ndarray]) -> Iterator[Slots]:
         return
     set_handler, capsule, _ = machinery
     _state.slots = slots
-    previous = set_handler(capsule)
+    slots.previous = set_handler(capsule)
     try:
         yield slots
     finally:
-        set_handler(previous)
+        set_handler(slots.previous)
         _state.slots = None
         slots.free.clear()

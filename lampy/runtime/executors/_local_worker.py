@@ -47,7 +47,7 @@ import os
 import socket
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recvfds, sendfds
@@ -145,6 +145,8 @@ def _forget(inodes: list[int]) -> None:
 
 
 _caller = 0  # the caller's process id, whose memory CallerArray addresses are in
+_many_arrays: deque[str] = deque(maxlen=64)  # jobs whose chunks make too many arrays for
+# lampy.runtime.executors._in_place (its per-allocation cost would show)
 
 
 def _can_read(probe: tuple[int, int, bytes] | None) -> bool:
@@ -215,10 +217,12 @@ def _chunk(
         takes = _takes_out(call)
         if target is not None and takes is not None:  # numpy's out=: the function writes there
             call = (takes[0], takes[1], {**takes[2], "out": target})
-        elif target is not None and in_place.available():  # its result allocated there
-            offered = target if isinstance(target, tuple) else (target,)
+        elif target is not None and job_id not in _many_arrays and in_place.available():
+            offered = target if isinstance(target, tuple) else (target,)  # result allocated there
     with in_place.results_into(offered or ()) as slots:
         outcome = run_task(call, parts, [_array(fds, r) for r in whole], encode)
+    if slots.exhausted:  # a function making many arrays: its next chunks go without
+        _many_arrays.append(job_id)
     del parts
     if outcome.error is None and output is not None:
         value = outcome.value
