@@ -409,6 +409,8 @@ def test_plain_results_are_allocated_in_their_output_rows() -> None:
         lambda a: {"twice": a * 2, "n": np.ones(len(a), np.int32)},
         lambda a: (a * 2).astype(np.float32),
         lambda a: np.zeros_like(a) + a,
+        lambda a: np.zeros((len(a), 1)) + a,  # zeroed in the rows (numpy drops the GIL there)
+        lambda a: np.zeros((len(a), 7))[:, :1] + a,  # zeroed by numpy, without the GIL
         lambda a: np.concatenate([a, a])[: len(a)] + 0,
     ]
     for case in cases:

@@ -80,6 +80,22 @@ class Slots:
         return bool(self.taken)
 
 
+class _Numpy:
+    """numpy's own allocator, called with the GIL held (a plain ctypes call releases it, and a
+    callback numpy made without the GIL, as it does for large zeroed arrays, then cannot)."""
+
+    def __init__(self, allocator: _Allocator) -> None:
+        def held(kind: Any, function: Any) -> Any:
+            address = ctypes.cast(function, ctypes.c_void_p).value or 0
+            return ctypes.PYFUNCTYPE(kind._restype_, *kind._argtypes_)(address)
+
+        self.ctx = allocator.ctx
+        self.malloc = held(_MALLOC, allocator.malloc)
+        self.calloc = held(_CALLOC, allocator.calloc)
+        self.realloc = held(_REALLOC, allocator.realloc)
+        self.free = held(_FREE, allocator.free)
+
+
 class _State(threading.local):
     slots: Slots | None = None
 
@@ -89,7 +105,7 @@ _all_taken: dict[int, Slots] = {}  # every slot handed out and not freed, by add
 
 
 @cache
-def _machinery() -> tuple[Any, Any, _Allocator] | None:
+def _machinery() -> tuple[Any, Any, _Numpy] | None:
     """(numpy's set_handler, our handler's capsule, numpy's default allocator), or None where
     numpy has no memory handlers (before 1.22) or ctypes cannot reach them."""
     core: Any = None
@@ -120,10 +136,10 @@ def _machinery() -> tuple[Any, Any, _Allocator] | None:
     ours = _Handler(b"lampy_output_rows", 1, _Allocator(None, *_CALLBACKS))
     _keep.extend([ours, default, numpy_handler])
     capsule = new_capsule(ctypes.addressof(ours), _CAPSULE_NAME, None)
-    return set_handler, capsule, numpy_handler.allocator
+    return set_handler, capsule, _Numpy(numpy_handler.allocator)
 
 
-def _numpy() -> _Allocator:
+def _numpy() -> _Numpy:
     machinery = _machinery()
     assert machinery is not None
     return machinery[2]
