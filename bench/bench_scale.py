@@ -13,7 +13,12 @@ pipeline entry point, `examples.fisher.diarize`, as bench/bench_fisher.py runs i
   pipeline's own serial stages are not lampy's and are not counted).
 
 Also, side by side in the same run:
-- (b) with its inputs already in shared memory (`lampy.asshared`), 8 chunks;
+- (b) with its inputs already in shared memory (`lampy.asshared`), 8 chunks: the function
+  as written (`a + b`, whose worker writes its rows twice: numpy's own result, then the
+  shared output) and with numpy's `out=` parameter (computed straight into the output);
+- (a)'s two parts in numpy alone (window, rfft and log: one thread; the matmul: all BLAS
+  threads) and on one core, which give the machine's ceiling for (a): numpy on one core
+  over the cores, against numpy alone;
 - chaining two elemwise regions against the two regions alone;
 - "auto never loses": the first call of a fresh process, `chunks="auto"` on `local` (pool
   cold: probe and start-up included) against `inline`, per workload.
@@ -115,7 +120,13 @@ def core() -> Any:
 
 
 SYSTEMS = ["numpy", "numpy-1core", *(f"local-{n}" for n in WORKERS)]
-CASES = [(w, s) for w in "abcd" for s in SYSTEMS] + [("b", "shared-8")]
+CASES = [(w, s) for w in "abcd" for s in SYSTEMS] + [("b", "shared-8"), ("b", "shared-8-out")]
+
+
+def add_into(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(b) with numpy's `out=` convention: the local pool passes each chunk its rows of the
+    shared output, so the sum is written once."""
+    return np.add(a, b, out=out)
 
 
 @pytest.mark.parametrize(("workload", "system"), CASES)
@@ -134,16 +145,21 @@ def test_scaling(benchmark: Any, row: Row, core: Any, workload: str, system: str
                 return w.numpy()
 
         got = measure(benchmark, one_core, 5, 1)
-    elif system == "shared-8":
+    elif system.startswith("shared-8"):
         n = cores()
+        out = system.endswith("-out")
         row(
             group,
-            "lampy local, 8 chunks, inputs already shared (lampy.asshared)",
+            "lampy local, 8 chunks, inputs already shared (lampy.asshared)"
+            + (", the function with numpy's out= (add_into)" if out else ""),
             target=0.9,
             share_target=SHARE_TARGET,
         )
         args = tuple(lampy.asshared(a) if isinstance(a, np.ndarray) else a for a in w.args)
-        f = w.region(executor="local", chunks=8)
+        if out:
+            f = lampy.elemwise(executor="local", chunks=8)(add_into)
+        else:
+            f = w.region(executor="local", chunks=8)
         warm(n)
         with lampy.using(executor="local", workers=n):
             got = measure(benchmark, lambda: f(*args), 5, n)
@@ -160,6 +176,44 @@ def test_scaling(benchmark: Any, row: Row, core: Any, workload: str, system: str
         with lampy.using(executor="local", workers=n):
             got = measure(benchmark, lambda: f(*w.args), 5, n)
     core._check(got, want, w.exact)
+
+
+# -- (a)'s parts: the machine's ceiling --------------------------------------------------------
+
+PARTS_GROUP = "(a)'s parts in numpy alone: the ceiling on this machine"
+
+
+@pytest.mark.parametrize("part", ["whole", "whole-1core", "rfft", "matmul", "matmul-1core"])
+def test_a_parts(benchmark: Any, row: Row, core: Any, part: str) -> None:
+    """Where numpy alone's time on (a) goes: the window, rfft and log run on one thread, the
+    matmul on every BLAS thread. Perfect scaling on n cores takes numpy-on-one-core's time
+    over n; that over numpy alone's time is the best speed-up (a) can show here."""
+    frames, basis = core.FRAMES, core.BASIS
+    spectra = np.log1p(np.abs(np.fft.rfft(frames * np.hanning(frames.shape[1]), axis=1)))
+    runs: dict[str, Callable[[], Any]] = {
+        "whole": lambda: core.spectral_features(frames, basis),
+        "whole-1core": lambda: core.spectral_features(frames, basis),
+        "rfft": lambda: np.log1p(np.abs(np.fft.rfft(frames * np.hanning(frames.shape[1]), axis=1))),
+        "matmul": lambda: spectra @ basis,
+        "matmul-1core": lambda: spectra @ basis,
+    }
+    names = {
+        "whole": "numpy alone, the whole of (a)",
+        "whole-1core": "numpy alone on one core, the whole of (a)",
+        "rfft": "numpy alone, window + rfft + log (one thread)",
+        "matmul": f"numpy alone, the matmul ({cores()} BLAS threads)",
+        "matmul-1core": "numpy alone, the matmul on one core",
+    }
+    row(PARTS_GROUP, names[part], baseline=part == "whole", one_core=part == "whole-1core")
+    fn = runs[part]
+    if part.endswith("1core"):
+
+        def one_core() -> Any:
+            with threadpool_limits(1):
+                return runs[part]()
+
+        fn = one_core
+    measure(benchmark, fn, 7, 1 if part.endswith("1core") else None)
 
 
 # -- (e) ---------------------------------------------------------------------------------------

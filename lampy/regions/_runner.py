@@ -36,7 +36,7 @@ from lampy.runtime._plan import (
     plan,
     probe_rows,
     split_rows,
-    worth_starting,
+    warm_saving,
 )
 from lampy.runtime._settings import Chunks, resolve_chunks, resolve_executor, resolve_options
 from lampy.runtime._tree import leaves
@@ -52,6 +52,7 @@ class RegionRunner:
     def __init__(self, region: Region) -> None:
         self.region = region
         self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
+        self._saving = 0.0  # what a warm pool would have saved this region's cold calls so far
 
     def run(
         self,
@@ -98,10 +99,11 @@ class RegionRunner:
     def _here_then_start(self, binding: Binding, where: Executor, costs: Costs) -> Any:
         """An auto call while the pool is cold or starting: it is never waited for, so the
         call runs here, timed whole instead of probed (a probe would only cost time), and the
-        pool starts afterwards if it would have saved more than its start-up."""
+        pool starts afterwards once it would have saved more than its start-up, summed over
+        this region's cold calls (many small calls pay it as one large call does)."""
         rows = split_rows(binding.rows, 1)
         whole, value, seconds = self._whole_here(binding, rows, where)
-        if worth_starting(
+        self._saving += warm_saving(
             costs=costs,
             rows=binding.rows,
             row_bytes=binding.row_bytes,
@@ -109,7 +111,9 @@ class RegionRunner:
             seconds=seconds,
             result_bytes=_nbytes(value),
             sent_row_bytes=binding.sent_row_bytes,
-        ):
+        )
+        if self._saving >= costs.startup_s:
+            self._saving = 0.0
             where.start()
         return self.region.answer(whole, Coverage(rows))
 

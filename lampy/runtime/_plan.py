@@ -238,7 +238,7 @@ def plan(
     return result(chunked, True, reason)
 
 
-def worth_starting(
+def warm_saving(
     *,
     costs: Costs,
     rows: int,
@@ -247,21 +247,22 @@ def worth_starting(
     seconds: float,
     result_bytes: int,
     sent_row_bytes: int | None = None,
-) -> bool:
-    """Whether a warm executor would have saved more than its start-up on a call that just
-    took `seconds` in the caller (no probe: a cold pool that starts in the background is
-    never waited for, so a cold call runs here and is timed whole).
+) -> float:
+    """The seconds a warm executor would have saved on a call that just took `seconds` in the
+    caller (no probe: a cold pool that starts in the background is never waited for, so a
+    cold call runs here and is timed whole); 0 when it would not have fanned out. Starting
+    the workers pays once such savings, summed over calls, exceed the start-up.
 
     >>> two = Costs(workers=2, startup_s=0.4, seconds_per_byte=1e-9, starts_in_background=True)
-    >>> worth_starting(costs=two, rows=10**6, row_bytes=8, shared_bytes=0, seconds=2.0,
-    ...                result_bytes=8 * 10**6)
-    True
-    >>> worth_starting(costs=two, rows=10**6, row_bytes=8, shared_bytes=0, seconds=0.5,
-    ...                result_bytes=8 * 10**6)
-    False
+    >>> round(warm_saving(costs=two, rows=10**6, row_bytes=8, shared_bytes=0, seconds=2.0,
+    ...                   result_bytes=8 * 10**6), 3)
+    0.984
+    >>> warm_saving(costs=two, rows=10**6, row_bytes=8, shared_bytes=0, seconds=0.01,
+    ...             result_bytes=8 * 10**6)
+    0.0
     """
     if costs.workers <= 1 or rows < 2:
-        return False
+        return 0.0
     count = min(rows, costs.workers * CHUNKS_PER_WORKER)
     sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
     sent += shared_bytes * costs.workers
@@ -271,4 +272,4 @@ def worth_starting(
         + count * costs.seconds_per_chunk
         + seconds / costs.workers
     )
-    return started < FAN_OUT_MARGIN * seconds and seconds - started >= costs.startup_s
+    return seconds - started if started < FAN_OUT_MARGIN * seconds else 0.0

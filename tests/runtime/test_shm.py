@@ -7,6 +7,7 @@ import gc
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,12 @@ import pytest
 import lampy
 from lampy.runtime import _serial as serial
 from lampy.runtime import _shm as shm
+from lampy.runtime import executors
+from lampy.runtime._job import Part
+from lampy.runtime.executors import _in_place as in_place
+from lampy.runtime.executors._caller_memory import CannotRead, read_into, readable
+from lampy.runtime.executors._local import LocalExecutor
+from lampy.runtime.executors._local_worker import _can_read, _takes_out
 
 
 @lampy.elemwise(chunks=4, executor="local")
@@ -235,3 +242,215 @@ def test_auto_fan_out_puts_the_probes_rows_in_place_too(monkeypatch: pytest.Monk
     root, narrow = f(x)
     assert np.array_equal(root, np.sqrt(x)) and np.array_equal(narrow, x.astype(np.float32))
     assert shm.is_shared(root) and shm.is_shared(narrow)
+
+
+def warm_pool() -> LocalExecutor:
+    executor = executors.get("local", {})
+    assert isinstance(executor, LocalExecutor)
+    executor.start()
+    deadline = time.monotonic() + 60
+    while not executor.is_warm():
+        assert time.monotonic() < deadline, "the pool did not start"
+        time.sleep(0.01)
+    return executor
+
+
+@pytest.mark.skipif(not readable(), reason="workers cannot read this process's memory here")
+def test_workers_read_their_first_chunks_rows_from_the_caller() -> None:
+    pool = warm_pool()
+    assert pool.pool.reads_caller()
+    chunks = pool.size  # one chunk per worker: every worker reads its own rows
+
+    @lampy.elemwise(chunks=chunks, executor="local")
+    def clobbered(x: np.ndarray) -> np.ndarray:
+        y = x * 3
+        x[:] = -1  # a copy's rows: the caller's array is not touched
+        return y
+
+    x = np.random.default_rng(4).random((5000, 7))
+    keep = x.copy()
+    before = serial.snapshot()
+    got = clobbered(x)
+    spent = serial.since(before)
+    np.testing.assert_array_equal(got, keep * 3)
+    np.testing.assert_array_equal(x, keep)
+    assert spent.get("copy threads", 0.0) == 0.0 and spent.get("copy", 0.0) == 0.0
+    # later chunks come through the arena, copied while the first ones run
+    more = lampy.elemwise(chunks=4 * chunks, executor="local")(clobbered.__wrapped__)
+    np.testing.assert_array_equal(more(x), keep * 3)
+    np.testing.assert_array_equal(x, keep)
+
+
+def test_inputs_workers_cannot_read_in_place_are_copied_here() -> None:
+    pool = warm_pool()
+
+    def mixed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a * 2 + b[:, :1]
+
+    f = lampy.elemwise(chunks=pool.size, executor="local")(mixed)
+    x = np.random.default_rng(9).random((4000, 8))
+    for view in (x[::2], x[:, ::3], np.asfortranarray(x), x.astype(">f8")):
+        plain = x[: len(view)]  # next to a strided split array: both are copied here
+        np.testing.assert_array_equal(f(view, plain), mixed(view, plain))
+        np.testing.assert_array_equal(f(plain, view), mixed(plain, view))
+
+
+def test_inputs_are_copied_here_when_workers_cannot_read_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = warm_pool()
+    monkeypatch.setattr(pool.pool, "reads_caller", lambda: False)
+    x = np.random.default_rng(5).random((4000, 8))
+    assert copied_bytes_during(lambda: scaled(x)) > 0.0
+    np.testing.assert_array_equal(scaled(x), x * 2)
+
+
+def test_a_worker_that_cannot_read_the_caller_says_so_at_start() -> None:
+    assert not _can_read((os.getpid(), 0, b"\x01\x02"))  # address 0: unreadable anywhere
+    assert not _can_read(None)
+    if readable():
+        probe = np.frombuffer(b"lampy", np.uint8).copy()
+        address = int(probe.__array_interface__["data"][0])
+        assert _can_read((os.getpid(), address, probe.tobytes()))
+
+
+def test_read_into_reports_an_unreadable_address() -> None:
+    with pytest.raises(CannotRead):
+        read_into(os.getpid(), 8, np.empty(4, np.uint8))
+
+
+def add_out(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return np.add(a, b, out=out)
+
+
+def given_out(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return np.full(x.shape[0], out is not None)
+
+
+def test_a_function_with_numpys_out_parameter_computes_into_the_output() -> None:
+    warm_pool()
+    a = lampy.asshared(np.random.default_rng(6).random((6000, 4)))
+    b = np.random.default_rng(7).random((6000, 4))
+    f = lampy.elemwise(chunks=6, executor="local")(add_out)
+    got = f(a, b)
+    np.testing.assert_array_equal(got, a + b)
+    assert shm.is_shared(got)
+    # every chunk but the one that described the rows was given its rows of the output
+    flags = lampy.elemwise(chunks=6, executor="local")(given_out)(a)
+    assert flags.sum() >= 5000 - 1000 and not flags.all()
+    with lampy.using(executor="inline"):
+        assert not lampy.elemwise(chunks=6)(given_out)(a).any()
+
+
+def test_out_is_passed_only_as_numpys_convention_and_when_left_unset() -> None:
+    def other_default(x: np.ndarray, out: str = "rows") -> Any:
+        return x
+
+    def positional(x: np.ndarray, out: Any = None) -> Any:
+        return x
+
+    def keyword_only(x: np.ndarray, *, out: Any = None) -> Any:
+        return x
+
+    def varargs(*args: Any, **kwargs: Any) -> Any:
+        return args[0]
+
+    assert _takes_out((other_default, (Part(0),), {})) is None
+    assert _takes_out((positional, (Part(0),), {})) is not None
+    assert _takes_out((positional, (Part(0), None), {})) is None  # given by position
+    assert _takes_out((keyword_only, (Part(0),), {"out": None})) is None  # given by name
+    assert _takes_out((keyword_only, (Part(0),), {})) is not None
+    assert _takes_out((varargs, (Part(0),), {})) is None
+    assert _takes_out((len, (Part(0),), {})) is None  # no `out` parameter
+
+
+def test_a_function_that_ignores_out_still_gives_its_own_result() -> None:
+    @lampy.elemwise(chunks=5, executor="local")
+    def fresh(x: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if out is not None:
+            out[0][:] = -7  # garbage into the output: the returned arrays are what counts
+        return x + 1, (x * 2).astype(np.float32)
+
+    x = np.random.default_rng(8).random((5000, 3))
+    got = fresh(x)
+    np.testing.assert_array_equal(got[0], x + 1)
+    np.testing.assert_array_equal(got[1], (x * 2).astype(np.float32))
+
+
+KEPT: list[np.ndarray] = []  # in a worker: what `keeps` held on to
+
+
+def in_output_rows(x: np.ndarray) -> np.ndarray:
+    """True in rows whose chunk ran with its allocations steered into the output."""
+    from numpy._core.multiarray import get_handler_name
+
+    return np.full(x.shape[0], float(get_handler_name() == "lampy_output_rows"))
+
+
+def keeps(x: np.ndarray) -> np.ndarray:
+    result = x + 1
+    KEPT.append(result)  # lives on in the worker, in the output's memory
+    return result * 1  # not the array in the output's rows: copied over it
+
+
+@pytest.mark.skipif(not in_place.available(), reason="numpy without memory handlers")
+def test_plain_results_are_allocated_in_their_output_rows() -> None:
+    pool = warm_pool()
+    x = lampy.asshared(np.random.default_rng(10).random((400_000, 1)))
+    flags = lampy.elemwise(chunks=8, executor="local")(in_output_rows)(x)
+    # all but the chunks sent before the first one described its rows (one per worker)
+    assert flags.sum() >= (8 - pool.size) * 50_000 and not flags.all()
+    cases: list[Any] = [
+        lambda a: a + 1,
+        lambda a: np.sqrt(a * a + 1.0),
+        lambda a: (a * 2)[:, ::-1].copy(),
+        lambda a: (a + 1, a * 2),  # two results of one size: either may get either's rows
+        lambda a: (a * 2, np.exp(a)),
+        lambda a: {"twice": a * 2, "n": np.ones(len(a), np.int32)},
+        lambda a: (a * 2).astype(np.float32),
+        lambda a: np.zeros_like(a) + a,
+        lambda a: np.zeros((len(a), 1)) + a,  # zeroed in the rows (numpy drops the GIL there)
+        lambda a: np.zeros((len(a), 7))[:, :1] + a,  # zeroed by numpy, without the GIL
+        lambda a: np.concatenate([a, a])[: len(a)] + 0,
+    ]
+    for case in cases:
+        got = lampy.elemwise(chunks=4, executor="local")(case)(x)
+        want = case(np.asarray(x))
+        if isinstance(want, dict):
+            assert all(np.array_equal(got[k], want[k]) for k in want)
+        elif isinstance(want, tuple):
+            assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not in_place.available(), reason="numpy without memory handlers")
+def test_a_worker_keeping_an_array_in_the_output_is_replaced() -> None:
+    pool = warm_pool()
+    before = set(pool.worker_pids())
+    x = np.random.default_rng(11).random((400_000, 1))
+    f = lampy.elemwise(chunks=4, executor="local")(keeps)
+    first = f(x)
+    np.testing.assert_array_equal(first, x + 1)
+    np.testing.assert_array_equal(f(x), x + 1)
+    np.testing.assert_array_equal(first, x + 1)  # a later call changed nothing in it
+    assert set(pool.worker_pids()) != before  # those that kept one were let go
+
+
+@pytest.mark.skipif(not in_place.available(), reason="numpy without memory handlers")
+def test_a_chunk_making_many_arrays_gets_numpys_handler_back() -> None:
+    from numpy._core.multiarray import get_handler_name
+
+    out = np.empty((100_000, 1))
+    x = np.ones_like(out)
+    with in_place.results_into((out,)) as slots:
+        first = x + 1  # the result's size: its rows
+        assert np.shares_memory(first, out) and get_handler_name() == "lampy_output_rows"
+        for _ in range(in_place.ALLOCATIONS):
+            np.ones(3) + 1
+        assert slots.exhausted and get_handler_name() != "lampy_output_rows"
+        del first
+        second = x + 2  # the rows are free again, but the handler is numpy's
+        assert not np.shares_memory(second, out)
+    assert not slots.held()
+    np.testing.assert_array_equal(second, x + 2)

@@ -57,9 +57,11 @@ from lampy.runtime._sweep import exit_on_sigterm, lifeline
 from lampy.runtime._tree import leaves, map_leaves
 from lampy.runtime._worker_side import TEMPLATES_KEPT, Outcome
 from lampy.runtime.executors._base import Executor
+from lampy.runtime.executors._caller_memory import readable
 from lampy.runtime.executors._local_worker import (
     ASK,
     ArrayRef,
+    CallerArray,
     FileArray,
     Output,
     recv_fds,
@@ -74,7 +76,11 @@ TIMEOUT_S = 3600.0  # per chunk by default: bounds a hung chunk, spares any sane
 STARTUP_S = 0.4
 SECONDS_PER_BYTE = 1 / 6.5e9  # copied into the arena (by threads, pipelined) and mapped
 SECONDS_PER_RESULT_BYTE = 1 / 4e9  # written by the workers into the shared output (fresh pages)
-SECONDS_PER_CHUNK = 1.1e-4  # one chunk's messages and scheduling
+SECONDS_PER_CHUNK = 1.1e-4  # one chunk's messages and scheduling, at the least
+# A chunk's round trip beyond its work (messages, both processes waking up) is measured on
+# every chunk and averaged with this weight: on a busy machine it was 1-1.5 ms, not 0.11 ms
+# (bench/bench_scale.py, k-means partials), and auto must price what it meets.
+ROUND_TRIP_WEIGHT = 0.2
 ARENA_KEPT_BYTES = 1 << 30  # a larger arena is released after its job instead of reused
 COPY_BLOCK_BYTES = 8 << 20  # shared arrays are copied in blocks this size, by several threads
 ADVICE = (
@@ -149,10 +155,15 @@ class _Placed:
     Arrays already in shared memory (C-contiguous, in a segment: `lampy.empty`, a region's
     result) are passed by descriptor and offset: no byte is copied. Others are copied into the
     arena by `copier` threads: shared arrays first (in blocks, in parallel), then each chunk's
-    rows in chunk order; `wait(chunk)` returns once that chunk's rows are in place.
+    rows in chunk order. A chunk whose rows are not there yet when a worker is free for it
+    does not wait: when the workers can read this process's memory (`readers` > 0), that
+    worker copies its rows itself, from here (`rows_for`). The first `readers` chunks (one
+    per worker) always do, so they leave at once, and the copy threads fill the arena for the
+    later ones meanwhile (a copy at memory speed: reading another process's memory is about
+    3x slower per byte). The caller never waits for a copy that grows with the data.
     """
 
-    def __init__(self, job: Job, arena: _Arena, copier: ThreadPoolExecutor) -> None:
+    def __init__(self, job: Job, arena: _Arena, copier: ThreadPoolExecutor, readers: int) -> None:
         arrays = job.split + job.whole
         homes = [None if is_row_source(a) else locate(a) for a in arrays]  # type: ignore[arg-type]
         copied = [
@@ -186,38 +197,81 @@ class _Placed:
             targets[-1] = arena.view(offset, array)
         count = len(job.split)
         self.split, self.whole = refs[:count], refs[count:]
-        first: list[Future[None]] = []
+        # the split refs of a chunk its worker reads from here, when any array would be copied
+        # (and every such array can be read where it is)
+        sources = list(zip(self.split, targets[:count], job.split, strict=True))
+        direct = [
+            _by_address(array) if target is not None else ref for ref, target, array in sources
+        ]
+        readable = all(target is None or _readable_here(array) for _, target, array in sources)
+        self.direct = direct if readers and readable and direct != self.split else None
+        self.went_direct: set[int] = set(range(readers)) if self.direct is not None else set()
+        self.shared: list[Future[None]] = []
         for target, array in zip(targets[count:], job.whole, strict=True):
-            if target is not None:
-                first += _blocks(copier, target, array)
+            if target is not None and target.nbytes <= COPY_BLOCK_BYTES:
+                with serial.timing("copy"):  # at once: waking a thread up could take longer
+                    np.copyto(target, array, casting="no")
+            elif target is not None:
+                self.shared += _blocks(copier, target, array)
         self.ready: list[list[Future[None]]] = []
-        for start, stop in job.chunks:
-            pending = list(first)
+        for chunk, (start, stop) in enumerate(job.chunks):
+            pending: list[Future[None]] = []
             for target, array in zip(targets[:count], job.split, strict=True):
-                if target is not None and stop > start:  # in blocks: all threads on chunk 0
+                if chunk in self.went_direct:
+                    break
+                if target is not None and stop > start:  # in blocks: all threads on a chunk
                     pending += _blocks(copier, target[start:stop], array[start:stop])
             self.ready.append(pending)
 
-    def wait(self, chunk: int) -> None:
-        """Block until the chunk's rows (and the shared arrays) are in place."""
+    def rows_for(self, chunk: int) -> list[ArrayRef] | None:
+        """Where the chunk's worker finds its rows: None for the job's refs (its rows are in
+        the arena; waits for them only when workers cannot read here), or refs by address
+        in this process's memory (the worker copies them; their arena copies are dropped).
+        The shared arrays are in place when this returns."""
+        _wait(self.shared)
+        if chunk in self.went_direct:
+            return self.direct
         pending = self.ready[chunk]
-        if pending and not all(f.done() for f in pending):
-            with serial.timing("copy"):
-                for future in pending:
-                    future.result()
-        for future in pending:
-            future.result()  # a failed copy raises here
-        self.ready[chunk] = []
+        if self.direct is not None and not all(f.done() for f in pending):
+            for future in pending:
+                future.cancel()  # one already running finishes into rows nobody reads
+            self.went_direct.add(chunk)
+            return self.direct
+        _wait(pending)
+        return None
 
     def cancel(self) -> None:
         """Drop copies not started yet (the job ended early) and wait for the running ones."""
-        for pending in self.ready:
+        every = [self.shared, *self.ready]
+        for pending in every:
             for future in pending:
                 future.cancel()
-        for pending in self.ready:
+        for pending in every:
             for future in pending:
                 if not future.cancelled():
                     future.exception()
+
+
+def _wait(pending: list[Future[None]]) -> None:
+    """Block until these copies are done (timed as the caller's "copy" wait); a failed copy
+    raises here."""
+    if pending and not all(f.done() for f in pending):
+        with serial.timing("copy"):
+            for future in pending:
+                future.exception()
+    for future in pending:
+        future.result()
+
+
+def _readable_here(array: Any) -> bool:
+    """Whether workers can copy their rows of `array` from this process's memory."""
+    return type(array) is np.ndarray and array.nbytes > 0 and array.flags.c_contiguous
+
+
+def _by_address(array: Any) -> CallerArray:
+    """Where `array`'s bytes are in this process (valid for C-contiguous arrays only)."""
+    assert isinstance(array, np.ndarray)
+    return CallerArray(int(array.__array_interface__["data"][0]), array.dtype, array.shape)
 
 
 def _blocks(
@@ -261,7 +315,9 @@ class _Output:
 class _Worker:
     """One worker process and its end of a private socket pair."""
 
-    def __init__(self, env: dict[str, str], idle: bool) -> None:
+    def __init__(
+        self, env: dict[str, str], idle: bool, probe: tuple[int, int, bytes] | None
+    ) -> None:
         ours, theirs = socket.socketpair()
         fds = (theirs.fileno(), lifeline())
         with theirs:
@@ -277,9 +333,12 @@ class _Worker:
                 os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
         self.conn = Connection(ours.detach())
         self.ready = False  # its imports are done: a chunk's clock starts only then
+        self.sent_at = 0.0  # when its chunk left (perf_counter; 0: before it was ready)
+        self.busy = 0.0  # the seconds its last chunk took in the worker, as it said
+        self.reads = False  # it read the caller's probe: it can copy rows from our memory
         self.idle = idle
         self.jobs: deque[str] = deque(maxlen=TEMPLATES_KEPT)
-        self.conn.send(("path", sys.path))
+        self.conn.send(("path", sys.path, probe))
 
     def hurry(self) -> None:
         """A job waits for this worker: back to normal priority if it started at idle."""
@@ -292,11 +351,17 @@ class _Worker:
         if not self.ready and self.conn.poll(0):
             message = self.conn.recv()
             assert message[0] == "ready", message
-            self.ready = True
+            self.ready, self.reads = True, bool(message[1])
         return self.ready
 
     def send(
-        self, job: Job, chunk: int, placed: _Placed, output: _Output | None, joins: bool
+        self,
+        job: Job,
+        chunk: int,
+        placed: _Placed,
+        rows: list[ArrayRef] | None,
+        output: _Output | None,
+        joins: bool,
     ) -> None:
         with serial.timing("send"):
             if job.id not in self.jobs:
@@ -309,8 +374,9 @@ class _Worker:
                 fds.append(output.fd)
             elif joins:
                 where = ASK
-            self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk], len(fds), where))
+            self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk], rows, len(fds), where))
             send_fds(self.conn, fds)
+            self.sent_at = time.perf_counter() if self.ready else 0.0  # start-up is not a trip
 
     def answer(self, output: _Output | None) -> None:
         """Tell a worker that described its rows where they go (None: send them back)."""
@@ -326,15 +392,18 @@ class _Worker:
         message = self.conn.recv()
         kind = message[0]
         if kind == "ready":
-            self.ready = True
+            self.ready, self.reads = True, bool(message[1])
             return "ready", None
-        if kind in ("spec", "wrote"):
-            return kind, message[2] if kind == "spec" else None
+        if kind == "spec":
+            return kind, message[2]
+        self.busy = message[-1]
+        if kind == "wrote":
+            return kind, None
         if kind == "ok":
-            _, _, payload, layout = message
+            _, _, payload, layout, _ = message
             fd = recv_fds(self.conn, 1)[0] if layout else None
             return "outcome", Outcome(value=load_from_file(payload, layout, fd))
-        _, _, error, traceback = message
+        _, _, error, traceback, _ = message
         try:
             exc = loads(error)
         except Exception as why:
@@ -376,6 +445,10 @@ class _Pool:
         self.lock = threading.Lock()
         self.started_at = 0.0
         self.forgotten: list[int] = []  # inodes the workers are to unmap
+        # bytes workers read back from this process's memory at start-up, to show they can
+        self.probe = np.frombuffer(os.urandom(16), np.uint8).copy()
+        self.may_read: bool | None = None  # readable(), asked once
+        self.round_trip = SECONDS_PER_CHUNK * size  # a chunk's seconds beyond its work (average)
         self._forgotten_lock = threading.RLock()  # finalizers run in any thread
         shm.on_retire(self._retired)
 
@@ -418,6 +491,24 @@ class _Pool:
                 worker.hurry()
         return False
 
+    def timed(self, round_trip: float) -> None:
+        """A chunk took `round_trip` seconds more than its work: averaged in."""
+        weight = ROUND_TRIP_WEIGHT
+        self.round_trip = (1 - weight) * self.round_trip + weight * max(0.0, round_trip)
+
+    def reads_caller(self) -> bool:
+        """Whether every worker is up and has shown it can read this process's memory (a
+        job's inputs then need no copy here; a cold pool's first job copies them)."""
+        return bool(self.workers) and all(w.ready and w.reads for w in self.workers)
+
+    def _probe(self) -> tuple[int, int, bytes] | None:
+        if self.may_read is None:
+            self.may_read = readable()
+        if not self.may_read:
+            return None
+        address = int(self.probe.__array_interface__["data"][0])
+        return os.getpid(), address, self.probe.tobytes()
+
     def close(self) -> None:
         for worker in self.workers:
             worker.stop()
@@ -429,7 +520,7 @@ class _Pool:
         threads = str(max(1, available_cpus() // self.size))
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, threads)
-        return _Worker(env, idle and _IDLE is not None)
+        return _Worker(env, idle and _IDLE is not None, self._probe())
 
     def replace(self, worker: _Worker) -> _Worker:
         worker.stop()
@@ -478,7 +569,8 @@ class LocalExecutor(Executor):
             workers=self.size,
             startup_s=self._startup_left(),
             seconds_per_byte=SECONDS_PER_BYTE,
-            seconds_per_chunk=SECONDS_PER_CHUNK,
+            # the planner adds this per chunk; each worker pays its chunks' round trips in turn
+            seconds_per_chunk=max(SECONDS_PER_CHUNK, self.pool.round_trip / self.size),
             seconds_per_result_byte=SECONDS_PER_RESULT_BYTE,
             starts_in_background=True,
         )
@@ -510,7 +602,8 @@ class LocalExecutor(Executor):
         pool = self.pool
         with pool.lock, serial.timing("job"):
             pool.fill()
-            placed = _Placed(job, pool.arena, pool.copier)
+            readers = pool.size if pool.reads_caller() else 0
+            placed = _Placed(job, pool.arena, pool.copier, readers)
             try:
                 pool.forget()
                 return self._dispatch(job, placed)
@@ -551,9 +644,9 @@ class LocalExecutor(Executor):
             while not scheduler.done:
                 while idle and (chunk := scheduler.next()) is not None:
                     worker = idle.pop()
-                    placed.wait(chunk)
+                    rows = placed.rows_for(chunk)
                     try:
-                        worker.send(job, chunk, placed, output, joins)
+                        worker.send(job, chunk, placed, rows, output, joins)
                     except OSError:  # died while idle: replace it; the chunk never ran
                         idle.append(pool.replace(worker))
                         scheduler.again(chunk)
@@ -595,6 +688,8 @@ class LocalExecutor(Executor):
                     if waiting:
                         serial.add("start-up", time.perf_counter() - waiting)
                         waiting = 0.0
+                    if worker.sent_at:
+                        pool.timed(time.perf_counter() - worker.sent_at - worker.busy)
                     idle.append(worker)
                     scheduler.finished(chunk, value, now)
                 for conn in expired:

@@ -8,20 +8,28 @@ Messages
 (pickled, over a private socket; "+ descriptors" are passed alongside, SCM_RIGHTS):
 
 parent -> worker
-  ("path", sys_path)                        once, so functions importable in the parent import here
+  ("path", sys_path, probe)                 once, so functions importable in the parent import here;
+                                            probe: (pid, address, bytes) of the caller's memory to
+                                            read as a test, or None (the pool copies inputs itself)
   ("job", job_id, template, split, whole)   the pickled (function, args, kwargs) and where each
-                                            array is: ArrayRef (descriptor number, offset, ...)
-  ("chunk", job_id, chunk, start, stop, descriptors, output) + descriptors
+                                            array is: ArrayRef (descriptor number and offset, or
+                                            an address in the caller's memory, ...)
+  ("chunk", job_id, chunk, start, stop, split, descriptors, output) + descriptors
                                             run one chunk; `descriptors` files hold its arrays
-                                            (and the output, when `output` says where)
+                                            (and the output, when `output` says where); split:
+                                            where its rows are when not where the job said
+                                            (None), e.g. still only in the caller's memory
   ("out", output, count) [+ descriptor]     the answer to "spec": where the rows go, or None
   ("forget", inodes)                        files the caller let go: unmap them
 worker -> parent
-  ("ready",)                                 once, when imports are done (chunk clocks start then)
+  ("ready", reads)                           once, when imports are done (chunk clocks start then);
+                                            reads: whether it could read the caller's probe
   ("spec", chunk, spec)                      an elemwise chunk's rows, described: where to?
-  ("wrote", chunk)                           its rows are in the output
-  ("ok", chunk, payload, layout) [+ descriptor when layout]   the pickled result
-  ("error", chunk, pickled_exception, traceback_text)
+  ("wrote", chunk, busy)                     its rows are in the output
+  ("ok", chunk, payload, layout, busy) [+ descriptor when layout]   the pickled result
+  ("error", chunk, pickled_exception, traceback_text, busy)
+                                            busy: the seconds the chunk took here (the caller
+                                            learns the rest of a round trip from it)
 
 A chunk's descriptors are closed when it ends, but the files stay mapped (by inode) for the
 chunks that follow: mapping a file again would fault in every 4 KiB page once more, which cost
@@ -33,11 +41,13 @@ unmaps them and their memory is freed.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import mmap
 import os
 import socket
 import sys
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recvfds, sendfds
@@ -46,12 +56,15 @@ from typing import Any
 import numpy as np
 
 from lampy.runtime._codec import dumps
-from lampy.runtime._combine import spec_of
+from lampy.runtime._combine import Leaf, spec_of
 from lampy.runtime._job import RowSource, SplitArray
 from lampy.runtime._shm import dump_to_file
 from lampy.runtime._sweep import watch
 from lampy.runtime._tree import leaves
 from lampy.runtime._worker_side import Outcome, Templates, run_task
+from lampy.runtime.executors import _in_place as in_place
+from lampy.runtime.executors._caller_memory import read_into
+from lampy.runtime.executors._in_place import Slots
 
 
 @dataclass(frozen=True)
@@ -65,8 +78,19 @@ class FileArray:
     shape: tuple[int, ...]
 
 
-# an array in shared memory, or a row source (lampy.remote) whose rows a worker reads
-ArrayRef = FileArray | RowSource
+@dataclass(frozen=True)
+class CallerArray:
+    """A C-ordered array at `address` in the caller's memory: each worker copies its chunk's
+    rows itself (process_vm_readv), so the caller copies nothing."""
+
+    address: int
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+
+# an array in shared memory or in the caller's memory, or a row source (lampy.remote) whose
+# rows a worker reads
+ArrayRef = FileArray | CallerArray | RowSource
 
 
 @dataclass(frozen=True)
@@ -120,30 +144,52 @@ def _forget(inodes: list[int]) -> None:
                 mapped.close()
 
 
+_caller = 0  # the caller's process id, whose memory CallerArray addresses are in
+_many_arrays: deque[str] = deque(maxlen=64)  # jobs whose chunks make too many arrays for
+# lampy.runtime.executors._in_place (its per-allocation cost would show)
+
+
+def _can_read(probe: tuple[int, int, bytes] | None) -> bool:
+    """Whether the caller's probe bytes read back right (then CallerArray inputs work)."""
+    if probe is None:
+        return False
+    pid, address, expected = probe
+    got = np.empty(len(expected), np.uint8)
+    try:
+        read_into(pid, address, got)
+    except OSError:
+        return False
+    return got.tobytes() == expected
+
+
 def serve(conn: Connection) -> None:
+    global _caller
     templates = Templates()
-    conn.send(("ready",))
+    _, path, probe = conn.recv()
+    sys.path[:0] = [p for p in path if p not in sys.path]
+    _caller = probe[0] if probe is not None else 0
+    conn.send(("ready", _can_read(probe)))
     while True:
         try:
             message = conn.recv()
         except EOFError:
             return
         kind = message[0]
-        if kind == "path":
-            sys.path[:0] = [p for p in message[1] if p not in sys.path]
-        elif kind == "forget":
+        if kind == "forget":
             _forget(message[1])
         elif kind == "job":
             _, job_id, template, split, whole = message
             templates.load(job_id, template, (split, whole))
         elif kind == "chunk":
-            _, job_id, chunk, start, stop, count, output = message
+            _, job_id, chunk, start, stop, split, count, output = message
             fds = recv_fds(conn, count)
             try:
-                _chunk(conn, templates, job_id, chunk, (start, stop), fds, output)
+                slots = _chunk(conn, templates, job_id, chunk, (start, stop), split, fds, output)
             finally:
                 for fd in fds:
                     os.close(fd)
+            if slots is not None and slots.held():
+                return  # the function kept an array living in the output: a fresh worker
 
 
 def _chunk(
@@ -152,59 +198,150 @@ def _chunk(
     job_id: str,
     chunk: int,
     rows: tuple[int, int],
+    split: list[ArrayRef] | None,
     fds: list[int],
     output: Output | str | None,
-) -> None:
+) -> Slots | None:
+    """Run one chunk and answer; returns the output rows offered to its allocations, if any
+    (the caller checks, once the chunk's values are gone, that nothing kept them)."""
+    started = time.perf_counter()
     job = templates.get(job_id)
     assert job is not None, "chunk of a job this worker was not sent"
-    split, whole = job.extras
+    split = split or job.extras[0]
+    whole = job.extras[1]
     parts = [_array(fds, ref, rows) for ref in split]
     encode = dump_to_file if output is None else _keep
-    outcome = run_task(job.call, parts, [_array(fds, r) for r in whole], encode)
+    call, target, offered = job.call, None, None
+    if isinstance(output, Output):
+        target = _rows_of(output, _mapped(fds[output.file]), rows)
+        takes = _takes_out(call)
+        if target is not None and takes is not None:  # numpy's out=: the function writes there
+            call = (takes[0], takes[1], {**takes[2], "out": target})
+        elif target is not None and job_id not in _many_arrays and in_place.available():
+            offered = target if isinstance(target, tuple) else (target,)  # result allocated there
+    with in_place.results_into(offered or ()) as slots:
+        outcome = run_task(call, parts, [_array(fds, r) for r in whole], encode)
+    if slots.exhausted:  # a function making many arrays: its next chunks go without
+        _many_arrays.append(job_id)
     del parts
     if outcome.error is None and output is not None:
         value = outcome.value
         spec = spec_of(value, rows[1] - rows[0])
+        if target is not None and _is_same(value, target):
+            conn.send(("wrote", chunk, time.perf_counter() - started))  # no copy: computed there
+            return slots
         if output == ASK and spec is not None:
+            asked = time.perf_counter()
             conn.send(("spec", chunk, spec))
             output, more = conn.recv()[1:]
+            started += time.perf_counter() - asked  # waiting for the caller is not busy
             if isinstance(output, Output):
                 output = replace(output, file=len(fds))
             fds += recv_fds(conn, more)
         if isinstance(output, Output) and spec is not None and spec == output.spec:
             _write(value, output, _mapped(fds[output.file]), rows)
-            conn.send(("wrote", chunk))
-            return
+            conn.send(("wrote", chunk, time.perf_counter() - started))
+            return slots
         try:  # encoded only now; an error here is the chunk's, as in run_task
             outcome = run_task((lambda: value, (), {}), [], [], dump_to_file)
         finally:
             del value
-    _reply(conn, chunk, outcome)
+    _reply(conn, chunk, outcome, time.perf_counter() - started)
+    return slots
 
 
 def _keep(value: Any) -> Any:
     return value
 
 
+def _takes_out(call: Any) -> Any:
+    """The call, when its function has numpy's `out=None` parameter and the call leaves it
+    unset: the chunk then passes its rows of the output as `out`, and a function that honours
+    it computes straight into the result (no second write). Else None."""
+    if not isinstance(call, tuple):
+        return None  # the job could not be unpickled: its chunk reports that
+    function, args, kwargs = call
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = [p for p in parameters if p.name == "out"]
+    if not named or "out" in kwargs or named[0].default is not None:
+        return None
+    out = named[0]
+    if out.kind is inspect.Parameter.KEYWORD_ONLY:
+        return call
+    if out.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and parameters.index(out) >= len(args):
+        return call
+    return None
+
+
+def _rows_of(output: Output, mapped: mmap.mmap, rows: tuple[int, int]) -> Any:
+    """The chunk's rows of the output: an array, or a tuple of arrays as numpy's `out=` takes
+    for several results. None for other structures (dicts, nested): those are copied."""
+    specs = output.spec if isinstance(output.spec, tuple) else (output.spec,)
+    if not all(isinstance(spec, Leaf) for spec in specs):
+        return None
+    views = tuple(
+        np.ndarray(
+            (rows[1] - rows[0], *spec.trailing),
+            spec.dtype,
+            buffer=mapped,
+            offset=offset + rows[0] * spec.row_bytes,
+        )
+        for spec, offset in zip(specs, output.offsets, strict=True)
+    )
+    return views if isinstance(output.spec, tuple) else views[0]
+
+
+def _is_same(value: Any, out: Any) -> bool:
+    """Whether the chunk returned the `out` it was given (each array in place)."""
+    got, given = (value, out) if isinstance(out, tuple) else ((value,), (out,))
+    if not isinstance(got, tuple) or len(got) != len(given):
+        return False
+    return all(
+        type(a) is np.ndarray
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        for a, b in zip(got, given, strict=True)
+    )
+
+
 def _write(value: Any, output: Output, mapped: mmap.mmap, rows: tuple[int, int]) -> None:
-    """Copy the chunk's rows of each array into the output, where they belong."""
-    for leaf, spec, offset in zip(leaves(value), leaves(output.spec), output.offsets, strict=True):
-        at = offset + rows[0] * spec.row_bytes
-        target = np.ndarray(leaf.shape, spec.dtype, buffer=mapped, offset=at)
+    """Copy the chunk's rows of each array into the output, where they belong. A result that
+    lives in the output already (in another array's rows: its allocation got them) is
+    copied aside first, so no write clobbers rows not read yet."""
+    arrays = leaves(value)
+    targets = [
+        np.ndarray(leaf.shape, spec.dtype, buffer=mapped, offset=offset + rows[0] * spec.row_bytes)
+        for leaf, spec, offset in zip(arrays, leaves(output.spec), output.offsets, strict=True)
+    ]
+    arrays = [
+        leaf.copy() if any(np.may_share_memory(leaf, t) for t in targets) else leaf
+        for leaf in arrays
+    ]
+    for target, leaf in zip(targets, arrays, strict=True):
         np.copyto(target, leaf, casting="no")
 
 
 def _array(fds: list[int], ref: ArrayRef, rows: tuple[int, int] | None = None) -> SplitArray:
     """An array in shared memory (or its rows), or a row source's rows (read by the worker
     side). Arrays in shared memory are views of it: a chunk that writes into its input
-    writes into the caller's array, as the same function called in the caller would."""
-    if not isinstance(ref, FileArray):
+    writes into the caller's array, as the same function called in the caller would. Rows in
+    the caller's memory are copied here (writes change only the copy, as with the arena)."""
+    if not isinstance(ref, FileArray | CallerArray):
         return ref if rows is None else ref[rows[0] : rows[1]]
     start, stop = rows if rows is not None else (0, ref.shape[0] if ref.shape else 1)
     shape = ref.shape if rows is None else (stop - start, *ref.shape[1:])
+    row_bytes = ref.dtype.itemsize * int(np.prod(ref.shape[1:], dtype=np.int64))
+    if isinstance(ref, CallerArray):
+        rows_here: np.ndarray = np.empty(shape, ref.dtype)
+        read_into(_caller, ref.address + start * row_bytes, rows_here)
+        return rows_here
     if ref.file < 0:  # no bytes at all
         return np.empty(shape, ref.dtype)
-    row_bytes = ref.dtype.itemsize * int(np.prod(ref.shape[1:], dtype=np.int64))
     mapped = _mapped(fds[ref.file])
     view: np.ndarray = np.ndarray(
         shape, ref.dtype, buffer=mapped, offset=ref.offset + start * row_bytes
@@ -212,15 +349,15 @@ def _array(fds: list[int], ref: ArrayRef, rows: tuple[int, int] | None = None) -
     return view
 
 
-def _reply(conn: Connection, chunk: int, outcome: Outcome) -> None:
+def _reply(conn: Connection, chunk: int, outcome: Outcome, busy: float) -> None:
     if outcome.error is None:
         payload, layout, fd = outcome.value
-        conn.send(("ok", chunk, payload, layout))
+        conn.send(("ok", chunk, payload, layout, busy))
         if fd is not None:
             send_fds(conn, [fd])
             os.close(fd)
         return
-    conn.send(("error", chunk, dumps(outcome.error), outcome.traceback))
+    conn.send(("error", chunk, dumps(outcome.error), outcome.traceback, busy))
 
 
 def main() -> None:
@@ -231,6 +368,12 @@ def main() -> None:
             with contextlib.suppress(AttributeError, OSError):
                 os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
     serve(Connection(int(sys.argv[1])))
+    # no interpreter teardown: arrays a function kept may still be freed through the memory
+    # handler of lampy.runtime.executors._in_place, which teardown would have taken apart
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # run as the module lampy imports, so its classes are the ones

@@ -203,3 +203,24 @@ def test_an_auto_plan_made_on_a_cold_pool_holds_for_cold_calls_only() -> None:
             assert sorted(key[-1] for key in f.runner._plans) == [False, True]
     finally:
         executor.close()
+
+
+def sleepy(x: np.ndarray) -> np.ndarray:
+    time.sleep(0.05)
+    return x + 1
+
+
+def test_auto_prices_the_round_trips_it_measures_not_the_work() -> None:
+    executor = pool()
+    double(np.arange(100.0))  # warm
+    executor.pool.round_trip = 1.0  # a wrong guess: measured chunks pull it down
+    f = lampy.elemwise(chunks=4 * executor.size, executor="local")(sleepy)
+    np.testing.assert_array_equal(f(np.arange(100.0)), np.arange(100.0) + 1)
+    # 50 ms of work per chunk is the chunk's own, not a round trip's
+    assert executor.pool.round_trip < 1.0 * 0.8**4
+    executor.pool.round_trip = 0.0
+    f(np.arange(100.0))
+    assert 0.0 < executor.pool.round_trip < 0.05
+    assert executor.costs().seconds_per_chunk == max(
+        1.1e-4, executor.pool.round_trip / executor.size
+    )

@@ -197,8 +197,8 @@ def test_the_local_arena_leaves_references_to_the_workers(urls: dict[str, str]) 
     job = Job(copy_rows, (Part(0), Part(1)), {}, (reference, np.arange(4.0)), (), ((0, 4),))
     try:
         with ThreadPoolExecutor(2) as copier:
-            placed = _Placed(job, arena, copier)
-            placed.wait(0)
+            placed = _Placed(job, arena, copier, readers=0)
+            assert placed.rows_for(0) is None  # the job's own refs: rows copied in
         assert placed.split[0] is reference
         copied = placed.split[1]
         assert isinstance(copied, FileArray) and (copied.dtype, copied.shape) == (
