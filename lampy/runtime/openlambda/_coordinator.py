@@ -6,8 +6,11 @@ The client writes the job once to a job store (an array server, `remote/_jobs.py
 one small COORDINATE frame, a `Summons`. The sandbox that takes it holds the job's lease and
 runs the loop the client runs otherwise (`OpenLambdaExecutor._run_job`: lampy's
 ChunkScheduler, retries with backoff, straggler backups, exactly-once), its calls going to the
-same OpenLambda worker through `ThreadTransport` (a sandbox has no aiohttp), every frame signed
-with the lambda's secret. The coordinator never unpickles the user's function.
+same OpenLambda worker through `StreamTransport` (asyncio streams: a sandbox has no aiohttp, and
+its calls in flight take no thread, since OpenLambda counts a sandbox's threads against its
+process limit), every frame signed with the lambda's secret. The coordinator never unpickles
+the user's function. While it orchestrates, the thread that runs it is named after the job
+(`thread_name`), so an operator (or a test) on the worker's host can single its sandbox out.
 
 Durable state: each accepted outcome is recorded in the store as it comes, write-once, so no
 chunk is merged twice whoever ran it; a coordinator that takes over loads the records and runs
@@ -30,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import hashlib
 import itertools
 import os
 import secrets
@@ -37,7 +42,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +57,7 @@ from lampy.runtime._scheduler import backoff
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._protocol import Accounting, Caller, JobState, PlatformFailure
-from lampy.runtime.openlambda._transport import ThreadTransport
+from lampy.runtime.openlambda._transport import StreamTransport, ThreadTransport
 from lampy.runtime.remote._jobs import JobStore, at_rest
 from lampy.runtime.remote._results import Offer
 
@@ -62,6 +67,10 @@ RENEW_S = 0.5  # ... which it is this often
 TAKEOVER_WAIT_S = 5.0  # a coordinator handing off waits this long for its successor's lease
 RECORD_BATCH_S = 0.02  # outcomes accepted within this long go to the store in one request
 REPORT_EVERY = 4  # renewals between two posts of a coordinator's counts (`lampy job ID`)
+#: The threads a stock OpenLambda lets a sandbox run (`limits.procs`, which counts threads): a
+#: coordinator stays within it whatever its concurrency (its calls take no thread; it runs
+#: the handler's, the event loop's, the lease's, the recorder's, and one for a hand-off).
+PROCS_LIMIT = 10
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,51 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]
     off" (to whom), "busy" (another live coordinator holds the lease), "cancelled", or
     "finished already".
     """
+    with named_thread(thread_name(summons.job)):
+        return _coordinate(summons, secret, sandbox)
+
+
+def thread_name(job: str) -> str:
+    """The name a coordinator gives its thread while it orchestrates `job` (15 characters,
+    the kernel's limit): seen from the host in /proc/PID/task/TID/comm, where a sandbox's own
+    process id (1 on OpenLambda) means nothing. A hash: the job's id is not shown."""
+    return "lampy-" + hashlib.sha256(job.encode()).hexdigest()[:9]
+
+
+_PR_SET_NAME, _PR_GET_NAME = 15, 16
+
+
+@contextlib.contextmanager
+def named_thread(name: str) -> Iterator[None]:
+    """This OS thread named `name` (prctl) while the block runs, then its name again. Where
+    prctl is not to be had, the thread keeps its name: only finding it from outside suffers."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        before = ctypes.create_string_buffer(16)
+        named = libc.prctl(_PR_GET_NAME, before, 0, 0, 0) == 0
+        named = named and libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        named = False
+    try:
+        yield
+    finally:
+        if named:
+            libc.prctl(_PR_SET_NAME, before.value, 0, 0, 0)
+
+
+def _threads() -> int:
+    """The threads this process runs now (what OpenLambda's process limit counts)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return threading.active_count()
+
+
+def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]:
     started = time.monotonic()
     store = JobStore(summons.store, summons.job)
     holder = f"{sandbox}/{secrets.token_hex(3)} pid {os.getpid()}"  # pid 1 on OpenLambda
@@ -192,7 +246,7 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]
 
     options = assignment.options
     endpoint = f"{assignment.url}/run/{options['name']}"
-    transport = ThreadTransport(endpoint, options["concurrency"], secret)
+    transport = StreamTransport(endpoint, options["concurrency"], secret)
     executor = OpenLambdaExecutor(
         url=assignment.url, progress="off", transport=transport, **options
     )
@@ -208,17 +262,22 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]
             executor._loop.run(_stream(merger, state.done))
             state.record = _both(recorder.record, merger.stream)
         state.stop = lambda: lease.lost is not None or time.monotonic() >= deadline
-        lease.counts = lambda: _counts(state.account, executor.backups, known, summons.why)
+        lease.counts = lambda: _counts(state.account, executor.backups, known, summons.why, lease)
         outcomes = executor.run_state(state)
         recorder.flush(state.account, outcomes)
-        counts = _counts(state.account, executor.backups, known, summons.why)
         if lease.lost is not None:
-            store.counters(holder, counts)
+            store.counters(
+                holder, _counts(state.account, executor.backups, known, summons.why, lease)
+            )
             return lease.lost, ""
         if not state.complete:
-            store.counters(holder, counts)
             left = assignment.lifetime - (time.monotonic() - started)
-            return "handed off", _hand_off(summons, lease, endpoint, secret, left)
+            successor = _hand_off(summons, lease, endpoint, secret, left)
+            store.counters(
+                holder, _counts(state.account, executor.backups, known, summons.why, lease)
+            )
+            return "handed off", successor
+        counts = _counts(state.account, executor.backups, known, summons.why, lease)
         report = merger.report
         report.outcomes = outcomes
         if merger.assignment.combine is not None and _mergeable(outcomes, assignment.keep_going):
@@ -274,6 +333,7 @@ class _Lease:
         self.generation: int | None = None
         self.lost: str | None = None
         self.counts: Callable[[], dict[str, Any]] | None = None  # progress, posted now and then
+        self.peak = _threads()  # this process's threads, sampled at every renewal
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -294,10 +354,15 @@ class _Lease:
     def left(self) -> float:
         return max(0.0, self.lifetime - (time.monotonic() - self.started))
 
+    def threads(self) -> int:
+        self.peak = max(self.peak, _threads())
+        return self.peak
+
     def _renew(self) -> None:
         beats = 0
         while not self._stop.wait(RENEW_S):
             beats += 1
+            self.threads()
             if self.counts is not None and beats % REPORT_EVERY == 0:
                 with contextlib.suppress(Exception):  # counts mid-change: the next one will do
                     self.store.counters(self.holder, self.counts())
@@ -418,7 +483,9 @@ def _call_quietly(transport: ThreadTransport, frame: frames.Outgoing, timeout: f
         transport._post(frame, timeout)
 
 
-def _counts(account: Accounting, backups: int, known: list[int], why: str) -> dict[str, Any]:
+def _counts(
+    account: Accounting, backups: int, known: list[int], why: str, lease: _Lease
+) -> dict[str, Any]:
     """What one coordinator did, as the store keeps it (`lampy job ID` shows the sums);
     chunk numbers as ranges, so a 1,000-chunk job's counts stay a few hundred bytes."""
     by_count: dict[int, list[int]] = {}
@@ -435,6 +502,7 @@ def _counts(account: Accounting, backups: int, known: list[int], why: str) -> di
         "cancelled": account.cancelled,
         "backups": backups,
         "combines": 0,
+        "threads": lease.threads(),  # the most this process ran at once, as far as seen
         "at": time.time(),
     }
 

@@ -9,13 +9,15 @@ and the coordinators' counts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,11 @@ from lampy.runtime._settings import resolve_options
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._coordinator import (
     FAN_IN,
+    PROCS_LIMIT,
     chunks_of,
     handoff_margin,
     next_orchestrator,
+    thread_name,
 )
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
@@ -216,6 +220,51 @@ def test_a_runtime_limit_shorter_than_the_job_hands_off_and_stays_exact(short_wo
     assert max(took) > 0  # a successor started from the store's records
 
 
+def coordinator_pids(job: str, among: Callable[[int], bool] = lambda pid: True) -> set[int]:
+    """The processes (as this host numbers them) with a thread named for coordinating `job`:
+    a sandbox's own pid (1 on OpenLambda) does not say which sandbox it is."""
+    name = thread_name(job)
+    found = set()
+    for comm in Path("/proc").glob("[0-9]*/task/*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().strip() == name and among(int(comm.parts[2])):
+                found.add(int(comm.parts[2]))
+    return found
+
+
+def kill_the_coordinator_when(
+    done: int, killed: list[int], among: Callable[[int], bool] = lambda pid: True
+) -> None:
+    """SIGKILL, from outside, the process orchestrating the running job once `done` of its
+    chunks are recorded (the job found in this process's array server, its default store)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not killed:
+        for folder in (_publish._publisher.directory or Path("/nonexistent")).glob("jobs/*"):
+            with (
+                contextlib.suppress(Exception),
+                JobStore(_publish._publisher.url, folder.name) as s,
+            ):
+                status = s.status()
+                if status["done"] >= done and status["state"] == "running":
+                    pids = coordinator_pids(folder.name, among)
+                    assert len(pids) <= 1, pids  # one coordinator holds the job
+                    for pid in pids:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                        return
+        time.sleep(0.05)
+
+
+def assert_revived_and_merged_once(status: dict[str, Any], chunks: int) -> None:
+    """The killed coordinator reported nothing after its last counts; a revived one took over
+    the store's records and ran only the rest: every chunk recorded and accepted once."""
+    assert any(e["why"] == "revive" for e in status["events"]), status["events"]
+    assert status["state"] == "done" and status["done"] == chunks
+    last = max(status["counters"].values(), key=lambda c: len(chunks_of(c["took_over"])))
+    took, ran = set(chunks_of(last["took_over"])), set(chunks_of(last["accepted"]))
+    assert len(took) >= 10 and not took & ran and took | ran == set(range(chunks))
+
+
 def test_the_coordinators_sandbox_killed_mid_job(short_worker: str) -> None:
     """SIGKILL from outside: the lease lapses, the client summons another coordinator, which
     takes over from the store's records."""
@@ -225,24 +274,7 @@ def test_the_coordinators_sandbox_killed_mid_job(short_worker: str) -> None:
         expected = region(x)
     options = {"orchestrator": "lambda", "runtime_limit": 2.5, "progress": "off"}
     killed: list[int] = []
-
-    def kill_the_coordinator() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not killed:
-            for folder in (_publish._publisher.directory or Path("/nonexistent")).glob("jobs/*"):
-                with JobStore(_publish._publisher.url, folder.name) as store:
-                    status = store.status()
-                lease = status["lease"]
-                if lease and status["done"] >= 10 and status["state"] == "running":
-                    pid = int(lease["holder"].rsplit(" ", 1)[1])
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
-            time.sleep(0.05)
-
-    import threading
-
-    killer = threading.Thread(target=kill_the_coordinator)
+    killer = threading.Thread(target=kill_the_coordinator_when, args=(10, killed))
     with lampy.using(executor="openlambda", url=short_worker, **options):
         killer.start()
         got = region(x)
@@ -250,12 +282,19 @@ def test_the_coordinators_sandbox_killed_mid_job(short_worker: str) -> None:
         status = executor_in_use().statuses[-1]
     assert killed, "the coordinator was never seen holding the job"
     assert_same(got, expected, exact=True)
-    assert any(e["why"] == "revive" for e in status["events"]), status["events"]
-    # the killed one reported nothing; the last one took over its records and ran the rest
-    assert status["state"] == "done" and status["done"] == 120
-    last = max(status["counters"].values(), key=lambda c: len(chunks_of(c["took_over"])))
-    took, ran = set(chunks_of(last["took_over"])), set(chunks_of(last["accepted"]))
-    assert len(took) >= 10 and not took & ran and took | ran == set(range(120))
+    assert_revived_and_merged_once(status, 120)
+
+
+def test_a_coordinator_runs_ten_threads_at_most_whatever_its_concurrency(worker_url: str) -> None:
+    """A stock OpenLambda lets a sandbox run 10 processes, threads included: a coordinator
+    with 32 calls in flight stays within that (its calls take no thread)."""
+    x = np.random.default_rng(9).standard_normal((3_200, 2))
+    options = {"orchestrator": "lambda", "concurrency": 32, "batch": 1, "progress": "off"}
+    with lampy.using(executor="openlambda", url=worker_url, **options):
+        lampy.sum(chunks=320)(slow_energy)(x)
+        status = executor_in_use().statuses[-1]
+    peaks = [c["threads"] for c in status["counters"].values()]
+    assert peaks and all(2 <= peak <= PROCS_LIMIT for peak in peaks), peaks
 
 
 @pytest.fixture
