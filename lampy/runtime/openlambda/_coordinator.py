@@ -22,7 +22,7 @@ holds it, and answers. A coordinator killed outright simply stops renewing its l
 whoever watches the job (the client, or `lampy.job(id)` from any process) summons a new one
 once it has expired.
 
-A reduction's partials are merged in lambdas, `FAN_IN` at a time, level by level (COMBINE
+A reduction's partials are merged in lambdas, `fan_in` at a time, level by level (COMBINE
 frames): exactly the subtrees of the client's own `tree_merge`, so the answer is bit-identical
 to client orchestration, and the client receives only those subtrees (one value, or one per
 level beside a chunk it ran itself). An elemwise job's results are stored on the client's array
@@ -61,7 +61,8 @@ from lampy.runtime.openlambda._transport import StreamTransport, ThreadTransport
 from lampy.runtime.remote._jobs import JobStore, at_rest
 from lampy.runtime.remote._results import Offer
 
-FAN_IN = 32  # partials one combine call merges: a subtree five levels high (a power of 2)
+MAX_FAN_IN = 256  # partials one combine call merges at most: a subtree 8 levels high ...
+COMBINE_BYTES = 4 << 20  # ... and at most about this many bytes of them (see `fan_in`)
 LEASE_S = 3.0  # a coordinator's lease lasts this long unless renewed ...
 RENEW_S = 0.5  # ... which it is this often
 TAKEOVER_WAIT_S = 5.0  # a coordinator handing off waits this long for its successor's lease
@@ -263,8 +264,11 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
             state.record = _both(recorder.record, merger.stream)
         state.stop = lambda: lease.lost is not None or time.monotonic() >= deadline
         lease.counts = lambda: _counts(state.account, executor.backups, known, summons.why, lease)
+        lease.mark("setup", started)
         outcomes = executor.run_state(state)
+        lease.mark("chunks")
         recorder.flush(state.account, outcomes)
+        lease.mark("records")
         if lease.lost is not None:
             store.counters(
                 holder, _counts(state.account, executor.backups, known, summons.why, lease)
@@ -283,7 +287,9 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
         if merger.assignment.combine is not None and _mergeable(outcomes, assignment.keep_going):
             streamed = streaming and not recorder.refused  # else merge what the store holds
             executor._loop.run(merger.finish(outcomes, streamed))
+        lease.mark("merge")
         counts["combines"] = report.combines
+        counts["seconds"] = lease.phases
         store.counters(holder, counts)
         store.put_result(frames.encode(frames.RESULT, report, secret).join())
         report.status = store.status()
@@ -334,6 +340,8 @@ class _Lease:
         self.lost: str | None = None
         self.counts: Callable[[], dict[str, Any]] | None = None  # progress, posted now and then
         self.peak = _threads()  # this process's threads, sampled at every renewal
+        self.phases: dict[str, float] = {}  # where this coordinator's time went, in seconds
+        self._last = self.started
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -353,6 +361,12 @@ class _Lease:
 
     def left(self) -> float:
         return max(0.0, self.lifetime - (time.monotonic() - self.started))
+
+    def mark(self, phase: str, since: float | None = None) -> None:
+        """`phase` took the time since the last mark (or `since`)."""
+        now = time.monotonic()
+        self.phases[phase] = round(now - (self._last if since is None else since), 4)
+        self._last = now
 
     def threads(self) -> int:
         self.peak = max(self.peak, _threads())
@@ -503,6 +517,7 @@ def _counts(
         "backups": backups,
         "combines": 0,
         "threads": lease.threads(),  # the most this process ran at once, as far as seen
+        "seconds": lease.phases,
         "at": time.time(),
     }
 
@@ -580,8 +595,36 @@ def _mergeable(outcomes: dict[int, Outcome], keep_going: bool) -> bool:
     return True
 
 
+def fan_in(partial_bytes: int) -> int:
+    """How many partials one combine call merges: as many as fit in COMBINE_BYTES, at most
+    MAX_FAN_IN, at least 2, a power of 2 (so each group is a subtree of the client's tree).
+    Few calls for small partials (each call costs a round trip and a sandbox: 1,000 partials
+    of a few floats take 5 calls, not 33 at 32 a call), frames of a few MiB for large ones.
+
+    >>> fan_in(100), fan_in(1 << 20), fan_in(1 << 30)
+    (256, 4, 2)
+    """
+    width = 2
+    while width < MAX_FAN_IN and 2 * width * max(partial_bytes, 1) <= COMBINE_BYTES:
+        width *= 2
+    return width
+
+
+def nbytes(value: Any) -> int:
+    """About how many bytes a partial pickles to (its arrays' data, and a little per item)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes + 128
+    if isinstance(value, list | tuple):
+        return sum(nbytes(v) for v in value) + 16
+    if isinstance(value, dict):
+        return sum(nbytes(k) + nbytes(v) for k, v in value.items()) + 16
+    if isinstance(value, bytes | str):
+        return len(value) + 32
+    return 64
+
+
 class _Merger:
-    """Merges partials in combine lambdas, `FAN_IN` at a time, as the subtrees of the client's
+    """Merges partials in combine lambdas, `fan_in` at a time, as the subtrees of the client's
     tree that lack the chunks the client ran itself. With `stream`, each group of a level is
     combined as soon as its members are in, while the job still runs; else all at the end."""
 
@@ -628,7 +671,8 @@ class _Merger:
             if lo <= position < hi:
                 tree = self.trees.get((lo, hi))
                 if tree is None:
-                    tree = self.trees[(lo, hi)] = _Tree(hi - lo, self.combine)
+                    width = fan_in(nbytes(outcome.value))
+                    tree = self.trees[(lo, hi)] = _Tree(hi - lo, self.combine, width)
                 tree.put(0, position - lo, outcome.value)
                 return
 
@@ -645,7 +689,9 @@ class _Merger:
             else:
                 values = []
                 for lo, hi in spans:
-                    tree = _Tree(hi - lo, self.combine)
+                    tree = _Tree(
+                        hi - lo, self.combine, fan_in(nbytes(outcomes[position[lo]].value))
+                    )
                     for p in range(lo, hi):
                         tree.put(0, p - lo, outcomes[position[p]].value)
                     values.append(await tree.root)
@@ -664,13 +710,14 @@ class _Merger:
 
 
 class _Tree:
-    """One subtree merged level by level: a group of `FAN_IN` nodes (fewer at a level's end)
+    """One subtree merged level by level: a group of `fan_in` nodes (fewer at a level's end)
     goes to one combine call once all are in; tree_merge's own pairs, so its own result."""
 
-    def __init__(self, width: int, combine: Any) -> None:
+    def __init__(self, width: int, combine: Any, fan_in: int) -> None:
+        self.fan_in = fan_in
         self.sizes = [width]
         while self.sizes[-1] > 1:
-            self.sizes.append(-(-self.sizes[-1] // FAN_IN))
+            self.sizes.append(-(-self.sizes[-1] // fan_in))
         self.levels: list[dict[int, Any]] = [{} for _ in self.sizes]
         self.combine = combine
         self.root: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -683,8 +730,8 @@ class _Tree:
             return
         nodes = self.levels[level]
         nodes[index] = value
-        group = index // FAN_IN
-        members = range(group * FAN_IN, min((group + 1) * FAN_IN, self.sizes[level]))
+        group = index // self.fan_in
+        members = range(group * self.fan_in, min((group + 1) * self.fan_in, self.sizes[level]))
         if all(m in nodes for m in members):
             values = [nodes.pop(m) for m in members]
             if len(values) == 1:

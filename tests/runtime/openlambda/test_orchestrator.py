@@ -30,10 +30,12 @@ from lampy.runtime._combine import Merged, subtrees, tree_merge
 from lampy.runtime._settings import resolve_options
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._coordinator import (
-    FAN_IN,
+    MAX_FAN_IN,
     PROCS_LIMIT,
     chunks_of,
+    fan_in,
     handoff_margin,
+    nbytes,
     next_orchestrator,
     thread_name,
 )
@@ -85,9 +87,10 @@ def assert_merged_once(executor: OpenLambdaExecutor, chunks: int) -> dict[str, A
 
 
 @pytest.mark.parametrize("total", [1, 2, 3, 7, 8, 9, 13, 33, 64, 100, 1000, 1057])
-def test_subtrees_and_fan_in_levels_rebuild_the_client_tree(total: int) -> None:
-    """What a coordinator builds (the subtrees lacking the client's chunks, each merged FAN_IN
-    at a time level by level) is the client's own tree, bracket for bracket."""
+@pytest.mark.parametrize("width", [2, 8, 32, MAX_FAN_IN])
+def test_subtrees_and_fan_in_levels_rebuild_the_client_tree(total: int, width: int) -> None:
+    """What a coordinator builds (the subtrees lacking the client's chunks, each merged
+    `width` at a time level by level) is the client's own tree, bracket for bracket."""
     leaves = [chr(ord("a") + i % 26) for i in range(total)]
     expected = tree_merge(leaves, bracket)
     for first in range(min(total, 3)):
@@ -95,10 +98,17 @@ def test_subtrees_and_fan_in_levels_rebuild_the_client_tree(total: int) -> None:
         for lo, hi in subtrees(first, total):
             level = leaves[lo:hi]
             while len(level) > 1:
-                groups = [level[i : i + FAN_IN] for i in range(0, len(level), FAN_IN)]
+                groups = [level[i : i + width] for i in range(0, len(level), width)]
                 level = [tree_merge(g, bracket) for g in groups]
             nodes.append(Merged(level[0], hi - lo))
         assert tree_merge(leaves[:first] + nodes, bracket) == expected
+
+
+def test_a_combine_call_merges_many_small_partials_or_a_few_large_ones() -> None:
+    assert fan_in(nbytes(np.zeros(8))) == MAX_FAN_IN
+    assert fan_in(nbytes(np.zeros(1 << 16))) == 4  # 512 KiB each: 2 MiB a call
+    assert fan_in(nbytes((np.zeros(1 << 20), 3))) == 2  # never fewer than a pair
+    assert all(fan_in(n) & (fan_in(n) - 1) == 0 for n in (1, 10**3, 10**5, 10**7))
 
 
 def test_the_hand_off_rule_prefers_the_longer_remaining_lifetime() -> None:
