@@ -258,7 +258,7 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
         state = _state(assignment, store, secret, recorder)
         known = sorted(state.done)
         merger = _Merger(executor.caller, assignment, Report({}, holder=holder), state.account)
-        streaming = assignment.combine is not None and not assignment.keep_going
+        streaming = assignment.combine is not None
         if streaming:  # partials merged as they come, those recorded before first
             executor._loop.run(_stream(merger, state.done))
             state.record = _both(recorder.record, merger.stream)
@@ -624,9 +624,17 @@ def nbytes(value: Any) -> int:
 
 
 class _Merger:
-    """Merges partials in combine lambdas, `fan_in` at a time, as the subtrees of the client's
-    tree that lack the chunks the client ran itself. With `stream`, each group of a level is
-    combined as soon as its members are in, while the job still runs; else all at the end."""
+    """Merges partials in combine lambdas, `fan_in` at a time, into the subtrees of the
+    client's tree that lack the chunks the client ran itself.
+
+    As partials come (`stream`), each group of `fan_in` aligned nodes, a subtree of the
+    client's tree whatever the job's final size, is merged as soon as its members are in,
+    level by level; `finish` merges what is left at the right edge of each subtree once the
+    outcomes are all in. A chunk's place in the tree is its position among the merged chunks:
+    fixed at once unless the job may leave chunks out (`allow_partial`, keep_going); then it
+    is known once every earlier chunk is decided, so partials wait for their predecessors (a
+    chunk lost after every attempt is decided only at the end: the ones after it wait).
+    """
 
     def __init__(
         self, caller: Caller, assignment: Assignment, report: Report, account: Accounting
@@ -637,8 +645,11 @@ class _Merger:
             report,
             account,
         )
-        self.spans = subtrees(assignment.first, assignment.first + len(assignment.chunks.chunks()))
-        self.trees: dict[tuple[int, int], _Tree] = {}
+        self.first = assignment.first  # positions before it are the client's
+        self.blocks: _Blocks | None = None
+        self.waiting: dict[int, Outcome] = {}  # decided chunks not yet placed (keep_going)
+        self.placed = 0  # chunks placed so far, in order (keep_going)
+        self.kept = 0  # ... of which merged (not left out)
         self.calls = 0
 
     async def combine(self, partials: list[Any]) -> Any:
@@ -662,39 +673,52 @@ class _Merger:
         raise AssertionError("unreachable")
 
     def stream(self, chunk: int, outcome: Outcome) -> None:
-        """A chunk's accepted partial (on the loop): into its subtree, merging what it
-        completes. Positions are fixed only when no chunk can be left out (not keep_going)."""
-        if outcome.error is not None:
+        """A chunk's accepted outcome (on the loop): placed in the tree, merging what it
+        completes."""
+        if not self.assignment.keep_going:
+            if outcome.error is None:
+                self._place(self.first + chunk, outcome.value)
             return
-        position = self.assignment.first + chunk
-        for lo, hi in self.spans:
-            if lo <= position < hi:
-                tree = self.trees.get((lo, hi))
-                if tree is None:
-                    width = fan_in(nbytes(outcome.value))
-                    tree = self.trees[(lo, hi)] = _Tree(hi - lo, self.combine, width)
-                tree.put(0, position - lo, outcome.value)
-                return
+        self.waiting[chunk] = outcome
+        self._advance()
+
+    def _advance(self) -> None:
+        """Place the chunks whose predecessors are all decided (keep_going)."""
+        while self.placed in self.waiting:
+            decided = self.waiting.pop(self.placed)
+            self.placed += 1
+            if decided.error is None:
+                self._place(self.first + self.kept, decided.value)
+                self.kept += 1
+
+    def _place(self, position: int, value: Any) -> None:
+        if self.blocks is None:
+            self.blocks = _Blocks(self.first, fan_in(nbytes(value)), self.combine)
+        self.blocks.put(0, position, value)
 
     async def finish(self, outcomes: dict[int, Outcome], streamed: bool) -> None:
         """Replace the partials in `outcomes` by `Merged` subtrees (or set the report's
         combine error)."""
-        report, first = self.report, self.assignment.first
+        report, first = self.report, self.first
         kept = [c for c in sorted(outcomes) if outcomes[c].error is None]
         position = {first + i: chunk for i, chunk in enumerate(kept)}
+        if streamed and self.assignment.keep_going:  # the chunks lost are decided now
+            for chunk in sorted(outcomes):
+                if chunk >= self.placed:
+                    self.waiting.setdefault(chunk, outcomes[chunk])
+            self._advance()
+        if not streamed or self.blocks is None:
+            if self.blocks is not None:
+                await self.blocks.stop()
+            self.blocks = None
+            for p, chunk in position.items():
+                self._place(p, outcomes[chunk].value)
         spans = subtrees(first, first + len(kept))
         try:
-            if streamed:
-                values = [await self.trees[span].root for span in spans]
-            else:
-                values = []
-                for lo, hi in spans:
-                    tree = _Tree(
-                        hi - lo, self.combine, fan_in(nbytes(outcomes[position[lo]].value))
-                    )
-                    for p in range(lo, hi):
-                        tree.put(0, p - lo, outcomes[position[p]].value)
-                    values.append(await tree.root)
+            values = []
+            if self.blocks is not None:
+                await self.blocks.stop()
+                values = [self.blocks.span(lo, hi, self._here) for lo, hi in spans]
         except CombineRaised as raised:
             report.combine_error = raised.outcome
             return
@@ -704,57 +728,96 @@ class _Merger:
             outcomes[position[lo]] = Outcome(value=Merged(value, hi - lo))
         report.merged = spans
 
+    def _here(self, items: list[Any]) -> Any:
+        """Merge `items` in this coordinator (what is left once every chunk is in)."""
+        rule = self.assignment.combine
+        assert rule is not None
+        outcome = combine_here(self.assignment.job, rule, items)
+        if outcome.error is not None:
+            raise CombineRaised(outcome)
+        return outcome.value
+
     def abandon(self) -> None:
-        for tree in self.trees.values():
-            tree.abandon()
+        if self.blocks is not None:
+            self.blocks.abandon()
 
 
-class _Tree:
-    """One subtree merged level by level: a group of `fan_in` nodes (fewer at a level's end)
-    goes to one combine call once all are in; tree_merge's own pairs, so its own result."""
+class _Blocks:
+    """The client's tree, merged from the bottom as its leaves come: a node at level j is the
+    aligned block of fan_in**j positions [i * fan_in**j, (i + 1) * fan_in**j), a subtree of
+    `tree_merge`'s tree over any number of partials that holds it whole (fan_in a power of 2).
+    A block is merged once its `fan_in` members are in, unless it holds a position before
+    `first` (the client's)."""
 
-    def __init__(self, width: int, combine: Any, fan_in: int) -> None:
-        self.fan_in = fan_in
-        self.sizes = [width]
-        while self.sizes[-1] > 1:
-            self.sizes.append(-(-self.sizes[-1] // fan_in))
-        self.levels: list[dict[int, Any]] = [{} for _ in self.sizes]
-        self.combine = combine
-        self.root: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def __init__(self, first: int, fan_in: int, combine: Any) -> None:
+        self.first, self.fan_in, self.combine = first, fan_in, combine
+        self.nodes: dict[tuple[int, int], Any] = {}  # (level, index): value
         self.tasks: set[asyncio.Task[None]] = set()
+        self.failure: BaseException | None = None
 
     def put(self, level: int, index: int, value: Any) -> None:
-        if level == len(self.sizes) - 1:
-            if not self.root.done():
-                self.root.set_result(value)
+        self.nodes[(level, index)] = value
+        group, above = index // self.fan_in, self.fan_in ** (level + 1)
+        if group * above < self.first:
             return
-        nodes = self.levels[level]
-        nodes[index] = value
-        group = index // self.fan_in
-        members = range(group * self.fan_in, min((group + 1) * self.fan_in, self.sizes[level]))
-        if all(m in nodes for m in members):
-            values = [nodes.pop(m) for m in members]
-            if len(values) == 1:
-                self.put(level + 1, group, values[0])
-            else:
-                task = asyncio.ensure_future(self._merge(level + 1, group, values))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+        members = [(level, m) for m in range(group * self.fan_in, (group + 1) * self.fan_in)]
+        if all(m in self.nodes for m in members):
+            values = [self.nodes[m] for m in members]
+            task = asyncio.ensure_future(self._merge(level + 1, group, values, members))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
-    async def _merge(self, level: int, index: int, values: list[Any]) -> None:
+    async def _merge(
+        self, level: int, index: int, values: list[Any], members: list[tuple[int, int]]
+    ) -> None:
         try:
             merged = await self.combine(values)
-        except BaseException as exc:
-            if not self.root.done():
-                self.root.set_exception(exc)
+        except Exception as exc:  # the combine rule raised, or the platform failed throughout
+            self.failure = self.failure or exc
             return
+        for m in members:
+            self.nodes.pop(m, None)
         self.put(level, index, merged)
+
+    async def stop(self) -> None:
+        """Stop the merges in flight (their members stay, to be merged by `span`): once every
+        chunk is in, what is left is a few values a level, merged faster where they are than
+        by a call; and a platform that sizes its sandboxes by the work in flight (OpenLambda:
+        one per 10 ms of it) may have none free for a lone call beside the coordinator's own."""
+        while self.tasks:
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        if isinstance(self.failure, CombineRaised):
+            raise self.failure
+
+    def span(self, lo: int, hi: int, merge: Callable[[list[Any]], Any]) -> Any:
+        """The value of the client's subtree over [lo, hi): its largest merged blocks and its
+        leaves, merged by `merge` as `tree_merge` would (a `Merged` item per block)."""
+        items: list[Any] = []
+        at = lo
+        top = 0
+        while self.fan_in ** (top + 1) <= hi - lo:
+            top += 1
+        while at < hi:  # the highest merged block starting at `at` that fits (a leaf at least)
+            level = next(
+                j
+                for j in range(top, -1, -1)
+                if at % self.fan_in**j == 0
+                and at + self.fan_in**j <= hi
+                and (j, at // self.fan_in**j) in self.nodes
+            )
+            size = self.fan_in**level
+            value = self.nodes[(level, at // size)]
+            items.append(Merged(value, size) if level else value)
+            at += size
+        if len(items) == 1:
+            return items[0].value if isinstance(items[0], Merged) else items[0]
+        return merge(items)
 
     def abandon(self) -> None:
         for task in list(self.tasks):
             task.cancel()
-        if not self.root.done():
-            self.root.cancel()
 
 
 class CombineRaised(Exception):

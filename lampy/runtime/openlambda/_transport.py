@@ -140,24 +140,21 @@ class StreamTransport(Transport):
         return await asyncio.wait_for(self._post(frame), timeout)
 
     async def _post(self, frame: frames.Outgoing) -> Reply:
-        while self._idle:  # a kept connection the server closed meanwhile: the next one
+        """One exchange, never repeated here: a frame sent twice is refused as a replay, so a
+        connection cut short is the caller's to retry, with a fresh frame."""
+        while self._idle:  # skip kept connections the server has closed meanwhile
             reader, writer = self._idle.pop()
-            if reader.at_eof() or writer.is_closing():
-                writer.close()
-                continue
-            try:
-                return await self._exchange(reader, writer, frame, reused=True)
-            except _Stale:
-                continue
+            if not (reader.at_eof() or writer.is_closing()):
+                return await self._exchange(reader, writer, frame)
+            writer.close()
         reader, writer = await asyncio.open_connection(self.host, self.port)
-        return await self._exchange(reader, writer, frame, reused=False)
+        return await self._exchange(reader, writer, frame)
 
     async def _exchange(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         frame: frames.Outgoing,
-        reused: bool,
     ) -> Reply:
         keep = False
         try:
@@ -169,10 +166,7 @@ class StreamTransport(Transport):
             for piece in frame:
                 writer.write(piece)
                 await writer.drain()
-            status_line = await reader.readline()
-            if not status_line and reused:
-                raise _Stale
-            status, headers = await _head(reader, status_line)
+            status, headers = await _head(reader, await reader.readline())
             reply, keep = await self._answer(reader, status, headers)
             return reply
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
@@ -214,12 +208,10 @@ class StreamTransport(Transport):
             writer.close()
 
 
-class _Stale(Exception):
-    """A kept connection the server had closed before this request: try another."""
-
-
 async def _head(reader: asyncio.StreamReader, status_line: bytes) -> tuple[int, dict[str, str]]:
     """The status and the (lower-cased) headers of an HTTP/1.1 answer."""
+    if not status_line:
+        raise ConnectionError("the connection closed before an answer")
     parts = status_line.decode("latin-1").split(None, 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/"):
         raise ValueError(f"not an HTTP answer: {status_line[:80]!r}")

@@ -9,9 +9,11 @@ and the coordinators' counts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,15 +21,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
 import lampy
+from lampy._errors import RetriesExhausted
 from lampy.runtime import executors
+from lampy.runtime._codec import dumps
 from lampy.runtime._combine import Merged, subtrees, tree_merge
 from lampy.runtime._settings import resolve_options
+from lampy.runtime._worker_side import Outcome
+from lampy.runtime.openlambda import _coordinator as coordinator
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._coordinator import (
     MAX_FAN_IN,
@@ -40,6 +47,7 @@ from lampy.runtime.openlambda._coordinator import (
     thread_name,
 )
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
+from lampy.runtime.openlambda._protocol import Accounting
 from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
 from lampy.runtime.openlambda._watch import JobCancelled
 from lampy.runtime.remote import _publish
@@ -111,6 +119,87 @@ def test_a_combine_call_merges_many_small_partials_or_a_few_large_ones() -> None
     assert all(fan_in(n) & (fan_in(n) - 1) == 0 for n in (1, 10**3, 10**5, 10**7))
 
 
+class FakeCaller:
+    """Combine calls merged here with `bracket` (a single-layer unit test of the merger),
+    counting the calls made while chunks still arrive."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def combine(self, job: str, number: int, rule: bytes, partials: list[Any]) -> Outcome:
+        self.calls += 1
+        await asyncio.sleep(0)
+        return Outcome(value=tree_merge(partials, bracket))
+
+
+@pytest.mark.parametrize("keep_going", [False, True])
+@pytest.mark.parametrize(
+    ("total", "first", "lost", "width"),
+    [
+        (1, 0, (), 2),
+        (9, 1, (3,), 2),
+        (40, 0, (0, 17), 4),
+        (40, 1, (39,), 4),
+        (100, 1, (5, 6, 50), 2),
+        (257, 0, (), 256),
+        (300, 2, (299,), 8),
+    ],
+)
+def test_partials_merge_as_they_arrive_into_the_client_tree(
+    monkeypatch: pytest.MonkeyPatch,
+    keep_going: bool,
+    total: int,
+    first: int,
+    lost: tuple[int, ...],
+    width: int,
+) -> None:
+    """Arriving in any order, some chunks left out (allow_partial) or none, the merger builds
+    the subtrees the client merges with its own chunks into its own tree, bracket for
+    bracket; and it merges while chunks still arrive, not only at the end."""
+    if lost and not keep_going:
+        lost = ()  # a job that may not leave chunks out loses none here
+    monkeypatch.setattr(coordinator, "fan_in", lambda size: width)
+    letters_ = [chr(ord("a") + i % 26) for i in range(first + total)]
+    chunks = total - 0  # the coordinator's chunks: positions first ... first + total - 1
+    outcomes = {
+        c: Outcome(error=RetriesExhausted("lost"))
+        if c in lost
+        else Outcome(value=letters_[first + c])
+        for c in range(chunks)
+    }
+    assignment = SimpleNamespace(
+        first=first,
+        keep_going=keep_going,
+        combine=dumps(bracket),
+        job="j",
+        options={"attempts": 1, "backoff": 0.0},
+    )
+    caller = FakeCaller()
+
+    async def run() -> tuple[dict[int, Outcome], int]:
+        merger = coordinator._Merger(
+            caller, assignment, coordinator.Report({}), Accounting("j", chunks)
+        )  # type: ignore[arg-type]
+        order = list(range(chunks))
+        random.Random(total).shuffle(order)
+        for c in order:
+            if c not in lost:  # a lost chunk is decided only at the end
+                merger.stream(c, outcomes[c])
+                await asyncio.sleep(0)
+        streamed = caller.calls
+        done = dict(outcomes)
+        await merger.finish(done, streamed=True)
+        return done, streamed
+
+    done, streamed = asyncio.run(run())
+    kept = [letters_[first + c] for c in range(chunks) if c not in lost]
+    client = letters_[:first] + [done[c].value for c in sorted(done) if done[c].error is None]
+    assert tree_merge(client, bracket) == tree_merge(letters_[:first] + kept, bracket)
+    full_groups_before_a_loss = (min(lost, default=chunks) - first) // width
+    if full_groups_before_a_loss >= 2:
+        assert streamed > 0  # merged while chunks still came
+
+
 def test_the_hand_off_rule_prefers_the_longer_remaining_lifetime() -> None:
     margin = handoff_margin(30.0)
     assert margin == 3.0 and handoff_margin(2.0) == 1.0
@@ -132,10 +221,37 @@ def test_float_sums_and_ordered_reductions_equal_client_orchestration(worker_url
     with lampy.using(executor="openlambda", url=worker_url, orchestrator="lambda", progress="off"):
         got = (total(x), ordered(text))
         executor = executor_in_use()
-        assert executor.reports[-1].combines > 0  # merged in lambdas, not here
+        merged = [executor.reports[-2].merged, executor.reports[-1].merged]
+        assert merged == [[(0, 64)], [(0, 13)]]  # merged in lambdas, not here
     assert_same(got[0], expected[0], exact=True)
     assert got[1] == expected[1]  # the same brackets: the same tree
     assert got[1].startswith("((((abc")
+
+
+def dies_on_a_negative_row(x: np.ndarray) -> np.ndarray:
+    if (x < 0).any():
+        os.kill(os.getpid(), signal.SIGKILL)  # its sandbox dies at every attempt
+    return (np.sin(x) ** 2).sum(axis=0)
+
+
+def test_a_partial_sum_leaves_a_lost_chunk_out_as_client_orchestration_does(
+    worker_url: str,
+) -> None:
+    """allow_partial under lambda orchestration: the lost chunk's successors move up in the
+    tree, merged as they come; the answer and its coverage are client orchestration's."""
+    x = np.abs(np.random.default_rng(11).standard_normal((640, 2))) + 0.1
+    x[400, 1] = -1.0  # chunk 40 of 64
+    region = lampy.sum(chunks=64, allow_partial=0.9)(dies_on_a_negative_row)
+    options = {"url": worker_url, "attempts": 2, "backoff": 0.01, "progress": "off"}
+    with lampy.using(executor="openlambda", **options):
+        expected, expected_coverage = region(x)
+    with lampy.using(executor="openlambda", orchestrator="lambda", **options):
+        got, coverage = region(x)
+        report = executor_in_use().reports[-1]
+    assert list(coverage.lost) == [40] == list(expected_coverage.lost)
+    assert coverage.merged == expected_coverage.merged
+    assert_same(got, expected, exact=True)
+    assert report.merged == [(0, 63)]  # one value for the client: merged in lambdas
 
 
 class Counting(AiohttpTransport):
