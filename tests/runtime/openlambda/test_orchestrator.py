@@ -51,7 +51,7 @@ from lampy.runtime.openlambda._protocol import Accounting
 from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
 from lampy.runtime.openlambda._watch import JobCancelled
 from lampy.runtime.remote import _publish
-from lampy.runtime.remote._jobs import JobStore
+from lampy.runtime.remote._jobs import CANCEL_GRACE_S, TOMBSTONE, JobStore
 from lampy.testing import assert_same, free_port, openlambda_worker, wait_ready
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -425,19 +425,34 @@ def test_a_coordinator_runs_ten_threads_at_most_whatever_its_concurrency(worker_
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[str]:
-    """A `lampy serve` of its own: job state that outlives the client."""
+    """A `lampy serve` of its own (serving tmp_path/"store"): job state that outlives the
+    client."""
+    with serving_store(tmp_path / "store") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving_store(served: Path, *options: str) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    served = tmp_path / "store"
     served.mkdir()
     command = [sys.executable, "-m", "lampy.cli", "serve", str(served), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL)
     try:
         wait_ready(url, process)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def files_of(served: Path, job: str) -> list[str]:
+    """What the store keeps of a job: its folder's files, its inputs, its results."""
+    found = []
+    for own in ("jobs", "published", "results"):
+        folder = served / own / job
+        found += [f"{own}/{p.name}" for p in folder.iterdir()] if folder.is_dir() else []
+    return sorted(found)
 
 
 CLIENT = """
@@ -498,7 +513,9 @@ def test_the_client_killed_mid_job_and_a_new_process_reattaches(
     assert sum(len(a) for a in accepted) == 150 and set().union(*accepted) == set(range(150))
 
 
-def test_cancel_stops_the_job(short_worker: str, store: str) -> None:
+def test_cancel_stops_the_job_and_removes_its_files(
+    short_worker: str, store: str, tmp_path: Path
+) -> None:
     x = np.random.default_rng(6).standard_normal((3_000, 3))
     options = {"orchestrator": "lambda", "store": store, "runtime_limit": 2.5, "progress": "off"}
     with lampy.using(executor="openlambda", url=short_worker, **options):
@@ -513,6 +530,12 @@ def test_cancel_stops_the_job(short_worker: str, store: str) -> None:
     settled = handle.status()["done"]
     time.sleep(1.5)
     assert handle.status()["done"] == settled < 300  # nothing runs any more
+    served, deadline = tmp_path / "store", time.monotonic() + CANCEL_GRACE_S + 10
+    while "jobs/spec" in files_of(served, handle.job) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert set(files_of(served, handle.job)) <= {f"jobs/{name}" for name in TOMBSTONE}
+    status = handle.status()  # the tombstone still says what happened
+    assert status["state"] == "cancelled" and status["done"] == settled
 
 
 def test_lampy_job_shows_progress_and_answers_a_mistake_in_one_line(
@@ -544,10 +567,54 @@ def test_a_region_submits_itself(worker_url: str, store: str) -> None:
     x = np.arange(60.0).reshape(30, 2)
     with lampy.using(executor="openlambda", url=worker_url, **options):
         handle = total.submit(x)
-    assert_same(handle.result(timeout=60), lampy.job(handle.id).result(timeout=60))
-    assert_same(handle.result(timeout=60), energy(x), exact=False)
+    again = lampy.job(handle.id)
+    assert_same(again.result(timeout=60), energy(x), exact=False)
+    assert_same(again.result(timeout=60), energy(x), exact=False)  # kept by the handle
+    with pytest.raises(lampy.RemoteArrayError, match="its result was fetched"):
+        handle.result(timeout=60)  # fetched already: the store removed the job's files
+    assert handle.status()["state"] == "done" and handle.status()["fetched"]
     with pytest.raises(lampy.UsageError, match="orchestrator='lambda'"):
         total.submit(x)  # the default executor cannot run a job without its caller
+
+
+def big_wave_job(worker_url: str, store: str) -> tuple[lampy.JobHandle, np.ndarray]:
+    """A detached elemwise job with an input published by reference (over PUBLISH_BYTES) and
+    results stored on the store."""
+    x = np.random.default_rng(12).standard_normal((1_100_000, 2))  # 17.6 MB
+    options = {"orchestrator": "lambda", "store": store, "runtime_limit": 20.0, "progress": "off"}
+    with lampy.using(executor="openlambda", url=worker_url, **options):
+        handle = lampy.elemwise(chunks=4)(wave).submit(x)
+    return handle, x
+
+
+def test_a_fetched_result_removes_the_job_and_its_files(
+    worker_url: str, store: str, tmp_path: Path
+) -> None:
+    handle, x = big_wave_job(worker_url, store)
+    deadline = time.monotonic() + 60
+    while handle.status()["state"] != "done" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    kept = files_of(tmp_path / "store", handle.job)
+    assert {"jobs/spec", "jobs/result"} <= set(kept), kept
+    assert any(f.startswith("published/") for f in kept) and any(
+        f.startswith("results/") for f in kept
+    ), kept
+    assert_same(handle.result(timeout=60), wave(x), exact=True)
+    assert set(files_of(tmp_path / "store", handle.job)) <= {f"jobs/{n}" for n in TOMBSTONE}
+    assert handle.status()["done"] == 4  # the status stays, until the ttl
+
+
+def test_an_unfetched_job_is_removed_after_its_ttl(worker_url: str, tmp_path: Path) -> None:
+    with serving_store(tmp_path / "store", "--job-ttl", "1.5") as store:
+        handle, _ = big_wave_job(worker_url, store)
+        deadline = time.monotonic() + 60
+        while handle.status()["state"] != "done" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert files_of(tmp_path / "store", handle.job)
+        time.sleep(1.5 + 1.0)  # the ttl since its result, and a sweep
+        assert files_of(tmp_path / "store", handle.job) == []
+        with pytest.raises(lampy.RemoteArrayNotFound, match="after its last activity"):
+            handle.status()
 
 
 # -- chaos ----------------------------------------------------------------------------------
