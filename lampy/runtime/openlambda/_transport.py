@@ -2,10 +2,11 @@
 
 One method, `post`: send a signed frame, return the answer (its status, and its body or a
 reader that took the frame in as it arrived). `AiohttpTransport` speaks HTTP to an OpenLambda
-worker from the client; `ThreadTransport` does the same with the standard library alone, for a
-coordinator inside a sandbox (which has numpy and cloudpickle, not aiohttp);
-`StreamTransport` does it with asyncio streams on the caller's event loop, no thread per call (a
-coordinator's: an OpenLambda sandbox may run only 10 threads, `limits.procs`);
+worker from the client. Inside a sandbox (numpy and cloudpickle, not aiohttp) a coordinator
+uses the standard library: `StreamTransport`, asyncio streams on its event loop, for its calls
+(no thread per call: an OpenLambda sandbox may run only 10 threads, `limits.procs`), and
+`ThreadTransport`, a blocking call in a thread, for the one call that must outlive its answer
+(summoning its successor at a hand-off);
 `lampy.testing.InProcessTransport` calls the real handler in this process, for tests.
 A transport raises `ConnectionError` (an OSError) for a connection cut short.
 """
@@ -53,7 +54,7 @@ class Transport(ABC):
 class ThreadTransport(Transport):
     """HTTP with the standard library: each call blocks one of `concurrency` threads.
 
-    What a coordinator inside a sandbox calls its own worker with (no aiohttp there). Each
+    What a coordinator summons its successor with (a call that outlives its own answer). Each
     thread keeps one kept-alive connection; the answer is read by its Content-Length into a
     frame reader, which allocates only once the frame's head is signed.
     """
