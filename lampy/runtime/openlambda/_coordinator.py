@@ -599,7 +599,7 @@ def fan_in(partial_bytes: int) -> int:
     """How many partials one combine call merges: as many as fit in COMBINE_BYTES, at most
     MAX_FAN_IN, at least 2, a power of 2 (so each group is a subtree of the client's tree).
     Few calls for small partials (each call costs a round trip and a sandbox: 1,000 partials
-    of a few floats take 5 calls, not 33 at 32 a call), frames of a few MiB for large ones.
+    of a few floats take 3 calls, not 33 at 32 a call), frames of a few MiB for large ones.
 
     >>> fan_in(100), fan_in(1 << 20), fan_in(1 << 30)
     (256, 4, 2)
