@@ -137,7 +137,8 @@ def run_mode(
     benchmark.extra_info["client_calls"], benchmark.extra_info["client_bytes"] = calls, moved
     benchmark.extra_info["note"] = (
         f"client: {calls} calls, {moved:,} bytes per job ({platform_calls} to the platform, "
-        f"{store_calls} to the job store; {rounds} timed rounds)"
+        f"{store_calls} to the job store; {rounds} timed rounds; load average "
+        f"{os.getloadavg()[0]:.1f} after them)"
     )
 
 

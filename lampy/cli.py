@@ -201,6 +201,13 @@ def _parser() -> Parser:
     server.add_argument(
         "--max-upload", type=positive(int), help="largest PUT in bytes (default 8 GiB)"
     )
+    server.add_argument(
+        "--job-ttl",
+        type=positive(float),
+        default=24 * 3600.0,
+        help="seconds a lambda-orchestrated job's files are kept after its last activity "
+        "(default a day; a fetched result removes them at once)",
+    )
 
     job = command("job", "show a job orchestrated in lambdas (lampy.submit), or cancel it")
     job.add_argument("id", help="the job's id, JOB@STORE as JobHandle.id prints it")
@@ -246,7 +253,9 @@ def _serve(args: argparse.Namespace) -> int:
         # SystemExit, as the server itself says it: callers of main() rely on it.
         raise SystemExit(f"lampy serve: {args.directory} is not a directory")
     check_port_free(args.host, args.port)
-    serve_arrays(args.directory, args.host, args.port, args.max_upload or MAX_UPLOAD_BYTES)
+    serve_arrays(
+        args.directory, args.host, args.port, args.max_upload or MAX_UPLOAD_BYTES, args.job_ttl
+    )
     return 0
 
 

@@ -29,6 +29,7 @@ class JobHandle:
         from lampy.runtime.openlambda._detached import parse_id
 
         self.store, self.job = parse_id(id, store)
+        self._fetched: tuple[Any, BaseException | None] | None = None  # (answer, error)
 
     @property
     def id(self) -> str:
@@ -57,20 +58,36 @@ class JobHandle:
 
     def result(self, timeout: float | None = None) -> Any:
         """What the call returns, exactly as if it had been called directly; waits for it
-        (summoning a coordinator whenever none holds the job), at most `timeout` seconds."""
-        from lampy.runtime.openlambda._detached import attach
+        (summoning a coordinator whenever none holds the job), at most `timeout` seconds.
 
-        attached = attach(self.store, self.job, timeout)
+        Once fetched, the job and its files are removed from its store: this handle keeps
+        the answer (or the error); another handle of the job finds it gone."""
+        from lampy.runtime.openlambda._detached import attach, forget
+
+        if self._fetched is None:
+            attached = attach(self.store, self.job, timeout)
+            if attached.assignment.caller_side is None:
+                raise UsageError(
+                    f"job {self.job} was started by a plain call, not lampy.submit: its caller "
+                    "merged (or merges) the answer; lampy job ID shows its progress"
+                )
+            try:
+                self._fetched = (self._answer(attached), None)
+            except Exception as raised:
+                self._fetched = (None, raised)
+            forget(self.store, self.job)
+        answer, failure = self._fetched
+        if failure is not None:
+            raise failure
+        return answer
+
+    def _answer(self, attached: Any) -> Any:
+        """The call's answer from the finished job, merged as the caller would have."""
         report, assignment = attached.report, attached.assignment
         if report.combine_error is not None:
             error = report.combine_error.error
             assert error is not None
             raise error
-        if assignment.caller_side is None:
-            raise UsageError(
-                f"job {self.job} was started by a plain call, not lampy.submit: its caller "
-                "merged (or merges) the answer; lampy job ID shows its progress"
-            )
         region, call_plan, before, split = loads(assignment.caller_side)
         offset = len(before)
         done: dict[int, Outcome] = dict(before)

@@ -6,8 +6,11 @@ The client writes the job once to a job store (an array server, `remote/_jobs.py
 one small COORDINATE frame, a `Summons`. The sandbox that takes it holds the job's lease and
 runs the loop the client runs otherwise (`OpenLambdaExecutor._run_job`: lampy's
 ChunkScheduler, retries with backoff, straggler backups, exactly-once), its calls going to the
-same OpenLambda worker through `ThreadTransport` (a sandbox has no aiohttp), every frame signed
-with the lambda's secret. The coordinator never unpickles the user's function.
+same OpenLambda worker through `StreamTransport` (asyncio streams: a sandbox has no aiohttp, and
+its calls in flight take no thread, since OpenLambda counts a sandbox's threads against its
+process limit), every frame signed with the lambda's secret. The coordinator never unpickles
+the user's function. While it orchestrates, the thread that runs it is named after the job
+(`thread_name`), so an operator (or a test) on the worker's host can single its sandbox out.
 
 Durable state: each accepted outcome is recorded in the store as it comes, write-once, so no
 chunk is merged twice whoever ran it; a coordinator that takes over loads the records and runs
@@ -19,7 +22,7 @@ holds it, and answers. A coordinator killed outright simply stops renewing its l
 whoever watches the job (the client, or `lampy.job(id)` from any process) summons a new one
 once it has expired.
 
-A reduction's partials are merged in lambdas, `FAN_IN` at a time, level by level (COMBINE
+A reduction's partials are merged in lambdas, `fan_in` at a time, level by level (COMBINE
 frames): exactly the subtrees of the client's own `tree_merge`, so the answer is bit-identical
 to client orchestration, and the client receives only those subtrees (one value, or one per
 level beside a chunk it ran itself). An elemwise job's results are stored on the client's array
@@ -30,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import hashlib
 import itertools
 import os
 import secrets
@@ -37,7 +42,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,16 +57,21 @@ from lampy.runtime._scheduler import backoff
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._protocol import Accounting, Caller, JobState, PlatformFailure
-from lampy.runtime.openlambda._transport import ThreadTransport
+from lampy.runtime.openlambda._transport import StreamTransport, ThreadTransport
 from lampy.runtime.remote._jobs import JobStore, at_rest
 from lampy.runtime.remote._results import Offer
 
-FAN_IN = 32  # partials one combine call merges: a subtree five levels high (a power of 2)
+MAX_FAN_IN = 256  # partials one combine call merges at most: a subtree 8 levels high ...
+COMBINE_BYTES = 4 << 20  # ... and at most about this many bytes of them (see `fan_in`)
 LEASE_S = 3.0  # a coordinator's lease lasts this long unless renewed ...
 RENEW_S = 0.5  # ... which it is this often
 TAKEOVER_WAIT_S = 5.0  # a coordinator handing off waits this long for its successor's lease
 RECORD_BATCH_S = 0.02  # outcomes accepted within this long go to the store in one request
 REPORT_EVERY = 4  # renewals between two posts of a coordinator's counts (`lampy job ID`)
+#: The threads a stock OpenLambda lets a sandbox run (`limits.procs`, which counts threads): a
+#: coordinator stays within it whatever its concurrency (its calls take no thread; it runs
+#: the handler's, the event loop's, the lease's, the recorder's, and one for a hand-off).
+PROCS_LIMIT = 10
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,51 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]
     off" (to whom), "busy" (another live coordinator holds the lease), "cancelled", or
     "finished already".
     """
+    with named_thread(thread_name(summons.job)):
+        return _coordinate(summons, secret, sandbox)
+
+
+def thread_name(job: str) -> str:
+    """The name a coordinator gives its thread while it orchestrates `job` (15 characters,
+    the kernel's limit): seen from the host in /proc/PID/task/TID/comm, where a sandbox's own
+    process id (1 on OpenLambda) means nothing. A hash: the job's id is not shown."""
+    return "lampy-" + hashlib.sha256(job.encode()).hexdigest()[:9]
+
+
+_PR_SET_NAME, _PR_GET_NAME = 15, 16
+
+
+@contextlib.contextmanager
+def named_thread(name: str) -> Iterator[None]:
+    """This OS thread named `name` (prctl) while the block runs, then its name again. Where
+    prctl is not to be had, the thread keeps its name: only finding it from outside suffers."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        before = ctypes.create_string_buffer(16)
+        named = libc.prctl(_PR_GET_NAME, before, 0, 0, 0) == 0
+        named = named and libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        named = False
+    try:
+        yield
+    finally:
+        if named:
+            libc.prctl(_PR_SET_NAME, before.value, 0, 0, 0)
+
+
+def _threads() -> int:
+    """The threads this process runs now (what OpenLambda's process limit counts)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return threading.active_count()
+
+
+def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]:
     started = time.monotonic()
     store = JobStore(summons.store, summons.job)
     holder = f"{sandbox}/{secrets.token_hex(3)} pid {os.getpid()}"  # pid 1 on OpenLambda
@@ -192,7 +247,7 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]
 
     options = assignment.options
     endpoint = f"{assignment.url}/run/{options['name']}"
-    transport = ThreadTransport(endpoint, options["concurrency"], secret)
+    transport = StreamTransport(endpoint, options["concurrency"], secret)
     executor = OpenLambdaExecutor(
         url=assignment.url, progress="off", transport=transport, **options
     )
@@ -203,28 +258,38 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]
         state = _state(assignment, store, secret, recorder)
         known = sorted(state.done)
         merger = _Merger(executor.caller, assignment, Report({}, holder=holder), state.account)
-        streaming = assignment.combine is not None and not assignment.keep_going
+        streaming = assignment.combine is not None
         if streaming:  # partials merged as they come, those recorded before first
             executor._loop.run(_stream(merger, state.done))
             state.record = _both(recorder.record, merger.stream)
         state.stop = lambda: lease.lost is not None or time.monotonic() >= deadline
-        lease.counts = lambda: _counts(state.account, executor.backups, known, summons.why)
+        lease.counts = lambda: _counts(state.account, executor.backups, known, summons.why, lease)
+        lease.mark("setup", started)
         outcomes = executor.run_state(state)
+        lease.mark("chunks")
         recorder.flush(state.account, outcomes)
-        counts = _counts(state.account, executor.backups, known, summons.why)
+        lease.mark("records")
         if lease.lost is not None:
-            store.counters(holder, counts)
+            store.counters(
+                holder, _counts(state.account, executor.backups, known, summons.why, lease)
+            )
             return lease.lost, ""
         if not state.complete:
-            store.counters(holder, counts)
             left = assignment.lifetime - (time.monotonic() - started)
-            return "handed off", _hand_off(summons, lease, endpoint, secret, left)
+            successor = _hand_off(summons, lease, endpoint, secret, left)
+            store.counters(
+                holder, _counts(state.account, executor.backups, known, summons.why, lease)
+            )
+            return "handed off", successor
+        counts = _counts(state.account, executor.backups, known, summons.why, lease)
         report = merger.report
         report.outcomes = outcomes
         if merger.assignment.combine is not None and _mergeable(outcomes, assignment.keep_going):
             streamed = streaming and not recorder.refused  # else merge what the store holds
             executor._loop.run(merger.finish(outcomes, streamed))
+        lease.mark("merge")
         counts["combines"] = report.combines
+        counts["seconds"] = lease.phases
         store.counters(holder, counts)
         store.put_result(frames.encode(frames.RESULT, report, secret).join())
         report.status = store.status()
@@ -274,6 +339,9 @@ class _Lease:
         self.generation: int | None = None
         self.lost: str | None = None
         self.counts: Callable[[], dict[str, Any]] | None = None  # progress, posted now and then
+        self.peak = _threads()  # this process's threads, sampled at every renewal
+        self.phases: dict[str, float] = {}  # where this coordinator's time went, in seconds
+        self._last = self.started
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -294,10 +362,21 @@ class _Lease:
     def left(self) -> float:
         return max(0.0, self.lifetime - (time.monotonic() - self.started))
 
+    def mark(self, phase: str, since: float | None = None) -> None:
+        """`phase` took the time since the last mark (or `since`)."""
+        now = time.monotonic()
+        self.phases[phase] = round(now - (self._last if since is None else since), 4)
+        self._last = now
+
+    def threads(self) -> int:
+        self.peak = max(self.peak, _threads())
+        return self.peak
+
     def _renew(self) -> None:
         beats = 0
         while not self._stop.wait(RENEW_S):
             beats += 1
+            self.threads()
             if self.counts is not None and beats % REPORT_EVERY == 0:
                 with contextlib.suppress(Exception):  # counts mid-change: the next one will do
                     self.store.counters(self.holder, self.counts())
@@ -418,7 +497,9 @@ def _call_quietly(transport: ThreadTransport, frame: frames.Outgoing, timeout: f
         transport._post(frame, timeout)
 
 
-def _counts(account: Accounting, backups: int, known: list[int], why: str) -> dict[str, Any]:
+def _counts(
+    account: Accounting, backups: int, known: list[int], why: str, lease: _Lease
+) -> dict[str, Any]:
     """What one coordinator did, as the store keeps it (`lampy job ID` shows the sums);
     chunk numbers as ranges, so a 1,000-chunk job's counts stay a few hundred bytes."""
     by_count: dict[int, list[int]] = {}
@@ -435,6 +516,8 @@ def _counts(account: Accounting, backups: int, known: list[int], why: str) -> di
         "cancelled": account.cancelled,
         "backups": backups,
         "combines": 0,
+        "threads": lease.threads(),  # the most this process ran at once, as far as seen
+        "seconds": lease.phases,
         "at": time.time(),
     }
 
@@ -512,10 +595,46 @@ def _mergeable(outcomes: dict[int, Outcome], keep_going: bool) -> bool:
     return True
 
 
+def fan_in(partial_bytes: int) -> int:
+    """How many partials one combine call merges: as many as fit in COMBINE_BYTES, at most
+    MAX_FAN_IN, at least 2, a power of 2 (so each group is a subtree of the client's tree).
+    Few calls for small partials (each call costs a round trip and a sandbox: 1,000 partials
+    of a few floats take 3 calls, not 33 at 32 a call), frames of a few MiB for large ones.
+
+    >>> fan_in(100), fan_in(1 << 20), fan_in(1 << 30)
+    (256, 4, 2)
+    """
+    width = 2
+    while width < MAX_FAN_IN and 2 * width * max(partial_bytes, 1) <= COMBINE_BYTES:
+        width *= 2
+    return width
+
+
+def nbytes(value: Any) -> int:
+    """About how many bytes a partial pickles to (its arrays' data, and a little per item)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes + 128
+    if isinstance(value, list | tuple):
+        return sum(nbytes(v) for v in value) + 16
+    if isinstance(value, dict):
+        return sum(nbytes(k) + nbytes(v) for k, v in value.items()) + 16
+    if isinstance(value, bytes | str):
+        return len(value) + 32
+    return 64
+
+
 class _Merger:
-    """Merges partials in combine lambdas, `FAN_IN` at a time, as the subtrees of the client's
-    tree that lack the chunks the client ran itself. With `stream`, each group of a level is
-    combined as soon as its members are in, while the job still runs; else all at the end."""
+    """Merges partials in combine lambdas, `fan_in` at a time, into the subtrees of the
+    client's tree that lack the chunks the client ran itself.
+
+    As partials come (`stream`), each group of `fan_in` aligned nodes, a subtree of the
+    client's tree whatever the job's final size, is merged as soon as its members are in,
+    level by level; `finish` merges what is left at the right edge of each subtree once the
+    outcomes are all in. A chunk's place in the tree is its position among the merged chunks:
+    fixed at once unless the job may leave chunks out (`allow_partial`, keep_going); then it
+    is known once every earlier chunk is decided, so partials wait for their predecessors (a
+    chunk lost after every attempt is decided only at the end: the ones after it wait).
+    """
 
     def __init__(
         self, caller: Caller, assignment: Assignment, report: Report, account: Accounting
@@ -526,8 +645,11 @@ class _Merger:
             report,
             account,
         )
-        self.spans = subtrees(assignment.first, assignment.first + len(assignment.chunks.chunks()))
-        self.trees: dict[tuple[int, int], _Tree] = {}
+        self.first = assignment.first  # positions before it are the client's
+        self.blocks: _Blocks | None = None
+        self.waiting: dict[int, Outcome] = {}  # decided chunks not yet placed (keep_going)
+        self.placed = 0  # chunks placed so far, in order (keep_going)
+        self.kept = 0  # ... of which merged (not left out)
         self.calls = 0
 
     async def combine(self, partials: list[Any]) -> Any:
@@ -551,36 +673,52 @@ class _Merger:
         raise AssertionError("unreachable")
 
     def stream(self, chunk: int, outcome: Outcome) -> None:
-        """A chunk's accepted partial (on the loop): into its subtree, merging what it
-        completes. Positions are fixed only when no chunk can be left out (not keep_going)."""
-        if outcome.error is not None:
+        """A chunk's accepted outcome (on the loop): placed in the tree, merging what it
+        completes."""
+        if not self.assignment.keep_going:
+            if outcome.error is None:
+                self._place(self.first + chunk, outcome.value)
             return
-        position = self.assignment.first + chunk
-        for lo, hi in self.spans:
-            if lo <= position < hi:
-                tree = self.trees.get((lo, hi))
-                if tree is None:
-                    tree = self.trees[(lo, hi)] = _Tree(hi - lo, self.combine)
-                tree.put(0, position - lo, outcome.value)
-                return
+        self.waiting[chunk] = outcome
+        self._advance()
+
+    def _advance(self) -> None:
+        """Place the chunks whose predecessors are all decided (keep_going)."""
+        while self.placed in self.waiting:
+            decided = self.waiting.pop(self.placed)
+            self.placed += 1
+            if decided.error is None:
+                self._place(self.first + self.kept, decided.value)
+                self.kept += 1
+
+    def _place(self, position: int, value: Any) -> None:
+        if self.blocks is None:
+            self.blocks = _Blocks(self.first, fan_in(nbytes(value)), self.combine)
+        self.blocks.put(0, position, value)
 
     async def finish(self, outcomes: dict[int, Outcome], streamed: bool) -> None:
         """Replace the partials in `outcomes` by `Merged` subtrees (or set the report's
         combine error)."""
-        report, first = self.report, self.assignment.first
+        report, first = self.report, self.first
         kept = [c for c in sorted(outcomes) if outcomes[c].error is None]
         position = {first + i: chunk for i, chunk in enumerate(kept)}
+        if streamed and self.assignment.keep_going:  # the chunks lost are decided now
+            for chunk in sorted(outcomes):
+                if chunk >= self.placed:
+                    self.waiting.setdefault(chunk, outcomes[chunk])
+            self._advance()
+        if not streamed or self.blocks is None:
+            if self.blocks is not None:
+                await self.blocks.stop()
+            self.blocks = None
+            for p, chunk in position.items():
+                self._place(p, outcomes[chunk].value)
         spans = subtrees(first, first + len(kept))
         try:
-            if streamed:
-                values = [await self.trees[span].root for span in spans]
-            else:
-                values = []
-                for lo, hi in spans:
-                    tree = _Tree(hi - lo, self.combine)
-                    for p in range(lo, hi):
-                        tree.put(0, p - lo, outcomes[position[p]].value)
-                    values.append(await tree.root)
+            values = []
+            if self.blocks is not None:
+                await self.blocks.stop()
+                values = [self.blocks.span(lo, hi, self._here) for lo, hi in spans]
         except CombineRaised as raised:
             report.combine_error = raised.outcome
             return
@@ -590,56 +728,96 @@ class _Merger:
             outcomes[position[lo]] = Outcome(value=Merged(value, hi - lo))
         report.merged = spans
 
+    def _here(self, items: list[Any]) -> Any:
+        """Merge `items` in this coordinator (what is left once every chunk is in)."""
+        rule = self.assignment.combine
+        assert rule is not None
+        outcome = combine_here(self.assignment.job, rule, items)
+        if outcome.error is not None:
+            raise CombineRaised(outcome)
+        return outcome.value
+
     def abandon(self) -> None:
-        for tree in self.trees.values():
-            tree.abandon()
+        if self.blocks is not None:
+            self.blocks.abandon()
 
 
-class _Tree:
-    """One subtree merged level by level: a group of `FAN_IN` nodes (fewer at a level's end)
-    goes to one combine call once all are in; tree_merge's own pairs, so its own result."""
+class _Blocks:
+    """The client's tree, merged from the bottom as its leaves come: a node at level j is the
+    aligned block of fan_in**j positions [i * fan_in**j, (i + 1) * fan_in**j), a subtree of
+    `tree_merge`'s tree over any number of partials that holds it whole (fan_in a power of 2).
+    A block is merged once its `fan_in` members are in, unless it holds a position before
+    `first` (the client's)."""
 
-    def __init__(self, width: int, combine: Any) -> None:
-        self.sizes = [width]
-        while self.sizes[-1] > 1:
-            self.sizes.append(-(-self.sizes[-1] // FAN_IN))
-        self.levels: list[dict[int, Any]] = [{} for _ in self.sizes]
-        self.combine = combine
-        self.root: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def __init__(self, first: int, fan_in: int, combine: Any) -> None:
+        self.first, self.fan_in, self.combine = first, fan_in, combine
+        self.nodes: dict[tuple[int, int], Any] = {}  # (level, index): value
         self.tasks: set[asyncio.Task[None]] = set()
+        self.failure: BaseException | None = None
 
     def put(self, level: int, index: int, value: Any) -> None:
-        if level == len(self.sizes) - 1:
-            if not self.root.done():
-                self.root.set_result(value)
+        self.nodes[(level, index)] = value
+        group, above = index // self.fan_in, self.fan_in ** (level + 1)
+        if group * above < self.first:
             return
-        nodes = self.levels[level]
-        nodes[index] = value
-        group = index // FAN_IN
-        members = range(group * FAN_IN, min((group + 1) * FAN_IN, self.sizes[level]))
-        if all(m in nodes for m in members):
-            values = [nodes.pop(m) for m in members]
-            if len(values) == 1:
-                self.put(level + 1, group, values[0])
-            else:
-                task = asyncio.ensure_future(self._merge(level + 1, group, values))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+        members = [(level, m) for m in range(group * self.fan_in, (group + 1) * self.fan_in)]
+        if all(m in self.nodes for m in members):
+            values = [self.nodes[m] for m in members]
+            task = asyncio.ensure_future(self._merge(level + 1, group, values, members))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
-    async def _merge(self, level: int, index: int, values: list[Any]) -> None:
+    async def _merge(
+        self, level: int, index: int, values: list[Any], members: list[tuple[int, int]]
+    ) -> None:
         try:
             merged = await self.combine(values)
-        except BaseException as exc:
-            if not self.root.done():
-                self.root.set_exception(exc)
+        except Exception as exc:  # the combine rule raised, or the platform failed throughout
+            self.failure = self.failure or exc
             return
+        for m in members:
+            self.nodes.pop(m, None)
         self.put(level, index, merged)
+
+    async def stop(self) -> None:
+        """Stop the merges in flight (their members stay, to be merged by `span`): once every
+        chunk is in, what is left is a few values a level, merged faster where they are than
+        by a call; and a platform that sizes its sandboxes by the work in flight (OpenLambda:
+        one per 10 ms of it) may have none free for a lone call beside the coordinator's own."""
+        while self.tasks:
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        if isinstance(self.failure, CombineRaised):
+            raise self.failure
+
+    def span(self, lo: int, hi: int, merge: Callable[[list[Any]], Any]) -> Any:
+        """The value of the client's subtree over [lo, hi): its largest merged blocks and its
+        leaves, merged by `merge` as `tree_merge` would (a `Merged` item per block)."""
+        items: list[Any] = []
+        at = lo
+        top = 0
+        while self.fan_in ** (top + 1) <= hi - lo:
+            top += 1
+        while at < hi:  # the highest merged block starting at `at` that fits (a leaf at least)
+            level = next(
+                j
+                for j in range(top, -1, -1)
+                if at % self.fan_in**j == 0
+                and at + self.fan_in**j <= hi
+                and (j, at // self.fan_in**j) in self.nodes
+            )
+            size = self.fan_in**level
+            value = self.nodes[(level, at // size)]
+            items.append(Merged(value, size) if level else value)
+            at += size
+        if len(items) == 1:
+            return items[0].value if isinstance(items[0], Merged) else items[0]
+        return merge(items)
 
     def abandon(self) -> None:
         for task in list(self.tasks):
             task.cancel()
-        if not self.root.done():
-            self.root.cancel()
 
 
 class CombineRaised(Exception):

@@ -10,6 +10,7 @@ that is a `lampy serve` of its own (the executor's `store` option), not the clie
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from dataclasses import dataclass
@@ -56,7 +57,11 @@ def attach(store_url: str, job: str, timeout: float | None = None) -> Attached:
     read back over HTTP)."""
     store = JobStore(store_url, job)
     secret = load_secret()
-    assignment: Assignment = frames.decode(store.spec(), secret, freshness=at_rest()).value
+    try:
+        assignment: Assignment = frames.decode(store.spec(), secret, freshness=at_rest()).value
+    except BaseException:
+        store.close()
+        raise
     options = assignment.options
     from lampy.runtime.openlambda._transport import AiohttpTransport
 
@@ -103,6 +108,13 @@ def read_back(outcomes: dict[int, Outcome], assignment: Assignment) -> dict[int,
 def status(store_url: str, job: str) -> dict[str, Any]:
     with JobStore(store_url, job) as store:
         return store.status()
+
+
+def forget(store_url: str, job: str) -> None:
+    """Remove the files of a job whose result was fetched from its store, all but its status
+    (best effort: a store gone meanwhile removes nothing; its ttl ends them in any case)."""
+    with contextlib.suppress(Exception), JobStore(store_url, job) as store:
+        store.delete()
 
 
 def cancel(store_url: str, job: str) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from lampy.runtime._worker_side import Outcome
 from lampy.runtime.executors._base import Executor
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._coordinator import Assignment, Report, Runs, Summons, fold
+from lampy.runtime.openlambda._detached import forget
 from lampy.runtime.openlambda._loop import Loop, Progress
 from lampy.runtime.openlambda._protocol import (
     INLINE_BYTES,
@@ -325,9 +326,12 @@ class OpenLambdaExecutor(Executor):
         return store, frames.encode(frames.COORDINATE, assignment, self.secret).join()
 
     def _forget(self, job: str) -> None:
-        """Remove a finished job's state from this process's own array server (a job on a
-        `store` of its own stays there: nothing here knows who else may read it)."""
-        server = None if self.store else serving(self.url, start=False)
+        """Remove a finished job's state (its answer is here) from its store, or from this
+        process's own array server."""
+        if self.store:
+            forget(self.store, job)
+            return
+        server = serving(self.url, start=False)
         if server is None:
             return
         jobs = server[0] / "jobs"

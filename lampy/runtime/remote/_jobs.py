@@ -12,6 +12,16 @@ A job lives in `jobs/<id>/` under the server's directory, never in a coordinator
     result          the job's report, a signed frame, written once
     cancelled       present once the job was cancelled
 
+and, beside them, the job's own files: `published/<id>/` (its inputs, uploaded by reference)
+and `results/<id>/` (its elemwise results).
+
+A job's files have a lifetime. Once its result is fetched (`JobHandle.result()`: a DELETE),
+and on cancel once its coordinator has had the time to see it (CANCEL_GRACE_S), everything
+goes but a tombstone of a few hundred bytes (TOMBSTONE: its status, which `lampy job ID` still
+shows); `ttl` seconds after its last activity (its creation, a lease, its result, its fetch or
+its cancellation: `lampy serve --job-ttl`, a day by default), all of it goes. A sweep runs
+every few seconds (SWEEP_S at most).
+
 Endpoints (`lampy serve`, every request signed like the rest of the server; a JSON body's
 SHA-256 is signed too):
 
@@ -26,6 +36,7 @@ SHA-256 is signed too):
     PUT  /jobs/<id>/result             the report, once
     GET  /jobs/<id>/result?wait=S      the report; 202 with the status if none within S seconds
     POST /jobs/<id>/cancel             stop: leases are refused from then on (410)
+    DELETE /jobs/<id>                  its result was fetched: remove its files, keep its status
 
 The lease rule: a lease is granted when none is held, when the holder's has expired, or when
 the request names the current generation (the holder renewing, or the successor it chose
@@ -35,12 +46,14 @@ taking over). Frames at rest are checked for their signature and versions, not t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import json
 import math
 import os
 import re
+import shutil
 import struct
 import threading
 import time
@@ -57,14 +70,32 @@ from lampy.runtime.remote import _auth as auth
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_WAIT_S = 30.0  # the longest a result request is held open
 MAX_JSON_BYTES = 1 << 16
+JOB_TTL_S = 24 * 3600.0  # a job's files are kept this long after its last activity
+CANCEL_GRACE_S = 10.0  # a cancelled job's files outlive its coordinator's last renewal (0.5 s)
+SWEEP_S = 60.0  # the longest between two sweeps (shorter for a short ttl)
+#: A job's files beside its folder, by the job's id.
+OWN_FILES = ("published", "results")
+#: What a cancelled job keeps until its ttl: enough to say so.
+TOMBSTONE = {"meta.json", "cancelled", "fetched", "lease.json", "events.jsonl", "counters.json"}
+REMOVED = (
+    "job {job}: its files were removed (its result was fetched, or it was cancelled); "
+    "`lampy job ID` still shows its status\n"
+)
 _RECORD = struct.Struct("<IQ")
 
 # -- on the server ----------------------------------------------------------------------------
 
 
-def add_routes(app: Any, root: Path, max_upload: int, authorize: Callable[[Any], None]) -> None:
+def add_routes(
+    app: Any,
+    root: Path,
+    max_upload: int,
+    authorize: Callable[[Any], None],
+    ttl: float = JOB_TTL_S,
+) -> None:
     """Register the job endpoints on `lampy serve`'s aiohttp application (before its
-    catch-all routes): jobs are kept under `root`/jobs."""
+    catch-all routes): jobs are kept under `root`/jobs, each for `ttl` seconds after its last
+    activity at most (a background sweep)."""
     from aiohttp import web
 
     jobs = root / "jobs"
@@ -76,8 +107,11 @@ def add_routes(app: Any, root: Path, max_upload: int, authorize: Callable[[Any],
         if not JOB_ID.match(job):
             raise web.HTTPBadRequest(text=f"bad job id {job!r}: 32 hex digits\n")
         folder = jobs / job
-        if exists and not (folder / "spec").exists():
-            raise web.HTTPNotFound(text=f"no job {job} here\n")
+        if exists and not (folder / "meta.json").exists():
+            raise web.HTTPNotFound(
+                text=f"no job {job} here (a job is removed once its result is fetched, and "
+                f"{ttl:g} s after its last activity)\n"
+            )
         return folder
 
     async def body(request: web.Request, limit: int) -> bytes:
@@ -118,10 +152,15 @@ def add_routes(app: Any, root: Path, max_upload: int, authorize: Callable[[Any],
 
     async def get_file(request: web.Request) -> web.Response:
         folder = where(request)
-        return web.Response(body=(folder / request.match_info["file"]).read_bytes())
+        try:
+            return web.Response(body=(folder / request.match_info["file"]).read_bytes())
+        except FileNotFoundError:  # a tombstone keeps the job's status only
+            raise web.HTTPGone(text=REMOVED.format(job=folder.name)) from None
 
     async def put_chunks(request: web.Request) -> web.Response:
         folder = where(request)
+        if (folder / "cancelled").exists():
+            raise web.HTTPGone(text=f"job {folder.name} was cancelled\n")
         data = memoryview(await body(request, max_upload))
         try:
             records = list(_unbundle(data))
@@ -147,7 +186,7 @@ def add_routes(app: Any, root: Path, max_upload: int, authorize: Callable[[Any],
         async with locks.setdefault(folder.name, asyncio.Lock()):
             if (folder / "cancelled").exists():
                 return web.json_response({"cancelled": True}, status=410)
-            if (folder / "result").exists():
+            if (folder / "result").exists() or (folder / "fetched").exists():
                 return web.json_response({"done": True}, status=409)
             now = time.time()
             current = _read_json(folder / "lease.json")
@@ -202,7 +241,10 @@ def add_routes(app: Any, root: Path, max_upload: int, authorize: Callable[[Any],
         while True:
             path = folder / "result"
             if path.exists():
-                return web.Response(body=path.read_bytes())
+                with contextlib.suppress(FileNotFoundError):  # unless fetched meanwhile
+                    return web.Response(body=path.read_bytes())
+            if (folder / "fetched").exists():
+                raise web.HTTPGone(text=REMOVED.format(job=folder.name))
             if (folder / "cancelled").exists() or time.monotonic() >= deadline:
                 return web.json_response(status_of(folder), status=202)
             await asyncio.sleep(0.02)
@@ -212,8 +254,30 @@ def add_routes(app: Any, root: Path, max_upload: int, authorize: Callable[[Any],
 
     async def cancel(request: web.Request) -> web.Response:
         folder = where(request)
-        _write(folder / "cancelled", str(time.time()))
+        if not (folder / "cancelled").exists():
+            _write(folder / "cancelled", str(time.time()))
         return web.json_response(status_of(folder))
+
+    async def delete(request: web.Request) -> web.Response:
+        folder = where(request)
+        async with locks.setdefault(folder.name, asyncio.Lock()):
+            _write(folder / "fetched", str(time.time()))
+            entomb(root, folder)
+        return web.Response(text="removed\n")
+
+    async def sweeping(app: Any) -> Any:
+        async def sweep_now_and_then() -> None:
+            while True:
+                await asyncio.to_thread(sweep, root, ttl, time.time())
+                await asyncio.sleep(max(min(SWEEP_S, ttl / 4, CANCEL_GRACE_S / 4), 0.25))
+
+        task = asyncio.ensure_future(sweep_now_and_then())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(sweeping)
 
     app.router.add_put("/jobs/{job}/spec", put_spec)
     app.router.add_get("/jobs/{job}/{file:spec}", get_file)
@@ -225,6 +289,56 @@ def add_routes(app: Any, root: Path, max_upload: int, authorize: Callable[[Any],
     app.router.add_get("/jobs/{job}/result", get_result)
     app.router.add_post("/jobs/{job}/cancel", cancel)
     app.router.add_get("/jobs/{job}", status)
+    app.router.add_delete("/jobs/{job}", delete)
+
+
+def remove(root: Path, job: str, keep: frozenset[str] | set[str] = frozenset()) -> None:
+    """Remove the job's files under `root` (its folder but the names in `keep`, and its
+    published inputs and stored results)."""
+    folder = root / "jobs" / job
+    for own in OWN_FILES:
+        shutil.rmtree(root / own / job, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path.name not in keep:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def sweep(root: Path, ttl: float, now: float) -> list[str]:
+    """Remove the jobs whose last activity is older than `ttl` seconds, and the files of the
+    jobs cancelled over CANCEL_GRACE_S ago; the jobs removed whole."""
+    removed = []
+    for folder in (root / "jobs").glob("*"):
+        if not JOB_ID.match(folder.name):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile (a DELETE)
+            names = {path.name for path in folder.iterdir()}
+            touched = {
+                name: (folder / name).stat().st_mtime
+                for name in ("meta.json", "lease.json", "result", "cancelled")
+                if name in names
+            }
+            if not touched or now - max(touched.values()) > ttl:
+                remove(root, folder.name)
+                removed.append(folder.name)
+            elif "spec" in names and now - touched.get("cancelled", now) > CANCEL_GRACE_S:
+                entomb(root, folder)
+    return removed
+
+
+def entomb(root: Path, folder: Path) -> None:
+    """Remove a job's files but its status (TOMBSTONE), which keeps its count of chunks done."""
+    meta = _read_json(folder / "meta.json") or {}
+    chunks = folder / "chunks"
+    if chunks.is_dir():
+        meta["done"] = sum(1 for p in chunks.iterdir() if p.name.isdigit())
+        _write(folder / "meta.json", json.dumps(meta))
+    remove(root, folder.name, keep=TOMBSTONE)
 
 
 def _record(folder: Path, chunk: int, frame: memoryview) -> bool:
@@ -252,12 +366,15 @@ def _unbundle(data: memoryview) -> Iterator[tuple[int, memoryview]]:
 def status_of(folder: Path) -> dict[str, Any]:
     """A job's progress as `lampy job ID` shows it."""
     meta = _read_json(folder / "meta.json") or {}
-    done = sum(1 for p in (folder / "chunks").iterdir() if p.name.isdigit())
+    chunks = folder / "chunks"
+    done = meta.get("done", 0)  # a cancelled job's tombstone keeps the count
+    if chunks.is_dir():
+        done = sum(1 for p in chunks.iterdir() if p.name.isdigit())
     events = []
     if (folder / "events.jsonl").exists():
         events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
     state = "running"
-    if (folder / "result").exists():
+    if (folder / "result").exists() or (folder / "fetched").exists():
         state = "done"
     elif (folder / "cancelled").exists():
         state = "cancelled"
@@ -270,6 +387,7 @@ def status_of(folder: Path) -> dict[str, Any]:
         "lease": _read_json(folder / "lease.json"),
         "events": events,
         "counters": _read_json(folder / "counters.json") or {},
+        "fetched": (folder / "fetched").exists(),  # its result fetched, its files removed
     }
 
 
@@ -373,6 +491,10 @@ class JobStore:
     def cancel(self) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self._json("POST", "/cancel", {}, expect=(200,))[1])
         return value
+
+    def delete(self) -> None:
+        """Remove the job and its files from the store now."""
+        self._call("DELETE", "")
 
     def __enter__(self) -> JobStore:
         return self

@@ -127,7 +127,7 @@ def published(job: Job, platform_url: str, store: str = "", keep: bool = False) 
     try:
         if todo and store:
             for i in todo:
-                name = f"published/{uuid.uuid4().hex}.npy"
+                name = f"published/{job.id}/{uuid.uuid4().hex}.npy"  # the job's: see _jobs
                 split[i] = upload(f"{store.rstrip('/')}/{name}", np.asarray(split[i]))
         elif host is not None:
             directory, url = _publisher.start(host)

@@ -49,8 +49,11 @@ class _Refused(Exception):
         self.status = status
 
 
-def make_app(root: Path, secret: bytes, max_upload: int = MAX_UPLOAD_BYTES) -> web.Application:
-    """The server's application: `root`'s `.npy` files, requests signed with `secret`."""
+def make_app(
+    root: Path, secret: bytes, max_upload: int = MAX_UPLOAD_BYTES, job_ttl: float = jobs.JOB_TTL_S
+) -> web.Application:
+    """The server's application: `root`'s `.npy` files, requests signed with `secret`; the
+    state of jobs orchestrated in lambdas kept `job_ttl` seconds after their last activity."""
     base = root.resolve(strict=True)
     freshness = Freshness()  # nonces of the requests this server took
 
@@ -106,7 +109,9 @@ def make_app(root: Path, secret: bytes, max_upload: int = MAX_UPLOAD_BYTES) -> w
 
     app = web.Application(middlewares=[errors])
     app.router.add_get("/status", status)
-    jobs.add_routes(app, base, max_upload, lambda request: _authorize(request, secret, freshness))
+    jobs.add_routes(
+        app, base, max_upload, lambda request: _authorize(request, secret, freshness), job_ttl
+    )
     app.router.add_get("/{tail:.+}", get)
     app.router.add_put("/{tail:.+}", put)
     return app
@@ -161,11 +166,12 @@ def serve(
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     max_upload: int = MAX_UPLOAD_BYTES,
+    job_ttl: float = jobs.JOB_TTL_S,
 ) -> None:
     """Run the server until interrupted (the `lampy serve` command)."""
     if not root.is_dir():
         raise SystemExit(f"lampy serve: {root} is not a directory")
-    app = make_app(root, load_secret(), max_upload)
+    app = make_app(root, load_secret(), max_upload, job_ttl)
     swept = sweep_parts(root)
     left = f" (removed {swept} partial uploads an earlier server left)" if swept else ""
     print(f"lampy serve: {root.resolve()} on http://{host}:{port}{left}", flush=True)

@@ -9,35 +9,49 @@ and the coordinators' counts.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
 import lampy
+from lampy._errors import RetriesExhausted
 from lampy.runtime import executors
+from lampy.runtime._codec import dumps
 from lampy.runtime._combine import Merged, subtrees, tree_merge
 from lampy.runtime._settings import resolve_options
+from lampy.runtime._worker_side import Outcome
+from lampy.runtime.openlambda import _coordinator as coordinator
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._coordinator import (
-    FAN_IN,
+    MAX_FAN_IN,
+    PROCS_LIMIT,
     chunks_of,
+    fan_in,
     handoff_margin,
+    nbytes,
     next_orchestrator,
+    thread_name,
 )
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
+from lampy.runtime.openlambda._protocol import Accounting
 from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
 from lampy.runtime.openlambda._watch import JobCancelled
 from lampy.runtime.remote import _publish
-from lampy.runtime.remote._jobs import JobStore
+from lampy.runtime.remote._jobs import CANCEL_GRACE_S, TOMBSTONE, JobStore
 from lampy.testing import assert_same, free_port, openlambda_worker, wait_ready
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -81,9 +95,10 @@ def assert_merged_once(executor: OpenLambdaExecutor, chunks: int) -> dict[str, A
 
 
 @pytest.mark.parametrize("total", [1, 2, 3, 7, 8, 9, 13, 33, 64, 100, 1000, 1057])
-def test_subtrees_and_fan_in_levels_rebuild_the_client_tree(total: int) -> None:
-    """What a coordinator builds (the subtrees lacking the client's chunks, each merged FAN_IN
-    at a time level by level) is the client's own tree, bracket for bracket."""
+@pytest.mark.parametrize("width", [2, 8, 32, MAX_FAN_IN])
+def test_subtrees_and_fan_in_levels_rebuild_the_client_tree(total: int, width: int) -> None:
+    """What a coordinator builds (the subtrees lacking the client's chunks, each merged
+    `width` at a time level by level) is the client's own tree, bracket for bracket."""
     leaves = [chr(ord("a") + i % 26) for i in range(total)]
     expected = tree_merge(leaves, bracket)
     for first in range(min(total, 3)):
@@ -91,10 +106,98 @@ def test_subtrees_and_fan_in_levels_rebuild_the_client_tree(total: int) -> None:
         for lo, hi in subtrees(first, total):
             level = leaves[lo:hi]
             while len(level) > 1:
-                groups = [level[i : i + FAN_IN] for i in range(0, len(level), FAN_IN)]
+                groups = [level[i : i + width] for i in range(0, len(level), width)]
                 level = [tree_merge(g, bracket) for g in groups]
             nodes.append(Merged(level[0], hi - lo))
         assert tree_merge(leaves[:first] + nodes, bracket) == expected
+
+
+def test_a_combine_call_merges_many_small_partials_or_a_few_large_ones() -> None:
+    assert fan_in(nbytes(np.zeros(8))) == MAX_FAN_IN
+    assert fan_in(nbytes(np.zeros(1 << 16))) == 4  # 512 KiB each: 2 MiB a call
+    assert fan_in(nbytes((np.zeros(1 << 20), 3))) == 2  # never fewer than a pair
+    assert all(fan_in(n) & (fan_in(n) - 1) == 0 for n in (1, 10**3, 10**5, 10**7))
+
+
+class FakeCaller:
+    """Combine calls merged here with `bracket` (a single-layer unit test of the merger),
+    counting the calls made while chunks still arrive."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def combine(self, job: str, number: int, rule: bytes, partials: list[Any]) -> Outcome:
+        self.calls += 1
+        await asyncio.sleep(0)
+        return Outcome(value=tree_merge(partials, bracket))
+
+
+@pytest.mark.parametrize("keep_going", [False, True])
+@pytest.mark.parametrize(
+    ("total", "first", "lost", "width"),
+    [
+        (1, 0, (), 2),
+        (9, 1, (3,), 2),
+        (40, 0, (0, 17), 4),
+        (40, 1, (39,), 4),
+        (100, 1, (5, 6, 50), 2),
+        (257, 0, (), 256),
+        (300, 2, (299,), 8),
+    ],
+)
+def test_partials_merge_as_they_arrive_into_the_client_tree(
+    monkeypatch: pytest.MonkeyPatch,
+    keep_going: bool,
+    total: int,
+    first: int,
+    lost: tuple[int, ...],
+    width: int,
+) -> None:
+    """Arriving in any order, some chunks left out (allow_partial) or none, the merger builds
+    the subtrees the client merges with its own chunks into its own tree, bracket for
+    bracket; and it merges while chunks still arrive, not only at the end."""
+    if lost and not keep_going:
+        lost = ()  # a job that may not leave chunks out loses none here
+    monkeypatch.setattr(coordinator, "fan_in", lambda size: width)
+    letters_ = [chr(ord("a") + i % 26) for i in range(first + total)]
+    chunks = total - 0  # the coordinator's chunks: positions first ... first + total - 1
+    outcomes = {
+        c: Outcome(error=RetriesExhausted("lost"))
+        if c in lost
+        else Outcome(value=letters_[first + c])
+        for c in range(chunks)
+    }
+    assignment = SimpleNamespace(
+        first=first,
+        keep_going=keep_going,
+        combine=dumps(bracket),
+        job="j",
+        options={"attempts": 1, "backoff": 0.0},
+    )
+    caller = FakeCaller()
+
+    async def run() -> tuple[dict[int, Outcome], int]:
+        merger = coordinator._Merger(
+            caller, assignment, coordinator.Report({}), Accounting("j", chunks)
+        )  # type: ignore[arg-type]
+        order = list(range(chunks))
+        random.Random(total).shuffle(order)
+        for c in order:
+            if c not in lost:  # a lost chunk is decided only at the end
+                merger.stream(c, outcomes[c])
+                await asyncio.sleep(0)
+        streamed = caller.calls
+        done = dict(outcomes)
+        await merger.finish(done, streamed=True)
+        return done, streamed
+
+    done, streamed = asyncio.run(run())
+    kept = [letters_[first + c] for c in range(chunks) if c not in lost]
+    client = letters_[:first] + [done[c].value for c in sorted(done) if done[c].error is None]
+    assert tree_merge(client, bracket) == tree_merge(letters_[:first] + kept, bracket)
+    full_groups_before_a_loss = (min(lost, default=chunks) - first) // width
+    if full_groups_before_a_loss >= 2:
+        assert streamed > 0  # merged while chunks still came
 
 
 def test_the_hand_off_rule_prefers_the_longer_remaining_lifetime() -> None:
@@ -118,10 +221,37 @@ def test_float_sums_and_ordered_reductions_equal_client_orchestration(worker_url
     with lampy.using(executor="openlambda", url=worker_url, orchestrator="lambda", progress="off"):
         got = (total(x), ordered(text))
         executor = executor_in_use()
-        assert executor.reports[-1].combines > 0  # merged in lambdas, not here
+        merged = [executor.reports[-2].merged, executor.reports[-1].merged]
+        assert merged == [[(0, 64)], [(0, 13)]]  # merged in lambdas, not here
     assert_same(got[0], expected[0], exact=True)
     assert got[1] == expected[1]  # the same brackets: the same tree
     assert got[1].startswith("((((abc")
+
+
+def dies_on_a_negative_row(x: np.ndarray) -> np.ndarray:
+    if (x < 0).any():
+        os.kill(os.getpid(), signal.SIGKILL)  # its sandbox dies at every attempt
+    return (np.sin(x) ** 2).sum(axis=0)
+
+
+def test_a_partial_sum_leaves_a_lost_chunk_out_as_client_orchestration_does(
+    worker_url: str,
+) -> None:
+    """allow_partial under lambda orchestration: the lost chunk's successors move up in the
+    tree, merged as they come; the answer and its coverage are client orchestration's."""
+    x = np.abs(np.random.default_rng(11).standard_normal((640, 2))) + 0.1
+    x[400, 1] = -1.0  # chunk 40 of 64
+    region = lampy.sum(chunks=64, allow_partial=0.9)(dies_on_a_negative_row)
+    options = {"url": worker_url, "attempts": 2, "backoff": 0.01, "progress": "off"}
+    with lampy.using(executor="openlambda", **options):
+        expected, expected_coverage = region(x)
+    with lampy.using(executor="openlambda", orchestrator="lambda", **options):
+        got, coverage = region(x)
+        report = executor_in_use().reports[-1]
+    assert list(coverage.lost) == [40] == list(expected_coverage.lost)
+    assert coverage.merged == expected_coverage.merged
+    assert_same(got, expected, exact=True)
+    assert report.merged == [(0, 63)]  # one value for the client: merged in lambdas
 
 
 class Counting(AiohttpTransport):
@@ -216,6 +346,51 @@ def test_a_runtime_limit_shorter_than_the_job_hands_off_and_stays_exact(short_wo
     assert max(took) > 0  # a successor started from the store's records
 
 
+def coordinator_pids(job: str, among: Callable[[int], bool] = lambda pid: True) -> set[int]:
+    """The processes (as this host numbers them) with a thread named for coordinating `job`:
+    a sandbox's own pid (1 on OpenLambda) does not say which sandbox it is."""
+    name = thread_name(job)
+    found = set()
+    for comm in Path("/proc").glob("[0-9]*/task/*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().strip() == name and among(int(comm.parts[2])):
+                found.add(int(comm.parts[2]))
+    return found
+
+
+def kill_the_coordinator_when(
+    done: int, killed: list[int], among: Callable[[int], bool] = lambda pid: True
+) -> None:
+    """SIGKILL, from outside, the process orchestrating the running job once `done` of its
+    chunks are recorded (the job found in this process's array server, its default store)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not killed:
+        for folder in (_publish._publisher.directory or Path("/nonexistent")).glob("jobs/*"):
+            with (
+                contextlib.suppress(Exception),
+                JobStore(_publish._publisher.url, folder.name) as s,
+            ):
+                status = s.status()
+                if status["done"] >= done and status["state"] == "running":
+                    pids = coordinator_pids(folder.name, among)
+                    assert len(pids) <= 1, pids  # one coordinator holds the job
+                    for pid in pids:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                        return
+        time.sleep(0.05)
+
+
+def assert_revived_and_merged_once(status: dict[str, Any], chunks: int) -> None:
+    """The killed coordinator reported nothing after its last counts; a revived one took over
+    the store's records and ran only the rest: every chunk recorded and accepted once."""
+    assert any(e["why"] == "revive" for e in status["events"]), status["events"]
+    assert status["state"] == "done" and status["done"] == chunks
+    last = max(status["counters"].values(), key=lambda c: len(chunks_of(c["took_over"])))
+    took, ran = set(chunks_of(last["took_over"])), set(chunks_of(last["accepted"]))
+    assert len(took) >= 10 and not took & ran and took | ran == set(range(chunks))
+
+
 def test_the_coordinators_sandbox_killed_mid_job(short_worker: str) -> None:
     """SIGKILL from outside: the lease lapses, the client summons another coordinator, which
     takes over from the store's records."""
@@ -225,24 +400,7 @@ def test_the_coordinators_sandbox_killed_mid_job(short_worker: str) -> None:
         expected = region(x)
     options = {"orchestrator": "lambda", "runtime_limit": 2.5, "progress": "off"}
     killed: list[int] = []
-
-    def kill_the_coordinator() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not killed:
-            for folder in (_publish._publisher.directory or Path("/nonexistent")).glob("jobs/*"):
-                with JobStore(_publish._publisher.url, folder.name) as store:
-                    status = store.status()
-                lease = status["lease"]
-                if lease and status["done"] >= 10 and status["state"] == "running":
-                    pid = int(lease["holder"].rsplit(" ", 1)[1])
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
-            time.sleep(0.05)
-
-    import threading
-
-    killer = threading.Thread(target=kill_the_coordinator)
+    killer = threading.Thread(target=kill_the_coordinator_when, args=(10, killed))
     with lampy.using(executor="openlambda", url=short_worker, **options):
         killer.start()
         got = region(x)
@@ -250,29 +408,51 @@ def test_the_coordinators_sandbox_killed_mid_job(short_worker: str) -> None:
         status = executor_in_use().statuses[-1]
     assert killed, "the coordinator was never seen holding the job"
     assert_same(got, expected, exact=True)
-    assert any(e["why"] == "revive" for e in status["events"]), status["events"]
-    # the killed one reported nothing; the last one took over its records and ran the rest
-    assert status["state"] == "done" and status["done"] == 120
-    last = max(status["counters"].values(), key=lambda c: len(chunks_of(c["took_over"])))
-    took, ran = set(chunks_of(last["took_over"])), set(chunks_of(last["accepted"]))
-    assert len(took) >= 10 and not took & ran and took | ran == set(range(120))
+    assert_revived_and_merged_once(status, 120)
+
+
+def test_a_coordinator_runs_ten_threads_at_most_whatever_its_concurrency(worker_url: str) -> None:
+    """A stock OpenLambda lets a sandbox run 10 processes, threads included: a coordinator
+    with 32 calls in flight stays within that (its calls take no thread)."""
+    x = np.random.default_rng(9).standard_normal((3_200, 2))
+    options = {"orchestrator": "lambda", "concurrency": 32, "batch": 1, "progress": "off"}
+    with lampy.using(executor="openlambda", url=worker_url, **options):
+        lampy.sum(chunks=320)(slow_energy)(x)
+        status = executor_in_use().statuses[-1]
+    peaks = [c["threads"] for c in status["counters"].values()]
+    assert peaks and all(2 <= peak <= PROCS_LIMIT for peak in peaks), peaks
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[str]:
-    """A `lampy serve` of its own: job state that outlives the client."""
+    """A `lampy serve` of its own (serving tmp_path/"store"): job state that outlives the
+    client."""
+    with serving_store(tmp_path / "store") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving_store(served: Path, *options: str) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    served = tmp_path / "store"
     served.mkdir()
     command = [sys.executable, "-m", "lampy.cli", "serve", str(served), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL)
     try:
         wait_ready(url, process)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def files_of(served: Path, job: str) -> list[str]:
+    """What the store keeps of a job: its folder's files, its inputs, its results."""
+    found = []
+    for own in ("jobs", "published", "results"):
+        folder = served / own / job
+        found += [f"{own}/{p.name}" for p in folder.iterdir()] if folder.is_dir() else []
+    return sorted(found)
 
 
 CLIENT = """
@@ -333,7 +513,9 @@ def test_the_client_killed_mid_job_and_a_new_process_reattaches(
     assert sum(len(a) for a in accepted) == 150 and set().union(*accepted) == set(range(150))
 
 
-def test_cancel_stops_the_job(short_worker: str, store: str) -> None:
+def test_cancel_stops_the_job_and_removes_its_files(
+    short_worker: str, store: str, tmp_path: Path
+) -> None:
     x = np.random.default_rng(6).standard_normal((3_000, 3))
     options = {"orchestrator": "lambda", "store": store, "runtime_limit": 2.5, "progress": "off"}
     with lampy.using(executor="openlambda", url=short_worker, **options):
@@ -348,6 +530,12 @@ def test_cancel_stops_the_job(short_worker: str, store: str) -> None:
     settled = handle.status()["done"]
     time.sleep(1.5)
     assert handle.status()["done"] == settled < 300  # nothing runs any more
+    served, deadline = tmp_path / "store", time.monotonic() + CANCEL_GRACE_S + 10
+    while "jobs/spec" in files_of(served, handle.job) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert set(files_of(served, handle.job)) <= {f"jobs/{name}" for name in TOMBSTONE}
+    status = handle.status()  # the tombstone still says what happened
+    assert status["state"] == "cancelled" and status["done"] == settled
 
 
 def test_lampy_job_shows_progress_and_answers_a_mistake_in_one_line(
@@ -379,10 +567,54 @@ def test_a_region_submits_itself(worker_url: str, store: str) -> None:
     x = np.arange(60.0).reshape(30, 2)
     with lampy.using(executor="openlambda", url=worker_url, **options):
         handle = total.submit(x)
-    assert_same(handle.result(timeout=60), lampy.job(handle.id).result(timeout=60))
-    assert_same(handle.result(timeout=60), energy(x), exact=False)
+    again = lampy.job(handle.id)
+    assert_same(again.result(timeout=60), energy(x), exact=False)
+    assert_same(again.result(timeout=60), energy(x), exact=False)  # kept by the handle
+    with pytest.raises(lampy.RemoteArrayError, match="its result was fetched"):
+        handle.result(timeout=60)  # fetched already: the store removed the job's files
+    assert handle.status()["state"] == "done" and handle.status()["fetched"]
     with pytest.raises(lampy.UsageError, match="orchestrator='lambda'"):
         total.submit(x)  # the default executor cannot run a job without its caller
+
+
+def big_wave_job(worker_url: str, store: str) -> tuple[lampy.JobHandle, np.ndarray]:
+    """A detached elemwise job with an input published by reference (over PUBLISH_BYTES) and
+    results stored on the store."""
+    x = np.random.default_rng(12).standard_normal((1_100_000, 2))  # 17.6 MB
+    options = {"orchestrator": "lambda", "store": store, "runtime_limit": 20.0, "progress": "off"}
+    with lampy.using(executor="openlambda", url=worker_url, **options):
+        handle = lampy.elemwise(chunks=4)(wave).submit(x)
+    return handle, x
+
+
+def test_a_fetched_result_removes_the_job_and_its_files(
+    worker_url: str, store: str, tmp_path: Path
+) -> None:
+    handle, x = big_wave_job(worker_url, store)
+    deadline = time.monotonic() + 60
+    while handle.status()["state"] != "done" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    kept = files_of(tmp_path / "store", handle.job)
+    assert {"jobs/spec", "jobs/result"} <= set(kept), kept
+    assert any(f.startswith("published/") for f in kept) and any(
+        f.startswith("results/") for f in kept
+    ), kept
+    assert_same(handle.result(timeout=60), wave(x), exact=True)
+    assert set(files_of(tmp_path / "store", handle.job)) <= {f"jobs/{n}" for n in TOMBSTONE}
+    assert handle.status()["done"] == 4  # the status stays, until the ttl
+
+
+def test_an_unfetched_job_is_removed_after_its_ttl(worker_url: str, tmp_path: Path) -> None:
+    with serving_store(tmp_path / "store", "--job-ttl", "1.5") as store:
+        handle, _ = big_wave_job(worker_url, store)
+        deadline = time.monotonic() + 60
+        while handle.status()["state"] != "done" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert files_of(tmp_path / "store", handle.job)
+        time.sleep(1.5 + 1.0)  # the ttl since its result, and a sweep
+        assert files_of(tmp_path / "store", handle.job) == []
+        with pytest.raises(lampy.RemoteArrayNotFound, match="after its last activity"):
+            handle.status()
 
 
 # -- chaos ----------------------------------------------------------------------------------

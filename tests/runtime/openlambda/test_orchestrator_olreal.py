@@ -8,7 +8,9 @@ URL in LAMPY_TEST_OLREAL_URL (lampy is deployed on it here).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +18,19 @@ import pytest
 import lampy
 from lampy.runtime import executors
 from lampy.runtime._settings import resolve_options
-from lampy.runtime.openlambda._coordinator import chunks_of
+from lampy.runtime.openlambda._coordinator import PROCS_LIMIT, chunks_of
 from lampy.runtime.openlambda._deploy import upload
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 from lampy.testing import assert_same
-from tests.olreal import CALL_TIMEOUT_S, wait_deployed
+from tests.olreal import CALL_TIMEOUT_S, DIR, W, wait_deployed
 
-from .test_orchestrator import energy, slow_energy, wave
+from .test_orchestrator import (
+    assert_revived_and_merged_once,
+    energy,
+    kill_the_coordinator_when,
+    slow_energy,
+    wave,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +79,38 @@ def test_a_lifetime_shorter_than_the_job_hands_off_on_the_real_worker(real_url: 
     assert any(e["why"].startswith("hand-off") for e in status["events"]), status["events"]
     accepted = [set(chunks_of(c["accepted"])) for c in status["counters"].values()]
     assert sum(len(a) for a in accepted) == 300 and set().union(*accepted) == set(range(300))
+
+
+def in_a_sandbox(pid: int) -> bool:
+    """Whether `pid` runs in one of the real worker's sandboxes (its root is under the
+    worker's sandbox roots): nothing else is ever killed."""
+    try:
+        return os.readlink(f"/proc/{pid}/root").startswith(str(DIR / W / "worker"))
+    except OSError:
+        return False
+
+
+def test_the_coordinators_sandbox_killed_mid_job_on_the_real_worker(real_url: str) -> None:
+    """SIGKILL from outside to the one sandbox that orchestrates (found by its thread's name,
+    since every sandbox is pid 1 in its own namespace): the lease lapses, the client summons
+    another coordinator, which takes over from the store's records; the answer is exact and
+    every chunk is merged once (the store's records and the coordinators' counts agree)."""
+    if os.environ.get("LAMPY_TEST_OLREAL_URL"):
+        pytest.skip("the worker was started elsewhere: its sandboxes' roots are unknown here")
+    x = np.random.default_rng(10).standard_normal((3_000, 3))
+    region = lampy.sum(chunks=300)(slow_energy)
+    with lampy.using(executor="inline"):
+        expected = region(x)
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_the_coordinator_when, args=(30, killed, in_a_sandbox))
+    with lampy.using(executor="openlambda", **options(real_url, runtime_limit=30.0)):
+        killer.start()
+        got = region(x)
+        killer.join()
+        status = executors.get("openlambda", resolve_options("openlambda")).statuses[-1]  # type: ignore[attr-defined]
+    assert killed, "no sandbox was seen orchestrating the job"
+    assert not Path(f"/proc/{killed[0]}").exists() or not in_a_sandbox(killed[0])
+    assert_same(got, expected, exact=True)
+    assert_revived_and_merged_once(status, 300)
+    peaks = [c["threads"] for c in status["counters"].values()]
+    assert all(peak <= PROCS_LIMIT for peak in peaks), peaks

@@ -12,11 +12,20 @@ import http.client
 import time
 import urllib.parse
 import uuid
+from pathlib import Path
 
 import pytest
 
 from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.remote._jobs import JobStore, StoreError, at_rest
+from lampy.runtime.remote._jobs import (
+    CANCEL_GRACE_S,
+    TOMBSTONE,
+    JobStore,
+    StoreError,
+    at_rest,
+    status_of,
+    sweep,
+)
 
 from .conftest import Server
 
@@ -104,3 +113,38 @@ def test_a_result_request_waits_for_the_result(server: Server) -> None:
         assert store.result(5.0) == b"late"
         assert 0.2 < time.monotonic() - start < 3.0
         assert store.result(0.0) == b"late"
+
+
+def test_a_fetched_job_keeps_only_its_status_and_refuses_a_new_lease(server: Server) -> None:
+    with new_job(server, chunks=3) as store:
+        store.record([(0, b"x"), (1, b"y")])
+        assert store.put_result(b"report")
+        store.delete()
+        status = store.status()
+        assert status["state"] == "done" and status["fetched"] and status["done"] == 2
+        assert store.lease("late", 3.0, None, "revive", 30.0) == (409, {"done": True})
+        with pytest.raises(StoreError, match="its result was fetched"):
+            store.result(0)
+        names = {p.name for p in (server.root / "jobs" / store.job).iterdir()}
+        assert names <= TOMBSTONE
+
+
+def test_the_sweep_ends_jobs_past_their_ttl_and_entombs_cancelled_ones(tmp_path: Path) -> None:
+    root = tmp_path
+    for job in ("a" * 32, "b" * 32, "c" * 32):
+        (root / "jobs" / job / "chunks").mkdir(parents=True)
+        (root / "jobs" / job / "meta.json").write_text('{"chunks": 2}')
+        (root / "jobs" / job / "spec").write_bytes(b"spec")
+        (root / "jobs" / job / "chunks" / "0").write_bytes(b"x")
+        for own in ("published", "results"):
+            (root / own / job).mkdir(parents=True)
+            (root / own / job / "0.npy").write_bytes(b"data")
+    (root / "jobs" / ("c" * 32) / "cancelled").write_text("now")
+    now = time.time()
+    assert sweep(root, ttl=100.0, now=now) == []  # all active: nothing goes yet
+    assert sweep(root, ttl=100.0, now=now + CANCEL_GRACE_S + 1) == []
+    entombed = {p.name for p in (root / "jobs" / ("c" * 32)).iterdir()}
+    assert entombed == {"meta.json", "cancelled"} and not (root / "published" / ("c" * 32)).exists()
+    assert status_of(root / "jobs" / ("c" * 32))["done"] == 1  # the count survives
+    assert sorted(sweep(root, ttl=100.0, now=now + 101)) == ["a" * 32, "b" * 32, "c" * 32]
+    assert not [p for own in ("jobs", "published", "results") for p in (root / own).iterdir()]

@@ -197,8 +197,13 @@ def test_serve_refuses_a_missing_directory(tmp_path: os.PathLike[str]) -> None:
 
 
 def test_serve_binds_loopback_unless_told(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """`lampy serve DIR` passes host 127.0.0.1 and the default port to the server."""
+    """`lampy serve DIR` passes host 127.0.0.1, the default port and a day's job ttl to the
+    server; --job-ttl sets it."""
     calls: list[tuple[object, ...]] = []
     monkeypatch.setattr(server_module, "serve", lambda *args: calls.append(args))
     assert main(["serve", str(tmp_path)]) == 0
-    assert calls == [(tmp_path, "127.0.0.1", 5050, server_module.MAX_UPLOAD_BYTES)]
+    assert main(["serve", str(tmp_path), "--job-ttl", "60"]) == 0
+    assert calls == [
+        (tmp_path, "127.0.0.1", 5050, server_module.MAX_UPLOAD_BYTES, 86400.0),
+        (tmp_path, "127.0.0.1", 5050, server_module.MAX_UPLOAD_BYTES, 60.0),
+    ]
