@@ -45,7 +45,8 @@ class Params:
     mid_window: float = 1.0  # mid-term statistics window ...
     mid_step: float = 0.1  # ... and hop
     min_voiced: float = 0.3  # share of a window that must be speech for it to be clustered
-    flsd_block: float = 0.5  # length of a pseudo-class (vectors assumed to share a speaker)
+    flsd_block: float = 0.75  # pseudo-class: this long a slot of one run of speech
+    unit_block: float = 0.5  # distances count in units of a voice's spread over this long
     flsd_dims: int = 8  # FLsD directions kept
     flsd_ridge: float = 0.1  # S_w regularization, times its mean diagonal
     max_speakers: int = 8  # the count is searched over 1..max_speakers
@@ -54,8 +55,8 @@ class Params:
     max_gap: float = 0.6  # same-speaker turns closer than this merge
     reach: float = 0.5  # how far re-segmentation may move a change of speaker
     count_piece: float = 0.3  # the count is judged on pieces of speech this long
-    count_threshold: float = 43.2  # merge height (within-block deviations) of a new speaker ...
-    count_snr_slope: float = 0.43  # ... raised by this per dB of SNR below count_snr_ref,
+    count_threshold: float = 38.0  # merge height (within-block deviations) of a new speaker ...
+    count_snr_slope: float = 0.6  # ... raised by this per dB of SNR below count_snr_ref,
     count_snr_ref: float = 30.0  # as noise splits a voice into louder and quieter turns
     min_count_speech: float = 8.0  # less speech than this: the count is "cannot tell"
     confidence_slope: float = 8.5  # logistic map from the count's margin to a confidence ...
@@ -206,9 +207,12 @@ def diarize(
         silent = SpeakerCount(False, 0.0, {}, note)
         return Result([], np.full(speech.size, -1), step, 0, silent, timed.wall, timed.cpu)
     x = flsd.standardize(mid[keep])
+    segment = vad.run_index(speech)[kept]
     with timed("flsd"):
-        classes = flsd.time_blocks(kept * step, p.flsd_block)
-        y = _unit_spread(x @ flsd.flsd_projection(x, classes, p.flsd_dims, p.flsd_ridge), classes)
+        # Pseudo-classes stay inside one run of speech: a pause is where speakers change.
+        classes = flsd.run_blocks(kept * step, segment, p.flsd_block)
+        w = flsd.flsd_projection(x, classes, p.flsd_dims, p.flsd_ridge)
+        y = _unit_spread(x @ w, flsd.time_blocks(kept * step, p.unit_block))
     with timed("cluster"):
         if n_speakers is not None:
             k, counted = n_speakers, SpeakerCount(True, 1.0, {}, "given")
@@ -216,7 +220,6 @@ def diarize(
             # Speech enough to label, too little to count: one label, flagged as a guess.
             k, counted = 1, SpeakerCount(False, 0.0, {}, too_little)
         else:
-            segment = vad.run_index(speech)[kept]
             k, counted = count_speakers(y, segment, snr, p, round(p.count_piece / p.mid_step))
         _, centroids, _ = cluster.kmeans(y, k, seed=seed, restarts=p.restarts)
     with timed("smooth"):
