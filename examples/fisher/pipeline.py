@@ -56,11 +56,11 @@ class Params:
     reach: float = 0.5  # how far re-segmentation may move a change of speaker
     count_piece: float = 0.3  # the count is judged on pieces of speech this long
     count_threshold: float = 38.0  # merge height (within-block deviations) of a new speaker ...
-    count_snr_slope: float = 0.6  # ... raised by this per dB of SNR below count_snr_ref,
+    count_snr_slope: float = 0.8  # ... raised by this per dB of SNR below count_snr_ref,
     count_snr_ref: float = 30.0  # as noise splits a voice into louder and quieter turns
     min_count_speech: float = 8.0  # less speech than this: the count is "cannot tell"
-    confidence_slope: float = 8.5  # logistic map from the count's margin to a confidence ...
-    confidence_offset: float = -0.4  # ... fitted on the tune split
+    confidence_slope: float = 9.7  # logistic map from the count's margin to a confidence ...
+    confidence_offset: float = -0.2  # ... fitted on the tune split
 
 
 @dataclass(frozen=True)
