@@ -137,8 +137,9 @@ def _entropy(parts: np.ndarray) -> np.ndarray:
 
 
 def block_features(frames: np.ndarray, rate: int) -> np.ndarray:
-    """The features (FEATURE_NAMES) of frames[:, 1:] from (blocks x frames + 1 x win); frames[:, 0] is only the
-    predecessor of the first frame, for the spectral flux, so each spectrum is computed once."""
+    """The features (FEATURE_NAMES) of frames[:, 1:] from (blocks x frames + 1 x win);
+    frames[:, 0] is only the predecessor of the first frame, for the spectral flux, so each
+    spectrum is computed once."""
     n_blocks, n_plus_1, win = frames.shape
     n_bins = win // 2
     spectra = np.abs(np.fft.rfft(frames.reshape(-1, win).astype(np.float64), axis=1))
