@@ -45,6 +45,7 @@ class Params:
     label_min_gap: float = 0.1  # pauses this long or longer stay silent in the turns ...
     label_min_snr: float = 8.0  # ... at this SNR (dB) or more; below it, vad_min_gap
     label_trim: float = 0.025  # ... and speech runs lose this much at each end
+    subtract_below_snr: float = 12.0  # below this SNR (dB) the noise spectrum is subtracted
     mid_window: float = 1.0  # mid-term statistics window ...
     mid_step: float = 0.1  # ... and hop
     min_voiced: float = 0.3  # share of a window that must be speech for it to be clustered
@@ -59,7 +60,7 @@ class Params:
     reach: float = 0.5  # how far re-segmentation may move a change of speaker
     count_piece: float = 0.3  # the count is judged on pieces of speech this long
     count_threshold: float = 38.0  # merge height (within-block deviations) of a new speaker ...
-    count_snr_slope: float = 0.8  # ... raised by this per dB of SNR below count_snr_ref,
+    count_snr_slope: float = 0.7  # ... raised by this per dB of SNR below count_snr_ref,
     count_snr_ref: float = 30.0  # as noise splits a voice into louder and quieter turns
     min_count_speech: float = 8.0  # less speech than this: the count is "cannot tell"
     confidence_slope: float = 9.7  # logistic map from the count's margin to a confidence ...
@@ -196,6 +197,8 @@ def diarize(
         trim = round(p.label_trim / step)
         fine = snr >= p.label_min_snr
         voiced = vad.shrink(mask(min_gap=p.label_min_gap), trim) if fine else speech
+        if snr < p.subtract_below_snr:
+            feats = features.subtract_noise(feats, speech, rate)
     with timed("mid-term"):
         win, hop = round(p.mid_window / step), round(p.mid_step / step)
         voice = features.VOICE_COLUMNS
