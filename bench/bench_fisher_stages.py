@@ -1,7 +1,7 @@
 """(e) The Fisher pipeline's two heavy stages on one hour of audio, against Dask and TensorFlow,
 and the serial remainder of every stage.
 
-- short-term features: the 41 features of every 50 ms frame (`frame_features`, rfft, filter
+- short-term features: the 38 features of every 50 ms frame (`frame_features`, rfft, filter
   banks, entropies), over rows of blocks of frames (a view of the recording plus the few
   samples around each row);
 - FLsD scatter sums: per-class counts and sums and the Gram matrix of the mid-term vectors
