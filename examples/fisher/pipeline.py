@@ -35,8 +35,8 @@ class Params:
     allows, and one frame trimmed off each end of a speech run (the VAD's smoothing and 50 ms
     frames widen every run): clean 2-speaker DER 4.1 -> 2.7 %, count given. Third session:
     FLsD pseudo-classes inside one run of speech (0.75 s slots; the time grid put a change of
-    speaker inside a class) and the speaker-count threshold refit with them: speaker count
-    right on 95 -> 98 % of 1-4 speaker runs and 54 -> 64 % of 5-8 (with cepstra 14-17).
+    speaker inside a class), cepstra 14-17, noise subtracted below 12 dB SNR, and the count
+    threshold refit with them: count right on 95 -> 98 % of 1-4 speaker runs, 54 -> 68 % of 5-8.
     """
 
     vad_split: float = 0.5  # speech above this share of Otsu's split of the VAD scores ...
