@@ -1,7 +1,7 @@
 """(e) The Fisher pipeline's two heavy stages on one hour of audio, against Dask and TensorFlow,
 and the serial remainder of every stage.
 
-- short-term features: the 34 features of every 50 ms frame (`frame_features`, rfft, filter
+- short-term features: the 38 features of every 50 ms frame (`frame_features`, rfft, filter
   banks, entropies), over rows of blocks of frames (a view of the recording plus the few
   samples around each row);
 - FLsD scatter sums: per-class counts and sums and the Gram matrix of the mid-term vectors
@@ -187,7 +187,7 @@ def _dask(da: Any, stage: str, args: tuple[Any, ...], client: Any) -> Callable[[
 def _tf_features(
     tf: Any, body: np.ndarray, edges: np.ndarray, rate: int, win: int, hop: int
 ) -> Callable[[], Any]:
-    """The 34 features of examples/fisher/features.block_features, in TensorFlow ops."""
+    """The features of examples/fisher/features.block_features, in TensorFlow ops."""
     fbank, dct, chroma = (tf.constant(m) for m in features._filters(rate, win))
     n_bins, per_block, batch = win // 2, body.shape[1] // hop, 64
     freqs = tf.constant(np.arange(n_bins) * rate / win)
@@ -226,11 +226,13 @@ def _tf_features(
         rolloff = tf.where(
             cum[:, -1] > 0, tf.cast(tf.argmax(above, axis=1), tf.float64) / n_bins, 0.0
         )
-        mfcc = (tf.math.log(mag @ fbank + eps) / np.log(10.0)) @ dct
+        cepstra = (tf.math.log(mag @ fbank + eps) / np.log(10.0)) @ dct
+        mfcc, finer = cepstra[:, : features.N_MFCC], cepstra[:, features.N_MFCC :]
         c = (power @ chroma) / (tf.reduce_sum(power, axis=1, keepdims=True) + eps)
         scalars = [zcr, energy, energy_entropy, centroid / (rate / 2.0), spread / (rate / 2.0)]
         scalars += [spectral_entropy, flux, rolloff]
-        out = tf.concat([tf.stack(scalars, axis=1), mfcc, c, tf.math.reduce_std(c, 1)[:, None]], 1)
+        chroma_std = tf.math.reduce_std(c, 1)[:, None]
+        out = tf.concat([tf.stack(scalars, axis=1), mfcc, c, chroma_std, finer], 1)
         return tf.reshape(out, (nb, per_block, -1))
 
     def run() -> np.ndarray:

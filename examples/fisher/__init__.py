@@ -1,6 +1,6 @@
 """Speaker diarization with Fisher Linear Semi-Discriminant analysis, its heavy steps on lampy.
 
-wav ─► short-term features (34 per 50 ms frame; @lampy.elemwise over blocks of frames)
+wav ─► short-term features (38 per 50 ms frame; @lampy.elemwise over blocks of frames)
     ─► band VAD (threshold per recording) ─► mid-term mean/std of the level-free features
        (1 s windows every 0.1 s, prefix sums)
     ─► FLsD projection (scatter matrices as a @lampy.sum; scipy.linalg.eigh)

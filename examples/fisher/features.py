@@ -17,6 +17,11 @@ import lampy
 BLOCK = 64
 BATCH_BLOCKS = 4
 N_MFCC = 13
+# Cepstra past the 13th (the fine spectral envelope: formant detail that tells similar voices
+# apart) go after the chroma, so the first 34 columns keep pyAudioAnalysis's order. On the
+# development set's tune split, 14-17 raised the speaker count right on 5-8 speakers from 61
+# to 64-69 % at the same 1-4 speaker accuracy (14-20: 63-66 %, 14-30: 62 %).
+N_CEPSTRA = 17
 N_MEL = 40
 EPS = 1e-10
 FEATURE_NAMES: tuple[str, ...] = (
@@ -31,6 +36,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     *(f"mfcc_{i + 1}" for i in range(N_MFCC)),
     *(f"chroma_{i + 1}" for i in range(12)),
     "chroma_std",
+    *(f"mfcc_{i + 1}" for i in range(N_MFCC, N_CEPSTRA)),
 )
 # Features that follow the recording level (a louder turn, a gain change) rather than the voice:
 # the VAD uses them, clustering does not. Dropping them took the level-change condition of the
@@ -101,7 +107,7 @@ def tail_rows(
 
 @lru_cache(maxsize=8)
 def _filters(rate: int, win: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mel filterbank (bins x mel), DCT-II matrix (mel x mfcc) and chroma map (bins x 12).
+    """Mel filterbank (bins x mel), DCT-II matrix (mel x cepstra) and chroma map (bins x 12).
 
     The chroma map averages the bins of each semitone (so low notes, with few bins, are not
     drowned by high ones) and folds semitones into 12 pitch classes, A = 0; DC is left out.
@@ -113,7 +119,7 @@ def _filters(rate: int, win: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lo, mid, hi = edges_hz[:-2], edges_hz[1:-1], edges_hz[2:]
     f = freqs[:, None]
     fbank = np.maximum(0.0, np.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid)))
-    k = np.arange(N_MFCC)[None, :]
+    k = np.arange(N_CEPSTRA)[None, :]
     m = np.arange(N_MEL)[:, None]
     dct = np.sqrt(2.0 / N_MEL) * np.cos(np.pi * k * (2 * m + 1) / (2 * N_MEL))
     dct[:, 0] /= np.sqrt(2.0)
@@ -131,8 +137,9 @@ def _entropy(parts: np.ndarray) -> np.ndarray:
 
 
 def block_features(frames: np.ndarray, rate: int) -> np.ndarray:
-    """The 34 features of frames[:, 1:] from (blocks x frames + 1 x win); frames[:, 0] is only the
-    predecessor of the first frame, for the spectral flux, so each spectrum is computed once."""
+    """The features (FEATURE_NAMES) of frames[:, 1:] from (blocks x frames + 1 x win);
+    frames[:, 0] is only the predecessor of the first frame, for the spectral flux, so each
+    spectrum is computed once."""
     n_blocks, n_plus_1, win = frames.shape
     n_bins = win // 2
     spectra = np.abs(np.fft.rfft(frames.reshape(-1, win).astype(np.float64), axis=1))
@@ -160,15 +167,17 @@ def block_features(frames: np.ndarray, rate: int) -> np.ndarray:
     above = cum > 0.9 * cum[:, -1:]
     out[:, 7] = np.where(cum[:, -1] > 0, above.argmax(axis=1) / n_bins, 0.0)
     fbank, dct, chroma = _filters(rate, win)
-    out[:, 8 : 8 + N_MFCC] = np.log10(mag @ fbank + EPS) @ dct
+    cepstra = np.log10(mag @ fbank + EPS) @ dct
+    out[:, 8 : 8 + N_MFCC] = cepstra[:, :N_MFCC]
     c = (power @ chroma) / (power.sum(axis=1, keepdims=True) + EPS)
     out[:, 8 + N_MFCC : 20 + N_MFCC] = c
     out[:, 20 + N_MFCC] = c.std(axis=1)
+    out[:, 21 + N_MFCC :] = cepstra[:, N_MFCC:]
     return out.reshape(n_blocks, n_plus_1 - 1, -1)
 
 
 def rows_features(body: np.ndarray, edges: np.ndarray, rate: int, win: int, hop: int) -> np.ndarray:
-    """Features of every frame of rows cut by `frame_rows`: (rows, frames per row, 34).
+    """Features of every frame of rows cut by `frame_rows`: (rows, frames per row, features).
 
     Rows go through in batches of `BATCH_BLOCKS`, so the temporaries (frames, spectra) stay a
     few MB however large the chunk: one big batch is memory-bound and several times slower.
@@ -192,7 +201,7 @@ def frame_features(
 
 
 def short_term_features(signal: np.ndarray, rate: int) -> tuple[np.ndarray, float]:
-    """(frames x 34) feature matrix and the frame step in seconds.
+    """(frames x features) matrix (FEATURE_NAMES) and the frame step in seconds.
 
     The region gets the recording as a view (rows of whole blocks of frames) and the few
     samples around each row; the last, partial block (under 1.6 s of audio) runs here.
@@ -275,4 +284,43 @@ def mfcc_to_mel_db(rate: int) -> np.ndarray:
     without a second pass over the signal.
     """
     _, dct, _ = _filters(rate, frame_geometry(rate)[0])
-    return 10.0 * np.linalg.pinv(dct)
+    return 10.0 * np.linalg.pinv(dct[:, :N_MFCC])
+
+
+CEPSTRA_COLUMNS = (*range(8, 8 + N_MFCC), *range(21 + N_MFCC, len(FEATURE_NAMES)))
+
+
+@lampy.elemwise(shared=("dct", "noise"))
+def _subtract(cepstra: np.ndarray, dct: np.ndarray, noise: np.ndarray, floor: float) -> np.ndarray:
+    """The cepstra of each frame's mel band magnitudes less `noise` (at least `floor` times
+    what they were)."""
+    out = np.empty_like(cepstra)
+    for lo in range(0, cepstra.shape[0], WINDOW_BATCH * 8):
+        bands = 10.0 ** (cepstra[lo : lo + WINDOW_BATCH * 8] @ dct.T)
+        cleaned = np.maximum(bands - noise, floor * bands)
+        out[lo : lo + bands.shape[0]] = np.log10(cleaned) @ dct
+    return out
+
+
+def subtract_noise(
+    feats: np.ndarray, speech: np.ndarray, rate: int, floor: float = 0.1
+) -> np.ndarray:
+    """The features with their cepstra recomputed from mel band magnitudes less the noise's.
+
+    The noise spectrum is the mean band magnitude of (every 4th of) the frames the VAD calls
+    silence, back from the cepstra (the DCT is orthonormal, so its transpose inverts it over
+    the kept coefficients). Chosen by measurement, not by a model of the noise: subtracting it
+    raised the development set's tune split's speaker count right on 5-8 speakers at 10 and 5 dB
+    SNR from 45 and 25 % to 55 and 40 % (1-4 speakers unchanged). Magnitudes are subtracted, not
+    powers, and on a synthetic voice at two levels it does not bring the quiet turn's spectrum
+    nearer the loud one's, so what it does for the count is not fully understood.
+    """
+    _, dct, _ = _filters(rate, frame_geometry(rate)[0])
+    columns = list(CEPSTRA_COLUMNS)
+    silent = feats[~speech][::4][:, columns]
+    if silent.shape[0] < 10:
+        return feats
+    noise = (10.0 ** (silent @ dct.T)).mean(axis=0)
+    out = feats.copy()
+    out[:, columns] = _subtract(np.ascontiguousarray(feats[:, columns]), dct, noise, floor)
+    return out

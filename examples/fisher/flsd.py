@@ -76,3 +76,19 @@ def time_blocks(times: np.ndarray, block: float) -> np.ndarray:
     """Pseudo-class of each vector: the index of its `block`-second slot, renumbered 0..C-1."""
     _, classes = np.unique(np.floor(times / block).astype(np.int64), return_inverse=True)
     return classes.astype(np.int64)
+
+
+def run_blocks(times: np.ndarray, run: np.ndarray, block: float) -> np.ndarray:
+    """Pseudo-classes that never straddle a pause: each run of speech (`run`, one id per vector,
+    vectors in time order) cut into `block`-second slots from its own start, renumbered 0..C-1.
+
+    A pause is where a conversation changes speaker, so a slot across one would put two voices
+    in one class and teach FLsD to keep them together.
+    """
+    if run.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], run[1:] != run[:-1]]))
+    owner = np.repeat(np.arange(starts.size), np.diff(np.append(starts, run.size)))
+    slot = np.floor((times - times[starts][owner]) / block).astype(np.int64)
+    _, classes = np.unique(owner * (slot.max(initial=0) + 1) + slot, return_inverse=True)
+    return classes.astype(np.int64)

@@ -102,3 +102,16 @@ def test_five_unheard_voices_are_counted(tools: None) -> None:
     result = diarize(signal, devset.RATE)
     assert result.n_speakers == 5 and result.count.confidence > 0.5
     assert score(reference, result.turns).der < 0.15
+
+
+def test_one_unheard_voice_in_noise_stays_one(tools: None) -> None:
+    # At 10 dB SNR the noise is subtracted before clustering, and the count's threshold rises:
+    # the quiet and loud turns of one voice must not come out as two speakers (this voice did,
+    # before the FLsD pseudo-classes kept inside runs of speech).
+    conversation = devset.conversations("tune", 5)[4]
+    assert conversation.name == "tune-1spk-4"
+    signal, reference = devset.render(conversation)
+    noisy, rate = devset.degrade(signal, reference, "snr10", conversation.seed)
+    result = diarize(noisy, rate)
+    assert result.n_speakers == 1 and result.count.known
+    assert score(reference, result.turns).der < 0.10

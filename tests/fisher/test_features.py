@@ -89,9 +89,12 @@ def test_mfcc_and_chroma_per_frame(executor: str) -> None:
     mfcc = [
         np.sqrt((1 if k == 0 else 2) / n_mel)
         * np.sum(mel * np.cos(np.pi * k * (2 * np.arange(n_mel) + 1) / (2 * n_mel)))
-        for k in range(13)
+        for k in range(features.N_CEPSTRA)
     ]
-    np.testing.assert_allclose(feats[i, 8:21], mfcc, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(feats[i, 8:21], mfcc[:13], rtol=1e-6, atol=1e-9)
+    # Cepstra 14.. come after the chroma, so the first 34 columns keep pyAudioAnalysis's order.
+    assert features.FEATURE_NAMES[34] == "mfcc_14"
+    np.testing.assert_allclose(feats[i, 34:], mfcc[13:], rtol=1e-6, atol=1e-9)
     power = mag**2
     c = np.zeros(12)
     freqs = np.arange(1, win // 2) * rate / win
@@ -143,3 +146,35 @@ def test_mid_term_statistics_do_not_depend_on_the_chunking(executor: str) -> Non
     row = int(np.flatnonzero(count == 40)[0])
     window = feats[centres[row] - 20 : centres[row] + 20][:, [0, 2, 5]]
     np.testing.assert_allclose(mid[row], np.r_[window.mean(0), window.std(0)], rtol=1e-9)
+
+
+def test_noise_subtraction_takes_the_noise_out_of_the_cepstra(executor: str) -> None:
+    rate = 16000
+    rng = np.random.default_rng(2)
+    t = np.arange(6 * rate) / rate
+    # A low-pass "voice" at 1-5 s, silence around it; white noise over all, 10 dB under it.
+    voice = np.convolve(rng.standard_normal(t.size), np.ones(8) / 8, mode="same")
+    voice *= 0.1 * ((t >= 1) & (t < 5))
+    noise = rng.standard_normal(t.size)
+    noise *= np.sqrt(np.mean(voice[(t >= 1) & (t < 5)] ** 2) / np.mean(noise**2) / 10)
+    noisy, step = features.short_term_features((voice + noise).astype(np.float32), rate)
+    at = np.arange(noisy.shape[0]) * step
+    speech = (at >= 1.05) & (at < 4.9)
+    cleaned = features.subtract_noise(noisy, speech, rate)
+    _, dct, _ = features._filters(rate, features.frame_geometry(rate)[0])
+    columns = list(features.CEPSTRA_COLUMNS)
+
+    def bands(feats: np.ndarray, frames: np.ndarray) -> np.ndarray:
+        """Mean mel band magnitudes of some frames, back from their cepstra."""
+        return (10.0 ** (feats[frames][:, columns] @ dct.T)).mean(axis=0)
+
+    # The silence keeps about the floor (a tenth) of its noise; the voice's low bands, far
+    # above the noise, keep nearly all of theirs.
+    silence = (at > 0.2) & (at < 0.9)
+    assert np.median(bands(cleaned, silence) / bands(noisy, silence)) < 0.2
+    low = bands(cleaned, speech)[:8] / bands(noisy, speech)[:8]
+    assert (low > 0.6).all()
+    # Only the cepstra change; nothing is subtracted without silence to learn the noise from.
+    untouched = [i for i in range(noisy.shape[1]) if i not in features.CEPSTRA_COLUMNS]
+    np.testing.assert_array_equal(cleaned[:, untouched], noisy[:, untouched])
+    assert features.subtract_noise(noisy, np.ones(noisy.shape[0], bool), rate) is noisy

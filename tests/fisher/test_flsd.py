@@ -62,6 +62,18 @@ def test_time_blocks_and_standardize() -> None:
     np.testing.assert_allclose(z, [[-1.0, 0.0], [1.0, 0.0]])
 
 
+def test_run_blocks_never_straddle_a_pause() -> None:
+    # Two runs of speech; slots of 0.75 s count from each run's own start.
+    times = np.array([0.1, 0.5, 0.9, 1.0, 1.1, 1.8, 2.1])
+    run = np.array([0, 0, 0, 2, 2, 2, 2])
+    classes = flsd.run_blocks(times, run, 0.75)
+    # 0.9 is 0.8 s into its run: a slot of its own. 1.0 opens the next run's first slot,
+    # although the time grid's slot [0.75, 1.5) would put it with 0.9.
+    assert list(classes) == [0, 0, 1, 2, 2, 3, 3]
+    assert list(flsd.time_blocks(times, 0.75)[2:5]) == [1, 1, 1]
+    assert flsd.run_blocks(np.zeros(0), np.zeros(0, dtype=np.int64), 0.75).size == 0
+
+
 @given(
     rows=st.integers(0, 300),
     columns=st.integers(1, 8),
