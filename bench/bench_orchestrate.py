@@ -11,6 +11,12 @@ chunk calls carry no rows in either mode), chunks=1000 so both modes merge the s
 - a slow client link: every call the client makes to the platform waits 50 ms more (a client
   far from its platform; its own array server stays near); the coordinator, beside the
   worker, pays it once per job.
+- a client whose link is the bottleneck (`Link`: 50 ms and 100 Mbit/s, shared by every
+  call the client makes, to the platform and to the job store; a model, not a throttled
+  network): a 200-chunk `@lampy.sum` of 512 KiB partials (a Gram matrix) over an input
+  that already lives on an array server beside the platform (a `lampy.remote` reference).
+  Client orchestration takes every partial over the link; lambda orchestration, its job
+  state on that array server, only the answer.
 Client orchestration runs with its automatic batching (several tiny chunks per call) and,
 as the issue counts it, with one call per chunk (batch=1).
 Each mode's answer is checked equal to numpy's tree bit for bit.
@@ -20,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Row, olreal_kit, started_olreal
+from conftest import Row, olreal_kit, served_arrays, started_olreal
 
 import lampy
 from lampy.runtime import executors
@@ -33,6 +41,7 @@ from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
 from lampy.runtime.remote import _jobs as jobs
+from lampy.runtime.remote._reference import remote
 
 CHUNKS = 1000
 ROWS, COLUMNS = 300 * CHUNKS, 8  # 19.2 MB: over PUBLISH_BYTES, so sent by reference
@@ -62,6 +71,27 @@ class Traffic:
         return cls.calls + cls.store_calls, cls.bytes + cls.store_bytes
 
 
+class Link:
+    """The client's link, modelled: each transfer waits `latency_s`, and the bytes of all
+    transfers share `bytes_per_s` one after another (a transfer waits for the ones before)."""
+
+    def __init__(self, latency_s: float = 0.0, bytes_per_s: float = float("inf")) -> None:
+        self.latency_s, self.bytes_per_s = latency_s, bytes_per_s
+        self.busy_until = 0.0
+        self.lock = threading.Lock()
+
+    def wait_s(self, size: int) -> float:
+        """How long a transfer of `size` bytes that ends now (at loopback speed) takes."""
+        with self.lock:
+            now = time.monotonic()
+            self.busy_until = max(now, self.busy_until) + size / self.bytes_per_s
+            return self.busy_until - now + self.latency_s
+
+
+FAST = Link()
+link = FAST  # the link of the case running now
+
+
 class Counting(AiohttpTransport):
     extra_s = 0.0  # the slow link's wait per call
 
@@ -69,8 +99,10 @@ class Counting(AiohttpTransport):
         if self.extra_s:
             await asyncio.sleep(self.extra_s)
         reply = await super().post(frame, timeout)
+        size = frame.size + (reply.reader.total if reply.reader else len(reply.body))
+        await asyncio.sleep(link.wait_s(size))
         Traffic.calls += 1
-        Traffic.bytes += frame.size + (reply.reader.total if reply.reader else len(reply.body))
+        Traffic.bytes += size
         return reply
 
 
@@ -81,8 +113,10 @@ def count_store_requests(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def counted(self: jobs.JobStore, method: str, path: str, data: bytes | None = None, **kw: Any):  # type: ignore[no-untyped-def]
         status, answer = original(self, method, path, data, **kw)
+        size = len(data or b"") + len(answer) + 300  # + headers, roughly
+        time.sleep(link.wait_s(size))
         Traffic.store_calls += 1
-        Traffic.store_bytes += len(data or b"") + len(answer) + 300  # + headers, roughly
+        Traffic.store_bytes += size
         return status, answer
 
     monkeypatch.setattr(jobs.JobStore, "_call", counted)
@@ -95,7 +129,7 @@ def data() -> tuple[np.ndarray, Any]:
         return x, REGION(x)
 
 
-def executor_for(url: str, mode: str, extra_s: float = 0.0) -> OpenLambdaExecutor:
+def executor_for(url: str, mode: str, extra_s: float = 0.0, store: str = "") -> OpenLambdaExecutor:
     executor = OpenLambdaExecutor(
         url=url,
         orchestrator="lambda" if mode == "lambda" else "client",
@@ -103,6 +137,7 @@ def executor_for(url: str, mode: str, extra_s: float = 0.0) -> OpenLambdaExecuto
         timeout=120.0,
         progress="off",
         runtime_limit=30.0,
+        store=store if mode == "lambda" else "",
     )
     counting = Counting(executor.endpoint, executor.concurrency, executor.secret)
     counting.extra_s = extra_s
@@ -114,23 +149,25 @@ def run_mode(
     benchmark: Any,
     url: str,
     mode: str,
-    data: tuple[np.ndarray, Any],
+    data: tuple[Any, Any],
     extra: float,
     rounds: int,
+    region: Any = REGION,
+    store: str = "",
 ) -> None:
     x, expected = data
-    executor = executor_for(url, mode, extra)
+    executor = executor_for(url, mode, extra, store)
     name = "bench_" + mode.replace(",", "").replace(" ", "_")
     lampy.register_executor(name, OpenLambdaExecutor)
     executors._instances[(name, ())] = executor
     try:
         with lampy.using(executor=name):
             Traffic.reset()
-            got = REGION(x)  # counted; and sandboxes up and warm, the input published
+            got = region(x)  # counted; and sandboxes up and warm, the input published
             calls, moved = Traffic.total()
             platform_calls, store_calls = Traffic.calls, Traffic.store_calls
             np.testing.assert_array_equal(got, expected)
-            benchmark.pedantic(REGION, args=(x,), rounds=rounds, iterations=1)
+            benchmark.pedantic(region, args=(x,), rounds=rounds, iterations=1)
     finally:
         executors.unregister(name)
         executor.close()
@@ -202,3 +239,49 @@ def test_orchestration(
             f"; vs {peer}: {fewer[0]:.0f}x fewer calls, {fewer[1]:.0f}x fewer bytes (>= 100x: "
             f"{verdict}), time {ratio:.2f}x (<= 1.2x: {timing})"
         )
+
+
+GRAM_CHUNKS, GRAM_ROWS, GRAM_COLUMNS = 200, 64, 256  # 26 MB in; 200 partials of 512 KiB
+SLOW_LINK = Link(latency_s=0.05, bytes_per_s=100e6 / 8)  # 100 Mbit/s
+
+
+def gram(x: np.ndarray) -> np.ndarray:
+    return x.T @ x
+
+
+GRAM = lampy.sum(chunks=GRAM_CHUNKS)(gram)
+
+
+@pytest.fixture(scope="module")
+def near_store() -> Iterator[tuple[str, tuple[Any, Any]]]:
+    """`lampy serve` beside the platform, holding the Gram workload's input: its URL, and the
+    input's reference with the answer computed inline."""
+    x = np.random.default_rng(1).standard_normal((GRAM_CHUNKS * GRAM_ROWS, GRAM_COLUMNS))
+    with served_arrays({"x": x}) as url, lampy.using(executor="inline"):
+        yield url, (remote(f"{url}/x.npy"), GRAM(x))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("mode", ["client", "lambda"])
+@pytest.mark.parametrize("which", ["lampy worker", "OpenLambda's own worker"])
+def test_client_link_bound(
+    benchmark: Any,
+    row: Row,
+    request: pytest.FixtureRequest,
+    near_store: tuple[str, Any],
+    which: str,
+    mode: str,
+) -> None:
+    global link
+    url = request.getfixturevalue("real_worker" if "OpenLambda" in which else "worker")
+    store, data = near_store
+    row(
+        f"200-chunk @lampy.sum of 512 KiB partials, client on a 100 Mbit/s, 50 ms link ({which})",
+        f"{mode} orchestration",
+        baseline=mode == "client",
+    )
+    link = SLOW_LINK
+    try:
+        run_mode(benchmark, url, mode, data, 0.0, 3, GRAM, store)
+    finally:
+        link = FAST

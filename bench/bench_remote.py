@@ -20,15 +20,12 @@ LAMPY_BENCH_REMOTE_BYTES shrinks the large input (e.g. 268435456 for a quick che
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import served_arrays
 
 import lampy
 from lampy.runtime import executors
@@ -39,7 +36,6 @@ from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
 from lampy.runtime.remote import _publish as publish
 from lampy.runtime.remote import _results as results
 from lampy.runtime.remote._reference import RemoteArray, remote
-from lampy.testing import free_port, wait_ready
 
 COLUMNS = 1024  # 8 KiB rows
 TOTAL_BYTES = int(os.environ.get("LAMPY_BENCH_REMOTE_BYTES", 2 << 30))
@@ -87,20 +83,10 @@ def large() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def served(large: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The large array as a file on `lampy serve` (in /dev/shm where there is one)."""
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    with tempfile.TemporaryDirectory(prefix="lampy-bench-", dir=shm) as root:
-        np.save(Path(root) / "large.npy", large)
-        port = free_port()
-        command = [sys.executable, "-m", "lampy.cli", "serve", root, "--port", str(port)]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", process)
-            yield f"http://127.0.0.1:{port}/large.npy"
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+def served(large: np.ndarray) -> Iterator[str]:
+    """The large array as a file on `lampy serve`."""
+    with served_arrays({"large": large}) as url:
+        yield f"{url}/large.npy"
 
 
 def run(worker: str, argument: np.ndarray | RemoteArray, threshold: int, chunks: int) -> Any:

@@ -24,14 +24,18 @@ import importlib
 import json
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 
 # The Fisher example and the test helpers live in the checkout, not in the installed package.
@@ -95,6 +99,28 @@ def row(benchmark: Any, request: pytest.FixtureRequest) -> Row:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def served_arrays(arrays: dict[str, np.ndarray]) -> Iterator[str]:
+    """`lampy serve` on loopback serving `arrays` as NAME.npy (in /dev/shm where there is one):
+    its base URL. An array server near the platform, for `lampy.remote` references."""
+    from lampy.testing import free_port, wait_ready
+
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix="lampy-bench-", dir=shm) as root:
+        for name, array in arrays.items():
+            np.save(Path(root) / f"{name}.npy", array)
+        port = free_port()
+        command = [sys.executable, "-m", "lampy.cli", "serve", root, "--port", str(port)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, process)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

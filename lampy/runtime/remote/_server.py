@@ -107,7 +107,9 @@ def make_app(
             partial.unlink(missing_ok=True)
         return web.json_response(meta.to_json(), status=201)
 
-    app = web.Application(middlewares=[errors])
+    # aiohttp reads at most 1 MiB of a body by default: the job endpoints (records of large
+    # partials, a spec with large shared arguments) take what an upload may carry
+    app = web.Application(middlewares=[errors], client_max_size=max_upload)
     app.router.add_get("/status", status)
     jobs.add_routes(
         app, base, max_upload, lambda request: _authorize(request, secret, freshness), job_ttl

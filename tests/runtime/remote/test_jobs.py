@@ -75,6 +75,22 @@ def test_an_outcome_is_recorded_once(server: Server) -> None:
         assert store.status()["done"] == 3
 
 
+def test_large_records_and_specs_are_taken(server: Server) -> None:
+    """Partials of several MiB (a Gram matrix) and a spec with large shared arguments pass
+    (aiohttp alone reads at most 1 MiB of a body)."""
+    big = b"\x01" * (3 << 20)
+    store = JobStore(server.url, uuid.uuid4().hex)
+    with store:
+        assert store.create(frames.encode(frames.COORDINATE, big, store.secret).join(), 2)
+        assert frames.decode(store.spec(), store.secret, freshness=at_rest()).value == big
+        records = [(c, frames.encode(frames.RESULT, big, store.secret).join()) for c in (0, 1)]
+        assert store.record(records) == []
+        kept = [
+            frames.decode(f, store.secret, freshness=at_rest()).value for _, f in store.records()
+        ]
+        assert kept == [big, big]
+
+
 def test_the_lease_goes_to_one_holder_at_a_time(server: Server) -> None:
     with new_job(server) as store:
         status, lease = store.lease("a", 0.5, None, "start", 30.0)
