@@ -228,6 +228,25 @@ def test_float_sums_and_ordered_reductions_equal_client_orchestration(worker_url
     assert got[1].startswith("((((abc")
 
 
+def weighted_gram(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return (x @ w).T @ x
+
+
+def test_partials_and_shared_arguments_of_megabytes_go_through_the_job_store(
+    worker_url: str,
+) -> None:
+    """A 400 x 400 partial is 1.3 MB, and so is the shared `w`: the coordinator's records
+    and the job's spec are larger than a web server takes by default."""
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal((8 * 16, 400)), rng.standard_normal((400, 400))
+    region = lampy.sum(chunks=8, shared=["w"])(weighted_gram)
+    with lampy.using(executor="openlambda", url=worker_url, progress="off"):
+        expected = region(x, w)
+    with lampy.using(executor="openlambda", url=worker_url, orchestrator="lambda", progress="off"):
+        got = region(x, w)
+    assert_same(got, expected, exact=True)
+
+
 def dies_on_a_negative_row(x: np.ndarray) -> np.ndarray:
     if (x < 0).any():
         os.kill(os.getpid(), signal.SIGKILL)  # its sandbox dies at every attempt
