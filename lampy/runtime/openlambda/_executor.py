@@ -69,6 +69,16 @@ SECONDS_PER_BYTE = 1 / 0.29e9  # per byte moved, through the worker and a sandbo
 # Row "400 no-op chunks, one call each, 32 in flight": OpenLambda 1.6, 1.8, 3.9 and 4.4 ms a
 # chunk (median 2.8 ms); lampy worker 1.1 to 5.0 ms.
 SECONDS_PER_CHUNK = 2.8e-3  # one call per chunk, 32 in flight
+# Calls in flight start at START_SLOTS and grow by one for each answer that came back
+# unqueued (its time per chunk within QUEUED_FACTOR of the fastest of its job), up to
+# `concurrency`; the level reached carries over to the executor's next jobs. OpenLambda starts
+# a sandbox for about every 10 ms of outstanding work, so calls in flight beyond what the
+# worker serves at once buy sandboxes, not speed: row "a first 10,000-chunk job on a fresh
+# lambda": on the 2-core worker 32 calls at once made OpenLambda start 49 sandboxes, 24 s,
+# against 1.0 to 1.5 s at 4. A worker with more cores answers unqueued as calls grow, so the
+# slots reach `concurrency` within a few round trips.
+START_SLOTS = 4
+QUEUED_FACTOR = 2.0
 CALLS_PER_SLOT = 4  # automatic batching leaves at least this many calls per slot
 BATCH_BYTES = 1 << 20  # ... and batches at most this many bytes of split input
 # With prewarm=N, the first job of this many chunks warms N sandboxes first. Off by default:
@@ -159,6 +169,8 @@ class OpenLambdaExecutor(Executor):
         self.reports: deque[Report] = deque(maxlen=ACCOUNTS_KEPT)
         self.statuses: deque[dict[str, Any]] = deque(maxlen=ACCOUNTS_KEPT)  # their job stores'
         self._loop = Loop()
+        #: calls in flight now: START_SLOTS, grown while answers come back unqueued
+        self.slots = min(concurrency, START_SLOTS)
         self._called = False
         self._asked = 0  # the largest pre-warm asked for so far
         self._summoned: set[concurrent.futures.Future[Any]] = set()  # detached jobs' first calls
@@ -359,7 +371,9 @@ class OpenLambdaExecutor(Executor):
         """
         self._asked = max(self._asked, n)
         self._called = True
-        return self._loop.run(self._prewarm(n, timeout))
+        warm = self._loop.run(self._prewarm(n, timeout))
+        self.slots = max(self.slots, min(warm, self.concurrency))  # each serves a call at once
+        return warm
 
     def close(self) -> None:
         if self._loop.loop is not None:
@@ -415,12 +429,15 @@ class OpenLambdaExecutor(Executor):
             scheduler.finished(chunk, known, loop.time())
         finished: asyncio.Queue[tuple[Unit, asyncio.Task[list[Outcome]]]] = asyncio.Queue()
         running: dict[Unit, list[asyncio.Task[list[Outcome]]]] = {}
+        started: dict[asyncio.Task[list[Outcome]], float] = {}
+        fastest = float("inf")  # the least time per chunk of an answer in this job
         progress = Progress(len(job.chunks), self.progress)
 
         def launch(unit: Unit) -> None:
             attempt = max(scheduler.start(chunk, loop.time()) for chunk in unit)
             account.attempts.update(unit)
             task = asyncio.ensure_future(self._attempt(state, unit, attempt))
+            started[task] = loop.time()
             task.add_done_callback(lambda t: finished.put_nowait((unit, t)))
             running.setdefault(unit, []).append(task)
 
@@ -428,7 +445,7 @@ class OpenLambdaExecutor(Executor):
             while not scheduler.done:
                 if state.stop is not None and state.stop():
                     break  # in-flight calls are cancelled below: their chunks stay to run
-                while len(running) < self.concurrency:
+                while len(running) < self.slots:
                     unit = _take(scheduler, size)
                     if not unit:
                         break
@@ -443,6 +460,7 @@ class OpenLambdaExecutor(Executor):
                     unit, task = await asyncio.wait_for(finished.get(), wait)
                 except asyncio.TimeoutError:
                     continue
+                took = (loop.time() - started.pop(task, loop.time())) / len(unit)
                 copies = running.get(unit, [])
                 if task not in copies:  # the twin of an answered call
                     if not task.cancelled() and task.exception() is None:
@@ -459,6 +477,9 @@ class OpenLambdaExecutor(Executor):
                     continue
                 if failure is not None:
                     raise failure
+                fastest = min(fastest, took)
+                if took <= QUEUED_FACTOR * fastest and self.slots < self.concurrency:
+                    self.slots += 1  # answered unqueued: the worker keeps up
                 for chunk, outcome in zip(unit, task.result(), strict=False):
                     if scheduler.finished(chunk, outcome, loop.time()):
                         account.accepted[chunk] += 1

@@ -327,3 +327,53 @@ def test_progress_line_for_long_jobs(
     assert "lampy: 8/8 chunks (100%)" in capsys.readouterr().err
     run(Scripted(), make_job(double, np.arange(8.0), 8), progress="off")
     assert capsys.readouterr().err == ""
+
+
+class Sandboxes(InProcessTransport):
+    """A worker of `sandboxes` that each serve one call at a time, `service` seconds a call
+    (the real handler answers); records the most calls that were in flight at once."""
+
+    def __init__(self, sandboxes: int, service: float) -> None:
+        super().__init__()
+        self.free = asyncio.Semaphore(sandboxes)
+        self.service, self.in_flight, self.most = service, 0, 0
+
+    async def post(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            async with self.free:
+                await asyncio.sleep(self.service)
+                return await super().post(outgoing, timeout)
+        finally:
+            self.in_flight -= 1
+
+
+def test_calls_in_flight_grow_while_answers_come_back_unqueued(run: Any) -> None:
+    """A worker that serves every call at once (many cores) gets `concurrency` calls in
+    flight after a few round trips; one that serves 2 at a time never gets 8 (calls past
+    its sandboxes queue, and on OpenLambda each queued call starts a sandbox)."""
+    x = np.arange(4096.0)
+    wide = Sandboxes(sandboxes=64, service=0.02)
+    run(wide, make_job(double, x, 512), concurrency=32, batch=1)
+    assert wide.most == 32
+    narrow = Sandboxes(sandboxes=2, service=0.02)
+    outcomes = run(narrow, make_job(double, x, 512), concurrency=32, batch=1)
+    assert module.START_SLOTS <= narrow.most < 8
+    np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(512)]), x * 2)
+
+
+def test_slots_start_low_and_carry_over_to_the_next_job() -> None:
+    executor = OpenLambdaExecutor(transport=Sandboxes(64, 0.0), concurrency=32)
+    try:
+        assert executor.slots == module.START_SLOTS
+        executor.run(make_job(double, np.arange(4096.0), 512))
+        grown = executor.slots
+        assert grown > module.START_SLOTS
+        executor.run(make_job(double, np.arange(64.0), 8))
+        assert executor.slots >= grown  # the next job starts where the last one got to
+    finally:
+        executor.close()
+    small = OpenLambdaExecutor(concurrency=2)
+    assert small.slots == 2  # never above `concurrency`
+    small.close()
