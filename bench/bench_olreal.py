@@ -17,7 +17,7 @@ same things on the real platform (../shared/olreal), each a median, for both wor
   loopback TCP (target >= 0.2).
 - a 64-chunk job just after a redeploy: cold (its sandboxes start as its chunks arrive) against
   pre-warmed ahead (`prewarm(8)` first, untimed) and pre-warmed together (`prewarm(8)` in a
-  thread started with the job, both timed);
+  thread started with the job, timed until the job's answer);
 - a first 10,000-chunk no-op job on a fresh lambda (just after a redeploy), with calls in flight
   fixed at 4, all 32 at once (the old default) and the default rule (START_SLOTS, growing while
   answers come back unqueued), with the sandboxes the worker made and the slots reached
@@ -327,7 +327,8 @@ def test_job_cold_or_prewarmed(
     benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], warm: str
 ) -> None:
     """What pre-warming saves a job that starts right after a redeploy: done ahead (untimed),
-    or started with the job (both timed: `lampy.prewarm` in a thread while the job runs)."""
+    or started with the job (`lampy.prewarm` in a thread while the job runs; timed until the
+    job's answer)."""
     which, executor = deployed
     group = f"a {JOB_CHUNKS}-chunk job just after a redeploy, on {which}"
     if warm == "ahead":
@@ -341,24 +342,27 @@ def test_job_cold_or_prewarmed(
     f = lampy.elemwise(shared=("basis",), chunks=JOB_CHUNKS)(spectral_features)
     options = {"url": executor.url, "timeout": 120.0}
 
+    warming: list[concurrent.futures.Future[int]] = []  # pre-warms that outlived their job
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
     def redeploy() -> None:
+        for future in warming:
+            future.result()
         upload(executor.url)
         time.sleep(REGISTRY_CACHE_S)  # the worker sees the new code: old sandboxes retire
         if warm == "ahead":
             executor.prewarm(8)
 
     def job() -> np.ndarray:
-        if warm != "together":
-            return f(frames, basis)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        if warm == "together":  # timed until the job's answer; the pre-warm may go on
             # a thread has no `lampy.using` block: it names the executor and its options
-            warming = pool.submit(lampy.prewarm, 8, executor="openlambda", **options)
-            got = f(frames, basis)
-            warming.result()
-        return got
+            warming.append(pool.submit(lampy.prewarm, 8, executor="openlambda", **options))
+        return f(frames, basis)
 
-    with lampy.using(executor="openlambda", **options):
+    with pool, lampy.using(executor="openlambda", **options):
         got = benchmark.pedantic(job, setup=redeploy, rounds=3, iterations=1)
+        for future in warming:
+            future.result()
     np.testing.assert_allclose(got, spectral_features(frames, basis), rtol=1e-9, atol=1e-9)
 
 

@@ -73,17 +73,26 @@ SECONDS_PER_CHUNK = 2.8e-3  # one call per chunk, 32 in flight
 # unqueued (its time per chunk within QUEUED_FACTOR of the fastest of its job), up to
 # `concurrency`; the level reached carries over to the executor's next jobs. OpenLambda starts
 # a sandbox for about every 10 ms of outstanding work, so calls in flight beyond what the
-# worker serves at once buy sandboxes, not speed: row "a first 10,000-chunk job on a fresh
-# lambda": on the 2-core worker 32 calls at once made OpenLambda start 49 sandboxes, 24 s,
-# against 1.0 to 1.5 s at 4. A worker with more cores answers unqueued as calls grow, so the
-# slots reach `concurrency` within a few round trips.
+# worker serves at once buy sandboxes (each importing numpy), not speed, and a few calls in
+# flight leave a worker with many cores idle. Row "a first 10,000-chunk no-op job on a fresh
+# lambda" (bench_olreal.py, 2 cores, load average 10 to 25): OpenLambda 0.91 s with this rule
+# (slots reached 14 to 28), 1.38 s with 32 at once, 10.4 s with 4 fixed (an earlier hand probe:
+# 32 at once made 49 sandboxes, 24 s); lampy worker 2.0 s, 3.1 s, 1.9 s. A worker that keeps up
+# answers unqueued as calls grow, so the slots reach `concurrency` in a few round trips
+# (test_calls_in_flight_grow_while_answers_come_back_unqueued: 32 of 32 on a wide worker).
 START_SLOTS = 4
 QUEUED_FACTOR = 2.0
+# Row "10,000 warm no-op chunks by chunks per call": OpenLambda 2.63 / 0.85 / 0.95 s at 20 / 78
+# / 312 chunks a call, lampy worker 2.34 / 1.15 / 1.01 s: 78, what 4 calls per slot of 32
+# slots make, is OpenLambda's best (its 15 ms a call is paid 128 times, and the calls still
+# spread over the sandboxes); 4x fewer calls gain `lampy worker` 12% and lose OpenLambda 12%.
 CALLS_PER_SLOT = 4  # automatic batching leaves at least this many calls per slot
 BATCH_BYTES = 1 << 20  # ... and batches at most this many bytes of split input
 # With prewarm=N, the first job of this many chunks warms N sandboxes first. Off by default:
-# bench/bench_openlambda.py shows the job's own calls ramp the platform up as fast, so warming
-# pays only when done ahead of time (lampy.prewarm while the caller prepares its data).
+# warming pays only when done ahead of time (lampy.prewarm while the caller prepares its data).
+# Row "a 64-chunk job just after a redeploy" (bench_olreal.py): pre-warmed ahead 1.9x faster
+# than cold on OpenLambda (3.4x on lampy worker); pre-warmed together, started with the job,
+# slower than cold (0.50x, 0.38x): its pings hold sandboxes the job's calls then wait for.
 AUTO_PREWARM_CHUNKS = 32
 # Row "8 concurrent pings holding their sandbox 0.05 / 0.2 / 0.5 s, one sandbox warm": OpenLambda
 # made 3 / 5 / 6 sandboxes in every run (it adds one per 100 ms), lampy worker 0-1 / 1-3 / 3;
