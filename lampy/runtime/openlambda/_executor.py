@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ipaddress
+import os
 import shutil
 import time
 import traceback
+import urllib.parse
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
@@ -69,17 +72,17 @@ SECONDS_PER_BYTE = 1 / 0.29e9  # per byte moved, through the worker and a sandbo
 # Row "400 no-op chunks, one call each, 32 in flight": OpenLambda 1.6, 1.8, 3.9 and 4.4 ms a
 # chunk (median 2.8 ms); lampy worker 1.1 to 5.0 ms.
 SECONDS_PER_CHUNK = 2.8e-3  # one call per chunk, 32 in flight
-# Calls in flight start at START_SLOTS and grow by one for each answer that came back
-# unqueued (its time per chunk within QUEUED_FACTOR of the fastest of its job), up to
-# `concurrency`; the level reached carries over to the executor's next jobs. OpenLambda starts
-# a sandbox for about every 10 ms of outstanding work, so calls in flight beyond what the
-# worker serves at once buy sandboxes (each importing numpy), not speed, and a few calls in
-# flight leave a worker with many cores idle. Row "a first 10,000-chunk no-op job on a fresh
-# lambda" (bench_olreal.py, 2 cores, load average 10 to 25): OpenLambda 0.91 s with this rule
-# (slots reached 14 to 28), 1.38 s with 32 at once, 10.4 s with 4 fixed (an earlier hand probe:
-# 32 at once made 49 sandboxes, 24 s); lampy worker 2.0 s, 3.1 s, 1.9 s. A worker that keeps up
-# answers unqueued as calls grow, so the slots reach `concurrency` in a few round trips
-# (test_calls_in_flight_grow_while_answers_come_back_unqueued: 32 of 32 on a wide worker).
+# Calls in flight start at START_SLOTS and grow by half (at least one) when an answer comes
+# back unqueued, its time per chunk within QUEUED_FACTOR of the fastest of its job (once
+# START_SLOTS answers have set that), from a call sent at the level reached so far (so growth
+# follows fresh news, not answers of calls sent before the last step); at most `concurrency`,
+# and the level reached carries over to the executor's next jobs. OpenLambda starts a sandbox
+# for about every 10 ms of outstanding work, so calls in flight beyond what the worker serves
+# at once buy sandboxes (each importing numpy), not speed, while a few calls in flight leave a
+# worker with many cores idle. Row "a first 10,000-chunk no-op job on a fresh lambda"
+# (bench_olreal.py, 2 cores; docs/openlambda.md has the runs). A simulated worker of 64
+# sandboxes gets all 32 in about five round trips, one of 2 sandboxes stays at 6
+# (test_calls_in_flight_grow_while_answers_come_back_unqueued).
 START_SLOTS = 4
 QUEUED_FACTOR = 2.0
 # Row "10,000 warm no-op chunks by chunks per call": OpenLambda 2.63 / 0.85 / 0.95 s at 20 / 78
@@ -199,11 +202,25 @@ class OpenLambdaExecutor(Executor):
 
     def costs(self) -> Costs:
         return Costs(
-            workers=self.concurrency,
+            workers=self.parallel,
             startup_s=0.0 if self.is_warm() else STARTUP_S,
             seconds_per_byte=SECONDS_PER_BYTE,
             seconds_per_chunk=SECONDS_PER_CHUNK,
         )
+
+    @property
+    def parallel(self) -> int:
+        """Chunks that compute at once, as `chunks="auto"` plans them: `concurrency`, or no
+        more than this machine's cores for a worker on it (a loopback URL), whose sandboxes
+        share those cores. Row "(e) the Fisher hour, on OpenLambda's own worker" (2 cores):
+        with 32 counted, auto fanned out the features stage and took 10.5 s against 5.0 s
+        inline."""
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        try:
+            local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = False
+        return min(self.concurrency, os.cpu_count() or 1) if local else self.concurrency
 
     def is_warm(self) -> bool:
         return self._called
@@ -438,15 +455,17 @@ class OpenLambdaExecutor(Executor):
             scheduler.finished(chunk, known, loop.time())
         finished: asyncio.Queue[tuple[Unit, asyncio.Task[list[Outcome]]]] = asyncio.Queue()
         running: dict[Unit, list[asyncio.Task[list[Outcome]]]] = {}
-        started: dict[asyncio.Task[list[Outcome]], float] = {}
+        started: dict[asyncio.Task[list[Outcome]], tuple[float, int]] = {}  # when, at what slots
         fastest = float("inf")  # the least time per chunk of an answer in this job
+        answers = 0  # ... which the first START_SLOTS answers set (a job's first calls are
+        # slow: a cold sandbox, the template), before any answer counts as unqueued
         progress = Progress(len(job.chunks), self.progress)
 
         def launch(unit: Unit) -> None:
             attempt = max(scheduler.start(chunk, loop.time()) for chunk in unit)
             account.attempts.update(unit)
             task = asyncio.ensure_future(self._attempt(state, unit, attempt))
-            started[task] = loop.time()
+            started[task] = loop.time(), self.slots
             task.add_done_callback(lambda t: finished.put_nowait((unit, t)))
             running.setdefault(unit, []).append(task)
 
@@ -469,7 +488,8 @@ class OpenLambdaExecutor(Executor):
                     unit, task = await asyncio.wait_for(finished.get(), wait)
                 except asyncio.TimeoutError:
                     continue
-                took = (loop.time() - started.pop(task, loop.time())) / len(unit)
+                sent, level = started.pop(task, (loop.time(), 0))
+                took = (loop.time() - sent) / len(unit)
                 copies = running.get(unit, [])
                 if task not in copies:  # the twin of an answered call
                     if not task.cancelled() and task.exception() is None:
@@ -486,9 +506,10 @@ class OpenLambdaExecutor(Executor):
                     continue
                 if failure is not None:
                     raise failure
-                fastest = min(fastest, took)
-                if took <= QUEUED_FACTOR * fastest and self.slots < self.concurrency:
-                    self.slots += 1  # answered unqueued: the worker keeps up
+                fastest, answers = min(fastest, took), answers + 1
+                unqueued = answers > START_SLOTS and took <= QUEUED_FACTOR * fastest
+                if unqueued and level >= self.slots:  # the worker keeps up at this level
+                    self.slots = min(self.concurrency, self.slots + max(1, self.slots // 2))
                 for chunk, outcome in zip(unit, task.result(), strict=False):
                     if scheduler.finished(chunk, outcome, loop.time()):
                         account.accepted[chunk] += 1
