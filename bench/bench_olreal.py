@@ -20,8 +20,9 @@ same things on the real platform (../shared/olreal), each a median, for both wor
   thread started with the job, timed until the job's answer);
 - a first 10,000-chunk no-op job on a fresh lambda (just after a redeploy), with calls in flight
   fixed at 4, all 32 at once (the old default) and the default rule (START_SLOTS, growing while
-  answers come back unqueued), with the sandboxes the worker made and the slots reached
-  (the rows of `concurrency` and START_SLOTS);
+  answers come back unqueued, at most LOCAL_SLOTS_PER_CORE per core for a worker on this
+  machine), with the sandboxes the worker made and the slots reached (the rows of
+  START_SLOTS and LOCAL_SLOTS_PER_CORE);
 - 10,000 warm no-op chunks at a fixed batch of 20, 78 (automatic batching's) and 312 chunks
   per call (the rows of CALLS_PER_SLOT);
 - the Fisher hour (examples/fisher's pipeline on one hour of generated audio): inline against
@@ -254,6 +255,7 @@ def fan_out_group(which: str) -> str:
     return f"(f) fan-out on {which}: {FAN_OUT_CHUNKS:,} no-op chunks"
 
 
+@pytest.mark.timeout(900)  # OpenLambda under load may start a sandbox per call waiting
 def test_fan_out_raw_aiohttp(
     benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor]
 ) -> None:
@@ -380,7 +382,8 @@ def test_first_fan_out_on_a_fresh_lambda(
     elif rule == "fixed-4":
         row(group, "4 calls in flight (concurrency=4)")
     else:
-        row(group, f"default: {constants.START_SLOTS} growing while unqueued, up to 32")
+        most = min(32, constants.LOCAL_SLOTS_PER_CORE * (os.cpu_count() or 1))
+        row(group, f"default: {constants.START_SLOTS}, growing while unqueued to {most} here")
     f = lampy.elemwise(noop, chunks=FAN_OUT_CHUNKS)
     x = np.zeros(FAN_OUT_CHUNKS)
     options = {"url": executor.url, "timeout": 120.0}

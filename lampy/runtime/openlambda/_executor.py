@@ -85,6 +85,14 @@ SECONDS_PER_CHUNK = 2.8e-3  # one call per chunk, 32 in flight
 # (test_calls_in_flight_grow_while_answers_come_back_unqueued).
 START_SLOTS = 4
 QUEUED_FACTOR = 2.0
+# A worker on this machine (a loopback URL) shares its cores, which lampy knows: calls in
+# flight there stop at this many per core, the growth above being for workers whose size lampy
+# cannot know. Row "a first 10,000-chunk no-op job on a fresh lambda", third run (load average
+# 12 to 19): on OpenLambda 4 in flight took 1.6 s (4 or 5 sandboxes made), 32 at once 7.0 s
+# (13 to 50 made), growing from 4 19.7 s (17 to 84 made at 13 to 19 in flight): on 2 cores
+# OpenLambda's scaler floods under load once more calls wait than the cores serve, while the
+# answers of no-op calls, served back to back by a busy sandbox, do not show the wait.
+LOCAL_SLOTS_PER_CORE = 2
 # Row "10,000 warm no-op chunks by chunks per call": OpenLambda 2.63 / 0.85 / 0.95 s at 20 / 78
 # / 312 chunks a call, lampy worker 2.34 / 1.15 / 1.01 s: 78, what 4 calls per slot of 32
 # slots make, is OpenLambda's best (its 15 ms a call is paid 128 times, and the calls still
@@ -181,8 +189,15 @@ class OpenLambdaExecutor(Executor):
         self.reports: deque[Report] = deque(maxlen=ACCOUNTS_KEPT)
         self.statuses: deque[dict[str, Any]] = deque(maxlen=ACCOUNTS_KEPT)  # their job stores'
         self._loop = Loop()
+        local = _on_this_machine(self.url)
+        cores = os.cpu_count() or 1
+        #: the most calls in flight: `concurrency`, or for a worker on this machine no more
+        #: than LOCAL_SLOTS_PER_CORE per core
+        self.most_slots = min(concurrency, LOCAL_SLOTS_PER_CORE * cores) if local else concurrency
+        #: chunks that compute at once, as `chunks="auto"` plans them (see `costs`)
+        self.parallel = min(concurrency, cores) if local else concurrency
         #: calls in flight now: START_SLOTS, grown while answers come back unqueued
-        self.slots = min(concurrency, START_SLOTS)
+        self.slots = min(self.most_slots, START_SLOTS)
         self._called = False
         self._asked = 0  # the largest pre-warm asked for so far
         self._summoned: set[concurrent.futures.Future[Any]] = set()  # detached jobs' first calls
@@ -201,26 +216,17 @@ class OpenLambdaExecutor(Executor):
         self.caller.transport = transport
 
     def costs(self) -> Costs:
+        """What `chunks="auto"` plans with. Workers: `parallel`, `concurrency` or, for a worker
+        on this machine, its cores, which the sandboxes share. Row "(e) the Fisher hour, on
+        OpenLambda's own worker" (2 cores): with 32 counted, auto fanned out the features stage
+        and took 10.5 s against 5.0 s inline; with 2, it kept the stages here (8.6 s against
+        14.2 s inline in a noisier run)."""
         return Costs(
             workers=self.parallel,
             startup_s=0.0 if self.is_warm() else STARTUP_S,
             seconds_per_byte=SECONDS_PER_BYTE,
             seconds_per_chunk=SECONDS_PER_CHUNK,
         )
-
-    @property
-    def parallel(self) -> int:
-        """Chunks that compute at once, as `chunks="auto"` plans them: `concurrency`, or no
-        more than this machine's cores for a worker on it (a loopback URL), whose sandboxes
-        share those cores. Row "(e) the Fisher hour, on OpenLambda's own worker" (2 cores):
-        with 32 counted, auto fanned out the features stage and took 10.5 s against 5.0 s
-        inline."""
-        host = urllib.parse.urlsplit(self.url).hostname or ""
-        try:
-            local = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            local = False
-        return min(self.concurrency, os.cpu_count() or 1) if local else self.concurrency
 
     def is_warm(self) -> bool:
         return self._called
@@ -398,7 +404,7 @@ class OpenLambdaExecutor(Executor):
         self._asked = max(self._asked, n)
         self._called = True
         warm = self._loop.run(self._prewarm(n, timeout))
-        self.slots = max(self.slots, min(warm, self.concurrency))  # each serves a call at once
+        self.slots = max(self.slots, min(warm, self.most_slots))  # each serves a call at once
         return warm
 
     def close(self) -> None:
@@ -509,7 +515,7 @@ class OpenLambdaExecutor(Executor):
                 fastest, answers = min(fastest, took), answers + 1
                 unqueued = answers > START_SLOTS and took <= QUEUED_FACTOR * fastest
                 if unqueued and level >= self.slots:  # the worker keeps up at this level
-                    self.slots = min(self.concurrency, self.slots + max(1, self.slots // 2))
+                    self.slots = min(self.most_slots, self.slots + max(1, self.slots // 2))
                 for chunk, outcome in zip(unit, task.result(), strict=False):
                     if scheduler.finished(chunk, outcome, loop.time()):
                         account.accepted[chunk] += 1
@@ -573,3 +579,12 @@ def _take(scheduler: ChunkScheduler, size: int) -> Unit:
     while len(unit) < size and (chunk := scheduler.next()) is not None:
         unit.append(chunk)
     return tuple(unit)
+
+
+def _on_this_machine(url: str) -> bool:
+    """Whether the worker at `url` runs here: a loopback address."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

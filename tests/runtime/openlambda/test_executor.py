@@ -354,17 +354,19 @@ def test_calls_in_flight_grow_while_answers_come_back_unqueued(run: Any) -> None
     flight after a few round trips; one that serves 2 at a time stays far below (calls past
     its sandboxes queue, and on OpenLambda queued calls start sandboxes)."""
     x = np.arange(4096.0)
+    remote = "http://10.1.2.3:5000"  # a worker elsewhere: its size is unknown here
     wide = Sandboxes(sandboxes=64, service=0.02)
-    run(wide, make_job(double, x, 512), concurrency=32, batch=1)
+    run(wide, make_job(double, x, 512), url=remote, concurrency=32, batch=1)
     assert wide.most == 32
     narrow = Sandboxes(sandboxes=2, service=0.02)
-    outcomes = run(narrow, make_job(double, x, 512), concurrency=32, batch=1)
+    outcomes = run(narrow, make_job(double, x, 512), url=remote, concurrency=32, batch=1)
     assert module.START_SLOTS <= narrow.most <= 9
     np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(512)]), x * 2)
 
 
 def test_slots_start_low_and_carry_over_to_the_next_job() -> None:
-    executor = OpenLambdaExecutor(transport=Sandboxes(64, 0.0), concurrency=32)
+    remote = "http://10.1.2.3:5000"
+    executor = OpenLambdaExecutor(transport=Sandboxes(64, 0.0), url=remote, concurrency=32)
     try:
         assert executor.slots == module.START_SLOTS
         executor.run(make_job(double, np.arange(4096.0), 512))
@@ -379,20 +381,26 @@ def test_slots_start_low_and_carry_over_to_the_next_job() -> None:
     small.close()
 
 
-def test_auto_counts_no_more_workers_than_cores_on_a_worker_on_this_machine(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_worker_on_this_machine_gets_its_cores_worth(monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker on loopback shares this machine's cores with the caller: `chunks="auto"`
-    plans with as many as it has (and `concurrency` at most); a remote one gets `concurrency`."""
+    plans with as many workers as it has cores, and calls in flight stop at 2 per core (and
+    `concurrency` at most); a remote one gets `concurrency` for both."""
     monkeypatch.setattr(module.os, "cpu_count", lambda: 6)
-    for url, workers in [
-        ("http://127.0.0.1:5000", 6),
-        ("http://localhost:5000", 6),
-        ("http://[::1]:5000", 6),
-        ("http://10.1.2.3:5000", 32),
-        ("http://ol.example:5000", 32),
+    for url, workers, most in [
+        ("http://127.0.0.1:5000", 6, 12),
+        ("http://localhost:5000", 6, 12),
+        ("http://[::1]:5000", 6, 12),
+        ("http://10.1.2.3:5000", 32, 32),
+        ("http://ol.example:5000", 32, 32),
     ]:
         executor = OpenLambdaExecutor(url=url, concurrency=32)
-        assert executor.costs().workers == workers, url
+        assert (executor.costs().workers, executor.most_slots) == (workers, most), url
         executor.close()
-    assert OpenLambdaExecutor(url="http://127.0.0.1:5000", concurrency=4).costs().workers == 4
+    small = OpenLambdaExecutor(url="http://127.0.0.1:5000", concurrency=4)
+    assert (small.costs().workers, small.most_slots, small.slots) == (4, 4, 4)
+    small.close()
+    wide = Sandboxes(sandboxes=64, service=0.0)
+    local = OpenLambdaExecutor(transport=wide, url="http://127.0.0.1:5000", concurrency=32)
+    local.run(make_job(double, np.arange(4096.0), 512))
+    local.close()
+    assert local.slots == 12 and wide.most <= 12
