@@ -398,7 +398,7 @@ def test_first_fan_out_on_a_fresh_lambda(
         # a fresh executor each round: the slots it learned would carry over otherwise
         executors.shutdown()
         if rule == "fixed-32":
-            active().slots = 32
+            active().slots = active().most_slots = 32
         made.append(sandboxes_made(executor.url))
 
     def job() -> np.ndarray:
