@@ -86,12 +86,13 @@ SECONDS_PER_CHUNK = 2.8e-3  # one call per chunk, 32 in flight
 START_SLOTS = 4
 QUEUED_FACTOR = 2.0
 # A worker on this machine (a loopback URL) shares its cores, which lampy knows: calls in
-# flight there stop at this many per core, the growth above being for workers whose size lampy
-# cannot know. Row "a first 10,000-chunk no-op job on a fresh lambda", third run (load average
-# 12 to 19): on OpenLambda 4 in flight took 1.6 s (4 or 5 sandboxes made), 32 at once 7.0 s
-# (13 to 50 made), growing from 4 19.7 s (17 to 84 made at 13 to 19 in flight): on 2 cores
-# OpenLambda's scaler floods under load once more calls wait than the cores serve, while the
-# answers of no-op calls, served back to back by a busy sandbox, do not show the wait.
+# flight there stop at this many per core (more cannot compute sooner, and each one waiting may
+# start a sandbox); the growth above is for workers whose size lampy cannot know. Row "a first
+# 10,000-chunk no-op job on a fresh lambda", third run (load average 12 to 19): on OpenLambda
+# 4 in flight took 1.6 s (4 or 5 sandboxes made), 32 at once 7.0 s (13 to 50 made), growing
+# from 4 19.7 s (17 to 84 made at 13 to 19 in flight): the answers of no-op calls, served back
+# to back by a busy sandbox, do not show the wait. OpenLambda's floods are not lampy's calls
+# alone: the fourth run made 41 and 72 sandboxes with 4 in flight (bench/RESULTS.md).
 LOCAL_SLOTS_PER_CORE = 2
 # Row "10,000 warm no-op chunks by chunks per call": OpenLambda 2.63 / 0.85 / 0.95 s at 20 / 78
 # / 312 chunks a call, lampy worker 2.34 / 1.15 / 1.01 s: 78, what 4 calls per slot of 32
@@ -101,9 +102,11 @@ CALLS_PER_SLOT = 4  # automatic batching leaves at least this many calls per slo
 BATCH_BYTES = 1 << 20  # ... and batches at most this many bytes of split input
 # With prewarm=N, the first job of this many chunks warms N sandboxes first. Off by default:
 # warming pays only when done ahead of time (lampy.prewarm while the caller prepares its data).
-# Row "a 64-chunk job just after a redeploy" (bench_olreal.py): pre-warmed ahead 1.9x faster
-# than cold on OpenLambda (3.4x on lampy worker); pre-warmed together, started with the job,
-# slower than cold (0.50x, 0.38x): its pings hold sandboxes the job's calls then wait for.
+# Row "a 64-chunk job just after a redeploy" (bench_olreal.py, two runs): pre-warmed ahead
+# 1.9x and 6.3x faster than cold on OpenLambda, 3.4x and 5.0x on lampy worker; pre-warmed
+# together (started with the job in a thread, timed to the job's answer) 3.7x on OpenLambda
+# but 0.79x on lampy worker, whose 4 sandboxes the pings' holds take from the job (timed to
+# the pre-warm's end as well: 0.50x and 0.38x). Automatic pre-warming would cost capped workers.
 AUTO_PREWARM_CHUNKS = 32
 # Row "8 concurrent pings holding their sandbox 0.05 / 0.2 / 0.5 s, one sandbox warm": OpenLambda
 # made 3 / 5 / 6 sandboxes in every run (it adds one per 100 ms), lampy worker 0-1 / 1-3 / 3;
