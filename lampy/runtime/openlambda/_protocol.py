@@ -365,8 +365,8 @@ def _own_code() -> list[types.ModuleType]:
     own = []
     for name in [n for n in list(sys.modules) if "." not in n]:
         module = sys.modules.get(name)
-        if not isinstance(module, types.ModuleType):
-            continue
+        if not isinstance(module, types.ModuleType) or module.__name__ != name:
+            continue  # not a module, or another name for one (multiprocessing's __mp_main__)
         if name not in _OWN:
             _OWN[name] = _is_own_code(name, module)
         if _OWN[name]:
