@@ -16,7 +16,17 @@ same things on the real platform (../shared/olreal), each a median, for both wor
 - data path: 256 MiB there and back in one lampy call against the same bytes echoed over raw
   loopback TCP (target >= 0.2).
 - a 64-chunk job just after a redeploy: cold (its sandboxes start as its chunks arrive) against
-  pre-warmed ahead (`prewarm(8)` first, untimed);
+  pre-warmed ahead (`prewarm(8)` first, untimed) and pre-warmed together (`prewarm(8)` in a
+  thread started with the job, timed until the job's answer);
+- a first 10,000-chunk no-op job on a fresh lambda (just after a redeploy), with calls in flight
+  fixed at 4, all 32 at once (the old default) and the default rule (START_SLOTS, growing while
+  answers come back unqueued, at most LOCAL_SLOTS_PER_CORE per core for a worker on this
+  machine), with the sandboxes the worker made and the slots reached (the rows of
+  START_SLOTS and LOCAL_SLOTS_PER_CORE);
+- 10,000 warm no-op chunks at a fixed batch of 20, 78 (automatic batching's) and 312 chunks
+  per call (the rows of CALLS_PER_SLOT);
+- the Fisher hour (examples/fisher's pipeline on one hour of generated audio): inline against
+  the openlambda executor with chunks="auto" and with 8 chunks per region, DER alike;
 - (a) compute-bound elemwise (bench_core's rfft + small matmul, 16384 x 1024) in 8 chunks
   against numpy alone, on each worker.
 The notes give the derived figure (seconds per byte moved, per chunk) beside the constant it
@@ -26,6 +36,7 @@ checks. Without the kit the OpenLambda rows skip, saying why.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -43,6 +54,8 @@ from conftest import Row, olreal_kit, started_olreal
 from rawnet import TcpEcho, raw_posts
 
 import lampy
+from lampy.runtime import executors
+from lampy.runtime._settings import resolve_options
 from lampy.runtime.openlambda import _executor as constants
 from lampy.runtime.openlambda._deploy import upload
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
@@ -90,6 +103,13 @@ def deployed(platform: tuple[str, str]) -> Iterator[tuple[str, OpenLambdaExecuto
     executor = OpenLambdaExecutor(url=url, timeout=120.0)
     yield which, executor
     executor.close()
+
+
+def active() -> OpenLambdaExecutor:
+    """The openlambda executor the `lampy.using` block around the call uses."""
+    runner = executors.get("openlambda", resolve_options("openlambda"))
+    assert isinstance(runner, OpenLambdaExecutor)
+    return runner
 
 
 def ping(executor: OpenLambdaExecutor) -> None:
@@ -235,6 +255,7 @@ def fan_out_group(which: str) -> str:
     return f"(f) fan-out on {which}: {FAN_OUT_CHUNKS:,} no-op chunks"
 
 
+@pytest.mark.timeout(900)  # OpenLambda under load may start a sandbox per call waiting
 def test_fan_out_raw_aiohttp(
     benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor]
 ) -> None:
@@ -303,30 +324,166 @@ def test_data_path_lampy(
 JOB_CHUNKS = 64
 
 
-@pytest.mark.parametrize("warm", [False, True], ids=["cold", "prewarmed"])
+@pytest.mark.parametrize("warm", ["cold", "ahead", "together"])
 def test_job_cold_or_prewarmed(
-    benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], warm: bool
+    benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], warm: str
 ) -> None:
-    """What pre-warming ahead saves a job that starts right after a redeploy."""
+    """What pre-warming saves a job that starts right after a redeploy: done ahead (untimed),
+    or started with the job (`lampy.prewarm` in a thread while the job runs; timed until the
+    job's answer)."""
     which, executor = deployed
     group = f"a {JOB_CHUNKS}-chunk job just after a redeploy, on {which}"
-    if warm:
+    if warm == "ahead":
         row(group, "pre-warmed ahead: prewarm(8), untimed, then the job")
+    elif warm == "together":
+        row(group, "pre-warmed together: prewarm(8) in a thread started with the job")
     else:
         row(group, "cold: sandboxes start as the chunks arrive", baseline=True)
     rng = np.random.default_rng(2)
     frames, basis = rng.standard_normal((JOB_CHUNKS * 64, 1024)), rng.standard_normal((513, 16))
     f = lampy.elemwise(shared=("basis",), chunks=JOB_CHUNKS)(spectral_features)
+    options = {"url": executor.url, "timeout": 120.0}
+
+    warming: list[concurrent.futures.Future[int]] = []  # pre-warms that outlived their job
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def redeploy() -> None:
+        for future in warming:
+            future.result()
+        upload(executor.url)
+        time.sleep(REGISTRY_CACHE_S)  # the worker sees the new code: old sandboxes retire
+        if warm == "ahead":
+            executor.prewarm(8)
+
+    def job() -> np.ndarray:
+        if warm == "together":  # timed until the job's answer; the pre-warm may go on
+            # a thread has no `lampy.using` block: it names the executor and its options
+            warming.append(pool.submit(lampy.prewarm, 8, executor="openlambda", **options))
+        return f(frames, basis)
+
+    with pool, lampy.using(executor="openlambda", **options):
+        got = benchmark.pedantic(job, setup=redeploy, rounds=3, iterations=1)
+        for future in warming:
+            future.result()
+    np.testing.assert_allclose(got, spectral_features(frames, basis), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("rule", ["fixed-4", "fixed-32", "default"])
+def test_first_fan_out_on_a_fresh_lambda(
+    benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], rule: str
+) -> None:
+    """How many calls to keep in flight: a first 10,000-chunk job on a lambda just redeployed
+    (one sandbox to start from), with the sandboxes the worker made for it."""
+    which, executor = deployed
+    group = f"a first {FAN_OUT_CHUNKS:,}-chunk no-op job on a fresh lambda, on {which}"
+    if rule == "fixed-32":
+        row(group, "32 calls in flight from the start (the old default)", baseline=True)
+    elif rule == "fixed-4":
+        row(group, "4 calls in flight (concurrency=4)")
+    else:
+        most = min(32, constants.LOCAL_SLOTS_PER_CORE * (os.cpu_count() or 1))
+        row(group, f"default: {constants.START_SLOTS}, growing while unqueued to {most} here")
+    f = lampy.elemwise(noop, chunks=FAN_OUT_CHUNKS)
+    x = np.zeros(FAN_OUT_CHUNKS)
+    options = {"url": executor.url, "timeout": 120.0}
+    options["concurrency"] = 4 if rule == "fixed-4" else 32
+    made: list[int] = []
+    slots: list[int] = []
 
     def redeploy() -> None:
         upload(executor.url)
-        time.sleep(REGISTRY_CACHE_S)  # the worker sees the new code: old sandboxes retire
-        if warm:
-            executor.prewarm(8)
+        time.sleep(REGISTRY_CACHE_S)  # old sandboxes retire: the job starts from one
+        ping(executor)
+        # a fresh executor each round: the slots it learned would carry over otherwise
+        executors.shutdown()
+        if rule == "fixed-32":
+            active().slots = active().most_slots = 32
+        made.append(sandboxes_made(executor.url))
 
-    with lampy.using(executor="openlambda", url=executor.url, timeout=120.0):
-        got = benchmark.pedantic(f, args=(frames, basis), setup=redeploy, rounds=3, iterations=1)
-    np.testing.assert_allclose(got, spectral_features(frames, basis), rtol=1e-9, atol=1e-9)
+    def job() -> np.ndarray:
+        got = f(x)
+        slots.append(active().slots)
+        made[-1] = sandboxes_made(executor.url) - made[-1]
+        return got
+
+    with lampy.using(executor="openlambda", **options):
+        got = benchmark.pedantic(job, setup=redeploy, rounds=3, iterations=1)
+    np.testing.assert_array_equal(got, x)
+    benchmark.extra_info["note"] = (
+        f"sandboxes made {'/'.join(map(str, made))}; slots reached {'/'.join(map(str, slots))}"
+    )
+
+
+@pytest.mark.parametrize("batch", [20, 78, 312])
+def test_batch_size(
+    benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], batch: int
+) -> None:
+    """Chunks per call on a warm lambda (automatic batching gives 78 here: 10,000 chunks over
+    32 slots x CALLS_PER_SLOT calls)."""
+    which, executor = deployed
+    auto = FAN_OUT_CHUNKS // (CONCURRENCY * constants.CALLS_PER_SLOT)
+    group = f"{FAN_OUT_CHUNKS:,} warm no-op chunks by chunks per call, on {which}"
+    row(group, f"batch={batch}" + (" (automatic's)" if batch == auto else ""))
+    f = lampy.elemwise(noop, chunks=FAN_OUT_CHUNKS)
+    x = np.zeros(FAN_OUT_CHUNKS)
+    options = {"url": executor.url, "timeout": 120.0, "concurrency": CONCURRENCY, "batch": batch}
+    with lampy.using(executor="openlambda", **options):
+        f(x)  # sandboxes up and warm, slots grown
+        got = benchmark.pedantic(f, args=(x,), rounds=3, iterations=1)
+    np.testing.assert_array_equal(got, x)
+    benchmark.extra_info["note"] = (
+        f"{benchmark.stats.stats.median / FAN_OUT_CHUNKS * 1e6:.0f} us per chunk"
+    )
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("system", ["inline", "auto", "8"])
+def test_fisher_hour(
+    benchmark: Any,
+    row: Row,
+    deployed: tuple[str, OpenLambdaExecutor],
+    hour: tuple[Any, np.ndarray, int, list[Any]],
+    system: str,
+) -> None:
+    """The Fisher pipeline on one hour of audio: its regions' code lives in the examples.fisher
+    package, split over several modules, and travels by value to the sandboxes."""
+    from examples.fisher import diarize
+    from examples.fisher.scoring import score
+
+    which, executor = deployed
+    group = f"(e) the Fisher hour, on {which}"
+    if system == "inline":
+        row(group, "numpy alone (the same code, lampy inline)", baseline=True)
+        options: dict[str, Any] = {"executor": "inline"}
+    else:
+        row(group, "lampy openlambda, " + ("chunks=8" if system == "8" else 'chunks="auto"'))
+        options = {"executor": "openlambda", "url": executor.url, "timeout": 120.0}
+        if system == "8":
+            options["chunks"] = 8
+    _, signal, rate, reference = hour
+    jobs = 0
+    with lampy.using(**options):
+        if system != "inline":
+            runner = active()
+            run = runner.run
+
+            def counted(job: Any) -> Any:
+                nonlocal jobs
+                jobs += 1
+                return run(job)
+
+            runner.run = counted  # type: ignore[method-assign]
+        diarize(signal[: rate * 60], rate, n_speakers=2)  # sandboxes up, code sent once
+        sent = jobs
+        result = benchmark.pedantic(
+            diarize, args=(signal, rate), kwargs={"n_speakers": 2}, rounds=3, iterations=1
+        )
+    der = score(reference, result.turns).der
+    benchmark.extra_info["note"] = f"DER {der:.2%}"
+    if system != "inline":
+        benchmark.extra_info["note"] += f"; {(jobs - sent) / 3:.0f} jobs sent per run"
+    assert der <= 0.10
 
 
 @pytest.mark.parametrize("system", ["numpy", "lampy"])

@@ -43,7 +43,8 @@ def test_a_cold_run_prewarms_before_the_fan_out_and_a_warm_one_does_not(
     expr = np.exp(lazy.array(X)) * 2 + 1
     plan = expr.explain(chunks=3)
     wanted = plan.prewarm("openlambda")
-    assert wanted == 3 and "pre-warm 3" in str(plan)  # three chunks, three calls in flight
+    # three chunks, as many calls in flight as the worker computes at once (on loopback, its cores)
+    assert wanted == min(3, cold.costs().workers) and f"pre-warm {wanted}" in str(plan)
     events: list[tuple[str, Any, dict[str, int]]] = []
     prewarm, run = cold.prewarm, cold.run
 

@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ipaddress
+import os
 import shutil
 import time
 import traceback
+import urllib.parse
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
@@ -70,11 +73,41 @@ SECONDS_PER_BYTE = 1 / 0.29e9  # per byte moved, through the worker and a sandbo
 # Row "400 no-op chunks, one call each, 32 in flight": OpenLambda 1.6, 1.8, 3.9 and 4.4 ms a
 # chunk (median 2.8 ms); lampy worker 1.1 to 5.0 ms.
 SECONDS_PER_CHUNK = 2.8e-3  # one call per chunk, 32 in flight
+# Calls in flight start at START_SLOTS and grow by half (at least one) when an answer comes
+# back unqueued, its time per chunk within QUEUED_FACTOR of the fastest of its job (once
+# START_SLOTS answers have set that), from a call sent at the level reached so far (so growth
+# follows fresh news, not answers of calls sent before the last step); at most `concurrency`,
+# and the level reached carries over to the executor's next jobs. OpenLambda starts a sandbox
+# for about every 10 ms of outstanding work, so calls in flight beyond what the worker serves
+# at once buy sandboxes (each importing numpy), not speed, while a few calls in flight leave a
+# worker with many cores idle. Row "a first 10,000-chunk no-op job on a fresh lambda"
+# (bench_olreal.py, 2 cores; docs/openlambda.md has the runs). A simulated worker of 64
+# sandboxes gets all 32 in about five round trips, one of 2 sandboxes stays at 6
+# (test_calls_in_flight_grow_while_answers_come_back_unqueued).
+START_SLOTS = 4
+QUEUED_FACTOR = 2.0
+# A worker on this machine (a loopback URL) shares its cores, which lampy knows: calls in
+# flight there stop at this many per core (more cannot compute sooner, and each one waiting may
+# start a sandbox); the growth above is for workers whose size lampy cannot know. Row "a first
+# 10,000-chunk no-op job on a fresh lambda", third run (load average 12 to 19): on OpenLambda
+# 4 in flight took 1.6 s (4 or 5 sandboxes made), 32 at once 7.0 s (13 to 50 made), growing
+# from 4 19.7 s (17 to 84 made at 13 to 19 in flight): the answers of no-op calls, served back
+# to back by a busy sandbox, do not show the wait. OpenLambda's floods are not lampy's calls
+# alone: the fourth run made 41 and 72 sandboxes with 4 in flight (bench/RESULTS.md).
+LOCAL_SLOTS_PER_CORE = 2
+# Row "10,000 warm no-op chunks by chunks per call": OpenLambda 2.63 / 0.85 / 0.95 s at 20 / 78
+# / 312 chunks a call, lampy worker 2.34 / 1.15 / 1.01 s: 78, what 4 calls per slot of 32
+# slots make, is OpenLambda's best (its 15 ms a call is paid 128 times, and the calls still
+# spread over the sandboxes); 4x fewer calls gain `lampy worker` 12% and lose OpenLambda 12%.
 CALLS_PER_SLOT = 4  # automatic batching leaves at least this many calls per slot
 BATCH_BYTES = 1 << 20  # ... and batches at most this many bytes of split input
 # With prewarm=N, the first job of this many chunks warms N sandboxes first. Off by default:
-# bench/bench_openlambda.py shows the job's own calls ramp the platform up as fast, so warming
-# pays only when done ahead of time (lampy.prewarm while the caller prepares its data).
+# warming pays only when done ahead of time (lampy.prewarm while the caller prepares its data).
+# Row "a 64-chunk job just after a redeploy" (bench_olreal.py, two runs): pre-warmed ahead
+# 1.9x and 6.3x faster than cold on OpenLambda, 3.4x and 5.0x on lampy worker; pre-warmed
+# together (started with the job in a thread, timed to the job's answer) 3.7x on OpenLambda
+# but 0.79x on lampy worker, whose 4 sandboxes the pings' holds take from the job (timed to
+# the pre-warm's end as well: 0.50x and 0.38x). Automatic pre-warming would cost capped workers.
 AUTO_PREWARM_CHUNKS = 32
 # Row "8 concurrent pings holding their sandbox 0.05 / 0.2 / 0.5 s, one sandbox warm": OpenLambda
 # made 3 / 5 / 6 sandboxes in every run (it adds one per 100 ms), lampy worker 0-1 / 1-3 / 3;
@@ -160,6 +193,15 @@ class OpenLambdaExecutor(Executor):
         self.reports: deque[Report] = deque(maxlen=ACCOUNTS_KEPT)
         self.statuses: deque[dict[str, Any]] = deque(maxlen=ACCOUNTS_KEPT)  # their job stores'
         self._loop = Loop()
+        local = _on_this_machine(self.url)
+        cores = os.cpu_count() or 1
+        #: the most calls in flight: `concurrency`, or for a worker on this machine no more
+        #: than LOCAL_SLOTS_PER_CORE per core
+        self.most_slots = min(concurrency, LOCAL_SLOTS_PER_CORE * cores) if local else concurrency
+        #: chunks that compute at once, as `chunks="auto"` plans them (see `costs`)
+        self.parallel = min(concurrency, cores) if local else concurrency
+        #: calls in flight now: START_SLOTS, grown while answers come back unqueued
+        self.slots = min(self.most_slots, START_SLOTS)
         self._called = False
         self._asked = 0  # the largest pre-warm asked for so far
         self._summoned: set[concurrent.futures.Future[Any]] = set()  # detached jobs' first calls
@@ -178,8 +220,13 @@ class OpenLambdaExecutor(Executor):
         self.caller.transport = transport
 
     def costs(self) -> Costs:
+        """What `chunks="auto"` plans with. Workers: `parallel`, `concurrency` or, for a worker
+        on this machine, its cores, which the sandboxes share. Row "(e) the Fisher hour, on
+        OpenLambda's own worker" (2 cores): with 32 counted, auto fanned out the features stage
+        and took 10.5 s against 5.0 s inline; with 2, it kept the stages here (8.6 s against
+        14.2 s inline in a noisier run)."""
         return Costs(
-            workers=self.concurrency,
+            workers=self.parallel,
             startup_s=0.0 if self.is_warm() else STARTUP_S,
             seconds_per_byte=SECONDS_PER_BYTE,
             seconds_per_chunk=SECONDS_PER_CHUNK,
@@ -363,7 +410,9 @@ class OpenLambdaExecutor(Executor):
         """
         self._asked = max(self._asked, n)
         self._called = True
-        return self._loop.run(self._prewarm(n, timeout))
+        warm = self._loop.run(self._prewarm(n, timeout))
+        self.slots = max(self.slots, min(warm, self.most_slots))  # each serves a call at once
+        return warm
 
     def close(self) -> None:
         if self._loop.loop is not None:
@@ -419,12 +468,17 @@ class OpenLambdaExecutor(Executor):
             scheduler.finished(chunk, known, loop.time())
         finished: asyncio.Queue[tuple[Unit, asyncio.Task[list[Outcome]]]] = asyncio.Queue()
         running: dict[Unit, list[asyncio.Task[list[Outcome]]]] = {}
+        started: dict[asyncio.Task[list[Outcome]], tuple[float, int]] = {}  # when, at what slots
+        fastest = float("inf")  # the least time per chunk of an answer in this job
+        answers = 0  # ... which the first START_SLOTS answers set (a job's first calls are
+        # slow: a cold sandbox, the template), before any answer counts as unqueued
         progress = Progress(len(job.chunks), self.progress)
 
         def launch(unit: Unit) -> None:
             attempt = max(scheduler.start(chunk, loop.time()) for chunk in unit)
             account.attempts.update(unit)
             task = asyncio.ensure_future(self._attempt(state, unit, attempt))
+            started[task] = loop.time(), self.slots
             task.add_done_callback(lambda t: finished.put_nowait((unit, t)))
             running.setdefault(unit, []).append(task)
 
@@ -432,7 +486,7 @@ class OpenLambdaExecutor(Executor):
             while not scheduler.done:
                 if state.stop is not None and state.stop():
                     break  # in-flight calls are cancelled below: their chunks stay to run
-                while len(running) < self.concurrency:
+                while len(running) < self.slots:
                     unit = _take(scheduler, size)
                     if not unit:
                         break
@@ -447,6 +501,8 @@ class OpenLambdaExecutor(Executor):
                     unit, task = await asyncio.wait_for(finished.get(), wait)
                 except asyncio.TimeoutError:
                     continue
+                sent, level = started.pop(task, (loop.time(), 0))
+                took = (loop.time() - sent) / len(unit)
                 copies = running.get(unit, [])
                 if task not in copies:  # the twin of an answered call
                     if not task.cancelled() and task.exception() is None:
@@ -463,6 +519,10 @@ class OpenLambdaExecutor(Executor):
                     continue
                 if failure is not None:
                     raise failure
+                fastest, answers = min(fastest, took), answers + 1
+                unqueued = answers > START_SLOTS and took <= QUEUED_FACTOR * fastest
+                if unqueued and level >= self.slots:  # the worker keeps up at this level
+                    self.slots = min(self.most_slots, self.slots + max(1, self.slots // 2))
                 for chunk, outcome in zip(unit, task.result(), strict=False):
                     if scheduler.finished(chunk, outcome, loop.time()):
                         account.accepted[chunk] += 1
@@ -526,3 +586,12 @@ def _take(scheduler: ChunkScheduler, size: int) -> Unit:
     while len(unit) < size and (chunk := scheduler.next()) is not None:
         unit.append(chunk)
     return tuple(unit)
+
+
+def _on_this_machine(url: str) -> bool:
+    """Whether the worker at `url` runs here: a loopback address."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

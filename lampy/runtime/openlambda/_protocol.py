@@ -15,8 +15,14 @@ template only where the sandbox may lack it; a sandbox that answers MISSING gets
 from __future__ import annotations
 
 import asyncio
+import functools
+import io
+import os
+import site
 import sys
+import sysconfig
 import threading
+import types
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +37,7 @@ from lampy._errors import (
     FrameError,
     SerializationError,
 )
-from lampy.runtime._codec import dumps
+from lampy.runtime._codec import PROTOCOL
 from lampy.runtime._job import Job
 from lampy.runtime._worker_side import Outcome, decoded
 from lampy.runtime.openlambda import _frames as frames
@@ -277,35 +283,118 @@ def _describe(frame: frames.Frame) -> str:
 
 
 def template_of(job: Job) -> bytes:
-    """The job's (function, args, kwargs), with the function's own module pickled by value.
+    """The job's (function, args, kwargs), with the user's own code pickled by value.
 
     A sandbox has only the standard library, numpy, cloudpickle and lampy, so a function from the
-    user's module (or a test module) must travel by value, with the helpers it calls there.
+    user's code (or a test module) must travel by value, with the helpers it calls from its own
+    module, its sibling modules and the user's other modules (`by_value`).
     """
-    module = sys.modules.get(getattr(job.function, "__module__", "") or "")
-    if module is None or module.__name__ == "__main__" or _installed_remotely(module.__name__):
-        return job.template
     return by_value((job.function, job.args, dict(job.kwargs)), job.function)
 
 
 def by_value(value: Any, function: Any) -> bytes:
-    """`value` pickled with `function`'s module pickled by value (unless a sandbox has it)."""
-    module = sys.modules.get(getattr(function, "__module__", "") or "")
-    if module is None or module.__name__ == "__main__" or _installed_remotely(module.__name__):
-        return dumps(value)
+    """`value` pickled with every module of the user's own code pickled by value.
+
+    The user's own code is every top-level module or package loaded here that the sandbox
+    lacks and that is not installed (`_own_code`): a region in `mypkg.regions` calling
+    `mypkg.helpers.f`, or a script calling a function of `helpers.py` beside it, sends `f` by
+    value too. cloudpickle then copies what is reached from `value` (functions, classes,
+    module objects referenced as globals), not the whole package. Helpers cached with
+    `functools.lru_cache` (or `functools.cache`) travel as their function and cache settings:
+    cloudpickle would send them by name. Installed packages (site-packages) travel by
+    reference: the sandbox must have them (lampy's `requirements.txt` holds numpy and
+    cloudpickle). This is the sending side only: the sandbox still unpickles nothing that is
+    not signed with the shared secret.
+    """
+    own = _own_code()
     with _pickle_lock:
-        cloudpickle.register_pickle_by_value(module)
+        for module in own:
+            cloudpickle.register_pickle_by_value(module)
         try:
-            return dumps(value)
+            out = io.BytesIO()
+            _ByValuePickler(out, protocol=PROTOCOL).dump(value)
+            return out.getvalue()
         except Exception as exc:
+            name = getattr(function, "__qualname__", type(function).__name__)
             raise SerializationError(
-                f"cannot send {function.__qualname__} by value from module "
-                f"{module.__name__}: {type(exc).__name__}: {exc}"
+                f"cannot send {name} by value from {getattr(function, '__module__', '?')} "
+                f"(with the user's modules {', '.join(m.__name__ for m in own)}): "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
         finally:
-            cloudpickle.unregister_pickle_by_value(module)
+            for module in own:
+                cloudpickle.unregister_pickle_by_value(module)
 
 
-def _installed_remotely(module: str) -> bool:
-    top = module.partition(".")[0]
-    return top in sys.stdlib_module_names or top in _REMOTE_PACKAGES
+class _ByValuePickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, with lru_cache-wrapped helpers of the user's code sent by value."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, functools._lru_cache_wrapper) and _sent_by_value(obj):
+            settings = obj.cache_parameters()
+            return lru_cached, (obj.__wrapped__, settings["maxsize"], settings["typed"])
+        return super().reducer_override(obj)
+
+
+def lru_cached(function: Callable[..., Any], maxsize: int | None, typed: bool) -> Any:
+    """A helper cached with `functools.lru_cache`, made again where it is unpickled (its cache
+    starts empty there, and lives as long as the sandbox keeps the job's template)."""
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(function)
+
+
+def _sent_by_value(obj: Any) -> bool:
+    top = (getattr(obj, "__module__", None) or "").partition(".")[0]
+    return top == "__main__" or _OWN.get(top, False)
+
+
+# Whether each top-level name loaded here is the user's own code: decided once per name.
+_OWN: dict[str, bool] = {}
+
+
+def _own_code() -> list[types.ModuleType]:
+    """The top-level modules and packages of the user's own code loaded in this process.
+
+    Own code is what the sandbox lacks and nobody installed: not `__main__` (cloudpickle sends
+    it by value already), not the standard library, not lampy, numpy or cloudpickle (the deploy
+    tarball carries them), not built into the interpreter, and with no file under an
+    installation directory (the standard library's folders, a `site-packages` or
+    `dist-packages` folder, wherever it is). So a project's source tree counts, editable
+    installs (`pip install -e .`) included, and a package installed from an index does not: it
+    travels by name, and the sandbox must have it.
+    """
+    own = []
+    for name in [n for n in list(sys.modules) if "." not in n]:
+        module = sys.modules.get(name)
+        if not isinstance(module, types.ModuleType) or module.__name__ != name:
+            continue  # not a module, or another name for one (multiprocessing's __mp_main__)
+        if name not in _OWN:
+            _OWN[name] = _is_own_code(name, module)
+        if _OWN[name]:
+            own.append(module)
+    return own
+
+
+def _is_own_code(name: str, module: types.ModuleType) -> bool:
+    if name == "__main__" or name in sys.stdlib_module_names or name in _REMOTE_PACKAGES:
+        return False
+    places = [getattr(module, "__file__", None) or "", *(getattr(module, "__path__", None) or [])]
+    places = [os.path.realpath(p) for p in places if isinstance(p, str) and p]
+    return bool(places) and not any(_installed(p) for p in places)
+
+
+def _installed(path: str) -> bool:
+    """Whether `path` lies where packages are installed, not in someone's source tree."""
+    parts = path.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return True
+    return any(path == p or path.startswith(p + os.sep) for p in _install_roots())
+
+
+@functools.cache
+def _install_roots() -> tuple[str, ...]:
+    """The folders packages are installed in: this interpreter's (a venv's) and its base's."""
+    roots = set(site.getsitepackages()) | {site.getusersitepackages()}
+    for scheme_vars in ({}, {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}):
+        paths = sysconfig.get_paths(vars=scheme_vars)
+        roots.update(paths.get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib"))
+    return tuple(sorted({os.path.realpath(r) for r in roots if r}))

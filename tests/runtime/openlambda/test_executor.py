@@ -327,3 +327,80 @@ def test_progress_line_for_long_jobs(
     assert "lampy: 8/8 chunks (100%)" in capsys.readouterr().err
     run(Scripted(), make_job(double, np.arange(8.0), 8), progress="off")
     assert capsys.readouterr().err == ""
+
+
+class Sandboxes(InProcessTransport):
+    """A worker of `sandboxes` that each serve one call at a time, `service` seconds a call
+    (the real handler answers); records the most calls that were in flight at once."""
+
+    def __init__(self, sandboxes: int, service: float) -> None:
+        super().__init__()
+        self.free = asyncio.Semaphore(sandboxes)
+        self.service, self.in_flight, self.most = service, 0, 0
+
+    async def post(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            async with self.free:
+                await asyncio.sleep(self.service)
+                return await super().post(outgoing, timeout)
+        finally:
+            self.in_flight -= 1
+
+
+def test_calls_in_flight_grow_while_answers_come_back_unqueued(run: Any) -> None:
+    """A worker that serves every call at once (many cores) gets `concurrency` calls in
+    flight after a few round trips; one that serves 2 at a time stays far below (calls past
+    its sandboxes queue, and on OpenLambda queued calls start sandboxes)."""
+    x = np.arange(4096.0)
+    remote = "http://10.1.2.3:5000"  # a worker elsewhere: its size is unknown here
+    wide = Sandboxes(sandboxes=64, service=0.02)
+    run(wide, make_job(double, x, 512), url=remote, concurrency=32, batch=1)
+    assert wide.most == 32
+    narrow = Sandboxes(sandboxes=2, service=0.02)
+    outcomes = run(narrow, make_job(double, x, 512), url=remote, concurrency=32, batch=1)
+    assert module.START_SLOTS <= narrow.most <= 9
+    np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(512)]), x * 2)
+
+
+def test_slots_start_low_and_carry_over_to_the_next_job() -> None:
+    remote = "http://10.1.2.3:5000"
+    executor = OpenLambdaExecutor(transport=Sandboxes(64, 0.0), url=remote, concurrency=32)
+    try:
+        assert executor.slots == module.START_SLOTS
+        executor.run(make_job(double, np.arange(4096.0), 512))
+        grown = executor.slots
+        assert grown > module.START_SLOTS
+        executor.run(make_job(double, np.arange(64.0), 8))
+        assert executor.slots >= grown  # the next job starts where the last one got to
+    finally:
+        executor.close()
+    small = OpenLambdaExecutor(concurrency=2)
+    assert small.slots == 2  # never above `concurrency`
+    small.close()
+
+
+def test_a_worker_on_this_machine_gets_its_cores_worth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker on loopback shares this machine's cores with the caller: `chunks="auto"`
+    plans with as many workers as it has cores, and calls in flight stop at 2 per core (and
+    `concurrency` at most); a remote one gets `concurrency` for both."""
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 6)
+    for url, workers, most in [
+        ("http://127.0.0.1:5000", 6, 12),
+        ("http://localhost:5000", 6, 12),
+        ("http://[::1]:5000", 6, 12),
+        ("http://10.1.2.3:5000", 32, 32),
+        ("http://ol.example:5000", 32, 32),
+    ]:
+        executor = OpenLambdaExecutor(url=url, concurrency=32)
+        assert (executor.costs().workers, executor.most_slots) == (workers, most), url
+        executor.close()
+    small = OpenLambdaExecutor(url="http://127.0.0.1:5000", concurrency=4)
+    assert (small.costs().workers, small.most_slots, small.slots) == (4, 4, 4)
+    small.close()
+    wide = Sandboxes(sandboxes=64, service=0.0)
+    local = OpenLambdaExecutor(transport=wide, url="http://127.0.0.1:5000", concurrency=32)
+    local.run(make_job(double, np.arange(4096.0), 512))
+    local.close()
+    assert local.slots == 12 and wide.most <= 12
