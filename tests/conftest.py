@@ -19,6 +19,7 @@ from lampy.testing import openlambda_worker
 from tests.olreal import (  # noqa: F401 (registers "olreal", OpenLambda's own worker, if here)
     mark_items,
     olreal_options,
+    olreal_orchestrated_options,
     olreal_url,
     pytest_report_header,
 )

@@ -83,8 +83,13 @@ class Unavailable(Exception):
     """The real worker could not be built or started here (not a lampy failure)."""
 
 
+# The region suite under lambda orchestration (issue 18) on OpenLambda's own worker.
+ORCHESTRATED = f"{NAME}_orchestrated"
+PLATFORMS = (NAME, ORCHESTRATED)
+
 if KIT.is_dir():
-    lampy.register_executor(NAME, "lampy.runtime.openlambda._executor:OpenLambdaExecutor")
+    for _name in PLATFORMS:
+        lampy.register_executor(_name, "lampy.runtime.openlambda._executor:OpenLambdaExecutor")
     REASON = ""
 else:
     REASON = f"olreal: not registered: no OpenLambda kit at {KIT} (../shared/olreal)"
@@ -110,9 +115,10 @@ def mark_items(items: list[pytest.Item]) -> None:
         callspec = getattr(item, "callspec", None)
         platform = callspec.params.get("executor") if callspec is not None else None
         fixtures = set(getattr(item, "fixturenames", ()))
-        on_olreal = platform == NAME
+        on_olreal = platform in PLATFORMS
         in_package = item.nodeid.startswith("tests/runtime/openlambda/")
-        if platform in ("openlambda", NAME) or fixtures & OPENLAMBDA_FIXTURES or in_package:
+        on_openlambda = platform in ("openlambda", "orchestrated", *PLATFORMS)
+        if on_openlambda or fixtures & OPENLAMBDA_FIXTURES or in_package:
             item.add_marker(pytest.mark.openlambda)
         if not (on_olreal or "olreal_url" in fixtures):
             continue
@@ -299,3 +305,8 @@ def olreal_url(lampy_secret: bytes) -> Iterator[str]:
 @pytest.fixture
 def olreal_options(olreal_url: str) -> dict[str, Any]:
     return {"url": olreal_url, "timeout": CALL_TIMEOUT_S}
+
+
+@pytest.fixture
+def olreal_orchestrated_options(olreal_url: str) -> dict[str, Any]:
+    return {"url": olreal_url, "timeout": CALL_TIMEOUT_S, "orchestrator": "lambda"}

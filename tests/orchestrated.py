@@ -2,7 +2,8 @@
 
 The suite's `executor` fixture runs every registered executor, so this registration runs the
 whole region suite (and any test taking `executor`) with a coordinator lambda orchestrating
-each job on `lampy worker` (issue 18): its answers must be those of client orchestration, bit
+each job on `lampy worker` (issue 18; tests/olreal.py registers the same on OpenLambda's own
+worker): its answers must be those of client orchestration, bit
 for bit (the reference is numpy through the inline executor).
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 import lampy
+from tests.olreal import ORCHESTRATED as ON_OLREAL
 
 NAME = "orchestrated"
 lampy.register_executor(NAME, "lampy.runtime.openlambda._executor:OpenLambdaExecutor")
@@ -28,10 +30,10 @@ IN_CALLER_ONLY = {
 
 
 def mark_items(items: list[pytest.Item]) -> None:
-    """Skip the orchestrated runs of IN_CALLER_ONLY, saying why."""
+    """Skip the orchestrated runs of IN_CALLER_ONLY (on both workers), saying why."""
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is None or callspec.params.get("executor") != NAME:
+        if callspec is None or callspec.params.get("executor") not in (NAME, ON_OLREAL):
             continue
         reason = IN_CALLER_ONLY.get(item.nodeid.split("[")[0])
         if reason is not None:

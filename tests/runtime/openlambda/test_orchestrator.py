@@ -479,10 +479,10 @@ import sys, time
 import numpy as np
 import lampy
 from tests.runtime.openlambda.test_orchestrator import slow_energy
-url, store = sys.argv[1], sys.argv[2]
+url, store, limit = sys.argv[1], sys.argv[2], float(sys.argv[3])
 x = np.random.default_rng(4).standard_normal((1_500, 3))
 with lampy.using(executor="openlambda", url=url, orchestrator="lambda", store=store,
-                 runtime_limit=2.5, progress="off"):
+                 runtime_limit=limit, timeout=120.0, progress="off"):
     handle = lampy.submit(lampy.sum(chunks=150)(slow_energy), x)
 print(handle.id, flush=True)
 time.sleep(60)  # killed before this ends
@@ -499,9 +499,16 @@ np.save(sys.argv[2], lampy.job(sys.argv[1]).result(timeout=120))
 def test_the_client_killed_mid_job_and_a_new_process_reattaches(
     short_worker: str, store: str, tmp_path: Path
 ) -> None:
+    kill_the_client_then_reattach(short_worker, store, 2.5, tmp_path)
+
+
+def kill_the_client_then_reattach(url: str, store: str, limit: float, tmp_path: Path) -> None:
+    """A client submits a 150-chunk job (coordinators living `limit` seconds) and is SIGKILLed
+    after 20 chunks; a new process re-attaches by the job's id and gets the exact answer, every
+    chunk merged once."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, short_worker, store],
+        [sys.executable, "-c", CLIENT, url, store, str(limit)],
         stdout=subprocess.PIPE,
         env=env,
         text=True,

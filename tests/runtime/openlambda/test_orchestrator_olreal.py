@@ -27,7 +27,9 @@ from tests.olreal import CALL_TIMEOUT_S, DIR, W, wait_deployed
 from .test_orchestrator import (
     assert_revived_and_merged_once,
     energy,
+    kill_the_client_then_reattach,
     kill_the_coordinator_when,
+    serving_store,
     slow_energy,
     wave,
 )
@@ -114,3 +116,12 @@ def test_the_coordinators_sandbox_killed_mid_job_on_the_real_worker(real_url: st
     assert_revived_and_merged_once(status, 300)
     peaks = [c["threads"] for c in status["counters"].values()]
     assert all(peak <= PROCS_LIMIT for peak in peaks), peaks
+
+
+def test_the_client_killed_mid_job_and_a_new_process_reattaches_on_the_real_worker(
+    real_url: str, tmp_path: Path
+) -> None:
+    """The job lives on in real sandboxes (coordinators handing off every 4 s) while no client
+    is there; a new process re-attaches and gets the exact answer."""
+    with serving_store(tmp_path / "store") as store:
+        kill_the_client_then_reattach(real_url, store, 4.0, tmp_path)
