@@ -13,8 +13,18 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+import lampy
 from lampy.runtime.openlambda._worker import Worker, sweep_workdirs
 from lampy.testing import free_port, wait_ready
+from tests.olreal import CALL_TIMEOUT_S
+from tests.olreal import NAME as OLREAL
+from tests.olreal import REASON as NO_OLREAL
+
+# Tests taking `openlambda` run on `lampy worker` and on OpenLambda's own worker.
+PLATFORMS = [
+    "openlambda",
+    pytest.param(OLREAL, marks=pytest.mark.skipif(bool(NO_OLREAL), reason=NO_OLREAL)),
+]
 
 
 class ThreadWorker:
@@ -65,3 +75,19 @@ def no_worker_folder_left() -> Iterator[None]:
     the next `lampy worker` to start would sweep it, and so does the end of the session."""
     yield
     sweep_workdirs()
+
+
+@pytest.fixture(params=PLATFORMS)
+def platform(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(executor name, URL): `lampy worker`, or OpenLambda's own worker."""
+    if request.param == OLREAL:
+        return OLREAL, request.getfixturevalue("olreal_url")
+    return "openlambda", request.getfixturevalue("worker_url")
+
+
+@pytest.fixture
+def openlambda(platform: tuple[str, str]) -> Iterator[str]:
+    executor, url = platform
+    timeout = {"timeout": CALL_TIMEOUT_S} if executor == OLREAL else {}
+    with lampy.using(executor=executor, url=url, **timeout):
+        yield url

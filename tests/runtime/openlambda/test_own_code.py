@@ -24,15 +24,9 @@ import pytest
 import lampy
 from lampy.runtime.openlambda import _protocol as protocol
 from tests.olreal import CALL_TIMEOUT_S
-from tests.olreal import NAME as OLREAL
-from tests.olreal import REASON as NO_OLREAL
 from tests.runtime.openlambda.userpkg import regions
 from tests.runtime.openlambda.userpkg.shapes import Summary, Window
 
-PLATFORMS = [
-    "openlambda",
-    pytest.param(OLREAL, marks=pytest.mark.skipif(bool(NO_OLREAL), reason=NO_OLREAL)),
-]
 HELPERS = """
 from functools import cache
 import numpy as np
@@ -69,22 +63,6 @@ rows = np.arange(24.0).reshape(6, 4)
 assert np.array_equal(ramped(rows, Gain(2.0)), apply(rows, Gain(2.0)))
 print("equal")
 """
-
-
-@pytest.fixture(params=PLATFORMS)
-def platform(request: pytest.FixtureRequest) -> tuple[str, str]:
-    """(executor name, URL): `lampy worker`, or OpenLambda's own worker."""
-    if request.param == OLREAL:
-        return OLREAL, request.getfixturevalue("olreal_url")
-    return "openlambda", request.getfixturevalue("worker_url")
-
-
-@pytest.fixture
-def openlambda(platform: tuple[str, str]) -> Iterator[str]:
-    executor, url = platform
-    timeout = {"timeout": CALL_TIMEOUT_S} if executor == OLREAL else {}
-    with lampy.using(executor=executor, url=url, **timeout):
-        yield url
 
 
 @pytest.fixture

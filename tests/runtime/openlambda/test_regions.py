@@ -4,7 +4,6 @@ OpenLambda's own worker (the "olreal" executor, tests/olreal.py), the same tests
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -12,33 +11,10 @@ import pytest
 import lampy
 from lampy._errors import ExecutionError, RemoteTraceback, UsageError
 from tests.olreal import CALL_TIMEOUT_S
-from tests.olreal import NAME as OLREAL
-from tests.olreal import REASON as NO_OLREAL
-
-PLATFORMS = [
-    "openlambda",
-    pytest.param(OLREAL, marks=pytest.mark.skipif(bool(NO_OLREAL), reason=NO_OLREAL)),
-]
 
 
 class CursedRow(Exception):
     """A user exception type defined in the caller's module: it must come back as itself."""
-
-
-@pytest.fixture(params=PLATFORMS)
-def platform(request: pytest.FixtureRequest) -> tuple[str, str]:
-    """(executor name, URL): `lampy worker`, or OpenLambda's own worker."""
-    if request.param == OLREAL:
-        return OLREAL, request.getfixturevalue("olreal_url")
-    return "openlambda", request.getfixturevalue("worker_url")
-
-
-@pytest.fixture
-def openlambda(platform: tuple[str, str]) -> Iterator[str]:
-    executor, url = platform
-    timeout = {"timeout": CALL_TIMEOUT_S} if executor == OLREAL else {}
-    with lampy.using(executor=executor, url=url, **timeout):
-        yield url
 
 
 def offset(x: np.ndarray, y: np.ndarray, bias: float) -> np.ndarray:
