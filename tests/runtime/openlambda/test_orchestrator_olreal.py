@@ -71,7 +71,9 @@ def test_a_lifetime_shorter_than_the_job_hands_off_on_the_real_worker(real_url: 
     region = lampy.sum(chunks=300)(slow_energy)
     with lampy.using(executor="inline"):
         expected = region(x)
-    with lampy.using(executor="openlambda", **options(real_url, runtime_limit=4.0)):
+    # 4 calls in flight: 300 chunks of 40 ms then take over 3 s, past the first coordinator's
+    # 3 s of orchestration (with all 32 at once OpenLambda may finish them sooner)
+    with lampy.using(executor="openlambda", **options(real_url, runtime_limit=4.0, concurrency=4)):
         got = region(x)
         executor = executors.get("openlambda", resolve_options("openlambda"))
         assert isinstance(executor, OpenLambdaExecutor)
