@@ -8,9 +8,9 @@ chunk calls carry no rows in either mode), chunks=1000 so both modes merge the s
 - end to end on `lampy worker` and on OpenLambda's own worker (../shared/olreal; the kit's
   fixture, or a running worker with lampy deployed named by LAMPY_BENCH_OLREAL_URL). Target:
   lambda orchestration no worse than 1.2x client orchestration (noted per row).
-- a slow client link: every call the client makes to the platform waits 50 ms more (a client
-  far from its platform; its own array server stays near); the coordinator, beside the
-  worker, pays it once per job.
+- a slow client link: every call the client makes waits 50 ms more (`Link`; a client far
+  from its platform, whose array server stays near); the coordinator, beside the worker,
+  pays it once per job.
 - a client whose link is the bottleneck (`Link`: 50 ms and 100 Mbit/s, shared by every
   call the client makes, to the platform and to the job store; a model, not a throttled
   network): a 200-chunk `@lampy.sum` of 512 KiB partials (a Gram matrix) over an input
@@ -46,7 +46,7 @@ from lampy.runtime.remote._reference import remote
 CHUNKS = 1000
 ROWS, COLUMNS = 300 * CHUNKS, 8  # 19.2 MB: over PUBLISH_BYTES, so sent by reference
 GROUP = "1,000-chunk @lampy.sum ({})"
-LINK_S = 0.05  # the slow link's extra wait per client call
+LINK_S = 0.05  # the slow link's wait per client call
 MODES = ("client", "client, one call per chunk", "lambda")
 
 
@@ -93,11 +93,7 @@ link = FAST  # the link of the case running now
 
 
 class Counting(AiohttpTransport):
-    extra_s = 0.0  # the slow link's wait per call
-
     async def post(self, frame: frames.Outgoing, timeout: float) -> Reply:
-        if self.extra_s:
-            await asyncio.sleep(self.extra_s)
         reply = await super().post(frame, timeout)
         size = frame.size + (reply.reader.total if reply.reader else len(reply.body))
         await asyncio.sleep(link.wait_s(size))
@@ -129,7 +125,7 @@ def data() -> tuple[np.ndarray, Any]:
         return x, REGION(x)
 
 
-def executor_for(url: str, mode: str, extra_s: float = 0.0, store: str = "") -> OpenLambdaExecutor:
+def executor_for(url: str, mode: str, store: str = "") -> OpenLambdaExecutor:
     executor = OpenLambdaExecutor(
         url=url,
         orchestrator="lambda" if mode == "lambda" else "client",
@@ -140,7 +136,6 @@ def executor_for(url: str, mode: str, extra_s: float = 0.0, store: str = "") -> 
         store=store if mode == "lambda" else "",
     )
     counting = Counting(executor.endpoint, executor.concurrency, executor.secret)
-    counting.extra_s = extra_s
     executor.transport = counting
     return executor
 
@@ -150,16 +145,19 @@ def run_mode(
     url: str,
     mode: str,
     data: tuple[Any, Any],
-    extra: float,
     rounds: int,
     region: Any = REGION,
     store: str = "",
+    over: Link = FAST,
 ) -> None:
+    """Time `region` in one orchestration mode, the client's traffic going `over` a link."""
+    global link
     x, expected = data
-    executor = executor_for(url, mode, extra, store)
+    executor = executor_for(url, mode, store)
     name = "bench_" + mode.replace(",", "").replace(" ", "_")
     lampy.register_executor(name, OpenLambdaExecutor)
     executors._instances[(name, ())] = executor
+    link = over
     try:
         with lampy.using(executor=name):
             Traffic.reset()
@@ -169,6 +167,7 @@ def run_mode(
             np.testing.assert_array_equal(got, expected)
             benchmark.pedantic(region, args=(x,), rounds=rounds, iterations=1)
     finally:
+        link = FAST
         executors.unregister(name)
         executor.close()
     benchmark.extra_info["client_calls"], benchmark.extra_info["client_bytes"] = calls, moved
@@ -199,11 +198,11 @@ def real_worker() -> Iterator[str]:
 
 
 @pytest.fixture(params=["lampy worker", "OpenLambda's own worker", "lampy worker, slow link"])
-def platform(request: pytest.FixtureRequest) -> tuple[str, str, float]:
+def platform(request: pytest.FixtureRequest) -> tuple[str, str, Link]:
     if request.param == "OpenLambda's own worker":
-        return request.param, request.getfixturevalue("real_worker"), 0.0
-    extra = LINK_S if "slow link" in request.param else 0.0
-    return request.param, request.getfixturevalue("worker"), extra
+        return request.param, request.getfixturevalue("real_worker"), FAST
+    over = Link(latency_s=LINK_S) if "slow link" in request.param else FAST
+    return request.param, request.getfixturevalue("worker"), over
 
 
 results: dict[tuple[str, str], tuple[float, int, int]] = {}  # (platform, mode): figures
@@ -212,13 +211,13 @@ results: dict[tuple[str, str], tuple[float, int, int]] = {}  # (platform, mode):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("mode", MODES)
 def test_orchestration(
-    benchmark: Any, row: Row, platform: tuple[str, str, float], mode: str, data: Any
+    benchmark: Any, row: Row, platform: tuple[str, str, Link], mode: str, data: Any
 ) -> None:
-    which, url, extra = platform
+    which, url, over = platform
     row(GROUP.format(which), f"{mode} orchestration", baseline=mode == "client")
     # one call per chunk takes ~50 s a job on OpenLambda's own worker here: one round there
     rounds = 1 if "per chunk" in mode and "OpenLambda" in which else 3
-    run_mode(benchmark, url, mode, data, extra, rounds)
+    run_mode(benchmark, url, mode, data, rounds, over=over)
     results[(which, mode)] = (
         benchmark.stats.stats.median,
         benchmark.extra_info["client_calls"],
@@ -242,7 +241,7 @@ def test_orchestration(
 
 
 GRAM_CHUNKS, GRAM_ROWS, GRAM_COLUMNS = 200, 64, 256  # 26 MB in; 200 partials of 512 KiB
-SLOW_LINK = Link(latency_s=0.05, bytes_per_s=100e6 / 8)  # 100 Mbit/s
+SLOW_LINK = Link(latency_s=LINK_S, bytes_per_s=100e6 / 8)  # 100 Mbit/s
 
 
 def gram(x: np.ndarray) -> np.ndarray:
@@ -272,7 +271,6 @@ def test_client_link_bound(
     which: str,
     mode: str,
 ) -> None:
-    global link
     url = request.getfixturevalue("real_worker" if "OpenLambda" in which else "worker")
     store, data = near_store
     row(
@@ -280,8 +278,4 @@ def test_client_link_bound(
         f"{mode} orchestration",
         baseline=mode == "client",
     )
-    link = SLOW_LINK
-    try:
-        run_mode(benchmark, url, mode, data, 0.0, 3, GRAM, store)
-    finally:
-        link = FAST
+    run_mode(benchmark, url, mode, data, 3, GRAM, store, SLOW_LINK)
