@@ -269,25 +269,25 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
             executor._loop.run(_stream(merger, state.done))
             state.record = _both(recorder.record, merger.stream)
         state.stop = lambda: lease.lost is not None or time.monotonic() >= deadline
-        lease.counts = lambda: _counts(state.account, executor.backups, known, summons.why, lease)
+
+        def counted() -> dict[str, Any]:
+            return _counts(state.account, executor.backups, known, summons.why, lease)
+
+        lease.counts = counted
         lease.mark("setup", started)
         outcomes = executor.run_state(state)
         lease.mark("chunks")
         recorder.flush(state.account, outcomes)
         lease.mark("records")
         if lease.lost is not None:
-            store.counters(
-                holder, _counts(state.account, executor.backups, known, summons.why, lease)
-            )
+            store.counters(holder, counted())
             return lease.lost, ""
         if not state.complete:
             left = assignment.lifetime - (time.monotonic() - started)
             successor = _hand_off(summons, lease, endpoint, secret, left)
-            store.counters(
-                holder, _counts(state.account, executor.backups, known, summons.why, lease)
-            )
+            store.counters(holder, counted())
             return "handed off", successor
-        counts = _counts(state.account, executor.backups, known, summons.why, lease)
+        counts = counted()
         report = merger.report
         report.outcomes = outcomes
         if merger.assignment.combine is not None and _mergeable(outcomes, assignment.keep_going):
