@@ -167,6 +167,12 @@ class Sandbox:
             line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
         except asyncio.TimeoutError:
             line = b""
+        except asyncio.CancelledError:  # its lambda retired (or the worker stops): no orphan
+            process.kill()
+            await process.wait()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
         if line != b"ready\n":
             if process.returncode is None:
                 process.kill()
@@ -203,6 +209,7 @@ class Lambda:
         self.idle: list[Sandbox] = []
         self.waiters: deque[asyncio.Future[Sandbox]] = deque()
         self.starting = 0
+        self.starts: set[asyncio.Task[Sandbox]] = set()  # sandboxes on their way up
         self.outstanding = 0
         self.average_ms = TARGET_QUEUE_MS
         self.scaler: asyncio.Task[None] | None = None
@@ -217,11 +224,13 @@ class Lambda:
         await self.drop_if_drained()
 
     async def retire(self) -> None:
-        """Answer every waiting call now (`Retired`), stop idle sandboxes; busy ones end with
-        their call, and the folder with the last of them."""
+        """Answer every waiting call now (`Retired`), stop idle and starting sandboxes; busy
+        ones end with their call, and the folder with the last of them."""
         self.retired = True
         if self.scaler is not None:
             self.scaler.cancel()
+        for start in self.starts:
+            start.cancel()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -612,20 +621,30 @@ class Worker:
         """Start one sandbox and hand it to a waiting call (or keep it idle)."""
         lam.starting += 1
         self.serial += 1
-        failed: SandboxError | None = None
+        start = asyncio.ensure_future(
+            Sandbox.start(lam.directory, self.workdir, self.serial, lam.uid)
+        )
+        lam.starts.add(start)
         try:
-            sandbox = await Sandbox.start(lam.directory, self.workdir, self.serial, lam.uid)
-        except SandboxError as exc:
-            failed = exc
+            await asyncio.wait({start})  # not cancelled with this call: retire() cancels it
+        except asyncio.CancelledError:
+            start.cancel()
+            raise
         finally:
             lam.starting -= 1
-        if failed is not None:
+            lam.starts.discard(start)
+        if start.cancelled():  # its lambda retired while the sandbox started
+            await lam.drop_if_drained()
+            raise Retired(lam.name)
+        try:
+            sandbox = start.result()
+        except SandboxError as failed:
             while lam.waiters:
                 waiter = lam.waiters.popleft()
                 if not waiter.done():
                     waiter.set_exception(SandboxError(str(failed)))
             await lam.drop_if_drained()
-            raise failed
+            raise
         self.stats["sandboxes_created"] += 1
         lam.sandboxes.append(sandbox)
         self._release(lam, sandbox)

@@ -100,6 +100,10 @@ def add_routes(
 
     jobs = root / "jobs"
     locks: dict[str, asyncio.Lock] = {}
+    stopping = asyncio.Event()  # set as the server stops: held result requests answer now
+
+    async def stop_waiting(app: Any) -> None:
+        stopping.set()
 
     def where(request: web.Request, exists: bool = True) -> Path:
         authorize(request)
@@ -245,9 +249,11 @@ def add_routes(
                     return web.Response(body=path.read_bytes())
             if (folder / "fetched").exists():
                 raise web.HTTPGone(text=REMOVED.format(job=folder.name))
-            if (folder / "cancelled").exists() or time.monotonic() >= deadline:
+            over = stopping.is_set() or time.monotonic() >= deadline
+            if over or (folder / "cancelled").exists():
                 return web.json_response(status_of(folder), status=202)
-            await asyncio.sleep(0.02)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 0.02)
 
     async def status(request: web.Request) -> web.Response:
         return web.json_response(status_of(where(request)))
@@ -278,6 +284,7 @@ def add_routes(
             await task
 
     app.cleanup_ctx.append(sweeping)
+    app.on_shutdown.append(stop_waiting)
 
     app.router.add_put("/jobs/{job}/spec", put_spec)
     app.router.add_get("/jobs/{job}/{file:spec}", get_file)

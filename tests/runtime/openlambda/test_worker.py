@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
 import json
 import os
 import socket
+import subprocess
 import tarfile
 import textwrap
 import time
@@ -15,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lampy.runtime.remote import _auth as auth
+from lampy.testing import free_port, wait_ready, worker_command
 
 JSON_F = """
 import json, os, time
@@ -31,6 +34,12 @@ def app(environ, start_response):
     out = [environ["REQUEST_METHOD"].encode(), b" ", environ["PATH_INFO"].encode(), b" ", body]
     start_response("200 OK", [("Content-Length", str(sum(map(len, out)))), ("X-Echo", "1")])
     return out
+"""
+SLOW_TO_LOAD_F = """
+import time
+time.sleep(30)  # code that takes long to load: its sandbox is not ready for 30 s
+def f(event):
+    return "old"
 """
 NO_LENGTH_APP = """
 def app(environ, start_response):
@@ -222,6 +231,58 @@ def test_upload_replaces_the_code(make_worker: Any) -> None:
     assert run_json(worker.url, "v", {}) == (200, b"2")
     assert request(worker.url, "DELETE", "/registry/v")[0] == 200
     assert run_json(worker.url, "v", {})[1].startswith(b'lambda "v" not found')
+
+
+def test_new_code_serves_a_call_whose_sandbox_was_still_starting(make_worker: Any) -> None:
+    """Code replaced while a call's sandbox loads the old code: the starting sandbox is
+    stopped and the new version answers at once (not after the old sandbox is ready)."""
+    worker = make_worker()
+    install(worker.url, "v", {"f.py": SLOW_TO_LOAD_F})
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(run_json, worker.url, "v", {})
+        time.sleep(1.0)  # its sandbox is loading the old code
+        install(worker.url, "v", {"f.py": "def f(event):\n    return 'new'\n"})
+        assert call.result(timeout=15) == (200, b'"new"')
+    stats = json.loads(request(worker.url, "GET", "/stats")[2])
+    assert stats["sandboxes"] == 1 and stats["sandboxes_created"] == 1
+
+
+def test_a_sandbox_still_starting_does_not_hold_up_a_stopping_worker(tmp_path: Any) -> None:
+    """SIGTERM while a sandbox loads slow code: the worker stops it and exits at once, and
+    the waiting call is answered (before, the worker lived until the sandbox was ready)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        worker_command(port, tmp_path / "registry"), stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_ready(url, process)
+        install(url, "slow", {"f.py": SLOW_TO_LOAD_F})
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(run_json, url, "slow", {})
+            time.sleep(1.0)  # its sandbox is loading the code
+            children = _children(process.pid)
+            process.terminate()
+            process.wait(timeout=10)  # before the fix: about 30 s
+            status, body = call.result(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert status == 500 and body.startswith(b'lambda "slow" not found')  # as queued calls
+    assert children
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in children)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
 
 
 def test_idle_sandbox_of_another_lambda_is_evicted_when_full(make_worker: Any) -> None:

@@ -9,6 +9,9 @@ grants no lease.
 from __future__ import annotations
 
 import http.client
+import subprocess
+import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -26,6 +29,7 @@ from lampy.runtime.remote._jobs import (
     status_of,
     sweep,
 )
+from lampy.testing import free_port, wait_ready
 
 from .conftest import Server
 
@@ -129,6 +133,32 @@ def test_a_result_request_waits_for_the_result(server: Server) -> None:
         assert store.result(5.0) == b"late"
         assert 0.2 < time.monotonic() - start < 3.0
         assert store.result(0.0) == b"late"
+
+
+def test_a_held_result_request_answers_at_once_when_the_server_stops(
+    tmp_path: Path, lampy_secret: bytes
+) -> None:
+    """SIGTERM ends `lampy serve` at once: a result request held open (up to 30 s) answers
+    "no result yet" rather than keeping the server alive until its wait runs out."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "lampy.cli", "serve", str(tmp_path), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        wait_ready(url, process)
+        answers: list[bytes | None] = []
+        with new_job(Server(url, tmp_path)) as store:
+            waiting = threading.Thread(target=lambda: answers.append(store.result(25.0)))
+            waiting.start()
+            time.sleep(0.5)  # the request is held by now
+            process.terminate()
+            process.wait(timeout=10)  # before the fix: 25 s, the request's wait
+            waiting.join(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert answers == [None]
 
 
 def test_a_fetched_job_keeps_only_its_status_and_refuses_a_new_lease(server: Server) -> None:
