@@ -221,17 +221,23 @@ def piece_means(x: np.ndarray, segment: np.ndarray, size: int) -> np.ndarray:
     return class_sums(x, piece, counts.size) / counts[:, None]
 
 
-def merge_heights(pieces: np.ndarray, count: int) -> np.ndarray:
+def merge_heights(pieces: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Ward linkage heights of the last `count` merges, last first: heights[j] joins j + 2
-    clusters into j + 1 (zeros past the number of pieces)."""
+    clusters into j + 1; and each merge's effective size n_a n_b / (n_a + n_b) in pieces
+    (zeros past the number of pieces)."""
     # Imported here: a worker that runs this module's regions need not load scipy (~0.4 s).
     from scipy.cluster.hierarchy import linkage
 
-    heights = np.zeros(count)
-    if pieces.shape[0] > 1:
-        last = linkage(pieces, "ward")[::-1, 2][:count]
-        heights[: last.size] = last
-    return heights
+    heights, sizes = np.zeros(count), np.zeros(count)
+    n = pieces.shape[0]
+    if n > 1:
+        merges = linkage(pieces, "ward")
+        members = np.concatenate([np.ones(n), merges[:, 3]])
+        a, b = members[merges[:, 0].astype(np.int64)], members[merges[:, 1].astype(np.int64)]
+        last = merges[::-1][:count]
+        heights[: last.shape[0]] = last[:, 2]
+        sizes[: last.shape[0]] = (a * b / (a + b))[::-1][:count]
+    return heights, sizes
 
 
 @lampy.elemwise(shared=("means", "inv_var", "log_norm"))

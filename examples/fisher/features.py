@@ -220,11 +220,16 @@ def short_term_features(signal: np.ndarray, rate: int) -> tuple[np.ndarray, floa
 WINDOW_BATCH = 256  # mid-term windows summed at a time: temporaries of a few hundred kB
 
 
-@lampy.elemwise(shared=("feats",))
+@lampy.elemwise(shared=("feats", "weights"))
 def window_stats(
-    lo: np.ndarray, hi: np.ndarray, feats: np.ndarray, columns: tuple[int, ...]
+    lo: np.ndarray,
+    hi: np.ndarray,
+    feats: np.ndarray,
+    columns: tuple[int, ...],
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Mean and std of `feats[lo:hi, columns]` for each window (lo == hi: zeros).
+    """Mean and std of `feats[lo:hi, columns]` for each window (lo == hi: zeros), each frame
+    counted by its weight in `weights` (None: all alike).
 
     Windows go through in batches, each with prefix sums over just the frames its windows
     cover: the temporaries stay in cache, and the sums stay short (little cancellation in
@@ -236,11 +241,18 @@ def window_stats(
         a, b = lo[at : at + WINDOW_BATCH], hi[at : at + WINDOW_BATCH]
         first, last = int(a.min()), int(max(b.max(), a.min()))
         x = feats[first:last][:, list(columns)]
-        # Prefix sums of x and x^2, features along rows: a contiguous cumsum is faster.
-        prefix = np.zeros((2 * f, last - first + 1))
-        np.cumsum(np.hstack([x, x * x]).T, axis=1, out=prefix[:, 1:])
-        sums = (prefix[:, b - first] - prefix[:, a - first]) / np.maximum(b - a, 1)
-        mean, mean_sq = sums[:f].T, sums[f:].T
+        if weights is None:
+            w, rows = np.maximum(b - a, 1).astype(np.float64), np.hstack([x, x * x])
+        else:
+            wx = weights[first:last, None] * x
+            rows = np.hstack([wx, wx * x, weights[first:last, None]])
+        # Prefix sums, features along rows: a contiguous cumsum is faster.
+        prefix = np.zeros((rows.shape[1], last - first + 1))
+        np.cumsum(rows.T, axis=1, out=prefix[:, 1:])
+        sums = prefix[:, b - first] - prefix[:, a - first]
+        if weights is not None:
+            w = np.maximum(sums[2 * f], 1e-12)
+        mean, mean_sq = (sums[:f] / w).T, (sums[f : 2 * f] / w).T
         out[at : at + a.size, :f] = mean
         out[at : at + a.size, f:] = np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))
     return out
@@ -252,9 +264,10 @@ def mid_term_features(
     win: int,
     step: int,
     columns: tuple[int, ...] | None = None,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and std of each feature (of `columns`, default all) over windows of `win` frames
-    centred every `step` frames.
+    centred every `step` frames, each frame counted by its weight (`weights`, default 1).
 
     Each window is clipped to the run of speech holding its centre, so no window mixes the two
     sides of a pause (at a change of speaker, such a window would form a cluster of its own).
@@ -273,7 +286,7 @@ def mid_term_features(
     lo = np.maximum(centres - win // 2, run_start[run_id[centres]])
     hi = np.minimum(centres - win // 2 + win, run_end[run_id[centres]])
     hi = np.where(speech[centres], hi, lo)  # a window centred in silence is empty
-    return window_stats(lo, hi, feats, columns), centres, hi - lo
+    return window_stats(lo, hi, feats, columns, weights), centres, hi - lo
 
 
 def mfcc_to_mel_db(rate: int) -> np.ndarray:

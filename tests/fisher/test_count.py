@@ -35,6 +35,44 @@ def test_count_search_finds_separate_voices(k: int) -> None:
     assert [s > 1 for s in counted.scores.values()] == [j <= k for j in range(2, 9)]
 
 
+def _loud_and_quiet(segments: int, apart: float) -> np.ndarray:
+    """One voice whose alternate segments (10 windows each) sit `apart` from each other along
+    one axis: its loud and quiet turns, as noise pulls them apart."""
+    rng = np.random.default_rng(0)
+    shift = np.zeros(8)
+    shift[0] = apart
+    return np.vstack([shift * (s % 2) + rng.normal(size=(10, 8)) for s in range(segments)])
+
+
+def test_noise_does_not_split_a_long_voice() -> None:
+    # 6000 windows (10 minutes at 0.1 s): its two sides merge at a Ward height of about 87,
+    # above a threshold that rises with the SNR deficit alone (38 + 0.7 per dB: 53.4 at 8 dB),
+    # but a loudness split's height grows with the root of the voice's length, and so does
+    # the noise term of the threshold.
+    y = _loud_and_quiet(600, 2.5)
+    segment = np.arange(y.shape[0]) // 10
+    quiet_room, _ = count_speakers(y, segment, 40.0, Params(), 3)
+    noisy_room, counted = count_speakers(y, segment, 8.0, Params(), 3)
+    assert (quiet_room, noisy_room) == (2, 1)
+    assert counted.scores[2] < 1.0
+
+
+def test_noise_keeps_eight_voices_apart() -> None:
+    # The eighth voice joins the rest at a merge of small clusters, whose noise term is small.
+    y = _voices(8, seed=8, apart=8.0)
+    segment = np.arange(y.shape[0]) // 10
+    assert count_speakers(y, segment, 8.0, Params(), 3)[0] == 8
+
+
+def test_merge_sizes_are_effective_sizes() -> None:
+    pieces = np.array([[0.0], [0.1], [0.2], [10.0]])
+    heights, sizes = cluster.merge_heights(pieces, 4)
+    # The last merge joins the three close pieces with the far one: 3 * 1 / (3 + 1).
+    np.testing.assert_allclose(sizes, [0.75, 2.0 / 3.0, 0.5, 0.0])
+    np.testing.assert_allclose(heights[0], np.sqrt(2 * 0.75) * 9.9)
+    assert heights[3] == 0.0
+
+
 def test_count_confidence_falls_near_the_threshold() -> None:
     y = _voices(2, seed=3)
     segment = np.arange(y.shape[0]) // 10
@@ -115,3 +153,16 @@ def test_one_unheard_voice_in_noise_stays_one(tools: None) -> None:
     result = diarize(noisy, rate)
     assert result.n_speakers == 1 and result.count.known
     assert score(reference, result.turns).der < 0.10
+
+
+def test_five_unheard_voices_in_noise_are_counted(tools: None) -> None:
+    # At 10 dB SNR one threshold per recording, raised to keep a single voice whole, took
+    # this conversation's quietest voice for a part of another (4 speakers); the per-merge
+    # noise term and the weighing down of quiet frames keep it.
+    conversation = devset.conversations("tune", 5)[22]
+    assert conversation.name == "tune-5spk-2"
+    signal, reference = devset.render(conversation)
+    noisy, rate = devset.degrade(signal, reference, "snr10", conversation.seed)
+    result = diarize(noisy, rate)
+    assert result.n_speakers == 5 and result.count.known
+    assert score(reference, result.turns).der < 0.15

@@ -129,19 +129,53 @@ def test_mid_term_features_match_loop() -> None:
         np.testing.assert_allclose(mid[row, 3:], chunk.std(axis=0), atol=1e-7)
 
 
+def test_weighted_mid_term_features_match_loop() -> None:
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((97, 3))
+    weights = np.where(rng.random(97) > 0.3, 1.0, 1e-3)
+    speech = np.ones(97, dtype=bool)
+    speech[40:44] = False
+    mid, centres, count = features.mid_term_features(feats, speech, 10, 4, None, weights)
+    plain, _, _ = features.mid_term_features(feats, speech, 10, 4)
+    for row, c in enumerate(centres):
+        if count[row] == 0:
+            continue
+        lo = int(c - 5)
+        while not speech[lo : c + 1].all():
+            lo += 1
+        hi = int(min(c + 5, 97))
+        while not speech[c:hi].all():
+            hi -= 1
+        x, w = feats[lo:hi], weights[lo:hi]
+        mean = (w[:, None] * x).sum(axis=0) / w.sum()
+        std = np.sqrt((w[:, None] * (x - mean) ** 2).sum(axis=0) / w.sum())
+        np.testing.assert_allclose(mid[row, :3], mean, atol=1e-12)
+        np.testing.assert_allclose(mid[row, 3:], std, atol=1e-7)
+        np.testing.assert_allclose(plain[row, :3], x.mean(axis=0), atol=1e-12)
+    # Weights of one leave the statistics as they were.
+    same, _, _ = features.mid_term_features(feats, speech, 10, 4, None, np.ones(97))
+    np.testing.assert_allclose(same, plain, atol=1e-7)
+
+
 def test_mid_term_statistics_do_not_depend_on_the_chunking(executor: str) -> None:
     import lampy
 
     rng = np.random.default_rng(3)
     feats = rng.normal(5.0, 2.0, size=(3000, 6))
     speech = rng.random(3000) > 0.1
+    weights = np.where(rng.random(3000) > 0.3, 1.0, 1e-3)
     with lampy.using(executor="inline"):
         whole = features.mid_term_features(feats, speech, 40, 4, (0, 2, 5))
+        weighted = features.mid_term_features(feats, speech, 40, 4, (0, 2, 5), weights)
     with lampy.using(executor=executor, chunks=5):
         chunked = features.mid_term_features(feats, speech, 40, 4, (0, 2, 5))
+        chunked_weighted = features.mid_term_features(feats, speech, 40, 4, (0, 2, 5), weights)
+    # std = sqrt(E[x^2] - E[x]^2): a window of one or two frames has a std of rounding noise,
+    # a thousand times more where all its frames weigh 1e-3.
     for a, b in zip(whole, chunked, strict=True):
-        # std = sqrt(E[x^2] - E[x]^2): a window of one or two frames has a std of rounding noise
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-5)
+    for a, b in zip(weighted, chunked_weighted, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=3e-4)
     mid, centres, count = whole
     row = int(np.flatnonzero(count == 40)[0])
     window = feats[centres[row] - 20 : centres[row] + 20][:, [0, 2, 5]]
