@@ -31,7 +31,8 @@ def double(x: np.ndarray) -> np.ndarray:
 def slow_unless_done(x: np.ndarray, flag: str) -> np.ndarray:
     """Blocks the chunk holding row 0 until `flag` exists, so a test can kill its worker."""
     if x[0] == 0 and not os.path.exists(flag):
-        Path(flag + ".started").write_text(str(os.getpid()))
+        Path(flag + ".pid").write_text(str(os.getpid()))  # whole before the test can read it
+        os.replace(flag + ".pid", flag + ".started")
         while not os.path.exists(flag):
             time.sleep(0.01)
     return x + 1
@@ -61,16 +62,18 @@ def test_worker_killed_during_a_chunk_is_replaced_and_chunk_retried(tmp_path: Pa
     x = np.arange(40.0)
 
     result: list[np.ndarray] = []
-    thread = threading.Thread(target=lambda: result.append(f(x, flag)))
+    thread = threading.Thread(target=lambda: result.append(f(x, flag)), daemon=True)
     thread.start()
     started = Path(flag + ".started")
-    deadline = time.monotonic() + 20
-    while not started.exists():
-        assert time.monotonic() < deadline, "the chunk never started"
-        time.sleep(0.01)
-    os.kill(int(started.read_text()), signal.SIGKILL)
-    Path(flag).write_text("go")  # the retried chunk finds the flag and finishes
-    thread.join(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline, "the chunk never started"
+            time.sleep(0.01)
+        os.kill(int(started.read_text()), signal.SIGKILL)
+    finally:  # even if this test fails: the call ends, and the pool is free for the next
+        Path(flag).write_text("go")  # the retried chunk finds the flag and finishes
+    thread.join(timeout=60)
     assert not thread.is_alive()
     np.testing.assert_array_equal(result[0], x + 1)
 
