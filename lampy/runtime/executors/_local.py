@@ -528,6 +528,9 @@ class _Pool:
         self.may_read: bool | None = None  # readable(), asked once
         self.round_trip = SECONDS_PER_CHUNK * size  # a chunk's seconds beyond its work (average)
         self._forgotten_lock = threading.RLock()  # finalizers run in any thread
+        self.starter: threading.Thread | None = None  # starting workers in the background
+        self.in_job = False  # a job holds `lock` (others hold it for moments only)
+        self._starter_lock = threading.Lock()
         shm.on_retire(self._retired)
 
     def _retired(self, inodes: list[int]) -> None:
@@ -578,6 +581,25 @@ class _Pool:
             for worker in self.workers:
                 worker.hurry()
         return False
+
+    def start_in_background(self) -> None:
+        """Fill the pool from a thread (idle priority), unless one is doing so already."""
+        with self._starter_lock:
+            if self.starting():
+                return
+            self.starter = threading.Thread(
+                target=self._fill_idle, name="lampy-pool-start", daemon=True
+            )
+            self.starter.start()
+
+    def starting(self) -> bool:
+        """Whether the background thread is still starting workers."""
+        return self.starter is not None and self.starter.is_alive()
+
+    def _fill_idle(self) -> None:
+        # a pool that cannot start says so to the next job that needs it, with the reason
+        with self.lock, contextlib.suppress(WorkersDidNotStart):
+            self.fill(idle=True)
 
     def timed(self, round_trip: float) -> None:
         """A chunk took `round_trip` seconds more than its work: averaged in."""
@@ -680,18 +702,19 @@ class LocalExecutor(Executor):
 
     def is_warm(self) -> bool:
         """Every worker is up and has imported what it needs (a job now waits for nobody)."""
-        if not self.pool.lock.acquire(blocking=False):
+        if self.pool.starting():
+            return False
+        if self.pool.in_job:
             return bool(self.pool.workers)  # a job is running on the pool: it is up
-        try:
+        with self.pool.lock:  # else held for moments only (telling workers what to unmap)
             return self.pool.ready()
-        finally:
-            self.pool.lock.release()
 
     def start(self) -> None:
-        """Start the worker processes in the background: they import at idle priority, so
-        they take no CPU time from this process meanwhile, and nothing waits for them."""
-        with self.pool.lock:
-            self.pool.fill(idle=True)
+        """Start the worker processes in the background and return at once: a thread starts
+        them (on 16 cores, 16 process starts would take the caller tens of ms), and they import
+        at idle priority, taking no CPU time from this process meanwhile."""
+        exit_on_sigterm()  # here: only the main thread may set a signal handler
+        self.pool.start_in_background()
 
     def run(self, job: Job) -> dict[int, Outcome]:
         pool = self.pool
@@ -699,14 +722,21 @@ class LocalExecutor(Executor):
             pool.fill()
             readers = pool.size if pool.reads_caller() else 0
             placed = _Placed(job, pool.arena, pool.copier, readers)
+            pool.in_job = True
             try:
                 pool.forget()
                 return _Dispatch(pool, job, placed, self.timeout, self.attempts).run()
             finally:
+                pool.in_job = False
                 placed.cancel()
                 if pool.arena.size > ARENA_KEPT_BYTES:
                     pool.arena.release()
                 pool.forget()
+                # a worker that died once the job no longer needed it: replaced now, not
+                # when the next job finds it
+                for worker in [w for w in pool.workers if not w.alive()]:
+                    with contextlib.suppress(WorkersDidNotStart):
+                        pool.replace(worker)
 
     def close(self) -> None:
         """Stop the pool's workers (shared with other option sets: the next call restarts)."""

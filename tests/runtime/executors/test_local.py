@@ -227,3 +227,41 @@ def test_auto_prices_the_round_trips_it_measures_not_the_work() -> None:
     assert executor.costs().seconds_per_chunk == max(
         1.1e-4, executor.pool.round_trip / executor.size
     )
+
+
+def heavy_rows(x: np.ndarray) -> np.ndarray:
+    time.sleep(6e-4 * len(x))  # 0.6 s for 1000 rows: worth starting the pool for
+    return x * 3
+
+
+def test_a_cold_auto_call_runs_here_and_starts_the_pool_without_waiting_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first auto call of a cold pool: it runs in this process and returns while the
+    pool's workers have not even begun to start (each start is held here until the call has
+    returned), so no foreground wait on start-up is possible; later calls use the pool."""
+    from lampy.runtime.executors import _local as local
+
+    executor = executors.get("local", {"workers": 3})
+    assert isinstance(executor, LocalExecutor)
+    executor.close()
+    go = threading.Event()
+
+    class Held(local._Worker):
+        def __init__(self, *args: object) -> None:
+            assert go.wait(60)
+            super().__init__(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local, "_Worker", Held)
+    x = np.arange(1000.0)
+    f = lampy.elemwise(heavy_rows)
+    try:
+        with lampy.using(executor="local", workers=3, chunks="auto"):
+            np.testing.assert_array_equal(f(x), x * 3)
+            assert executor.pool.starting() and not executor.worker_pids()
+            go.set()
+            wait_until(executor.is_warm, 60, "the pool never finished starting")
+            assert f.explain(x).fan_out  # warm now: the same call fans out
+    finally:
+        go.set()
+        executor.close()

@@ -316,7 +316,30 @@ def test_workers_start_at_normal_priority_where_idle_could_not_be_undone(
         pytest.skip("no SCHED_IDLE here")
     monkeypatch.setattr(local, "_idle_is_reversible", lambda: False)
     executor.start()
+    wait_for(lambda: len(executor.worker_pids()) == SIZE, "the pool did not start")
     assert {os.sched_getscheduler(pid) for pid in executor.worker_pids()} == {os.SCHED_OTHER}
+
+
+def test_start_returns_before_any_worker_starts_and_a_starting_pool_is_not_warm(
+    executor: LocalExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start() hands the process starts to a thread: here each start waits until the test
+    lets it, and start() still returns; the pool is not warm (nor blocks is_warm) meanwhile."""
+    go = threading.Event()
+
+    class Held(local._Worker):
+        def __init__(self, *args: Any) -> None:
+            assert go.wait(60)
+            super().__init__(*args)
+
+    monkeypatch.setattr(local, "_Worker", Held)
+    executor.start()
+    assert executor.pool.starting() and not executor.worker_pids()
+    assert not executor.is_warm()
+    go.set()
+    wait_for(executor.is_warm, "the pool never became warm", 60)
+    assert len(executor.worker_pids()) == SIZE and not executor.pool.starting()
+    run_plus_one()  # and it serves jobs
 
 
 def test_idle_priority_is_used_only_where_it_can_be_undone() -> None:
