@@ -380,7 +380,7 @@ def test_first_call(
         assert process.stdout.readline().strip() == "done"
 
     try:
-        benchmark.pedantic(first_call, setup=start, rounds=5, iterations=1)
+        benchmark.pedantic(first_call, setup=start, rounds=7, iterations=1)
     finally:
         for process in processes:
             if process.poll() is None:

@@ -16,7 +16,7 @@ chunk rewrites its own rows of the output, and a worker left mid-chunk is killed
 returns, so nothing writes into a result after it is returned. A job never waits forever: see
 `_Dispatch` (start-up deadlines, deaths seen through pidfds, WorkersDidNotStart).
 
-Workers are fresh interpreters (`python -m lampy.runtime.executors._local_worker`), not forks, so
+Workers are fresh interpreters (`python -c "...; _local_worker.main()"`), not forks, so
 a script without an `if __name__ == "__main__"` guard is never re-imported by the pool, and no
 lock held by a thread of the caller is inherited. Started ahead of need (`start`), they import
 at idle priority and take no CPU time from the caller meanwhile.
@@ -93,7 +93,13 @@ ADVICE = (
 # caller, which runs its call itself meanwhile) and returns to normal priority when it is ready,
 # or as soon as a job waits for it.
 _IDLE = getattr(os, "SCHED_IDLE", None)
-WORKER_COMMAND = (sys.executable, "-m", "lampy.runtime.executors._local_worker")
+# not `-m`: lampy imports its default executor, which imports the worker's module, and runpy
+# would then run that module a second time as __main__
+WORKER_COMMAND = (
+    sys.executable,
+    "-c",
+    "from lampy.runtime.executors._local_worker import main; main()",
+)
 # A worker a job waits for that has not said it is ready after this long (hurried to normal
 # priority; start-up took up to 9 s on the loaded reference machine) is killed and replaced;
 # this many losses per worker before any chunk finishes mean workers cannot start here.
@@ -101,8 +107,7 @@ STARTUP_TIMEOUT_S = 60.0
 START_FAILURES_PER_WORKER = 3
 START_ADVICE = (
     "Their errors, if any, are on this process's stderr. Check that "
-    f"`{sys.executable} -m lampy.runtime.executors._local_worker` can import lampy and numpy "
-    "here, or run on executor='inline'."
+    f"`{sys.executable} -c 'import lampy'` works here, or run on executor='inline'."
 )
 LIVENESS_S = 1.0  # without pidfds, how often a waiting job looks whether its workers live
 STOP_WAIT_S = 5.0  # a killed worker not gone by then is left to be reaped later

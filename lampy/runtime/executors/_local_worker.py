@@ -1,9 +1,10 @@
 """A local worker process: receives jobs and chunks over a Unix socket and runs them.
 
-Started by the local executor as `python -m lampy.runtime.executors._local_worker FD LIFELINE
-[idle]`, where FD is its end of a socket pair and LIFELINE the read end of the executor's process
-lifeline: the worker exits at once when the executor's process dies, even mid-chunk. "idle": the
-executor put it at idle priority while it imports; it returns to normal priority when ready.
+Started by the local executor as `python -c "from lampy.runtime.executors._local_worker import
+main; main()" FD LIFELINE [idle]` (its WORKER_COMMAND), where FD is its end of a socket pair
+and LIFELINE the read end of the executor's process lifeline: the worker exits at once when the
+executor's process dies, even mid-chunk. "idle": the executor put it at idle priority while it
+imports; it returns to normal priority when ready.
 Messages
 (pickled, over a private socket; "+ descriptors" are passed alongside, SCM_RIGHTS):
 
@@ -399,9 +400,3 @@ def main() -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(0)
-
-
-if __name__ == "__main__":  # run as the module lampy imports, so its classes are the ones
-    from lampy.runtime.executors._local_worker import main as run  # the caller pickles
-
-    run()
