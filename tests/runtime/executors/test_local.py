@@ -52,8 +52,17 @@ def test_worker_killed_between_calls_is_replaced() -> None:
     double(x)
     victim = pool().worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: dead(victim), 30, "SIGKILL did not end the worker")
     np.testing.assert_array_equal(double(x), x * 2)
     assert victim not in pool().worker_pids()
+
+
+def dead(pid: int) -> bool:
+    """The process ended (a zombie until its parent reaps it, or gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def test_worker_killed_during_a_chunk_is_replaced_and_chunk_retried(tmp_path: Path) -> None:
