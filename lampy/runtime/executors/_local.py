@@ -554,7 +554,9 @@ class _Pool:
         with self._forgotten_lock:
             inodes, self.forgotten = self.forgotten, []
         if inodes:
-            for worker in self.workers:
+            # only to ready workers, which read all they are sent (so no send here can block
+            # on one that never reads); a worker still starting has mapped nothing yet
+            for worker in [w for w in self.workers if w.ready]:
                 with contextlib.suppress(OSError):  # gone: its mappings went with it
                     worker.conn.send(("forget", inodes))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import threading
 import time
@@ -58,11 +59,15 @@ def test_worker_killed_between_calls_is_replaced() -> None:
 
 
 def dead(pid: int) -> bool:
-    """The process ended (a zombie until its parent reaps it, or gone)."""
+    """Process `pid` has ended, every thread of it (reaped or not)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
         return True
+    try:
+        return bool(select.select([fd], [], [], 0)[0])
+    finally:
+        os.close(fd)
 
 
 def test_worker_killed_during_a_chunk_is_replaced_and_chunk_retried(tmp_path: Path) -> None:
