@@ -152,7 +152,7 @@ def test_workers_that_never_say_they_are_ready_are_replaced_at_their_deadline(
 ) -> None:
     """Every worker hangs before it is ready: the job kills them at their start-up deadline
     and runs on their replacements (which get the usual deadline: the machine may be busy)."""
-    monkeypatch.setattr(local, "STARTUP_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(local, "STARTUP_TIMEOUT_S", 5.0)
     faults.add(*["hang"] * SIZE)
     start = time.monotonic()
     thread = threading.Thread(target=run_plus_one, daemon=True)
@@ -161,7 +161,7 @@ def test_workers_that_never_say_they_are_ready_are_replaced_at_their_deadline(
     monkeypatch.setattr(local, "STARTUP_TIMEOUT_S", 60.0)  # for the replacements
     thread.join(60)
     assert not thread.is_alive()
-    assert time.monotonic() - start >= 2.0  # it did wait for the hung ones, as long as allowed
+    assert time.monotonic() - start >= 5.0  # it did wait for the hung ones, as long as allowed
     hung = faults.pids("hang")
     assert not set(hung) & set(executor.worker_pids())
     wait_for(lambda: all(map(gone, hung)), "a hung worker was not killed")  # SIGKILL is sent
@@ -238,8 +238,15 @@ def test_workers_that_hang_at_start_end_the_job_within_the_deadlines(
     faults.add(*["hang"] * (local.START_FAILURES_PER_WORKER * SIZE))
     with pytest.raises(WorkersDidNotStart, match=r"did not finish starting within 0.5 s"):
         run_plus_one()
+    # each one the job gave up on was killed; any still starting stays in the pool (on a
+    # loaded machine a worker can be past its deadline before it even took its token)
     hung = faults.pids("hang")
-    wait_for(lambda: all(map(gone, hung)), "a hung worker was not killed")  # SIGKILL is sent
+    wait_for(
+        lambda: all(gone(pid) or pid in executor.worker_pids() for pid in hung),
+        "a hung worker was neither killed nor kept",
+    )
+    executor.close()
+    wait_for(lambda: all(map(gone, hung)), "close() left a hung worker")
 
 
 def fork_then_die(x: np.ndarray, marker: str) -> np.ndarray:
