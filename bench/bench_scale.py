@@ -394,7 +394,7 @@ def test_first_call(
 
 # -- the Fisher CLI, as a new user first runs it --------------------------------------------------
 
-CLI_ROUNDS = 5
+CLI_ROUNDS = 7
 SAMPLE = ROOT / "examples" / "fisher" / "data" / "two_speakers.wav"
 
 
