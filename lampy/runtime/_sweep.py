@@ -17,9 +17,7 @@ process) watching lifeline FD; when the parent dies it removes DIR and exits.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
-import glob
 import os
 import shutil
 import signal
@@ -86,6 +84,8 @@ def release(directory: Path) -> None:
 def sweep(pattern: str) -> list[str]:
     """Remove the directories matching `pattern` that are this user's and whose owner process
     is gone (nobody holds their claim); returns what was removed."""
+    import glob  # here: lampy loads this module with its default executor
+
     removed: list[str] = []
     for path in glob.glob(pattern):
         try:
@@ -123,6 +123,8 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
+    import argparse  # here: lampy loads this module with its default executor
+
     parser = argparse.ArgumentParser(prog="python -m lampy.runtime._sweep")
     parser.add_argument("fd", type=int, help="the lifeline's read end, inherited")
     parser.add_argument("--remove", type=Path, help="a directory to remove when the parent goes")

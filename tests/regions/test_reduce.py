@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -78,7 +80,12 @@ def test_auto_plan_is_kept_for_repeated_calls_on_a_started_pool() -> None:
 
     from lampy.runtime import executors
 
-    executors.get("local", {}).start()
+    pool = executors.get("local", {})
+    pool.start()
+    deadline = time.monotonic() + 60
+    while not pool.is_warm():  # started, then up: a pool still starting is never waited for
+        assert time.monotonic() < deadline, "the pool did not start"
+        time.sleep(0.01)
     f = lampy.sum(executor="local")(moments)
     x = np.random.default_rng(5).random((20_000, 8))
     first = f(x)

@@ -185,7 +185,12 @@ def test_workers_started_from_a_thread_outlive_the_thread() -> None:
     starter = threading.Thread(target=local.start)
     starter.start()
     starter.join()
+    deadline = time.monotonic() + 60
+    while local.pool.starting():  # start() hands the process starts to a thread of its own
+        assert time.monotonic() < deadline, "the pool's starter thread did not finish"
+        time.sleep(0.01)
     pids = local.worker_pids()
+    assert len(pids) == local.size
     x = np.arange(20.0)
     np.testing.assert_array_equal(lampy.elemwise(chunks=2, executor="local")(np.negative)(x), -x)
     assert local.worker_pids() == pids and all(map(alive, pids))

@@ -2,7 +2,8 @@
 executor is written with.
 
 An executor is one module plus one registration: its "module:Class" path, imported only when
-the executor is first asked for, so its dependencies load only then. lampy's own are registered
+the executor is first asked for, so its dependencies load only then (the default, `local`,
+loads with lampy: see the end of this module). lampy's own are registered
 below; users add theirs with `lampy.register_executor`. One instance is kept per (name,
 options), so a local pool or an HTTP session is reused across calls.
 
@@ -15,6 +16,7 @@ tests/toy_executor.py is a whole one in a few lines.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import re
 import threading
@@ -141,3 +143,10 @@ def shutdown() -> None:
         _instances.clear()
     for executor in instances:
         executor.close()
+
+
+# The default executor loads with lampy, not on its first call: that call is often a program's
+# first, and the import (about 15 ms) would make a cold `chunks="auto"` call on `local` slower
+# than the same call on `inline` (bench/bench_scale.py, "auto never loses").
+with contextlib.suppress(LampyError):
+    executor_class("local")

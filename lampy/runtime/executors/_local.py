@@ -13,9 +13,10 @@ never pickled per chunk (ARCHITECTURE.md, "The local pool's data path"):
 A worker that dies, or runs a chunk longer than `timeout` seconds (it is then killed), is replaced
 and its chunk retried as the chunk scheduler says (`attempts`); then the chunk is lost. A retried
 chunk rewrites its own rows of the output, and a worker left mid-chunk is killed before the call
-returns, so nothing writes into a result after it is returned.
+returns, so nothing writes into a result after it is returned. A job never waits forever: see
+`_Dispatch` (start-up deadlines, deaths seen through pidfds, WorkersDidNotStart).
 
-Workers are fresh interpreters (`python -m lampy.runtime.executors._local_worker`), not forks, so
+Workers are fresh interpreters (`python -c "...; _local_worker.main()"`), not forks, so
 a script without an `if __name__ == "__main__"` guard is never re-imported by the pool, and no
 lock held by a thread of the caller is inherited. Started ahead of need (`start`), they import
 at idle priority and take no CPU time from the caller meanwhile.
@@ -39,6 +40,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cache
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -91,12 +93,59 @@ ADVICE = (
 # caller, which runs its call itself meanwhile) and returns to normal priority when it is ready,
 # or as soon as a job waits for it.
 _IDLE = getattr(os, "SCHED_IDLE", None)
+# not `-m`: lampy imports its default executor, which imports the worker's module, and runpy
+# would then run that module a second time as __main__
+WORKER_COMMAND = (
+    sys.executable,
+    "-c",
+    "from lampy.runtime.executors._local_worker import main; main()",
+)
+# A worker a job waits for that has not said it is ready after this long (hurried to normal
+# priority; start-up took up to 9 s on the loaded reference machine) is killed and replaced;
+# this many losses per worker before any chunk finishes mean workers cannot start here.
+STARTUP_TIMEOUT_S = 60.0
+START_FAILURES_PER_WORKER = 3
+START_ADVICE = (
+    "Their errors, if any, are on this process's stderr. Check that "
+    f"`{sys.executable} -c 'import lampy'` works here, or run on executor='inline'."
+)
+LIVENESS_S = 1.0  # without pidfds, how often a waiting job looks whether its workers live
+STOP_WAIT_S = 5.0  # a killed worker not gone by then is left to be reaped later
+
+
+class WorkersDidNotStart(WorkerLost):
+    """The local pool could not start its worker processes (a typed WorkerLost)."""
 
 
 def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+@cache
+def _idle_is_reversible() -> bool:
+    """Whether this process may take a thread back from idle priority to normal: root, or an
+    RLIMIT_NICE that allows it. Where it may not, a worker started at idle priority would stay
+    there, so workers start at normal priority instead. Tried on a throwaway thread."""
+    if _IDLE is None:
+        return False
+    reversible: list[bool] = []
+
+    def attempt() -> None:
+        tid = threading.get_native_id()
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            reversible.append(False)
+        else:
+            reversible.append(True)
+
+    thread = threading.Thread(target=attempt, name="lampy-priority-probe")
+    thread.start()
+    thread.join()
+    return reversible == [True]
 
 
 def _normal_priority(pid: int) -> None:
@@ -313,7 +362,9 @@ class _Output:
 
 
 class _Worker:
-    """One worker process and its end of a private socket pair."""
+    """One worker process, its end of a private socket pair, and a descriptor that becomes
+    readable when the process ends (Linux pidfd; None elsewhere, and then its liveness is
+    polled), so a death is noticed even if the socket's other end outlived the process."""
 
     def __init__(
         self, env: dict[str, str], idle: bool, probe: tuple[int, int, bytes] | None
@@ -322,8 +373,7 @@ class _Worker:
         fds = (theirs.fileno(), lifeline())
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "lampy.runtime.executors._local_worker", *map(str, fds)]
-                + (["idle"] if idle else []),
+                [*WORKER_COMMAND, *map(str, fds), *(["idle"] if idle else [])],
                 pass_fds=fds,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -332,27 +382,41 @@ class _Worker:
             with contextlib.suppress(OSError):
                 os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
         self.conn = Connection(ours.detach())
-        self.ready = False  # its imports are done: a chunk's clock starts only then
-        self.sent_at = 0.0  # when its chunk left (perf_counter; 0: before it was ready)
+        self.sentinel = _pidfd(self.process.pid)
+        self.ready = False  # its imports are done: it is sent chunks only then
+        self.started_at = time.monotonic()  # its start-up clock (restarted when hurried)
+        self.startup_deadline = self.started_at + STARTUP_TIMEOUT_S
+        self.sent_at = 0.0  # when its chunk left (perf_counter)
         self.busy = 0.0  # the seconds its last chunk took in the worker, as it said
+        self.leaving = False  # it said it exits after its last answer
         self.reads = False  # it read the caller's probe: it can copy rows from our memory
         self.idle = idle
         self.jobs: deque[str] = deque(maxlen=TEMPLATES_KEPT)
-        self.conn.send(("path", sys.path, probe))
+        with contextlib.suppress(OSError):  # gone already: its end of file tells
+            self.conn.send(("path", sys.path, probe))
 
     def hurry(self) -> None:
-        """A job waits for this worker: back to normal priority if it started at idle."""
+        """A job waits for this worker: back to normal priority if it started at idle, and
+        its start-up clock starts now (idle, it may have had no CPU time at all)."""
         if self.idle:
             _normal_priority(self.pid)
             self.idle = False
+            self.started_at = time.monotonic()
+            self.startup_deadline = self.started_at + STARTUP_TIMEOUT_S
 
     def poll_ready(self) -> bool:
-        """Whether its imports are done (reads its "ready" message if it came)."""
-        if not self.ready and self.conn.poll(0):
-            message = self.conn.recv()
-            assert message[0] == "ready", message
-            self.ready, self.reads = True, bool(message[1])
+        """Whether its imports are done (reads its "ready" message if it came; False for a
+        worker that died first)."""
+        if not self.ready:
+            try:
+                if self.conn.poll(0):
+                    self.receive()
+            except (EOFError, OSError):
+                return False
         return self.ready
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def send(
         self,
@@ -363,6 +427,9 @@ class _Worker:
         output: _Output | None,
         joins: bool,
     ) -> None:
+        """Send a chunk (and its job, the first time); only to a ready worker, which reads
+        everything sent to it, so no send blocks on a worker that never reads."""
+        assert self.ready, "a chunk for a worker still starting"
         with serial.timing("send"):
             if job.id not in self.jobs:
                 self.conn.send(("job", job.id, job.template, placed.split, placed.whole))
@@ -376,7 +443,7 @@ class _Worker:
                 where = ASK
             self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk], rows, len(fds), where))
             send_fds(self.conn, fds)
-            self.sent_at = time.perf_counter() if self.ready else 0.0  # start-up is not a trip
+            self.sent_at = time.perf_counter()
 
     def answer(self, output: _Output | None) -> None:
         """Tell a worker that described its rows where they go (None: send them back)."""
@@ -388,7 +455,7 @@ class _Worker:
 
     def receive(self) -> tuple[str, Any]:
         """The worker's next message: ("ready", None), ("spec", spec), ("wrote", None) or
-        ("outcome", Outcome)."""
+        ("outcome", Outcome). EOFError or OSError: it is gone."""
         message = self.conn.recv()
         kind = message[0]
         if kind == "ready":
@@ -396,14 +463,14 @@ class _Worker:
             return "ready", None
         if kind == "spec":
             return kind, message[2]
-        self.busy = message[-1]
+        self.busy, self.leaving = message[-2], bool(message[-1])
         if kind == "wrote":
             return kind, None
         if kind == "ok":
-            _, _, payload, layout, _ = message
+            _, _, payload, layout, _, _ = message
             fd = recv_fds(self.conn, 1)[0] if layout else None
             return "outcome", Outcome(value=load_from_file(payload, layout, fd))
-        _, _, error, traceback, _ = message
+        _, _, error, traceback, _, _ = message
         try:
             exc = loads(error)
         except Exception as why:
@@ -415,6 +482,7 @@ class _Worker:
         return self.process.pid
 
     def exit_status(self) -> str:
+        """How it ended (waits a moment for a worker whose socket closed to finish exiting)."""
         try:
             code = self.process.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -428,10 +496,25 @@ class _Worker:
         return f"exited with code {code}"
 
     def stop(self) -> None:
+        """Kill it (if still running) and reap it; bounded: a process that does not go within
+        STOP_WAIT_S is left to be reaped later."""
         if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
+            with contextlib.suppress(OSError):
+                self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=STOP_WAIT_S)
         self.conn.close()
+        if self.sentinel is not None:
+            os.close(self.sentinel)
+            self.sentinel = None
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor readable once process `pid` (our child, not yet reaped) has ended."""
+    try:
+        return os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
+    except (AttributeError, OSError):
+        return None
 
 
 class _Pool:
@@ -450,6 +533,9 @@ class _Pool:
         self.may_read: bool | None = None  # readable(), asked once
         self.round_trip = SECONDS_PER_CHUNK * size  # a chunk's seconds beyond its work (average)
         self._forgotten_lock = threading.RLock()  # finalizers run in any thread
+        self.starter: threading.Thread | None = None  # starting workers in the background
+        self.in_job = False  # a job holds `lock` (others hold it for moments only)
+        self._starter_lock = threading.Lock()
         shm.on_retire(self._retired)
 
     def _retired(self, inodes: list[int]) -> None:
@@ -468,12 +554,17 @@ class _Pool:
         with self._forgotten_lock:
             inodes, self.forgotten = self.forgotten, []
         if inodes:
-            for worker in self.workers:
+            # only to ready workers, which read all they are sent (so no send here can block
+            # on one that never reads); a worker still starting has mapped nothing yet
+            for worker in [w for w in self.workers if w.ready]:
                 with contextlib.suppress(OSError):  # gone: its mappings went with it
                     worker.conn.send(("forget", inodes))
 
     def fill(self, idle: bool = False) -> None:
-        """Start workers up to the pool's size (they import in the background)."""
+        """Start workers up to the pool's size (they import in the background), in place of
+        any that died meanwhile."""
+        for worker in [w for w in self.workers if not w.alive()]:
+            self.drop(worker)
         if not self.workers:
             exit_on_sigterm()
             self.started_at = time.monotonic()
@@ -481,15 +572,41 @@ class _Pool:
             self.workers.append(self._start(idle))
 
     def ready(self) -> bool:
-        """Whether every worker has finished starting (none would make a job wait). Workers
-        still importing at idle priority well past the usual start-up (a busy machine gives
-        idle processes no time) go back to normal priority, so the pool does start."""
+        """Whether every worker has finished starting (none would make a job wait). A worker
+        that died is replaced (in the background). Workers still importing at idle priority
+        well past the usual start-up (a busy machine gives idle processes no time) go back to
+        normal priority, so the pool does start."""
+        now = time.monotonic()
+        for worker in self.workers:
+            if not worker.ready and not worker.idle and worker.startup_deadline <= now:
+                worker.stop()  # never became ready: the next line starts another
+        if self.workers and not all(w.alive() for w in self.workers):
+            self.fill(idle=True)
         if len(self.workers) == self.size and all(w.poll_ready() for w in self.workers):
             return True
         if time.monotonic() - self.started_at > 2 * STARTUP_S:
             for worker in self.workers:
                 worker.hurry()
         return False
+
+    def start_in_background(self) -> None:
+        """Fill the pool from a thread (idle priority), unless one is doing so already."""
+        with self._starter_lock:
+            if self.starting():
+                return
+            self.starter = threading.Thread(
+                target=self._fill_idle, name="lampy-pool-start", daemon=True
+            )
+            self.starter.start()
+
+    def starting(self) -> bool:
+        """Whether the background thread is still starting workers."""
+        return self.starter is not None and self.starter.is_alive()
+
+    def _fill_idle(self) -> None:
+        # a pool that cannot start says so to the next job that needs it, with the reason
+        with self.lock, contextlib.suppress(WorkersDidNotStart):
+            self.fill(idle=True)
 
     def timed(self, round_trip: float) -> None:
         """A chunk took `round_trip` seconds more than its work: averaged in."""
@@ -520,18 +637,25 @@ class _Pool:
         threads = str(max(1, available_cpus() // self.size))
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, threads)
-        return _Worker(env, idle and _IDLE is not None, self._probe())
+        try:
+            return _Worker(env, idle and _idle_is_reversible(), self._probe())
+        except OSError as why:  # fork or exec failed: no process to wait for
+            raise WorkersDidNotStart(
+                f"the local pool could not start a worker process: {why}. {START_ADVICE}"
+            ) from why
 
     def replace(self, worker: _Worker) -> _Worker:
-        worker.stop()
+        """Stop `worker` and start a fresh one in its place."""
+        self.drop(worker)
         fresh = self._start()
-        self.workers[self.workers.index(worker)] = fresh
+        self.workers.append(fresh)
         return fresh
 
     def drop(self, worker: _Worker) -> None:
-        """Stop a worker left mid-chunk; the next job starts its replacement."""
+        """Stop a worker (left mid-chunk, or dead); the next job starts its replacement."""
         worker.stop()
-        self.workers.remove(worker)
+        if worker in self.workers:
+            self.workers.remove(worker)
 
 
 _pools: dict[int, _Pool] = {}
@@ -585,18 +709,19 @@ class LocalExecutor(Executor):
 
     def is_warm(self) -> bool:
         """Every worker is up and has imported what it needs (a job now waits for nobody)."""
-        if not self.pool.lock.acquire(blocking=False):
+        if self.pool.starting():
+            return False
+        if self.pool.in_job:
             return bool(self.pool.workers)  # a job is running on the pool: it is up
-        try:
+        with self.pool.lock:  # else held for moments only (telling workers what to unmap)
             return self.pool.ready()
-        finally:
-            self.pool.lock.release()
 
     def start(self) -> None:
-        """Start the worker processes in the background: they import at idle priority, so
-        they take no CPU time from this process meanwhile, and nothing waits for them."""
-        with self.pool.lock:
-            self.pool.fill(idle=True)
+        """Start the worker processes in the background and return at once: a thread starts
+        them (on 16 cores, 16 process starts would take the caller tens of ms), and they import
+        at idle priority, taking no CPU time from this process meanwhile."""
+        exit_on_sigterm()  # here: only the main thread may set a signal handler
+        self.pool.start_in_background()
 
     def run(self, job: Job) -> dict[int, Outcome]:
         pool = self.pool
@@ -604,14 +729,21 @@ class LocalExecutor(Executor):
             pool.fill()
             readers = pool.size if pool.reads_caller() else 0
             placed = _Placed(job, pool.arena, pool.copier, readers)
+            pool.in_job = True
             try:
                 pool.forget()
-                return self._dispatch(job, placed)
+                return _Dispatch(pool, job, placed, self.timeout, self.attempts).run()
             finally:
+                pool.in_job = False
                 placed.cancel()
                 if pool.arena.size > ARENA_KEPT_BYTES:
                     pool.arena.release()
                 pool.forget()
+                # a worker that died once the job no longer needed it: replaced now, not
+                # when the next job finds it
+                for worker in [w for w in pool.workers if not w.alive()]:
+                    with contextlib.suppress(WorkersDidNotStart):
+                        pool.replace(worker)
 
     def close(self) -> None:
         """Stop the pool's workers (shared with other option sets: the next call restarts)."""
@@ -622,89 +754,172 @@ class LocalExecutor(Executor):
         """The pool's process ids (for tests and monitoring)."""
         return [w.process.pid for w in self.pool.workers]
 
-    def _dispatch(self, job: Job, placed: _Placed) -> dict[int, Outcome]:
-        """Keep every worker busy; a worker that dies or passes its chunk's deadline is
-        replaced and the scheduler decides whether its chunk runs again.
 
-        An elemwise job's workers write their rows into one shared output, made when the first
-        of them describes its rows; each such chunk's outcome is a view of its rows there.
-        """
-        pool = self.pool
-        scheduler = ChunkScheduler(job, self.attempts, ADVICE)
-        joins, output = job.joins_rows, None
-        total_rows = job.split[0].shape[0] if job.split else 0
-        idle = list(pool.workers)
-        busy: dict[Any, tuple[_Worker, int, float]] = {}  # conn -> worker, chunk, deadline
-        waiting = 0.0 if all(w.ready for w in idle) else time.perf_counter()
-        for worker in idle:
+class _Dispatch:
+    """One job on the pool: keep every ready worker busy until each chunk has its outcome.
+
+    Every worker is in one place: `idle` (ready, no chunk), `starting` (not ready yet: sent
+    nothing until it is, so no send can block on a worker that never reads) or `busy` (on a
+    chunk). The loop never waits forever: it waits on the connection and the process of each
+    starting and busy worker (whose death is noticed at once: end of file, or its pidfd), with a
+    timeout at the earliest deadline, which is finite for a starting worker (STARTUP_TIMEOUT_S)
+    and is the chunk's `timeout` for a busy one. Without pidfds it wakes every LIVENESS_S to
+    look at the processes itself. A worker that dies or passes its deadline is replaced; a busy
+    one's chunk is charged to the scheduler (which decides whether it runs again), a starting
+    one's loss is charged to the pool's start-up, and START_FAILURES_PER_WORKER such losses per
+    worker in a row, with no chunk finishing in between, end the job with WorkersDidNotStart.
+
+    An elemwise job's workers write their rows into one shared output, made when the first of
+    them describes its rows; each such chunk's outcome is a view of its rows there.
+    """
+
+    def __init__(
+        self, pool: _Pool, job: Job, placed: _Placed, timeout: float, attempts: int
+    ) -> None:
+        self.pool, self.job, self.placed, self.timeout = pool, job, placed, timeout
+        self.scheduler = ChunkScheduler(job, attempts, ADVICE)
+        self.output: _Output | None = None
+        self.idle = [w for w in pool.workers if w.ready]
+        self.starting = [w for w in pool.workers if not w.ready]
+        self.busy: dict[_Worker, tuple[int, float]] = {}  # worker -> its chunk, deadline
+        self.failed_starts: list[str] = []  # workers lost in a row before running a chunk
+        self.waiting = time.perf_counter() if not self.idle else 0.0  # for start-up
+
+    def run(self) -> dict[int, Outcome]:
+        for worker in self.starting:
             worker.hurry()
         try:
             with serial.timing("send"):
-                job.template  # noqa: B018 (pickled once, before the first chunk leaves)
-            while not scheduler.done:
-                while idle and (chunk := scheduler.next()) is not None:
-                    worker = idle.pop()
-                    rows = placed.rows_for(chunk)
-                    try:
-                        worker.send(job, chunk, placed, rows, output, joins)
-                    except OSError:  # died while idle: replace it; the chunk never ran
-                        idle.append(pool.replace(worker))
-                        scheduler.again(chunk)
-                        continue
-                    scheduler.start(chunk, time.monotonic())
-                    busy[worker.conn] = (worker, chunk, self._deadline(worker))
-                wake = min(deadline for _, _, deadline in busy.values()) - time.monotonic()
-                ready = wait(list(busy), timeout=max(0.0, wake) if wake < 86400 else None)
-                now = time.monotonic()
-                expired = [] if ready else [c for c, (_, _, end) in busy.items() if end <= now]
-                for conn in ready:
-                    worker, chunk, deadline = busy.pop(conn)
-                    try:
-                        kind, value = worker.receive()
-                        if kind == "spec":
-                            if output is None and value is not None:
-                                output = _Output(value, total_rows)
-                            worker.answer(
-                                output if output is not None and output.spec == value else None
-                            )
-                    except (EOFError, OSError):
-                        idle.append(pool.replace(worker))
-                        scheduler.failed(
-                            chunk, WorkerLost(f"worker pid {worker.pid} {worker.exit_status()}")
-                        )
-                        continue
-                    if kind == "ready":  # the chunk's clock starts now
-                        if waiting:
-                            serial.add("start-up", time.perf_counter() - waiting)
-                            waiting = 0.0
-                        busy[conn] = (worker, chunk, self._deadline(worker))
-                        continue
-                    if kind == "spec":  # still on its chunk, writing its rows
-                        busy[conn] = (worker, chunk, deadline)
-                        continue
-                    if kind == "wrote":
-                        assert output is not None
-                        value = Outcome(value=output.rows(*job.chunks[chunk]))
-                    if waiting:
-                        serial.add("start-up", time.perf_counter() - waiting)
-                        waiting = 0.0
-                    if worker.sent_at:
-                        pool.timed(time.perf_counter() - worker.sent_at - worker.busy)
-                    idle.append(worker)
-                    scheduler.finished(chunk, value, now)
-                for conn in expired:
-                    worker, chunk, _ = busy.pop(conn)
-                    worker.process.kill()
-                    idle.append(pool.replace(worker))
-                    why = (
-                        f"did not finish the chunk within timeout={self.timeout:g}s and was killed"
-                    )
-                    scheduler.failed(chunk, WorkerLost(f"worker pid {worker.pid} {why}"))
-            return scheduler.outcomes
+                self.job.template  # noqa: B018 (pickled once, before the first chunk leaves)
+            while not self.scheduler.done:
+                self._hand_out()
+                if not self.scheduler.done:
+                    self._wait()
+            return self.scheduler.outcomes
         finally:
-            for worker, _, _ in busy.values():  # abandoned mid-chunk: their state is unknown
-                pool.drop(worker)
+            for worker in list(self.busy):  # abandoned mid-chunk: their state is unknown
+                self.pool.drop(worker)
+
+    def _hand_out(self) -> None:
+        """A chunk to each idle worker while there are chunks to start."""
+        scheduler = self.scheduler
+        while self.idle and (chunk := scheduler.next()) is not None:
+            worker = self.idle.pop()
+            rows = self.placed.rows_for(chunk)
+            try:
+                worker.send(self.job, chunk, self.placed, rows, self.output, self.job.joins_rows)
+            except OSError:  # died while idle: the chunk never ran there
+                scheduler.again(chunk)
+                self._failed_start(worker, f"worker pid {worker.pid} {worker.exit_status()}")
+                continue
+            scheduler.start(chunk, time.monotonic())
+            self.busy[worker] = (chunk, time.monotonic() + self.timeout)
+
+    def _wait(self) -> None:
+        """Wait for the first message, death or deadline among the busy and starting workers,
+        and deal with every one that came."""
+        watched: dict[Any, _Worker] = {}
+        deadlines: list[float] = []
+        unwatched = False  # a worker whose death only polling shows
+        for worker in [*self.busy, *self.starting]:
+            watched[worker.conn] = worker
+            if worker.sentinel is not None:
+                watched[worker.sentinel] = worker
+            else:
+                unwatched = True
+            deadlines.append(self._deadline(worker))
+        assert watched, "no chunk running and no worker starting, yet the job is not done"
+        now = time.monotonic()
+        wake = min(deadlines) - now
+        if unwatched:
+            wake = min(wake, LIVENESS_S)
+        ready = wait(list(watched), timeout=None if wake == float("inf") else max(0.0, wake))
+        for worker in dict.fromkeys(watched[r] for r in ready):  # once each, in order
+            self._hear(worker)
+        now = time.monotonic()
+        for worker in [*self.busy, *self.starting]:
+            if self._deadline(worker) <= now:
+                self._overdue(worker)
+            elif worker.sentinel is None and not worker.alive() and not worker.conn.poll(0):
+                self._died(worker)
 
     def _deadline(self, worker: _Worker) -> float:
-        """When a chunk just sent to `worker` is overdue (never, until the worker is ready)."""
-        return time.monotonic() + self.timeout if worker.ready else float("inf")
+        if worker in self.busy:
+            return self.busy[worker][1]
+        return worker.startup_deadline
+
+    def _hear(self, worker: _Worker) -> None:
+        """The worker's next message, or its death (its process ended: its socket is at end
+        of file, or, if another process still holds the socket's other end, silent)."""
+        try:
+            if not worker.conn.poll(0):
+                raise EOFError  # only its process sentinel woke us: it ended
+            kind, value = worker.receive()
+        except (EOFError, OSError):
+            self._died(worker)
+            return
+        if kind == "ready":  # it may be sent chunks now
+            self.starting.remove(worker)
+            self.idle.append(worker)
+            if self.waiting:
+                serial.add("start-up", time.perf_counter() - self.waiting)
+                self.waiting = 0.0
+            return
+        chunk = self.busy[worker][0]
+        if kind == "spec":  # still on its chunk: it asks where its rows go
+            if self.output is None and value is not None:
+                self.output = _Output(value, self.job.split[0].shape[0])
+            same = self.output is not None and self.output.spec == value
+            try:
+                worker.answer(self.output if same else None)
+            except OSError:
+                self._died(worker)
+            return
+        if kind == "wrote":
+            assert self.output is not None
+            value = Outcome(value=self.output.rows(*self.job.chunks[chunk]))
+        del self.busy[worker]
+        self.pool.timed(time.perf_counter() - worker.sent_at - worker.busy)
+        if worker.leaving:  # it exits after this answer: never send it another chunk
+            self.starting.append(self.pool.replace(worker))
+        else:
+            self.idle.append(worker)
+        self.failed_starts.clear()
+        self.scheduler.finished(chunk, value, time.monotonic())
+
+    def _died(self, worker: _Worker) -> None:
+        why = f"worker pid {worker.pid} {worker.exit_status()}"
+        if worker in self.busy:
+            chunk, _ = self.busy.pop(worker)
+            self.starting.append(self.pool.replace(worker))
+            self.scheduler.failed(chunk, WorkerLost(why))
+        else:
+            self.starting.remove(worker)
+            self._failed_start(worker, f"{why} before it was ready")
+
+    def _overdue(self, worker: _Worker) -> None:
+        worker.process.kill()
+        if worker in self.busy:
+            chunk, _ = self.busy.pop(worker)
+            self.starting.append(self.pool.replace(worker))
+            why = f"did not finish the chunk within timeout={self.timeout:g}s and was killed"
+            self.scheduler.failed(chunk, WorkerLost(f"worker pid {worker.pid} {why}"))
+        else:
+            self.starting.remove(worker)
+            self._failed_start(
+                worker,
+                f"worker pid {worker.pid} did not finish starting within "
+                f"{STARTUP_TIMEOUT_S:g} s and was killed",
+            )
+
+    def _failed_start(self, worker: _Worker, why: str) -> None:
+        """A worker was lost before it ran a chunk (while starting, or idle): a fresh one takes
+        its place, unless too many were lost in a row: then the workers cannot start here."""
+        self.failed_starts.append(why)
+        if len(self.failed_starts) >= START_FAILURES_PER_WORKER * self.pool.size:
+            self.pool.drop(worker)
+            raise WorkersDidNotStart(
+                f"the local pool's workers could not start: {len(self.failed_starts)} in a row "
+                f"were lost before running a chunk (the last: {why}). {START_ADVICE}"
+            )
+        self.starting.append(self.pool.replace(worker))

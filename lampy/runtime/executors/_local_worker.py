@@ -1,9 +1,10 @@
 """A local worker process: receives jobs and chunks over a Unix socket and runs them.
 
-Started by the local executor as `python -m lampy.runtime.executors._local_worker FD LIFELINE
-[idle]`, where FD is its end of a socket pair and LIFELINE the read end of the executor's process
-lifeline: the worker exits at once when the executor's process dies, even mid-chunk. "idle": the
-executor put it at idle priority while it imports; it returns to normal priority when ready.
+Started by the local executor as `python -c "from lampy.runtime.executors._local_worker import
+main; main()" FD LIFELINE [idle]` (its WORKER_COMMAND), where FD is its end of a socket pair
+and LIFELINE the read end of the executor's process lifeline: the worker exits at once when the
+executor's process dies, even mid-chunk. "idle": the executor put it at idle priority while it
+imports; it returns to normal priority when ready.
 Messages
 (pickled, over a private socket; "+ descriptors" are passed alongside, SCM_RIGHTS):
 
@@ -25,11 +26,14 @@ worker -> parent
   ("ready", reads)                           once, when imports are done (chunk clocks start then);
                                             reads: whether it could read the caller's probe
   ("spec", chunk, spec)                      an elemwise chunk's rows, described: where to?
-  ("wrote", chunk, busy)                     its rows are in the output
-  ("ok", chunk, payload, layout, busy) [+ descriptor when layout]   the pickled result
-  ("error", chunk, pickled_exception, traceback_text, busy)
+  ("wrote", chunk, busy, leaving)            its rows are in the output
+  ("ok", chunk, payload, layout, busy, leaving) [+ descriptor when layout]   the pickled result
+  ("error", chunk, pickled_exception, traceback_text, busy, leaving)
                                             busy: the seconds the chunk took here (the caller
-                                            learns the rest of a round trip from it)
+                                            learns the rest of a round trip from it); leaving:
+                                            the worker exits after this answer (an array the
+                                            function kept lives in the output), so the caller
+                                            sends it nothing more and starts a fresh one
 
 A chunk's descriptors are closed when it ends, but the files stay mapped (by inode) for the
 chunks that follow: mapping a file again would fault in every 4 KiB page once more, which cost
@@ -41,6 +45,7 @@ unmaps them and their memory is freed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import mmap
 import os
@@ -184,12 +189,39 @@ def serve(conn: Connection) -> None:
             _, job_id, chunk, start, stop, split, count, output = message
             fds = recv_fds(conn, count)
             try:
-                slots = _chunk(conn, templates, job_id, chunk, (start, stop), split, fds, output)
+                answer, slots = _chunk(
+                    conn, templates, job_id, chunk, (start, stop), split, fds, output
+                )
             finally:
                 for fd in fds:
                     os.close(fd)
-            if slots is not None and slots.held():
-                return  # the function kept an array living in the output: a fresh worker
+            # the chunk's values are gone now: an array still in the output is one the
+            # function kept, which a later chunk's rows would change under it
+            leaving = _holds(slots)
+            _send_answer(conn, answer, leaving)
+            if leaving:
+                return  # said so in the answer: the caller sends nothing more here
+
+
+def _holds(slots: Slots | None) -> bool:
+    """Whether an array still lives in the output's rows (a cycle may keep a dropped one
+    until collected: collected first, only when it matters)."""
+    if slots is None or not slots.held():
+        return False
+    gc.collect()
+    return slots.held()
+
+
+# an answer to send once the chunk's values are dropped: the message and a descriptor to pass
+Answer = tuple[tuple[Any, ...], int | None]
+
+
+def _send_answer(conn: Connection, answer: Answer, leaving: bool) -> None:
+    message, fd = answer
+    conn.send((*message, leaving))
+    if fd is not None:
+        send_fds(conn, [fd])
+        os.close(fd)
 
 
 def _chunk(
@@ -201,9 +233,10 @@ def _chunk(
     split: list[ArrayRef] | None,
     fds: list[int],
     output: Output | str | None,
-) -> Slots | None:
-    """Run one chunk and answer; returns the output rows offered to its allocations, if any
-    (the caller checks, once the chunk's values are gone, that nothing kept them)."""
+) -> tuple[Answer, Slots | None]:
+    """Run one chunk; returns its answer, to send, and the output rows offered to its
+    allocations, if any (`serve` checks, once the chunk's values are gone, that nothing kept
+    them, and says in the answer whether this worker leaves)."""
     started = time.perf_counter()
     job = templates.get(job_id)
     assert job is not None, "chunk of a job this worker was not sent"
@@ -227,9 +260,8 @@ def _chunk(
     if outcome.error is None and output is not None:
         value = outcome.value
         spec = spec_of(value, rows[1] - rows[0])
-        if target is not None and _is_same(value, target):
-            conn.send(("wrote", chunk, time.perf_counter() - started))  # no copy: computed there
-            return slots
+        if target is not None and _is_same(value, target):  # no copy: computed there
+            return (("wrote", chunk, time.perf_counter() - started), None), slots
         if output == ASK and spec is not None:
             asked = time.perf_counter()
             conn.send(("spec", chunk, spec))
@@ -240,14 +272,12 @@ def _chunk(
             fds += recv_fds(conn, more)
         if isinstance(output, Output) and spec is not None and spec == output.spec:
             _write(value, output, _mapped(fds[output.file]), rows)
-            conn.send(("wrote", chunk, time.perf_counter() - started))
-            return slots
+            return (("wrote", chunk, time.perf_counter() - started), None), slots
         try:  # encoded only now; an error here is the chunk's, as in run_task
             outcome = run_task((lambda: value, (), {}), [], [], dump_to_file)
         finally:
             del value
-    _reply(conn, chunk, outcome, time.perf_counter() - started)
-    return slots
+    return _answer(chunk, outcome, time.perf_counter() - started), slots
 
 
 def _keep(value: Any) -> Any:
@@ -349,15 +379,11 @@ def _array(fds: list[int], ref: ArrayRef, rows: tuple[int, int] | None = None) -
     return view
 
 
-def _reply(conn: Connection, chunk: int, outcome: Outcome, busy: float) -> None:
+def _answer(chunk: int, outcome: Outcome, busy: float) -> Answer:
     if outcome.error is None:
         payload, layout, fd = outcome.value
-        conn.send(("ok", chunk, payload, layout, busy))
-        if fd is not None:
-            send_fds(conn, [fd])
-            os.close(fd)
-        return
-    conn.send(("error", chunk, dumps(outcome.error), outcome.traceback, busy))
+        return ("ok", chunk, payload, layout, busy), fd
+    return ("error", chunk, dumps(outcome.error), outcome.traceback, busy), None
 
 
 def main() -> None:
@@ -374,9 +400,3 @@ def main() -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(0)
-
-
-if __name__ == "__main__":  # run as the module lampy imports, so its classes are the ones
-    from lampy.runtime.executors._local_worker import main as run  # the caller pickles
-
-    run()

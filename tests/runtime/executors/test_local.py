@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import threading
 import time
@@ -31,7 +32,8 @@ def double(x: np.ndarray) -> np.ndarray:
 def slow_unless_done(x: np.ndarray, flag: str) -> np.ndarray:
     """Blocks the chunk holding row 0 until `flag` exists, so a test can kill its worker."""
     if x[0] == 0 and not os.path.exists(flag):
-        Path(flag + ".started").write_text(str(os.getpid()))
+        Path(flag + ".pid").write_text(str(os.getpid()))  # whole before the test can read it
+        os.replace(flag + ".pid", flag + ".started")
         while not os.path.exists(flag):
             time.sleep(0.01)
     return x + 1
@@ -51,8 +53,21 @@ def test_worker_killed_between_calls_is_replaced() -> None:
     double(x)
     victim = pool().worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: dead(victim), 30, "SIGKILL did not end the worker")
     np.testing.assert_array_equal(double(x), x * 2)
     assert victim not in pool().worker_pids()
+
+
+def dead(pid: int) -> bool:
+    """Process `pid` has ended, every thread of it (reaped or not)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], 0)[0])
+    finally:
+        os.close(fd)
 
 
 def test_worker_killed_during_a_chunk_is_replaced_and_chunk_retried(tmp_path: Path) -> None:
@@ -61,16 +76,18 @@ def test_worker_killed_during_a_chunk_is_replaced_and_chunk_retried(tmp_path: Pa
     x = np.arange(40.0)
 
     result: list[np.ndarray] = []
-    thread = threading.Thread(target=lambda: result.append(f(x, flag)))
+    thread = threading.Thread(target=lambda: result.append(f(x, flag)), daemon=True)
     thread.start()
     started = Path(flag + ".started")
-    deadline = time.monotonic() + 20
-    while not started.exists():
-        assert time.monotonic() < deadline, "the chunk never started"
-        time.sleep(0.01)
-    os.kill(int(started.read_text()), signal.SIGKILL)
-    Path(flag).write_text("go")  # the retried chunk finds the flag and finishes
-    thread.join(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline, "the chunk never started"
+            time.sleep(0.01)
+        os.kill(int(started.read_text()), signal.SIGKILL)
+    finally:  # even if this test fails: the call ends, and the pool is free for the next
+        Path(flag).write_text("go")  # the retried chunk finds the flag and finishes
+    thread.join(timeout=60)
     assert not thread.is_alive()
     np.testing.assert_array_equal(result[0], x + 1)
 
@@ -224,3 +241,41 @@ def test_auto_prices_the_round_trips_it_measures_not_the_work() -> None:
     assert executor.costs().seconds_per_chunk == max(
         1.1e-4, executor.pool.round_trip / executor.size
     )
+
+
+def heavy_rows(x: np.ndarray) -> np.ndarray:
+    time.sleep(1.2e-3 * len(x))  # 1.2 s for 1000 rows: a warm pool saves 0.8 s of it
+    return x * 3
+
+
+def test_a_cold_auto_call_runs_here_and_starts_the_pool_without_waiting_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first auto call of a cold pool: it runs in this process and returns while the
+    pool's workers have not even begun to start (each start is held here until the call has
+    returned), so no foreground wait on start-up is possible; later calls use the pool."""
+    from lampy.runtime.executors import _local as local
+
+    executor = executors.get("local", {"workers": 3})
+    assert isinstance(executor, LocalExecutor)
+    executor.close()
+    go = threading.Event()
+
+    class Held(local._Worker):
+        def __init__(self, *args: object) -> None:
+            assert go.wait(60)
+            super().__init__(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local, "_Worker", Held)
+    x = np.arange(1000.0)
+    f = lampy.elemwise(heavy_rows)
+    try:
+        with lampy.using(executor="local", workers=3, chunks="auto"):
+            np.testing.assert_array_equal(f(x), x * 3)
+            assert executor.pool.starting() and not executor.worker_pids()
+            go.set()
+            wait_until(executor.is_warm, 60, "the pool never finished starting")
+            assert f.explain(x).fan_out  # warm now: the same call fans out
+    finally:
+        go.set()
+        executor.close()
