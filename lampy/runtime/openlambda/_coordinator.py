@@ -249,14 +249,8 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
     endpoint = f"{assignment.url}/run/{options['name']}"
     transport = StreamTransport(endpoint, options["concurrency"], secret)
     executor = OpenLambdaExecutor(
-        url=assignment.url, progress="off", transport=transport, **options
+        url=assignment.url, progress="off", transport=transport, in_sandbox=True, **options
     )
-    # All calls in flight at once, not grown from a few, and not capped by this machine's
-    # cores although the worker is on loopback: this call holds a sandbox for the whole job,
-    # and a platform that sizes a lambda's sandboxes by its outstanding work (OpenLambda, and
-    # `lampy worker` after it) keeps too few for a handful of short calls, so once one died
-    # the rest queued behind this call until its runtime limit.
-    executor.slots = executor.most_slots = executor.concurrency
     recorder = _Recorder(store, secret)
     merger: _Merger | None = None
     deadline = started + assignment.lifetime - handoff_margin(assignment.lifetime)

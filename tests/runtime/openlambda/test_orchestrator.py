@@ -35,6 +35,7 @@ from lampy.runtime._combine import Merged, subtrees, tree_merge
 from lampy.runtime._settings import resolve_options
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.openlambda import _coordinator as coordinator
+from lampy.runtime.openlambda import _executor as executor_module
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._coordinator import (
     MAX_FAN_IN,
@@ -47,12 +48,20 @@ from lampy.runtime.openlambda._coordinator import (
     thread_name,
 )
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
-from lampy.runtime.openlambda._protocol import Accounting
+from lampy.runtime.openlambda._protocol import Accounting, JobState
 from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
 from lampy.runtime.openlambda._watch import JobCancelled
 from lampy.runtime.remote import _publish
 from lampy.runtime.remote._jobs import CANCEL_GRACE_S, TOMBSTONE, JobStore
-from lampy.testing import assert_same, free_port, openlambda_worker, wait_ready
+from lampy.testing import (
+    InProcessTransport,
+    assert_same,
+    free_port,
+    openlambda_worker,
+    wait_ready,
+)
+
+from .test_executor import double, make_job
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -693,3 +702,81 @@ def test_explain_says_where_orchestration_runs() -> None:
     assert "before its 30 s runtime limit" in shown
     with lampy.using(executor="openlambda", url="http://127.0.0.1:9"):
         assert "orchestrated" not in str(region.explain(np.ones((100, 2))))
+
+
+class BesideTheCoordinator(InProcessTransport):
+    """A worker that sizes the lambda's sandboxes as OpenLambda does, adding one while fewer
+    than min(outstanding calls, outstanding x average time / 10 ms), and counts the
+    coordinator's own long call, whose sandbox it holds: calls of 2 ms get a sandbox beside it
+    only once 9 are in flight. Records the most calls in flight."""
+
+    def __init__(self, average_ms: int = 2) -> None:
+        super().__init__()
+        self.average_ms, self.sandboxes = average_ms, 1  # the coordinator's
+        self.in_flight = self.serving = self.most = 0
+
+    def free(self) -> int:
+        outstanding = self.in_flight + 1  # the coordinator's call
+        wanted = min(outstanding, outstanding * self.average_ms // 10)
+        self.sandboxes = max(self.sandboxes, min(self.sandboxes + 1, wanted))
+        return self.sandboxes - 1 - self.serving
+
+    async def post(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
+        return await asyncio.wait_for(self._served(outgoing, timeout), timeout)
+
+    async def _served(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            while self.free() <= 0:
+                await asyncio.sleep(0.01)
+            self.serving += 1
+            try:
+                await asyncio.sleep(self.average_ms / 1000)
+                return await super().post(outgoing, timeout)
+            finally:
+                self.serving -= 1
+        finally:
+            self.in_flight -= 1
+
+
+def test_in_a_sandbox_calls_in_flight_grow_while_none_comes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A coordinator's executor (in_sandbox) keeps the client's calls in flight (a few, at
+    most 2 per core for a worker on this machine), and grows them while none comes back,
+    until the platform's scaler, which counts the coordinator's sandbox as serving, adds one
+    for its calls; the client's executor would wait there forever."""
+    monkeypatch.setattr(executor_module, "STALLED_S", 0.1)
+    monkeypatch.setattr(executor_module.os, "cpu_count", lambda: 2)
+    x = np.arange(400.0)
+
+    def run(transport: Any, in_sandbox: bool, **options: Any) -> tuple[Any, OpenLambdaExecutor]:
+        executor = OpenLambdaExecutor(
+            url="http://127.0.0.1:5000",
+            transport=transport,
+            in_sandbox=in_sandbox,
+            batch=1,
+            progress="off",
+            backoff=0.001,
+            **options,
+        )
+        job = make_job(double, x, 40)
+        state = JobState(job, dumps((double, job.args, {})), True, Accounting(job.id, 40), None)
+        try:
+            return executor.run_state(state), executor
+        finally:
+            executor.close()
+
+    scaler = BesideTheCoordinator()
+    outcomes, executor = run(scaler, in_sandbox=True)
+    got = np.concatenate([outcomes[c].value for c in range(40)])
+    np.testing.assert_array_equal(got, x * 2)
+    assert executor.most_slots == 4 and 9 <= scaler.most <= 13  # grown by half, not all 32
+    # the client's rule: its 4 calls wait for ever (here until their timeout, and lost)
+    stalled, _ = run(BesideTheCoordinator(), in_sandbox=False, timeout=0.5, attempts=1)
+    assert isinstance(stalled[0].error, RetriesExhausted)
+    # where sandboxes keep up, a coordinator stays at the client's 2 per core
+    roomy = BesideTheCoordinator(average_ms=50)
+    run(roomy, in_sandbox=True)
+    assert roomy.most == 4
