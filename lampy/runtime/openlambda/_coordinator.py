@@ -45,7 +45,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,6 +60,9 @@ from lampy.runtime.openlambda._protocol import Accounting, Caller, JobState, Pla
 from lampy.runtime.openlambda._transport import StreamTransport, ThreadTransport
 from lampy.runtime.remote._jobs import JobStore, at_rest
 from lampy.runtime.remote._results import Offer
+
+if TYPE_CHECKING:  # imported where used: the executor imports this module
+    from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 
 MAX_FAN_IN = 256  # partials one combine call merges at most: a subtree 8 levels high ...
 COMBINE_BYTES = 4 << 20  # ... and at most about this many bytes of them (see `fan_in`)
@@ -226,7 +229,7 @@ def _threads() -> int:
 
 
 def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]:
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     store = JobStore(summons.store, summons.job)
     holder = f"{sandbox}/{secrets.token_hex(3)} pid {os.getpid()}"  # pid 1 on OpenLambda
     try:
@@ -265,7 +268,7 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
         state.stop = lambda: lease.lost is not None or time.monotonic() >= deadline
 
         def counted() -> dict[str, Any]:
-            return _counts(state.account, executor.backups, known, summons.why, lease)
+            return _counts(state.account, executor, known, summons.why, lease)
 
         lease.counts = counted
         lease.mark("setup", started)
@@ -290,6 +293,7 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
         lease.mark("merge")
         counts["combines"] = report.combines
         counts["seconds"] = lease.phases
+        counts["cpu_seconds"] = round(time.process_time() - cpu, 4)  # this sandbox's, all threads
         store.counters(holder, counts)
         store.put_result(frames.encode(frames.RESULT, report, secret).join())
         report.status = store.status()
@@ -498,7 +502,7 @@ def _call_quietly(transport: ThreadTransport, frame: frames.Outgoing, timeout: f
 
 
 def _counts(
-    account: Accounting, backups: int, known: list[int], why: str, lease: _Lease
+    account: Accounting, executor: OpenLambdaExecutor, known: list[int], why: str, lease: _Lease
 ) -> dict[str, Any]:
     """What one coordinator did, as the store keeps it (`lampy job ID` shows the sums);
     chunk numbers as ranges, so a 1,000-chunk job's counts stay a few hundred bytes."""
@@ -514,7 +518,8 @@ def _counts(
         "failures": dict(account.failures),
         "dropped": dict(account.dropped),
         "cancelled": account.cancelled,
-        "backups": backups,
+        "backups": executor.backups,
+        "slots": executor.slots,  # its calls in flight at the end (grown from START_SLOTS)
         "combines": 0,
         "threads": lease.threads(),  # the most this process ran at once, as far as seen
         "seconds": lease.phases,

@@ -106,7 +106,7 @@ LOCAL_SLOTS_PER_CORE = 2
 # at once: 32 calls in flight made OpenLambda start 30 to 80 sandboxes a job here (each
 # importing numpy), and the 1,000-chunk sum of bench_orchestrate.py took 6.8x the client's
 # time against 1.2x with the client's rule (/tmp measurements in docs/orchestration.md).
-STALLED_S = 1.0  # about a cold sandbox's start on a loaded machine (STARTUP_S quiet)
+STALLED_S = 3.0  # several cold sandboxes' start on a loaded machine (STARTUP_S quiet)
 # Row "10,000 warm no-op chunks by chunks per call": OpenLambda 2.63 / 0.85 / 0.95 s at 20 / 78
 # / 312 chunks a call, lampy worker 2.34 / 1.15 / 1.01 s: 78, what 4 calls per slot of 32
 # slots make, is OpenLambda's best (its 15 ms a call is paid 128 times, and the calls still
