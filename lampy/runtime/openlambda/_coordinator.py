@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lampy._errors import RetriesExhausted
+from lampy._errors import RemoteArrayError, RetriesExhausted
 from lampy.runtime._combine import Merged, subtrees, tree_merge
 from lampy.runtime._job import Job, SplitArray
 from lampy.runtime._plan import Rows
@@ -181,11 +181,15 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]
     """Orchestrate the job `summons` names from this sandbox until it is done or handed off.
 
     Answers (what happened, detail): "done" (the report, with the store's status), "handed
-    off" (to whom), "busy" (another live coordinator holds the lease), "cancelled", or
-    "finished already".
+    off" (to whom), "busy" (another live coordinator holds the lease), "cancelled",
+    "finished already", or "store refused" (the job store's answer, or why it cannot be
+    reached: for the caller to name, not lampy's handler failing).
     """
     with named_thread(thread_name(summons.job)):
-        return _coordinate(summons, secret, sandbox)
+        try:
+            return _coordinate(summons, secret, sandbox)
+        except RemoteArrayError as refused:  # StoreError, or the job is not on the store
+            return "store refused", str(refused)
 
 
 def thread_name(job: str) -> str:

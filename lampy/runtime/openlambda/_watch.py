@@ -25,6 +25,10 @@ class JobCancelled(ExecutionError):
     """The job was cancelled (`lampy.job(id).cancel()` or `lampy job ID --cancel`)."""
 
 
+class StoreRefused(ExecutionError):
+    """A coordinator lambda could not use the job store (its answer, or why unreachable)."""
+
+
 async def watch(
     caller: Caller,
     store: JobStore,
@@ -66,6 +70,14 @@ async def watch(
                     return detail, detail.status  # it finished the job: no need to ask
                 if what == "cancelled":
                     raise JobCancelled(f"job {summons.job} was cancelled")
+                if what == "store refused":
+                    raise StoreRefused(
+                        f"job {summons.job}: its coordinator lambda could not keep the job's "
+                        f"state on the job store {summons.store}: {detail}. The store must "
+                        "be a `lampy serve` that the platform's sandboxes reach, with the "
+                        "same LAMPY_SECRET as the deployed lambda (`lampy deploy` sends this "
+                        "process's)."
+                    )
             # a long poll: it answers as soon as the result is in
             wait = 0.0 if what in ("done", "finished already") else LEASE_S
             data = await loop.run_in_executor(None, _result, store, wait)

@@ -50,7 +50,7 @@ from lampy.runtime.openlambda._coordinator import (
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 from lampy.runtime.openlambda._protocol import Accounting, JobState
 from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
-from lampy.runtime.openlambda._watch import JobCancelled
+from lampy.runtime.openlambda._watch import JobCancelled, StoreRefused
 from lampy.runtime.remote import _publish
 from lampy.runtime.remote._jobs import CANCEL_GRACE_S, TOMBSTONE, JobStore
 from lampy.testing import (
@@ -460,12 +460,14 @@ def store(tmp_path: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def serving_store(served: Path, *options: str) -> Iterator[str]:
+def serving_store(served: Path, *options: str, secret: str = "") -> Iterator[str]:
+    """`lampy serve` of `served` (with this process's secret, unless `secret`): its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     served.mkdir()
     command = [sys.executable, "-m", "lampy.cli", "serve", str(served), "--port", str(port)]
-    process = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL)
+    env = {**os.environ, "LAMPY_SECRET": secret} if secret else None
+    process = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL, env=env)
     try:
         wait_ready(url, process)
         yield url
@@ -780,3 +782,20 @@ def test_in_a_sandbox_calls_in_flight_grow_while_none_comes_back(
     roomy = BesideTheCoordinator(average_ms=50)
     run(roomy, in_sandbox=True)
     assert roomy.most == 4
+
+
+def test_a_store_that_refuses_the_coordinator_is_named_with_its_answer(
+    worker_url: str, tmp_path: Path
+) -> None:
+    """A job store of another secret refuses the coordinator's requests (401): the client's
+    error names the store and its answer, not a failure of lampy's handler."""
+    x = np.random.default_rng(2).standard_normal((40, 2))
+    with (
+        serving_store(tmp_path / "store", secret="not-the-lambdas-secret") as store,
+        lampy.using(executor="openlambda", url=worker_url, orchestrator="lambda", store=store),
+        pytest.raises(StoreRefused) as refused,
+    ):
+        lampy.sum(chunks=4)(energy)(x)
+    message = str(refused.value)
+    assert store in message and "HTTP 401" in message and "LAMPY_SECRET" in message
+    assert "outside user code" not in message, message
