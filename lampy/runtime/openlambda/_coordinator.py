@@ -343,7 +343,7 @@ class _Lease:
 
     def __init__(self, store: JobStore, holder: str, lifetime: float) -> None:
         self.store, self.holder, self.lifetime = store, holder, lifetime
-        self.started = time.monotonic()
+        self.started, self.began = time.monotonic(), time.time()  # the call's start
         self.generation: int | None = None
         self.lost: str | None = None
         self.counts: Callable[[], dict[str, Any]] | None = None  # progress, posted now and then
@@ -440,7 +440,9 @@ class _Recorder:
                 batch, self._queue = self._queue, []
                 if not batch and self._closing:
                     return
-            time.sleep(RECORD_BATCH_S)  # let a few more answers join the next batch
+                closing = self._closing
+            if not closing:  # let a few more answers join the next batch (none will at the end)
+                time.sleep(RECORD_BATCH_S)
             try:
                 self.refused.update(self.store.record(batch))
             except BaseException as exc:  # the store is down: the job cannot be kept
@@ -527,6 +529,7 @@ def _counts(
         "combines": 0,
         "threads": lease.threads(),  # the most this process ran at once, as far as seen
         "seconds": lease.phases,
+        "began": lease.began,  # when this coordinator's call started (its clock)
         "at": time.time(),
     }
 
