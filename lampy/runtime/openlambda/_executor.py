@@ -105,8 +105,10 @@ LOCAL_SLOTS_PER_CORE = 2
 # for STALLED_S: more outstanding work makes the scaler add a sandbox. Not all of `concurrency`
 # at once: 32 calls in flight made OpenLambda start 30 to 80 sandboxes a job here (each
 # importing numpy), and the 1,000-chunk sum of bench_orchestrate.py took 6.8x the client's
-# time against 1.2x with the client's rule (/tmp measurements in docs/orchestration.md).
-STALLED_S = 3.0  # several cold sandboxes' start on a loaded machine (STARTUP_S quiet)
+# time against 1.2x with the client's rule (docs/orchestration.md, "Calls in flight").
+# Not 1 s: a job's first calls wait for cold sandboxes, over a second each on a loaded machine
+# (STARTUP_S quiet), and calls added then only start more of them.
+STALLED_S = 3.0
 # Row "10,000 warm no-op chunks by chunks per call": OpenLambda 2.63 / 0.85 / 0.95 s at 20 / 78
 # / 312 chunks a call, lampy worker 2.34 / 1.15 / 1.01 s: 78, what 4 calls per slot of 32
 # slots make, is OpenLambda's best (its 15 ms a call is paid 128 times, and the calls still
