@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import random
@@ -441,7 +442,8 @@ def test_the_coordinators_sandbox_killed_mid_job(short_worker: str) -> None:
 
 def test_a_coordinator_runs_ten_threads_at_most_whatever_its_concurrency(worker_url: str) -> None:
     """A stock OpenLambda lets a sandbox run 10 processes, threads included: a coordinator
-    with 32 calls in flight stays within that (its calls take no thread)."""
+    of concurrency 32 stays within that in a real sandbox (its calls in flight follow the
+    client's rule here; test_a_coordinators_calls_in_flight_take_no_thread holds 32)."""
     x = np.random.default_rng(9).standard_normal((3_200, 2))
     options = {"orchestrator": "lambda", "concurrency": 32, "batch": 1, "progress": "off"}
     with lampy.using(executor="openlambda", url=worker_url, **options):
@@ -799,3 +801,107 @@ def test_a_store_that_refuses_the_coordinator_is_named_with_its_answer(
     message = str(refused.value)
     assert store in message and "HTTP 401" in message and "LAMPY_SECRET" in message
     assert "outside user code" not in message, message
+
+
+def _noting(status: list[str]) -> Callable[[str, Any], None]:
+    return lambda line, headers: status.append(line)
+
+
+class HeldServer:
+    """An HTTP/1.1 server on loopback, one thread, that answers lampy's frames with the real
+    handler once `hold` seconds have passed; records the most requests it held at once."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold, self.held, self.most = hold, 0, 0
+        self.open: set[asyncio.StreamWriter] = set()
+        self.loop = asyncio.new_event_loop()
+        self.port = free_port()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        start = asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.server = asyncio.run_coroutine_threadsafe(start, self.loop).result(10)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from lampy.runtime.openlambda._handler import app
+
+        self.open.add(writer)
+        try:
+            while await reader.readline():  # a request line
+                length = 0
+                while (header := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = header.decode().partition(":")
+                    length = int(value) if name.lower() == "content-length" else length
+                body = await reader.readexactly(length)
+                self.held += 1
+                self.most = max(self.most, self.held)
+                await asyncio.sleep(self.hold)
+                self.held -= 1
+                environ = {"CONTENT_LENGTH": str(length), "wsgi.input": io.BytesIO(body)}
+                status: list[str] = []
+                answer = b"".join(bytes(p) for p in app(environ, _noting(status)))
+                head = f"HTTP/1.1 {status[0]}\r\nContent-Length: {len(answer)}\r\n\r\n"
+                writer.write(head.encode() + answer)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open.discard(writer)
+            writer.close()
+
+    async def _close(self) -> None:
+        self.server.close()
+        for writer in list(self.open):
+            writer.close()
+        await asyncio.sleep(0.05)  # the handlers see their connections end
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_a_coordinators_calls_in_flight_take_no_thread() -> None:
+    """A coordinator's executor (StreamTransport, in_sandbox) with 32 calls in flight runs
+    no more threads than with one: OpenLambda counts a sandbox's threads against its process
+    limit (10), so calls in flight must not each take one."""
+    from lampy.runtime.openlambda._coordinator import _threads
+    from lampy.runtime.openlambda._transport import StreamTransport
+
+    server = HeldServer(hold=0.05)
+    secret = os.environ["LAMPY_SECRET"].encode()
+    endpoint = f"http://127.0.0.1:{server.port}/run/lampy"
+    executor = OpenLambdaExecutor(
+        url="http://10.1.2.3:5000",  # not this machine's: its cap is `concurrency`, not cores
+        transport=StreamTransport(endpoint, 32, secret),
+        in_sandbox=True,
+        batch=1,
+        progress="off",
+    )
+    executor.slots = 32  # as if grown: the worker kept up
+    x = np.arange(640.0)
+    job = make_job(double, x, 320)
+    state = JobState(job, dumps((double, job.args, {})), True, Accounting(job.id, 320), None)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.01):
+            peak = max(peak, _threads())
+
+    before = _threads()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        outcomes = executor.run_state(state)
+    finally:
+        done.set()
+        sampler.join()
+        executor.close()
+        server.stop()
+    got = np.concatenate([outcomes[c].value for c in range(320)])
+    np.testing.assert_array_equal(got, x * 2)
+    assert server.most == 32
+    # the executor's event loop and this test's sampler: nothing per call
+    assert peak <= before + 2, (before, peak)
