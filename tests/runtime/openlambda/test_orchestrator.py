@@ -388,10 +388,14 @@ def coordinator_pids(job: str, among: Callable[[int], bool] = lambda pid: True) 
 
 
 def kill_the_coordinator_when(
-    done: int, killed: list[int], among: Callable[[int], bool] = lambda pid: True
+    done: int,
+    killed: list[int],
+    among: Callable[[int], bool] = lambda pid: True,
+    sent: signal.Signals = signal.SIGKILL,
 ) -> None:
-    """SIGKILL, from outside, the process orchestrating the running job once `done` of its
-    chunks are recorded (the job found in this process's array server, its default store)."""
+    """SIGKILL (or `sent`), from outside, the process orchestrating the running job once `done`
+    of its chunks are recorded (the job found in this process's array server, its default
+    store)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not killed:
         for folder in (_publish._publisher.directory or Path("/nonexistent")).glob("jobs/*"):
@@ -404,7 +408,7 @@ def kill_the_coordinator_when(
                     pids = coordinator_pids(folder.name, among)
                     assert len(pids) <= 1, pids  # one coordinator holds the job
                     for pid in pids:
-                        os.kill(pid, signal.SIGKILL)
+                        os.kill(pid, sent)
                         killed.append(pid)
                         return
         time.sleep(0.05)
@@ -436,6 +440,39 @@ def test_the_coordinators_sandbox_killed_mid_job(short_worker: str) -> None:
         killer.join()
         status = executor_in_use().statuses[-1]
     assert killed, "the coordinator was never seen holding the job"
+    assert_same(got, expected, exact=True)
+    assert_revived_and_merged_once(status, 120)
+
+
+def test_a_frozen_coordinator_is_replaced_once_its_lease_lapses(tmp_path: Path) -> None:
+    """SIGSTOP from outside: the coordinator's call stays open (until the platform's runtime
+    limit, 60 s here), but its lease lapses within LEASE_S, and the client, watching the lease
+    while it waits, summons another coordinator, which takes over from the store's records."""
+    x = np.random.default_rng(4).standard_normal((1_200, 3))
+    region = lampy.sum(chunks=120)(slow_energy)
+    with lampy.using(executor="inline"):
+        expected = region(x)
+    options = {"orchestrator": "lambda", "runtime_limit": 60.0, "progress": "off"}
+    stopped: list[int] = []
+    stopper = threading.Thread(
+        target=kill_the_coordinator_when, args=(10, stopped), kwargs={"sent": signal.SIGSTOP}
+    )
+    registry = tmp_path / "registry"
+    with openlambda_worker(registry, max_sandboxes=4, runtime_limit=60.0) as url:
+        try:
+            with lampy.using(executor="openlambda", url=url, **options):
+                started = time.monotonic()
+                stopper.start()
+                got = region(x)
+                took = time.monotonic() - started
+                stopper.join()
+                status = executor_in_use().statuses[-1]
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert stopped, "the coordinator was never seen holding the job"
+    assert took < 30.0, took  # not the 60 s runtime limit of the frozen call
     assert_same(got, expected, exact=True)
     assert_revived_and_merged_once(status, 120)
 
