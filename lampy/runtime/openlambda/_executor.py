@@ -102,7 +102,8 @@ LOCAL_SLOTS_PER_CORE = 2
 # beside the coordinator's may get no sandbox of their own, ever (a 64-chunk job on `lampy
 # worker` made no progress until the runtime limit). There, calls in flight also grow, by
 # half, past the cap for this machine's cores up to `concurrency`, while none has come back
-# for STALLED_S: more outstanding work makes the scaler add a sandbox. Not all of `concurrency`
+# for STALLED_S (with no chunk left to start, copies of the waiting calls fill them, as for a
+# straggler): more outstanding work makes the scaler add a sandbox. Not all of `concurrency`
 # at once: 32 calls in flight made OpenLambda start 30 to 80 sandboxes a job here (each
 # importing numpy), and the 1,000-chunk sum of bench_orchestrate.py took 6.8x the client's
 # time against 1.2x with the client's rule (docs/orchestration.md, "Calls in flight").
@@ -520,7 +521,11 @@ class OpenLambdaExecutor(Executor):
                     unit, task = await asyncio.wait_for(finished.get(), wait)
                 except asyncio.TimeoutError:
                     if self.in_sandbox and running and loop.time() - news >= STALLED_S:
+                        idle = len(running) < self.slots  # the scheduler had none to start
                         self.slots = min(self.concurrency, self.slots + max(1, self.slots // 2))
+                        while idle and sum(map(len, running.values())) < self.slots:
+                            self.backups += 1  # nothing left to start: copies of the waiting
+                            launch(min(running, key=lambda u: len(running[u])))  # calls do
                         news = loop.time()
                     continue
                 news = loop.time()
