@@ -16,7 +16,7 @@ from typing import Any
 from lampy._errors import ExecutionError, RemoteArrayNotFound
 from lampy.runtime._scheduler import backoff
 from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.openlambda._coordinator import LEASE_S, Report, Summons
+from lampy.runtime.openlambda._coordinator import LEASE_S, TAKEOVER_WAIT_S, Report, Summons
 from lampy.runtime.openlambda._protocol import Caller, PlatformFailure
 from lampy.runtime.remote._jobs import JobStore, at_rest
 
@@ -133,8 +133,8 @@ async def _answered(call: asyncio.Future[Any], store: JobStore, left: float | No
             continue
         if lease["until"] > time.time():
             live = lease["generation"]
-        elif lease["generation"] == live:
-            return False
+        elif lease["generation"] == live and lease["until"] + TAKEOVER_WAIT_S < time.time():
+            return False  # (a coordinator handing off stops renewing, and answers within that)
 
 
 def _result(store: JobStore, wait: float) -> bytes | None:
