@@ -166,6 +166,7 @@ def run_mode(
             platform_calls, store_calls = Traffic.calls, Traffic.store_calls
             np.testing.assert_array_equal(got, expected)
             benchmark.pedantic(region, args=(x,), rounds=rounds, iterations=1)
+            coordinators = executor.statuses[-1]["counters"] if executor.statuses else {}
     finally:
         link = FAST
         executors.unregister(name)
@@ -176,6 +177,11 @@ def run_mode(
         f"{store_calls} to the job store; {rounds} timed rounds; load average "
         f"{os.getloadavg()[0]:.1f} after them)"
     )
+    for counts in coordinators.values():  # the last round's: where its time went
+        benchmark.extra_info["note"] += (
+            f"; coordinator: {counts.get('seconds')}, {counts.get('cpu_seconds')} s CPU, "
+            f"{counts.get('slots')} calls in flight, {counts.get('combines')} combine calls"
+        )
 
 
 def olreal_url() -> Iterator[str]:

@@ -45,11 +45,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lampy._errors import RetriesExhausted
+from lampy._errors import RemoteArrayError, RetriesExhausted
 from lampy.runtime._combine import Merged, subtrees, tree_merge
 from lampy.runtime._job import Job, SplitArray
 from lampy.runtime._plan import Rows
@@ -60,6 +60,9 @@ from lampy.runtime.openlambda._protocol import Accounting, Caller, JobState, Pla
 from lampy.runtime.openlambda._transport import StreamTransport, ThreadTransport
 from lampy.runtime.remote._jobs import JobStore, at_rest
 from lampy.runtime.remote._results import Offer
+
+if TYPE_CHECKING:  # imported where used: the executor imports this module
+    from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 
 MAX_FAN_IN = 256  # partials one combine call merges at most: a subtree 8 levels high ...
 COMBINE_BYTES = 4 << 20  # ... and at most about this many bytes of them (see `fan_in`)
@@ -178,11 +181,15 @@ def coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]
     """Orchestrate the job `summons` names from this sandbox until it is done or handed off.
 
     Answers (what happened, detail): "done" (the report, with the store's status), "handed
-    off" (to whom), "busy" (another live coordinator holds the lease), "cancelled", or
-    "finished already".
+    off" (to whom), "busy" (another live coordinator holds the lease), "cancelled",
+    "finished already", or "store refused" (the job store's answer, or why it cannot be
+    reached: for the caller to name, not lampy's handler failing).
     """
     with named_thread(thread_name(summons.job)):
-        return _coordinate(summons, secret, sandbox)
+        try:
+            return _coordinate(summons, secret, sandbox)
+        except RemoteArrayError as refused:  # StoreError, or the job is not on the store
+            return "store refused", str(refused)
 
 
 def thread_name(job: str) -> str:
@@ -226,7 +233,7 @@ def _threads() -> int:
 
 
 def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any]:
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     store = JobStore(summons.store, summons.job)
     holder = f"{sandbox}/{secrets.token_hex(3)} pid {os.getpid()}"  # pid 1 on OpenLambda
     try:
@@ -249,14 +256,8 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
     endpoint = f"{assignment.url}/run/{options['name']}"
     transport = StreamTransport(endpoint, options["concurrency"], secret)
     executor = OpenLambdaExecutor(
-        url=assignment.url, progress="off", transport=transport, **options
+        url=assignment.url, progress="off", transport=transport, in_sandbox=True, **options
     )
-    # All calls in flight at once, not grown from a few, and not capped by this machine's
-    # cores although the worker is on loopback: this call holds a sandbox for the whole job,
-    # and a platform that sizes a lambda's sandboxes by its outstanding work (OpenLambda, and
-    # `lampy worker` after it) keeps too few for a handful of short calls, so once one died
-    # the rest queued behind this call until its runtime limit.
-    executor.slots = executor.most_slots = executor.concurrency
     recorder = _Recorder(store, secret)
     merger: _Merger | None = None
     deadline = started + assignment.lifetime - handoff_margin(assignment.lifetime)
@@ -271,7 +272,7 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
         state.stop = lambda: lease.lost is not None or time.monotonic() >= deadline
 
         def counted() -> dict[str, Any]:
-            return _counts(state.account, executor.backups, known, summons.why, lease)
+            return _counts(state.account, executor, known, summons.why, lease)
 
         lease.counts = counted
         lease.mark("setup", started)
@@ -296,6 +297,7 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
         lease.mark("merge")
         counts["combines"] = report.combines
         counts["seconds"] = lease.phases
+        counts["cpu_seconds"] = round(time.process_time() - cpu, 4)  # this sandbox's, all threads
         store.counters(holder, counts)
         store.put_result(frames.encode(frames.RESULT, report, secret).join())
         report.status = store.status()
@@ -341,7 +343,7 @@ class _Lease:
 
     def __init__(self, store: JobStore, holder: str, lifetime: float) -> None:
         self.store, self.holder, self.lifetime = store, holder, lifetime
-        self.started = time.monotonic()
+        self.started, self.began = time.monotonic(), time.time()  # the call's start
         self.generation: int | None = None
         self.lost: str | None = None
         self.counts: Callable[[], dict[str, Any]] | None = None  # progress, posted now and then
@@ -438,7 +440,9 @@ class _Recorder:
                 batch, self._queue = self._queue, []
                 if not batch and self._closing:
                     return
-            time.sleep(RECORD_BATCH_S)  # let a few more answers join the next batch
+                closing = self._closing
+            if not closing:  # let a few more answers join the next batch (none will at the end)
+                time.sleep(RECORD_BATCH_S)
             try:
                 self.refused.update(self.store.record(batch))
             except BaseException as exc:  # the store is down: the job cannot be kept
@@ -504,7 +508,7 @@ def _call_quietly(transport: ThreadTransport, frame: frames.Outgoing, timeout: f
 
 
 def _counts(
-    account: Accounting, backups: int, known: list[int], why: str, lease: _Lease
+    account: Accounting, executor: OpenLambdaExecutor, known: list[int], why: str, lease: _Lease
 ) -> dict[str, Any]:
     """What one coordinator did, as the store keeps it (`lampy job ID` shows the sums);
     chunk numbers as ranges, so a 1,000-chunk job's counts stay a few hundred bytes."""
@@ -520,10 +524,12 @@ def _counts(
         "failures": dict(account.failures),
         "dropped": dict(account.dropped),
         "cancelled": account.cancelled,
-        "backups": backups,
+        "backups": executor.backups,
+        "slots": executor.slots,  # its calls in flight at the end (grown from START_SLOTS)
         "combines": 0,
         "threads": lease.threads(),  # the most this process ran at once, as far as seen
         "seconds": lease.phases,
+        "began": lease.began,  # when this coordinator's call started (its clock)
         "at": time.time(),
     }
 

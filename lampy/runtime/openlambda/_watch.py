@@ -16,13 +16,17 @@ from typing import Any
 from lampy._errors import ExecutionError, RemoteArrayNotFound
 from lampy.runtime._scheduler import backoff
 from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.openlambda._coordinator import LEASE_S, Report, Summons
+from lampy.runtime.openlambda._coordinator import LEASE_S, TAKEOVER_WAIT_S, Report, Summons
 from lampy.runtime.openlambda._protocol import Caller, PlatformFailure
 from lampy.runtime.remote._jobs import JobStore, at_rest
 
 
 class JobCancelled(ExecutionError):
     """The job was cancelled (`lampy.job(id).cancel()` or `lampy job ID --cancel`)."""
+
+
+class StoreRefused(ExecutionError):
+    """A coordinator lambda could not use the job store (its answer, or why unreachable)."""
 
 
 async def watch(
@@ -52,22 +56,34 @@ async def watch(
         call = summon("start")
     try:
         while True:
-            if call is not None:  # the summoned coordinator answers first: wait for it alone
+            if call is not None:  # the summoned coordinator answers first: wait for it
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                await asyncio.wait({call}, timeout=left)
-                if not call.done():
+                if not await _answered(call, store, left):  # ... unless its lease lapsed
+                    call.cancel()
+                    failure = "its coordinator stopped renewing its lease, its call still open"
+                    what, detail = "lapsed", None
+                elif not call.done():
                     raise _still_running(summons)
-                try:
-                    what, detail = call.result()
-                except PlatformFailure as lost:  # its sandbox died, or ran past its limit
-                    failure, what, detail = str(lost), "lost", None
+                else:
+                    try:
+                        what, detail = call.result()
+                    except PlatformFailure as lost:  # its sandbox died, or ran past its limit
+                        failure, what, detail = str(lost), "lost", None
                 call = None
                 if isinstance(detail, Report) and detail.status is not None:
                     return detail, detail.status  # it finished the job: no need to ask
                 if what == "cancelled":
                     raise JobCancelled(f"job {summons.job} was cancelled")
+                if what == "store refused":
+                    raise StoreRefused(
+                        f"job {summons.job}: its coordinator lambda could not keep the job's "
+                        f"state on the job store {summons.store}: {detail}. The store must "
+                        "be a `lampy serve` that the platform's sandboxes reach, with the "
+                        "same LAMPY_SECRET as the deployed lambda (`lampy deploy` sends this "
+                        "process's)."
+                    )
             # a long poll: it answers as soon as the result is in
-            wait = 0.0 if what in ("done", "finished already") else LEASE_S
+            wait = 0.0 if what in ("done", "finished already", "lapsed") else LEASE_S
             data = await loop.run_in_executor(None, _result, store, wait)
             if data is not None:
                 report: Report = frames.decode(data, store.secret, freshness=at_rest()).value
@@ -97,6 +113,28 @@ async def watch(
         if call is not None and not call.done():
             call.cancel()
         store.close()
+
+
+async def _answered(call: asyncio.Future[Any], store: JobStore, left: float | None) -> bool:
+    """Wait for a summoned coordinator's answer (`left` seconds at most); False when the lease
+    it took lapsed first. A coordinator that hangs (a frozen sandbox) keeps its call open until
+    the platform's runtime limit, though it stopped orchestrating within LEASE_S."""
+    loop = asyncio.get_running_loop()
+    end = None if left is None else loop.time() + left
+    live: int | None = None  # the generation of the lease seen held since the summons
+    while True:
+        wait = LEASE_S if end is None else min(LEASE_S, max(0.0, end - loop.time()))
+        await asyncio.wait({call}, timeout=wait)
+        if call.done() or (end is not None and loop.time() >= end):
+            return True
+        status = await loop.run_in_executor(None, _status, store)
+        lease = status["lease"]
+        if lease is None or status["state"] != "running":
+            continue
+        if lease["until"] > time.time():
+            live = lease["generation"]
+        elif lease["generation"] == live and lease["until"] + TAKEOVER_WAIT_S < time.time():
+            return False  # (a coordinator handing off stops renewing, and answers within that)
 
 
 def _result(store: JobStore, wait: float) -> bytes | None:

@@ -24,7 +24,7 @@ import json
 import os
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -206,7 +206,7 @@ def upload(url: str, array: np.ndarray) -> RemoteArray:
             yield flat[start : start + UPLOAD_SLICE]
 
     length = str(len(header) + flat.nbytes)
-    with _request("PUT", url, {"Content-Length": length}, body()) as response:
+    with _request("PUT", url, {"Content-Length": length}, body) as response:
         _check(response, url, expect=201)
         try:
             record = json.loads(response.read())
@@ -245,25 +245,26 @@ def _request(
     method: str,
     url: str,
     headers: dict[str, str],
-    body: Iterator[bytes | memoryview] | None = None,
+    body: Callable[[], Iterator[bytes | memoryview]] | None = None,
     query: str = "",
 ) -> _Exchange:
-    """Send one signed request (a pooled keep-alive connection, one retry if it went stale)."""
+    """Send one signed request (a pooled keep-alive connection, one retry if it went stale:
+    `body` makes the body's pieces afresh for each try)."""
     parts = urllib.parse.urlsplit(url)
     target = parts.path + (f"?{query}" if query else "")
-    signed = auth.sign(
-        load_secret(),
-        method,
-        target,
-        headers.get("Range", ""),
-        headers.get("Content-Length", ""),
-    )
     key = (
         parts.scheme,
         parts.hostname or "",
         parts.port or (443 if parts.scheme == "https" else 80),
     )
     for attempt in (1, 2):
+        signed = auth.sign(  # afresh for each try: a nonce is used once
+            load_secret(),
+            method,
+            target,
+            headers.get("Range", ""),
+            headers.get("Content-Length", ""),
+        )
         with _pool_lock:
             idle = _pool.get(key)
             connection = idle.pop() if idle else None
@@ -273,12 +274,13 @@ def _request(
             connection = kind(key[1], key[2], timeout=TIMEOUT_S)
         exchange = _Exchange(key, connection)
         try:
-            connection.request(method, target, body=body, headers={**headers, **signed})
+            pieces = None if body is None else body()
+            connection.request(method, target, body=pieces, headers={**headers, **signed})
             exchange.response = connection.getresponse()
             return exchange
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
             connection.close()
-            if reused and attempt == 1 and body is None:
+            if reused and attempt == 1:
                 continue  # a kept-alive connection the server had closed: once more, fresh
             raise RemoteArrayError(f"{method} {url} failed: {type(exc).__name__}: {exc}") from None
         except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import random
@@ -35,6 +36,7 @@ from lampy.runtime._combine import Merged, subtrees, tree_merge
 from lampy.runtime._settings import resolve_options
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.openlambda import _coordinator as coordinator
+from lampy.runtime.openlambda import _executor as executor_module
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._coordinator import (
     MAX_FAN_IN,
@@ -47,12 +49,20 @@ from lampy.runtime.openlambda._coordinator import (
     thread_name,
 )
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
-from lampy.runtime.openlambda._protocol import Accounting
+from lampy.runtime.openlambda._protocol import Accounting, JobState
 from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
-from lampy.runtime.openlambda._watch import JobCancelled
+from lampy.runtime.openlambda._watch import JobCancelled, StoreRefused
 from lampy.runtime.remote import _publish
 from lampy.runtime.remote._jobs import CANCEL_GRACE_S, TOMBSTONE, JobStore
-from lampy.testing import assert_same, free_port, openlambda_worker, wait_ready
+from lampy.testing import (
+    InProcessTransport,
+    assert_same,
+    free_port,
+    openlambda_worker,
+    wait_ready,
+)
+
+from .test_executor import double, make_job
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -378,10 +388,14 @@ def coordinator_pids(job: str, among: Callable[[int], bool] = lambda pid: True) 
 
 
 def kill_the_coordinator_when(
-    done: int, killed: list[int], among: Callable[[int], bool] = lambda pid: True
+    done: int,
+    killed: list[int],
+    among: Callable[[int], bool] = lambda pid: True,
+    sent: signal.Signals = signal.SIGKILL,
 ) -> None:
-    """SIGKILL, from outside, the process orchestrating the running job once `done` of its
-    chunks are recorded (the job found in this process's array server, its default store)."""
+    """SIGKILL (or `sent`), from outside, the process orchestrating the running job once `done`
+    of its chunks are recorded (the job found in this process's array server, its default
+    store)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not killed:
         for folder in (_publish._publisher.directory or Path("/nonexistent")).glob("jobs/*"):
@@ -394,7 +408,7 @@ def kill_the_coordinator_when(
                     pids = coordinator_pids(folder.name, among)
                     assert len(pids) <= 1, pids  # one coordinator holds the job
                     for pid in pids:
-                        os.kill(pid, signal.SIGKILL)
+                        os.kill(pid, sent)
                         killed.append(pid)
                         return
         time.sleep(0.05)
@@ -430,9 +444,43 @@ def test_the_coordinators_sandbox_killed_mid_job(short_worker: str) -> None:
     assert_revived_and_merged_once(status, 120)
 
 
+def test_a_frozen_coordinator_is_replaced_once_its_lease_lapses(tmp_path: Path) -> None:
+    """SIGSTOP from outside: the coordinator's call stays open (until the platform's runtime
+    limit, 60 s here), but its lease lapses within LEASE_S, and the client, watching the lease
+    while it waits, summons another coordinator, which takes over from the store's records."""
+    x = np.random.default_rng(4).standard_normal((1_200, 3))
+    region = lampy.sum(chunks=120)(slow_energy)
+    with lampy.using(executor="inline"):
+        expected = region(x)
+    options = {"orchestrator": "lambda", "runtime_limit": 60.0, "progress": "off"}
+    stopped: list[int] = []
+    stopper = threading.Thread(
+        target=kill_the_coordinator_when, args=(10, stopped), kwargs={"sent": signal.SIGSTOP}
+    )
+    registry = tmp_path / "registry"
+    with openlambda_worker(registry, max_sandboxes=4, runtime_limit=60.0) as url:
+        try:
+            with lampy.using(executor="openlambda", url=url, **options):
+                started = time.monotonic()
+                stopper.start()
+                got = region(x)
+                took = time.monotonic() - started
+                stopper.join()
+                status = executor_in_use().statuses[-1]
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert stopped, "the coordinator was never seen holding the job"
+    assert took < 30.0, took  # not the 60 s runtime limit of the frozen call
+    assert_same(got, expected, exact=True)
+    assert_revived_and_merged_once(status, 120)
+
+
 def test_a_coordinator_runs_ten_threads_at_most_whatever_its_concurrency(worker_url: str) -> None:
     """A stock OpenLambda lets a sandbox run 10 processes, threads included: a coordinator
-    with 32 calls in flight stays within that (its calls take no thread)."""
+    of concurrency 32 stays within that in a real sandbox (its calls in flight follow the
+    client's rule here; test_a_coordinators_calls_in_flight_take_no_thread holds 32)."""
     x = np.random.default_rng(9).standard_normal((3_200, 2))
     options = {"orchestrator": "lambda", "concurrency": 32, "batch": 1, "progress": "off"}
     with lampy.using(executor="openlambda", url=worker_url, **options):
@@ -451,12 +499,14 @@ def store(tmp_path: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def serving_store(served: Path, *options: str) -> Iterator[str]:
+def serving_store(served: Path, *options: str, secret: str = "") -> Iterator[str]:
+    """`lampy serve` of `served` (with this process's secret, unless `secret`): its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     served.mkdir()
     command = [sys.executable, "-m", "lampy.cli", "serve", str(served), "--port", str(port)]
-    process = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL)
+    env = {**os.environ, "LAMPY_SECRET": secret} if secret else None
+    process = subprocess.Popen([*command, *options], stdout=subprocess.DEVNULL, env=env)
     try:
         wait_ready(url, process)
         yield url
@@ -693,3 +743,202 @@ def test_explain_says_where_orchestration_runs() -> None:
     assert "before its 30 s runtime limit" in shown
     with lampy.using(executor="openlambda", url="http://127.0.0.1:9"):
         assert "orchestrated" not in str(region.explain(np.ones((100, 2))))
+
+
+class BesideTheCoordinator(InProcessTransport):
+    """A worker that sizes the lambda's sandboxes as OpenLambda does, adding one while fewer
+    than min(outstanding calls, outstanding x average time / 10 ms), and counts the
+    coordinator's own long call, whose sandbox it holds: calls of 2 ms get a sandbox beside it
+    only once 9 are in flight. Records the most calls in flight."""
+
+    def __init__(self, average_ms: int = 2) -> None:
+        super().__init__()
+        self.average_ms, self.sandboxes = average_ms, 1  # the coordinator's
+        self.in_flight = self.serving = self.most = 0
+
+    def free(self) -> int:
+        outstanding = self.in_flight + 1  # the coordinator's call
+        wanted = min(outstanding, outstanding * self.average_ms // 10)
+        self.sandboxes = max(self.sandboxes, min(self.sandboxes + 1, wanted))
+        return self.sandboxes - 1 - self.serving
+
+    async def post(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
+        return await asyncio.wait_for(self._served(outgoing, timeout), timeout)
+
+    async def _served(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            while self.free() <= 0:
+                await asyncio.sleep(0.01)
+            self.serving += 1
+            try:
+                await asyncio.sleep(self.average_ms / 1000)
+                return await super().post(outgoing, timeout)
+            finally:
+                self.serving -= 1
+        finally:
+            self.in_flight -= 1
+
+
+def test_in_a_sandbox_calls_in_flight_grow_while_none_comes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A coordinator's executor (in_sandbox) keeps the client's calls in flight (a few, at
+    most 2 per core for a worker on this machine), and grows them while none comes back,
+    until the platform's scaler, which counts the coordinator's sandbox as serving, adds one
+    for its calls; the client's executor would wait there forever."""
+    monkeypatch.setattr(executor_module, "STALLED_S", 0.1)
+    monkeypatch.setattr(executor_module.os, "cpu_count", lambda: 2)
+    x = np.arange(400.0)
+
+    def run(transport: Any, in_sandbox: bool, **options: Any) -> tuple[Any, OpenLambdaExecutor]:
+        executor = OpenLambdaExecutor(
+            url="http://127.0.0.1:5000",
+            transport=transport,
+            in_sandbox=in_sandbox,
+            batch=1,
+            progress="off",
+            backoff=0.001,
+            **options,
+        )
+        job = make_job(double, x, 40)
+        state = JobState(job, dumps((double, job.args, {})), True, Accounting(job.id, 40), None)
+        try:
+            return executor.run_state(state), executor
+        finally:
+            executor.close()
+
+    scaler = BesideTheCoordinator()
+    outcomes, executor = run(scaler, in_sandbox=True)
+    got = np.concatenate([outcomes[c].value for c in range(40)])
+    np.testing.assert_array_equal(got, x * 2)
+    assert executor.most_slots == 4 and 9 <= scaler.most <= 13  # grown by half, not all 32
+    # the client's rule: its 4 calls wait for ever (here until their timeout, and lost)
+    stalled, _ = run(BesideTheCoordinator(), in_sandbox=False, timeout=0.5, attempts=1)
+    assert isinstance(stalled[0].error, RetriesExhausted)
+    # where sandboxes keep up, a coordinator stays at the client's 2 per core
+    roomy = BesideTheCoordinator(average_ms=50)
+    run(roomy, in_sandbox=True)
+    assert roomy.most == 4
+
+
+def test_a_store_that_refuses_the_coordinator_is_named_with_its_answer(
+    worker_url: str, tmp_path: Path
+) -> None:
+    """A job store of another secret refuses the coordinator's requests (401): the client's
+    error names the store and its answer, not a failure of lampy's handler."""
+    x = np.random.default_rng(2).standard_normal((40, 2))
+    with (
+        serving_store(tmp_path / "store", secret="not-the-lambdas-secret") as store,
+        lampy.using(executor="openlambda", url=worker_url, orchestrator="lambda", store=store),
+        pytest.raises(StoreRefused) as refused,
+    ):
+        lampy.sum(chunks=4)(energy)(x)
+    message = str(refused.value)
+    assert store in message and "HTTP 401" in message and "LAMPY_SECRET" in message
+    assert "outside user code" not in message, message
+
+
+def _noting(status: list[str]) -> Callable[[str, Any], None]:
+    return lambda line, headers: status.append(line)
+
+
+class HeldServer:
+    """An HTTP/1.1 server on loopback, one thread, that answers lampy's frames with the real
+    handler once `hold` seconds have passed; records the most requests it held at once."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold, self.held, self.most = hold, 0, 0
+        self.open: set[asyncio.StreamWriter] = set()
+        self.loop = asyncio.new_event_loop()
+        self.port = free_port()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        start = asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.server = asyncio.run_coroutine_threadsafe(start, self.loop).result(10)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from lampy.runtime.openlambda._handler import app
+
+        self.open.add(writer)
+        try:
+            while await reader.readline():  # a request line
+                length = 0
+                while (header := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = header.decode().partition(":")
+                    length = int(value) if name.lower() == "content-length" else length
+                body = await reader.readexactly(length)
+                self.held += 1
+                self.most = max(self.most, self.held)
+                await asyncio.sleep(self.hold)
+                self.held -= 1
+                environ = {"CONTENT_LENGTH": str(length), "wsgi.input": io.BytesIO(body)}
+                status: list[str] = []
+                answer = b"".join(bytes(p) for p in app(environ, _noting(status)))
+                head = f"HTTP/1.1 {status[0]}\r\nContent-Length: {len(answer)}\r\n\r\n"
+                writer.write(head.encode() + answer)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open.discard(writer)
+            writer.close()
+
+    async def _close(self) -> None:
+        self.server.close()
+        for writer in list(self.open):
+            writer.close()
+        await asyncio.sleep(0.05)  # the handlers see their connections end
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_a_coordinators_calls_in_flight_take_no_thread() -> None:
+    """A coordinator's executor (StreamTransport, in_sandbox) with 32 calls in flight runs
+    no more threads than with one: OpenLambda counts a sandbox's threads against its process
+    limit (10), so calls in flight must not each take one."""
+    from lampy.runtime.openlambda._coordinator import _threads
+    from lampy.runtime.openlambda._transport import StreamTransport
+
+    server = HeldServer(hold=0.05)
+    secret = os.environ["LAMPY_SECRET"].encode()
+    endpoint = f"http://127.0.0.1:{server.port}/run/lampy"
+    executor = OpenLambdaExecutor(
+        url="http://10.1.2.3:5000",  # not this machine's: its cap is `concurrency`, not cores
+        transport=StreamTransport(endpoint, 32, secret),
+        in_sandbox=True,
+        batch=1,
+        progress="off",
+    )
+    executor.slots = 32  # as if grown: the worker kept up
+    x = np.arange(640.0)
+    job = make_job(double, x, 320)
+    state = JobState(job, dumps((double, job.args, {})), True, Accounting(job.id, 320), None)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.01):
+            peak = max(peak, _threads())
+
+    before = _threads()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        outcomes = executor.run_state(state)
+    finally:
+        done.set()
+        sampler.join()
+        executor.close()
+        server.stop()
+    got = np.concatenate([outcomes[c].value for c in range(320)])
+    np.testing.assert_array_equal(got, x * 2)
+    assert server.most == 32
+    # the executor's event loop and this test's sampler: nothing per call
+    assert peak <= before + 2, (before, peak)

@@ -212,3 +212,31 @@ def test_names_that_need_escaping(server: Server) -> None:
         str(server.root / "with space/a b%.npy"),
     ):
         assert same(remote(location)[1:].fetch(), array[1:])
+
+
+@pytest.mark.parametrize("size", [12, 300_000])
+def test_an_upload_over_a_kept_connection_the_server_closed_is_sent_afresh(
+    server: Server, size: int
+) -> None:
+    """A pooled keep-alive connection the server has closed meanwhile (its idle timeout; seen
+    as a chunk's result failing with BrokenPipeError on OpenLambda) costs an upload nothing:
+    it goes again, whole, over a fresh connection."""
+    import http.client
+    import socket
+    import urllib.parse
+
+    from lampy.runtime.remote import _reference
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        stale = http.client.HTTPConnection("127.0.0.1", listener.getsockname()[1])
+        stale.connect()
+        accepted, _ = listener.accept()
+        accepted.close()  # the server's side of the kept connection ends
+    parts = urllib.parse.urlsplit(server.url)
+    with _reference._pool_lock:
+        _reference._pool.setdefault(("http", parts.hostname or "", parts.port or 80), []).append(
+            stale
+        )
+    array = np.arange(size, dtype=np.float64)  # 96 B, or 2.4 MB: more than a socket buffers
+    reference = upload(f"{server.url}/up/{next(names)}.npy", array)
+    assert same(reference.fetch(), array)
