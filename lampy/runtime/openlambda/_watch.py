@@ -25,6 +25,11 @@ class JobCancelled(ExecutionError):
     """The job was cancelled (`lampy.job(id).cancel()` or `lampy job ID --cancel`)."""
 
 
+#: How often a client looks at the lease while its summoned coordinator's call is open: a lapse
+#: shows only LEASE_S + TAKEOVER_WAIT_S after the last renewal anyway.
+WATCH_S = LEASE_S + TAKEOVER_WAIT_S
+
+
 class StoreRefused(ExecutionError):
     """A coordinator lambda could not use the job store (its answer, or why unreachable)."""
 
@@ -117,13 +122,15 @@ async def watch(
 
 async def _answered(call: asyncio.Future[Any], store: JobStore, left: float | None) -> bool:
     """Wait for a summoned coordinator's answer (`left` seconds at most); False when the lease
-    it took lapsed first. A coordinator that hangs (a frozen sandbox) keeps its call open until
-    the platform's runtime limit, though it stopped orchestrating within LEASE_S."""
+    was renewed after the summons and has lapsed since (by more than a hand-off's wait): a
+    coordinator that hangs (a frozen sandbox) keeps its call open until the platform's runtime
+    limit, though it stopped orchestrating. Looked at every WATCH_S, so a job shorter than
+    that costs its client no call to the store."""
     loop = asyncio.get_running_loop()
+    summoned = time.time()
     end = None if left is None else loop.time() + left
-    live: int | None = None  # the generation of the lease seen held since the summons
     while True:
-        wait = LEASE_S if end is None else min(LEASE_S, max(0.0, end - loop.time()))
+        wait = WATCH_S if end is None else min(WATCH_S, max(0.0, end - loop.time()))
         await asyncio.wait({call}, timeout=wait)
         if call.done() or (end is not None and loop.time() >= end):
             return True
@@ -131,9 +138,8 @@ async def _answered(call: asyncio.Future[Any], store: JobStore, left: float | No
         lease = status["lease"]
         if lease is None or status["state"] != "running":
             continue
-        if lease["until"] > time.time():
-            live = lease["generation"]
-        elif lease["generation"] == live and lease["until"] + TAKEOVER_WAIT_S < time.time():
+        renewed = lease["until"] - LEASE_S  # a coordinator's last renewal
+        if renewed > summoned and lease["until"] + TAKEOVER_WAIT_S < time.time():
             return False  # (a coordinator handing off stops renewing, and answers within that)
 
 

@@ -472,7 +472,7 @@ def test_a_frozen_coordinator_is_replaced_once_its_lease_lapses(tmp_path: Path) 
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
     assert stopped, "the coordinator was never seen holding the job"
-    assert took < 30.0, took  # not the 60 s runtime limit of the frozen call
+    assert took < 45.0, took  # not the 60 s runtime limit of the frozen call
     assert_same(got, expected, exact=True)
     assert_revived_and_merged_once(status, 120)
 
