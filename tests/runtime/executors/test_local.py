@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import threading
 import time
@@ -16,6 +15,8 @@ import pytest
 import lampy
 from lampy.runtime import executors
 from lampy.runtime.executors._local import LocalExecutor
+
+from .test_local_faults import gone
 
 
 def pool() -> LocalExecutor:
@@ -53,21 +54,9 @@ def test_worker_killed_between_calls_is_replaced() -> None:
     double(x)
     victim = pool().worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: dead(victim), 30, "SIGKILL did not end the worker")
+    wait_until(lambda: gone(victim), 30, "SIGKILL did not end the worker")
     np.testing.assert_array_equal(double(x), x * 2)
     assert victim not in pool().worker_pids()
-
-
-def dead(pid: int) -> bool:
-    """Process `pid` has ended, every thread of it (reaped or not)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], 0)[0])
-    finally:
-        os.close(fd)
 
 
 def test_worker_killed_during_a_chunk_is_replaced_and_chunk_retried(tmp_path: Path) -> None:
