@@ -208,11 +208,14 @@ class Lambda:
         self.sandboxes: list[Sandbox] = []
         self.idle: list[Sandbox] = []
         self.waiters: deque[asyncio.Future[Sandbox]] = deque()
-        self.starting = 0
         self.starts: set[asyncio.Task[Sandbox]] = set()  # sandboxes on their way up
         self.outstanding = 0
         self.average_ms = TARGET_QUEUE_MS
         self.scaler: asyncio.Task[None] | None = None
+
+    @property
+    def starting(self) -> int:
+        return len(self.starts)
 
     async def remove(self, sandbox: Sandbox) -> None:
         """Take a sandbox out of this lambda's pools (idle or busy) and stop it."""
@@ -619,7 +622,6 @@ class Worker:
 
     async def _add(self, lam: Lambda) -> None:
         """Start one sandbox and hand it to a waiting call (or keep it idle)."""
-        lam.starting += 1
         self.serial += 1
         start = asyncio.ensure_future(
             Sandbox.start(lam.directory, self.workdir, self.serial, lam.uid)
@@ -631,7 +633,6 @@ class Worker:
             start.cancel()
             raise
         finally:
-            lam.starting -= 1
             lam.starts.discard(start)
         if start.cancelled():  # its lambda retired while the sandbox started
             await lam.drop_if_drained()

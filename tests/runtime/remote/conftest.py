@@ -20,6 +20,7 @@ from lampy.testing import free_port, wait_ready
 class Server:
     url: str
     root: Path
+    process: subprocess.Popen[bytes] | None = None  # the `lampy serve`, when started here
 
     def save(self, name: str, array: np.ndarray) -> str:
         """Save `array` under the served directory; its URL."""
@@ -38,7 +39,7 @@ def array_server(root: Path, *options: str) -> Iterator[Server]:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, process)
-        yield Server(url, root)
+        yield Server(url, root, process)
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -9,8 +9,6 @@ grants no lease.
 from __future__ import annotations
 
 import http.client
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -29,9 +27,8 @@ from lampy.runtime.remote._jobs import (
     status_of,
     sweep,
 )
-from lampy.testing import free_port, wait_ready
 
-from .conftest import Server
+from .conftest import Server, array_server
 
 
 def new_job(server: Server, chunks: int = 4) -> JobStore:
@@ -140,24 +137,15 @@ def test_a_held_result_request_answers_at_once_when_the_server_stops(
 ) -> None:
     """SIGTERM ends `lampy serve` at once: a result request held open (up to 30 s) answers
     "no result yet" rather than keeping the server alive until its wait runs out."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "lampy.cli", "serve", str(tmp_path), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    try:
-        wait_ready(url, process)
-        answers: list[bytes | None] = []
-        with new_job(Server(url, tmp_path)) as store:
-            waiting = threading.Thread(target=lambda: answers.append(store.result(25.0)))
-            waiting.start()
-            time.sleep(0.5)  # the request is held by now
-            process.terminate()
-            process.wait(timeout=10)  # before the fix: 25 s, the request's wait
-            waiting.join(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    answers: list[bytes | None] = []
+    with array_server(tmp_path) as server, new_job(server) as store:
+        assert server.process is not None
+        waiting = threading.Thread(target=lambda: answers.append(store.result(25.0)))
+        waiting.start()
+        time.sleep(0.5)  # the request is held by now
+        server.process.terminate()
+        server.process.wait(timeout=10)  # before the fix: 25 s, the request's wait
+        waiting.join(timeout=10)
     assert answers == [None]
 
 
