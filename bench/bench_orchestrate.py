@@ -222,7 +222,7 @@ def test_orchestration(
     which, url, over = platform
     row(GROUP.format(which), f"{mode} orchestration", baseline=mode == "client")
     # one call per chunk takes ~50 s a job on OpenLambda's own worker here: one round there
-    rounds = 1 if "per chunk" in mode and "OpenLambda" in which else 3
+    rounds = 1 if "per chunk" in mode and "OpenLambda" in which else 5
     run_mode(benchmark, url, mode, data, rounds, over=over)
     results[(which, mode)] = (
         benchmark.stats.stats.median,
