@@ -35,6 +35,19 @@ WATCH_S = LEASE_S + TAKEOVER_WAIT_S
 FIRST_WATCH_SHARE = 0.5
 
 
+#: How long a watcher's result request is held when nothing happens (the store holds one 30 s
+#: at most): after a hand-off the client asks once a while, not once per lease.
+RESULT_WAIT_S = 25.0
+#: The status of a job whose spec was not written yet: no lease, summon one with the spec.
+NOT_WRITTEN: dict[str, Any] = {
+    "state": "running",
+    "lease": None,
+    "created": 0,
+    "done": 0,
+    "chunks": None,
+}
+
+
 class StoreRefused(ExecutionError):
     """A coordinator lambda could not use the job store (its answer, or why unreachable)."""
 
@@ -92,15 +105,17 @@ async def watch(
                         "same LAMPY_SECRET as the deployed lambda (`lampy deploy` sends this "
                         "process's)."
                     )
-            # a long poll: it answers as soon as the result is in
-            wait = 0.0 if what in ("done", "finished already", "lapsed") else LEASE_S
-            data = await loop.run_in_executor(None, _result, store, wait)
+            # a long poll: it answers as soon as the result is in, or the job has had no live
+            # lease for LEASE_S (a coordinator to summon), else after RESULT_WAIT_S
+            wait = 0.0 if what in ("done", "finished already", "lapsed") else RESULT_WAIT_S
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            data, status = await loop.run_in_executor(None, _result, store, wait)
             if data is not None:
                 report: Report = frames.decode(data, store.secret, freshness=at_rest()).value
                 return report, await loop.run_in_executor(None, store.status)
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise _still_running(summons)
-            status = await loop.run_in_executor(None, _status, store)
             if status["state"] == "cancelled":
                 raise JobCancelled(f"job {summons.job} was cancelled")
             lease, now = status["lease"], time.time()
@@ -153,19 +168,20 @@ async def _answered(
             return False  # (a coordinator handing off stops renewing, and answers within that)
 
 
-def _result(store: JobStore, wait: float) -> bytes | None:
+def _result(store: JobStore, wait: float) -> tuple[bytes | None, dict[str, Any]]:
     try:
-        return store.result(wait)
+        data, status = store.result(wait, orphaned=LEASE_S)
     except RemoteArrayNotFound:  # its spec comes with the first coordinator, lost on the way
-        time.sleep(wait)
-        return None
+        time.sleep(min(wait, LEASE_S))
+        return None, dict(NOT_WRITTEN)
+    return data, status or {}
 
 
 def _status(store: JobStore) -> dict[str, Any]:
     try:
         return store.status()
-    except RemoteArrayNotFound:  # not written yet: no lease, summon one with the spec
-        return {"state": "running", "lease": None, "created": 0, "done": 0, "chunks": None}
+    except RemoteArrayNotFound:
+        return dict(NOT_WRITTEN)
 
 
 def _still_running(summons: Summons) -> TimeoutError:

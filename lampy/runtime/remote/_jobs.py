@@ -34,7 +34,10 @@ SHA-256 is signed too):
     POST /jobs/<id>/lease              take or renew the orchestrator's lease (JSON), 409 if held
     POST /jobs/<id>/counters           a coordinator's counts (JSON)
     PUT  /jobs/<id>/result             the report, once
-    GET  /jobs/<id>/result?wait=S      the report; 202 with the status if none within S seconds
+    GET  /jobs/<id>/result?wait=S[&orphaned=T]
+                                       the report; 202 with the status if none within S
+                                       seconds, or (given T) once the job has had no live
+                                       lease for T seconds: a watcher's one request a while
     POST /jobs/<id>/cancel             stop: leases are refused from then on (410)
     DELETE /jobs/<id>                  its result was fetched: remove its files, keep its status
 
@@ -69,6 +72,7 @@ from lampy.runtime.remote import _auth as auth
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_WAIT_S = 30.0  # the longest a result request is held open
+LEASE_LOOK_S = 0.25  # how often a held result request reads the lease, when asked to
 MAX_JSON_BYTES = 1 << 16
 JOB_TTL_S = 24 * 3600.0  # a job's files are kept this long after its last activity
 CANCEL_GRACE_S = 10.0  # a cancelled job's files outlive its coordinator's last renewal (0.5 s)
@@ -239,9 +243,11 @@ def add_routes(
         folder = where(request)
         try:
             wait = min(max(float(request.query.get("wait", "0")), 0.0), MAX_WAIT_S)
+            orphaned = float(request.query.get("orphaned", "inf"))
         except ValueError:
-            raise web.HTTPBadRequest(text="?wait=seconds\n") from None
-        deadline = time.monotonic() + wait
+            raise web.HTTPBadRequest(text="?wait=seconds&orphaned=seconds\n") from None
+        arrived, deadline = time.time(), time.monotonic() + wait
+        look = 0.0  # when to read the lease next (a few times a second, not every 20 ms)
         while True:
             path = folder / "result"
             if path.exists():
@@ -250,6 +256,11 @@ def add_routes(
             if (folder / "fetched").exists():
                 raise web.HTTPGone(text=REMOVED.format(job=folder.name))
             over = stopping.is_set() or time.monotonic() >= deadline
+            if orphaned < math.inf and time.monotonic() >= look:
+                look = time.monotonic() + LEASE_LOOK_S
+                lease = _read_json(folder / "lease.json")
+                live = max(lease["until"] if lease else 0.0, arrived)  # or since asked
+                over = over or time.time() - live >= orphaned
             if over or (folder / "cancelled").exists():
                 return web.json_response(status_of(folder), status=202)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -490,10 +501,15 @@ class JobStore:
     def put_result(self, frame: bytes) -> bool:
         return self._call("PUT", "/result", frame, expect=(201, 409))[0] == 201
 
-    def result(self, wait: float) -> bytes | None:
-        """The report's frame, or None when there is none within `wait` seconds."""
-        status, data = self._call("GET", "/result", query=f"wait={wait:g}", expect=(200, 202))
-        return data if status == 200 else None
+    def result(
+        self, wait: float, orphaned: float | None = None
+    ) -> tuple[bytes | None, dict[str, Any] | None]:
+        """The report's frame; or None and the job's status when there is none within `wait`
+        seconds, or (given `orphaned`) as soon as the job has had no live lease for that
+        long (counted from this request at the earliest)."""
+        query = f"wait={wait:g}" + ("" if orphaned is None else f"&orphaned={orphaned:g}")
+        status, data = self._call("GET", "/result", query=query, expect=(200, 202))
+        return (data, None) if status == 200 else (None, json.loads(data))
 
     def cancel(self) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self._json("POST", "/cancel", {}, expect=(200,))[1])

@@ -359,18 +359,34 @@ def short_worker(tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def test_a_runtime_limit_shorter_than_the_job_hands_off_and_stays_exact(short_worker: str) -> None:
+def test_a_runtime_limit_shorter_than_the_job_hands_off_and_stays_exact(
+    short_worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """... and the client, waiting on the store after the first coordinator handed off, asks
+    it once a while (a held request answered when the result is in), not once per lease."""
     x = np.random.default_rng(2).standard_normal((2_400, 3))
     region = lampy.sum(chunks=240)(slow_energy)
     with lampy.using(executor="inline"):
         expected = region(x)
+    asked: list[str] = []
+    ask = JobStore._call
+
+    def counted(self: JobStore, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(f"{method} {path}")
+        return ask(self, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "_call", counted)  # the client's requests (sandboxes: not)
     options = {"orchestrator": "lambda", "runtime_limit": 2.5, "progress": "off"}
     with lampy.using(executor="openlambda", url=short_worker, **options):
+        started = time.monotonic()
         got = region(x)
+        took, client_asked = time.monotonic() - started, list(asked)
         status = assert_merged_once(executor_in_use(), 240)
     assert_same(got, expected, exact=True)
     handoffs = [e for e in status["events"] if e["why"].startswith("hand-off")]
     assert len(handoffs) >= 1, status["events"]
+    revived = sum(e["why"] == "revive" for e in status["events"])
+    assert len(client_asked) <= 2 + 2 * revived + took / 25, (client_asked, took, revived)
     took = [len(chunks_of(c["took_over"])) for c in status["counters"].values()]
     assert max(took) > 0  # a successor started from the store's records
 

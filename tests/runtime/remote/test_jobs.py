@@ -114,11 +114,11 @@ def test_the_lease_goes_to_one_holder_at_a_time(server: Server) -> None:
 def test_a_cancelled_job_grants_no_lease_and_a_result_is_kept_once(server: Server) -> None:
     with new_job(server) as done, new_job(server) as cancelled:
         assert done.put_result(b"one") and not done.put_result(b"two")
-        assert done.result(0) == b"one" and done.status()["state"] == "done"
+        assert done.result(0)[0] == b"one" and done.status()["state"] == "done"
         assert done.lease("late", 3.0, None, "revive", 30.0) == (409, {"done": True})
         assert cancelled.cancel()["state"] == "cancelled"
         assert cancelled.lease("x", 3.0, None, "start", 30.0) == (410, {"cancelled": True})
-        assert cancelled.result(0) is None
+        assert cancelled.result(0)[0] is None
 
 
 def test_a_result_request_waits_for_the_result(server: Server) -> None:
@@ -127,9 +127,39 @@ def test_a_result_request_waits_for_the_result(server: Server) -> None:
     with new_job(server) as store:
         threading.Timer(0.3, store.put_result, args=(b"late",)).start()
         start = time.monotonic()
-        assert store.result(5.0) == b"late"
+        assert store.result(5.0)[0] == b"late"
         assert 0.2 < time.monotonic() - start < 3.0
-        assert store.result(0.0) == b"late"
+        assert store.result(0.0)[0] == b"late"
+
+
+def test_a_result_request_held_while_the_lease_lives_answers_once_it_lapses(
+    server: Server,
+) -> None:
+    """A watcher asks once a while: its request is held while a coordinator renews the lease,
+    and answered, with the status, as soon as the job has had no live lease for `orphaned`
+    seconds (counted from the request at the earliest, so one just summoned may start)."""
+    with new_job(server) as store:
+        start = time.monotonic()
+        data, status = store.result(10.0, orphaned=0.5)  # no lease at all
+        assert data is None and status is not None and status["lease"] is None
+        assert 0.4 < time.monotonic() - start < 3.0
+        renewing = threading.Event()
+
+        def renew() -> None:
+            generation = store.lease("a", 0.6, None, "start", 30.0)[1]["generation"]
+            while not renewing.wait(0.2):
+                store.lease("a", 0.6, generation, "renew", 30.0)
+
+        threading.Thread(target=renew, daemon=True).start()
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert store.result(1.5, orphaned=0.5)[0] is None  # held to its wait: the lease lives
+        assert time.monotonic() - start > 1.4
+        renewing.set()  # the coordinator stops: lapsed 0.6 s later, orphaned 0.5 s after that
+        start = time.monotonic()
+        data, status = store.result(10.0, orphaned=0.5)
+        assert data is None and status is not None and status["lease"]["holder"] == "a"
+        assert time.monotonic() - start < 3.0
 
 
 def test_a_held_result_request_answers_at_once_when_the_server_stops(
@@ -140,7 +170,7 @@ def test_a_held_result_request_answers_at_once_when_the_server_stops(
     answers: list[bytes | None] = []
     with array_server(tmp_path) as server, new_job(server) as store:
         assert server.process is not None
-        waiting = threading.Thread(target=lambda: answers.append(store.result(25.0)))
+        waiting = threading.Thread(target=lambda: answers.append(store.result(25.0)[0]))
         waiting.start()
         time.sleep(0.5)  # the request is held by now
         server.process.terminate()
