@@ -67,6 +67,10 @@ class Params:
     count_threshold: float = 38.5  # merge height (within-block deviations) of a new speaker ...
     count_snr_slope: float = 0.094  # ... raised by this per dB of SNR below count_snr_ref, times
     count_snr_ref: float = 30.0  # the root of the merge's effective size (pieces)
+    edge_reach: float = 0.05  # a turn's edge next to silence moves within this far ...
+    edge_split: float = 0.5  # ... to where the power crosses this share (in dB) of the way from
+    # the background to the speech within edge_span of the edge
+    edge_span: float = 0.5
     min_count_speech: float = 8.0  # less speech than this: the count is "cannot tell"
     confidence_slope: float = 9.7  # logistic map from the count's margin to a confidence ...
     confidence_offset: float = -0.2  # ... fitted on the tune split
@@ -171,6 +175,79 @@ def _unit_spread(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return y / max(spread, 1e-12)
 
 
+def _distance_to_nearest(values: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """For each value, the distance to the nearest of `others` (sorted); inf when none."""
+    if others.size == 0:
+        return np.full(values.size, np.inf)
+    at = np.clip(np.searchsorted(others, values), 1, others.size)
+    below = np.abs(values - others[at - 1])
+    above = np.abs(others[np.minimum(at, others.size - 1)] - values)
+    return np.minimum(below, above)
+
+
+def refine_edges(
+    turns: list[Turn],
+    signal: np.ndarray,
+    rate: int,
+    energy: np.ndarray,
+    speech: np.ndarray,
+    voiced: np.ndarray,
+    step: float,
+    offset: float,
+    p: Params,
+) -> list[Turn]:
+    """Turns whose edges next to silence sit where the speech really starts and ends.
+
+    The VAD decides per 25 ms frame, after smoothing, so an edge is off by up to a frame or
+    so. Each edge next to silence moves (within `edge_reach`) to where the power over 5 ms
+    crosses the point `edge_split` of the way, in dB, from the background (the mean power of
+    the VAD's silence) to the speech near the edge (the mean dB of the voiced frames within
+    `edge_span` inside the turn): halfway is the geometric mean of the two, a level that
+    follows both the room and the turn. Edges between two speakers stay where the
+    re-segmentation put them. The crossings are a region over the edges (`vad.edge_crossings`).
+    """
+    if not turns or p.edge_reach <= 0:
+        return turns
+    starts = np.array([t.start for t in turns])
+    ends = np.array([t.end for t in turns])
+    # An edge within a frame of another turn's edge is a change of speaker, not silence.
+    free = np.concatenate(
+        [
+            _distance_to_nearest(starts, np.sort(ends)) > step / 2,
+            _distance_to_nearest(ends, np.sort(starts)) > step / 2,
+        ]
+    )
+    times = np.concatenate([starts, ends])[free]
+    rising = np.concatenate([np.ones(starts.size, bool), np.zeros(ends.size, bool)])[free]
+    if times.size == 0:
+        return turns
+    silent = energy[~speech] if (~speech).any() else np.sort(energy)[: max(1, energy.size // 20)]
+    background = 10.0 * math.log10(max(float(silent.mean()), 1e-12))
+    # Mean dB of the voiced frames within edge_span inside each edge: prefix sums over frames.
+    level = 10.0 * np.log10(np.maximum(energy, 1e-12))
+    sums = np.concatenate([[0.0], np.cumsum(np.where(voiced, level, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(voiced)])
+    frame = np.clip(np.round((times - offset) / step).astype(np.int64), 0, energy.size)
+    span = max(1, round(p.edge_span / step))
+    lo = np.where(rising, frame, np.maximum(frame - span, 0))
+    hi = np.where(rising, np.minimum(frame + span, energy.size), frame)
+    n = counts[hi] - counts[lo]
+    near = np.where(n > 0, (sums[hi] - sums[lo]) / np.maximum(n, 1), background)
+    threshold = 10.0 ** ((background + p.edge_split * (near - background)) / 10.0)
+    centre = np.round(times * rate).astype(np.int64)
+    reach, half = round(p.edge_reach * rate), round(0.0025 * rate)
+    hop = max(1, round(0.001 * rate))
+    moved = np.asarray(vad.edge_crossings(centre, threshold, rising, signal, reach, half, hop))
+    new_starts, new_ends = starts.copy(), ends.copy()
+    edge_times = moved / rate
+    new_starts[free[: starts.size]] = edge_times[rising]
+    new_ends[free[starts.size :]] = edge_times[~rising]
+    return [
+        Turn(float(a), float(b), t.speaker) if b > a else t
+        for a, b, t in zip(new_starts, new_ends, turns, strict=True)
+    ]
+
+
 def diarize(
     signal: np.ndarray,
     rate: int,
@@ -255,4 +332,5 @@ def diarize(
         # A frame stands for the hop-long stretch around its window's centre.
         offset = (features.frame_geometry(rate)[0] / rate - step) / 2.0
         turns = labels_to_turns(frame_labels, step, p.max_gap, offset)
+        turns = refine_edges(turns, signal, rate, feats[:, 1], speech, voiced, step, offset, p)
     return Result(turns, frame_labels, step, k, counted, timed.wall, timed.cpu)
