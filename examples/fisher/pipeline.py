@@ -45,6 +45,8 @@ class Params:
     vad_split: float = 0.5  # speech above this share of Otsu's split of the VAD scores ...
     vad_min_gap: float = 0.25  # ... pauses shorter than this bridged ...
     vad_min_speech: float = 0.15  # ... and blips shorter than this dropped
+    noisy_label_split: float = 0.4  # below subtract_below_snr, the turns' speech is above
+    # this share of Otsu's split (vad_split otherwise)
     label_min_gap: float = 0.1  # pauses this long or longer stay silent in the turns ...
     label_min_snr: float = 8.0  # ... at this SNR (dB) or more; below it, vad_min_gap
     label_trim: float = 0.025  # ... and speech runs lose this much at each end
@@ -274,8 +276,8 @@ def diarize(
     with timed("vad"):
         mfcc = feats[:, features.MFCC_COLUMNS]
         score = vad.speech_score(mfcc, step, features.mfcc_to_mel_db(rate))
-        mask = partial(vad.speech_mask, score, step, min_speech=p.vad_min_speech, split=p.vad_split)
-        speech = mask(min_gap=p.vad_min_gap)
+        mask = partial(vad.speech_mask, score, step, min_speech=p.vad_min_speech)
+        speech = mask(min_gap=p.vad_min_gap, split=p.vad_split)
         snr = snr_db(feats[:, 1], speech)
         # Clustering sees pauses under vad_min_gap bridged (short runs make poor windows and
         # pieces); the turns keep every pause from label_min_gap up, such as the short one at
@@ -283,8 +285,10 @@ def diarize(
         # such short dips and quiet edges unreliable.
         trim = round(p.label_trim / step)
         fine = snr >= p.label_min_snr
-        voiced = vad.shrink(mask(min_gap=p.label_min_gap), trim) if fine else speech
-        if snr < p.subtract_below_snr:
+        noisy = snr < p.subtract_below_snr
+        split = p.noisy_label_split if noisy else p.vad_split
+        voiced = vad.shrink(mask(min_gap=p.label_min_gap, split=split), trim) if fine else speech
+        if noisy:
             feats = features.subtract_noise(feats, speech, rate)
     with timed("mid-term"):
         win, hop = round(p.mid_window / step), round(p.mid_step / step)
@@ -323,7 +327,9 @@ def diarize(
         _, centroids, _ = cluster.kmeans(y, k, seed=seed, restarts=p.restarts)
     with timed("smooth"):
         stay = 1.0 - p.mid_step / p.mean_turn
-        path = cluster.first_appearance(cluster.viterbi(y, centroids, stay))
+        # Across a pause every speaker is equally likely next: speakers change at pauses.
+        path = cluster.viterbi(y, centroids, stay, pauses=segment[1:] != segment[:-1])
+        path = cluster.first_appearance(path)
         # Every speech frame takes the label of the nearest clustered window.
         nearest = np.searchsorted((kept[:-1] + kept[1:]) / 2.0, np.arange(speech.size))
         frame_labels = np.where(voiced, path[nearest], -1)
