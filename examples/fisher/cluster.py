@@ -137,11 +137,11 @@ def viterbi(
     j or switching from the best state: k x k work per step, not k^3. A step across a pause
     (`pauses[t - 1]` True for the step into window t) makes every state equally likely:
     speakers change at pauses, and a short reply between two long turns of another speaker
-    should not pay for two switches. The emission variance
-    is the mean within-cluster variance. The time steps (mid-term windows) are cut into
-    pieces of `piece` steps (default about the square root of their number), and each loop
-    below runs over the steps of one piece with all pieces at once, so an hour is a few
-    hundred numpy steps, not 36,000 Python ones:
+    should not pay for two switches. The emission variance is the mean within-cluster
+    variance. The time steps (mid-term windows) are cut into pieces of `piece` steps (default
+    about the square root of their number), and each loop below runs over the steps of one
+    piece with all pieces at once, so an hour is a few hundred numpy steps, not 36,000 Python
+    ones:
     1. each piece's max-plus transfer matrix (best score from each state before the piece to
        each state at its end);
     2. the scores entering each piece, piece after piece (k x k steps);

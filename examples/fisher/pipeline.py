@@ -73,10 +73,9 @@ class Params:
     count_threshold: float = 38.5  # merge height (within-block deviations) of a new speaker ...
     count_snr_slope: float = 0.094  # ... raised by this per dB of SNR below count_snr_ref, times
     count_snr_ref: float = 30.0  # the root of the merge's effective size (pieces)
-    edge_reach: float = 0.05  # a turn's edge next to silence moves within this far ...
-    edge_split: float = 0.5  # ... to where the power crosses this share (in dB) of the way from
-    # the background to the speech within edge_span of the edge
-    edge_span: float = 0.5
+    edge_reach: float = 0.05  # a turn's edge next to silence moves within this far to where
+    edge_split: float = 0.5  # the 5 ms power crosses this share (in dB) of the way from the
+    edge_span: float = 0.5  # background to the speech within this far inside the turn
     min_count_speech: float = 8.0  # less speech than this: the count is "cannot tell"
     confidence_slope: float = 9.7  # logistic map from the count's margin to a confidence ...
     confidence_offset: float = -0.2  # ... fitted on the tune split
@@ -240,10 +239,21 @@ def refine_edges(
     n = counts[hi] - counts[lo]
     near = np.where(n > 0, (sums[hi] - sums[lo]) / np.maximum(n, 1), background)
     threshold = 10.0 ** ((background + p.edge_split * (near - background)) / 10.0)
+    # An edge stays on its side of the point halfway to the other turn's nearest edge (the end
+    # before a start, the start after an end), so it never runs into the next voice.
+    before, after = np.sort(ends), np.sort(starts)
+    at = np.searchsorted(before, times, side="right") - 1
+    previous_end = np.where(at >= 0, before[np.maximum(at, 0)], -np.inf)
+    at = np.searchsorted(after, times, side="left")
+    next_start = np.where(at < after.size, after[np.minimum(at, after.size - 1)], np.inf)
+    halfway = np.where(rising, (times + previous_end) / 2.0, (times + next_start) / 2.0)
     centre = np.round(times * rate).astype(np.int64)
     reach, half = round(p.edge_reach * rate), round(0.0025 * rate)
+    bound = np.clip(np.nan_to_num(halfway * rate), centre - reach - 1, centre + reach + 1)
+    limit = np.round(bound).astype(np.int64)
     hop = max(1, round(0.001 * rate))
-    moved = np.asarray(vad.edge_crossings(centre, threshold, rising, signal, reach, half, hop))
+    moved = vad.edge_crossings(centre, threshold, rising, limit, signal, reach, half, hop)
+    moved = np.asarray(moved)
     new_starts, new_ends = starts.copy(), ends.copy()
     edge_times = moved / rate
     new_starts[free[: starts.size]] = edge_times[rising]

@@ -166,6 +166,7 @@ def edge_crossings(
     centre: np.ndarray,
     threshold: np.ndarray,
     rising: np.ndarray,
+    limit: np.ndarray,
     signal: np.ndarray,
     reach: int,
     half: int,
@@ -173,8 +174,10 @@ def edge_crossings(
 ) -> np.ndarray:
     """For each speech edge near sample `centre`, the sample where the signal's short-term power
     (mean square over 2 `half` + 1 samples, every `hop` samples within `reach` of the centre)
-    crosses `threshold`: the first point above it for a start (`rising`), the last for an end.
-    An edge whose window never rises above its threshold, or runs off the signal, stays put.
+    crosses `threshold`: the first point above it for a start (`rising`), the last for an end,
+    a start no earlier and an end no later than its `limit` sample (halfway to the neighbouring
+    turn, so an edge never runs into the next voice across a short pause). An edge whose window
+    never rises above its threshold there, or runs off the signal, stays put.
     """
     out = centre.astype(np.int64).copy()
     offsets = np.arange(-reach, reach + 1, hop)
@@ -189,7 +192,11 @@ def edge_crossings(
         prefix = np.zeros((c.size, span.size + 1))
         np.cumsum(x * x, axis=1, out=prefix[:, 1:])
         power = (prefix[:, at + width] - prefix[:, at]) / width
-        above = power > threshold[lo : lo + EDGE_BATCH, None]
+        points = c[:, None] + offsets[None, :]
+        up = rising[lo : lo + EDGE_BATCH, None]
+        bound = limit[lo : lo + EDGE_BATCH, None]
+        allowed = np.where(up, points >= bound, points <= bound)
+        above = (power > threshold[lo : lo + EDGE_BATCH, None]) & allowed
         first = above.argmax(axis=1)
         last = offsets.size - 1 - above[:, ::-1].argmax(axis=1)
         pick = np.where(rising[lo : lo + EDGE_BATCH], first, last)

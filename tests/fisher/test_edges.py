@@ -25,7 +25,8 @@ def test_edge_crossings_find_the_burst_and_leave_silence_alone() -> None:
     centre = np.array([round(1.03 * RATE), round(1.96 * RATE), round(3.0 * RATE)])
     threshold = np.full(3, 1e-3)
     rising = np.array([True, False, True])
-    out = vad.edge_crossings(centre, threshold, rising, x, 800, 40, 16)
+    limit = np.array([0, x.size, 0])
+    out = vad.edge_crossings(centre, threshold, rising, limit, x, 800, 40, 16)
     assert abs(out[0] / RATE - 1.0) < 0.004  # moved 30 ms earlier, onto the onset
     assert abs(out[1] / RATE - 2.0) < 0.004  # moved 40 ms later, onto the offset
     assert out[2] == centre[2]  # nothing above the threshold near it: stays
@@ -46,3 +47,34 @@ def test_refine_edges_moves_edges_next_to_silence_only() -> None:
     assert out[0].end == 1.5 and out[1].start == 1.5  # the change of speaker is not touched
     off = refine_edges(turns, x, RATE, energy, speech, speech, step, offset, Params(edge_reach=0))
     assert off == turns
+
+
+def test_an_edge_does_not_cross_the_neighbouring_turn() -> None:
+    # Two voices 30 ms apart: each edge next to that short pause may not pass the other turn's.
+    x = _bursts([(0.5, 1.5), (1.53, 2.5)])
+    feats, step = features.short_term_features(x, RATE)
+    energy = feats[:, 1]
+    speech = energy > 1e-4
+    turns = [Turn(0.5, 1.49, "spk0"), Turn(1.55, 2.5, "spk1")]
+    offset = (features.frame_geometry(RATE)[0] / RATE - step) / 2.0
+    out = refine_edges(turns, x, RATE, energy, speech, speech, step, offset, Params())
+    assert out[0].end <= out[1].start
+    assert abs(out[0].end - 1.5) < 0.004 and abs(out[1].start - 1.53) < 0.004
+
+
+def test_edge_crossings_do_not_depend_on_the_chunking(executor: str) -> None:
+    import lampy
+
+    x = _bursts([(0.2 + 0.3 * i, 0.35 + 0.3 * i) for i in range(12)])
+    rng = np.random.default_rng(1)
+    centre = np.round((np.arange(24) * 0.15 + 0.2 + rng.uniform(-0.03, 0.03, 24)) * RATE)
+    centre = centre.astype(np.int64)
+    threshold = np.full(24, 1e-3)
+    rising = np.arange(24) % 2 == 0
+    limit = np.where(rising, 0, x.size)
+    with lampy.using(executor="inline"):
+        want = vad.edge_crossings(centre, threshold, rising, limit, x, 800, 40, 16)
+    with lampy.using(executor=executor, chunks=3):
+        got = vad.edge_crossings(centre, threshold, rising, limit, x, 800, 40, 16)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(want, centre)
