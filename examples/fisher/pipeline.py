@@ -204,9 +204,10 @@ def refine_edges(
     """Turns whose edges next to silence sit where the speech really starts and ends.
 
     The VAD decides per 25 ms frame, after smoothing, so an edge is off by up to a frame or
-    so. Each edge next to silence moves (within `edge_reach`) to where the power over 5 ms
-    crosses the point `edge_split` of the way, in dB, from the background (the mean power of
-    the VAD's silence) to the speech near the edge (the mean dB of the voiced frames within
+    so. Each edge next to silence moves (within `edge_reach`, and no further than halfway to
+    the neighbouring turn's edge, so it never runs into the next voice) to where the power over
+    5 ms crosses the point `edge_split` of the way, in dB, from the background (the mean power
+    of the VAD's silence) to the speech near the edge (the mean dB of the voiced frames within
     `edge_span` inside the turn): halfway is the geometric mean of the two, a level that
     follows both the room and the turn. Edges between two speakers stay where the
     re-segmentation put them. The crossings are a region over the edges (`vad.edge_crossings`).
