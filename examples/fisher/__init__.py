@@ -7,7 +7,8 @@ wav ─► short-term features (38 per 50 ms frame; @lampy.elemwise over blocks 
     ─► speaker count 1..8 by Ward merging of 0.3 s pieces, with a confidence, or "cannot tell"
     ─► k-means (k-means++, seeded restarts; each iteration a @lampy.sum)
     ─► HMM Viterbi smoothing ─► re-segmentation of speaker changes (frame likelihoods as a
-       @lampy.elemwise) ─► turns ─► RTTM, table, PNG; DER and purities
+       @lampy.elemwise) ─► turns, edges next to silence refined to the sample (@lampy.elemwise)
+    ─► RTTM, table, PNG; DER and purities
 
 python -m examples.fisher diarize FILE.wav [--speakers N] [--reference REF.rttm]
                                   [--executor inline|local|openlambda] [--out DIR]

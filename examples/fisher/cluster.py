@@ -124,17 +124,24 @@ def first_appearance(labels: np.ndarray) -> np.ndarray:
 
 
 def viterbi(
-    x: np.ndarray, centroids: np.ndarray, stay: float, piece: int | None = None
+    x: np.ndarray,
+    centroids: np.ndarray,
+    stay: float,
+    piece: int | None = None,
+    pauses: np.ndarray | None = None,
 ) -> np.ndarray:
     """Most likely label path under an HMM with Gaussian states at the centroids.
 
     Each step keeps its state with probability `stay` (at least 1 / k) and moves to each other
     state with an equal share of the rest, so the best way into state j is either staying in
-    j or switching from the best state: k x k work per step, not k^3. The emission variance
-    is the mean within-cluster variance. The time steps (mid-term windows) are cut into
-    pieces of `piece` steps (default about the square root of their number), and each loop
-    below runs over the steps of one piece with all pieces at once, so an hour is a few
-    hundred numpy steps, not 36,000 Python ones:
+    j or switching from the best state: k x k work per step, not k^3. A step across a pause
+    (`pauses[t - 1]` True for the step into window t) makes every state equally likely:
+    speakers change at pauses, and a short reply between two long turns of another speaker
+    should not pay for two switches. The emission variance is the mean within-cluster
+    variance. The time steps (mid-term windows) are cut into pieces of `piece` steps (default
+    about the square root of their number), and each loop below runs over the steps of one
+    piece with all pieces at once, so an hour is a few hundred numpy steps, not 36,000 Python
+    ones:
     1. each piece's max-plus transfer matrix (best score from each state before the piece to
        each state at its end);
     2. the scores entering each piece, piece after piece (k x k steps);
@@ -151,21 +158,27 @@ def viterbi(
     log_emit = -d2 / (2.0 * var)
     if k == 1 or n < 2:
         return np.full(n, int(log_emit[0].argmax()) if n else 0, dtype=np.int64)
-    log_stay, log_switch = np.log(stay), np.log((1.0 - stay) / (k - 1))
     steps = n - 1  # steps 1..n-1 follow the start
     size = piece or max(1, int(np.sqrt(steps)))
     count = -(-steps // size)
+    # Per step: the log probabilities of keeping the state and of moving to one other state.
+    across = np.zeros(count * size, dtype=bool)
+    if pauses is not None:
+        across[:steps] = pauses
+    log_stay = np.where(across, np.log(1.0 / k), np.log(stay)).reshape(count, size)
+    log_switch = np.where(across, np.log(1.0 / k), np.log((1.0 - stay) / (k - 1)))
+    log_switch = log_switch.reshape(count, size)
     emit = np.zeros((count * size, k))
     emit[:steps] = log_emit[1:]
     emit = emit.reshape(count, size, k)
     real = (np.arange(count * size) < steps).reshape(count, size)  # padding: no step at all
     # 1. transfer matrices, all pieces at once: (count, from, to)
-    transfer = np.full((count, k, k), log_switch)
-    transfer[:, np.arange(k), np.arange(k)] = log_stay
+    transfer = np.broadcast_to(log_switch[:, 0, None, None], (count, k, k)).copy()
+    transfer[:, np.arange(k), np.arange(k)] = log_stay[:, 0, None]
     transfer = np.where(real[:, 0, None, None], transfer + emit[:, 0, None, :], _identity(k))
     for s in range(1, size):
-        best = transfer.max(axis=2, keepdims=True) + log_switch
-        moved = np.maximum(transfer + log_stay, best) + emit[:, s, None, :]
+        best = transfer.max(axis=2, keepdims=True) + log_switch[:, s, None, None]
+        moved = np.maximum(transfer + log_stay[:, s, None, None], best) + emit[:, s, None, :]
         transfer = np.where(real[:, s, None, None], moved, transfer)
     # 2. scores entering each piece
     entering = np.empty((count, k))
@@ -177,9 +190,9 @@ def viterbi(
     back = np.empty((count, size, k), dtype=np.int64)
     own = np.arange(k)
     for s in range(size):
-        kept = score + log_stay
+        kept = score + log_stay[:, s, None]
         best = score.argmax(axis=1)[:, None]
-        switched = np.take_along_axis(score, best, axis=1) + log_switch
+        switched = np.take_along_axis(score, best, axis=1) + log_switch[:, s, None]
         back[:, s] = np.where(
             kept > switched, own, np.where(kept < switched, best, np.minimum(own, best))
         )

@@ -156,3 +156,50 @@ def detect_speech(
     or from coefficients that `to_levels` maps to them: `speech_mask` of `speech_score`."""
     score = speech_score(levels_db, step, to_levels)
     return speech_mask(score, step, min_margin_db, min_gap, min_speech, split)
+
+
+EDGE_BATCH = 256  # edges refined at a time: their sample windows stay a few MB
+
+
+@lampy.elemwise(shared=("signal",))
+def edge_crossings(
+    centre: np.ndarray,
+    threshold: np.ndarray,
+    rising: np.ndarray,
+    limit: np.ndarray,
+    signal: np.ndarray,
+    reach: int,
+    half: int,
+    hop: int,
+) -> np.ndarray:
+    """For each speech edge near sample `centre`, the sample where the signal's short-term power
+    (mean square over 2 `half` + 1 samples, every `hop` samples within `reach` of the centre)
+    crosses `threshold`: the first point above it for a start (`rising`), the last for an end,
+    a start no earlier and an end no later than its `limit` sample (halfway to the neighbouring
+    turn, so an edge never runs into the next voice across a short pause). An edge whose window
+    never rises above its threshold there, or runs off the signal, stays put.
+    """
+    out = centre.astype(np.int64).copy()
+    offsets = np.arange(-reach, reach + 1, hop)
+    span = np.arange(offsets[0] - half, offsets[-1] + half + 1)
+    width = 2 * half + 1
+    at = offsets - offsets[0]  # where each point's window starts in the span
+    for lo in range(0, centre.size, EDGE_BATCH):
+        c = out[lo : lo + EDGE_BATCH]
+        inside = (c + span[0] >= 0) & (c + span[-1] < signal.size)
+        index = np.clip(c[:, None] + span[None, :], 0, signal.size - 1)
+        x = signal[index].astype(np.float64)
+        prefix = np.zeros((c.size, span.size + 1))
+        np.cumsum(x * x, axis=1, out=prefix[:, 1:])
+        power = (prefix[:, at + width] - prefix[:, at]) / width
+        points = c[:, None] + offsets[None, :]
+        up = rising[lo : lo + EDGE_BATCH, None]
+        bound = limit[lo : lo + EDGE_BATCH, None]
+        allowed = np.where(up, points >= bound, points <= bound)
+        above = (power > threshold[lo : lo + EDGE_BATCH, None]) & allowed
+        first = above.argmax(axis=1)
+        last = offsets.size - 1 - above[:, ::-1].argmax(axis=1)
+        pick = np.where(rising[lo : lo + EDGE_BATCH], first, last)
+        moved = inside & above.any(axis=1)
+        out[lo : lo + EDGE_BATCH] = np.where(moved, c + offsets[pick], c)
+    return out

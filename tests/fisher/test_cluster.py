@@ -59,8 +59,11 @@ def test_viterbi_matches_brute_force() -> None:
     np.testing.assert_array_equal(cluster.viterbi(x, centroids, stay), best_path)
 
 
-def _stepwise_viterbi(x: np.ndarray, centroids: np.ndarray, stay: float) -> np.ndarray:
-    """The textbook recursion, one Python step per frame, dense k x k transitions."""
+def _stepwise_viterbi(
+    x: np.ndarray, centroids: np.ndarray, stay: float, pauses: np.ndarray | None = None
+) -> np.ndarray:
+    """The textbook recursion, one Python step per frame, dense k x k transitions (all alike
+    at a step across a pause)."""
     k = centroids.shape[0]
     d2 = ((x[:, None, :] - centroids[None]) ** 2).sum(axis=2)
     log_emit = -d2 / (2.0 * (d2.min(axis=1).mean() / x.shape[1] + 1e-12))
@@ -69,7 +72,8 @@ def _stepwise_viterbi(x: np.ndarray, centroids: np.ndarray, stay: float) -> np.n
     score = log_emit[0] - np.log(k)
     back = np.zeros((x.shape[0], k), dtype=int)
     for t in range(1, x.shape[0]):
-        cand = score[:, None] + log_trans
+        across = pauses is not None and pauses[t - 1]
+        cand = score[:, None] + (np.full((k, k), np.log(1.0 / k)) if across else log_trans)
         back[t] = cand.argmax(axis=0)
         score = cand.max(axis=0) + log_emit[t]
     path = [int(score.argmax())]
@@ -89,6 +93,24 @@ def test_viterbi_in_pieces_matches_the_stepwise_recursion(seed: int) -> None:
     want = _stepwise_viterbi(x, centroids, stay)
     for piece in (None, 1, 2, 7, n + 5):  # ragged last piece, one piece, one step per piece
         np.testing.assert_array_equal(cluster.viterbi(x, centroids, stay, piece), want)
+    pauses = rng.random(n - 1) < 0.05
+    want = _stepwise_viterbi(x, centroids, stay, pauses)
+    for piece in (None, 1, 7, n + 5):
+        got = cluster.viterbi(x, centroids, stay, piece, pauses)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_short_reply_after_a_pause_keeps_its_speaker() -> None:
+    # Three windows of the other voice between two long turns: two switches cost more than
+    # their emissions gain, unless the reply is set off by pauses, where speakers change.
+    wobble = 0.3 * (-1.0) ** np.arange(43)
+    x = (np.array([0.0] * 20 + [0.8] * 3 + [0.0] * 20) + wobble)[:, None]
+    centroids = np.array([[0.0], [1.0]])
+    assert not cluster.viterbi(x, centroids, stay=0.999).any()
+    pauses = np.zeros(x.shape[0] - 1, dtype=bool)
+    pauses[[19, 22]] = True  # the steps into window 20 and into window 23
+    path = cluster.viterbi(x, centroids, stay=0.999, pauses=pauses)
+    np.testing.assert_array_equal(path, [0] * 20 + [1] * 3 + [0] * 20)
 
 
 def test_viterbi_refuses_a_stay_below_chance() -> None:

@@ -98,3 +98,33 @@ def test_png_timeline(tmp_path: Path) -> None:
     png = tmp_path / "t.png"
     assert save_timeline(png, hypothesis, reference, {"hS0": "S0", "hS1": "S1"}) is None
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_turns_keep_quieter_speech_in_noise(
+    sample: tuple[np.ndarray, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below 12 dB SNR the turns' speech mask splits lower (quiet word ends are nearer the
+    noise); clustering's mask, and both on clean audio, keep the VAD's split."""
+    from examples.fisher import pipeline, vad
+
+    splits: list[float] = []
+    real = vad.speech_mask
+
+    def spy(*args: object, **kwargs: object) -> np.ndarray:
+        splits.append(float(kwargs["split"]))  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline.vad, "speech_mask", spy)
+    signal, rate = sample
+    diarize(signal, rate, n_speakers=2)
+    assert splits == [0.5, 0.5]
+    rng = np.random.default_rng(0)
+    spoken = np.zeros(signal.size, dtype=bool)
+    for t in read_rttm(SAMPLE_RTTM):
+        spoken[round(t.start * rate) : round(t.end * rate)] = True
+    power = float(np.mean(signal[spoken].astype(np.float64) ** 2))
+    noisy = signal + rng.normal(0.0, np.sqrt(power / 10), signal.size)  # 10 dB SNR
+    splits.clear()
+    p = pipeline.Params()
+    diarize(noisy.astype(np.float32), rate, n_speakers=2, params=p)
+    assert splits == [p.vad_split, p.noisy_label_split] and p.noisy_label_split < p.vad_split
