@@ -392,7 +392,13 @@ def paired(
 
     benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds, iterations=1)
     ratio = statistics.median(o / p for o, p in zip(own_s, partner_s, strict=True))
-    benchmark.extra_info["paired"] = {"own": own, "partner": partner, "ratio": ratio}
+    benchmark.extra_info["paired"] = {
+        "own": own,
+        "partner": partner,
+        "ratio": ratio,
+        "own_ms": [round(t * 1e3, 1) for t in own_s],
+        "partner_ms": [round(t * 1e3, 1) for t in partner_s],
+    }
     return ratio
 
 
@@ -430,16 +436,18 @@ def test_first_call(
         process.stdin.flush()
         assert process.stdout.readline().strip() == "done"
 
+    if executor == "inline":
+        row(group, 'lampy inline, chunks="auto"', baseline=True)
+    else:
+        row(group, 'lampy local, chunks="auto", pool cold', target=1 / 1.05)
     try:
         ratio = paired(benchmark, prepare, first_call, executor, "inline")
     finally:
         for process in processes:
             end_process(process, kill=True)
     if executor == "inline":
-        row(group, 'lampy inline, chunks="auto"', baseline=True)
         note = f"two inline processes, interleaved pairs: median ratio {ratio:.2f}"
     else:
-        row(group, 'lampy local, chunks="auto", pool cold', target=1 / 1.05)
         note = f"against inline in interleaved pairs: median time ratio {ratio:.2f}"
     benchmark.extra_info["note"] = note
     benchmark.extra_info["scaling"] = {"workers": cores() if executor == "local" else 1}
@@ -509,13 +517,15 @@ def test_fisher_cli(
 
     run(executor)  # untimed: byte code written, files in the page cache
     totals[executor].clear()
+    if executor == "inline":
+        row(group, "--executor inline", baseline=True)
+    else:
+        row(group, "--executor local (the default)", target=1.0)
     ratio = paired(benchmark, lambda variant: variant, run, executor, "inline", CLI_PAIRS)
     own = statistics.median(totals[executor]) * 1e3
     if executor == "inline":
-        row(group, "--executor inline", baseline=True)
         pairs = f"two inline processes, interleaved pairs: median ratio {ratio:.2f}"
     else:
-        row(group, "--executor local (the default)", target=1.0)
         pairs = f"against inline in interleaved pairs: median time ratio {ratio:.2f}"
     benchmark.extra_info["note"] = f"{pairs}; the pipeline's own total {own:,.0f} ms (median)"
     benchmark.extra_info["scaling"] = {"workers": cores() if executor == "local" else 1}
