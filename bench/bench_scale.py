@@ -21,13 +21,16 @@ Also, side by side in the same run:
   over the cores, against numpy alone;
 - chaining two elemwise regions against the two regions alone;
 - "auto never loses": the first call of a fresh process, `chunks="auto"` on `local` (pool
-  cold: probe and start-up included) against `inline`, per workload.
+  cold: probe and start-up included) against `inline`, per workload, and the Fisher CLI as a
+  user runs it; each round is paired with a fresh `inline` process and the median of the
+  pairs' ratios is noted (`paired`), with two inline processes as the control.
 
 Rows go to the "Scaling with the cores" section of bench/RESULTS.md (bench/conftest.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -296,6 +299,14 @@ def test_chaining(benchmark: Any, row: Row, how: str) -> None:
 
 # -- auto never loses, first call included -------------------------------------------------------
 
+PAIRS = 9  # interleaved fresh-process pairs per row (each row's own process against a partner's)
+# Freed in each fresh process before it says "ready" (untimed, the same for every executor): on
+# this VM a fresh page of memory costs the kernel 0.05-1 us to fault in depending on where the
+# host backs it (the same 641 faults of `a + b` on 256 MiB took 27-595 ms of system time in
+# plain numpy, no lampy: bench/RESULTS.md, "Where lampy loses"), so without it the first-call
+# rows measure which process got slow pages. Pages freed here are cheap to fault in again.
+SCRATCH_BYTES = 1 << 30
+
 FIRST_CALL = """
 import sys, time
 import numpy as np
@@ -323,6 +334,8 @@ else:
     from examples.fisher.cluster import kmeans_partials
     args = (rng.standard_normal((1_000_000, 8)), rng.standard_normal((1, 8, 8)))
     region = lampy.sum(shared=("centroids",))(kmeans_partials.__wrapped__)
+scratch = np.ones({scratch} // 8)
+del scratch
 print("ready", flush=True)
 sys.stdin.readline()
 with lampy.using(executor=executor):
@@ -335,8 +348,58 @@ sys.stdin.readline()
 @pytest.fixture
 def first_call_script(tmp_path: Path) -> Path:
     script = tmp_path / "first_call.py"
-    script.write_text(FIRST_CALL.format(root=str(ROOT)))
+    script.write_text(FIRST_CALL.format(root=str(ROOT), scratch=SCRATCH_BYTES))
     return script
+
+
+def paired(
+    benchmark: Any,
+    prepare: Callable[[str], Any],
+    call: Callable[[Any], None],
+    own: str,
+    partner: str,
+    rounds: int = PAIRS,
+) -> float:
+    """Time `call(prepare(own))` as the row's rounds, each paired with the same for `partner`,
+    run just before the round (even rounds) or just after it (odd rounds), so both sides of a
+    pair meet the same machine; returns the median over pairs of own's time over partner's
+    (the figure to read on a shared machine, where the rows' medians drift between tests).
+    `prepare` is untimed (a fresh process making its data); `call` is what a user waits for."""
+    own_s: list[float] = []
+    partner_s: list[float] = []
+    rounds_seen: list[int] = []
+
+    def timed(variant: str, into: list[float]) -> None:
+        handle = prepare(variant)
+        start = time.perf_counter()
+        call(handle)
+        into.append(time.perf_counter() - start)
+
+    def setup() -> tuple[tuple[Any], dict[str, Any]]:
+        rounds_seen.append(len(rounds_seen))
+        if rounds_seen[-1] % 2 == 0:
+            timed(partner, partner_s)
+        return (prepare(own),), {}
+
+    def target(handle: Any) -> None:
+        start = time.perf_counter()
+        call(handle)
+        own_s.append(time.perf_counter() - start)
+
+    def teardown(handle: Any) -> None:
+        if rounds_seen[-1] % 2 == 1:
+            timed(partner, partner_s)
+
+    benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds, iterations=1)
+    ratio = statistics.median(o / p for o, p in zip(own_s, partner_s, strict=True))
+    benchmark.extra_info["paired"] = {
+        "own": own,
+        "partner": partner,
+        "ratio": ratio,
+        "own_ms": [round(t * 1e3, 1) for t in own_s],
+        "partner_ms": [round(t * 1e3, 1) for t in partner_s],
+    }
+    return ratio
 
 
 @pytest.mark.parametrize("executor", ["inline", "local"])
@@ -345,33 +408,27 @@ def test_first_call(
     benchmark: Any, row: Row, first_call_script: Path, workload: str, executor: str
 ) -> None:
     """The first call of a fresh process, timed alone: the process has made its data and
-    imported lampy (untimed); the call pays the probe and, on `local`, the pool's start-up."""
+    imported lampy (untimed); the call pays the probe and, on `local`, the pool's start-up.
+    Each round is paired with a fresh `inline` process (the inline row's partner is another
+    inline process: the spread between two runs of the same code, in the same run)."""
     group = f"auto never loses, first call of a fresh process: {GROUPS[workload]}"
-    if executor == "inline":
-        row(group, 'lampy inline, chunks="auto"', baseline=True)
-    else:
-        row(group, 'lampy local, chunks="auto", pool cold', target=1 / 1.05)
     processes: list[subprocess.Popen[str]] = []
 
-    def start() -> tuple[tuple[subprocess.Popen[str]], dict[str, Any]]:
-        # The last round's process ends first: its pool, started after its call, would
-        # otherwise start up during this round's call and bill it for the other process.
+    def prepare(variant: str) -> subprocess.Popen[str]:
+        # The last process ends first: a pool it started after its call would otherwise
+        # start up during this call and bill it for the other process.
         for earlier in processes:
-            if earlier.poll() is None and earlier.stdin is not None:
-                earlier.stdin.write("end\n")
-                earlier.stdin.flush()
-                earlier.wait(timeout=60)
-        env = dict(os.environ, LAMPY_EXECUTOR=executor)
+            end_process(earlier)
         process = subprocess.Popen(
-            [sys.executable, str(first_call_script), workload, executor],
+            [sys.executable, str(first_call_script), workload, variant],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env=env,
+            env=dict(os.environ, LAMPY_EXECUTOR=variant),
         )
         processes.append(process)
         assert process.stdout is not None and process.stdout.readline().strip() == "ready"
-        return (process,), {}
+        return process
 
     def first_call(process: subprocess.Popen[str]) -> None:
         assert process.stdin is not None and process.stdout is not None
@@ -379,23 +436,42 @@ def test_first_call(
         process.stdin.flush()
         assert process.stdout.readline().strip() == "done"
 
+    if executor == "inline":
+        row(group, 'lampy inline, chunks="auto"', baseline=True)
+    else:
+        row(group, 'lampy local, chunks="auto", pool cold', target=1 / 1.05)
     try:
-        benchmark.pedantic(first_call, setup=start, rounds=7, iterations=1)
+        ratio = paired(benchmark, prepare, first_call, executor, "inline")
     finally:
         for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            for pipe in (process.stdin, process.stdout):
-                if pipe is not None:
-                    pipe.close()
+            end_process(process, kill=True)
+    if executor == "inline":
+        note = f"two inline processes, interleaved pairs: median ratio {ratio:.2f}"
+    else:
+        note = f"against inline in interleaved pairs: median time ratio {ratio:.2f}"
+    benchmark.extra_info["note"] = note
     benchmark.extra_info["scaling"] = {"workers": cores() if executor == "local" else 1}
+
+
+def end_process(process: subprocess.Popen[str], kill: bool = False) -> None:
+    """Let a first-call process finish (or kill it), and close its pipes."""
+    if process.poll() is None:
+        if kill or process.stdin is None:
+            process.kill()
+        else:
+            with contextlib.suppress(OSError):
+                process.stdin.write("end\n")
+                process.stdin.flush()
+    process.wait(timeout=60)
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()
 
 
 # -- the Fisher CLI, as a new user first runs it --------------------------------------------------
 
-CLI_ROUNDS = 7
 SAMPLE = ROOT / "examples" / "fisher" / "data" / "two_speakers.wav"
+CLI_PAIRS = 11
 
 
 @pytest.fixture(scope="module")
@@ -418,21 +494,18 @@ def test_fisher_cli(
 ) -> None:
     """`python -m examples.fisher diarize FILE --executor E`, each round a fresh process,
     timed whole (start, imports, the pipeline, the pool's start and stop: what a user waits
-    for). The pipeline's own total (its --json "total") is kept as a note."""
+    for), paired with a fresh `--executor inline` process (the inline row's partner is another
+    inline process). The pipeline's own total (its --json "total") is kept as a note."""
     wav = SAMPLE if recording == "sample" else request.getfixturevalue("ten_minutes")
     label = "bundled 42 s sample" if recording == "sample" else "10-minute file"
     group = f"the Fisher CLI, diarize on the {label}, a fresh process each round"
-    if executor == "inline":
-        row(group, "--executor inline", baseline=True)
-    else:
-        row(group, "--executor local (the default)", target=1.0)
     command = [sys.executable, "-m", "examples.fisher", "diarize", str(wav), "--json"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    totals: list[float] = []
+    totals: dict[str, list[float]] = {"inline": [], "local": []}
 
-    def run() -> None:
+    def run(variant: str) -> None:
         done = subprocess.run(
-            [*command, "--executor", executor],
+            [*command, "--executor", variant],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -440,14 +513,21 @@ def test_fisher_cli(
             timeout=600,
             check=True,
         )
-        totals.append(json.loads(done.stdout)["timings"]["total"])
+        totals[variant].append(json.loads(done.stdout)["timings"]["total"])
 
-    run()  # untimed: byte code written, files in the page cache
-    totals.clear()
-    benchmark.pedantic(run, rounds=CLI_ROUNDS, iterations=1)
-    benchmark.extra_info["note"] = (
-        f"the pipeline's own total {statistics.median(totals) * 1e3:,.0f} ms (median)"
-    )
+    run(executor)  # untimed: byte code written, files in the page cache
+    totals[executor].clear()
+    if executor == "inline":
+        row(group, "--executor inline", baseline=True)
+    else:
+        row(group, "--executor local (the default)", target=1.0)
+    ratio = paired(benchmark, lambda variant: variant, run, executor, "inline", CLI_PAIRS)
+    own = statistics.median(totals[executor]) * 1e3
+    if executor == "inline":
+        pairs = f"two inline processes, interleaved pairs: median ratio {ratio:.2f}"
+    else:
+        pairs = f"against inline in interleaved pairs: median time ratio {ratio:.2f}"
+    benchmark.extra_info["note"] = f"{pairs}; the pipeline's own total {own:,.0f} ms (median)"
     benchmark.extra_info["scaling"] = {"workers": cores() if executor == "local" else 1}
 
 

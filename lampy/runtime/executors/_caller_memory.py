@@ -12,7 +12,6 @@ pool falls back to the arena when it says no or a worker reports that it could n
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import sys
@@ -27,13 +26,19 @@ class _IoVec(ctypes.Structure):
 
 
 @cache
+def _libc() -> Any:
+    """The C library, found among this process's own symbols: `ctypes.util.find_library`
+    would start an `ldconfig -p` process in the caller and in every worker at start-up."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@cache
 def _syscall() -> Any:
     """libc's process_vm_readv, or None where there is none (not Linux, old libc)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.process_vm_readv
+        function = _libc().process_vm_readv
     except (OSError, AttributeError):
         return None
     function.restype = ctypes.c_ssize_t
@@ -97,7 +102,6 @@ def readable() -> bool:
 def _dumpable() -> bool:
     pr_get_dumpable = 3
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return bool(libc.prctl(pr_get_dumpable, 0, 0, 0, 0) == 1)
+        return bool(_libc().prctl(pr_get_dumpable, 0, 0, 0, 0) == 1)
     except (OSError, AttributeError):
         return False

@@ -495,14 +495,18 @@ class _Worker:
             return f"was killed by {name}{hint}"
         return f"exited with code {code}"
 
-    def stop(self) -> None:
-        """Kill it (if still running) and reap it; bounded: a process that does not go within
-        STOP_WAIT_S is left to be reaped later."""
+    def kill(self) -> None:
+        """Send it SIGKILL (if still running), without waiting for it to go."""
         if self.process.poll() is None:
             with contextlib.suppress(OSError):
                 self.process.kill()
+
+    def stop(self, wait: float = STOP_WAIT_S) -> None:
+        """Kill it (if still running) and reap it; bounded: a process that does not go within
+        `wait` seconds is left to be reaped later."""
+        self.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=STOP_WAIT_S)
+            self.process.wait(timeout=wait)
         self.conn.close()
         if self.sentinel is not None:
             os.close(self.sentinel)
@@ -627,8 +631,13 @@ class _Pool:
         return os.getpid(), address, self.probe.tobytes()
 
     def close(self) -> None:
+        """Stop every worker: all are killed first, then reaped within one STOP_WAIT_S in all
+        (one by one, a pool of 16 would wait for 16 exits in turn, at the caller's exit too)."""
         for worker in self.workers:
-            worker.stop()
+            worker.kill()
+        deadline = time.monotonic() + STOP_WAIT_S
+        for worker in self.workers:
+            worker.stop(wait=max(0.0, deadline - time.monotonic()))
         self.workers = []
         self.arena.release()
 

@@ -268,3 +268,64 @@ def test_a_cold_auto_call_runs_here_and_starts_the_pool_without_waiting_for_it(
     finally:
         go.set()
         executor.close()
+
+
+def test_closing_a_pool_kills_every_worker_before_waiting_for_any(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pool of N ends in one worker's exit time, not N in turn (at the program's exit too)."""
+    from lampy.runtime.executors import _local as local
+
+    executor = executors.get("local", {"workers": 3})
+    assert isinstance(executor, LocalExecutor)
+    x = np.arange(30.0)
+    with lampy.using(executor="local", workers=3):
+        np.testing.assert_array_equal(lampy.elemwise(chunks=3)(np.negative)(x), -x)
+    pids = executor.worker_pids()
+    assert len(pids) == 3
+    events: list[tuple[str, int]] = []
+    kill, stop = local._Worker.kill, local._Worker.stop
+
+    def recorded_kill(worker: local._Worker) -> None:
+        events.append(("kill", worker.pid))
+        kill(worker)
+
+    def recorded_stop(worker: local._Worker, wait: float = local.STOP_WAIT_S) -> None:
+        events.append(("reap", worker.pid))
+        stop(worker, wait)
+
+    monkeypatch.setattr(local._Worker, "kill", recorded_kill)
+    monkeypatch.setattr(local._Worker, "stop", recorded_stop)
+    executor.close()
+    first_reap = events.index(("reap", pids[0]))
+    assert {pid for kind, pid in events[:first_reap] if kind == "kill"} == set(pids)
+    assert all(gone(pid) for pid in pids) and not executor.worker_pids()
+
+
+def test_reading_the_callers_memory_starts_no_helper_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`ctypes.util.find_library` runs `ldconfig -p`: a process start in the caller and in every
+    worker at start-up, for a library already loaded. libc comes from the process's symbols."""
+    import ctypes.util
+
+    from lampy.runtime.executors import _caller_memory as caller_memory
+
+    def refused(name: str) -> str:
+        raise AssertionError(f"find_library({name!r}) starts an ldconfig process")
+
+    expected = caller_memory.readable()
+    caches = (caller_memory._libc, caller_memory._syscall)
+    monkeypatch.setattr(ctypes.util, "find_library", refused)
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        assert caller_memory.readable() == expected
+        if expected:
+            got = np.zeros(4)
+            source = np.arange(4.0)
+            caller_memory.read_into(os.getpid(), source.__array_interface__["data"][0], got)
+            np.testing.assert_array_equal(got, source)
+    finally:
+        for cached in caches:
+            cached.cache_clear()
