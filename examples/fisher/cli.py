@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import lampy
 
@@ -189,6 +189,14 @@ def _parser() -> Parser:
 # --- where the work runs, and what the executor did ------------------------------------------
 
 
+class Observed(NamedTuple):
+    """What an executor did during a run: said for a person, and whether all of the work
+    stayed in this process (then a timing against inline compares the same code twice)."""
+
+    text: str
+    stayed_here: bool = False
+
+
 @dataclass
 class ExecutorChoice:
     """The executor a command runs on, its options, and a way to see what it did."""
@@ -224,26 +232,26 @@ class ExecutorChoice:
         with lampy.using(executor=self.name, chunks=chunks, **self.options):
             yield
 
-    def observe(self) -> Callable[[], str]:
+    def observe(self) -> Callable[[], Observed]:
         """Start watching the executor; the returned function says what it did meanwhile."""
         if self.name == "local":
             before, caller = _children_cpu(), time.process_time()
 
-            def local() -> str:
+            def local() -> Observed:
                 after = _children_cpu()
                 if after is None or before is None:
-                    return "local (fan-out not observable on this system)"
+                    return Observed("local (fan-out not observable on this system)")
                 workers, cpu = after[0], after[1] - before[1]
                 here = f"this process {time.process_time() - caller:.2f} s"
                 if not before[0] and workers:
-                    return (
+                    return Observed(
                         f"local: started {workers} worker processes in the background, which "
                         f"did {cpu:.2f} s of CPU work, their start-up included ({here}); "
                         f"chunks={self.chunks or 'auto'}"
                     )
                 if cpu < 0.01:  # the resolution of /proc's CPU times
-                    return f"local: did not fan out ({_why_not(self.chunks)})"
-                return (
+                    return Observed(f"local: did not fan out ({_why_not(self.chunks)})", True)
+                return Observed(
                     f"local: fanned out to {workers} worker processes, which did {cpu:.2f} s "
                     f"of CPU work ({here}); chunks={self.chunks or 'auto'}"
                 )
@@ -253,21 +261,23 @@ class ExecutorChoice:
             url = self.options["url"]
             calls = _openlambda_requests(url)
 
-            def openlambda() -> str:
+            def openlambda() -> Observed:
                 after = _openlambda_requests(url)
                 if after is None or calls is None:
-                    return f"openlambda at {url} (its /stats does not count calls)"
+                    return Observed(f"openlambda at {url} (its /stats does not count calls)")
                 if after == calls:
-                    return f"openlambda at {url}: sent no calls ({_why_not(self.chunks)})"
-                return (
+                    why = _why_not(self.chunks)
+                    return Observed(f"openlambda at {url}: sent no calls ({why})", True)
+                return Observed(
                     f"openlambda at {url}: fanned out in {after - calls} calls; "
                     f"chunks={self.chunks or 'auto'}"
                 )
 
             return openlambda
         if self.name == "inline":
-            return lambda: "inline: every chunk in this process, one after another (no fan-out)"
-        return lambda: f"{self.name} (fan-out is not observed for this executor)"
+            text = "inline: every chunk in this process, one after another (no fan-out)"
+            return lambda: Observed(text, True)
+        return lambda: Observed(f"{self.name} (fan-out is not observed for this executor)")
 
 
 def _why_not(chunks: int | str | None) -> str:
@@ -464,7 +474,7 @@ def _diarize(args: argparse.Namespace) -> int:
             "turns": [asdict(t) for t in result.turns],
             "timings": {**result.timings, "total": total},
             "executor": executor.name,
-            "fan_out": fan_out,
+            "fan_out": fan_out.text,
             "written": written,
         }
         if inline_total is not None:
@@ -474,9 +484,9 @@ def _diarize(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(_table(result, scored, total))
-    print(f"\nexecutor: {fan_out}")
+    print(f"\nexecutor: {fan_out.text}")
     if inline_total is not None:
-        print(_comparison(executor.name, total, inline_total))
+        print(_comparison(executor.name, total, inline_total, fan_out.stayed_here))
     for kind, path in written.items():
         print(f"wrote {kind.upper()}: {path}")
     return 0
@@ -502,8 +512,13 @@ def _write_outputs(
 SAME_RUN_SPREAD = 1.15
 
 
-def _comparison(name: str, total: float, inline_total: float) -> str:
+def _comparison(name: str, total: float, inline_total: float, stayed_here: bool) -> str:
     ratio = inline_total / total
+    if stayed_here:  # both runs were the same code in this process: a gap is noise
+        return (
+            f"time: {name} {total:.2f} s against inline {inline_total:.2f} s for the same run: "
+            "the same code ran in this process both times (nothing fanned out)"
+        )
     if 1 / SAME_RUN_SPREAD < ratio < SAME_RUN_SPREAD:
         verdict = f"about as fast (within {SAME_RUN_SPREAD - 1:.0%}, two runs' usual spread)"
     elif ratio >= 1:

@@ -220,8 +220,17 @@ def closed_port() -> int:
 def test_the_comparison_gives_no_verdict_within_two_runs_spread() -> None:
     from examples.fisher.cli import _comparison
 
-    assert _comparison("local", 0.10, 0.09).endswith(
+    assert _comparison("local", 0.10, 0.09, False).endswith(
         "local is about as fast (within 15%, two runs' usual spread)"
     )
-    assert _comparison("local", 0.5, 1.0).endswith("local is 2.00x faster")
-    assert _comparison("local", 1.0, 0.5).endswith("local is 2.00x slower")
+    assert _comparison("local", 0.5, 1.0, False).endswith("local is 2.00x faster")
+    assert _comparison("local", 1.0, 0.5, False).endswith("local is 2.00x slower")
+
+
+def test_the_comparison_gives_no_verdict_when_nothing_fanned_out() -> None:
+    """Both runs were then the same code in this process: "1.95x faster" was noise."""
+    from examples.fisher.cli import _comparison
+
+    said = _comparison("local", 0.06, 0.11, True)
+    assert said.endswith("the same code ran in this process both times (nothing fanned out)")
+    assert "faster" not in said and "slower" not in said
