@@ -142,27 +142,26 @@ def test_five_unheard_voices_are_counted(tools: None) -> None:
     assert score(reference, result.turns).der < 0.15
 
 
-def test_one_unheard_voice_in_noise_stays_one(tools: None) -> None:
-    # At 10 dB SNR the noise is subtracted before clustering, and the count's threshold rises:
-    # the quiet and loud turns of one voice must not come out as two speakers (this voice did,
-    # before the FLsD pseudo-classes kept inside runs of speech).
-    conversation = devset.conversations("tune", 5)[4]
-    assert conversation.name == "tune-1spk-4"
+@pytest.mark.parametrize(
+    ("index", "name", "speakers", "most_der"),
+    [
+        # At 10 dB SNR the noise is subtracted before clustering, and the count's threshold
+        # rises: the quiet and loud turns of one voice must not come out as two speakers (this
+        # voice did, before the FLsD pseudo-classes kept inside runs of speech).
+        pytest.param(4, "tune-1spk-4", 1, 0.10, id="one voice stays one"),
+        # One threshold per recording, raised to keep a single voice whole, took this
+        # conversation's quietest voice for a part of another (4 speakers); the per-merge
+        # noise term and the weighing down of quiet frames keep it.
+        pytest.param(22, "tune-5spk-2", 5, 0.15, id="five voices are counted"),
+    ],
+)
+def test_unheard_voices_in_noise_are_counted(
+    tools: None, index: int, name: str, speakers: int, most_der: float
+) -> None:
+    conversation = devset.conversations("tune", 5)[index]
+    assert conversation.name == name
     signal, reference = devset.render(conversation)
     noisy, rate = devset.degrade(signal, reference, "snr10", conversation.seed)
     result = diarize(noisy, rate)
-    assert result.n_speakers == 1 and result.count.known
-    assert score(reference, result.turns).der < 0.10
-
-
-def test_five_unheard_voices_in_noise_are_counted(tools: None) -> None:
-    # At 10 dB SNR one threshold per recording, raised to keep a single voice whole, took
-    # this conversation's quietest voice for a part of another (4 speakers); the per-merge
-    # noise term and the weighing down of quiet frames keep it.
-    conversation = devset.conversations("tune", 5)[22]
-    assert conversation.name == "tune-5spk-2"
-    signal, reference = devset.render(conversation)
-    noisy, rate = devset.degrade(signal, reference, "snr10", conversation.seed)
-    result = diarize(noisy, rate)
-    assert result.n_speakers == 5 and result.count.known
-    assert score(reference, result.turns).der < 0.15
+    assert result.n_speakers == speakers and result.count.known
+    assert score(reference, result.turns).der < most_der

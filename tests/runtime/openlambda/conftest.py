@@ -1,4 +1,5 @@
-"""Fixtures: in-thread `lampy worker`s whose knobs and state tests can reach.
+"""Fixtures: in-thread `lampy worker`s whose knobs and state tests can reach, and a `lampy
+worker` process a test may signal and restart (`worker_process`).
 
 The shared secret and the `lampy worker` subprocess (`worker_url`) come from tests/conftest.py.
 """
@@ -6,16 +7,19 @@ The shared secret and the `lampy worker` subprocess (`worker_url`) come from tes
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 import lampy
 from lampy.runtime.openlambda._worker import Worker, sweep_workdirs
-from lampy.testing import free_port, wait_ready
+from lampy.testing import free_port, wait_ready, worker_command
 from tests.olreal import CALL_TIMEOUT_S
 from tests.olreal import NAME as OLREAL
 from tests.olreal import REASON as NO_OLREAL
@@ -91,3 +95,24 @@ def openlambda(platform: tuple[str, str]) -> Iterator[str]:
     timeout = {"timeout": CALL_TIMEOUT_S} if executor == OLREAL else {}
     with lampy.using(executor=executor, url=url, **timeout):
         yield url
+
+
+@pytest.fixture
+def worker_process(tmp_path: Path, lampy_secret: bytes) -> Iterator[Any]:
+    """start() -> (url, process) for a `lampy worker` on one port; start() again restarts it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = worker_command(port, tmp_path / "registry", max_sandboxes=2)
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> tuple[str, subprocess.Popen[bytes]]:
+        started.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+        wait_ready(url, started[-1])
+        return url, started[-1]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.terminate()
+            process.wait(timeout=10)

@@ -33,7 +33,6 @@ from lampy.testing import (
     chaos,
     free_port,
     openlambda_worker,
-    wait_ready,
     worker_command,
 )
 from lampy.testing import worker_stats as stats
@@ -165,27 +164,6 @@ def alive(pid: int) -> bool:
 def slow_double(x: np.ndarray) -> np.ndarray:
     time.sleep(0.01)
     return x * 2
-
-
-@pytest.fixture
-def worker_process(tmp_path: Path, lampy_secret: bytes) -> Iterator[Any]:
-    """start() -> (url, process) for a `lampy worker` on one port; start() again restarts it."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = worker_command(port, tmp_path / "registry", max_sandboxes=2)
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start() -> tuple[str, subprocess.Popen[bytes]]:
-        started.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
-        wait_ready(url, started[-1])
-        return url, started[-1]
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGCONT)
-            process.terminate()
-            process.wait(timeout=10)
 
 
 def test_worker_killed_mid_job_and_restarted_on_the_same_port(worker_process: Any) -> None:

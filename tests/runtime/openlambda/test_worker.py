@@ -9,7 +9,6 @@ import io
 import json
 import os
 import socket
-import subprocess
 import tarfile
 import textwrap
 import time
@@ -17,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lampy.runtime.remote import _auth as auth
-from lampy.testing import free_port, wait_ready, worker_command
 
 JSON_F = """
 import json, os, time
@@ -247,28 +245,20 @@ def test_new_code_serves_a_call_whose_sandbox_was_still_starting(make_worker: An
     assert stats["sandboxes"] == 1 and stats["sandboxes_created"] == 1
 
 
-def test_a_sandbox_still_starting_does_not_hold_up_a_stopping_worker(tmp_path: Any) -> None:
+def test_a_sandbox_still_starting_does_not_hold_up_a_stopping_worker(
+    worker_process: Any,
+) -> None:
     """SIGTERM while a sandbox loads slow code: the worker stops it and exits at once, and
     the waiting call is answered (before, the worker lived until the sandbox was ready)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        worker_command(port, tmp_path / "registry"), stdout=subprocess.DEVNULL
-    )
-    try:
-        wait_ready(url, process)
-        install(url, "slow", {"f.py": SLOW_TO_LOAD_F})
-        with ThreadPoolExecutor(1) as pool:
-            call = pool.submit(run_json, url, "slow", {})
-            time.sleep(1.0)  # its sandbox is loading the code
-            children = _children(process.pid)
-            process.terminate()
-            process.wait(timeout=10)  # before the fix: about 30 s
-            status, body = call.result(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    url, process = worker_process()
+    install(url, "slow", {"f.py": SLOW_TO_LOAD_F})
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(run_json, url, "slow", {})
+        time.sleep(1.0)  # its sandbox is loading the code
+        children = _children(process.pid)
+        process.terminate()
+        process.wait(timeout=10)  # before the fix: about 30 s
+        status, body = call.result(timeout=10)
     assert status == 500 and body.startswith(b'lambda "slow" not found')  # as queued calls
     assert children
     assert not any(os.path.exists(f"/proc/{pid}") for pid in children)

@@ -9,7 +9,6 @@ import io
 import json
 import signal
 import socket
-import subprocess
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from lampy.runtime.openlambda import _worker as worker_module
-from lampy.testing import free_port, openlambda_worker, wait_ready, worker_command
+from lampy.testing import openlambda_worker
 
 from .test_worker import JSON_F, install, request, run_json, signed, tarball
 
@@ -225,24 +224,17 @@ def test_stopping_answers_waiting_calls_promptly(make_worker: Any) -> None:
 
 
 def test_a_killed_workers_folder_and_secret_are_swept_by_the_next(
-    tmp_path: Path, make_worker: Any
+    worker_process: Any, make_worker: Any
 ) -> None:
     from lampy.runtime.openlambda._deploy import upload as deploy
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        worker_command(port, tmp_path / "registry"), stdout=subprocess.DEVNULL
-    )
-    try:
-        wait_ready(url, process)
-        deploy(url)
-        left = [p for p in Path("/tmp").glob(f"lampy-worker-{process.pid}-*")]
-        assert len(left) == 1
-        assert list(left[0].glob("lampy-*/.env"))  # the secret is in there
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
+    url, process = worker_process()
+    deploy(url)
+    left = [p for p in Path("/tmp").glob(f"lampy-worker-{process.pid}-*")]
+    assert len(left) == 1
+    assert list(left[0].glob("lampy-*/.env"))  # the secret is in there
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
     assert left[0].exists()  # killed outright: nothing cleaned up
     make_worker()  # any worker that starts sweeps it
     assert not left[0].exists()
