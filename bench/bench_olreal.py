@@ -123,7 +123,9 @@ def noop(x: np.ndarray) -> np.ndarray:
 def test_first_call_after_the_first_deploy(
     benchmark: Any, row: Row, platform: tuple[str, str]
 ) -> None:
-    """Runs first on each fresh worker: on OpenLambda it includes the pip install."""
+    """Runs first on each fresh worker: on OpenLambda it includes the pip install. As
+    `lampy deploy --url` does, it uploads both lambdas (chunks' and coordinator's) and waits
+    for both to answer."""
     which, url = platform
     row("first call after the first deploy on a fresh worker", which)
 

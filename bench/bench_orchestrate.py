@@ -135,8 +135,9 @@ def executor_for(url: str, mode: str, store: str = "") -> OpenLambdaExecutor:
         runtime_limit=30.0,
         store=store if mode == "lambda" else "",
     )
-    counting = Counting(executor.endpoint, executor.concurrency, executor.secret)
-    executor.transport = counting
+    executor.transport = Counting(executor.endpoint, executor.concurrency, executor.secret)
+    summoner = executor.summoner  # the coordinator lambda's calls, counted the same
+    summoner.transport = Counting(summoner.endpoint, executor.concurrency, executor.secret)
     return executor
 
 

@@ -280,6 +280,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _deploy(args: argparse.Namespace) -> int:
     from lampy.runtime.openlambda import _deploy as packaging
 
+    names = packaging.deployed(args.name)
     if args.output is not None:
         try:
             packaging.save(args.output)
@@ -287,8 +288,9 @@ def _deploy(args: argparse.Namespace) -> int:
             raise Failure(f"cannot write {args.output}: {exc.strerror}") from None
         print(
             f"wrote {args.output} (mode 0600: it holds the secret); upload it to OpenLambda "
-            f"with: curl --data-binary @{args.output} http://HOST:{WORKER_PORT}/registry/"
-            f"{args.name} (lampy worker takes signed uploads only: lampy deploy --url)"
+            f"twice, as {' and '.join(names)}: curl --data-binary @{args.output} "
+            f"http://HOST:{WORKER_PORT}/registry/NAME (lampy worker takes signed uploads only: "
+            "lampy deploy --url)"
         )
         return 0
     _check_worker(args.url)
@@ -307,7 +309,8 @@ def _deploy(args: argparse.Namespace) -> int:
         shown.end()
         raise Failure(f"{args.name} uploaded but not ready: {exc}") from None
     shown.end()
-    print(f"{args.name} answers at {args.url}/run/{args.name} (ready after {took:.1f} s)")
+    where = " and ".join(f"{args.url}/run/{name}" for name in names)
+    print(f"{args.name} answers at {where} (ready after {took:.1f} s)")
     return 0
 
 

@@ -74,7 +74,8 @@ def openlambda_worker(
     chaos: str | None = None,
     chaos_seed: int = 0,
 ) -> Iterator[str]:
-    """A `lampy worker` on 127.0.0.1 with lampy deployed as `name`; yields its URL.
+    """A `lampy worker` on 127.0.0.1 with lampy deployed as `name` (and `name`-coordinator,
+    as `lampy deploy` does); yields its URL.
 
     The worker and the deploy read the secret from LAMPY_SECRET (or the user's config dir), so
     set LAMPY_SECRET first to keep a test away from the user's own secret. With `chaos` (a

@@ -3,14 +3,16 @@
 The client writes the job once to a job store (an array server, `remote/_jobs.py`): an
 `Assignment` holding the pickled template, the shared arrays, the split arrays (large ones as
 `lampy.remote` references, published as for any job) and the executor's options. It then sends
-one small COORDINATE frame, a `Summons`. The sandbox that takes it holds the job's lease and
+one small COORDINATE frame, a `Summons`, to the coordinator lambda (the same code deployed
+under a name of its own, `coordinator_of`). The sandbox that takes it holds the job's lease and
 runs the loop the client runs otherwise (`OpenLambdaExecutor._run_job`: lampy's
 ChunkScheduler, retries with backoff, straggler backups, exactly-once), its calls going to the
-same OpenLambda worker through `StreamTransport` (asyncio streams: a sandbox has no aiohttp, and
-its calls in flight take no thread, since OpenLambda counts a sandbox's threads against its
-process limit), every frame signed with the lambda's secret. The coordinator never unpickles
-the user's function. While it orchestrates, the thread that runs it is named after the job
-(`thread_name`), so an operator (or a test) on the worker's host can single its sandbox out.
+chunks' lambda on the same OpenLambda worker through `StreamTransport` (asyncio streams: a
+sandbox has no aiohttp, and its calls in flight take no thread, since OpenLambda counts a
+sandbox's threads against its process limit), every frame signed with the lambda's secret.
+The coordinator never unpickles the user's function. While it orchestrates, the thread that
+runs it is named after the job (`thread_name`), so an operator (or a test) on the worker's
+host can single its sandbox out.
 
 Durable state: each accepted outcome is recorded in the store as it comes, write-once, so no
 chunk is merged twice whoever ran it; a coordinator that takes over loads the records and runs
@@ -56,7 +58,13 @@ from lampy.runtime._plan import Rows
 from lampy.runtime._scheduler import backoff
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.openlambda._protocol import Accounting, Caller, JobState, PlatformFailure
+from lampy.runtime.openlambda._protocol import (
+    Accounting,
+    Caller,
+    JobState,
+    PlatformFailure,
+    coordinator_of,
+)
 from lampy.runtime.openlambda._transport import StreamTransport, ThreadTransport
 from lampy.runtime.remote._jobs import JobStore, at_rest
 from lampy.runtime.remote._results import Offer
@@ -253,10 +261,11 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
     from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 
     options = assignment.options
-    endpoint = f"{assignment.url}/run/{options['name']}"
+    endpoint = f"{assignment.url}/run/{options['name']}"  # the chunks' lambda
+    successors = f"{assignment.url}/run/{coordinator_of(options['name'])}"
     transport = StreamTransport(endpoint, options["concurrency"], secret)
     executor = OpenLambdaExecutor(
-        url=assignment.url, progress="off", transport=transport, in_sandbox=True, **options
+        url=assignment.url, progress="off", transport=transport, **options
     )
     recorder = _Recorder(store, secret)
     merger: _Merger | None = None
@@ -285,7 +294,7 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
             return lease.lost, ""
         if not state.complete:
             left = assignment.lifetime - (time.monotonic() - started)
-            successor = _hand_off(summons, lease, endpoint, secret, left)
+            successor = _hand_off(summons, lease, successors, secret, left)
             store.counters(holder, counted())
             return "handed off", successor
         counts = counted()

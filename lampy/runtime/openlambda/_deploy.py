@@ -8,10 +8,13 @@ only numpy and cloudpickle; aiohttp and tenacity are imported by the caller-side
 pickles move between the two ends; `.env` carries the secret that signs frames, so the tarball
 is written 0600 (`save`) and its upload is signed, its bytes hashed under the signature
 (`lampy worker` refuses unsigned registry requests; OpenLambda's own registry checks nothing).
+One tarball is uploaded twice (`deployed`): as NAME, whose calls run chunks, and as
+NAME-coordinator, whose calls orchestrate jobs (orchestrator="lambda"), so the platform sizes
+the two apart.
 
 An upload is not a lambda ready to run: OpenLambda installs `requirements.txt` (numpy) in a
 sandbox on the lambda's first call, and holds that call meanwhile (seconds with a warm package
-cache, minutes without). `wait_answering` pings the lambda until it answers, reports how long
+cache, minutes without). `wait_answering` pings both lambdas until they answer, reports how long
 it has waited, and stops at the first answer that says it never will: pip's own error when the
 install fails, a lambda that answers but not with this secret.
 """
@@ -33,6 +36,7 @@ from pathlib import Path
 from lampy._errors import FrameError, VersionMismatch
 from lampy.runtime._secret import load_secret, write_private
 from lampy.runtime.openlambda import _frames as frames
+from lampy.runtime.openlambda._protocol import coordinator_of
 from lampy.runtime.remote import _auth as auth
 
 PINNED = ("numpy", "cloudpickle")
@@ -96,11 +100,21 @@ def save(path: Path, secret: bytes | None = None) -> None:
     write_private(path, build(secret))
 
 
+def deployed(name: str) -> tuple[str, str]:
+    """The lambdas `lampy deploy --name NAME` makes: NAME runs chunks, and the same code under
+    its own name coordinates jobs (orchestrator="lambda", see `coordinator_of`)."""
+    return name, coordinator_of(name)
+
+
 def upload(url: str, name: str = "lampy", secret: bytes | None = None) -> str:
-    """POST the tarball to `url`/registry/`name`, signed; the worker's answer, or an error
-    saying why."""
+    """POST the tarball to `url`/registry/ as each of `deployed(name)`, signed; the worker's
+    answers, one line each, or an error saying why."""
     key = secret or load_secret()
     data = build(key)
+    return "\n".join(_upload(url, each, data, key) for each in deployed(name))
+
+
+def _upload(url: str, name: str, data: bytes, key: bytes) -> str:
     target = f"/registry/{name}"
     signed = auth.sign(key, "POST", target, "", str(len(data)), hashlib.sha256(data).hexdigest())
     request = urllib.request.Request(
@@ -145,7 +159,8 @@ def wait_answering(
     timeout: float = WAIT_S,
     progress: Callable[[float, str], None] | None = None,
 ) -> float:
-    """Ping `name` at `url` until it answers, at most `timeout` seconds; the seconds it took.
+    """Ping each of `deployed(name)` at `url` until it answers, `timeout` seconds at most in
+    all; the seconds it took.
 
     A refused connection, 429, 502..504 and "not found" (OpenLambda sees new code within 5 s)
     are waited through; `progress(seconds, last answer)` is called every PROGRESS_EVERY_S
@@ -153,7 +168,6 @@ def wait_answering(
     else than a pong, and when `timeout` passes (naming the last answer).
     """
     key = secret or load_secret()
-    ping = frames.encode(frames.PING, 0, key).join()
     start = time.monotonic()
     last = ["no answer yet"]
     done = threading.Event()
@@ -165,39 +179,50 @@ def wait_answering(
     reporter = threading.Thread(target=report, daemon=True)
     reporter.start()
     try:
-        while (left := timeout - (time.monotonic() - start)) > 0:
-            request = urllib.request.Request(f"{url.rstrip('/')}/run/{name}", data=ping)
-            try:
-                with urllib.request.urlopen(request, timeout=left) as answer:
-                    body = answer.read()
-            except urllib.error.HTTPError as exc:
-                text = exc.read().decode(errors="replace")
-                last[0] = f"HTTP {exc.code}: {_gist(text)}"
-                if (said := pip_error(text)) is not None:
-                    raise DeployError(said) from None
-                passing = exc.code in (429, 502, 503, 504) or "not found in blob store" in text
-                if not passing:
-                    raise DeployError(f"{name} answered {last[0]}") from None
-            except OSError as exc:  # refused, reset, or this ping's own time ran out
-                if not (isinstance(exc, TimeoutError) and last[0] != "no answer yet"):
-                    last[0] = f"{type(exc).__name__}: {exc}"  # a time-out says less
-            else:
-                try:
-                    if frames.decode(body, key).kind == frames.PONG:
-                        return time.monotonic() - start
-                except (FrameError, VersionMismatch) as exc:
-                    raise DeployError(
-                        f"{name} answers, but not as this lampy ({exc}): "
-                        "was it deployed with another secret or another lampy?"
-                    ) from None
-                raise DeployError(f"{name} answered a ping with something else than a pong")
-            time.sleep(min(RETRY_AFTER_S, max(0.0, timeout - (time.monotonic() - start))))
-        raise DeployError(
-            f"{name} did not answer within {timeout:g} s (last: {last[0]}); "
-            "a slow package index may need a longer --timeout"
-        )
+        for each in deployed(name):
+            _wait_one(url, each, key, (start, timeout), last)
+        return time.monotonic() - start
     finally:
         done.set()
+
+
+def _wait_one(url: str, name: str, key: bytes, since: tuple[float, float], last: list[str]) -> None:
+    """Ping `name` until it answers a pong; DeployError when the wait `since` (its start and
+    length) ends first or an answer says it never will. `last[0]` is its latest answer."""
+    deadline = since[0] + since[1]
+    ping = frames.encode(frames.PING, 0, key).join()
+    last[0] = "no answer yet"
+    while (left := deadline - time.monotonic()) > 0:
+        request = urllib.request.Request(f"{url.rstrip('/')}/run/{name}", data=ping)
+        try:
+            with urllib.request.urlopen(request, timeout=left) as answer:
+                body = answer.read()
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode(errors="replace")
+            last[0] = f"HTTP {exc.code}: {_gist(text)}"
+            if (said := pip_error(text)) is not None:
+                raise DeployError(said) from None
+            passing = exc.code in (429, 502, 503, 504) or "not found in blob store" in text
+            if not passing:
+                raise DeployError(f"{name} answered {last[0]}") from None
+        except OSError as exc:  # refused, reset, or this ping's own time ran out
+            if not (isinstance(exc, TimeoutError) and last[0] != "no answer yet"):
+                last[0] = f"{type(exc).__name__}: {exc}"  # a time-out says less
+        else:
+            try:
+                if frames.decode(body, key).kind == frames.PONG:
+                    return
+            except (FrameError, VersionMismatch) as exc:
+                raise DeployError(
+                    f"{name} answers, but not as this lampy ({exc}): "
+                    "was it deployed with another secret or another lampy?"
+                ) from None
+            raise DeployError(f"{name} answered a ping with something else than a pong")
+        time.sleep(min(RETRY_AFTER_S, max(0.0, deadline - time.monotonic())))
+    raise DeployError(
+        f"{name} did not answer within {since[1]:g} s (last: {last[0]}); "
+        "a slow package index may need a longer --timeout"
+    )
 
 
 def _gist(text: str) -> str:

@@ -23,7 +23,7 @@ from lampy.runtime._worker_side import Outcome
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._coordinator import Assignment, Report, Summons, chunks_of
 from lampy.runtime.openlambda._loop import Loop
-from lampy.runtime.openlambda._protocol import Caller
+from lampy.runtime.openlambda._protocol import Caller, coordinator_of
 from lampy.runtime.openlambda._watch import watch
 from lampy.runtime.remote._jobs import JOB_ID, JobStore, at_rest
 from lampy.runtime.remote._results import Offer, collect
@@ -65,9 +65,12 @@ def attach(store_url: str, job: str, timeout: float | None = None) -> Attached:
     options = assignment.options
     from lampy.runtime.openlambda._transport import AiohttpTransport
 
-    endpoint = f"{assignment.url}/run/{options['name']}"
+    coordinator = coordinator_of(options["name"])
+    endpoint = f"{assignment.url}/run/{coordinator}"
     transport = AiohttpTransport(endpoint, options["concurrency"], secret)
-    caller = Caller(transport, secret, assignment.url, options["name"], options["timeout"], 1)
+    caller = Caller(
+        transport, secret, assignment.url, coordinator, options["timeout"], 1, options["name"]
+    )
     loop = Loop()
     try:
         summons = Summons(job, store.server, "re-attach")

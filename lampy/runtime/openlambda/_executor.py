@@ -52,6 +52,7 @@ from lampy.runtime.openlambda._protocol import (
     JobState,
     PlatformFailure,
     by_value,
+    coordinator_of,
     template_of,
 )
 from lampy.runtime.openlambda._transport import Transport
@@ -95,21 +96,6 @@ QUEUED_FACTOR = 2.0
 # to back by a busy sandbox, do not show the wait. OpenLambda's floods are not lampy's calls
 # alone: the fourth run made 41 and 72 sandboxes with 4 in flight (bench/RESULTS.md).
 LOCAL_SLOTS_PER_CORE = 2
-# An executor inside a sandbox of the platform it calls (a coordinator lambda) holds one of the
-# lambda's sandboxes with its own call, which the platform's scaler counts as serving:
-# OpenLambda aims at min(outstanding calls, outstanding calls x their average time / 10 ms)
-# sandboxes (go/worker/lambda/lambdaFunction.go), `lampy worker` likewise, so a few short calls
-# beside the coordinator's may get no sandbox of their own, ever (a 64-chunk job on `lampy
-# worker` made no progress until the runtime limit). There, calls in flight also grow, by
-# half, past the cap for this machine's cores up to `concurrency`, while none has come back
-# for STALLED_S (with no chunk left to start, copies of the waiting calls fill them, as for a
-# straggler): more outstanding work makes the scaler add a sandbox. Not all of `concurrency`
-# at once: 32 calls in flight made OpenLambda start 30 to 80 sandboxes a job here (each
-# importing numpy), and the 1,000-chunk sum of bench_orchestrate.py took 6.8x the client's
-# time against 1.2x with the client's rule (docs/orchestration.md, "Calls in flight").
-# Not 1 s: a job's first calls wait for cold sandboxes, over a second each on a loaded machine
-# (STARTUP_S quiet), and calls added then only start more of them.
-STALLED_S = 3.0
 # Row "10,000 warm no-op chunks by chunks per call": OpenLambda 2.63 / 0.85 / 0.95 s at 20 / 78
 # / 312 chunks a call, lampy worker 2.34 / 1.15 / 1.01 s: 78, what 4 calls per slot of 32
 # slots make, is OpenLambda's best (its 15 ms a call is paid 128 times, and the calls still
@@ -172,7 +158,6 @@ class OpenLambdaExecutor(Executor):
         store: str = "",
         runtime_limit: float = RUNTIME_LIMIT_S,
         transport: Transport | None = None,
-        in_sandbox: bool = False,
     ) -> None:
         if isinstance(concurrency, bool) or concurrency < 1:
             raise OptionError(f"concurrency must be a positive int; got {concurrency!r}")
@@ -197,12 +182,22 @@ class OpenLambdaExecutor(Executor):
         self.attempts, self.backoff, self.auto_prewarm = check_attempts(attempts), backoff, prewarm
         self.batch, self.progress = batch, progress
         self.secret = load_secret()
-        endpoint = f"{self.url}/run/{name}"
+        coordinator = coordinator_of(name)
         if transport is None:
             from lampy.runtime.openlambda._transport import AiohttpTransport
 
-            transport = AiohttpTransport(endpoint, concurrency, self.secret)
-        self.caller = Caller(transport, self.secret, self.url, name, timeout, concurrency)
+            chunks: Transport = AiohttpTransport(f"{self.url}/run/{name}", concurrency, self.secret)
+            summons: Transport = AiohttpTransport(
+                f"{self.url}/run/{coordinator}", concurrency, self.secret
+            )
+        else:
+            chunks = summons = transport  # a given transport carries every call
+        #: calls the chunks' lambda (chunks, pre-warm pings)
+        self.caller = Caller(chunks, self.secret, self.url, name, timeout, concurrency)
+        #: calls the coordinator lambda (orchestrator="lambda"), deployed beside the chunks'
+        self.summoner = Caller(
+            summons, self.secret, self.url, coordinator, timeout, concurrency, deployed_as=name
+        )
         self.backups = 0  # backup calls sent for stragglers, for tests and monitoring
         self.accounts: deque[Accounting] = deque(maxlen=ACCOUNTS_KEPT)  # the latest jobs'
         #: what the coordinator lambdas of the latest jobs reported (orchestrator="lambda")
@@ -218,9 +213,6 @@ class OpenLambdaExecutor(Executor):
         self.parallel = min(concurrency, cores) if local else concurrency
         #: calls in flight now: START_SLOTS, grown while answers come back unqueued
         self.slots = min(self.most_slots, START_SLOTS)
-        #: this executor runs in a sandbox of the lambda it calls (a coordinator): calls in
-        #: flight grow also while none comes back (STALLED_S)
-        self.in_sandbox = in_sandbox
         self._called = False
         self._asked = 0  # the largest pre-warm asked for so far
         self._summoned: set[concurrent.futures.Future[Any]] = set()  # detached jobs' first calls
@@ -261,8 +253,8 @@ class OpenLambdaExecutor(Executor):
             return ""
         store = self.store or "this process's array server"
         return (
-            f"a coordinator lambda ({self.endpoint}), handing off to a fresh call before its "
-            f"{self.runtime_limit:g} s runtime limit; the job's state on {store}"
+            f"a coordinator lambda ({self.summoner.endpoint}), handing off to a fresh call "
+            f"before its {self.runtime_limit:g} s runtime limit; the job's state on {store}"
         )
 
     @property
@@ -295,7 +287,7 @@ class OpenLambdaExecutor(Executor):
             with store:  # the handle is valid at once, before any coordinator started
                 store.create(spec, len(job.chunks))
         summons = Summons(job.id, store.server, "start")
-        self._summoned.add(self._loop.spawn(self.caller.coordinate(summons, self.runtime_limit)))
+        self._summoned.add(self._loop.spawn(self.summoner.coordinate(summons, self.runtime_limit)))
         self._summoned = {f for f in self._summoned if not f.done()}
         return f"{job.id}@{store.server}"
 
@@ -335,7 +327,7 @@ class OpenLambdaExecutor(Executor):
         # the spec rides with the summons: the coordinator writes it to the store
         summons = Summons(job.id, store.server, "start", spec=spec, chunks=len(job.chunks))
         watching = watch(
-            self.caller, store, summons, self.attempts, self.backoff, self.runtime_limit, True
+            self.summoner, store, summons, self.attempts, self.backoff, self.runtime_limit, True
         )
         try:
             report, status = self._loop.run(watching)
@@ -436,6 +428,8 @@ class OpenLambdaExecutor(Executor):
     def close(self) -> None:
         if self._loop.loop is not None:
             self._loop.run(self.transport.close())
+            if self.summoner.transport is not self.transport:
+                self._loop.run(self.summoner.transport.close())
         self._loop.stop()
 
     # -- on the loop ------------------------------------------------------------------------
@@ -492,7 +486,6 @@ class OpenLambdaExecutor(Executor):
         answers = 0  # ... which the first START_SLOTS answers set (a job's first calls are
         # slow: a cold sandbox, the template), before any answer counts as unqueued
         progress = Progress(len(job.chunks), self.progress)
-        news = loop.time()  # the last answer, or the last step up for want of one
 
         def launch(unit: Unit) -> None:
             attempt = max(scheduler.start(chunk, loop.time()) for chunk in unit)
@@ -516,19 +509,11 @@ class OpenLambdaExecutor(Executor):
                     self.backups += 1
                     launch(unit)
                 busy = len(scheduler.outcomes) and scheduler.running
-                wait = 0.05 if busy or state.stop is not None or self.in_sandbox else None
+                wait = 0.05 if busy or state.stop is not None else None
                 try:
                     unit, task = await asyncio.wait_for(finished.get(), wait)
                 except asyncio.TimeoutError:
-                    if self.in_sandbox and running and loop.time() - news >= STALLED_S:
-                        idle = len(running) < self.slots  # the scheduler had none to start
-                        self.slots = min(self.concurrency, self.slots + max(1, self.slots // 2))
-                        while idle and sum(map(len, running.values())) < self.slots:
-                            self.backups += 1  # nothing left to start: copies of the waiting
-                            launch(min(running, key=lambda u: len(running[u])))  # calls do
-                        news = loop.time()
                     continue
-                news = loop.time()
                 sent, level = started.pop(task, (loop.time(), 0))
                 took = (loop.time() - sent) / len(unit)
                 copies = running.get(unit, [])

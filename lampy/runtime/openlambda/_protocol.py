@@ -49,6 +49,16 @@ _REMOTE_PACKAGES = {"numpy", "cloudpickle", "lampy"}  # the deploy tarball carri
 _pickle_lock = threading.Lock()
 
 
+def coordinator_of(name: str) -> str:
+    """The lambda that orchestrates jobs for lambda `name` (orchestrator="lambda"): the same
+    code deployed under a name of its own. OpenLambda sizes each lambda's sandboxes from its
+    own outstanding calls and their mean time (go/worker/lambda/lambdaFunction.go), so a
+    coordinator under the chunks' name holds one of their sandboxes all job long, and after
+    short calls the scaler takes it for all the capacity they need: its chunk calls waited
+    for a sandbox that never came (docs/orchestration.md)."""
+    return f"{name}-coordinator"
+
+
 class PlatformFailure(Exception):
     """A failure of the platform, not of the chunk: worth another attempt.
 
@@ -124,10 +134,13 @@ class Caller:
         name: str,
         timeout: float,
         concurrency: int,
+        deployed_as: str = "",
     ) -> None:
         self.transport, self.secret, self.url = transport, secret, url
         self.lambda_name, self.timeout, self.concurrency = name, timeout, concurrency
         self.endpoint = f"{url}/run/{name}"
+        #: the name `lampy deploy` takes to deploy this lambda (a coordinator's is its chunks')
+        self.deployed_as = deployed_as or name
 
     async def call(self, state: JobState, chunks: tuple[int, ...]) -> list[Outcome]:
         """One attempt at `chunks`: their outcomes (fewer after a user error), or a raise.
@@ -241,7 +254,7 @@ class Caller:
         if reply.status == 500 and text.startswith("lambda ") and "not found" in text:
             raise ExecutionError(
                 f"lambda {self.lambda_name!r} is not deployed on {self.url} ({text}). "
-                f"Run `lampy deploy --url {self.url} --name {self.lambda_name}` first."
+                f"Run `lampy deploy --url {self.url} --name {self.deployed_as}` first."
             )
         if reply.status == 500 and text.startswith("lampy handler failed"):
             raise ExecutionError(

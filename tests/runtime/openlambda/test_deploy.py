@@ -88,13 +88,20 @@ def test_cli_deploy_output_and_url(
     assert main(["deploy", "--output", str(target)]) == 0
     assert "f.py" in members(target.read_bytes())
     assert stat.S_IMODE(target.stat().st_mode) == 0o600  # it holds the secret
+    assert "twice, as lampy and lampy-coordinator: curl" in capsys.readouterr().out
     assert main(["deploy", "--url", worker_url, "--name", "second"]) == 0
     said = capsys.readouterr().out.splitlines()
-    assert said[-2] == "Lambda second uploaded successfully"
-    assert said[-1].startswith(f"second answers at {worker_url}/run/second (ready after ")
+    assert said[-3:-1] == [
+        "Lambda second uploaded successfully",
+        "Lambda second-coordinator uploaded successfully",
+    ]
+    assert said[-1].startswith(
+        f"second answers at {worker_url}/run/second and {worker_url}/run/second-coordinator "
+        "(ready after "
+    )
     listing = urllib.request.Request(f"{worker_url}/registry/", headers=signed("GET", "/registry/"))
     with urllib.request.urlopen(listing) as answer:
-        assert "second" in json.loads(answer.read())
+        assert {"second", "second-coordinator"} <= set(json.loads(answer.read()))
     assert main(["deploy", "--url", "http://127.0.0.1:9", "--name", "x"]) == 1
     assert "lampy deploy:" in capsys.readouterr().err
 

@@ -96,12 +96,18 @@ def test_deploy_waits_until_lampy_answers(
 ) -> None:
     assert main(["deploy", "--url", worker_url, "--name", "waited", "--timeout", "60"]) == 0
     out = capsys.readouterr().out
-    assert f"waited answers at {worker_url}/run/waited (ready after " in out
+    assert (
+        f"waited answers at {worker_url}/run/waited and {worker_url}/run/waited-coordinator "
+        "(ready after "
+    ) in out
 
 
 def test_no_wait_uploads_only(worker_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["deploy", "--url", worker_url, "--name", "unwaited", "--no-wait"]) == 0
-    assert capsys.readouterr().out.strip() == "Lambda unwaited uploaded successfully"
+    assert capsys.readouterr().out.splitlines() == [
+        "Lambda unwaited uploaded successfully",
+        "Lambda unwaited-coordinator uploaded successfully",
+    ]
 
 
 @pytest.mark.skipif(bool(REASON), reason=REASON)
@@ -126,6 +132,7 @@ def test_on_openlambda_deploy_waits_until_lampy_answers(
     olreal_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["deploy", "--url", olreal_url, "--name", "lampy-waited"]) == 0
-    assert f"lampy-waited answers at {olreal_url}/run/lampy-waited (ready after " in (
-        capsys.readouterr().out
-    )
+    assert (
+        f"lampy-waited answers at {olreal_url}/run/lampy-waited and "
+        f"{olreal_url}/run/lampy-waited-coordinator (ready after "
+    ) in capsys.readouterr().out

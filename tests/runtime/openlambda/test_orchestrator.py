@@ -29,14 +29,13 @@ import numpy as np
 import pytest
 
 import lampy
-from lampy._errors import RetriesExhausted
+from lampy._errors import ExecutionError, RetriesExhausted
 from lampy.runtime import executors
 from lampy.runtime._codec import dumps
 from lampy.runtime._combine import Merged, subtrees, tree_merge
 from lampy.runtime._settings import resolve_options
 from lampy.runtime._worker_side import Outcome
 from lampy.runtime.openlambda import _coordinator as coordinator
-from lampy.runtime.openlambda import _executor as executor_module
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._coordinator import (
     MAX_FAN_IN,
@@ -48,6 +47,7 @@ from lampy.runtime.openlambda._coordinator import (
     next_orchestrator,
     thread_name,
 )
+from lampy.runtime.openlambda._deploy import upload
 from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 from lampy.runtime.openlambda._protocol import Accounting, JobState
 from lampy.runtime.openlambda._transport import AiohttpTransport, Reply
@@ -55,14 +55,15 @@ from lampy.runtime.openlambda._watch import JobCancelled, StoreRefused
 from lampy.runtime.remote import _publish
 from lampy.runtime.remote._jobs import CANCEL_GRACE_S, TOMBSTONE, JobStore
 from lampy.testing import (
-    InProcessTransport,
     assert_same,
     free_port,
     openlambda_worker,
     wait_ready,
+    worker_stats,
 )
 
 from .test_executor import double, make_job
+from .test_worker import request
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -284,13 +285,15 @@ def test_a_partial_sum_leaves_a_lost_chunk_out_as_client_orchestration_does(
 
 
 class Counting(AiohttpTransport):
-    """The client's transport, counting its calls and bytes both ways."""
+    """The client's transports, counting their calls (and to where) and bytes both ways."""
 
     calls = sent = received = 0
+    to: list[str] = []
 
     async def post(self, frame: frames.Outgoing, timeout: float) -> Reply:
         reply = await super().post(frame, timeout)
         Counting.calls += 1
+        Counting.to.append(self.url)
         Counting.sent += frame.size
         Counting.received += reply.reader.total if reply.reader else len(reply.body)
         return reply
@@ -303,7 +306,9 @@ def test_the_client_makes_one_call_however_many_chunks(worker_url: str, chunks: 
     for mode in ("client", "lambda"):
         executor = OpenLambdaExecutor(url=worker_url, orchestrator=mode, progress="off")
         executor.transport = Counting(executor.endpoint, 32, executor.secret)
+        executor.summoner.transport = Counting(executor.summoner.endpoint, 32, executor.secret)
         Counting.calls = Counting.sent = Counting.received = 0
+        Counting.to = []
         lampy.register_executor("counted", OpenLambdaExecutor)
         executors._instances[("counted", ())] = executor
         try:
@@ -314,7 +319,31 @@ def test_the_client_makes_one_call_however_many_chunks(worker_url: str, chunks: 
         counted[mode] = (Counting.calls, Counting.sent + Counting.received)
     assert counted["client"][0] >= chunks
     assert counted["lambda"][0] == 1
+    assert Counting.to == [f"{worker_url}/run/lampy-coordinator"]
     assert counted["lambda"][1] * 5 < counted["client"][1]
+
+
+def test_the_coordinator_is_a_lambda_of_its_own(worker_url: str) -> None:
+    """Summonses go to NAME-coordinator, not to the chunks' lambda NAME (whose sandboxes the
+    platform sizes from the chunks' calls alone). Where only NAME is deployed (a lampy older
+    than the coordinator lambda), the error names the command that deploys both."""
+    x = np.arange(400.0)
+    upload(worker_url, "solo")
+    assert request(worker_url, "DELETE", "/registry/solo-coordinator")[0] == 200
+    options = {"url": worker_url, "name": "solo", "progress": "off", "attempts": 2}
+    with (
+        lampy.using(executor="openlambda", orchestrator="lambda", **options),
+        pytest.raises(
+            ExecutionError,
+            match=(
+                r"lambda 'solo-coordinator' is not deployed on http://127\.0\.0\.1:\d+ .*"
+                r"Run `lampy deploy --url http://127\.0\.0\.1:\d+ --name solo` first"
+            ),
+        ),
+    ):
+        lampy.sum(chunks=8)(energy)(x)
+    with lampy.using(executor="openlambda", **options):  # the chunks' lambda answers
+        np.testing.assert_allclose(lampy.sum(chunks=8)(energy)(x), energy(x))
 
 
 def test_a_chunks_error_and_a_combine_error_reach_the_caller(worker_url: str) -> None:
@@ -756,88 +785,37 @@ def test_explain_says_where_orchestration_runs() -> None:
     region = lampy.sum(chunks=4)(energy)
     with lampy.using(executor="openlambda", url="http://127.0.0.1:9", orchestrator="lambda"):
         shown = str(region.explain(np.ones((100, 2))))
-    assert "orchestrated by a coordinator lambda (http://127.0.0.1:9/run/lampy)" in shown
+    coordinator = "http://127.0.0.1:9/run/lampy-coordinator"
+    assert f"orchestrated by a coordinator lambda ({coordinator})" in shown
     assert "before its 30 s runtime limit" in shown
     with lampy.using(executor="openlambda", url="http://127.0.0.1:9"):
         assert "orchestrated" not in str(region.explain(np.ones((100, 2))))
 
 
-class BesideTheCoordinator(InProcessTransport):
-    """A worker that sizes the lambda's sandboxes as OpenLambda does, adding one while fewer
-    than min(outstanding calls, outstanding x average time / 10 ms), and counts the
-    coordinator's own long call, whose sandbox it holds: calls of 2 ms get a sandbox beside it
-    only once 9 are in flight. Records the most calls in flight."""
-
-    def __init__(self, average_ms: int = 2) -> None:
-        super().__init__()
-        self.average_ms, self.sandboxes = average_ms, 1  # the coordinator's
-        self.in_flight = self.serving = self.most = 0
-
-    def free(self) -> int:
-        outstanding = self.in_flight + 1  # the coordinator's call
-        wanted = min(outstanding, outstanding * self.average_ms // 10)
-        self.sandboxes = max(self.sandboxes, min(self.sandboxes + 1, wanted))
-        return self.sandboxes - 1 - self.serving
-
-    async def post(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
-        return await asyncio.wait_for(self._served(outgoing, timeout), timeout)
-
-    async def _served(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
-        self.in_flight += 1
-        self.most = max(self.most, self.in_flight)
-        try:
-            while self.free() <= 0:
-                await asyncio.sleep(0.01)
-            self.serving += 1
-            try:
-                await asyncio.sleep(self.average_ms / 1000)
-                return await super().post(outgoing, timeout)
-            finally:
-                self.serving -= 1
-        finally:
-            self.in_flight -= 1
-
-
-def test_in_a_sandbox_calls_in_flight_grow_while_none_comes_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A coordinator's executor (in_sandbox) keeps the client's calls in flight (a few, at
-    most 2 per core for a worker on this machine), and grows them while none comes back,
-    until the platform's scaler, which counts the coordinator's sandbox as serving, adds one
-    for its calls; the client's executor would wait there forever."""
-    monkeypatch.setattr(executor_module, "STALLED_S", 0.1)
-    monkeypatch.setattr(executor_module.os, "cpu_count", lambda: 2)
-    x = np.arange(400.0)
-
-    def run(transport: Any, in_sandbox: bool, **options: Any) -> tuple[Any, OpenLambdaExecutor]:
-        executor = OpenLambdaExecutor(
-            url="http://127.0.0.1:5000",
-            transport=transport,
-            in_sandbox=in_sandbox,
-            batch=1,
-            progress="off",
-            backoff=0.001,
-            **options,
-        )
-        job = make_job(double, x, 40)
-        state = JobState(job, dumps((double, job.args, {})), True, Accounting(job.id, 40), None)
-        try:
-            return executor.run_state(state), executor
-        finally:
-            executor.close()
-
-    scaler = BesideTheCoordinator()
-    outcomes, executor = run(scaler, in_sandbox=True)
-    got = np.concatenate([outcomes[c].value for c in range(40)])
-    np.testing.assert_array_equal(got, x * 2)
-    assert executor.most_slots == 4 and 9 <= scaler.most <= 13  # grown by half, not all 32
-    # the client's rule: its 4 calls wait for ever (here until their timeout, and lost)
-    stalled, _ = run(BesideTheCoordinator(), in_sandbox=False, timeout=0.5, attempts=1)
-    assert isinstance(stalled[0].error, RetriesExhausted)
-    # where sandboxes keep up, a coordinator stays at the client's 2 per core
-    roomy = BesideTheCoordinator(average_ms=50)
-    run(roomy, in_sandbox=True)
-    assert roomy.most == 4
+def test_a_coordinators_chunks_get_sandboxes_after_short_calls(tmp_path: Path) -> None:
+    """After very short calls, a lambda's scaler wants one sandbox for a few calls in flight
+    (min(outstanding, outstanding x mean time / 10 ms); `lampy worker` follows OpenLambda).
+    Were the coordinator a call of the chunks' lambda, its own sandbox would be that one, and
+    its chunk calls would wait for a sandbox until the runtime limit ended the call. On a
+    lambda of its own, the job runs at once, without a hand-off."""
+    x = np.arange(6400.0)
+    with openlambda_worker(tmp_path / "registry", max_sandboxes=4, runtime_limit=20.0) as url:
+        options = {"url": url, "progress": "off", "runtime_limit": 20.0}
+        with lampy.using(executor="openlambda", batch=1, **options):  # 400 calls of ~1 ms
+            lampy.elemwise(chunks=400)(np.negative)(x)
+        deadline = time.monotonic() + 15.0  # the scaler drops idle sandboxes after 2 s
+        while worker_stats(url)["sandboxes"] > 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert worker_stats(url)["sandboxes"] == 1
+        with lampy.using(executor="openlambda", orchestrator="lambda", **options):
+            executor = executor_in_use()
+            start = time.monotonic()
+            total = lampy.sum(chunks=64)(energy)(x)
+            took = time.monotonic() - start
+    np.testing.assert_allclose(total, energy(x))
+    events = executor.statuses[-1]["events"]
+    assert [e["why"] for e in events] == ["start"], events
+    assert took < 10.0  # a stalled job takes the runtime limit, 20 s
 
 
 def test_a_store_that_refuses_the_coordinator_is_named_with_its_answer(
@@ -916,7 +894,7 @@ class HeldServer:
 
 
 def test_a_coordinators_calls_in_flight_take_no_thread() -> None:
-    """A coordinator's executor (StreamTransport, in_sandbox) with 32 calls in flight runs
+    """A coordinator's executor (StreamTransport) with 32 calls in flight runs
     no more threads than with one: OpenLambda counts a sandbox's threads against its process
     limit (10), so calls in flight must not each take one."""
     from lampy.runtime.openlambda._coordinator import _threads
@@ -928,7 +906,6 @@ def test_a_coordinators_calls_in_flight_take_no_thread() -> None:
     executor = OpenLambdaExecutor(
         url="http://10.1.2.3:5000",  # not this machine's: its cap is `concurrency`, not cores
         transport=StreamTransport(endpoint, 32, secret),
-        in_sandbox=True,
         batch=1,
         progress="off",
     )
