@@ -504,8 +504,8 @@ class OpenLambdaExecutor(Executor):
                     if not unit:
                         break
                     launch(unit)
-                for chunk in scheduler.stragglers(loop.time()):
-                    unit = next(u for u in running if chunk in u)
+                late = set(scheduler.stragglers(loop.time()))
+                for unit in {u for u in running if not late.isdisjoint(u)}:  # one copy a call
                     self.backups += 1
                     launch(unit)
                 busy = len(scheduler.outcomes) and scheduler.running

@@ -202,6 +202,22 @@ def test_straggler_gets_a_backup_and_counts_once(run: Any, monkeypatch: Any) -> 
     np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(8)]), x * 2)
 
 
+def test_a_batched_straggler_gets_one_backup_call(monkeypatch: Any) -> None:
+    """A slow call carrying several chunks is copied once, not once per chunk: each of its
+    chunks is late at the same moment, and copies beyond the first only load the platform."""
+    monkeypatch.setattr(scheduler_module, "STRAGGLER_MIN_S", 0.1)
+    transport = Scripted({(4, 1): 30.0})  # the call of chunks 4-7 hangs on its first attempt
+    x = np.arange(160.0)
+    executor = OpenLambdaExecutor(transport=transport, backoff=0.001, batch=4)
+    try:
+        outcomes = executor.run(make_job(double, x, 16))
+    finally:
+        executor.close()
+    assert executor.backups == 1 and transport.attempts[4] == 2
+    np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(16)]), x * 2)
+    assert set(executor.accounts[-1].accepted.values()) == {1}
+
+
 class Twins(Scripted):
     """Chunk 5's first copy fails slowly on every attempt; its backup (2nd call) answers last."""
 
