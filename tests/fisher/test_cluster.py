@@ -162,7 +162,7 @@ def test_resegment_gives_a_short_run_to_the_speaker_its_frames_fit() -> None:
     out = cluster.resegment(x, labels, reach=5, short_run=40)
     np.testing.assert_array_equal(out[310:330], 1)
     # Everything else stays, silence included.
-    rest = np.r_[0:310, 330:labels.size]
+    rest = np.r_[0:310, 330 : labels.size]
     np.testing.assert_array_equal(out[rest], labels[rest])
 
 
