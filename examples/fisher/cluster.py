@@ -1,5 +1,5 @@
 """k-means (k-means++ seeds, several seeded restarts run together), the speaker count's Ward
-merges, Viterbi smoothing and re-segmentation of speaker changes.
+merges, Viterbi smoothing, and re-segmentation of speaker changes and of short runs.
 
 Each k-means iteration is one `@lampy.sum` region over the points (assignment plus per-cluster
 counts and sums, for all restarts at once, so one call per iteration); the frame likelihoods of
