@@ -1,5 +1,5 @@
 """k-means (k-means++ seeds, several seeded restarts run together), the speaker count's Ward
-merges, Viterbi smoothing and re-segmentation of speaker changes.
+merges, Viterbi smoothing, and re-segmentation of speaker changes and of short runs.
 
 Each k-means iteration is one `@lampy.sum` region over the points (assignment plus per-cluster
 counts and sums, for all restarts at once, so one call per iteration); the frame likelihoods of
@@ -290,8 +290,11 @@ def resegment(
     reach: int,
     columns: tuple[int, ...] | None = None,
     min_frames: int = 20,
+    short_run: int = 0,
 ) -> np.ndarray:
-    """Move each change of speaker to the frame where the two speakers' models split best.
+    """Move each change of speaker to the frame where the two speakers' models split best,
+    then give each run of one speaker shorter than `short_run` frames to the speaker whose model
+    explains its frames best.
 
     `labels` (-1 = silence) come from clustering mid-term windows a second long, so a change can
     be off by half a window. Each speaker gets a diagonal Gaussian over its frames' features
@@ -299,8 +302,10 @@ def resegment(
     another's without a pause, the boundary moves (within `reach` frames and the two runs) to
     the split that maximizes the log-likelihood of the frames before under the first speaker
     plus the frames after under the second. Speakers with fewer than `min_frames` frames keep
-    their boundaries. The models come from one pass of sums over the frames (a region), and
-    only the frames near a change are scored (another).
+    their boundaries. A short run (a reply of a word or two) was labelled by mid-term windows a
+    second long, which reach into the turns around it; its own frames' likelihoods judge it
+    alone. The models come from one pass of sums over the frames (a region), and only the
+    frames near a change and those of short runs are scored (another).
     """
     columns = tuple(range(feats.shape[1])) if columns is None else columns
     k = int(labels.max()) + 1
@@ -321,13 +326,31 @@ def resegment(
     means = np.where(modelled[:, None], (mean - mu) / sd, 0.0)
     var = np.where(modelled[:, None], var / (sd * sd) + 1e-3, 1.0)
     log_norm = -0.5 * np.log(2.0 * np.pi * var).sum(axis=1)
+    models = (mu, sd, means, var, np.where(modelled, log_norm, -np.inf))
     starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
     ends = np.append(starts[1:], labels.size)
     first, second = labels[starts[:-1]], labels[starts[1:]]
     movable = np.flatnonzero((first >= 0) & (second >= 0))
     movable = movable[modelled[first[movable]] & modelled[second[movable]]]
+    out = _move_changes(feats, labels, movable, starts, ends, reach, columns, models)
+    return _relabel_short_runs(feats, out, short_run, columns, models)
+
+
+def _move_changes(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    movable: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    reach: int,
+    columns: tuple[int, ...],
+    models: tuple[np.ndarray, ...],
+) -> np.ndarray:
+    """`resegment`'s first step: each movable change (index into the runs) to its best split."""
     if movable.size == 0:
         return labels
+    mu, sd, means, var, log_norm = models
+    first, second = labels[starts[:-1]], labels[starts[1:]]
     # Only the frames around a movable change are scored: (changes x 2 reach) frames.
     lo = np.maximum(starts[movable + 1] - reach, starts[movable])
     hi = np.minimum(starts[movable + 1] + reach, ends[movable + 1])
@@ -344,4 +367,31 @@ def resegment(
         gain = np.concatenate([[0.0], np.cumsum(part[:, a] - part[:, b])])
         split = int(np.argmax(gain))
         out[span[:split]], out[span[split:]] = a, b
+    return out
+
+
+def _relabel_short_runs(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    short_run: int,
+    columns: tuple[int, ...],
+    models: tuple[np.ndarray, ...],
+) -> np.ndarray:
+    """`resegment`'s second step: each run of one speaker shorter than `short_run` frames goes
+    to the modelled speaker with the highest summed frame log-likelihood."""
+    mu, sd, means, var, log_norm = models
+    starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
+    lengths = np.diff(np.append(starts, labels.size))
+    short = (labels[starts] >= 0) & (lengths < short_run)
+    if not short.any():
+        return labels
+    run = np.repeat(np.arange(starts.size), lengths)
+    scored = np.flatnonzero(short[run])
+    x = (feats[scored][:, list(columns)] - mu) / sd
+    ll = np.asarray(frame_loglik(x, means, 1.0 / var, log_norm))
+    # Frames of one run are consecutive in `scored`: one sum per run.
+    first = np.flatnonzero(np.concatenate([[True], run[scored][1:] != run[scored][:-1]]))
+    best = np.add.reduceat(ll, first, axis=0).argmax(axis=1)
+    out = labels.copy()
+    out[scored] = np.repeat(best, np.diff(np.append(first, scored.size)))
     return out

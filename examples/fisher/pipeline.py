@@ -67,6 +67,7 @@ class Params:
     mean_turn: float = 4.0  # expected turn length: sets the HMM's switch probability
     max_gap: float = 0.6  # same-speaker turns closer than this merge
     reach: float = 0.5  # how far re-segmentation may move a change of speaker
+    short_run: float = 1.0  # a run of one speaker shorter than this is re-labelled by its frames
     count_piece: float = 0.3  # the count is judged on pieces of speech this long
     noisy_frame_share: float = 0.3  # below subtract_below_snr, the quietest speech frames ...
     # ... (this share) barely count in the mid-term statistics
@@ -349,7 +350,9 @@ def diarize(
         nearest = np.searchsorted((kept[:-1] + kept[1:]) / 2.0, np.arange(speech.size))
         frame_labels = np.where(voiced, path[nearest], -1)
     with timed("resegment"):
-        frame_labels = cluster.resegment(feats, frame_labels, round(p.reach / step), voice)
+        frame_labels = cluster.resegment(
+            feats, frame_labels, round(p.reach / step), voice, short_run=round(p.short_run / step)
+        )
         # A frame stands for the hop-long stretch around its window's centre.
         offset = (features.frame_geometry(rate)[0] / rate - step) / 2.0
         turns = labels_to_turns(frame_labels, step, p.max_gap, offset)

@@ -128,3 +128,56 @@ def test_first_appearance() -> None:
     np.testing.assert_array_equal(
         cluster.first_appearance(np.array([2, 2, 0, 1, 0])), [0, 0, 1, 2, 1]
     )
+
+
+def _two_voices_and_a_reply(reply_label: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frames: speaker 0 (300), a pause, a 20-frame reply of speaker 1 labelled `reply_label`,
+    a pause, speaker 0 again (300), a pause, speaker 1 (300)."""
+    rng = np.random.default_rng(0)
+    parts = [
+        rng.normal(0, 1, (300, 3)),
+        np.zeros((10, 3)),
+        rng.normal(4, 1, (20, 3)),
+        np.zeros((10, 3)),
+        rng.normal(0, 1, (300, 3)),
+        np.zeros((10, 3)),
+        rng.normal(4, 1, (300, 3)),
+    ]
+    labels = np.concatenate(
+        [
+            np.zeros(300, np.int64),
+            np.full(10, -1),
+            np.full(20, reply_label),
+            np.full(10, -1),
+            np.zeros(300, np.int64),
+            np.full(10, -1),
+            np.ones(300, np.int64),
+        ]
+    )
+    return np.vstack(parts), labels
+
+
+def test_resegment_gives_a_short_run_to_the_speaker_its_frames_fit() -> None:
+    x, labels = _two_voices_and_a_reply(reply_label=0)
+    out = cluster.resegment(x, labels, reach=5, short_run=40)
+    np.testing.assert_array_equal(out[310:330], 1)
+    # Everything else stays, silence included.
+    rest = np.r_[0:310, 330 : labels.size]
+    np.testing.assert_array_equal(out[rest], labels[rest])
+
+
+def test_resegment_leaves_short_runs_alone_when_asked_or_when_they_fit() -> None:
+    x, labels = _two_voices_and_a_reply(reply_label=0)
+    np.testing.assert_array_equal(cluster.resegment(x, labels, reach=5, short_run=0), labels)
+    # Runs as long as short_run are not short.
+    np.testing.assert_array_equal(cluster.resegment(x, labels, reach=5, short_run=20), labels)
+    right, truth = _two_voices_and_a_reply(reply_label=1)
+    np.testing.assert_array_equal(cluster.resegment(right, truth, reach=5, short_run=40), truth)
+
+
+def test_resegment_short_runs_go_only_to_modelled_speakers() -> None:
+    # Speaker 2 has only the 20-frame reply (under min_frames): no model, so the reply goes to
+    # the modelled speaker that fits it (1), never stays with or moves to an unmodelled one.
+    x, labels = _two_voices_and_a_reply(reply_label=2)
+    out = cluster.resegment(x, labels, reach=5, min_frames=50, short_run=40)
+    np.testing.assert_array_equal(out[310:330], 1)
