@@ -11,13 +11,16 @@ numpy alone is the undecorated function; lampy local is the region as the pipeli
 TensorFlow computes the same quantities with its own ops (tf.signal.rfft, segment sums,
 matmul), checked against numpy. The whole pipeline on each executor is in bench_fisher.py.
 
-The serial remainder: the whole pipeline on `local`, with, per stage, the CPU time the calling
-process spent (its own numpy work plus lampy moving data and combining): what more workers
-cannot shrink. It is written into the row's note and, per stage, into RESULTS.json.
+The serial remainder: the whole pipeline on `local`, speaker count given and found, with, per
+stage, the CPU time the calling process spent (its own numpy work plus lampy moving data and
+combining): what more workers cannot shrink; and the run's serial share (the caller's time
+alone over the wall time; its CPU over all CPU). It is written into the row's note and, per
+stage, into RESULTS.json.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +33,8 @@ from threadpoolctl import threadpool_limits
 import lampy
 from examples.fisher import diarize, features, flsd, vad
 from examples.fisher.pipeline import Params
+from lampy.runtime import _serial as serial
+from lampy.runtime import executors
 
 CHUNKS = 8
 FEATURES = "(e) Fisher stage: short-term features of 1 hour"
@@ -258,24 +263,50 @@ def _tf_scatter(tf: Any, x: np.ndarray, classes: np.ndarray, n_classes: int) -> 
 SERIAL = "(e) Fisher pipeline on local: serial remainder per stage"
 
 
-def test_serial_remainder_per_stage(benchmark: Any, row: Row, hour: Any) -> None:
-    """The hour on local; per stage, the caller's CPU time against the stage's wall time."""
-    row(SERIAL, "lampy local: caller CPU / wall per stage (median of 3)")
+@pytest.mark.parametrize("count", ["given", "found"])
+def test_serial_remainder_per_stage(benchmark: Any, row: Row, hour: Any, count: str) -> None:
+    """The hour on local; per stage, the caller's CPU time against the stage's wall time, and
+    for the whole run the caller's serial share: its time alone (no region out at the
+    workers, or waiting inside one for copies or start-up) over the wall time, and its CPU
+    time over all CPU time (its own and the workers', from /proc)."""
+    from bench_scale import process_cpu
+
+    row(SERIAL, f"lampy local, speaker count {count}: caller CPU / wall per stage (median of 3)")
     _, signal, rate, _ = hour
-    results = []
+    results, alone, of_all = [], [], []
+    pool = executors.get("local", {})
 
     def run() -> None:
-        results.append(diarize(signal, rate, n_speakers=2))
+        pids = pool.worker_pids()  # type: ignore[attr-defined]
+        before, workers_cpu = serial.snapshot(), process_cpu(pids)
+        cpu, start = time.process_time(), time.perf_counter()
+        results.append(diarize(signal, rate, n_speakers=2 if count == "given" else None))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        spent = serial.since(before)
+        waits = spent.get("copy", 0.0) + spent.get("start-up", 0.0)
+        alone.append((wall - spent.get("job", 0.0) + waits) / wall)
+        if pool.worker_pids() == pids:  # type: ignore[attr-defined]  # (none replaced)
+            of_all.append(cpu / (cpu + process_cpu(pids) - workers_cpu))
 
+    pool.start()  # up and warm first: a call while it starts runs in the caller
+    deadline = time.monotonic() + 120
+    while not pool.is_warm():
+        assert time.monotonic() < deadline, "the pool did not start within 120 s"
+        time.sleep(0.02)
     with lampy.using(executor="local"):
-        diarize(signal[: rate * 60], rate, n_speakers=2)  # workers up and warm
+        diarize(signal[: rate * 60], rate, n_speakers=2)  # plans and imports warm
         benchmark.pedantic(run, rounds=3, iterations=1)
     stages = list(results[0].timings)
     cpu = {s: float(np.median([r.caller_cpu[s] for r in results])) for s in stages}
     wall = {s: float(np.median([r.timings[s] for r in results])) for s in stages}
     total = benchmark.stats.stats.median
-    benchmark.extra_info.update(caller_cpu=cpu, stage_wall=wall)
+    share = float(np.median(alone))
+    benchmark.extra_info.update(
+        caller_cpu=cpu, stage_wall=wall, serial_share=share, caller_cpu_of_all=of_all
+    )
     parts = ", ".join(f"{s} {cpu[s]:.2f}/{wall[s]:.2f}" for s in stages)
+    cpu_share = f", {np.median(of_all):.0%} of all CPU" if of_all else ""
     benchmark.extra_info["note"] = (
-        f"caller CPU {sum(cpu.values()):.2f} s of {total:.2f} s; per stage, s: {parts}"
+        f"{results[0].n_speakers} speakers; caller CPU {sum(cpu.values()):.2f} s of {total:.2f} s"
+        f"{cpu_share}; serial share {share:.0%}; per stage, s: {parts}"
     )

@@ -9,8 +9,12 @@ pipeline entry point, `examples.fisher.diarize`, as bench/bench_fisher.py runs i
   (chunks: max(8, 4 per worker) for (a)-(d); the pipeline's own `chunks="auto"` for (e));
 - the caller's serial share of each row, from lampy's own counters (lampy/runtime/_serial.py):
   what the caller spends probing, copying inputs, pickling and sending, waiting for workers to
-  start and combining, over the call's time (for (e), of the pipeline's whole time: the
-  pipeline's own serial stages are not lampy's and are not counted).
+  start and combining, over the call's time. For (e) it is the whole caller's: the time no
+  region was out at the workers (the pipeline's own numpy between regions, regions run here,
+  lampy's probing, pickling and combining) plus the waits inside a fan-out for input copies
+  and starting workers, over the run's wall time: the share more workers cannot shrink. The
+  row's note adds the caller's CPU time over the wall time and over all CPU time (the caller's
+  and the workers', from /proc).
 
 Also, side by side in the same run:
 - (b) with its inputs already in shared memory (`lampy.asshared`), 8 chunks: the function
@@ -257,8 +261,67 @@ def test_scaling_fisher_hour(
             with lampy.using(executor="local", workers=n):
                 return diarize(signal, rate, n_speakers=2)
 
-        result = measure(benchmark, local, 3, n)
+        result = measure_pipeline(benchmark, local, 3, n)
     benchmark.extra_info["turns"] = len(result.turns)
+
+
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system, all threads) these processes have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measure_pipeline(benchmark: Any, fn: Callable[[], Any], rounds: int, workers: int) -> Any:
+    """`measure` for a whole pipeline on `local`: its serial share is the caller's time alone
+    (outside every fan-out, plus the waits inside one for copies and start-up) over the wall
+    time, and the note gives the caller's CPU over the wall time and over all CPU time."""
+    pool = executors.get("local", {"workers": workers})
+    alone: list[float] = []
+    over_wall: list[float] = []
+    over_all: list[float] = []
+    phases: list[dict[str, float]] = []
+
+    def run() -> Any:
+        pids = pool.worker_pids()  # type: ignore[attr-defined]
+        before, workers_cpu = serial.snapshot(), process_cpu(pids)
+        cpu, start = time.process_time(), time.perf_counter()
+        value = fn()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        spent = serial.since(before)
+        waits = spent.get("copy", 0.0) + spent.get("start-up", 0.0)
+        alone.append((wall - spent.get("job", 0.0) + waits) / wall)
+        over_wall.append(cpu / wall)
+        if pool.worker_pids() == pids:  # type: ignore[attr-defined]  # (none replaced)
+            over_all.append(cpu / (cpu + process_cpu(pids) - workers_cpu))
+        phases.append(spent)
+        return value
+
+    run()  # warm: imports, plans
+    for figures in (alone, over_wall, over_all, phases):
+        figures.clear()
+    value = benchmark.pedantic(run, rounds=rounds, iterations=1)
+    keys = sorted({k for p in phases for k in p})
+    share = statistics.median(alone)
+    benchmark.extra_info.update(
+        scaling={
+            "workers": workers,
+            "serial_share": share,
+            "phases_ms": {k: statistics.median(p.get(k, 0.0) for p in phases) * 1e3 for k in keys},
+            "caller_cpu_over_wall": statistics.median(over_wall),
+            "caller_cpu_over_all_cpu": statistics.median(over_all) if over_all else None,
+        },
+        note=(
+            f"caller CPU {statistics.median(over_wall):.0%} of the wall time"
+            + (f", {statistics.median(over_all):.0%} of all CPU" if over_all else "")
+            + f"; with this serial share, 16 workers run at most "
+            f"{1 / (share + (1 - share) * workers / 16):.1f}x this row's speed (Amdahl)"
+        ),
+    )
+    return value
 
 
 # -- chaining ------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+import lampy
+
 _PCM = 1
 _FLOAT = 3
 _EXTENSIBLE = 0xFFFE
@@ -35,7 +37,8 @@ class AudioTooShortError(AudioError):
 def read_wav(path: str | Path, min_seconds: float = 0.0) -> tuple[np.ndarray, int]:
     """Return (mono float32 signal in [-1, 1], sample rate) from a PCM or IEEE-float wav file.
 
-    Stereo and multichannel files are averaged to mono.
+    Stereo and multichannel files are averaged to mono. The signal lives in lampy's shared
+    memory (`lampy.empty`), so regions on the local executor take it without a copy.
     """
     path = Path(path)
     if not path.is_file():
@@ -56,7 +59,10 @@ def read_wav(path: str | Path, min_seconds: float = 0.0) -> tuple[np.ndarray, in
         raise AudioTooShortError(
             f"{path}: {seconds:.2f} s of audio, need at least {min_seconds:.2f} s"
         )
-    return signal.astype(np.float32), rate
+    # In lampy's shared memory: the local pool's workers read the recording where it is.
+    shared = lampy.empty(signal.shape, np.float32)
+    np.copyto(shared, signal, casting="same_kind")
+    return shared, rate
 
 
 def _chunks(path: Path, data: bytes) -> tuple[tuple[int, int, int, int], bytes]:

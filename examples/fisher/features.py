@@ -71,7 +71,9 @@ def frame_rows(
     """The signal cut for `frame_features` with no copy of it: (body, edges).
 
     Row r of `body` is the signal's samples [r * S, (r + 1) * S), S = block * hop, as a view
-    (a reshape: no bytes move, so the serial caller does not copy the recording); row r of
+    (a reshape: no bytes move, so the serial caller does not copy the recording; when the
+    signal lives in lampy's shared memory, as `audio.read_wav` returns it, neither does the
+    local pool); row r of
     `edges` holds the `hop` samples before it and the `win - hop` after it (zeros outside the
     signal). Together they hold block r's frames and the frame before them. The last row,
     when the signal ends inside it, is a small padded copy (see `tail_rows`).
@@ -80,7 +82,7 @@ def frame_rows(
     stride = block * hop
     rows = min(signal.size // stride, n // block)
     body = signal[: rows * stride].reshape(rows, stride)
-    edges = np.zeros((rows, win), dtype=signal.dtype)
+    edges = lampy.empty((rows, win), signal.dtype)  # zeros; the workers read it where it is
     if rows:
         edges[1:, :hop] = body[:-1, -hop:]
         edges[:-1, hop:] = body[1:, : win - hop]
@@ -212,8 +214,12 @@ def short_term_features(signal: np.ndarray, rate: int) -> tuple[np.ndarray, floa
     feats = feats.reshape(-1, feats.shape[-1])
     tail_body, tail_edges = tail_rows(signal, win, hop)
     if tail_body.shape[0]:
-        tail = rows_features(tail_body, tail_edges, rate, win, hop)
-        feats = np.concatenate([feats, tail.reshape(-1, feats.shape[-1])])
+        tail = rows_features(tail_body, tail_edges, rate, win, hop).reshape(-1, feats.shape[-1])
+        # Joined in shared memory, so the later regions over frames take it without a copy.
+        joined = lampy.empty((n, feats.shape[-1]), feats.dtype)
+        joined[: feats.shape[0]] = feats[:n]
+        joined[feats.shape[0] :] = tail[: n - feats.shape[0]]
+        return joined, hop / rate
     return feats[:n], hop / rate
 
 

@@ -325,9 +325,9 @@ def diarize(
         note = "no speech found" if kept.size == 0 else too_little
         silent = SpeakerCount(False, 0.0, {}, note)
         return Result([], np.full(speech.size, -1), step, 0, silent, timed.wall, timed.cpu)
-    x = flsd.standardize(mid[keep])
-    segment = vad.run_index(speech)[kept]
     with timed("flsd"):
+        x = flsd.standardize(mid[keep])
+        segment = vad.run_index(speech)[kept]
         # Pseudo-classes stay inside one run of speech: a pause is where speakers change.
         classes = flsd.run_blocks(kept * step, segment, p.flsd_block)
         w = flsd.flsd_projection(x, classes, p.flsd_dims, p.flsd_ridge)

@@ -1,9 +1,15 @@
 """Vectorized features against a plain per-frame loop written straight from the definitions."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import lampy
+import lampy.runtime._shm
 from examples.fisher import features
+from examples.fisher.audio import read_wav, write_wav
+from lampy.runtime import _serial as serial
 
 
 def _reference_frame(x: np.ndarray, prev: np.ndarray, rate: int) -> np.ndarray:
@@ -212,3 +218,28 @@ def test_noise_subtraction_takes_the_noise_out_of_the_cepstra(executor: str) -> 
     untouched = [i for i in range(noisy.shape[1]) if i not in features.CEPSTRA_COLUMNS]
     np.testing.assert_array_equal(cleaned[:, untouched], noisy[:, untouched])
     assert features.subtract_noise(noisy, np.ones(noisy.shape[0], bool), rate) is noisy
+
+
+def test_a_read_recording_reaches_the_workers_without_a_copy(executor: str, tmp_path: Path) -> None:
+    """read_wav's signal, the frames' edges and the joined features live in shared memory:
+    the local pool copies none of them, and the features equal those of a private copy."""
+    rate = 16000
+    signal = _signal(rate, 13.3)  # 13.3 s: whole rows of 64 frames, and a partial last row
+    path = tmp_path / "x.wav"
+    write_wav(path, signal, rate)
+    read, _ = read_wav(path)
+    assert lampy.asshared(read) is read
+    private = np.array(read)
+    assert not lampy.runtime._shm.is_shared(private)
+    with lampy.using(executor="inline", chunks=4):
+        want, _ = features.short_term_features(private, rate)
+    before = serial.snapshot()
+    with lampy.using(chunks=4):
+        feats, _ = features.short_term_features(read, rate)
+    copied = serial.since(before)
+    np.testing.assert_allclose(feats, want, rtol=1e-12, atol=1e-15)  # BLAS threads may differ
+    assert lampy.asshared(feats) is feats  # the later regions over frames take it as it is
+    if executor == "local":
+        assert copied.get("job", 0.0) > 0  # it fanned out ...
+        assert copied.get("copy threads", 0.0) == 0.0  # ... and no byte was copied for it
+        assert copied.get("copy", 0.0) == 0.0

@@ -329,3 +329,35 @@ def test_reading_the_callers_memory_starts_no_helper_process(
     finally:
         for cached in caches:
             cached.cache_clear()
+
+
+def minor_faults(pids: list[int]) -> int:
+    """Minor page faults these processes have taken so far (/proc/PID/stat, field 10)."""
+    return sum(int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[7]) for p in pids)
+
+
+@lampy.elemwise(chunks=2, executor="local")
+def in_batches(x: np.ndarray) -> np.ndarray:
+    """Large temporaries made and freed batch after batch (8 MB each), as the Fisher features
+    do: heap memory that glibc would hand back to the OS after every batch."""
+    out = np.empty(x.shape[0])
+    for row in range(x.shape[0]):
+        a = np.full(1 << 20, x[row])
+        b = np.sin(a)
+        c = b * a
+        out[row] = c[0]
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_workers_keep_freed_memory_for_the_next_batch() -> None:
+    """A worker reuses the memory its last batch freed: repeating the call takes next to no
+    new pages (with glibc's own thresholds, some thousands)."""
+    x = np.arange(40.0)
+    want = np.sin(x) * x
+    np.testing.assert_array_equal(in_batches(x), want)  # the pool warm
+    pids = pool().worker_pids()
+    before = minor_faults(pids)
+    np.testing.assert_array_equal(in_batches(x), want)
+    assert pool().worker_pids() == pids
+    assert minor_faults(pids) - before < 500
