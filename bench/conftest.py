@@ -204,6 +204,8 @@ SCALING_INTRO = [
     "(1 is perfect scaling). *serial share*: the time the caller itself spends probing, copying",
     "inputs, pickling and sending, waiting for workers to start and combining results, over the",
     "row's time (median of the rounds; lampy's own counters of the caller's time per phase).",
+    "For (e), the Fisher hour, it is the whole caller's: the time no region was out at the",
+    "workers (the pipeline's own numpy work included) plus those waits, over the row's time.",
     "",
 ]
 
