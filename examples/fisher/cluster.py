@@ -13,6 +13,7 @@ import numpy as np
 
 import lampy
 
+from . import vad
 from .flsd import class_sums
 
 
@@ -327,30 +328,27 @@ def resegment(
     var = np.where(modelled[:, None], var / (sd * sd) + 1e-3, 1.0)
     log_norm = -0.5 * np.log(2.0 * np.pi * var).sum(axis=1)
     models = (mu, sd, means, var, np.where(modelled, log_norm, -np.inf))
-    starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
-    ends = np.append(starts[1:], labels.size)
-    first, second = labels[starts[:-1]], labels[starts[1:]]
-    movable = np.flatnonzero((first >= 0) & (second >= 0))
-    movable = movable[modelled[first[movable]] & modelled[second[movable]]]
-    out = _move_changes(feats, labels, movable, starts, ends, reach, columns, models)
+    out = _move_changes(feats, labels, reach, columns, models)
     return _relabel_short_runs(feats, out, short_run, columns, models)
 
 
 def _move_changes(
     feats: np.ndarray,
     labels: np.ndarray,
-    movable: np.ndarray,
-    starts: np.ndarray,
-    ends: np.ndarray,
     reach: int,
     columns: tuple[int, ...],
     models: tuple[np.ndarray, ...],
 ) -> np.ndarray:
-    """`resegment`'s first step: each movable change (index into the runs) to its best split."""
+    """`resegment`'s first step: each change between two modelled speakers to its best split."""
+    mu, sd, means, var, log_norm = models
+    starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
+    ends = np.append(starts[1:], labels.size)
+    first, second = labels[starts[:-1]], labels[starts[1:]]
+    modelled = np.isfinite(log_norm)  # an unmodelled speaker's is -inf
+    movable = np.flatnonzero((first >= 0) & (second >= 0))
+    movable = movable[modelled[first[movable]] & modelled[second[movable]]]
     if movable.size == 0:
         return labels
-    mu, sd, means, var, log_norm = models
-    first, second = labels[starts[:-1]], labels[starts[1:]]
     # Only the frames around a movable change are scored: (changes x 2 reach) frames.
     lo = np.maximum(starts[movable + 1] - reach, starts[movable])
     hi = np.minimum(starts[movable + 1] + reach, ends[movable + 1])
@@ -380,12 +378,12 @@ def _relabel_short_runs(
     """`resegment`'s second step: each run of one speaker shorter than `short_run` frames goes
     to the modelled speaker with the highest summed frame log-likelihood."""
     mu, sd, means, var, log_norm = models
-    starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
-    lengths = np.diff(np.append(starts, labels.size))
+    run = vad.run_index(labels)
+    lengths = np.bincount(run)
+    starts = np.cumsum(lengths) - lengths
     short = (labels[starts] >= 0) & (lengths < short_run)
     if not short.any():
         return labels
-    run = np.repeat(np.arange(starts.size), lengths)
     scored = np.flatnonzero(short[run])
     x = (feats[scored][:, list(columns)] - mu) / sd
     ll = np.asarray(frame_loglik(x, means, 1.0 / var, log_norm))

@@ -69,7 +69,7 @@ from lampy.runtime._sweep import watch
 from lampy.runtime._tree import leaves
 from lampy.runtime._worker_side import Outcome, Templates, run_task
 from lampy.runtime.executors import _in_place as in_place
-from lampy.runtime.executors._caller_memory import read_into
+from lampy.runtime.executors._caller_memory import _libc, read_into
 from lampy.runtime.executors._in_place import Slots
 
 
@@ -408,7 +408,7 @@ def keep_freed_memory() -> None:
     if any(name in os.environ for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
         return
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
