@@ -36,7 +36,7 @@ from lampy.runtime._worker_side import Outcome
 ATTEMPTS = 8
 BACKOFF_S = 0.1
 BACKOFF_CAP_S = 4.0
-STRAGGLER_DONE = 0.75  # backups only once this share of chunks is done ...
+STRAGGLER_DONE = 0.75  # backups only once this share of chunks is done (or all but one) ...
 STRAGGLER_FACTOR = 4.0  # ... for chunks running this many times the median ...
 # ... and at least this much longer than it: above a new sandbox's start (bench_olreal.py row
 # "cold sandbox": 0.25 to 0.58 s on OpenLambda, up to 1.2 s on a loaded `lampy worker`), so a
@@ -148,9 +148,14 @@ class ChunkScheduler:
             heapq.heappush(self._again, chunk)
 
     def stragglers(self, now: float) -> list[int]:
-        """Chunks worth a backup attempt: once most chunks are done, those running far longer
-        than the median (chunks are pure, so a second copy is safe; the first answer wins)."""
-        if len(self.outcomes) < STRAGGLER_DONE * len(self.job.chunks) or not self._durations:
+        """Chunks worth a backup attempt: once most chunks are done (at least all but one, so a
+        job of two or three chunks has its last one backed up too), those running far longer
+        than the median (chunks are pure, so a second copy is safe; the first answer wins).
+        A call the platform never answers is one such chunk: OpenLambda drops a call queued
+        behind a failed round trip (docs/openlambda.md), and only a backup gets its answer
+        before the call's timeout."""
+        chunks, done = len(self.job.chunks), len(self.outcomes)
+        if done < min(STRAGGLER_DONE * chunks, chunks - 1) or not self._durations:
             return []
         median = statistics.median(self._durations)
         slow = max(STRAGGLER_FACTOR * median, median + STRAGGLER_MIN_S)

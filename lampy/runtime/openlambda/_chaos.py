@@ -37,6 +37,8 @@ FAULTS = {
     "reset": "run the call, then reset the connection instead of answering",
     "corrupt": "run the call, then flip bytes in the answer's body",
     "duplicate": "run the call, then answer with an earlier call's answer (a late duplicate)",
+    "lose": "never run nor answer the call, until the caller hangs up (OpenLambda drops a call "
+    "queued behind a failed round trip)",
 }
 
 

@@ -27,8 +27,9 @@ outright leaves it behind, and the next one to start removes it.
 
 With a chaos plan (`--chaos`, see chaos.py) the worker also injects faults into `/run` calls, the
 way a real platform fails: it kills sandboxes mid-call, answers 502 or 429, hangs past the
-runtime limit, resets connections, damages answers and replays earlier answers; it counts each
-as `chaos_<fault>` in `/stats`.
+runtime limit, resets connections, damages answers, replays earlier answers and drops calls
+unanswered (as OpenLambda does behind a failed round trip); it counts each as `chaos_<fault>` in
+`/stats`.
 """
 
 from __future__ import annotations
@@ -550,6 +551,10 @@ class Worker:
         if fault == "502":
             self.stats["chaos_502"] += 1
             return _text(502, "RoundTrip failed: injected by --chaos\n\nSandbox State: running")
+        if fault == "lose":
+            self.stats["chaos_lose"] += 1
+            await _until_hung_up(request)
+            return _text(500, "the caller hung up")
         lam.outstanding += 1
         try:
             while True:
@@ -764,6 +769,12 @@ class Worker:
             answer.body = self.answers[self.chaos.pick(len(self.answers))]
         self.answers.append(body)
         return answer
+
+
+async def _until_hung_up(request: web.Request) -> None:
+    """Wait for the caller to close its connection (aiohttp does not cancel the handler)."""
+    while request.transport is not None and not request.transport.is_closing():
+        await asyncio.sleep(0.1)
 
 
 async def _send(request: web.Request, writer: asyncio.StreamWriter) -> None:

@@ -42,8 +42,8 @@ from .test_executor import make_job
 FULL = os.environ.get("LAMPY_CHAOS_FULL") == "1"
 SEEDS = range(1, 11) if FULL else range(1, 3)
 CHUNKS = 1000 if FULL else 300
-# A 20% mixed fault rate; hangs cost the worker's runtime limit each.
-PLAN = "kill=0.03,502=0.03,429=0.04,hang=0.01,reset=0.03,corrupt=0.03,duplicate=0.03"
+# A 20% mixed fault rate; hangs cost the worker's runtime limit each, lost calls a backup.
+PLAN = "kill=0.03,502=0.03,429=0.03,hang=0.01,reset=0.03,corrupt=0.03,duplicate=0.03,lose=0.01"
 RUNTIME_LIMIT_S = 1.0
 BOUND_S = 60.0  # per job, on the 2-core reference machine (measured: 2-8 s at 1,000 chunks)
 OPTIONS = {"attempts": 12, "backoff": 0.02, "timeout": 10.0, "progress": "off"}

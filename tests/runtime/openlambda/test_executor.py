@@ -202,6 +202,27 @@ def test_straggler_gets_a_backup_and_counts_once(run: Any, monkeypatch: Any) -> 
     np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(8)]), x * 2)
 
 
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_the_last_chunk_of_a_small_job_gets_a_backup(chunks: int, monkeypatch: Any) -> None:
+    """The share-of-chunks-done rule alone would never back up the last of 2 or 3 chunks, so
+    a call the platform drops (OpenLambda loses one queued behind a failed round trip) would
+    wait for the call's timeout."""
+    monkeypatch.setattr(scheduler_module, "STRAGGLER_MIN_S", 0.1)
+    last = chunks - 1
+    transport = Scripted({(last, 1): 30.0})  # never answered before the 30 s timeout
+    x = np.arange(10.0 * chunks)
+    executor = OpenLambdaExecutor(transport=transport, backoff=0.001, timeout=30.0)
+    start = time.monotonic()
+    try:
+        outcomes = executor.run(make_job(double, x, chunks))
+    finally:
+        executor.close()
+    assert time.monotonic() - start < 5
+    assert executor.backups == 1 and transport.attempts[last] == 2
+    np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(chunks)]), x * 2)
+    assert set(executor.accounts[-1].accepted.values()) == {1}
+
+
 def test_a_batched_straggler_gets_one_backup_call(monkeypatch: Any) -> None:
     """A slow call carrying several chunks is copied once, not once per chunk: each of its
     chunks is late at the same moment, and copies beyond the first only load the platform."""

@@ -17,7 +17,9 @@ import pytest
 
 import lampy
 from lampy._errors import ExecutionError
-from tests.olreal import CALL_TIMEOUT_S, NAME, REASON, sandbox_pids
+from lampy.runtime.openlambda._deploy import deployed, upload
+from tests.olreal import CALL_TIMEOUT_S, NAME, REASON, sandbox_pids, wait_deployed
+from tests.runtime.openlambda.test_worker import request
 
 pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON)
 
@@ -115,3 +117,33 @@ def test_a_call_past_the_runtime_limit_is_a_502_naming_its_chunk(olreal: str) ->
     ):
         lampy.elemwise(past_the_runtime_limit, chunks=2)(np.arange(4))
     assert info.value.rows in {(0, 2), (2, 4)}
+
+
+def ends_its_sandbox_on_row_0(x: np.ndarray) -> np.ndarray:
+    if 0 in x:
+        os._exit(3)  # the round trip fails: 502 RoundTrip failed: EOF
+    time.sleep(0.5)
+    return x.sum(keepdims=True)
+
+
+def test_a_call_openlambda_drops_gets_its_answer_from_a_backup(
+    olreal: str, lampy_secret: bytes
+) -> None:
+    """OpenLambda drops a call queued behind a failed round trip (docs/openlambda.md): never
+    run, never answered. Of 3 chunks, one ends its sandbox; the others must still answer well
+    within the call's timeout, by a backup of the dropped call. A lambda of its own starts with
+    one instance, where the calls queue (on a warm lambda with many, a drop is rarer)."""
+    name = "lampy-drops"
+    upload(olreal, name)
+    try:
+        wait_deployed(olreal, lampy_secret, name)
+        region = lampy.sum(chunks=3, allow_partial=0.3)(ends_its_sandbox_on_row_0)
+        for _ in range(3):
+            start = time.monotonic()
+            with lampy.using(name=name, attempts=1, timeout=60.0):
+                value, coverage = region(np.arange(6))
+            assert list(coverage.lost) == [0] and value.tolist() == [2 + 3 + 4 + 5]
+            assert time.monotonic() - start < 20  # a dropped call waits 60 s without a backup
+    finally:
+        for each in deployed(name):
+            request(olreal, "DELETE", f"/registry/{each}")
