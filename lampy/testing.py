@@ -3,8 +3,8 @@
 `openlambda_worker()` starts a real `lampy worker` on a free loopback port with lampy's lambda
 deployed, so a test or benchmark can run regions on the openlambda executor exactly as a user
 would against OpenLambda. `chaos()` runs a region on such a worker while it injects faults
-(sandboxes killed mid-call, 502, 429, hangs, resets, damaged and duplicated answers) and checks
-the answer is the inline executor's, so users can test their own code under failure.
+(sandboxes killed mid-call, 502, 429, hangs, resets, damaged, duplicated and dropped answers)
+and checks the answer is the inline executor's, so users can test their own code under failure.
 `InProcessTransport` runs the openlambda executor against lampy's real handler in this process
 (no worker, no network), and `assert_same` compares answers leaf by leaf.
 """
