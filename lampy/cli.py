@@ -279,6 +279,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace) -> int:
     from lampy.runtime.openlambda import _deploy as packaging
+    from lampy.runtime.openlambda._protocol import run_url
 
     names = packaging.deployed(args.name)
     if args.output is not None:
@@ -309,7 +310,7 @@ def _deploy(args: argparse.Namespace) -> int:
         shown.end()
         raise Failure(f"{args.name} uploaded but not ready: {exc}") from None
     shown.end()
-    where = " and ".join(f"{args.url}/run/{name}" for name in names)
+    where = " and ".join(run_url(args.url, name) for name in names)
     print(f"{args.name} answers at {where} (ready after {took:.1f} s)")
     return 0
 

@@ -64,6 +64,7 @@ from lampy.runtime.openlambda._protocol import (
     JobState,
     PlatformFailure,
     coordinator_of,
+    run_url,
 )
 from lampy.runtime.openlambda._transport import StreamTransport, ThreadTransport
 from lampy.runtime.remote._jobs import JobStore, at_rest
@@ -261,8 +262,8 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
     from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 
     options = assignment.options
-    endpoint = f"{assignment.url}/run/{options['name']}"  # the chunks' lambda
-    successors = f"{assignment.url}/run/{coordinator_of(options['name'])}"
+    endpoint = run_url(assignment.url, options["name"])  # the chunks' lambda
+    successors = run_url(assignment.url, coordinator_of(options["name"]))
     transport = StreamTransport(endpoint, options["concurrency"], secret)
     executor = OpenLambdaExecutor(
         url=assignment.url, progress="off", transport=transport, **options

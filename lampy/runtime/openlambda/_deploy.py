@@ -36,7 +36,7 @@ from pathlib import Path
 from lampy._errors import FrameError, VersionMismatch
 from lampy.runtime._secret import load_secret, write_private
 from lampy.runtime.openlambda import _frames as frames
-from lampy.runtime.openlambda._protocol import coordinator_of
+from lampy.runtime.openlambda._protocol import coordinator_of, run_url
 from lampy.runtime.remote import _auth as auth
 
 PINNED = ("numpy", "cloudpickle")
@@ -193,7 +193,7 @@ def _wait_one(url: str, name: str, key: bytes, since: tuple[float, float], last:
     ping = frames.encode(frames.PING, 0, key).join()
     last[0] = "no answer yet"
     while (left := deadline - time.monotonic()) > 0:
-        request = urllib.request.Request(f"{url.rstrip('/')}/run/{name}", data=ping)
+        request = urllib.request.Request(run_url(url, name), data=ping)
         try:
             with urllib.request.urlopen(request, timeout=left) as answer:
                 body = answer.read()

@@ -23,7 +23,7 @@ from lampy.runtime._worker_side import Outcome
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda._coordinator import Assignment, Report, Summons, chunks_of
 from lampy.runtime.openlambda._loop import Loop
-from lampy.runtime.openlambda._protocol import Caller, coordinator_of
+from lampy.runtime.openlambda._protocol import Caller, coordinator_of, run_url
 from lampy.runtime.openlambda._watch import watch
 from lampy.runtime.remote._jobs import JOB_ID, JobStore, at_rest
 from lampy.runtime.remote._results import Offer, collect
@@ -66,7 +66,7 @@ def attach(store_url: str, job: str, timeout: float | None = None) -> Attached:
     from lampy.runtime.openlambda._transport import AiohttpTransport
 
     coordinator = coordinator_of(options["name"])
-    endpoint = f"{assignment.url}/run/{coordinator}"
+    endpoint = run_url(assignment.url, coordinator)
     transport = AiohttpTransport(endpoint, options["concurrency"], secret)
     caller = Caller(
         transport, secret, assignment.url, coordinator, options["timeout"], 1, options["name"]

@@ -53,6 +53,7 @@ from lampy.runtime.openlambda._protocol import (
     PlatformFailure,
     by_value,
     coordinator_of,
+    run_url,
     template_of,
 )
 from lampy.runtime.openlambda._transport import Transport
@@ -186,9 +187,9 @@ class OpenLambdaExecutor(Executor):
         if transport is None:
             from lampy.runtime.openlambda._transport import AiohttpTransport
 
-            chunks: Transport = AiohttpTransport(f"{self.url}/run/{name}", concurrency, self.secret)
+            chunks: Transport = AiohttpTransport(run_url(self.url, name), concurrency, self.secret)
             summons: Transport = AiohttpTransport(
-                f"{self.url}/run/{coordinator}", concurrency, self.secret
+                run_url(self.url, coordinator), concurrency, self.secret
             )
         else:
             chunks = summons = transport  # a given transport carries every call

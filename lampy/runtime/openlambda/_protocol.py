@@ -49,6 +49,11 @@ _REMOTE_PACKAGES = {"numpy", "cloudpickle", "lampy"}  # the deploy tarball carri
 _pickle_lock = threading.Lock()
 
 
+def run_url(url: str, name: str) -> str:
+    """Where calls of lambda `name` go on the worker at `url` (OpenLambda's /run/<name>)."""
+    return f"{url.rstrip('/')}/run/{name}"
+
+
 def coordinator_of(name: str) -> str:
     """The lambda that orchestrates jobs for lambda `name` (orchestrator="lambda"): the same
     code deployed under a name of its own. OpenLambda sizes each lambda's sandboxes from its
@@ -138,7 +143,7 @@ class Caller:
     ) -> None:
         self.transport, self.secret, self.url = transport, secret, url
         self.lambda_name, self.timeout, self.concurrency = name, timeout, concurrency
-        self.endpoint = f"{url}/run/{name}"
+        self.endpoint = run_url(url, name)
         #: the name `lampy deploy` takes to deploy this lambda (a coordinator's is its chunks')
         self.deployed_as = deployed_as or name
 
