@@ -417,14 +417,14 @@ def test_first_fan_out_on_a_fresh_lambda(
     )
 
 
-@pytest.mark.parametrize("batch", [20, 78, 312])
+@pytest.mark.parametrize("batch", [20, 78, 312, 625])
 def test_batch_size(
     benchmark: Any, row: Row, deployed: tuple[str, OpenLambdaExecutor], batch: int
 ) -> None:
-    """Chunks per call on a warm lambda (automatic batching gives 78 here: 10,000 chunks over
-    32 slots x CALLS_PER_SLOT calls)."""
+    """Chunks per call on a warm lambda (automatic batching: 10,000 chunks over the executor's
+    slots x CALLS_PER_SLOT calls; 625 on 2 cores, whose worker gets 4 slots, 78 at 32)."""
     which, executor = deployed
-    auto = FAN_OUT_CHUNKS // (CONCURRENCY * constants.CALLS_PER_SLOT)
+    auto = FAN_OUT_CHUNKS // (executor.most_slots * constants.CALLS_PER_SLOT)
     group = f"{FAN_OUT_CHUNKS:,} warm no-op chunks by chunks per call, on {which}"
     row(group, f"batch={batch}" + (" (automatic's)" if batch == auto else ""))
     f = lampy.elemwise(noop, chunks=FAN_OUT_CHUNKS)

@@ -101,6 +101,12 @@ LOCAL_SLOTS_PER_CORE = 2
 # / 312 chunks a call, lampy worker 2.34 / 1.15 / 1.01 s: 78, what 4 calls per slot of 32
 # slots make, is OpenLambda's best (its 15 ms a call is paid 128 times, and the calls still
 # spread over the sandboxes); 4x fewer calls gain `lampy worker` 12% and lose OpenLambda 12%.
+# Slots are the calls this executor keeps in flight at most (`most_slots`): on a worker on this
+# machine, 2 per core, not `concurrency`. Each call's end is a moment OpenLambda's scaler sees
+# one call fewer outstanding and may stop a sandbox (one per 100 ms), and the next call then
+# waits for a new one: a 1,000-chunk job at 7 chunks a call (slots of 32) made 16-20 sandboxes
+# on 2 cores and took 4.6-7.1 s, at 62 (slots of 4) 4-6 sandboxes and 1.9-3.0 s (hand probe,
+# 5 interleaved pairs, load 7-9; docs/openlambda.md).
 CALLS_PER_SLOT = 4  # automatic batching leaves at least this many calls per slot
 BATCH_BYTES = 1 << 20  # ... and batches at most this many bytes of split input
 # With prewarm=N, the first job of this many chunks warms N sandboxes first. Off by default:
@@ -563,12 +569,13 @@ class OpenLambdaExecutor(Executor):
         """Chunks per call: 1 unless chunks far outnumber call slots and are small in bytes.
 
         Each call still runs its chunks one by one through the worker side and answers each
-        chunk's outcome; batching only spares per-call overhead (about 1 ms through an
-        OpenLambda worker) when a job has many more tiny chunks than slots.
+        chunk's outcome; batching spares per-call overhead (about 1 ms through an OpenLambda
+        worker) and, above all, the sandboxes OpenLambda's scaler stops and starts again at
+        each call's end (see CALLS_PER_SLOT) when a job has many more tiny chunks than slots.
         """
         if self.batch:
             return self.batch
-        by_count = len(job.chunks) // (self.concurrency * CALLS_PER_SLOT)
+        by_count = len(job.chunks) // (self.most_slots * CALLS_PER_SLOT)
         rows = max(stop - start for start, stop in job.chunks)
         row_bytes = sum(a[:1].nbytes for a in job.split)
         by_bytes = BATCH_BYTES // max(1, rows * row_bytes)

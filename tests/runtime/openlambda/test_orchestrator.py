@@ -741,7 +741,9 @@ def test_an_unfetched_job_is_removed_after_its_ttl(worker_url: str, tmp_path: Pa
 
 # -- chaos ----------------------------------------------------------------------------------
 
-CHAOS_PLAN = "kill=0.03,502=0.03,429=0.03,hang=0.01,reset=0.03,corrupt=0.03,duplicate=0.03,lose=0.01"
+CHAOS_PLAN = (
+    "kill=0.03,502=0.03,429=0.03,hang=0.01,reset=0.03,corrupt=0.03,duplicate=0.03,lose=0.01"
+)
 
 
 def wave(x: np.ndarray) -> np.ndarray:
