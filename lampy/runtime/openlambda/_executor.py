@@ -483,6 +483,8 @@ class OpenLambdaExecutor(Executor):
         )
         scheduler = ChunkScheduler(job, self.attempts, advice)
         size = self._batch_size(job)
+        alone: set[int] = set()  # chunks of a call the platform lost: each runs again alone, so
+        # a chunk that kills its sandbox does not spend its batch-mates' attempts with its own
         loop = asyncio.get_running_loop()
         for chunk, known in state.done.items():  # a job taken over: these ran before
             scheduler.finished(chunk, known, loop.time())
@@ -507,7 +509,7 @@ class OpenLambdaExecutor(Executor):
                 if state.stop is not None and state.stop():
                     break  # in-flight calls are cancelled below: their chunks stay to run
                 while len(running) < self.slots:
-                    unit = _take(scheduler, size)
+                    unit = _take(scheduler, size, alone)
                     if not unit:
                         break
                     launch(unit)
@@ -534,6 +536,8 @@ class OpenLambdaExecutor(Executor):
                 failure = task.exception()
                 if isinstance(failure, PlatformFailure):
                     account.note(failure)
+                    if len(unit) > 1:
+                        alone.update(unit)
                     for chunk in unit:
                         scheduler.failed(chunk, failure, failure.text)
                     continue
@@ -602,10 +606,16 @@ def _collected(outcome: Outcome, offer: Offer) -> Outcome:
         return Outcome(error=exc, traceback=traceback.format_exc())
 
 
-def _take(scheduler: ChunkScheduler, size: int) -> Unit:
-    """Up to `size` chunks to start in one call."""
+def _take(scheduler: ChunkScheduler, size: int, alone: set[int]) -> Unit:
+    """Up to `size` chunks to start in one call; a chunk in `alone` goes in a call of its own
+    (one that comes after others is put back, to lead the next call)."""
     unit: list[int] = []
     while len(unit) < size and (chunk := scheduler.next()) is not None:
+        if chunk in alone:
+            if unit:
+                scheduler.again(chunk)
+                break
+            return (chunk,)
         unit.append(chunk)
     return tuple(unit)
 

@@ -239,6 +239,36 @@ def test_a_batched_straggler_gets_one_backup_call(monkeypatch: Any) -> None:
     assert set(executor.accounts[-1].accepted.values()) == {1}
 
 
+class KilledBy(Scripted):
+    """Every call that carries chunk 5 fails as a killed sandbox does (502)."""
+
+    async def post(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
+        frame = frames.decode(bytearray(outgoing.join()), SECRET.encode(), freshness=Freshness())
+        if 5 in frame.value[1]:
+            return Reply(502, b"RoundTrip failed: EOF")
+        return await InProcessTransport.post(self, outgoing, timeout)
+
+
+def test_a_chunk_that_kills_its_call_loses_none_of_its_batch_mates() -> None:
+    """A batch the platform lost runs again one chunk per call: only the chunk that kills
+    its sandbox every time is lost, not the chunks that shared its call."""
+    executor = OpenLambdaExecutor(transport=KilledBy(), backoff=0.001, attempts=2, batch=4)
+    x = np.arange(160.0)
+    job = make_job(double, x, 16)
+    job = Job(job.function, job.args, job.kwargs, job.split, job.whole, job.chunks, keep_going=True)
+    try:
+        outcomes = executor.run(job)
+    finally:
+        executor.close()
+    assert [c for c in range(16) if outcomes[c].error is not None] == [5]
+    assert isinstance(outcomes[5].error, RetriesExhausted)
+    kept = [c for c in range(16) if c != 5]
+    np.testing.assert_array_equal(
+        np.concatenate([outcomes[c].value for c in kept]), np.delete(x, range(50, 60)) * 2
+    )
+    assert executor.accounts[-1].attempts[4] == 2  # its batch's failed call, then alone
+
+
 class Twins(Scripted):
     """Chunk 5's first copy fails slowly on every attempt; its backup (2nd call) answers last."""
 
