@@ -19,6 +19,7 @@ import scipy.linalg  # noqa: F401
 
 from . import cluster, features, flsd, vad
 from .rttm import Turn, labels_to_turns
+from .threads import one_blas_thread
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ def diarize(
     timed = _Clock()
     with timed("features"):
         feats, step = features.short_term_features(signal, rate)
-    with timed("vad"):
+    with timed("vad"), one_blas_thread():
         mfcc = feats[:, features.MFCC_COLUMNS]
         score = vad.speech_score(mfcc, step, features.mfcc_to_mel_db(rate))
         mask = partial(vad.speech_mask, score, step, min_speech=p.vad_min_speech)
@@ -306,7 +307,7 @@ def diarize(
         voiced = vad.shrink(mask(min_gap=p.label_min_gap, split=split), trim) if fine else speech
         if noisy:
             feats = features.subtract_noise(feats, speech, rate)
-    with timed("mid-term"):
+    with timed("mid-term"), one_blas_thread():
         win, hop = round(p.mid_window / step), round(p.mid_step / step)
         voice = features.VOICE_COLUMNS
         # In noise the quiet frames of a turn are mostly noise, and more so in a quiet turn:
@@ -325,14 +326,14 @@ def diarize(
         note = "no speech found" if kept.size == 0 else too_little
         silent = SpeakerCount(False, 0.0, {}, note)
         return Result([], np.full(speech.size, -1), step, 0, silent, timed.wall, timed.cpu)
-    with timed("flsd"):
+    with timed("flsd"), one_blas_thread():
         x = flsd.standardize(mid[keep])
         segment = vad.run_index(speech)[kept]
         # Pseudo-classes stay inside one run of speech: a pause is where speakers change.
         classes = flsd.run_blocks(kept * step, segment, p.flsd_block)
         w = flsd.flsd_projection(x, classes, p.flsd_dims, p.flsd_ridge)
         y = _unit_spread(x @ w, flsd.time_blocks(kept * step, p.unit_block))
-    with timed("cluster"):
+    with timed("cluster"), one_blas_thread():
         if n_speakers is not None:
             k, counted = n_speakers, SpeakerCount(True, 1.0, {}, "given")
         elif spoken < p.min_count_speech:
@@ -341,7 +342,7 @@ def diarize(
         else:
             k, counted = count_speakers(y, segment, snr, p, round(p.count_piece / p.mid_step))
         _, centroids, _ = cluster.kmeans(y, k, seed=seed, restarts=p.restarts)
-    with timed("smooth"):
+    with timed("smooth"), one_blas_thread():
         stay = 1.0 - p.mid_step / p.mean_turn
         # Across a pause every speaker is equally likely next: speakers change at pauses.
         path = cluster.viterbi(y, centroids, stay, pauses=segment[1:] != segment[:-1])
@@ -349,7 +350,7 @@ def diarize(
         # Every speech frame takes the label of the nearest clustered window.
         nearest = np.searchsorted((kept[:-1] + kept[1:]) / 2.0, np.arange(speech.size))
         frame_labels = np.where(voiced, path[nearest], -1)
-    with timed("resegment"):
+    with timed("resegment"), one_blas_thread():
         frame_labels = cluster.resegment(
             feats, frame_labels, round(p.reach / step), voice, short_run=round(p.short_run / step)
         )

@@ -1,0 +1,34 @@
+"""One BLAS thread for the pipeline's small matrix products in the calling process.
+
+Past the short-term features, the caller's own linear algebra is small: the FLsD scatter
+matrices and a 72 x 72 eigenproblem, k-means over a few thousand 8-dimensional vectors, the
+frames' likelihoods. A second BLAS thread gains nothing there, and costs: OpenBLAS wakes its
+threads for each product and leaves them busy-waiting for about 0.1 s after it, so on a
+machine whose cores run the local pool's workers they take a core from the workers, or a
+product waits for a thread that lost its core (the FLsD stage of the hour took 0.2-0.8 s of
+the caller's time under load with two BLAS threads, 0.06 s with one; docs/fisher.md).
+
+threadpoolctl (the fisher extra) sets the limit for every BLAS library loaded (numpy's and
+scipy's OpenBLAS), for the whole process while the block runs: the pipeline is the only BLAS
+user of the processes that run it (the CLI, the evaluation's workers).
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import AbstractContextManager
+from typing import Any
+
+
+def one_blas_thread() -> AbstractContextManager[Any]:
+    """A context in which BLAS runs on one thread; the previous counts come back after."""
+    return _controller().limit(limits=1, user_api="blas")  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _controller() -> Any:
+    """The BLAS libraries of this process, found once (after scipy is loaded: the pipeline
+    imports it first, so its OpenBLAS is among them)."""
+    import threadpoolctl
+
+    return threadpoolctl.ThreadpoolController()
