@@ -10,25 +10,32 @@ the caller's time under load with two BLAS threads, 0.06 s with one; docs/fisher
 
 threadpoolctl (the fisher extra) sets the limit for every BLAS library loaded (numpy's and
 scipy's OpenBLAS), for the whole process while the block runs: the pipeline is the only BLAS
-user of the processes that run it (the CLI, the evaluation's workers).
+user of the processes that run it (the CLI, the evaluation's workers). Where it is not
+installed (a sandbox that has only numpy and scipy), the block runs as it would without
+this: the limit changes the time, never the result.
 """
 
 from __future__ import annotations
 
 import functools
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 
 def one_blas_thread() -> AbstractContextManager[Any]:
     """A context in which BLAS runs on one thread; the previous counts come back after."""
-    return _controller().limit(limits=1, user_api="blas")  # type: ignore[no-any-return]
+    controller = _controller()
+    if controller is None:
+        return nullcontext()
+    return controller.limit(limits=1, user_api="blas")  # type: ignore[no-any-return]
 
 
 @functools.cache
 def _controller() -> Any:
     """The BLAS libraries of this process, found once (after scipy is loaded: the pipeline
-    imports it first, so its OpenBLAS is among them)."""
-    import threadpoolctl
-
+    imports it first, so its OpenBLAS is among them); None without threadpoolctl."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return None
     return threadpoolctl.ThreadpoolController()
