@@ -287,10 +287,18 @@ def diarize(
         raise DiarizationError(
             f"{signal.size / rate:.2f} s of audio; need at least {2 * p.mid_window:.2f} s"
         )
+    # Every product here is small (a batch of frames, the FLsD matrices, k-means): a second
+    # BLAS thread only busy-waits (examples/fisher/threads.py).
+    with one_blas_thread():
+        return _stages(signal, rate, n_speakers, seed, p)
+
+
+def _stages(signal: np.ndarray, rate: int, n_speakers: int | None, seed: int, p: Params) -> Result:
+    """`diarize` past its checks: the stages, each timed."""
     timed = _Clock()
     with timed("features"):
         feats, step = features.short_term_features(signal, rate)
-    with timed("vad"), one_blas_thread():
+    with timed("vad"):
         mfcc = feats[:, features.MFCC_COLUMNS]
         score = vad.speech_score(mfcc, step, features.mfcc_to_mel_db(rate))
         mask = partial(vad.speech_mask, score, step, min_speech=p.vad_min_speech)
@@ -307,7 +315,7 @@ def diarize(
         voiced = vad.shrink(mask(min_gap=p.label_min_gap, split=split), trim) if fine else speech
         if noisy:
             feats = features.subtract_noise(feats, speech, rate)
-    with timed("mid-term"), one_blas_thread():
+    with timed("mid-term"):
         win, hop = round(p.mid_window / step), round(p.mid_step / step)
         voice = features.VOICE_COLUMNS
         # In noise the quiet frames of a turn are mostly noise, and more so in a quiet turn:
@@ -326,14 +334,14 @@ def diarize(
         note = "no speech found" if kept.size == 0 else too_little
         silent = SpeakerCount(False, 0.0, {}, note)
         return Result([], np.full(speech.size, -1), step, 0, silent, timed.wall, timed.cpu)
-    with timed("flsd"), one_blas_thread():
+    with timed("flsd"):
         x = flsd.standardize(mid[keep])
         segment = vad.run_index(speech)[kept]
         # Pseudo-classes stay inside one run of speech: a pause is where speakers change.
         classes = flsd.run_blocks(kept * step, segment, p.flsd_block)
         w = flsd.flsd_projection(x, classes, p.flsd_dims, p.flsd_ridge)
         y = _unit_spread(x @ w, flsd.time_blocks(kept * step, p.unit_block))
-    with timed("cluster"), one_blas_thread():
+    with timed("cluster"):
         if n_speakers is not None:
             k, counted = n_speakers, SpeakerCount(True, 1.0, {}, "given")
         elif spoken < p.min_count_speech:
@@ -342,7 +350,7 @@ def diarize(
         else:
             k, counted = count_speakers(y, segment, snr, p, round(p.count_piece / p.mid_step))
         _, centroids, _ = cluster.kmeans(y, k, seed=seed, restarts=p.restarts)
-    with timed("smooth"), one_blas_thread():
+    with timed("smooth"):
         stay = 1.0 - p.mid_step / p.mean_turn
         # Across a pause every speaker is equally likely next: speakers change at pauses.
         path = cluster.viterbi(y, centroids, stay, pauses=segment[1:] != segment[:-1])
@@ -350,7 +358,7 @@ def diarize(
         # Every speech frame takes the label of the nearest clustered window.
         nearest = np.searchsorted((kept[:-1] + kept[1:]) / 2.0, np.arange(speech.size))
         frame_labels = np.where(voiced, path[nearest], -1)
-    with timed("resegment"), one_blas_thread():
+    with timed("resegment"):
         frame_labels = cluster.resegment(
             feats, frame_labels, round(p.reach / step), voice, short_run=round(p.short_run / step)
         )

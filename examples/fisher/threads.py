@@ -1,12 +1,13 @@
-"""One BLAS thread for the pipeline's small matrix products in the calling process.
+"""One BLAS thread for the pipeline's matrix products in the calling process.
 
-Past the short-term features, the caller's own linear algebra is small: the FLsD scatter
-matrices and a 72 x 72 eigenproblem, k-means over a few thousand 8-dimensional vectors, the
-frames' likelihoods. A second BLAS thread gains nothing there, and costs: OpenBLAS wakes its
-threads for each product and leaves them busy-waiting for about 0.1 s after it, so on a
-machine whose cores run the local pool's workers they take a core from the workers, or a
-product waits for a thread that lost its core (the FLsD stage of the hour took 0.2-0.8 s of
-the caller's time under load with two BLAS threads, 0.06 s with one; docs/fisher.md).
+Every product of the pipeline is small: a batch of 256 frames' spectra by the mel filters,
+the FLsD scatter matrices and a 72 x 72 eigenproblem, k-means over 8-dimensional vectors. A
+second BLAS thread gains nothing there, and costs: OpenBLAS wakes its threads for each product
+and leaves them busy-waiting for about 0.1 s after it, so on a machine whose cores run the
+local pool's workers they take a core from the workers, or a product waits for a thread that
+lost its core (docs/fisher.md: under load the FLsD stage of the hour took 0.2-0.8 s of the
+caller's time with two BLAS threads, 0.06 s with one, and the whole hour inline 11.4 s against
+2.9 s). The local pool's workers run one BLAS thread each already.
 
 threadpoolctl (the fisher extra) sets the limit for every BLAS library loaded (numpy's and
 scipy's OpenBLAS), for the whole process while the block runs: the pipeline is the only BLAS

@@ -2,11 +2,10 @@
 
 from typing import Any
 
-import numpy as np
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from examples.fisher import diarize, flsd, threads
+from examples.fisher import diarize, features, flsd, threads
 from examples.fisher.audio import read_wav
 
 from .conftest import SAMPLE_WAV
@@ -28,22 +27,27 @@ def test_one_blas_thread_inside_and_the_old_counts_after() -> None:
 def test_diarize_runs_its_small_products_on_one_blas_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The FLsD stage (scatter matrices, eigenproblem) sees one BLAS thread; the caller's
-    count is back after the call."""
+    """The features and the FLsD stage (scatter matrices, eigenproblem) see one BLAS thread;
+    the caller's count is back after the call."""
     seen: list[list[int]] = []
-    projection = flsd.flsd_projection
 
-    def spy(*args: Any, **kwargs: Any) -> np.ndarray:
-        seen.append(_blas_threads())
-        return projection(*args, **kwargs)
+    def spy(module: Any, name: str) -> None:
+        function = getattr(module, name)
 
-    monkeypatch.setattr(flsd, "flsd_projection", spy)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            seen.append(_blas_threads())
+            return function(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    spy(features, "short_term_features")
+    spy(flsd, "flsd_projection")
     signal, rate = read_wav(SAMPLE_WAV)
     with threadpool_limits(2, user_api="blas"):
         before = _blas_threads()
         diarize(signal, rate, n_speakers=2)
         assert _blas_threads() == before
-    assert seen and all(count == 1 for count in seen[0])
+    assert len(seen) == 2 and all(count == 1 for counts in seen for count in counts)
 
 
 def test_without_threadpoolctl_the_block_runs_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
