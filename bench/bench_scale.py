@@ -4,7 +4,9 @@ For each workload of bench/bench_core.py ((a) rfft + matmul, (b) a + b, (c) Gram
 sums, (d) a k-means step) and (e) the Fisher diarization of one hour (the example's public
 pipeline entry point, `examples.fisher.diarize`, as bench/bench_fisher.py runs it):
 
-- numpy alone (the baseline: all cores for BLAS), and numpy on one core;
+- numpy alone (the baseline: all cores for BLAS), and numpy on one core (the Fisher pipeline
+  sets one BLAS thread for its own small products, examples/fisher/threads.py, so for (e) the
+  two rows run the same code: their gap is the run's noise);
 - lampy `local` with 1, 2, 4, ... workers up to the machine's cores, each with its own pool
   (chunks: max(8, 4 per worker) for (a)-(d); the pipeline's own `chunks="auto"` for (e));
 - the caller's serial share of each row, from lampy's own counters (lampy/runtime/_serial.py):

@@ -9,6 +9,8 @@ import numpy as np
 
 import lampy
 
+from . import features
+
 _PCM = 1
 _FLOAT = 3
 _EXTENSIBLE = 0xFFFE
@@ -38,7 +40,8 @@ def read_wav(path: str | Path, min_seconds: float = 0.0) -> tuple[np.ndarray, in
     """Return (mono float32 signal in [-1, 1], sample rate) from a PCM or IEEE-float wav file.
 
     Stereo and multichannel files are averaged to mono. The signal lives in lampy's shared
-    memory (`lampy.empty`), so regions on the local executor take it without a copy.
+    memory (`lampy.empty`), so regions on the local executor take it without a copy, and is
+    followed there by zeros (`features.room_after`), so the features need no serial join.
     """
     path = Path(path)
     if not path.is_file():
@@ -59,8 +62,9 @@ def read_wav(path: str | Path, min_seconds: float = 0.0) -> tuple[np.ndarray, in
         raise AudioTooShortError(
             f"{path}: {seconds:.2f} s of audio, need at least {min_seconds:.2f} s"
         )
-    # In lampy's shared memory: the local pool's workers read the recording where it is.
-    shared = lampy.empty(signal.shape, np.float32)
+    # In lampy's shared memory: the local pool's workers read the recording where it is. The
+    # zeros kept after it let the features cut its last, partial block as a view too.
+    shared = lampy.empty(signal.size + features.room_after(rate), np.float32)[: signal.size]
     np.copyto(shared, signal, casting="same_kind")
     return shared, rate
 

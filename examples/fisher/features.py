@@ -65,6 +65,45 @@ def _window(signal: np.ndarray, start: int, length: int) -> np.ndarray:
     return out
 
 
+def room_after(rate: int, block: int = BLOCK) -> int:
+    """Zero samples that, kept after a recording in its buffer, let `frame_rows` cut its
+    last, partial row as a view too (`audio.read_wav` keeps them)."""
+    win, hop = frame_geometry(rate)
+    return block * hop + win
+
+
+def _with_room(signal: np.ndarray, samples: int) -> np.ndarray | None:
+    """`signal` followed by `samples` more of its buffer, all zeros (the recording's own
+    padding: `room_after`), as one view; None when its buffer holds no such room."""
+    base = signal.base
+    if not (
+        isinstance(base, np.ndarray)
+        and base.ndim == 1
+        and base.dtype == signal.dtype
+        and signal.ndim == 1
+        and signal.flags.c_contiguous
+        and base.flags.c_contiguous
+        and base.__array_interface__["data"][0] == signal.__array_interface__["data"][0]
+        and base.size >= signal.size + samples
+    ):
+        return None
+    whole = base[: signal.size + samples]
+    return None if whole[signal.size :].any() else whole
+
+
+def _rows(signal: np.ndarray, win: int, hop: int, block: int) -> tuple[np.ndarray, int]:
+    """(the samples to cut, the rows `frame_rows` cuts of them): the whole rows, or every row
+    when the signal is followed by room for its last, partial one."""
+    n = n_frames(signal.size, win, hop)
+    stride = block * hop
+    rows = min(signal.size // stride, n // block)
+    if n > rows * block:
+        whole = _with_room(signal, -(-n // block) * stride + win - hop - signal.size)
+        if whole is not None:
+            return whole, -(-n // block)
+    return signal, rows
+
+
 def frame_rows(
     signal: np.ndarray, win: int, hop: int, block: int = BLOCK
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -73,14 +112,14 @@ def frame_rows(
     Row r of `body` is the signal's samples [r * S, (r + 1) * S), S = block * hop, as a view
     (a reshape: no bytes move, so the serial caller does not copy the recording; when the
     signal lives in lampy's shared memory, as `audio.read_wav` returns it, neither does the
-    local pool); row r of
-    `edges` holds the `hop` samples before it and the `win - hop` after it (zeros outside the
-    signal). Together they hold block r's frames and the frame before them. The last row,
-    when the signal ends inside it, is a small padded copy (see `tail_rows`).
+    local pool); row r of `edges` holds the `hop` samples before it and the `win - hop` after
+    it (zeros outside the signal). Together they hold block r's frames and the frame before
+    them. When the signal ends inside a row, that last row is in `body` only if the signal's
+    buffer has zeros after it (`room_after`: then its features come out of the region with
+    the others, with no join); otherwise `tail_rows` gives it as a small padded copy.
     """
-    n = n_frames(signal.size, win, hop)
     stride = block * hop
-    rows = min(signal.size // stride, n // block)
+    signal, rows = _rows(signal, win, hop, block)
     body = signal[: rows * stride].reshape(rows, stride)
     edges = lampy.empty((rows, win), signal.dtype)  # zeros; the workers read it where it is
     if rows:
@@ -97,7 +136,7 @@ def tail_rows(
     or zero rows when there are none."""
     n = n_frames(signal.size, win, hop)
     stride = block * hop
-    rows = min(signal.size // stride, n // block)
+    _, rows = _rows(signal, win, hop, block)
     if n <= rows * block:
         return np.zeros((0, stride), signal.dtype), np.zeros((0, win), signal.dtype)
     start = rows * stride
@@ -205,15 +244,18 @@ def frame_features(
 def short_term_features(signal: np.ndarray, rate: int) -> tuple[np.ndarray, float]:
     """(frames x features) matrix (FEATURE_NAMES) and the frame step in seconds.
 
-    The region gets the recording as a view (rows of whole blocks of frames) and the few
-    samples around each row; the last, partial block (under 1.6 s of audio) runs here.
+    The region gets the recording as a view (rows of blocks of frames) and the few samples
+    around each row. The last, partial block (under 1.6 s of audio) is one of those rows when
+    the recording is followed by zeros in its buffer (`room_after`; `audio.read_wav` keeps
+    them), and the features are the region's result as it is; otherwise that block runs here
+    and is joined to the region's rows (a serial copy of all the features).
     """
     win, hop = frame_geometry(rate)
     n = n_frames(signal.size, win, hop)
     feats = frame_features(*frame_rows(signal, win, hop), rate, win, hop)
     feats = feats.reshape(-1, feats.shape[-1])
     tail_body, tail_edges = tail_rows(signal, win, hop)
-    if tail_body.shape[0]:
+    if tail_body.shape[0]:  # a signal without room after it (see `room_after`)
         tail = rows_features(tail_body, tail_edges, rate, win, hop).reshape(-1, feats.shape[-1])
         # Joined in shared memory, so the later regions over frames take it without a copy.
         joined = lampy.empty((n, feats.shape[-1]), feats.dtype)

@@ -19,6 +19,7 @@ import scipy.linalg  # noqa: F401
 
 from . import cluster, features, flsd, vad
 from .rttm import Turn, labels_to_turns
+from .threads import one_blas_thread
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,14 @@ def diarize(
         raise DiarizationError(
             f"{signal.size / rate:.2f} s of audio; need at least {2 * p.mid_window:.2f} s"
         )
+    # Every product here is small (a batch of frames, the FLsD matrices, k-means): a second
+    # BLAS thread only busy-waits (examples/fisher/threads.py).
+    with one_blas_thread():
+        return _stages(signal, rate, n_speakers, seed, p)
+
+
+def _stages(signal: np.ndarray, rate: int, n_speakers: int | None, seed: int, p: Params) -> Result:
+    """`diarize` past its checks: the stages, each timed."""
     timed = _Clock()
     with timed("features"):
         feats, step = features.short_term_features(signal, rate)

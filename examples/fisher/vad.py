@@ -91,13 +91,17 @@ def moving_average(x: np.ndarray, size: int) -> np.ndarray:
     scipy.ndimage.uniform_filter1d with mode="nearest"), by `size` shifted adds."""
     if size <= 1:
         return x.astype(np.float64)
+    n = x.shape[0]
     padded = np.concatenate(
-        [np.repeat(x[:1], size // 2, 0), x, np.repeat(x[-1:], size - 1 - size // 2, 0)]
-    ).astype(np.float64)
-    out = padded[: x.shape[0]].copy()
-    for shift in range(1, size):
-        out += padded[shift : shift + x.shape[0]]
-    return out / size
+        [np.repeat(x[:1], size // 2, 0), x, np.repeat(x[-1:], size - 1 - size // 2, 0)],
+        dtype=np.float64,
+    )
+    # One pass per shift, in place: the caller runs this over every frame of the recording.
+    out = padded[:n] + padded[1 : n + 1]
+    for shift in range(2, size):
+        out += padded[shift : shift + n]
+    out /= size
+    return out
 
 
 def speech_score(

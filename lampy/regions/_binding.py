@@ -22,6 +22,7 @@ import numpy as np
 from lampy._errors import SplitLengthError, UnsplittableError
 from lampy.runtime._job import Job, Part, SplitArray, Whole, fill, is_row_source, read
 from lampy.runtime._plan import Rows
+from lampy.runtime._shm import is_shared
 
 
 class Shared:
@@ -73,10 +74,16 @@ class Binding:
     def row_bytes(self) -> int:
         return sum(_row_bytes(a) for a in self.split)
 
-    @property
-    def sent_row_bytes(self) -> int:
-        """Bytes per row an executor moves itself: references are read by the workers."""
-        return sum(_row_bytes(a) for a in self.split if not is_row_source(a))
+    def moved_bytes(self, maps_shared_memory: bool) -> tuple[int, int]:
+        """(bytes per row, bytes of whole arrays) an executor moves itself: not the rows of
+        references, and, when it `maps_shared_memory`, nothing already in lampy's shared
+        memory (the local pool hands such arrays over by descriptor)."""
+
+        def moved(array: Any) -> bool:
+            return not (maps_shared_memory and isinstance(array, np.ndarray) and is_shared(array))
+
+        rows = sum(_row_bytes(a) for a in self.split if not is_row_source(a) and moved(a))
+        return rows, sum(a.nbytes for a in self.whole if moved(a))
 
     @property
     def shapes(self) -> tuple[tuple[tuple[int, ...], str], ...]:

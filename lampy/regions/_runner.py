@@ -103,6 +103,7 @@ class RegionRunner:
         this region's cold calls (many small calls pay it as one large call does)."""
         rows = split_rows(binding.rows, 1)
         whole, value, seconds = self._whole_here(binding, rows, where)
+        moved_rows, moved_whole = binding.moved_bytes(costs.maps_shared_memory)
         self._saving += warm_saving(
             costs=costs,
             rows=binding.rows,
@@ -110,7 +111,8 @@ class RegionRunner:
             shared_bytes=binding.shared_bytes,
             seconds=seconds,
             result_bytes=_nbytes(value),
-            sent_row_bytes=binding.sent_row_bytes,
+            sent_row_bytes=moved_rows,
+            sent_shared_bytes=moved_whole,
         )
         if self._saving >= costs.startup_s:
             self._saving = 0.0
@@ -161,6 +163,7 @@ class RegionRunner:
     ) -> tuple[Plan, Outcome | None]:
         """The plan, and the probe's outcome when the plan reuses it as chunk 0."""
         costs = executor.costs()
+        moved_rows, moved_whole = binding.moved_bytes(costs.maps_shared_memory)
 
         def make(probe: Probe | None) -> Plan:
             made = plan(
@@ -171,7 +174,8 @@ class RegionRunner:
                 shared_bytes=binding.shared_bytes,
                 chunks=chunks,
                 probe=probe,
-                sent_row_bytes=binding.sent_row_bytes,
+                sent_row_bytes=moved_rows,
+                sent_shared_bytes=moved_whole,
             )
             return replace(made, orchestrated_by=getattr(executor, "orchestrated_by", ""))
 

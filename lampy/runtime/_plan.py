@@ -39,6 +39,9 @@ class Costs:
     #: (`startup_s` > 0), auto never waits for it, since a start-up on a busy machine can take
     #: many times its estimate; the call runs here and later calls use the warm workers.
     starts_in_background: bool = False
+    #: Arrays already in lampy's shared memory reach the workers where they are (the local
+    #: pool maps them by descriptor): they cost no bytes moved, whatever their size.
+    maps_shared_memory: bool = False
 
     @property
     def result_byte_seconds(self) -> float:
@@ -152,31 +155,34 @@ def plan(
     chunks: int | None,
     probe: Probe | None = None,
     sent_row_bytes: int | None = None,
+    sent_shared_bytes: int | None = None,
 ) -> Plan:
     """Plan a call: `chunks` given means exactly that many (fewer only if rows run out).
 
-    `sent_row_bytes` (default `row_bytes`) is what the executor itself moves per row: rows of a
-    reference (lampy.remote) are read by the workers, in parallel, not sent by the caller; the
-    probe, which read them here, has already priced that reading into the work per row.
+        `sent_row_bytes` (default `row_bytes`) is what the executor itself moves per row: rows of a
+        reference (lampy.remote) are read by the workers, in parallel, not sent by the caller; the
+        probe, which read them here, has already priced that reading into the work per row.
+    `sent_shared_bytes` (default `shared_bytes`) is the same for the arrays every chunk gets
+    whole: an executor that `maps_shared_memory` moves none of those in lampy's shared memory.
 
-    `chunks=None` means auto; then a `probe` of the leading rows must be given unless the
-    executor has a single worker or there are fewer than two rows. In auto mode a fan-out plan
-    starts with the probe's rows as chunk 0 (already computed) and splits the rest.
+        `chunks=None` means auto; then a `probe` of the leading rows must be given unless the
+        executor has a single worker or there are fewer than two rows. In auto mode a fan-out plan
+        starts with the probe's rows as chunk 0 (already computed) and splits the rest.
 
-    >>> one = Costs(workers=1)
-    >>> plan(executor="inline", costs=one, rows=100, row_bytes=8, shared_bytes=0,
-    ...      chunks=None).reason
-    'the executor runs one chunk at a time'
-    >>> two = Costs(workers=2, seconds_per_byte=1e-9, seconds_per_chunk=1e-4)
-    >>> heavy = Probe(rows=10, seconds=1.0, result_bytes=80)
-    >>> p = plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
-    ...          chunks=None, probe=heavy)
-    >>> p.fan_out, p.chunks[:2], len(p.chunks)
-    (True, ((0, 10), (10, 134)), 9)
-    >>> light = Probe(rows=10, seconds=1e-6, result_bytes=80)
-    >>> plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
-    ...      chunks=None, probe=light).fan_out
-    False
+        >>> one = Costs(workers=1)
+        >>> plan(executor="inline", costs=one, rows=100, row_bytes=8, shared_bytes=0,
+        ...      chunks=None).reason
+        'the executor runs one chunk at a time'
+        >>> two = Costs(workers=2, seconds_per_byte=1e-9, seconds_per_chunk=1e-4)
+        >>> heavy = Probe(rows=10, seconds=1.0, result_bytes=80)
+        >>> p = plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
+        ...          chunks=None, probe=heavy)
+        >>> p.fan_out, p.chunks[:2], len(p.chunks)
+        (True, ((0, 10), (10, 134)), 9)
+        >>> light = Probe(rows=10, seconds=1e-6, result_bytes=80)
+        >>> plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
+        ...      chunks=None, probe=light).fan_out
+        False
     """
 
     def result(chunks: tuple[Rows, ...], fan_out: bool, reason: str, warm_up: bool = False) -> Plan:
@@ -200,7 +206,7 @@ def plan(
     rest = rows - probe.rows
     count = max(1, min(rest, costs.workers * CHUNKS_PER_WORKER))
     sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
-    sent += shared_bytes * costs.workers
+    sent += (shared_bytes if sent_shared_bytes is None else sent_shared_bytes) * costs.workers
     returned = probe.result_bytes / probe.rows * rest
     started = (
         probe.seconds
@@ -247,6 +253,7 @@ def warm_saving(
     seconds: float,
     result_bytes: int,
     sent_row_bytes: int | None = None,
+    sent_shared_bytes: int | None = None,
 ) -> float:
     """The seconds a warm executor would have saved on a call that just took `seconds` in the
     caller (no probe: a cold pool that starts in the background is never waited for, so a
@@ -265,7 +272,7 @@ def warm_saving(
         return 0.0
     count = min(rows, costs.workers * CHUNKS_PER_WORKER)
     sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
-    sent += shared_bytes * costs.workers
+    sent += (shared_bytes if sent_shared_bytes is None else sent_shared_bytes) * costs.workers
     started = (
         sent * costs.seconds_per_byte
         + result_bytes * costs.result_byte_seconds

@@ -238,8 +238,39 @@ def test_a_read_recording_reaches_the_workers_without_a_copy(executor: str, tmp_
         feats, _ = features.short_term_features(read, rate)
     copied = serial.since(before)
     np.testing.assert_allclose(feats, want, rtol=1e-12, atol=1e-15)  # BLAS threads may differ
-    assert lampy.asshared(feats) is feats  # the later regions over frames take it as it is
     if executor == "local":
+        assert lampy.asshared(feats) is feats  # the later regions over frames take it as it is
         assert copied.get("job", 0.0) > 0  # it fanned out ...
         assert copied.get("copy threads", 0.0) == 0.0  # ... and no byte was copied for it
         assert copied.get("copy", 0.0) == 0.0
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050])
+@pytest.mark.parametrize("seconds", [3.3, 4.0, 13.3])
+def test_a_read_recording_is_cut_whole_with_no_join(
+    tmp_path: Path, rate: int, seconds: float
+) -> None:
+    """read_wav keeps zeros after the recording, so frame_rows cuts its last, partial row as a
+    view too: no tail row for the caller, and the features are the region's rows as they are
+    (no serial join), equal to those of a copy without the room."""
+    signal = _signal(rate, seconds)
+    path = tmp_path / "x.wav"
+    write_wav(path, signal, rate)
+    read, _ = read_wav(path)
+    win, hop = features.frame_geometry(rate)
+    n = features.n_frames(read.size, win, hop)
+    body, _ = features.frame_rows(read, win, hop)
+    tail_body, _ = features.tail_rows(read, win, hop)
+    assert np.shares_memory(body, read) and body.shape[0] == -(-n // features.BLOCK)
+    assert tail_body.shape[0] == 0
+    private = np.array(read)  # no room after it: cut into whole rows and a padded tail
+    assert features.tail_rows(private, win, hop)[0].shape[0] == (n % features.BLOCK > 0)
+    with lampy.using(executor="inline", chunks=3):
+        want, _ = features.short_term_features(private, rate)
+        feats, _ = features.short_term_features(read, rate)
+    np.testing.assert_allclose(feats, want, rtol=1e-12, atol=1e-15)  # batches differ at the end
+    # A prefix of the recording is followed by its own samples, not zeros: no room.
+    cut = read[: read.size - hop * 7]
+    assert features.tail_rows(cut, win, hop)[0].shape[0] == (
+        features.n_frames(cut.size, win, hop) % features.BLOCK > 0
+    )

@@ -113,3 +113,14 @@ def test_rows_the_workers_read_themselves_cost_the_caller_nothing_to_send() -> N
     pushed = plan(chunks=None, probe=probe, **common())  # type: ignore[arg-type]
     pulled = plan(chunks=None, probe=probe, sent_row_bytes=0, **common())  # type: ignore[arg-type]
     assert not pushed.fan_out and pulled.fan_out
+
+
+def test_shared_bytes_a_pool_does_not_move_cost_nothing() -> None:
+    """Arrays every chunk gets whole are priced per worker, unless the executor does not move
+    them (`sent_shared_bytes`: the local pool maps those already in lampy's shared memory)."""
+    probe = Probe(rows=1000, seconds=0.008, result_bytes=8000)
+    small = common(row_bytes=8, shared_bytes=1 << 30)
+    moved = plan(chunks=None, probe=probe, **small)  # type: ignore[arg-type]
+    mapped = plan(chunks=None, probe=probe, sent_shared_bytes=0, **small)  # type: ignore[arg-type]
+    assert not moved.fan_out and mapped.fan_out
+    assert mapped.shared_bytes == 1 << 30  # the plan still says what the chunks share

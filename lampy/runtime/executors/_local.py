@@ -706,6 +706,7 @@ class LocalExecutor(Executor):
             seconds_per_chunk=max(SECONDS_PER_CHUNK, self.pool.round_trip / self.size),
             seconds_per_result_byte=SECONDS_PER_RESULT_BYTE,
             starts_in_background=True,
+            maps_shared_memory=True,
         )
 
     def _startup_left(self) -> float:

@@ -361,3 +361,20 @@ def test_workers_keep_freed_memory_for_the_next_batch() -> None:
     np.testing.assert_array_equal(in_batches(x), want)
     assert pool().worker_pids() == pids
     assert minor_faults(pids) - before < 500
+
+
+def test_the_pool_moves_no_bytes_for_arrays_in_shared_memory() -> None:
+    """The planner prices arrays already in lampy's shared memory at nothing on the local
+    pool (they are mapped by descriptor), whatever their size."""
+    pool = executors.get("local", {"workers": 2})
+    assert pool.costs().maps_shared_memory
+    region = lampy.elemwise(shared=("table",))(lambda x, table: x + table[0])
+    table = lampy.empty(1 << 20)
+    binding = region.runner._prepare((np.zeros(8), table), {}, "local", None)[0]
+    assert binding.moved_bytes(True) == (8, 0)  # x's 8 bytes a row are copied; not the table
+    assert binding.moved_bytes(False) == (8, 8 << 20)  # an executor that moves both
+    shared_x = lampy.asshared(np.zeros(8))
+    assert region.runner._prepare((shared_x, table), {}, "local", None)[0].moved_bytes(True) == (
+        0,
+        0,
+    )
