@@ -124,11 +124,13 @@ def _score_peer(index: np.ndarray, cases: list[Case], python: str) -> np.ndarray
     return rows
 
 
-def cases(split: str, per_count: int, conditions: tuple[str, ...], kmeans_seeds: int) -> list[Case]:
+def cases(
+    split: str, per_count: int, conditions: tuple[str, ...], kmeans_seeds: int, minutes: int = 0
+) -> list[Case]:
     """Every (conversation, condition, seed) of a split, in a fixed order."""
     return [
         Case(c, condition, seed)
-        for c in devset.conversations(split, per_count)
+        for c in devset.conversations(split, per_count, minutes)
         for condition in conditions
         for seed in range(kmeans_seeds)
     ]
@@ -223,17 +225,21 @@ def evaluate(
     kmeans_seeds: int = 3,
     known: bool = False,
     peer_python: str | Path | None = None,
+    minutes: int = 0,
 ) -> str:
-    """Run a split of the development set and return the printable report."""
+    """Run a split of the development set (or its long conversations of `minutes` each) and
+    return the printable report."""
     unknown = [c for c in conditions if c not in devset.CONDITIONS]
-    if unknown or split not in devset.SPLITS or per_count < 1 or kmeans_seeds < 1:
+    bad = per_count < 1 or kmeans_seeds < 1 or minutes < 0
+    if unknown or split not in devset.SPLITS or bad:
         raise SynthError(
-            f"evaluate wants a split in {devset.SPLITS}, conditions from {devset.CONDITIONS} "
-            f"and counts of at least 1; got split {split!r}, conditions {conditions}, "
-            f"{per_count} per count, {kmeans_seeds} seeds"
+            f"evaluate wants a split in {devset.SPLITS}, conditions from {devset.CONDITIONS}, "
+            f"counts of at least 1 and minutes of at least 0; got split {split!r}, conditions "
+            f"{conditions}, {per_count} per count, {kmeans_seeds} seeds, {minutes} minutes"
         )
-    todo = cases(split, per_count, conditions, 1 if peer_python else kmeans_seeds)
+    todo = cases(split, per_count, conditions, 1 if peer_python else kmeans_seeds, minutes)
     outcomes = run(todo, known, None, str(peer_python) if peer_python else None)
     who = "pyAudioAnalysis 0.3.14 (count given)" if peer_python else "lampy FLsD"
-    title = f"{who}, split {split}, {per_count} conversations per speaker count"
+    length = f" of {minutes} minutes" if minutes else ""
+    title = f"{who}, split {split}, {per_count} conversations{length} per speaker count"
     return report(outcomes, known or bool(peer_python), title)

@@ -9,6 +9,7 @@ from examples.fisher import cluster, devset, diarize, synth
 from examples.fisher.audio import read_wav
 from examples.fisher.cli import main
 from examples.fisher.pipeline import Params, count_speakers
+from examples.fisher.rttm import Turn
 from examples.fisher.scoring import score
 
 from .conftest import SAMPLE_WAV
@@ -209,3 +210,22 @@ def test_unheard_voices_in_noise_are_counted(
     result = diarize(noisy, rate)
     assert result.n_speakers == speakers and result.count.known
     assert score(reference, result.turns).der < most_der
+
+
+def test_a_long_conversation_keeps_its_two_voices(tools: None) -> None:
+    # A 75 s conversation of two unheard voices played four times over (5 minutes): the same
+    # voices and phrases, four times the pieces. Judged on every piece, its phrases split into
+    # 8 "speakers" (64 % DER); the count must not depend on how long the voices talk.
+    conversation = devset.conversations("tune", 1)[1]
+    assert conversation.n_speakers == 2
+    signal, reference = devset.render(conversation)
+    length = signal.size / devset.RATE
+    copies = 4
+    turns = [
+        Turn(t.start + i * length, t.end + i * length, t.speaker)
+        for i in range(copies)
+        for t in reference
+    ]
+    result = diarize(np.tile(signal, copies), devset.RATE)
+    assert result.n_speakers == 2 and result.count.known
+    assert score(turns, result.turns).der < 0.03
