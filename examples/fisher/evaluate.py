@@ -62,11 +62,14 @@ class Outcome:
 
 
 @lampy.elemwise
-def _render(index: np.ndarray, todo: list[devset.Conversation]) -> np.ndarray:
-    """Render and cache every condition of the chunk's conversations; returns their lengths."""
+def _render(
+    index: np.ndarray, todo: list[devset.Conversation], conditions: tuple[str, ...]
+) -> np.ndarray:
+    """Render and cache the chunk's conversations in the conditions asked; returns their
+    lengths."""
     seconds = np.empty(index.size)
     for row, i in enumerate(index):
-        for condition in devset.CONDITIONS:
+        for condition in conditions:
             signal, rate, _ = devset.load(todo[i], condition)
         seconds[row] = signal.size / rate
     return seconds
@@ -144,8 +147,9 @@ def run(
 ) -> list[Outcome]:
     """Render what is missing, then score every case (or run the peer on it) in parallel."""
     conversations = sorted({c.conversation for c in todo}, key=lambda c: c.seed)
+    conditions = tuple(c for c in devset.CONDITIONS if any(t.condition == c for t in todo))
     with lampy.using(chunks=len(conversations)):
-        _render(np.arange(len(conversations)), conversations)
+        _render(np.arange(len(conversations)), conversations, conditions)
     with lampy.using(chunks=len(todo)):
         if peer_python:
             rows = _score_peer(np.arange(len(todo)), todo, peer_python)
