@@ -89,7 +89,8 @@ class SpeakerCount:
 
     `known` is False when the recording holds too little speech to count its speakers; `note`
     then says why. `scores[k]` is how clearly a k-th voice stands apart (the merge height that
-    joins k clusters into k - 1, over the threshold: above 1 counts as a speaker).
+    joins k clusters into k - 1, over the threshold, in a tree of at most `count_per_voice` * k
+    pieces: above 1 counts as a speaker).
     """
 
     known: bool
