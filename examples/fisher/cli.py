@@ -181,6 +181,12 @@ def _parser() -> Parser:
         help=f"comma-separated, from {','.join(CONDITIONS)} (default: all)",
     )
     e.add_argument("--kmeans-seeds", type=_count(1), default=3, help="per conversation (3)")
+    e.add_argument(
+        "--minutes",
+        type=_count(1),
+        default=0,
+        help="long conversations of this many minutes instead of the set's 1-3",
+    )
     e.add_argument("--known", action="store_true", help="give the true number of speakers")
     e.add_argument("--peer", type=Path, help="a python with pyAudioAnalysis: score it instead")
     return parser
@@ -579,7 +585,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     executor = ExecutorChoice.from_args(args)
     with executor.using():
         report = evaluate(
-            args.split, args.per_count, args.conditions, args.kmeans_seeds, args.known, args.peer
+            args.split,
+            args.per_count,
+            args.conditions,
+            args.kmeans_seeds,
+            args.known,
+            args.peer,
+            args.minutes,
         )
     print(report)
     return 0

@@ -254,6 +254,36 @@ def merge_heights(pieces: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarra
     return heights, sizes
 
 
+def spread_sample(rows: np.ndarray, most: int) -> np.ndarray:
+    """At most `most` of the rows, evenly spaced over all of them, in order."""
+    if rows.shape[0] <= most:
+        return rows
+    return rows[np.arange(most) * rows.shape[0] // most]
+
+
+def voice_merges(pieces: np.ndarray, count: int, per_voice: int) -> tuple[np.ndarray, np.ndarray]:
+    """`merge_heights` with the merge that joins k clusters into k - 1 judged on at most
+    `per_voice` * k pieces spread evenly over the recording: heights[j] and sizes[j] for
+    k = j + 2, j < count.
+
+    A Ward height grows with the root of the pieces' number, so one voice of an hour, whose
+    turns and phrases differ a little, splits far above a threshold set on clips of a few
+    minutes. Asked whether there are k voices, the count looks at about as many pieces per
+    voice as such a clip holds: the answer depends on the voices' shares of the speech, not
+    on the recording's length. At most `count` linkages of at most `per_voice` * (count + 1)
+    pieces: bounded work, whatever the length.
+    """
+    heights, sizes = np.zeros(count), np.zeros(count)
+    done: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for j in range(count):
+        sample = spread_sample(pieces, per_voice * (j + 2))
+        if sample.shape[0] not in done:
+            done[sample.shape[0]] = merge_heights(sample, count)
+        all_heights, all_sizes = done[sample.shape[0]]
+        heights[j], sizes[j] = all_heights[j], all_sizes[j]
+    return heights, sizes
+
+
 @lampy.elemwise(shared=("means", "inv_var", "log_norm"))
 def frame_loglik(
     x: np.ndarray, means: np.ndarray, inv_var: np.ndarray, log_norm: np.ndarray

@@ -190,24 +190,30 @@ class Conversation:
     index: int
     seed: int
     seconds: float
+    minutes: int = 0  # a long conversation of this many minutes; 0 for the set's own
 
     @property
     def name(self) -> str:
-        return f"{self.split}-{self.n_speakers}spk-{self.index}"
+        length = f"-{self.minutes}min" if self.minutes else ""
+        return f"{self.split}-{self.n_speakers}spk-{self.index}{length}"
 
 
-def conversations(split: str, per_count: int = 5) -> list[Conversation]:
+def conversations(split: str, per_count: int = 5, minutes: int = 0) -> list[Conversation]:
     """The fixed list of a split: `per_count` conversations for each count 1..MAX_SPEAKERS.
 
     Seeds depend only on the split, the count and the index, so a larger `per_count` keeps the
     first conversations unchanged. Longer conversations for more speakers keep every speaker's
-    share of talk above a few seconds.
+    share of talk above a few seconds. With `minutes`, every conversation is that long instead
+    (other seeds, so other voices and words): the long recordings a count tuned on clips of
+    1-3 minutes must also hold on.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    base = 1_000_000 * (SPLITS.index(split) + 1)
+    if minutes < 0:
+        raise ValueError(f"minutes must be 0 (the set's own lengths) or more, got {minutes}")
+    base = 1_000_000 * (SPLITS.index(split) + 1) + (500_000 if minutes else 0)
     return [
-        Conversation(split, n, i, base + 1000 * n + i, 45.0 + 15.0 * n)
+        Conversation(split, n, i, base + 1000 * n + i, 60.0 * minutes or 45.0 + 15.0 * n, minutes)
         for n in range(1, MAX_SPEAKERS + 1)
         for i in range(per_count)
     ]

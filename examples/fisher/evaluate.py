@@ -62,11 +62,14 @@ class Outcome:
 
 
 @lampy.elemwise
-def _render(index: np.ndarray, todo: list[devset.Conversation]) -> np.ndarray:
-    """Render and cache every condition of the chunk's conversations; returns their lengths."""
+def _render(
+    index: np.ndarray, todo: list[devset.Conversation], conditions: tuple[str, ...]
+) -> np.ndarray:
+    """Render and cache the chunk's conversations in the conditions asked; returns their
+    lengths."""
     seconds = np.empty(index.size)
     for row, i in enumerate(index):
-        for condition in devset.CONDITIONS:
+        for condition in conditions:
             signal, rate, _ = devset.load(todo[i], condition)
         seconds[row] = signal.size / rate
     return seconds
@@ -124,11 +127,13 @@ def _score_peer(index: np.ndarray, cases: list[Case], python: str) -> np.ndarray
     return rows
 
 
-def cases(split: str, per_count: int, conditions: tuple[str, ...], kmeans_seeds: int) -> list[Case]:
+def cases(
+    split: str, per_count: int, conditions: tuple[str, ...], kmeans_seeds: int, minutes: int = 0
+) -> list[Case]:
     """Every (conversation, condition, seed) of a split, in a fixed order."""
     return [
         Case(c, condition, seed)
-        for c in devset.conversations(split, per_count)
+        for c in devset.conversations(split, per_count, minutes)
         for condition in conditions
         for seed in range(kmeans_seeds)
     ]
@@ -142,8 +147,9 @@ def run(
 ) -> list[Outcome]:
     """Render what is missing, then score every case (or run the peer on it) in parallel."""
     conversations = sorted({c.conversation for c in todo}, key=lambda c: c.seed)
+    conditions = tuple(c for c in devset.CONDITIONS if any(t.condition == c for t in todo))
     with lampy.using(chunks=len(conversations)):
-        _render(np.arange(len(conversations)), conversations)
+        _render(np.arange(len(conversations)), conversations, conditions)
     with lampy.using(chunks=len(todo)):
         if peer_python:
             rows = _score_peer(np.arange(len(todo)), todo, peer_python)
@@ -223,17 +229,21 @@ def evaluate(
     kmeans_seeds: int = 3,
     known: bool = False,
     peer_python: str | Path | None = None,
+    minutes: int = 0,
 ) -> str:
-    """Run a split of the development set and return the printable report."""
+    """Run a split of the development set (or its long conversations of `minutes` each) and
+    return the printable report."""
     unknown = [c for c in conditions if c not in devset.CONDITIONS]
-    if unknown or split not in devset.SPLITS or per_count < 1 or kmeans_seeds < 1:
+    bad = per_count < 1 or kmeans_seeds < 1 or minutes < 0
+    if unknown or split not in devset.SPLITS or bad:
         raise SynthError(
-            f"evaluate wants a split in {devset.SPLITS}, conditions from {devset.CONDITIONS} "
-            f"and counts of at least 1; got split {split!r}, conditions {conditions}, "
-            f"{per_count} per count, {kmeans_seeds} seeds"
+            f"evaluate wants a split in {devset.SPLITS}, conditions from {devset.CONDITIONS}, "
+            f"counts of at least 1 and minutes of at least 0; got split {split!r}, conditions "
+            f"{conditions}, {per_count} per count, {kmeans_seeds} seeds, {minutes} minutes"
         )
-    todo = cases(split, per_count, conditions, 1 if peer_python else kmeans_seeds)
+    todo = cases(split, per_count, conditions, 1 if peer_python else kmeans_seeds, minutes)
     outcomes = run(todo, known, None, str(peer_python) if peer_python else None)
     who = "pyAudioAnalysis 0.3.14 (count given)" if peer_python else "lampy FLsD"
-    title = f"{who}, split {split}, {per_count} conversations per speaker count"
+    length = f" of {minutes} minutes" if minutes else ""
+    title = f"{who}, split {split}, {per_count} conversations{length} per speaker count"
     return report(outcomes, known or bool(peer_python), title)

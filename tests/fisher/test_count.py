@@ -9,14 +9,19 @@ from examples.fisher import cluster, devset, diarize, synth
 from examples.fisher.audio import read_wav
 from examples.fisher.cli import main
 from examples.fisher.pipeline import Params, count_speakers
+from examples.fisher.rttm import Turn
 from examples.fisher.scoring import score
 
 from .conftest import SAMPLE_WAV
 
 
-def _voices(k: int, seed: int = 0, per_voice: int = 60, apart: float = 6.0) -> np.ndarray:
+def _voices(k: int, seed: int = 0, per_voice: int = 60, apart: float = 10.0) -> np.ndarray:
     """Pieces of k voices in an 8-d space: windows with unit spread around each voice's centre,
-    centres `apart` from each other, one pause-free segment of 10 windows at a time."""
+    centres `apart` from each other, one pause-free segment of 10 windows at a time.
+
+    Whether there are k voices is judged on at most 80 k pieces (24 s of speech per voice), so
+    60 s per voice count no more than 24 s would: the voices must stand apart at that size.
+    """
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(k, 8))
     centres *= apart / np.sqrt(2 * 8)
@@ -35,6 +40,46 @@ def test_count_search_finds_separate_voices(k: int) -> None:
     assert [s > 1 for s in counted.scores.values()] == [j <= k for j in range(2, 9)]
 
 
+def _phrased_voices(k: int, minutes: float, seed: int) -> np.ndarray:
+    """Windows (0.1 s apart) of k voices taking turns of 1 s, each voice in one of its six
+    phrases: each phrase's windows sit around its own centre near the voice's (3 units from the
+    voice's other phrases, 12 from another voice's), with unit spread within the turn. Over an
+    hour the phrases come back hundreds of times, as in any long recording."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, 8)) * 12.0 / np.sqrt(2 * 8)
+    phrases = centres[:, None, :] + rng.normal(size=(k, 6, 8)) * 3.0 / np.sqrt(2 * 8)
+    turns = round(minutes * 60)
+    said = phrases[rng.integers(k, size=turns), rng.integers(6, size=turns)]
+    return (said[:, None, :] + rng.normal(size=(turns, 10, 8))).reshape(-1, 8)
+
+
+@pytest.mark.parametrize("k", [1, 2, 6])
+def test_the_count_holds_from_a_clip_to_an_hour(k: int) -> None:
+    # Ward heights grow with the root of the number of pieces: judged on all 12,000 pieces of
+    # the hour, each voice's phrases split far above the threshold (1, 2 and 6 voices were
+    # counted as 6, 8 and 8), and the linkage took seconds and a 580 MB distance matrix.
+    for minutes in (2, 60):
+        y = _phrased_voices(k, minutes, seed=k)
+        segment = np.arange(y.shape[0]) // 10
+        found, counted = count_speakers(y, segment, 40.0, Params(), 3)
+        assert (minutes, found) == (minutes, k)
+        assert counted.confidence > 0.9
+
+
+def test_each_count_is_judged_on_a_bounded_sample() -> None:
+    pieces = np.arange(1000, dtype=np.float64)[:, None]
+    np.testing.assert_array_equal(cluster.spread_sample(pieces, 4)[:, 0], [0, 250, 500, 750])
+    assert cluster.spread_sample(pieces[:3], 4).shape == (3, 1)
+    # Each k sees its own sample: at most per_voice * k pieces, so a short clip sees them all.
+    heights, sizes = cluster.voice_merges(pieces, 3, per_voice=5)
+    for j, n in enumerate((10, 15, 20)):
+        sample_heights, sample_sizes = cluster.merge_heights(cluster.spread_sample(pieces, n), 3)
+        assert (heights[j], sizes[j]) == (sample_heights[j], sample_sizes[j])
+    np.testing.assert_array_equal(
+        cluster.voice_merges(pieces[:8], 3, per_voice=5)[0], cluster.merge_heights(pieces[:8], 3)[0]
+    )
+
+
 def _loud_and_quiet(segments: int, apart: float) -> np.ndarray:
     """One voice whose alternate segments (10 windows each) sit `apart` from each other along
     one axis: its loud and quiet turns, as noise pulls them apart."""
@@ -45,11 +90,11 @@ def _loud_and_quiet(segments: int, apart: float) -> np.ndarray:
 
 
 def test_noise_does_not_split_a_long_voice() -> None:
-    # 6000 windows (10 minutes at 0.1 s): its two sides merge at a Ward height of about 87,
-    # above a threshold that rises with the SNR deficit alone (38 + 0.7 per dB: 53.4 at 8 dB),
-    # but a loudness split's height grows with the root of the voice's length, and so does
-    # the noise term of the threshold.
-    y = _loud_and_quiet(600, 2.5)
+    # 6000 windows (10 minutes at 0.1 s), judged as 2 voices on 160 of its 2000 pieces: its
+    # loud and quiet sides merge at a Ward height of about 45, above the quiet room's threshold
+    # (38.5) but below the one at 8 dB SNR, whose noise term grows with the root of the merge's
+    # effective size (51.6 here), as a loudness split's height does.
+    y = _loud_and_quiet(600, 5.0)
     segment = np.arange(y.shape[0]) // 10
     quiet_room, _ = count_speakers(y, segment, 40.0, Params(), 3)
     noisy_room, counted = count_speakers(y, segment, 8.0, Params(), 3)
@@ -59,7 +104,7 @@ def test_noise_does_not_split_a_long_voice() -> None:
 
 def test_noise_keeps_eight_voices_apart() -> None:
     # The eighth voice joins the rest at a merge of small clusters, whose noise term is small.
-    y = _voices(8, seed=8, apart=8.0)
+    y = _voices(8, seed=8, apart=12.0)
     segment = np.arange(y.shape[0]) // 10
     assert count_speakers(y, segment, 8.0, Params(), 3)[0] == 8
 
@@ -165,3 +210,22 @@ def test_unheard_voices_in_noise_are_counted(
     result = diarize(noisy, rate)
     assert result.n_speakers == speakers and result.count.known
     assert score(reference, result.turns).der < most_der
+
+
+def test_a_long_conversation_keeps_its_two_voices(tools: None) -> None:
+    # A 75 s conversation of two unheard voices played four times over (5 minutes): the same
+    # voices and phrases, four times the pieces. Judged on every piece, its phrases split into
+    # 8 "speakers" (64 % DER); the count must not depend on how long the voices talk.
+    conversation = devset.conversations("tune", 1)[1]
+    assert conversation.n_speakers == 2
+    signal, reference = devset.render(conversation)
+    length = signal.size / devset.RATE
+    copies = 4
+    turns = [
+        Turn(t.start + i * length, t.end + i * length, t.speaker)
+        for i in range(copies)
+        for t in reference
+    ]
+    result = diarize(np.tile(signal, copies), devset.RATE)
+    assert result.n_speakers == 2 and result.count.known
+    assert score(turns, result.turns).der < 0.03

@@ -26,6 +26,20 @@ def test_split_is_fixed_and_voices_never_cross_it() -> None:
     assert np.all(np.diff(sorted(v.pitch for v in eight)) > 0)
 
 
+def test_long_conversations_are_their_own_and_stay_in_their_split() -> None:
+    short, long = devset.conversations("tune", 2), devset.conversations("tune", 2, minutes=20)
+    assert {c.seed for c in short}.isdisjoint({c.seed for c in long})
+    assert {c.name for c in short}.isdisjoint({c.name for c in long})
+    assert all(c.seconds == 1200.0 and c.name.endswith("-20min") for c in long)
+    assert [c.n_speakers for c in long[::2]] == list(range(1, 9))
+    report = devset.conversations("report", 2, minutes=20)
+    tune_pool = set(devset.VARIANTS[0::2])
+    assert {v.name.split("+")[1] for c in long for v in devset.cast(c)} <= tune_pool
+    assert not {v.name.split("+")[1] for c in report for v in devset.cast(c)} & tune_pool
+    with pytest.raises(ValueError, match="minutes must be 0"):
+        devset.conversations("tune", 1, minutes=-1)
+
+
 def test_noise_is_added_at_the_stated_snr_and_levels_change() -> None:
     rate = devset.RATE
     t = np.arange(4 * rate) / rate
