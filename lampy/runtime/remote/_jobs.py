@@ -341,7 +341,10 @@ def sweep(root: Path, ttl: float, now: float) -> list[str]:
                 for name in ("meta.json", "lease.json", "result", "cancelled")
                 if name in names
             }
-            if not touched or now - max(touched.values()) > ttl:
+            # a folder whose meta.json is not written yet is a job being created: its own
+            # time counts, so the sweep does not pull the folder from under its creation
+            last = max(touched.values(), default=folder.stat().st_mtime)
+            if now - last > ttl:
                 remove(root, folder.name)
                 removed.append(folder.name)
             elif "spec" in names and now - touched.get("cancelled", now) > CANCEL_GRACE_S:

@@ -9,6 +9,7 @@ grants no lease.
 from __future__ import annotations
 
 import http.client
+import os
 import threading
 import time
 import urllib.parse
@@ -191,6 +192,19 @@ def test_a_fetched_job_keeps_only_its_status_and_refuses_a_new_lease(server: Ser
             store.result(0)
         names = {p.name for p in (server.root / "jobs" / store.job).iterdir()}
         assert names <= TOMBSTONE
+
+
+def test_the_sweep_leaves_a_job_being_created_alone(tmp_path: Path) -> None:
+    """PUT spec makes the job's folder, then writes meta.json: a sweep in between must not take
+    the folder (the job's creation failed with FileNotFoundError, a 500), unless the folder
+    itself is older than the ttl (a creation that died half-way)."""
+    young, old = tmp_path / "jobs" / ("a" * 32), tmp_path / "jobs" / ("b" * 32)
+    for folder in (young, old):
+        (folder / "chunks").mkdir(parents=True)
+    now = time.time()
+    os.utime(old, (now - 200, now - 200))
+    assert sweep(tmp_path, ttl=100.0, now=now) == ["b" * 32]
+    assert young.is_dir() and not old.exists()
 
 
 def test_the_sweep_ends_jobs_past_their_ttl_and_entombs_cancelled_ones(tmp_path: Path) -> None:
