@@ -25,7 +25,8 @@ whoever watches the job (the client, or `lampy.job(id)` from any process) summon
 once it has expired.
 
 A reduction's partials are merged in lambdas, `fan_in` at a time, level by level (COMBINE
-frames): exactly the subtrees of the client's own `tree_merge`, so the answer is bit-identical
+frames to the chunks' lambda, or, for groups under HERE_BYTES, in the coordinator's own
+lambda): exactly the subtrees of the client's own `tree_merge`, so the answer is bit-identical
 to client orchestration, and the client receives only those subtrees (one value, or one per
 level beside a chunk it ran itself). An elemwise job's results are stored on the client's array
 server by the chunks themselves; the report holds their references.
@@ -75,6 +76,11 @@ if TYPE_CHECKING:  # imported where used: the executor imports this module
 
 MAX_FAN_IN = 256  # partials one combine call merges at most: a subtree 8 levels high ...
 COMBINE_BYTES = 4 << 20  # ... and at most about this many bytes of them (see `fan_in`)
+#: A group of partials this small merges in the coordinator itself, with the same rule and the
+#: same tree (as its last values are merged): the call would cost more than the merge, and on
+#: OpenLambda each combine call beside the chunk calls is one more outstanding call, for which
+#: the scaler starts a sandbox and then stops one, so a chunk call waits for a cold start.
+HERE_BYTES = 1 << 20
 LEASE_S = 3.0  # a coordinator's lease lasts this long unless renewed ...
 RENEW_S = 0.5  # ... which it is this often
 TAKEOVER_WAIT_S = 5.0  # a coordinator handing off waits this long for its successor's lease
@@ -715,8 +721,14 @@ class _Merger:
 
     def _place(self, position: int, value: Any) -> None:
         if self.blocks is None:
-            self.blocks = _Blocks(self.first, fan_in(nbytes(value)), self.combine)
+            size = nbytes(value)
+            width = fan_in(size)
+            merge = self.combine if width * size > HERE_BYTES else self._merged_here
+            self.blocks = _Blocks(self.first, width, merge)
         self.blocks.put(0, position, value)
+
+    async def _merged_here(self, partials: list[Any]) -> Any:
+        return self._here(partials)
 
     async def finish(self, outcomes: dict[int, Outcome], streamed: bool) -> None:
         """Replace the partials in `outcomes` by `Merged` subtrees (or set the report's

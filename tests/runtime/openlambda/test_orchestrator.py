@@ -170,6 +170,7 @@ def test_partials_merge_as_they_arrive_into_the_client_tree(
     if lost and not keep_going:
         lost = ()  # a job that may not leave chunks out loses none here
     monkeypatch.setattr(coordinator, "fan_in", lambda size: width)
+    monkeypatch.setattr(coordinator, "HERE_BYTES", 0)  # every group by a combine call
     letters_ = [chr(ord("a") + i % 26) for i in range(first + total)]
     chunks = total - 0  # the coordinator's chunks: positions first ... first + total - 1
     outcomes = {
@@ -209,6 +210,32 @@ def test_partials_merge_as_they_arrive_into_the_client_tree(
     full_groups_before_a_loss = (min(lost, default=chunks) - first) // width
     if full_groups_before_a_loss >= 2:
         assert streamed > 0  # merged while chunks still came
+
+
+def test_small_partials_merge_in_the_coordinator_into_the_same_tree() -> None:
+    """1,000 partials of a few floats: no combine call (each would be one more outstanding
+    call for OpenLambda's scaler), the coordinator merges them with the job's rule, bracket for
+    bracket as the client would."""
+    partials = [np.full(4, float(i)) for i in range(1000)]
+    assignment = SimpleNamespace(
+        first=0, keep_going=False, combine=dumps(np.add), job="small", options={"attempts": 1}
+    )
+    caller = FakeCaller()
+
+    async def run() -> dict[int, Outcome]:
+        merger = coordinator._Merger(
+            caller, assignment, coordinator.Report({}), Accounting("small", 1000)
+        )  # type: ignore[arg-type]
+        done = {c: Outcome(value=p) for c, p in enumerate(partials)}
+        for c in random.Random(3).sample(range(1000), 1000):
+            merger.stream(c, done[c])
+            await asyncio.sleep(0)
+        await merger.finish(done, streamed=True)
+        return done
+
+    done = asyncio.run(run())
+    assert caller.calls == 0 and list(done) == [0]
+    np.testing.assert_array_equal(done[0].value.value, tree_merge(partials, np.add))
 
 
 def test_the_hand_off_rule_prefers_the_longer_remaining_lifetime() -> None:
