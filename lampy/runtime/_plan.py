@@ -159,30 +159,30 @@ def plan(
 ) -> Plan:
     """Plan a call: `chunks` given means exactly that many (fewer only if rows run out).
 
-        `sent_row_bytes` (default `row_bytes`) is what the executor itself moves per row: rows of a
-        reference (lampy.remote) are read by the workers, in parallel, not sent by the caller; the
-        probe, which read them here, has already priced that reading into the work per row.
+    `sent_row_bytes` (default `row_bytes`) is what the executor itself moves per row: rows of a
+    reference (lampy.remote) are read by the workers, in parallel, not sent by the caller; the
+    probe, which read them here, has already priced that reading into the work per row.
     `sent_shared_bytes` (default `shared_bytes`) is the same for the arrays every chunk gets
     whole: an executor that `maps_shared_memory` moves none of those in lampy's shared memory.
 
-        `chunks=None` means auto; then a `probe` of the leading rows must be given unless the
-        executor has a single worker or there are fewer than two rows. In auto mode a fan-out plan
-        starts with the probe's rows as chunk 0 (already computed) and splits the rest.
+    `chunks=None` means auto; then a `probe` of the leading rows must be given unless the
+    executor has a single worker or there are fewer than two rows. In auto mode a fan-out plan
+    starts with the probe's rows as chunk 0 (already computed) and splits the rest.
 
-        >>> one = Costs(workers=1)
-        >>> plan(executor="inline", costs=one, rows=100, row_bytes=8, shared_bytes=0,
-        ...      chunks=None).reason
-        'the executor runs one chunk at a time'
-        >>> two = Costs(workers=2, seconds_per_byte=1e-9, seconds_per_chunk=1e-4)
-        >>> heavy = Probe(rows=10, seconds=1.0, result_bytes=80)
-        >>> p = plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
-        ...          chunks=None, probe=heavy)
-        >>> p.fan_out, p.chunks[:2], len(p.chunks)
-        (True, ((0, 10), (10, 134)), 9)
-        >>> light = Probe(rows=10, seconds=1e-6, result_bytes=80)
-        >>> plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
-        ...      chunks=None, probe=light).fan_out
-        False
+    >>> one = Costs(workers=1)
+    >>> plan(executor="inline", costs=one, rows=100, row_bytes=8, shared_bytes=0,
+    ...      chunks=None).reason
+    'the executor runs one chunk at a time'
+    >>> two = Costs(workers=2, seconds_per_byte=1e-9, seconds_per_chunk=1e-4)
+    >>> heavy = Probe(rows=10, seconds=1.0, result_bytes=80)
+    >>> p = plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
+    ...          chunks=None, probe=heavy)
+    >>> p.fan_out, p.chunks[:2], len(p.chunks)
+    (True, ((0, 10), (10, 134)), 9)
+    >>> light = Probe(rows=10, seconds=1e-6, result_bytes=80)
+    >>> plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
+    ...      chunks=None, probe=light).fan_out
+    False
     """
 
     def result(chunks: tuple[Rows, ...], fan_out: bool, reason: str, warm_up: bool = False) -> Plan:
