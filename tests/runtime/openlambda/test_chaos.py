@@ -46,7 +46,8 @@ CHUNKS = 1000 if FULL else 300
 PLAN = "kill=0.03,502=0.03,429=0.03,hang=0.01,reset=0.03,corrupt=0.03,duplicate=0.03,lose=0.01"
 RUNTIME_LIMIT_S = 1.0
 BOUND_S = 60.0  # per job, on the 2-core reference machine (measured: 2-8 s at 1,000 chunks)
-OPTIONS = {"attempts": 12, "backoff": 0.02, "timeout": 10.0, "progress": "off"}
+# 4 chunks a call: as many calls a job on any machine (automatic batching depends on its cores)
+OPTIONS = {"attempts": 12, "backoff": 0.02, "timeout": 10.0, "progress": "off", "batch": 4}
 
 pytestmark = pytest.mark.chaos
 
@@ -169,7 +170,7 @@ def slow_double(x: np.ndarray) -> np.ndarray:
 def test_worker_killed_mid_job_and_restarted_on_the_same_port(worker_process: Any) -> None:
     url, first = worker_process()
     upload(url, "lampy")  # kept in the registry directory, which the restart reuses
-    executor = OpenLambdaExecutor(url=url, concurrency=4, batch=1, **{**OPTIONS, "backoff": 0.2})
+    executor = OpenLambdaExecutor(url=url, concurrency=4, **{**OPTIONS, "backoff": 0.2, "batch": 1})
     x = np.arange(4000.0)
     job = make_job(slow_double, x, 200)
     try:
