@@ -9,6 +9,8 @@ elementwise, not with a matrix product, so every executor assigns every point id
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 import lampy
@@ -357,24 +359,34 @@ def resegment(
     means = np.where(modelled[:, None], (mean - mu) / sd, 0.0)
     var = np.where(modelled[:, None], var / (sd * sd) + 1e-3, 1.0)
     log_norm = -0.5 * np.log(2.0 * np.pi * var).sum(axis=1)
-    models = (mu, sd, means, var, np.where(modelled, log_norm, -np.inf))
-    out = _move_changes(feats, labels, reach, columns, models)
-    return _relabel_short_runs(feats, out, short_run, columns, models)
+    models = _Models(feats, columns, mu, sd, means, var, np.where(modelled, log_norm, -np.inf))
+    return _relabel_short_runs(models, _move_changes(models, labels, reach), short_run)
 
 
-def _move_changes(
-    feats: np.ndarray,
-    labels: np.ndarray,
-    reach: int,
-    columns: tuple[int, ...],
-    models: tuple[np.ndarray, ...],
-) -> np.ndarray:
+class _Models(NamedTuple):
+    """`resegment`'s speaker models over the frames' standardized `columns` (an unmodelled
+    speaker's `log_norm` is -inf)."""
+
+    feats: np.ndarray
+    columns: tuple[int, ...]
+    mu: np.ndarray
+    sd: np.ndarray
+    means: np.ndarray
+    var: np.ndarray
+    log_norm: np.ndarray
+
+    def loglik(self, frames: np.ndarray) -> np.ndarray:
+        """(frames x speakers) log-likelihoods of these frames (the `frame_loglik` region)."""
+        x = (self.feats[frames][:, list(self.columns)] - self.mu) / self.sd
+        return np.asarray(frame_loglik(x, self.means, 1.0 / self.var, self.log_norm))
+
+
+def _move_changes(models: _Models, labels: np.ndarray, reach: int) -> np.ndarray:
     """`resegment`'s first step: each change between two modelled speakers to its best split."""
-    mu, sd, means, var, log_norm = models
     starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
     ends = np.append(starts[1:], labels.size)
     first, second = labels[starts[:-1]], labels[starts[1:]]
-    modelled = np.isfinite(log_norm)  # an unmodelled speaker's is -inf
+    modelled = np.isfinite(models.log_norm)
     movable = np.flatnonzero((first >= 0) & (second >= 0))
     movable = movable[modelled[first[movable]] & modelled[second[movable]]]
     if movable.size == 0:
@@ -383,9 +395,7 @@ def _move_changes(
     lo = np.maximum(starts[movable + 1] - reach, starts[movable])
     hi = np.minimum(starts[movable + 1] + reach, ends[movable + 1])
     spans = [np.arange(a, b) for a, b in zip(lo, hi, strict=True)]
-    scored = np.concatenate(spans)
-    x = (feats[scored][:, list(columns)] - mu) / sd
-    ll = frame_loglik(x, means, 1.0 / var, log_norm)
+    ll = models.loglik(np.concatenate(spans))
     out = labels.copy()
     offset = 0
     for r, span in zip(movable, spans, strict=True):
@@ -398,16 +408,9 @@ def _move_changes(
     return out
 
 
-def _relabel_short_runs(
-    feats: np.ndarray,
-    labels: np.ndarray,
-    short_run: int,
-    columns: tuple[int, ...],
-    models: tuple[np.ndarray, ...],
-) -> np.ndarray:
+def _relabel_short_runs(models: _Models, labels: np.ndarray, short_run: int) -> np.ndarray:
     """`resegment`'s second step: each run of one speaker shorter than `short_run` frames goes
     to the modelled speaker with the highest summed frame log-likelihood."""
-    mu, sd, means, var, log_norm = models
     run = vad.run_index(labels)
     lengths = np.bincount(run)
     starts = np.cumsum(lengths) - lengths
@@ -415,11 +418,9 @@ def _relabel_short_runs(
     if not short.any():
         return labels
     scored = np.flatnonzero(short[run])
-    x = (feats[scored][:, list(columns)] - mu) / sd
-    ll = np.asarray(frame_loglik(x, means, 1.0 / var, log_norm))
     # Frames of one run are consecutive in `scored`: one sum per run.
-    first = np.flatnonzero(np.concatenate([[True], run[scored][1:] != run[scored][:-1]]))
-    best = np.add.reduceat(ll, first, axis=0).argmax(axis=1)
+    _, first, sizes = np.unique(run[scored], return_index=True, return_counts=True)
+    best = np.add.reduceat(models.loglik(scored), first, axis=0).argmax(axis=1)
     out = labels.copy()
-    out[scored] = np.repeat(best, np.diff(np.append(first, scored.size)))
+    out[scored] = np.repeat(best, sizes)
     return out
