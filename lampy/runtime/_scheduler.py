@@ -42,6 +42,10 @@ STRAGGLER_FACTOR = 4.0  # ... for chunks running this many times the median ...
 # "cold sandbox": 0.25 to 0.58 s on OpenLambda, up to 1.2 s on a loaded `lampy worker`), so a
 # call that merely waits for a sandbox gets no backup (each backup holds a sandbox more).
 STRAGGLER_MIN_S = 1.0
+# Judged by an earlier job's pace instead, a chunk waits longer: this job's sandboxes may be
+# cold where that job's were warm (a cold start with the template's load took up to 3 s on a
+# loaded machine), and a backup for every chunk in flight would flood the platform.
+STRAGGLER_PACE_MIN_S = 5.0
 
 
 def check_attempts(attempts: object) -> int:
@@ -71,8 +75,13 @@ def retry_span(attempts: int = ATTEMPTS, first: float = BACKOFF_S) -> float:
 class ChunkScheduler:
     """What became of each chunk of one job, and what to run next."""
 
-    def __init__(self, job: Job, attempts: int = ATTEMPTS, advice: str = "") -> None:
+    def __init__(
+        self, job: Job, attempts: int = ATTEMPTS, advice: str = "", pace: float | None = None
+    ) -> None:
+        """`pace`: seconds per row this function's chunks took in an earlier job, if known; it
+        judges stragglers before this job has answers of its own to take a median of."""
         self.job, self.attempts, self.advice = job, check_attempts(attempts), advice
+        self.pace = pace
         self.outcomes: dict[int, Outcome] = {}
         self.causes: dict[int, list[str]] = {}
         self.stopped = False
@@ -82,6 +91,7 @@ class ChunkScheduler:
         self._running: dict[int, int] = {}  # chunk -> attempts in flight (backups included)
         self._started: dict[int, float] = {}  # chunk -> when its first copy in flight started
         self._durations: list[float] = []
+        self._paces: list[float] = []  # seconds per row of each answered chunk
         self._backed_up: set[int] = set()
 
     @property
@@ -117,6 +127,7 @@ class ChunkScheduler:
         started = self._started.pop(chunk, None)
         if started is not None and outcome.error is None:
             self._durations.append(now - started)
+            self._paces.append((now - started) / self._rows(chunk))
         lost = isinstance(outcome.error, RetriesExhausted)
         if outcome.error is not None and not (lost and self.job.keep_going):
             self.stopped = True
@@ -148,24 +159,38 @@ class ChunkScheduler:
             heapq.heappush(self._again, chunk)
 
     def stragglers(self, now: float) -> list[int]:
-        """Chunks worth a backup attempt: once most chunks are done (at least all but one, so a
-        job of two or three chunks has its last one backed up too), those running far longer
-        than the median (chunks are pure, so a second copy is safe; the first answer wins).
-        A call the platform never answers is one such chunk: OpenLambda drops a call queued
-        behind a failed round trip (docs/openlambda.md), and only a backup gets its answer
-        before the call's timeout."""
+        """Chunks worth a backup attempt: those running far longer than they should (chunks
+        are pure, so a second copy is safe; the first answer wins). "Should" is the median of
+        this job's chunks once most are done (at least all but one, so a job of two or three
+        chunks has its last one backed up too); before that, the `pace` of earlier jobs, if
+        known. A call the platform never answers is one such chunk: OpenLambda drops a call
+        queued behind a failed round trip (docs/openlambda.md), and only a backup gets its
+        answer before the call's timeout, a lone chunk's included."""
         chunks, done = len(self.job.chunks), len(self.outcomes)
-        if done < min(STRAGGLER_DONE * chunks, chunks - 1) or not self._durations:
+        if self._durations and done >= min(STRAGGLER_DONE * chunks, chunks - 1):
+            median = statistics.median(self._durations)
+            expected, least = dict.fromkeys(self._running, median), STRAGGLER_MIN_S
+        elif self.pace is not None:
+            expected = {c: self.pace * self._rows(c) for c in self._running}
+            least = STRAGGLER_PACE_MIN_S
+        else:
             return []
-        median = statistics.median(self._durations)
-        slow = max(STRAGGLER_FACTOR * median, median + STRAGGLER_MIN_S)
         late = [
             c
-            for c in self._running
-            if c not in self._backed_up and now - self._started.get(c, now) > slow
+            for c, took in expected.items()
+            if c not in self._backed_up
+            and now - self._started.get(c, now) > max(STRAGGLER_FACTOR * took, took + least)
         ]
         self._backed_up.update(late)
         return late
+
+    def measured_pace(self) -> float | None:
+        """The median seconds per row of this job's answered chunks: the next job's `pace`."""
+        return statistics.median(self._paces) if self._paces else None
+
+    def _rows(self, chunk: int) -> int:
+        start, stop = self.job.chunks[chunk]
+        return max(1, stop - start)
 
     def _ended(self, chunk: int) -> None:
         left = self._running.get(chunk, 0) - 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -124,6 +125,7 @@ PREWARM_HOLD_S = 0.2  # each pre-warm call holds its sandbox this long, so calls
 PREWARM_PATIENCE_S = 1.0  # ... and stops once no new sandbox answered for this long (a cold
 # start is STARTUP_S on a quiet machine, several times that on a loaded one)
 ACCOUNTS_KEPT = 64  # jobs whose accounting the executor keeps
+PACES_KEPT = 256  # functions whose pace the executor keeps (a few bytes each)
 # OpenLambda's default limits.runtime_sec: how long one call may run, so how long one
 # coordinator lambda may orchestrate before it hands the job off (orchestrator="lambda")
 RUNTIME_LIMIT_S = 30.0
@@ -206,6 +208,9 @@ class OpenLambdaExecutor(Executor):
             summons, self.secret, self.url, coordinator, timeout, concurrency, deployed_as=name
         )
         self.backups = 0  # backup calls sent for stragglers, for tests and monitoring
+        #: seconds per row of the latest job of each (template, row size): judges stragglers
+        #: in the next such job before it has answers of its own (a lone chunk never has)
+        self._paces: dict[tuple[bytes, int], float] = {}
         self.accounts: deque[Accounting] = deque(maxlen=ACCOUNTS_KEPT)  # the latest jobs'
         #: what the coordinator lambdas of the latest jobs reported (orchestrator="lambda")
         self.reports: deque[Report] = deque(maxlen=ACCOUNTS_KEPT)
@@ -481,7 +486,8 @@ class OpenLambdaExecutor(Executor):
             f"flaky platform raise attempts= (now {self.attempts}) or timeout= "
             f"(now {self.timeout:g} s)."
         )
-        scheduler = ChunkScheduler(job, self.attempts, advice)
+        kind = (hashlib.blake2b(state.template).digest(), sum(a[:1].nbytes for a in job.split))
+        scheduler = ChunkScheduler(job, self.attempts, advice, pace=self._paces.get(kind))
         size = self._batch_size(job)
         alone: set[int] = set()  # chunks of a call the platform lost: each runs again alone, so
         # a chunk that kills its sandbox does not spend its batch-mates' attempts with its own
@@ -517,7 +523,8 @@ class OpenLambdaExecutor(Executor):
                 for unit in {u for u in running if not late.isdisjoint(u)}:  # one copy a call
                     self.backups += 1
                     launch(unit)
-                busy = len(scheduler.outcomes) and scheduler.running
+                judged = len(scheduler.outcomes) or scheduler.pace is not None
+                busy = judged and scheduler.running
                 wait = 0.05 if busy or state.stop is not None else None
                 try:
                     unit, task = await asyncio.wait_for(finished.get(), wait)
@@ -564,6 +571,12 @@ class OpenLambdaExecutor(Executor):
             state.complete = scheduler.done
             return scheduler.outcomes
         finally:
+            pace = scheduler.measured_pace()
+            if pace is not None:
+                self._paces.pop(kind, None)  # the latest job last: the oldest go first
+                self._paces[kind] = pace
+                while len(self._paces) > PACES_KEPT:
+                    del self._paces[next(iter(self._paces))]
             progress.close()
             tasks = [task for copies in running.values() for task in copies]
             account.cancelled += sum(task.cancel() for task in tasks)

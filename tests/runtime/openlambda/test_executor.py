@@ -23,8 +23,9 @@ from lampy._errors import ExecutionError, RetriesExhausted
 from lampy.runtime import _scheduler as scheduler_module
 from lampy.runtime._job import Job, Part, Whole
 from lampy.runtime._plan import split_rows
+from lampy.runtime._scheduler import ChunkScheduler
 from lampy.runtime._secret import Freshness
-from lampy.runtime._worker_side import Templates
+from lampy.runtime._worker_side import Outcome, Templates
 from lampy.runtime.openlambda import _executor as module
 from lampy.runtime.openlambda import _frames as frames
 from lampy.runtime.openlambda import _handler as handler
@@ -225,6 +226,48 @@ def test_the_last_chunk_of_a_small_job_gets_a_backup(chunks: int, monkeypatch: A
     assert executor.backups == 1 and transport.attempts[last] == 2
     np.testing.assert_array_equal(np.concatenate([outcomes[c].value for c in range(chunks)]), x * 2)
     assert set(executor.accounts[-1].accepted.values()) == {1}
+
+
+def triple(a: np.ndarray) -> np.ndarray:
+    return a * 3
+
+
+def test_a_lone_chunk_never_answered_is_judged_by_the_last_jobs_pace(monkeypatch: Any) -> None:
+    """A 1-chunk job has no median of its own to call its chunk late: the pace of the same
+    function's last job on this executor judges it, so a call the platform drops costs
+    seconds, not the call's timeout. A job of another function has no pace to go by."""
+    monkeypatch.setattr(scheduler_module, "STRAGGLER_PACE_MIN_S", 0.2)
+    transport = Scripted({(0, 2): 30.0, (0, 4): 1.0})  # job 2's call is never answered
+    x = np.arange(10.0)
+    executor = OpenLambdaExecutor(transport=transport, backoff=0.001, timeout=30.0)
+    try:
+        executor.run(make_job(double, x, 1))  # the pace of `double` on 10 rows is known now
+        start = time.monotonic()
+        outcomes = executor.run(make_job(double, x, 1))
+        took = time.monotonic() - start
+        assert took < 5 and executor.backups == 1 and transport.attempts[0] == 3
+        np.testing.assert_array_equal(outcomes[0].value, x * 2)
+        slow = executor.run(make_job(triple, x, 1))  # 1 s, no earlier job to judge it by
+    finally:
+        executor.close()
+    assert executor.backups == 1 and transport.attempts[0] == 4
+    np.testing.assert_array_equal(slow[0].value, x * 3)
+
+
+def test_a_chunk_is_judged_by_pace_in_proportion_to_its_rows() -> None:
+    """Before a job has its own median, a chunk of many rows may run longer than one of few."""
+    job = Job(double, (Part(0),), {}, (np.zeros(1000),), (), ((0, 10), (10, 1000)))
+    scheduler = ChunkScheduler(job, pace=0.01)  # 0.1 s for 10 rows, 9.9 s for 990
+    for chunk in (0, 1):
+        assert scheduler.next() == chunk
+        scheduler.start(chunk, now=0.0)
+    least = scheduler_module.STRAGGLER_PACE_MIN_S
+    assert scheduler.stragglers(now=least) == []
+    assert scheduler.stragglers(now=0.1 + least + 0.01) == [0]
+    assert scheduler.stragglers(now=4 * 9.9 - 0.01) == []
+    assert scheduler.stragglers(now=4 * 9.9 + 0.01) == [1]
+    scheduler.finished(0, Outcome(value=np.zeros(10)), now=0.5)
+    assert scheduler.measured_pace() == pytest.approx(0.05)
 
 
 def test_a_batched_straggler_gets_one_backup_call(monkeypatch: Any) -> None:
