@@ -145,7 +145,8 @@ def chaos(
     """Run `region(*args, **kwargs)` under a seeded fault plan; check it equals inline.
 
     Starts a `lampy worker --chaos plan --chaos-seed seed` on loopback, runs the call there on
-    the openlambda executor (retry budget `attempts`; a hang costs `runtime_limit` seconds),
+    the openlambda executor, one chunk a call (retry budget `attempts`; a hang costs
+    `runtime_limit` seconds),
     and compares with the inline executor leaf by leaf: bit for bit when `exact`, else
     allclose (for float reductions whose chunking differs; give `chunks` to fix it). Raises
     AssertionError when the answers differ, when a chunk was lost or merged twice, or when the
@@ -178,7 +179,15 @@ def chaos(
         ) as url,
     ):
         timeout = max(10.0, 3 * runtime_limit)  # the worker's 502 comes first
-        options = {"url": url, "attempts": attempts, "timeout": timeout, "progress": "off"}
+        # one chunk a call, so every chunk meets the plan on its own (automatic batching
+        # would make 16 calls of a 1,000-chunk job on 2 cores, and so few faults)
+        options = {
+            "url": url,
+            "attempts": attempts,
+            "timeout": timeout,
+            "progress": "off",
+            "batch": 1,
+        }
         with lampy.using(executor="openlambda", chunks=chunks, **options):
             executor = executors.get("openlambda", resolve_options("openlambda"))
             assert isinstance(executor, OpenLambdaExecutor)

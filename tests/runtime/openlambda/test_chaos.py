@@ -240,6 +240,18 @@ def test_lampy_testing_chaos_catches_a_region_that_is_not_pure(lampy_secret: byt
         chaos(noisy, np.zeros(64), plan="502=0.2", seed=1, runtime_limit=1.0)
 
 
+def test_lampy_testing_chaos_deals_its_plan_to_each_chunk(lampy_secret: bytes) -> None:
+    """One chunk a call: a 200-chunk region meets some 50 faults at 502=0.2 (each call has its
+    draw); automatic batching, 12 chunks a call on 2 cores, met 15."""
+
+    @lampy.sum(chunks=200)
+    def total(x: np.ndarray) -> float:
+        return float((x * x).sum())
+
+    report = chaos(total, np.arange(2000.0), plan="502=0.2", seed=4, runtime_limit=1.0)
+    assert report.chunks == 200 and report.faults.get("502", 0) >= 30
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
