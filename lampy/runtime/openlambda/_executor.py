@@ -457,7 +457,8 @@ class OpenLambdaExecutor(Executor):
         failure: BaseException | None = None
         while len(seen) < n and waiting() and time.monotonic() < deadline:
             before = len(seen)
-            calls = [self.caller.ping(PREWARM_HOLD_S) for _ in range(n)]
+            left = max(PREWARM_HOLD_S, deadline - time.monotonic())  # a ping never answered
+            calls = [self.caller.ping(PREWARM_HOLD_S, left) for _ in range(n)]  # waits no longer
             for answer in await asyncio.gather(*calls, return_exceptions=True):
                 if isinstance(answer, ExecutionError):
                     raise answer

@@ -219,9 +219,9 @@ class Caller:
             raise PlatformFailure("dropped a coordinator's report not for this job", "stale")
         return frame.value[1]
 
-    async def ping(self, hold: float) -> str:
+    async def ping(self, hold: float, timeout: float | None = None) -> str:
         """A no-op call that keeps its sandbox `hold` seconds; the sandbox's identity token."""
-        frame = await self.exchange(frames.encode(frames.PING, hold, self.secret))
+        frame = await self.exchange(frames.encode(frames.PING, hold, self.secret), timeout)
         if frame.kind != frames.PONG or not isinstance(frame.value, str):
             raise PlatformFailure(f"expected a pong, got {_describe(frame)}", "stale")
         return frame.value

@@ -270,6 +270,26 @@ def test_a_chunk_is_judged_by_pace_in_proportion_to_its_rows() -> None:
     assert scheduler.measured_pace() == pytest.approx(0.05)
 
 
+class Unanswered(InProcessTransport):
+    """A platform that takes every call and never answers one (a dropped call, a hung worker)."""
+
+    async def post(self, outgoing: frames.Outgoing, timeout: float) -> Reply:
+        await asyncio.sleep(timeout)
+        raise asyncio.TimeoutError
+
+
+def test_prewarm_keeps_to_its_timeout_when_no_ping_is_answered() -> None:
+    """Its pings wait no longer than prewarm's own timeout, not the calls' (60 s here)."""
+    executor = OpenLambdaExecutor(transport=Unanswered(), timeout=60.0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ExecutionError, match="no sandbox answered a pre-warm call"):
+            executor.prewarm(2, timeout=0.5)
+    finally:
+        executor.close()
+    assert time.monotonic() - start < 3
+
+
 def test_a_batched_straggler_gets_one_backup_call(monkeypatch: Any) -> None:
     """A slow call carrying several chunks is copied once, not once per chunk: each of its
     chunks is late at the same moment, and copies beyond the first only load the platform."""
