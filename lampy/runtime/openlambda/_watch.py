@@ -81,10 +81,10 @@ async def watch(
         while True:
             if call is not None:  # the summoned coordinator answers first: wait for it
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not await _answered(call, store, left, lifetime):  # ... unless it lapsed
+                given_up = await _given_up(call, store, left, lifetime)  # ... or not
+                if given_up is not None:
                     call.cancel()
-                    failure = "its coordinator stopped renewing its lease, its call still open"
-                    what, detail = "lapsed", None
+                    failure, what, detail = given_up, "lapsed", None
                 elif not call.done():
                     raise _still_running(summons)
                 else:
@@ -140,14 +140,20 @@ async def watch(
         store.close()
 
 
-async def _answered(
+async def _given_up(
     call: asyncio.Future[Any], store: JobStore, left: float | None, lifetime: float
-) -> bool:
-    """Wait for a summoned coordinator's answer (`left` seconds at most); False when the lease
-    was renewed after the summons and has lapsed since (by more than a hand-off's wait): a
-    coordinator that hangs (a frozen sandbox) keeps its call open until the platform's runtime
-    limit (`lifetime`), though it stopped orchestrating. Looked at from half that limit on,
-    every WATCH_S, so a job shorter than that costs its client no call to the store."""
+) -> str | None:
+    """Wait for a summoned coordinator's answer (`left` seconds at most); None when it came (or
+    `left` ran out), else why the call is given up on while still open:
+    - the lease was renewed after the summons and has lapsed since (by more than a hand-off's
+      wait): a coordinator that hangs (a frozen sandbox) keeps its call open until the
+      platform's runtime limit (`lifetime`), though it stopped orchestrating;
+    - the job's spec, which the first coordinator writes as it starts, is still not in the
+      store: the platform took the call and never ran it (OpenLambda drops a call queued
+      behind a failed round trip, docs/openlambda.md), and would leave it open until the
+      call's timeout.
+    Looked at from half that limit on, every WATCH_S, so a job shorter than that costs its
+    client no call to the store."""
     loop = asyncio.get_running_loop()
     summoned = time.time()
     end = None if left is None else loop.time() + left
@@ -158,14 +164,17 @@ async def _answered(
             wait = min(wait, max(0.0, end - loop.time()))
         await asyncio.wait({call}, timeout=wait)
         if call.done() or (end is not None and loop.time() >= end):
-            return True
+            return None
         status = await loop.run_in_executor(None, _status, store)
+        if status["chunks"] is None:
+            return "its coordinator never started (the platform took the call, never ran it)"
         lease = status["lease"]
         if lease is None or status["state"] != "running":
             continue
         renewed = lease["until"] - LEASE_S  # a coordinator's last renewal
         if renewed > summoned and lease["until"] + TAKEOVER_WAIT_S < time.time():
-            return False  # (a coordinator handing off stops renewing, and answers within that)
+            # (a coordinator handing off stops renewing, and answers within that)
+            return "its coordinator stopped renewing its lease, its call still open"
 
 
 def _result(store: JobStore, wait: float) -> tuple[bytes | None, dict[str, Any]]:
