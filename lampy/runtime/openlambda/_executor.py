@@ -487,9 +487,10 @@ class OpenLambdaExecutor(Executor):
             f"flaky platform raise attempts= (now {self.attempts}) or timeout= "
             f"(now {self.timeout:g} s)."
         )
-        kind = (hashlib.blake2b(state.template).digest(), sum(a[:1].nbytes for a in job.split))
+        row_bytes = sum(a[:1].nbytes for a in job.split)
+        kind = (hashlib.blake2b(state.template).digest(), row_bytes)
         scheduler = ChunkScheduler(job, self.attempts, advice, pace=self._paces.get(kind))
-        size = self._batch_size(job)
+        size = self._batch_size(job, row_bytes)
         alone: set[int] = set()  # chunks of a call the platform lost: each runs again alone, so
         # a chunk that kills its sandbox does not spend its batch-mates' attempts with its own
         loop = asyncio.get_running_loop()
@@ -583,19 +584,19 @@ class OpenLambdaExecutor(Executor):
             account.cancelled += sum(task.cancel() for task in tasks)
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _batch_size(self, job: Job) -> int:
+    def _batch_size(self, job: Job, row_bytes: int) -> int:
         """Chunks per call: 1 unless chunks far outnumber call slots and are small in bytes.
 
         Each call still runs its chunks one by one through the worker side and answers each
         chunk's outcome; batching spares per-call overhead (about 1 ms through an OpenLambda
         worker) and, above all, the sandboxes OpenLambda's scaler stops and starts again at
         each call's end (see CALLS_PER_SLOT) when a job has many more tiny chunks than slots.
+        `row_bytes`: one row of the job's split arguments.
         """
         if self.batch:
             return self.batch
         by_count = len(job.chunks) // (self.most_slots * CALLS_PER_SLOT)
         rows = max(stop - start for start, stop in job.chunks)
-        row_bytes = sum(a[:1].nbytes for a in job.split)
         by_bytes = BATCH_BYTES // max(1, rows * row_bytes)
         return max(1, min(by_count, by_bytes))
 
