@@ -228,8 +228,7 @@ def piece_means(x: np.ndarray, segment: np.ndarray, size: int) -> np.ndarray:
     Averaging a few windows damps what was said while a piece stays short enough to hold one
     voice; pieces never straddle a pause.
     """
-    starts = np.flatnonzero(np.concatenate([[True], segment[1:] != segment[:-1]]))
-    run = np.repeat(np.arange(starts.size), np.diff(np.append(starts, segment.size)))
+    starts, run = vad.run_starts(segment)
     position = np.arange(segment.size) - starts[run]
     key = run * (segment.size + 1) + position // size
     _, piece = np.unique(key, return_inverse=True)
@@ -383,7 +382,7 @@ class _Models(NamedTuple):
 
 def _move_changes(models: _Models, labels: np.ndarray, reach: int) -> np.ndarray:
     """`resegment`'s first step: each change between two modelled speakers to its best split."""
-    starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
+    starts, _ = vad.run_starts(labels)
     ends = np.append(starts[1:], labels.size)
     first, second = labels[starts[:-1]], labels[starts[1:]]
     modelled = np.isfinite(models.log_norm)

@@ -14,6 +14,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import lampy
 
+from . import vad
+
 BLOCK = 64
 BATCH_BLOCKS = 4
 N_MFCC = 13
@@ -327,9 +329,7 @@ def mid_term_features(
     columns = tuple(range(feats.shape[1])) if columns is None else columns
     centres = np.arange(win // 2, max(n - win + win // 2, win // 2) + 1, step)
     centres = centres[centres < n]
-    change = np.concatenate([[True], speech[1:] != speech[:-1]])
-    run_id = np.cumsum(change) - 1
-    run_start = np.flatnonzero(change)
+    run_start, run_id = vad.run_starts(speech)
     run_end = np.append(run_start[1:], n)
     lo = np.maximum(centres - win // 2, run_start[run_id[centres]])
     hi = np.minimum(centres - win // 2 + win, run_end[run_id[centres]])

@@ -12,6 +12,8 @@ import numpy as np
 
 import lampy
 
+from . import vad
+
 
 def class_sums(x: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
     """The sum of the rows of `x` in each class: one bincount over (class, column) cells.
@@ -90,8 +92,7 @@ def run_blocks(times: np.ndarray, run: np.ndarray, block: float) -> np.ndarray:
     """
     if run.size == 0:
         return np.zeros(0, dtype=np.int64)
-    starts = np.flatnonzero(np.concatenate([[True], run[1:] != run[:-1]]))
-    owner = np.repeat(np.arange(starts.size), np.diff(np.append(starts, run.size)))
+    starts, owner = vad.run_starts(run)
     slot = np.floor((times - times[starts][owner]) / block).astype(np.int64)
     _, classes = np.unique(owner * (slot.max(initial=0) + 1) + slot, return_inverse=True)
     return classes.astype(np.int64)

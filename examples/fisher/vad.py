@@ -23,9 +23,15 @@ def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
 
 
-def run_index(mask: np.ndarray) -> np.ndarray:
+def run_starts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each run of equal values starts, and for each element the index of its run."""
+    change = np.concatenate([[True], values[1:] != values[:-1]])
+    return np.flatnonzero(change), np.cumsum(change) - 1
+
+
+def run_index(values: np.ndarray) -> np.ndarray:
     """For each element, the index of the run (of equal values) it belongs to."""
-    return np.cumsum(np.concatenate([[0], mask[1:] != mask[:-1]]))
+    return run_starts(values)[1]
 
 
 def fill_gaps(mask: np.ndarray, max_gap: int) -> np.ndarray:

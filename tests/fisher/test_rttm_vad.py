@@ -75,6 +75,12 @@ def test_run_index() -> None:
     assert list(vad.run_index(mask)) == [0, 0, 1, 1, 2, 3]
 
 
+def test_run_starts_of_labels() -> None:
+    starts, run = vad.run_starts(np.array([-1, 2, 2, 0, 0, 0, -1]))
+    assert list(starts) == [0, 1, 3, 6]
+    assert list(run) == [0, 1, 1, 2, 2, 2, 3]
+
+
 def test_shrink_trims_both_ends_of_every_run() -> None:
     mask = np.array([0, 1, 1, 1, 1, 0, 1, 1, 0, 1, 1, 1], dtype=bool)
     np.testing.assert_array_equal(
