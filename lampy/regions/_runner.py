@@ -29,6 +29,7 @@ from lampy.runtime import executors
 from lampy.runtime._codec import dumps
 from lampy.runtime._job import Job, chunk_label
 from lampy.runtime._plan import (
+    PROBE_BYTES,
     Costs,
     Plan,
     Probe,
@@ -44,6 +45,12 @@ from lampy.runtime._worker_side import Outcome, run_task
 from lampy.runtime.executors import Executor
 
 PLANS_KEPT = 32  # auto decisions remembered per region (by argument shapes)
+# An auto call on a pool still starting is probed when its split arrays hold this much (the
+# probe is then at most 1/64 of the work): if fanning out would pay and the call would outlast
+# the start-up, its chunks run here while the workers start, and the workers take the rest.
+# Any other cold call runs here whole (a smaller one unprobed).
+COLD_PROBE_BYTES = PROBE_BYTES
+HERE_WHILE_STARTING = "the workers are starting: the chunks run here until they are up"
 
 
 class RegionRunner:
@@ -66,29 +73,36 @@ class RegionRunner:
         binding, where, count, name = self._prepare(args, kwargs, executor, chunks)
         region = self.region
         costs = where.costs()
-        if count is None and costs.starts_in_background and costs.startup_s > 0:
+        cold = _cold(costs, count)
+        if cold and not _large(binding):
             return self._here_then_start(binding, where, costs)
-        call_plan, probe = self._plan(binding, where, count, name)
+        call_plan, probe = self._plan(binding, where, count, name, as_warm=cold)
+        if cold and not (call_plan.fan_out and _outlasts_startup(call_plan, costs)):
+            return self._here_then_start(binding, where, costs)
         if not call_plan.fan_out:
             whole, _, _ = self._whole_here(binding, call_plan.chunks, where)
             if call_plan.warm_up:  # after the call, which the start-up must not slow down
                 where.start()
             return region.answer(whole, Coverage(call_plan.chunks))
-        done = {0: probe} if probe is not None else {}
-        offset = len(done)  # the probe's rows, already computed, are chunk 0
-        job = binding.job(
-            region.function,
-            call_plan.chunks[offset:],
-            keep_going=region.allow_partial is not None,
-            first=offset,
-            joins_rows=region.combine is None,
-            combine=region.combine,
-        )
-        if where.needs_pickle:
-            with serial.timing("send"):
-                _check_serializable(job, binding)
-        outcomes = where.run(job)
-        done |= {chunk + offset: outcome for chunk, outcome in outcomes.items()}
+        done = {0: probe} if probe is not None else {}  # the probe's rows are chunk 0
+        if cold:
+            where.start()
+            self._here_while_starting(binding, call_plan, where, done)
+        offset = len(done)  # chunks [0, offset) are done here
+        if offset < len(call_plan.chunks):
+            job = binding.job(
+                region.function,
+                call_plan.chunks[offset:],
+                keep_going=region.allow_partial is not None,
+                first=offset,
+                joins_rows=region.combine is None,
+                combine=region.combine,
+            )
+            if where.needs_pickle:
+                with serial.timing("send"):
+                    _check_serializable(job, binding)
+            outcomes = where.run(job)
+            done |= {chunk + offset: outcome for chunk, outcome in outcomes.items()}
         coverage = self._coverage(done, call_plan, where.needs_pickle)
         # an executor that merged partials answers a Merged subtree for its first chunk only
         values = [done[c].value for c in coverage.merged if c in done]
@@ -97,10 +111,11 @@ class RegionRunner:
         return region.answer(merged, coverage)
 
     def _here_then_start(self, binding: Binding, where: Executor, costs: Costs) -> Any:
-        """An auto call while the pool is cold or starting: it is never waited for, so the
-        call runs here, timed whole instead of probed (a probe would only cost time), and the
-        pool starts afterwards once it would have saved more than its start-up, summed over
-        this region's cold calls (many small calls pay it as one large call does)."""
+        """An auto call while the pool is cold or starting that the workers could not help
+        (small, over before they could be up, or not worth fanning out): it is never waited
+        for, so the call runs here, timed whole, and the pool starts afterwards once it would
+        have saved more than its start-up, summed over this region's cold calls (many small
+        calls pay it as one large call does)."""
         rows = split_rows(binding.rows, 1)
         whole, value, seconds = self._whole_here(binding, rows, where)
         moved_rows, moved_whole = binding.moved_bytes(costs.maps_shared_memory)
@@ -118,6 +133,23 @@ class RegionRunner:
             self._saving = 0.0
             where.start()
         return self.region.answer(whole, Coverage(rows))
+
+    def _here_while_starting(
+        self, binding: Binding, call_plan: Plan, where: Executor, done: dict[int, Outcome]
+    ) -> None:
+        """A call that would fan out, on workers still starting: its chunks run here, in
+        order, until the workers are up, and they take the rest. The call never waits for
+        them (on a busy machine a start-up can take seconds) and is split as a warm call is,
+        so it gives the answer the calls after it give. A user error is raised at once."""
+        job = binding.job(self.region.function, call_plan.chunks)
+        call = (job.function, job.args, dict(job.kwargs))
+        with serial.timing("here"), blas.one_thread():  # as in a worker, as the probe was
+            for chunk in range(len(done), len(call_plan.chunks)):
+                if where.is_warm():
+                    return
+                done[chunk] = outcome = run_task(call, job.rows(chunk), job.whole)
+                if outcome.error is not None:
+                    _raise_remote(outcome, chunk, call_plan, False, job.function)
 
     def _whole_here(
         self, binding: Binding, rows: tuple[Rows, ...], where: Executor
@@ -140,7 +172,15 @@ class RegionRunner:
         chunks: Chunks | None = None,
     ) -> Plan:
         """The plan a call with these arguments would follow, without running the job."""
-        return self._plan(*self._prepare(args, kwargs, executor, chunks))[0]
+        binding, where, count, name = self._prepare(args, kwargs, executor, chunks)
+        costs = where.costs()
+        cold = _cold(costs, count)
+        if not (cold and _large(binding)):
+            return self._plan(binding, where, count, name)[0]
+        made = self._plan(binding, where, count, name, as_warm=True)[0]
+        if made.fan_out and _outlasts_startup(made, costs):
+            return replace(made, reason=f"{made.reason}; {HERE_WHILE_STARTING}")
+        return self._plan(binding, where, count, name)[0]
 
     def _prepare(
         self,
@@ -159,10 +199,19 @@ class RegionRunner:
         return binding, where, None if count == "auto" else count, name
 
     def _plan(
-        self, binding: Binding, executor: Executor, chunks: int | None, name: str
+        self,
+        binding: Binding,
+        executor: Executor,
+        chunks: int | None,
+        name: str,
+        as_warm: bool = False,
     ) -> tuple[Plan, Outcome | None]:
-        """The plan, and the probe's outcome when the plan reuses it as chunk 0."""
+        """The plan, and the probe's outcome when the plan reuses it as chunk 0. `as_warm`:
+        plan as if the executor's workers were up (a cold call that runs its chunks here
+        until they are)."""
         costs = executor.costs()
+        if as_warm:
+            costs = replace(costs, startup_s=0.0)
         moved_rows, moved_whole = binding.moved_bytes(costs.maps_shared_memory)
 
         def make(probe: Probe | None) -> Plan:
@@ -231,6 +280,25 @@ class RegionRunner:
                     error.__cause__ = lost[first].__cause__
                 _raise_lost(error, done[first].traceback)
         return coverage
+
+
+def _cold(costs: Costs, count: int | None) -> bool:
+    """An auto call on an executor whose workers start in the background and are not up."""
+    return count is None and costs.starts_in_background and costs.startup_s > 0
+
+
+def _large(binding: Binding) -> bool:
+    """Whether a cold call is large enough to probe (`COLD_PROBE_BYTES`)."""
+    return binding.rows * binding.row_bytes >= COLD_PROBE_BYTES
+
+
+def _outlasts_startup(call_plan: Plan, costs: Costs) -> bool:
+    """Whether the call, run here, would take longer than the workers take to start: only
+    then can they take some of its chunks (a shorter one runs here whole)."""
+    probe = call_plan.probe
+    if probe is None:
+        return False
+    return probe.call_seconds + probe.row_seconds * call_plan.rows >= costs.startup_s
 
 
 def _timed(job: Job, chunk: int) -> tuple[float, Outcome]:

@@ -4,11 +4,12 @@ The caller's serial share (what it does while workers wait, or after they are do
 caps scaling with the cores, so the runner and the local executor add up their phases here,
 and benchmarks read them (bench/bench_scale.py). Cheap: two clock reads per phase per call.
 
-Phases: "probe" (the auto probe, run here), "start-up" (a job waiting for workers still
-importing), "copy" (waiting for an input copy before a chunk could leave), "send" (pickling
-the job and handing chunks out), "combine" (joining or merging the results), "job" (the
-executor's whole run, for reference). "copy threads" is the copying done by the copy threads,
-summed over threads: caller CPU, but in parallel with the workers.
+Phases: "probe" (the auto probe, run here), "here" (chunks run here while the workers start),
+"start-up" (a job waiting for workers still importing), "copy" (waiting for an input copy
+before a chunk could leave), "send" (pickling the job and handing chunks out), "combine"
+(joining or merging the results), "job" (the executor's whole run, for reference). "copy
+threads" is the copying done by the copy threads, summed over threads: caller CPU, but in
+parallel with the workers.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def since(before: dict[str, float]) -> dict[str, float]:
     return {phase: now[phase] - before.get(phase, 0.0) for phase in now}
 
 
-SERIAL_PHASES = ("probe", "start-up", "copy", "send", "combine")
+SERIAL_PHASES = ("probe", "here", "start-up", "copy", "send", "combine")
 
 
 def serial_seconds(phases: dict[str, float]) -> float:

@@ -270,6 +270,71 @@ def test_a_cold_auto_call_runs_here_and_starts_the_pool_without_waiting_for_it(
         executor.close()
 
 
+ROWS = 1 << 18  # 2 MiB of float64 rows: a cold call this large is probed
+PROBED = ROWS // 64  # the probe's rows (chunk 0)
+
+
+def tagged_rows(x: np.ndarray, caller: int, workers: int) -> np.ndarray:
+    """Each row tripled and tagged with the process that computed it; 4 us of work a row. In
+    the caller, past the probe's rows, it waits until the pool is up (so that the workers
+    take the chunks after this one, whatever the machine's load)."""
+    time.sleep(4e-6 * len(x))
+    if os.getpid() == caller and x.size and x[0] >= PROBED:
+        pool = executors.get("local", {"workers": workers})
+        deadline = time.monotonic() + 60
+        while not pool.is_warm() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return np.column_stack([x * 3, np.full(len(x), float(os.getpid()))])
+
+
+def test_a_large_cold_call_runs_its_chunks_here_until_the_workers_are_up() -> None:
+    """The first call of a cold pool that outlasts its start-up: it starts the pool, runs the
+    chunks here meanwhile (never waiting for the workers), and the workers, once up, take the
+    rest; split as a warm call is, and answered alike."""
+    from lampy.runtime import _serial as serial
+
+    executor = executors.get("local", {"workers": 3})
+    assert isinstance(executor, LocalExecutor)
+    executor.close()
+    x = np.arange(float(ROWS))
+    f = lampy.elemwise(tagged_rows)
+    try:
+        with lampy.using(executor="local", workers=3, chunks="auto"):
+            assert "the chunks run here until they are up" in f.explain(x, os.getpid(), 3).reason
+            before = serial.snapshot()
+            got = f(x, os.getpid(), 3)
+            here = serial.since(before).get("here", 0.0)
+            np.testing.assert_array_equal(got[:, 0], x * 3)
+            who = got[:, 1].astype(int)
+            assert set(who[: PROBED + 1]) == {os.getpid()}  # chunk 0 and the next ran here
+            assert set(who[PROBED:]) - {os.getpid()} <= set(executor.worker_pids())
+            assert set(who) & set(executor.worker_pids())  # the workers took the rest
+            assert here > 0
+            plan = f.explain(x, os.getpid(), 3)
+            assert plan.fan_out and "run here" not in plan.reason  # warm: the same chunks
+    finally:
+        executor.close()
+
+
+def fails_past_the_probe(x: np.ndarray) -> np.ndarray:
+    time.sleep(4e-6 * len(x))
+    if (x == PROBED + 1).any():
+        raise ValueError("row 4097 is bad")
+    return x
+
+
+def test_a_user_error_in_a_chunk_run_here_names_the_chunk() -> None:
+    executor = executors.get("local", {"workers": 3})
+    executor.close()
+    try:
+        bad = pytest.raises(ValueError, match="row 4097 is bad")
+        with lampy.using(executor="local", workers=3, chunks="auto"), bad as caught:
+            lampy.elemwise(fails_past_the_probe)(np.arange(float(ROWS)))
+        assert any(n.startswith("raised in lampy chunk 1 of") for n in caught.value.__notes__)
+    finally:
+        executor.close()
+
+
 def test_closing_a_pool_kills_every_worker_before_waiting_for_any(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
