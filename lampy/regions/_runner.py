@@ -16,7 +16,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lampy._errors import RemoteTraceback, RetriesExhausted, SerializationError
@@ -27,6 +27,7 @@ from lampy.runtime import _blas as blas
 from lampy.runtime import _serial as serial
 from lampy.runtime import executors
 from lampy.runtime._codec import dumps
+from lampy.runtime._combine import Destination
 from lampy.runtime._job import Job, chunk_label
 from lampy.runtime._plan import (
     Costs,
@@ -46,6 +47,25 @@ from lampy.runtime.executors import Executor
 PLANS_KEPT = 32  # auto decisions remembered per region (by argument shapes)
 
 
+@dataclass(frozen=True)
+class Call:
+    """One call's arguments bound, and where it runs (`RegionRunner.prepare`)."""
+
+    binding: Binding
+    executor: Executor
+    chunks: int | None  # the chunk count asked for; None: auto
+    name: str  # the executor's name as asked for (a class may be registered under several)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A call's plan and the job that runs it (`RegionRunner.plan`)."""
+
+    plan: Plan
+    job: Job  # the chunks the caller has not run; its chunk 0 is the call's chunk `job.first`
+    done: dict[int, Outcome]  # the chunks the caller ran (the probe's rows), by number
+
+
 class RegionRunner:
     """Runs the calls of one region; keeps its auto plans across calls."""
 
@@ -63,38 +83,24 @@ class RegionRunner:
     ) -> Any:
         """What the undecorated function returns for these arguments. `executor` and `chunks`
         apply where the region's own options leave them open (a lazy graph's run() options)."""
-        binding, where, count, name = self._prepare(args, kwargs, executor, chunks)
-        region = self.region
+        call = self.prepare(args, kwargs, executor, chunks)
+        binding, where = call.binding, call.executor
         costs = where.costs()
-        if count is None and costs.starts_in_background and costs.startup_s > 0:
+        if call.chunks is None and costs.starts_in_background and costs.startup_s > 0:
             return self._here_then_start(binding, where, costs)
-        call_plan, probe = self._plan(binding, where, count, name)
-        if not call_plan.fan_out:
-            whole, _, _ = self._whole_here(binding, call_plan.chunks, where)
-            if call_plan.warm_up:  # after the call, which the start-up must not slow down
+        planned = self.plan(call)
+        if not planned.plan.fan_out:
+            whole, _, _ = self._whole_here(binding, planned.plan.chunks, where)
+            if planned.plan.warm_up:  # after the call, which the start-up must not slow down
                 where.start()
-            return region.answer(whole, Coverage(call_plan.chunks))
-        done = {0: probe} if probe is not None else {}
-        offset = len(done)  # the probe's rows, already computed, are chunk 0
-        job = binding.job(
-            region.function,
-            call_plan.chunks[offset:],
-            keep_going=region.allow_partial is not None,
-            first=offset,
-            joins_rows=region.combine is None,
-            combine=region.combine,
-        )
+            return self.region.answer(whole, Coverage(planned.plan.chunks))
         if where.needs_pickle:
             with serial.timing("send"):
-                _check_serializable(job, binding)
-        outcomes = where.run(job)
-        done |= {chunk + offset: outcome for chunk, outcome in outcomes.items()}
-        coverage = self._coverage(done, call_plan, where.needs_pickle)
-        # an executor that merged partials answers a Merged subtree for its first chunk only
-        values = [done[c].value for c in coverage.merged if c in done]
-        with serial.timing("combine"):
-            merged = region.merge(values, call_plan.chunks, coverage.merged, where.result_sink)
-        return region.answer(merged, coverage)
+                _check_serializable(planned.job, binding)
+        outcomes = where.run(planned.job)
+        offset = planned.job.first
+        done = planned.done | {chunk + offset: outcome for chunk, outcome in outcomes.items()}
+        return self.answer(done, planned.plan, where.needs_pickle, where.result_sink)
 
     def _here_then_start(self, binding: Binding, where: Executor, costs: Costs) -> Any:
         """An auto call while the pool is cold or starting: it is never waited for, so the
@@ -140,28 +146,64 @@ class RegionRunner:
         chunks: Chunks | None = None,
     ) -> Plan:
         """The plan a call with these arguments would follow, without running the job."""
-        return self._plan(*self._prepare(args, kwargs, executor, chunks))[0]
+        return self._plan(self.prepare(args, kwargs, executor, chunks))[0]
 
-    def _prepare(
+    def prepare(
         self,
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
-        executor: str | None,
-        chunks: Chunks | None,
-    ) -> tuple[Binding, Executor, int | None, str]:
-        """The call's arguments bound, its executor, chunk count (None: auto) and the name the
-        executor was asked for (a class may be registered under several)."""
+        executor: str | None = None,
+        chunks: Chunks | None = None,
+    ) -> Call:
+        """A call's arguments bound and its executor chosen: the first step of `run`, and of a
+        call started without waiting for it (`lampy.submit`). Bad arguments raise here."""
         region = self.region
         name = resolve_executor(region.executor or executor)
         where = executors.get(name, resolve_options(name))
         count = resolve_chunks(region.chunks if region.chunks is not None else chunks)
         binding = bind(region.function, region.shared, args, kwargs)
-        return binding, where, None if count == "auto" else count, name
+        return Call(binding, where, None if count == "auto" else count, name)
 
-    def _plan(
-        self, binding: Binding, executor: Executor, chunks: int | None, name: str
-    ) -> tuple[Plan, Outcome | None]:
+    def plan(self, call: Call) -> Planned:
+        """The call's plan (timing a probe here when chunks="auto") and the job of the chunks
+        the caller has not run: all of them, or all but the probe's, reused as chunk 0."""
+        region = self.region
+        call_plan, probe = self._plan(call)
+        done = {0: probe} if probe is not None else {}
+        job = call.binding.job(
+            region.function,
+            call_plan.chunks[len(done) :],
+            keep_going=region.allow_partial is not None,
+            first=len(done),
+            joins_rows=region.combine is None,
+            combine=region.combine,
+        )
+        return Planned(call_plan, job, done)
+
+    def answer(
+        self,
+        done: dict[int, Outcome],
+        call_plan: Plan,
+        remote: bool,
+        sink: Destination | None = None,
+        split: bool = True,
+    ) -> Any:
+        """What the call returns, from the outcomes of its chunks (numbered within the call):
+        a user error raised with its chunk, a lost chunk raised unless partial answers allow
+        it, the rest merged (into the executor's result `sink`, if any). `remote`: the
+        chunks ran in other processes (their tracebacks are text); `split` False: the call
+        split no array."""
+        region = self.region
+        coverage = self._coverage(done, call_plan, remote)
+        # an executor that merged partials answers a Merged subtree for its first chunk only
+        values = [done[c].value for c in coverage.merged if c in done]
+        with serial.timing("combine"):
+            merged = region.merge(values, call_plan.chunks, coverage.merged, sink, split)
+        return region.answer(merged, coverage)
+
+    def _plan(self, call: Call) -> tuple[Plan, Outcome | None]:
         """The plan, and the probe's outcome when the plan reuses it as chunk 0."""
+        binding, executor, chunks, name = call.binding, call.executor, call.chunks, call.name
         costs = executor.costs()
         moved_rows, moved_whole = binding.moved_bytes(costs.maps_shared_memory)
 
