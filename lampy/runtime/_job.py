@@ -137,5 +137,7 @@ class Job:
 
     @cached_property
     def template(self) -> bytes:
-        """The pickled function and argument template, the same for every chunk."""
+        """The pickled function and argument template, the same for every chunk: modules the
+        workers can import travel by name (executors whose workers lack the caller's modules
+        pickle their own: openlambda's `template_of`)."""
         return dumps((self.function, self.args, dict(self.kwargs)))
