@@ -177,6 +177,7 @@ class RegionRunner:
             first=len(done),
             joins_rows=region.combine is None,
             combine=region.combine,
+            pace=call_plan.pace,
         )
         return Planned(call_plan, job, done)
 

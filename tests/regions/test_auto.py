@@ -235,11 +235,14 @@ def test_a_planned_call_runs_elsewhere_and_is_answered_as_run_would(
     planned = runner.plan(call)
     assert planned.plan.fan_out and list(planned.done) == [0] and planned.job.first == 1
     assert planned.job.chunks == planned.plan.chunks[1:]
+    # the probe took 1e-4 s a row; moving 16 bytes a row costs next to nothing
+    assert planned.job.pace == planned.plan.pace == pytest.approx(1e-4, rel=1e-3)
     outcomes = call.executor.run(planned.job)
     done = planned.done | {chunk + 1: outcome for chunk, outcome in outcomes.items()}
     np.testing.assert_array_equal(runner.answer(done, planned.plan, remote=False), X * 2)
     counted = runner.plan(runner.prepare((X,), {}, chunks=3))
     assert counted.done == {} and counted.job.first == 0 and len(counted.job.chunks) == 3
+    assert counted.job.pace is None  # no probe, no pace
 
 
 def test_answer_raises_a_chunks_user_error_and_a_lost_chunk(pool: type[ModelPool]) -> None:
