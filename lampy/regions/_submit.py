@@ -92,7 +92,7 @@ class JobHandle:
         offset = len(before)
         done: dict[int, Outcome] = dict(before)
         done |= {chunk + offset: outcome for chunk, outcome in attached.outcomes.items()}
-        return RegionRunner(region).answer(done, call_plan, True, None, split)
+        return RegionRunner(region).answer(done, call_plan, remote=True, split=split)
 
 
 def submit(function: Any, *args: Any, **kwargs: Any) -> JobHandle:
