@@ -102,9 +102,11 @@ class Binding:
         first: int = 0,
         joins_rows: bool = False,
         combine: Callable[[Any, Any], Any] | None = None,
+        pace: float | None = None,
     ) -> Job:
         """A job running `function` over these arguments, cut into `chunks`; `combine` is the
-        region's rule, for executors that merge partials where the chunks run."""
+        region's rule, for executors that merge partials where the chunks run; `pace` the
+        seconds per row the plan expects of a chunk (`Job.pace`)."""
         return Job(
             function,
             self.args,
@@ -116,6 +118,7 @@ class Binding:
             first,
             combine=combine,
             joins_rows=joins_rows and bool(self.split),
+            pace=pace,
         )
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lampy._errors import RemoteTraceback, RetriesExhausted, SerializationError
@@ -27,6 +27,7 @@ from lampy.runtime import _blas as blas
 from lampy.runtime import _serial as serial
 from lampy.runtime import executors
 from lampy.runtime._codec import dumps
+from lampy.runtime._combine import Destination
 from lampy.runtime._job import Job, chunk_label
 from lampy.runtime._plan import (
     PROBE_BYTES,
@@ -53,6 +54,25 @@ COLD_PROBE_BYTES = PROBE_BYTES
 HERE_WHILE_STARTING = "the workers are starting: the chunks run here until they are up"
 
 
+@dataclass(frozen=True)
+class Call:
+    """One call's arguments bound, and where it runs (`RegionRunner.prepare`)."""
+
+    binding: Binding
+    executor: Executor
+    chunks: int | None  # the chunk count asked for; None: auto
+    name: str  # the executor's name as asked for (a class may be registered under several)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A call's plan and the job that runs it (`RegionRunner.plan`)."""
+
+    plan: Plan
+    job: Job  # the chunks the caller has not run; its chunk 0 is the call's chunk `job.first`
+    done: dict[int, Outcome]  # the chunks the caller ran (the probe's rows), by number
+
+
 class RegionRunner:
     """Runs the calls of one region; keeps its auto plans across calls."""
 
@@ -70,45 +90,33 @@ class RegionRunner:
     ) -> Any:
         """What the undecorated function returns for these arguments. `executor` and `chunks`
         apply where the region's own options leave them open (a lazy graph's run() options)."""
-        binding, where, count, name = self._prepare(args, kwargs, executor, chunks)
-        region = self.region
+        call = self.prepare(args, kwargs, executor, chunks)
+        binding, where = call.binding, call.executor
         costs = where.costs()
-        cold = _cold(costs, count)
+        cold = _cold(costs, call.chunks)
         if cold and not _large(binding):
             return self._here_then_start(binding, where, costs)
-        call_plan, probe = self._plan(binding, where, count, name, as_warm=cold)
-        if cold and not (call_plan.fan_out and _outlasts_startup(call_plan, costs)):
+        planned = self.plan(call, as_warm=cold)
+        if cold and not (planned.plan.fan_out and _outlasts_startup(planned.plan, costs)):
             return self._here_then_start(binding, where, costs)
-        if not call_plan.fan_out:
-            whole, _, _ = self._whole_here(binding, call_plan.chunks, where)
-            if call_plan.warm_up:  # after the call, which the start-up must not slow down
+        if not planned.plan.fan_out:
+            whole, _, _ = self._whole_here(binding, planned.plan.chunks, where)
+            if planned.plan.warm_up:  # after the call, which the start-up must not slow down
                 where.start()
-            return region.answer(whole, Coverage(call_plan.chunks))
-        done = {0: probe} if probe is not None else {}  # the probe's rows are chunk 0
+            return self.region.answer(whole, Coverage(planned.plan.chunks))
+        done = planned.done
+        job: Job | None = planned.job
         if cold:
             where.start()
-            self._here_while_starting(binding, call_plan, where, done)
-        offset = len(done)  # chunks [0, offset) are done here
-        if offset < len(call_plan.chunks):
-            job = binding.job(
-                region.function,
-                call_plan.chunks[offset:],
-                keep_going=region.allow_partial is not None,
-                first=offset,
-                joins_rows=region.combine is None,
-                combine=region.combine,
-            )
+            done = self._here_while_starting(call, planned)
+            job = self._rest(call, planned.plan, len(done))
+        if job is not None:
             if where.needs_pickle:
                 with serial.timing("send"):
                     _check_serializable(job, binding)
             outcomes = where.run(job)
-            done |= {chunk + offset: outcome for chunk, outcome in outcomes.items()}
-        coverage = self._coverage(done, call_plan, where.needs_pickle)
-        # an executor that merged partials answers a Merged subtree for its first chunk only
-        values = [done[c].value for c in coverage.merged if c in done]
-        with serial.timing("combine"):
-            merged = region.merge(values, call_plan.chunks, coverage.merged, where.result_sink)
-        return region.answer(merged, coverage)
+            done = done | {chunk + job.first: outcome for chunk, outcome in outcomes.items()}
+        return self.answer(done, planned.plan, where.needs_pickle, where.result_sink)
 
     def _here_then_start(self, binding: Binding, where: Executor, costs: Costs) -> Any:
         """An auto call while the pool is cold or starting that the workers could not help
@@ -134,22 +142,24 @@ class RegionRunner:
             where.start()
         return self.region.answer(whole, Coverage(rows))
 
-    def _here_while_starting(
-        self, binding: Binding, call_plan: Plan, where: Executor, done: dict[int, Outcome]
-    ) -> None:
+    def _here_while_starting(self, call: Call, planned: Planned) -> dict[int, Outcome]:
         """A call that would fan out, on workers still starting: its chunks run here, in
         order, until the workers are up, and they take the rest. The call never waits for
         them (on a busy machine a start-up can take seconds) and is split as a warm call is,
-        so it gives the answer the calls after it give. A user error is raised at once."""
-        job = binding.job(self.region.function, call_plan.chunks)
-        call = (job.function, job.args, dict(job.kwargs))
+        so it gives the answer the calls after it give. A user error is raised at once.
+        Returns the outcomes of the chunks done here (the probe's among them)."""
+        done = dict(planned.done)
+        chunks = planned.plan.chunks
+        job = call.binding.job(self.region.function, chunks)
+        task = (job.function, job.args, dict(job.kwargs))
         with serial.timing("here"), blas.one_thread():  # as in a worker, as the probe was
-            for chunk in range(len(done), len(call_plan.chunks)):
-                if where.is_warm():
-                    return
-                done[chunk] = outcome = run_task(call, job.rows(chunk), job.whole)
+            for chunk in range(len(done), len(chunks)):
+                if call.executor.is_warm():
+                    break
+                done[chunk] = outcome = run_task(task, job.rows(chunk), job.whole)
                 if outcome.error is not None:
-                    _raise_remote(outcome, chunk, call_plan, False, job.function)
+                    _raise_remote(outcome, chunk, planned.plan, False, job.function)
+        return done
 
     def _whole_here(
         self, binding: Binding, rows: tuple[Rows, ...], where: Executor
@@ -172,43 +182,82 @@ class RegionRunner:
         chunks: Chunks | None = None,
     ) -> Plan:
         """The plan a call with these arguments would follow, without running the job."""
-        binding, where, count, name = self._prepare(args, kwargs, executor, chunks)
-        costs = where.costs()
-        cold = _cold(costs, count)
-        if not (cold and _large(binding)):
-            return self._plan(binding, where, count, name)[0]
-        made = self._plan(binding, where, count, name, as_warm=True)[0]
+        call = self.prepare(args, kwargs, executor, chunks)
+        costs = call.executor.costs()
+        if not (_cold(costs, call.chunks) and _large(call.binding)):
+            return self._plan(call)[0]
+        made = self._plan(call, as_warm=True)[0]
         if made.fan_out and _outlasts_startup(made, costs):
             return replace(made, reason=f"{made.reason}; {HERE_WHILE_STARTING}")
-        return self._plan(binding, where, count, name)[0]
+        return self._plan(call)[0]
 
-    def _prepare(
+    def prepare(
         self,
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
-        executor: str | None,
-        chunks: Chunks | None,
-    ) -> tuple[Binding, Executor, int | None, str]:
-        """The call's arguments bound, its executor, chunk count (None: auto) and the name the
-        executor was asked for (a class may be registered under several)."""
+        executor: str | None = None,
+        chunks: Chunks | None = None,
+    ) -> Call:
+        """A call's arguments bound and its executor chosen: the first step of `run`, and of a
+        call started without waiting for it (`lampy.submit`). Bad arguments raise here."""
         region = self.region
         name = resolve_executor(region.executor or executor)
         where = executors.get(name, resolve_options(name))
         count = resolve_chunks(region.chunks if region.chunks is not None else chunks)
         binding = bind(region.function, region.shared, args, kwargs)
-        return binding, where, None if count == "auto" else count, name
+        return Call(binding, where, None if count == "auto" else count, name)
 
-    def _plan(
+    def plan(self, call: Call, as_warm: bool = False) -> Planned:
+        """The call's plan (timing a probe here when chunks="auto") and the job of the chunks
+        the caller has not run: all of them, or all but the probe's, reused as chunk 0.
+        `as_warm`: plan as if the executor's workers were up (a cold call that runs its chunks
+        here until they are)."""
+        call_plan, probe = self._plan(call, as_warm)
+        done = {0: probe} if probe is not None else {}
+        job = self._rest(call, call_plan, len(done))
+        assert job is not None, "a plan has at least one chunk beyond the probe's"
+        return Planned(call_plan, job, done)
+
+    def _rest(self, call: Call, call_plan: Plan, first: int) -> Job | None:
+        """The job of the plan's chunks from `first` on (None when there are none left)."""
+        region = self.region
+        if first >= len(call_plan.chunks):
+            return None
+        return call.binding.job(
+            region.function,
+            call_plan.chunks[first:],
+            keep_going=region.allow_partial is not None,
+            first=first,
+            joins_rows=region.combine is None,
+            combine=region.combine,
+            pace=call_plan.pace,
+        )
+
+    def answer(
         self,
-        binding: Binding,
-        executor: Executor,
-        chunks: int | None,
-        name: str,
-        as_warm: bool = False,
-    ) -> tuple[Plan, Outcome | None]:
-        """The plan, and the probe's outcome when the plan reuses it as chunk 0. `as_warm`:
-        plan as if the executor's workers were up (a cold call that runs its chunks here
-        until they are)."""
+        done: dict[int, Outcome],
+        call_plan: Plan,
+        remote: bool,
+        sink: Destination | None = None,
+        split: bool = True,
+    ) -> Any:
+        """What the call returns, from the outcomes of its chunks (numbered within the call):
+        a user error raised with its chunk, a lost chunk raised unless partial answers allow
+        it, the rest merged (into the executor's result `sink`, if any). `remote`: the
+        chunks ran in other processes (their tracebacks are text); `split` False: the call
+        split no array."""
+        region = self.region
+        coverage = self._coverage(done, call_plan, remote)
+        # an executor that merged partials answers a Merged subtree for its first chunk only
+        values = [done[c].value for c in coverage.merged if c in done]
+        with serial.timing("combine"):
+            merged = region.merge(values, call_plan.chunks, coverage.merged, sink, split)
+        return region.answer(merged, coverage)
+
+    def _plan(self, call: Call, as_warm: bool = False) -> tuple[Plan, Outcome | None]:
+        """The plan, and the probe's outcome when the plan reuses it as chunk 0 (`as_warm`:
+        priced as if the workers were up)."""
+        binding, executor, chunks, name = call.binding, call.executor, call.chunks, call.name
         costs = executor.costs()
         if as_warm:
             costs = replace(costs, startup_s=0.0)

@@ -92,10 +92,7 @@ class JobHandle:
         offset = len(before)
         done: dict[int, Outcome] = dict(before)
         done |= {chunk + offset: outcome for chunk, outcome in attached.outcomes.items()}
-        coverage = RegionRunner(region)._coverage(done, call_plan, True)
-        values = [done[c].value for c in coverage.merged if c in done]
-        merged = region.merge(values, call_plan.chunks, coverage.merged, None, split)
-        return region.answer(merged, coverage)
+        return RegionRunner(region).answer(done, call_plan, remote=True, split=split)
 
 
 def submit(function: Any, *args: Any, **kwargs: Any) -> JobHandle:
@@ -110,25 +107,17 @@ def submit(function: Any, *args: Any, **kwargs: Any) -> JobHandle:
             f"@lampy.sum; got {function!r}"
         )
     runner = function.runner
-    binding, where, count, name = runner._prepare(args, kwargs, None, None)
-    start = getattr(where, "submit", None)
-    if start is None or getattr(where, "orchestrator", "") != "lambda":
+    call = runner.prepare(args, kwargs)
+    start = getattr(call.executor, "submit", None)
+    if start is None or getattr(call.executor, "orchestrator", "") != "lambda":
         raise UsageError(
             f"lampy.submit needs an executor that runs a job without its caller: "
             f"lampy.using(executor='openlambda', orchestrator='lambda'); the call would run "
-            f"on {name!r}"
+            f"on {call.name!r}"
         )
-    call_plan, probe = runner._plan(binding, where, count, name)
-    before = {0: probe} if probe is not None else {}
-    region = function.region
-    job = binding.job(
-        region.function,
-        call_plan.chunks[len(before) :],
-        keep_going=region.allow_partial is not None,
-        first=len(before),
-        combine=region.combine,
-    )
-    return JobHandle(start(job, (region, call_plan, before, bool(binding.split))))
+    planned = runner.plan(call)
+    split = bool(call.binding.split)
+    return JobHandle(start(planned.job, (function.region, planned.plan, planned.done, split)))
 
 
 def job(id: str, store: str | None = None) -> JobHandle:

@@ -120,6 +120,10 @@ class Job:
     #: The chunks' results are rows to join along axis 0 (an elemwise region splitting arrays):
     #: an executor may assemble them in place (the local pool writes them into one output).
     joins_rows: bool = False
+    #: Seconds per row the caller expects a chunk to take where it runs (an auto plan's, from
+    #: its probe), or None: an executor that judges stragglers by an earlier job's pace goes by
+    #: this one until it has timed the function itself (a first job's dropped call).
+    pace: float | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def label(self, chunk: int) -> str:
@@ -137,5 +141,7 @@ class Job:
 
     @cached_property
     def template(self) -> bytes:
-        """The pickled function and argument template, the same for every chunk."""
+        """The pickled function and argument template, the same for every chunk: modules the
+        workers can import travel by name (executors whose workers lack the caller's modules
+        pickle their own: openlambda's `template_of`)."""
         return dumps((self.function, self.args, dict(self.kwargs)))

@@ -87,6 +87,10 @@ class Plan:
     #: Who runs the chunks' scheduling when not the calling process (an executor's
     #: `orchestrated_by`, e.g. a coordinator lambda).
     orchestrated_by: str = ""
+    #: Seconds per row a chunk should take where it runs, as priced from the probe (`pace`):
+    #: what an executor judges stragglers by before it has timed this function itself. None
+    #: without a probe.
+    pace: float | None = field(default=None, compare=False)
 
     @property
     def bytes_per_chunk(self) -> list[int]:
@@ -186,8 +190,19 @@ def plan(
     """
 
     def result(chunks: tuple[Rows, ...], fan_out: bool, reason: str, warm_up: bool = False) -> Plan:
+        sent_row = row_bytes if sent_row_bytes is None else sent_row_bytes
+        expected = None if probe is None else pace(probe, costs, sent_row)
         return Plan(
-            executor, rows, row_bytes, shared_bytes, chunks, fan_out, reason, probe, warm_up
+            executor,
+            rows,
+            row_bytes,
+            shared_bytes,
+            chunks,
+            fan_out,
+            reason,
+            probe,
+            warm_up,
+            pace=expected,
         )
 
     if chunks is not None:
@@ -242,6 +257,20 @@ def plan(
     chunked = ((0, probe.rows), *split_rows(rest, count, start=probe.rows))
     reason = f"fan-out pays: {estimate} (from a probe of {probe.rows} rows, reused as chunk 0)"
     return result(chunked, True, reason)
+
+
+def pace(probe: Probe, costs: Costs, sent_row_bytes: int) -> float:
+    """Seconds per row a chunk should take on the executor, by the probe: its time per row
+    here (its fixed cost shared among its rows, so a chunk of as many rows or more is not
+    expected sooner than it can be), plus moving a row there and its result back.
+
+    >>> costs = Costs(workers=2, seconds_per_byte=1e-9)
+    >>> round(pace(Probe(rows=10, seconds=0.02, result_bytes=80), costs, 8), 9)
+    0.002000016
+    """
+    moved = sent_row_bytes * costs.seconds_per_byte
+    returned = probe.result_bytes / probe.rows * costs.result_byte_seconds
+    return probe.seconds / probe.rows + moved + returned
 
 
 def warm_saving(

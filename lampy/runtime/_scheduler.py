@@ -42,9 +42,10 @@ STRAGGLER_FACTOR = 4.0  # ... for chunks running this many times the median ...
 # "cold sandbox": 0.25 to 0.58 s on OpenLambda, up to 1.2 s on a loaded `lampy worker`), so a
 # call that merely waits for a sandbox gets no backup (each backup holds a sandbox more).
 STRAGGLER_MIN_S = 1.0
-# Judged by an earlier job's pace instead, a chunk waits longer: this job's sandboxes may be
-# cold where that job's were warm (a cold start with the template's load took up to 3 s on a
-# loaded machine), and a backup for every chunk in flight would flood the platform.
+# Judged by a pace instead (an earlier job's, or the caller's probe's), a chunk waits longer:
+# this job's sandboxes may be cold where that job's were warm (a cold start with the
+# template's load took up to 3 s on a loaded machine), a sandbox may compute slower than the
+# caller did, and a backup for every chunk in flight would flood the platform.
 STRAGGLER_PACE_MIN_S = 5.0
 
 
@@ -78,8 +79,9 @@ class ChunkScheduler:
     def __init__(
         self, job: Job, attempts: int = ATTEMPTS, advice: str = "", pace: float | None = None
     ) -> None:
-        """`pace`: seconds per row this function's chunks took in an earlier job, if known; it
-        judges stragglers before this job has answers of its own to take a median of."""
+        """`pace`: seconds per row this function's chunks took in an earlier job, or else
+        the caller's estimate from its probe (`Job.pace`), if known; it judges stragglers
+        before this job has answers of its own to take a median of."""
         self.job, self.attempts, self.advice = job, check_attempts(attempts), advice
         self.pace = pace
         self.outcomes: dict[int, Outcome] = {}
@@ -162,10 +164,10 @@ class ChunkScheduler:
         """Chunks worth a backup attempt: those running far longer than they should (chunks
         are pure, so a second copy is safe; the first answer wins). "Should" is the median of
         this job's chunks once most are done (at least all but one, so a job of two or three
-        chunks has its last one backed up too); before that, the `pace` of earlier jobs, if
-        known. A call the platform never answers is one such chunk: OpenLambda drops a call
-        queued behind a failed round trip (docs/openlambda.md), and only a backup gets its
-        answer before the call's timeout, a lone chunk's included."""
+        chunks has its last one backed up too); before that, the `pace` (an earlier job's,
+        or the caller's estimate), if known. A call the platform never answers is one such
+        chunk: OpenLambda drops a call queued behind a failed round trip (docs/openlambda.md),
+        and only a backup gets its answer before the call's timeout, a lone chunk's included."""
         chunks, done = len(self.job.chunks), len(self.outcomes)
         if self._durations and done >= min(STRAGGLER_DONE * chunks, chunks - 1):
             median = statistics.median(self._durations)

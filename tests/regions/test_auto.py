@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import lampy
+from lampy._errors import RetriesExhausted
 from lampy.regions import _runner as runner_module
 from lampy.runtime import executors
 from lampy.runtime._job import Job
@@ -218,3 +219,42 @@ def test_a_shared_input_costs_nothing_to_send_where_the_pool_maps_it(
 
     np.testing.assert_array_equal(scaled(X, table), X)
     assert ("fan out" in events) == (maps and where == "shared memory")
+
+
+def test_a_planned_call_runs_elsewhere_and_is_answered_as_run_would(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `lampy.submit` does with the runner: prepare, plan, run the job elsewhere, answer.
+    An auto plan reuses the probe's rows as chunk 0; an explicit count leaves every chunk to
+    the job."""
+    pool.warm = True
+    timings(monkeypatch, 1e-4)
+    runner = region().runner
+    call = runner.prepare((X,), {})
+    assert (call.name, call.chunks, call.binding.rows) == ("modelpool", None, ROWS)
+    planned = runner.plan(call)
+    assert planned.plan.fan_out and list(planned.done) == [0] and planned.job.first == 1
+    assert planned.job.chunks == planned.plan.chunks[1:]
+    # the probe took 1e-4 s a row; moving 16 bytes a row costs next to nothing
+    assert planned.job.pace == planned.plan.pace == pytest.approx(1e-4, rel=1e-3)
+    outcomes = call.executor.run(planned.job)
+    done = planned.done | {chunk + 1: outcome for chunk, outcome in outcomes.items()}
+    np.testing.assert_array_equal(runner.answer(done, planned.plan, remote=False), X * 2)
+    counted = runner.plan(runner.prepare((X,), {}, chunks=3))
+    assert counted.done == {} and counted.job.first == 0 and len(counted.job.chunks) == 3
+    assert counted.job.pace is None  # no probe, no pace
+
+
+def test_answer_raises_a_chunks_user_error_and_a_lost_chunk(pool: type[ModelPool]) -> None:
+    runner = region().runner
+    planned = runner.plan(runner.prepare((X,), {}, chunks=2))
+    halves = [Outcome(value=X[:50_000] * 2), Outcome(value=X[50_000:] * 2)]
+    cursed = {0: halves[0], 1: Outcome(error=ArithmeticError("cursed"))}
+    with pytest.raises(ArithmeticError, match="cursed") as info:
+        runner.answer(cursed, planned.plan, remote=False)
+    assert "raised in lampy chunk 1 of 2 (rows 50000:100000)" in info.value.__notes__
+    lost = RetriesExhausted("chunk 0 was lost", chunk=0, rows=(0, 50_000), causes=("502",))
+    with pytest.raises(RetriesExhausted, match="chunk 0 was lost"):
+        runner.answer({0: Outcome(error=lost), 1: halves[1]}, planned.plan, remote=True)
+    both = runner.answer(dict(enumerate(halves)), planned.plan, remote=True)
+    np.testing.assert_array_equal(both, X * 2)

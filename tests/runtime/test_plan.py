@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -124,3 +125,16 @@ def test_shared_bytes_a_pool_does_not_move_cost_nothing() -> None:
     mapped = plan(chunks=None, probe=probe, sent_shared_bytes=0, **small)  # type: ignore[arg-type]
     assert not moved.fan_out and mapped.fan_out
     assert mapped.shared_bytes == 1 << 30  # the plan still says what the chunks share
+
+
+def test_an_auto_plan_prices_a_chunks_pace_from_its_probe() -> None:
+    """Seconds per row where the chunks run: the probe's time per row (its fixed cost shared
+    among its rows) plus moving the rows that are sent and their results; none without a
+    probe, as with an explicit chunk count."""
+    probe = Probe(rows=256, seconds=0.05, result_bytes=256 * 64, call_seconds=0.01)
+    p = plan(chunks=None, probe=probe, **common())  # type: ignore[arg-type]
+    moved = (8_000 + 64) * TWO.seconds_per_byte
+    assert p.fan_out and p.pace == pytest.approx(0.05 / 256 + moved)
+    by_reference = plan(chunks=None, probe=probe, sent_row_bytes=0, **common())  # type: ignore[arg-type]
+    assert by_reference.pace == pytest.approx(0.05 / 256 + 64 * TWO.seconds_per_byte)
+    assert plan(chunks=4, **common()).pace is None  # type: ignore[arg-type]

@@ -48,6 +48,7 @@ ONE_THREAD = b"OMP_NUM_THREADS=1\nOPENBLAS_NUM_THREADS=1\nMKL_NUM_THREADS=1\n"
 WAIT_S = 600.0  # `lampy deploy --url` waits this long for the first answer (pip, cold index)
 PROGRESS_EVERY_S = 10.0  # a progress line this often while waiting
 RETRY_AFTER_S = 1.0  # between pings that got a passing failure
+NO_ANSWER = "no answer yet"  # what a wait reports before its lambda answered anything
 # OpenLambda's answer when pip fails: the installer lambda's traceback, which ends in this.
 PIP_FAILED = re.compile(r"pip install failed for (\S+) \(exit code (\d+)\): (.*)", re.S)
 F_PY = '''"""lampy's handler for OpenLambda: a WSGI app taking signed binary frames (see lampy/)."""
@@ -169,29 +170,41 @@ def wait_answering(
     """
     key = secret or load_secret()
     start = time.monotonic()
-    last = ["no answer yet"]
+    latest = NO_ANSWER
     done = threading.Event()
+
+    def heard(answer: str) -> None:
+        nonlocal latest
+        latest = answer
 
     def report() -> None:
         while progress is not None and not done.wait(PROGRESS_EVERY_S):
-            progress(time.monotonic() - start, last[0])
+            progress(time.monotonic() - start, latest)
 
     reporter = threading.Thread(target=report, daemon=True)
     reporter.start()
     try:
         for each in deployed(name):
-            _wait_one(url, each, key, (start, timeout), last)
+            if not _wait_one(url, each, key, start + timeout, heard):
+                raise DeployError(
+                    f"{each} did not answer within {timeout:g} s (last: {latest}); "
+                    "a slow package index may need a longer --timeout"
+                )
         return time.monotonic() - start
     finally:
         done.set()
 
 
-def _wait_one(url: str, name: str, key: bytes, since: tuple[float, float], last: list[str]) -> None:
-    """Ping `name` until it answers a pong; DeployError when the wait `since` (its start and
-    length) ends first or an answer says it never will. `last[0]` is its latest answer."""
-    deadline = since[0] + since[1]
+def _wait_one(
+    url: str, name: str, key: bytes, deadline: float, heard: Callable[[str], None]
+) -> bool:
+    """Ping `name` until it answers a pong (True) or `deadline`, a `time.monotonic()` time,
+    passes (False). `heard` is told NO_ANSWER, then each other answer as it comes (progress
+    lines, and the time-out's message). DeployError at once when an answer says it never will.
+    """
     ping = frames.encode(frames.PING, 0, key).join()
-    last[0] = "no answer yet"
+    last = NO_ANSWER
+    heard(last)
     while (left := deadline - time.monotonic()) > 0:
         request = urllib.request.Request(run_url(url, name), data=ping)
         try:
@@ -199,19 +212,21 @@ def _wait_one(url: str, name: str, key: bytes, since: tuple[float, float], last:
                 body = answer.read()
         except urllib.error.HTTPError as exc:
             text = exc.read().decode(errors="replace")
-            last[0] = f"HTTP {exc.code}: {_gist(text)}"
+            last = f"HTTP {exc.code}: {_gist(text)}"
+            heard(last)
             if (said := pip_error(text)) is not None:
                 raise DeployError(said) from None
             passing = exc.code in (429, 502, 503, 504) or "not found in blob store" in text
             if not passing:
-                raise DeployError(f"{name} answered {last[0]}") from None
+                raise DeployError(f"{name} answered {last}") from None
         except OSError as exc:  # refused, reset, or this ping's own time ran out
-            if not (isinstance(exc, TimeoutError) and last[0] != "no answer yet"):
-                last[0] = f"{type(exc).__name__}: {exc}"  # a time-out says less
+            if not (isinstance(exc, TimeoutError) and last != NO_ANSWER):
+                last = f"{type(exc).__name__}: {exc}"  # a time-out says less
+                heard(last)
         else:
             try:
                 if frames.decode(body, key).kind == frames.PONG:
-                    return
+                    return True
             except (FrameError, VersionMismatch) as exc:
                 raise DeployError(
                     f"{name} answers, but not as this lampy ({exc}): "
@@ -219,10 +234,7 @@ def _wait_one(url: str, name: str, key: bytes, since: tuple[float, float], last:
                 ) from None
             raise DeployError(f"{name} answered a ping with something else than a pong")
         time.sleep(min(RETRY_AFTER_S, max(0.0, deadline - time.monotonic())))
-    raise DeployError(
-        f"{name} did not answer within {since[1]:g} s (last: {last[0]}); "
-        "a slow package index may need a longer --timeout"
-    )
+    return False
 
 
 def _gist(text: str) -> str:

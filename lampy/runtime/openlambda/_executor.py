@@ -209,7 +209,8 @@ class OpenLambdaExecutor(Executor):
         )
         self.backups = 0  # backup calls sent for stragglers, for tests and monitoring
         #: seconds per row of the latest job of each (template, row size): judges stragglers
-        #: in the next such job before it has answers of its own (a lone chunk never has)
+        #: in the next such job before it has answers of its own (a lone chunk never has);
+        #: a first job goes by the pace its auto plan expects (`Job.pace`), if it has one
         self._paces: dict[tuple[bytes, int], float] = {}
         self.accounts: deque[Accounting] = deque(maxlen=ACCOUNTS_KEPT)  # the latest jobs'
         #: what the coordinator lambdas of the latest jobs reported (orchestrator="lambda")
@@ -489,7 +490,8 @@ class OpenLambdaExecutor(Executor):
         )
         row_bytes = sum(a[:1].nbytes for a in job.split)
         kind = (hashlib.blake2b(state.template).digest(), row_bytes)
-        scheduler = ChunkScheduler(job, self.attempts, advice, pace=self._paces.get(kind))
+        # the pace measured here wins; a first job goes by its caller's estimate, if any
+        scheduler = ChunkScheduler(job, self.attempts, advice, pace=self._paces.get(kind, job.pace))
         size = self._batch_size(job, row_bytes)
         alone: set[int] = set()  # chunks of a call the platform lost: each runs again alone, so
         # a chunk that kills its sandbox does not spend its batch-mates' attempts with its own

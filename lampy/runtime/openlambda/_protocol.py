@@ -306,6 +306,16 @@ def template_of(job: Job) -> bytes:
     A sandbox has only the standard library, numpy, cloudpickle and lampy, so a function from the
     user's code (or a test module) must travel by value, with the helpers it calls from its own
     module, its sibling modules and the user's other modules (`by_value`).
+
+    This is a second pickling beside `Job.template`, and both are needed: `Job.template` is
+    cloudpickle's default, which names an importable module's functions and classes (a
+    function of `tests/x.py` is about a hundred bytes saying `tests.x.double`). That suits
+    the local pool and Dask, whose workers import the caller's modules (by value, a class
+    would arrive as a copy apart from the one the worker imports), and it is what the runner
+    pickles before anything is sent, to fail early naming the argument cloudpickle cannot
+    carry. A sandbox would fail to import that name, so what the lambda gets is this:
+    the same (function, args, kwargs), larger, with the user's modules inside. Both are the
+    caller's own bytes; only these are sent, in signed frames.
     """
     return by_value((job.function, job.args, dict(job.kwargs)), job.function)
 

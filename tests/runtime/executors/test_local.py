@@ -435,11 +435,9 @@ def test_the_pool_moves_no_bytes_for_arrays_in_shared_memory() -> None:
     assert pool.costs().maps_shared_memory
     region = lampy.elemwise(shared=("table",))(lambda x, table: x + table[0])
     table = lampy.empty(1 << 20)
-    binding = region.runner._prepare((np.zeros(8), table), {}, "local", None)[0]
+    binding = region.runner.prepare((np.zeros(8), table), {}, "local").binding
     assert binding.moved_bytes(True) == (8, 0)  # x's 8 bytes a row are copied; not the table
     assert binding.moved_bytes(False) == (8, 8 << 20)  # an executor that moves both
     shared_x = lampy.asshared(np.zeros(8))
-    assert region.runner._prepare((shared_x, table), {}, "local", None)[0].moved_bytes(True) == (
-        0,
-        0,
-    )
+    shared_binding = region.runner.prepare((shared_x, table), {}, "local").binding
+    assert shared_binding.moved_bytes(True) == (0, 0)

@@ -4,13 +4,16 @@ first answer that says it never will (pip's own error on OpenLambda)."""
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import pytest
 
 from lampy.cli import Progress, main
+from lampy.runtime._net import free_port
 from lampy.runtime.openlambda import _deploy as deploy
-from lampy.runtime.openlambda._deploy import DeployError, pip_error, wait_answering
+from lampy.runtime.openlambda._deploy import DeployError, pip_error, upload, wait_answering
+from tests.conftest import SECRET
 from tests.olreal import REASON
 
 from .test_worker import install
@@ -64,6 +67,25 @@ def test_waits_through_passing_failures_with_progress_then_times_out(
         )
     assert len(seen) >= 3 and all(last.startswith("HTTP 502: warming") for _, last in seen)
     assert [s for s, _ in seen] == sorted(s for s, _ in seen)
+
+
+def test_one_wait_says_what_it_heard_and_returns_false_at_its_deadline(
+    make_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing listening: each refusal is heard, and the wait ends at its deadline with False
+    (wait_answering says the time-out); a lambda that answers a pong ends it with True."""
+    monkeypatch.setattr(deploy, "RETRY_AFTER_S", 0.05)
+    heard: list[str] = []
+    nobody = f"http://127.0.0.1:{free_port()}"
+    assert not deploy._wait_one(nobody, "x", SECRET.encode(), time.monotonic() + 0.3, heard.append)
+    assert heard[0] == deploy.NO_ANSWER and len(heard) >= 2
+    assert all("Connection refused" in answer for answer in heard[1:]), heard
+    worker = make_worker()
+    upload(worker.url, "ponging")
+    heard.clear()
+    deadline = time.monotonic() + 30
+    assert deploy._wait_one(worker.url, "ponging", SECRET.encode(), deadline, heard.append)
+    assert heard[0] == deploy.NO_ANSWER
 
 
 def test_a_lambda_that_is_not_lampy_is_said_at_once(make_worker: Any) -> None:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,11 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lampy
 from lampy._errors import ExecutionError, RetriesExhausted
+from lampy.regions import _runner as runner_module
 from lampy.runtime import _scheduler as scheduler_module
+from lampy.runtime import executors
 from lampy.runtime._job import Job, Part, Whole
 from lampy.runtime._plan import split_rows
 from lampy.runtime._scheduler import ChunkScheduler
@@ -252,6 +256,79 @@ def test_a_lone_chunk_never_answered_is_judged_by_the_last_jobs_pace(monkeypatch
         executor.close()
     assert executor.backups == 1 and transport.attempts[0] == 4
     np.testing.assert_array_equal(slow[0].value, x * 3)
+
+
+def test_a_first_jobs_lone_chunk_is_judged_by_its_callers_pace(monkeypatch: Any) -> None:
+    """A first job of a function has no earlier pace here: the pace its caller expects
+    (`Job.pace`, from an auto plan's probe) judges its dropped call instead. Once this executor
+    has timed the function, its measured pace wins: an estimate of an hour a row holds no
+    backup back. A job with neither waits for its answer (1 s here, no backup)."""
+    monkeypatch.setattr(scheduler_module, "STRAGGLER_PACE_MIN_S", 0.2)
+    transport = Scripted({(0, 1): 30.0, (0, 3): 30.0, (0, 5): 1.0})  # jobs 1, 2 never answered
+    x = np.arange(10.0)
+    executor = OpenLambdaExecutor(transport=transport, backoff=0.001, timeout=30.0)
+    try:
+        start = time.monotonic()
+        first = executor.run(replace(make_job(double, x, 1), pace=1e-3))
+        assert time.monotonic() - start < 5 and executor.backups == 1
+        assert transport.attempts[0] == 2
+        np.testing.assert_array_equal(first[0].value, x * 2)
+        start = time.monotonic()
+        second = executor.run(replace(make_job(double, x, 1), pace=3600.0))
+        assert time.monotonic() - start < 5 and executor.backups == 2
+        assert transport.attempts[0] == 4
+        np.testing.assert_array_equal(second[0].value, x * 2)
+        slow = executor.run(make_job(triple, x, 1))  # 1 s: no pace of `triple`, no estimate
+    finally:
+        executor.close()
+    assert executor.backups == 2 and transport.attempts[0] == 5
+    np.testing.assert_array_equal(slow[0].value, x * 3)
+
+
+def probe_timed(monkeypatch: Any, row_seconds: float) -> None:
+    """Auto probes take `row_seconds` a row, whatever the function really takes."""
+    original = runner_module._timed
+
+    def timed(job: Job, chunk: int) -> tuple[float, Outcome]:
+        _, outcome = original(job, chunk)
+        start, stop = job.chunks[chunk]
+        return row_seconds * (stop - start), outcome
+
+    monkeypatch.setattr(runner_module, "_timed", timed)
+
+
+@pytest.mark.parametrize("chunks", ["auto", 4])
+def test_a_first_calls_dropped_calls_wait_for_timeout_only_without_a_probe(
+    chunks: str | int, monkeypatch: Any
+) -> None:
+    """Every chunk's first call is dropped (never answered within the 30 s timeout) or, for
+    chunks=4, delayed 1 s. chunks="auto" times a probe here (5 us a row: 0.5 s in all, worth
+    fanning out), whose pace gets each call a backup after 0.2 s (the pace floor here); with
+    chunks=4 there is no probe and no earlier job: each call is waited for, with no backup."""
+    monkeypatch.setattr(scheduler_module, "STRAGGLER_PACE_MIN_S", 0.2)
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 2)
+    probe_timed(monkeypatch, 5e-6)
+    delay = 30.0 if chunks == "auto" else 1.0
+    transport = Scripted({(chunk, 1): delay for chunk in range(64)})
+    executor = OpenLambdaExecutor(transport=transport, backoff=0.001, timeout=30.0)
+    executor.prewarm(1)  # warm: the plan pays no start-up
+    lampy.register_executor("scripted", OpenLambdaExecutor)
+    executors._instances[("scripted", ())] = executor
+    x = np.arange(100_000.0)
+    try:
+        with lampy.using(executor="scripted", chunks=chunks):
+            start = time.monotonic()
+            np.testing.assert_array_equal(lampy.elemwise(double)(x), x * 2)
+            took = time.monotonic() - start
+    finally:
+        executors.unregister("scripted")
+    sent = executor.accounts[-1].chunks
+    if chunks == "auto":
+        assert took < 5 and executor.backups == sent > 1  # a probe, then the chunks left
+        assert transport.attempts == dict.fromkeys(range(sent), 2)
+    else:
+        assert took >= 1 and executor.backups == 0 and sent == 4
+        assert transport.attempts == dict.fromkeys(range(4), 1)
 
 
 def test_a_chunk_is_judged_by_pace_in_proportion_to_its_rows() -> None:
