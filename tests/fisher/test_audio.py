@@ -40,6 +40,49 @@ def test_stereo_float_is_mixed_to_mono(tmp_path: Path) -> None:
     np.testing.assert_allclose(signal, left / 2, atol=1e-7)
 
 
+ENCODINGS = [
+    (1, 8, np.uint8),
+    (1, 16, "<i2"),
+    (1, 24, None),
+    (1, 32, "<i4"),
+    (3, 32, "<f4"),
+    (3, 64, "<f8"),
+]
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+@pytest.mark.parametrize(("tag", "bits", "dtype"), ENCODINGS)
+def test_every_encoding_reads_as_its_float64_decoding_rounded_once(
+    tmp_path: Path, tag: int, bits: int, dtype: object, channels: int
+) -> None:
+    """Full-scale random samples of every encoding, mono and interleaved, with a partial frame
+    at the end: the channels' float64 mean, scaled to [-1, 1], rounded once to float32."""
+    rng = np.random.default_rng(bits * 10 + channels)
+    n = 999 * channels
+    if tag == 3:
+        values = rng.uniform(-1.0, 1.0, n)
+        raw = values.astype(dtype).tobytes()  # type: ignore[call-overload]
+        scaled = values.astype(dtype).astype(np.float64)  # type: ignore[call-overload]
+    elif bits == 24:
+        ints = rng.integers(-(1 << 23), 1 << 23, n)
+        raw = b"".join(int(v & 0xFFFFFF).to_bytes(3, "little") for v in ints)
+        scaled = ints / float(1 << 23)
+    elif bits == 8:
+        ints = rng.integers(0, 256, n)
+        raw = ints.astype(np.uint8).tobytes()
+        scaled = (ints - 128.0) / 128.0
+    else:
+        info = np.iinfo(dtype)  # type: ignore[type-var]
+        ints = rng.integers(info.min, info.max, n, endpoint=True)
+        raw = ints.astype(dtype).tobytes()  # type: ignore[call-overload]
+        scaled = ints / float(1 << (bits - 1))
+    partial = b"\x01" * (bits // 8 * channels - 1)  # less than a frame: not read
+    signal, _ = read_wav(_wav(tmp_path / "e.wav", raw + partial, tag, channels, 8000, bits))
+    expected = scaled.reshape(-1, channels).mean(axis=1).astype(np.float32)
+    assert signal.dtype == np.float32
+    np.testing.assert_array_equal(signal, expected)
+
+
 def test_pcm_8_and_24_bit(tmp_path: Path) -> None:
     signal, _ = read_wav(_wav(tmp_path / "u8.wav", bytes([128, 255, 0]), 1, 1, 8000, 8))
     np.testing.assert_allclose(signal, [0.0, 127 / 128, -1.0])
