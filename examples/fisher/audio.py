@@ -36,6 +36,10 @@ class AudioTooShortError(AudioError):
     """The recording is shorter than the pipeline needs."""
 
 
+class NonFiniteAudioError(AudioError):
+    """A floating-point wav file holds samples that are NaN or infinite."""
+
+
 def read_wav(path: str | Path, min_seconds: float = 0.0) -> tuple[np.ndarray, int]:
     """Return (mono float32 signal in [-1, 1], sample rate) from a PCM or IEEE-float wav file.
 
@@ -74,6 +78,12 @@ def read_wav(path: str | Path, min_seconds: float = 0.0) -> tuple[np.ndarray, in
         signal = np.empty(frames * channels)
         _decode(samples, tag, bits, signal)
         np.copyto(shared, signal.reshape(-1, channels).mean(axis=1), casting="same_kind")
+    if tag == _FLOAT and not np.isfinite(shared).all():  # integer samples always are
+        bad = np.flatnonzero(~np.isfinite(shared))
+        raise NonFiniteAudioError(
+            f"{path}: {bad.size} samples are not numbers (NaN or infinity), the first at "
+            f"{bad[0] / rate:.3f} s: repair or re-export the file"
+        )
     return shared, rate
 
 

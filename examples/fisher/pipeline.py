@@ -180,6 +180,17 @@ def count_speakers(
     return k, SpeakerCount(True, round(confidence, 3), scores)
 
 
+def _not_finite(signal: np.ndarray, rate: int) -> str:
+    """Why the features are not finite: the signal's NaN or infinite samples."""
+    bad = np.flatnonzero(~np.isfinite(signal))
+    if not bad.size:
+        return "the features are not finite numbers: are the samples far outside [-1, 1]?"
+    return (
+        f"the signal holds {bad.size} samples that are not numbers (NaN or infinity), "
+        f"the first at {bad[0] / rate:.3f} s"
+    )
+
+
 def _unit_spread(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Scale y so its rows deviate from their pseudo-class mean by 1 on average (rms)."""
     n = np.bincount(classes).astype(np.float64)
@@ -307,6 +318,8 @@ def _stages(signal: np.ndarray, rate: int, n_speakers: int | None, seed: int, p:
     with timed("vad"):
         mfcc = feats[:, features.MFCC_COLUMNS]
         score = vad.speech_score(mfcc, step, features.mfcc_to_mel_db(rate))
+        if not np.isfinite(score).all():  # a NaN or infinite sample spreads to every score
+            raise DiarizationError(_not_finite(signal, rate))
         mask = partial(vad.speech_mask, score, step, min_speech=p.vad_min_speech)
         speech = mask(min_gap=p.vad_min_gap, split=p.vad_split)
         snr = snr_db(feats[:, 1], speech)

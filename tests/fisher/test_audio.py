@@ -8,6 +8,7 @@ from examples.fisher.audio import (
     AudioNotFoundError,
     AudioTooShortError,
     EmptyAudioError,
+    NonFiniteAudioError,
     NotWavError,
     read_wav,
     write_wav,
@@ -81,6 +82,13 @@ def test_every_encoding_reads_as_its_float64_decoding_rounded_once(
     expected = scaled.reshape(-1, channels).mean(axis=1).astype(np.float32)
     assert signal.dtype == np.float32
     np.testing.assert_array_equal(signal, expected)
+
+
+def test_float_samples_that_are_not_numbers_name_the_file(tmp_path: Path) -> None:
+    values = np.zeros(4000, "<f4")
+    values[[800, 900, 1000]] = [np.nan, np.inf, -np.inf]
+    with pytest.raises(NonFiniteAudioError, match=r"3 samples are not numbers .* 0\.100 s"):
+        read_wav(_wav(tmp_path / "nan.wav", values.tobytes(), 3, 1, 8000, 32))
 
 
 def test_pcm_8_and_24_bit(tmp_path: Path) -> None:

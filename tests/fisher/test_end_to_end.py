@@ -71,6 +71,15 @@ def test_too_little_audio_or_speech() -> None:
         diarize(np.zeros(16000 * 5, dtype=np.float32), 16000, n_speakers=0)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_samples_that_are_not_numbers_are_named(bad: float, sample: tuple[np.ndarray, int]) -> None:
+    signal, rate = sample
+    broken = signal.copy()
+    broken[[rate // 2, rate]] = bad
+    with pytest.raises(DiarizationError, match=r"holds 2 samples that are not numbers .* 0\.500 s"):
+        diarize(broken, rate)
+
+
 def test_generated_conversation(tmp_path: Path) -> None:
     if not synth.have_tools():
         pytest.skip(synth.INSTALL_HINT)
