@@ -61,7 +61,11 @@ def read_rttm(path: str | Path, file_id: str | None = None) -> list[Turn]:
         turns.append(Turn(start, start + duration, fields[7]))
     if not turns and others:
         found = ", ".join(sorted(others)[:3]) + (", ..." if len(others) > 3 else "")
-        raise RttmError(f"{path}: holds turns of {found}, none of {file_id}")
+        raise RttmError(
+            f"{path}: holds turns of {found}, none of {file_id} (the second field of each "
+            f"SPEAKER line names its recording): give this recording's RTTM, or name the wav "
+            f"file after the RTTM's recording"
+        )
     return sorted(turns, key=lambda t: (t.start, t.end))
 
 
