@@ -106,14 +106,14 @@ class RegionRunner:
             return self.region.answer(whole, Coverage(planned.plan.chunks))
         done = planned.done
         job: Job | None = planned.job
+        if where.needs_pickle:  # before any chunk runs here: a call that cannot leave says so
+            with serial.timing("send"):
+                _check_serializable(planned.job, binding)
         if cold:
             where.start()
             done = self._here_while_starting(call, planned)
             job = self._rest(call, planned.plan, len(done))
         if job is not None:
-            if where.needs_pickle:
-                with serial.timing("send"):
-                    _check_serializable(job, binding)
             outcomes = where.run(job)
             done = done | {chunk + job.first: outcome for chunk, outcome in outcomes.items()}
         return self.answer(done, planned.plan, where.needs_pickle, where.result_sink)

@@ -335,6 +335,27 @@ def test_a_user_error_in_a_chunk_run_here_names_the_chunk() -> None:
         executor.close()
 
 
+def slow_with(x: np.ndarray, guard: object) -> np.ndarray:
+    time.sleep(4e-6 * len(x))
+    return x
+
+
+def test_a_large_cold_call_that_cannot_leave_says_so_before_running_here() -> None:
+    """As a warm call would: no chunk runs here first (the answer would depend on whether the
+    pool came up in time)."""
+    executor = executors.get("local", {"workers": 3})
+    executor.close()
+    ran = []
+    f = lampy.elemwise(lambda x, guard: ran.append(len(x)) or slow_with(x, guard))
+    try:
+        unpicklable = pytest.raises(lampy.SerializationError, match="argument 'guard' \\(lock\\)")
+        with lampy.using(executor="local", workers=3, chunks="auto"), unpicklable:
+            f(np.arange(float(ROWS)), threading.Lock())
+        assert ran[:2] == [1, PROBED] and len(ran) == 2  # the probe's two calls only
+    finally:
+        executor.close()
+
+
 def test_closing_a_pool_kills_every_worker_before_waiting_for_any(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
