@@ -26,9 +26,13 @@ def _sq_dist(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     the chunking (no BLAS blocking), and without the (restarts x k x n x d) temporary of a
     broadcast difference.
     """
-    coords = np.ascontiguousarray(x.T)
-    d2 = np.zeros((centroids.shape[0], centroids.shape[1], x.shape[0]))
-    for j in range(x.shape[1]):
+    return _sq_dist_t(np.ascontiguousarray(x.T), centroids)
+
+
+def _sq_dist_t(coords: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """`_sq_dist` from the points' coordinates as rows (d x n)."""
+    d2 = np.zeros((centroids.shape[0], centroids.shape[1], coords.shape[1]))
+    for j in range(coords.shape[0]):
         diff = coords[j] - centroids[:, :, j, None]
         d2 += diff * diff
     return d2
@@ -66,17 +70,26 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return _sq_dist(x, centroids[None])[0].argmin(axis=0)
 
 
-def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding: each new centre drawn with probability proportional to squared distance
-    from the centres so far."""
-    centres = [x[rng.integers(x.shape[0])]]
-    d2 = ((x - centres[0]) ** 2).sum(axis=1)
-    for _ in range(1, k):
-        total = d2.sum()
-        i = rng.choice(x.shape[0], p=d2 / total) if total > 0 else rng.integers(x.shape[0])
-        centres.append(x[i])
-        d2 = np.minimum(d2, ((x - x[i]) ** 2).sum(axis=1))
-    return np.array(centres)
+def kmeans_pp(x: np.ndarray, k: int, restarts: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeds for each restart (restarts x k x d): each new centre drawn with
+    probability proportional to squared distance from the centres so far.
+
+    The restarts draw one after another from `rng`. This runs in the caller over every point,
+    so the coordinates are transposed once for all restarts (`_sq_dist_t`), and no distances
+    are computed after a restart's last centre.
+    """
+    coords = np.ascontiguousarray(x.T)
+    seeds = np.empty((restarts, k, x.shape[1]))
+    for r in range(restarts):
+        seeds[r, 0] = x[rng.integers(x.shape[0])]
+        d2 = _sq_dist_t(coords, seeds[None, None, r, 0])[0, 0]
+        for c in range(1, k):
+            total = d2.sum()
+            i = rng.choice(x.shape[0], p=d2 / total) if total > 0 else rng.integers(x.shape[0])
+            seeds[r, c] = x[i]
+            if c + 1 < k:
+                d2 = np.minimum(d2, _sq_dist_t(coords, x[None, None, i])[0, 0])
+    return seeds
 
 
 def kmeans(
@@ -89,7 +102,7 @@ def kmeans(
     Labels are renumbered in order of first appearance, so equal partitions give equal labels.
     """
     rng = np.random.default_rng(seed)
-    centroids = np.stack([kmeans_pp(x, k, rng) for _ in range(restarts)])
+    centroids = kmeans_pp(x, k, restarts, rng)
     scale = tol * float((x * x).sum(axis=1).mean() + 1e-30)
     inertia = np.zeros(restarts)
     active = np.arange(restarts)

@@ -70,9 +70,10 @@ def flsd_projection(
 
 def standardize(x: np.ndarray) -> np.ndarray:
     """Zero mean and unit variance per column (constant columns become zero)."""
-    # x.std's own steps, each pass once: the caller runs this over every mid-term vector.
+    # x.std's own steps, each pass once and no squared copy (einsum sums each column's squares
+    # row after row, as .sum(axis=0) does): the caller runs this over every mid-term vector.
     centred = x - x.mean(axis=0)
-    std = np.sqrt((centred * centred).sum(axis=0) / x.shape[0])
+    std = np.sqrt(np.einsum("ij,ij->j", centred, centred) / x.shape[0])
     centred /= np.where(std > 0, std, 1.0)
     return centred
 

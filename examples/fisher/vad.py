@@ -123,14 +123,27 @@ def speech_score(
     the recording. Taking the bands most above their floor finds speech wherever in the
     spectrum the noise leaves room for it (pink noise masks the low bands, a telephone line
     the high ones). The map to levels is linear, so the few coefficients (MFCCs) are smoothed
-    rather than the many bands, and the per-frame scoring is a region (`band_excess`).
+    rather than the many bands; the floors are a region over the bands (`band_floors`), the
+    per-frame scoring one over the frames (`band_excess`).
     """
     coefs = coefs.reshape(coefs.shape[0], -1)
     to_levels = np.eye(coefs.shape[1]) if to_levels is None else to_levels
     coefs = moving_average(coefs, max(1, round(smooth / step)))
-    # Every 4th frame is plenty for a percentile, at a quarter of the sorting; bands as rows.
-    floor = np.percentile(np.einsum("ij,jk->ki", coefs[::4], to_levels), 10.0, axis=1)
+    # Every 4th frame is plenty for a percentile, at a quarter of the sorting.
+    floor = np.asarray(band_floors(to_levels.T, coefs[::4], 10.0))
     return np.asarray(band_excess(coefs, to_levels, floor))
+
+
+@lampy.elemwise(shared=("coefs",))
+def band_floors(to_bands: np.ndarray, coefs: np.ndarray, percent: float) -> np.ndarray:
+    """Per band (a row of `to_bands`, the map from coefficients to its level), the `percent`
+    percentile of its level over the frames: bands are independent, so a region over them.
+
+    Both operands contiguous along the coefficients, so einsum sums each level's products the
+    same way whatever the chunk of bands and wherever it lies in memory (bit for bit on every
+    executor)."""
+    coefs, to_bands = np.ascontiguousarray(coefs), np.ascontiguousarray(to_bands)
+    return np.percentile(np.einsum("kj,ij->ki", to_bands, coefs), percent, axis=1)
 
 
 def speech_mask(

@@ -113,3 +113,18 @@ def test_speech_scores_do_not_depend_on_the_chunking(executor: str) -> None:
     levels = coefs @ to_levels - floor
     want = np.sort(levels, axis=1)[:, -10:].mean(axis=1)
     np.testing.assert_allclose(whole, want, rtol=1e-12, atol=1e-12)
+
+
+def test_band_floors_do_not_depend_on_the_chunking(executor: str) -> None:
+    import lampy
+
+    rng = np.random.default_rng(5)
+    coefs = rng.normal(size=(3000, 13))
+    to_levels = rng.normal(size=(13, 40))
+    with lampy.using(executor="inline"):
+        whole = vad.band_floors(to_levels.T, coefs, 10.0)
+    with lampy.using(executor=executor, chunks=3):
+        chunked = vad.band_floors(to_levels.T, coefs, 10.0)
+    np.testing.assert_array_equal(chunked, whole)  # bit for bit: each band alone
+    want = np.percentile(coefs @ to_levels, 10.0, axis=0)
+    np.testing.assert_allclose(whole, want, rtol=1e-12, atol=1e-12)
