@@ -97,15 +97,22 @@ def moving_average(x: np.ndarray, size: int) -> np.ndarray:
     scipy.ndimage.uniform_filter1d with mode="nearest"), by `size` shifted adds."""
     if size <= 1:
         return x.astype(np.float64)
-    n = x.shape[0]
-    padded = np.concatenate(
-        [np.repeat(x[:1], size // 2, 0), x, np.repeat(x[-1:], size - 1 - size // 2, 0)],
-        dtype=np.float64,
-    )
-    # One pass per shift, in place: the caller runs this over every frame of the recording.
-    out = padded[:n] + padded[1 : n + 1]
-    for shift in range(2, size):
-        out += padded[shift : shift + n]
+    n, before = x.shape[0], size // 2
+    # Row i adds rows i - before ... i - before + size - 1, clipped to the recording, in that
+    # order. The caller runs this over every frame of the recording: the shifted adds read x
+    # where it is (no padded copy), and only the few rows near the ends take clipped indices.
+    out = np.empty(x.shape, dtype=np.float64)
+    lo = min(before, n)
+    hi = max(lo, n - (size - 1 - before))
+    inner, ends = slice(lo, hi), np.r_[0:lo, hi:n]
+    for shift in range(size):
+        rows = x[lo - before + shift : hi - before + shift]
+        edge = x[np.clip(ends - before + shift, 0, n - 1)]
+        if shift == 0:
+            out[inner], out[ends] = rows, edge
+        else:
+            out[inner] += rows
+            out[ends] += edge
     out /= size
     return out
 

@@ -98,6 +98,20 @@ def test_moving_average_matches_scipy(size: int) -> None:
     np.testing.assert_allclose(vad.moving_average(x, size), want, atol=1e-12)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("size", [2, 3, 4, 7])
+def test_moving_average_adds_the_clipped_rows_in_order(rows: int, size: int) -> None:
+    """Bit for bit the sum of rows i - size // 2 ... clipped to the ends, added in order:
+    recordings shorter than the window included."""
+    x = np.random.default_rng(rows * size).normal(size=(rows, 2)).astype(np.float32)
+    index = np.arange(rows)[:, None] - size // 2 + np.arange(size)
+    picked = x[np.clip(index, 0, rows - 1)].astype(np.float64)
+    want = picked[:, 0]
+    for shift in range(1, size):
+        want = want + picked[:, shift]
+    np.testing.assert_array_equal(vad.moving_average(x, size), want / size)
+
+
 def test_speech_scores_do_not_depend_on_the_chunking(executor: str) -> None:
     import lampy
 
