@@ -82,13 +82,12 @@ def kmeans_pp(x: np.ndarray, k: int, restarts: int, rng: np.random.Generator) ->
     seeds = np.empty((restarts, k, x.shape[1]))
     for r in range(restarts):
         seeds[r, 0] = x[rng.integers(x.shape[0])]
-        d2 = _sq_dist_t(coords, seeds[None, None, r, 0])[0, 0]
+        d2 = np.full(x.shape[0], np.inf)
         for c in range(1, k):
+            d2 = np.minimum(d2, _sq_dist_t(coords, seeds[None, None, r, c - 1])[0, 0])
             total = d2.sum()
             i = rng.choice(x.shape[0], p=d2 / total) if total > 0 else rng.integers(x.shape[0])
             seeds[r, c] = x[i]
-            if c + 1 < k:
-                d2 = np.minimum(d2, _sq_dist_t(coords, x[None, None, i])[0, 0])
     return seeds
 
 
