@@ -96,7 +96,8 @@ PROCS_LIMIT = 10
 
 @dataclass(frozen=True)
 class Assignment(Positional):
-    """A whole job, as the client writes it to the job store."""
+    """A whole job, as the client sends it to its first coordinator (a detached job's client
+    writes it to the job store itself)."""
 
     job: str  # the job's id
     template: bytes  # the pickled (function, args, kwargs): passed on, never unpickled here
@@ -567,9 +568,9 @@ def _counts(
 
 
 def one_copy(value: Any, known: dict[str, str]) -> Any:
-    """`value` (a store's JSON answer) with every string equal to one in `known` made that very
-    object, so a pickle writes it once and then refers back to it (pickle's memo goes by
-    identity): a status names its coordinator four times, and the job the answer is for.
+    """`value` (a store's JSON answer) with equal strings made one object (the one in `known`,
+    else the first seen), so a pickle writes each once and then refers back to it (pickle's
+    memo goes by identity): a status names its coordinator four times, and the answer's job.
 
     >>> a, b = one_copy([str(10**9), {str(10**9): 1}], {})
     >>> a is next(iter(b))
