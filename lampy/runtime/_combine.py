@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lampy._errors import ResultError
+from lampy.runtime._codec import Positional
 from lampy.runtime._shm import join_in_place
 from lampy.runtime._tree import describe, leaves, map_leaves, zip_leaves
 
@@ -122,7 +123,7 @@ def _join(parts: list[Any], where: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Merged:
+class Merged(Positional):
     """Partials already merged elsewhere (a tree reduced where the chunks ran): `value` is the
     subtree over `width` consecutive partials, as `tree_merge` would have built it there.
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lampy._errors import RemoteError
-from lampy.runtime._codec import dumps, loads
+from lampy.runtime._codec import Positional, dumps, loads
 from lampy.runtime._job import SplitArray, aligned, fill, read
 
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -27,7 +27,7 @@ TEMPLATES_KEPT = 8  # jobs a worker keeps unpickled: a few calls interleave (laz
 
 
 @dataclass
-class Outcome:
+class Outcome(Positional):
     """What one chunk produced: a value, or the exception user code raised and its traceback."""
 
     value: Any = None

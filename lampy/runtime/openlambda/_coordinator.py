@@ -1,10 +1,11 @@
 """Orchestration in a lambda: calls of lampy's lambda run a whole job (orchestrator="lambda").
 
-The client writes the job once to a job store (an array server, `remote/_jobs.py`): an
-`Assignment` holding the pickled template, the shared arrays, the split arrays (large ones as
-`lampy.remote` references, published as for any job) and the executor's options. It then sends
-one small COORDINATE frame, a `Summons`, to the coordinator lambda (the same code deployed
-under a name of its own, `coordinator_of`). The sandbox that takes it holds the job's lease and
+The job is an `Assignment`: the pickled template, the shared arrays, the split arrays (large
+ones as `lampy.remote` references, published as for any job) and the executor's options. The
+client sends it in one COORDINATE frame, a `Summons`, to the coordinator lambda (the same code
+deployed under a name of its own, `coordinator_of`), which keeps it in a job store (an array
+server, `remote/_jobs.py`) as a signed spec; a detached job's client writes the spec there
+first, and summons with the job's id alone. The sandbox that takes it holds the job's lease and
 runs the loop the client runs otherwise (`OpenLambdaExecutor._run_job`: lampy's
 ChunkScheduler, retries with backoff, straggler backups, exactly-once), its calls going to the
 chunks' lambda on the same OpenLambda worker through `StreamTransport` (asyncio streams: a
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lampy._errors import RemoteArrayError, RetriesExhausted
+from lampy.runtime._codec import Positional
 from lampy.runtime._combine import Merged, subtrees, tree_merge
 from lampy.runtime._job import Job, SplitArray
 from lampy.runtime._plan import Rows
@@ -93,8 +95,9 @@ PROCS_LIMIT = 10
 
 
 @dataclass(frozen=True)
-class Assignment:
-    """A whole job, as the client writes it to the job store."""
+class Assignment(Positional):
+    """A whole job, as the client sends it to its first coordinator (a detached job's client
+    writes it to the job store itself)."""
 
     job: str  # the job's id
     template: bytes  # the pickled (function, args, kwargs): passed on, never unpickled here
@@ -107,15 +110,24 @@ class Assignment:
     combine: bytes | None  # the pickled combine rule; None: elemwise
     offer: tuple[str, int] | None  # where chunk results go on the client's array server
     url: str  # the OpenLambda worker, as sandboxes reach it
-    options: dict[str, Any]  # the executor's options: name, concurrency, timeout, attempts...
+    #: the executor's options (name, concurrency, timeout, attempts...) that differ from
+    #: their defaults; `settings` has them all
+    options: dict[str, Any]
     lifetime: float  # the platform's runtime limit: how long one call may orchestrate
     #: What the caller's side needs to finish a detached job (lampy.submit): the pickled
     #: region, plan and outcomes of chunks run in the caller; never unpickled in a lambda.
     caller_side: bytes | None = None
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The executor's options for this job, each as given or at its default."""
+        from lampy.runtime.openlambda._executor import SPEC_OPTIONS
+
+        return {**SPEC_OPTIONS, **self.options}
+
 
 @dataclass(frozen=True)
-class Runs:
+class Runs(Positional):
     """Contiguous chunks as runs of equal sizes: (size, count) pairs from `start`; others
     (never made by the planner today) kept as they are in `rows`."""
 
@@ -152,21 +164,21 @@ class Runs:
 
 
 @dataclass(frozen=True)
-class Summons:
+class Summons(Positional):
     """What a COORDINATE frame carries: which job, where its state is, and why."""
 
     job: str
     store: str  # the array server holding the job's state
     why: str  # "start", "hand-off" (a predecessor chose this call), "revive" (a watcher did)
     expect: int | None = None  # the lease generation a predecessor hands over
-    #: The job's spec (a signed `Assignment` frame) for the coordinator to write to the store
-    #: when the client did not (one client call per job), with its number of chunks.
-    spec: bytes | None = None
-    chunks: int = 0
+    #: The job, for the coordinator to write to the store when the client did not (one client
+    #: call per job). Not a signed frame of its own: the COORDINATE frame that carries it is
+    #: signed, and the coordinator signs the spec it keeps in the store.
+    assignment: Assignment | None = None
 
 
 @dataclass
-class Report:
+class Report(Positional):
     """A finished job: outcomes by chunk (a reduction's merged subtrees as `Merged` values
     under each subtree's first chunk), kept in the store as the job's result."""
 
@@ -252,11 +264,12 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
     store = JobStore(summons.store, summons.job)
     holder = f"{sandbox}/{secrets.token_hex(3)} pid {os.getpid()}"  # pid 1 on OpenLambda
     try:
-        if summons.spec is not None:  # the job as the client sent it: kept first
-            frames.decode(summons.spec, secret, freshness=at_rest())  # signed, or refused
-            store.create(summons.spec, summons.chunks)
-        decoded = frames.decode(store.spec(), secret, freshness=at_rest())
-        assignment: Assignment = decoded.value
+        assignment = summons.assignment
+        if assignment is not None:  # the job as the client sent it: kept first
+            spec = frames.encode(frames.COORDINATE, assignment, secret).join()
+            store.create(spec, len(assignment.chunks.chunks()))
+        else:
+            assignment = frames.decode(store.spec(), secret, freshness=at_rest()).value
         lease = _Lease(store, holder, assignment.lifetime)
         taken = lease.take(summons.expect, summons.why)
     except BaseException:
@@ -267,7 +280,7 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
         return taken
     from lampy.runtime.openlambda._executor import OpenLambdaExecutor
 
-    options = assignment.options
+    options = assignment.settings
     endpoint = run_url(assignment.url, options["name"])  # the chunks' lambda
     successors = run_url(assignment.url, coordinator_of(options["name"]))
     transport = StreamTransport(endpoint, options["concurrency"], secret)
@@ -316,7 +329,7 @@ def _coordinate(summons: Summons, secret: bytes, sandbox: str) -> tuple[str, Any
         counts["cpu_seconds"] = round(time.process_time() - cpu, 4)  # this sandbox's, all threads
         store.counters(holder, counts)
         store.put_result(frames.encode(frames.RESULT, report, secret).join())
-        report.status = store.status()
+        report.status = one_copy(store.status(), {summons.job: summons.job, holder: holder})
         return "done", report
     finally:
         if merger is not None:
@@ -527,20 +540,24 @@ def _counts(
     account: Accounting, executor: OpenLambdaExecutor, known: list[int], why: str, lease: _Lease
 ) -> dict[str, Any]:
     """What one coordinator did, as the store keeps it (`lampy job ID` shows the sums);
-    chunk numbers as ranges, so a 1,000-chunk job's counts stay a few hundred bytes."""
+    chunk numbers as ranges, and what did not happen left out (readers take it as none), so
+    a 1,000-chunk job's counts stay a few hundred bytes (the client gets them in its answer)."""
     by_count: dict[int, list[int]] = {}
     for chunk, n in account.attempts.items():
         by_count.setdefault(n, []).append(chunk)
-    return {
-        "why": why,
+    rare = {
         "took_over": ranges(known),  # chunks recorded before this coordinator started
-        "accepted": ranges(c for c, n in account.accepted.items() if n > 0),
-        "attempts": {str(n): ranges(chunks) for n, chunks in by_count.items()},
         "lost": ranges(account.lost),
         "failures": dict(account.failures),
         "dropped": dict(account.dropped),
         "cancelled": account.cancelled,
         "backups": executor.backups,
+    }
+    return {
+        "why": why,
+        "accepted": ranges(c for c, n in account.accepted.items() if n > 0),
+        "attempts": {str(n): ranges(chunks) for n, chunks in by_count.items()},
+        **{kind: what for kind, what in rare.items() if what},
         "slots": executor.slots,  # its calls in flight at the end (grown from START_SLOTS)
         "combines": 0,
         "threads": lease.threads(),  # the most this process ran at once, as far as seen
@@ -548,6 +565,24 @@ def _counts(
         "began": lease.began,  # when this coordinator's call started (its clock)
         "at": time.time(),
     }
+
+
+def one_copy(value: Any, known: dict[str, str]) -> Any:
+    """`value` (a store's JSON answer) with equal strings made one object (the one in `known`,
+    else the first seen), so a pickle writes each once and then refers back to it (pickle's
+    memo goes by identity): a status names its coordinator four times, and the answer's job.
+
+    >>> a, b = one_copy([str(10**9), {str(10**9): 1}], {})
+    >>> a is next(iter(b))
+    True
+    """
+    if isinstance(value, str):
+        return known.setdefault(value, value)
+    if isinstance(value, dict):
+        return {one_copy(k, known): one_copy(v, known) for k, v in value.items()}
+    if isinstance(value, list):
+        return [one_copy(v, known) for v in value]
+    return value
 
 
 def ranges(chunks: Iterable[int]) -> list[list[int]]:
@@ -685,7 +720,7 @@ class _Merger:
         assert rule is not None
         self.calls += 1
         self.report.combines += 1
-        call, options = self.calls, self.assignment.options
+        call, options = self.calls, self.assignment.settings
         for attempt in range(1, options["attempts"] + 1):
             try:
                 outcome = await self.caller.combine(self.assignment.job, call, rule, partials)

@@ -62,7 +62,7 @@ def attach(store_url: str, job: str, timeout: float | None = None) -> Attached:
     except BaseException:
         store.close()
         raise
-    options = assignment.options
+    options = assignment.settings
     from lampy.runtime.openlambda._transport import AiohttpTransport
 
     coordinator = coordinator_of(options["name"])

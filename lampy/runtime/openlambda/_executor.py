@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
+import inspect
 import ipaddress
 import os
 import shutil
@@ -296,7 +297,8 @@ class OpenLambdaExecutor(Executor):
             )
         with published(job, self.url, self.store, keep=True) as sent:
             offer = self._detached_offer(sent) if job.combine is None else None
-            store, spec = self._prepare_job(sent, offer, by_value(caller_side, job.function))
+            store, assignment = self._prepare_job(sent, offer, by_value(caller_side, job.function))
+            spec = frames.encode(frames.COORDINATE, assignment, self.secret).join()
             with store:  # the handle is valid at once, before any coordinator started
                 store.create(spec, len(job.chunks))
         summons = Summons(job.id, store.server, "start")
@@ -334,11 +336,11 @@ class OpenLambdaExecutor(Executor):
     def _orchestrated(self, job: Job, offer: Offer | None) -> dict[int, Outcome]:
         """Write the job to the job store, summon a coordinator lambda (_coordinator.py) and
         watch the job until its report is in the store (_watch.py)."""
-        store, spec = self._prepare_job(job, offer if job.combine is None else None, None)
+        store, assignment = self._prepare_job(job, offer if job.combine is None else None, None)
         account = Accounting(job.id, len(job.chunks))
         self.accounts.append(account)
-        # the spec rides with the summons: the coordinator writes it to the store
-        summons = Summons(job.id, store.server, "start", spec=spec, chunks=len(job.chunks))
+        # the job rides with the summons: the coordinator writes it to the store
+        summons = Summons(job.id, store.server, "start", assignment=assignment)
         watching = watch(
             self.summoner, store, summons, self.attempts, self.backoff, self.runtime_limit, True
         )
@@ -362,9 +364,9 @@ class OpenLambdaExecutor(Executor):
 
     def _prepare_job(
         self, job: Job, offer: Offer | None, caller_side: bytes | None
-    ) -> tuple[JobStore, bytes]:
-        """The job's store and its spec, a signed `Assignment` frame (every elemwise result
-        array goes to `offer`'s server, so the report holds references)."""
+    ) -> tuple[JobStore, Assignment]:
+        """The job's store and the job as a coordinator runs it (every elemwise result array
+        goes to `offer`'s server, so the report holds references)."""
         store = self._job_store(job.id)
         rule = by_value(job.combine, job.combine) if job.combine is not None else None
         template = template_of(job)
@@ -377,6 +379,7 @@ class OpenLambdaExecutor(Executor):
             "backoff": self.backoff,
             "batch": self.batch,
         }
+        options = {k: v for k, v in options.items() if v != SPEC_OPTIONS[k]}
         assignment = Assignment(
             job.id,
             template,
@@ -394,7 +397,7 @@ class OpenLambdaExecutor(Executor):
             caller_side,
         )
         self._called = True
-        return store, frames.encode(frames.COORDINATE, assignment, self.secret).join()
+        return store, assignment
 
     def _forget(self, job: str) -> None:
         """Remove a finished job's state (its answer is here) from its store, or from this
@@ -611,6 +614,14 @@ class OpenLambdaExecutor(Executor):
             if attempt < self.attempts:
                 await asyncio.sleep(backoff(attempt, self.backoff))
             raise
+
+
+#: The options a job's spec gives its coordinators' executor, at their defaults: a spec carries
+#: only those that differ (the deployed lambda runs this lampy, whose defaults these are).
+SPEC_OPTIONS = {
+    name: inspect.signature(OpenLambdaExecutor).parameters[name].default
+    for name in ("name", "concurrency", "timeout", "attempts", "backoff", "batch")
+}
 
 
 def _collected(outcome: Outcome, offer: Offer) -> Outcome:

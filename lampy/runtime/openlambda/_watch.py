@@ -38,7 +38,7 @@ FIRST_WATCH_SHARE = 0.5
 #: How long a watcher's result request is held when nothing happens (the store holds one 30 s
 #: at most): after a hand-off the client asks once a while, not once per lease.
 RESULT_WAIT_S = 25.0
-#: The status of a job whose spec was not written yet: no lease, summon one with the spec.
+#: The status of a job whose spec was not written yet: no lease, summon one with the job.
 NOT_WRITTEN: dict[str, Any] = {
     "state": "running",
     "lease": None,
@@ -72,7 +72,7 @@ async def watch(
     def summon(why: str) -> asyncio.Future[Any]:
         nonlocal summoned
         summoned += 1
-        asked = replace(summons, why=why)  # with the spec, when the client sends it so
+        asked = replace(summons, why=why)  # with the job, when the client sends it so
         return asyncio.ensure_future(caller.coordinate(asked, lifetime + 10.0))
 
     if start:
