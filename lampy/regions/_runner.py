@@ -79,6 +79,7 @@ class RegionRunner:
     def __init__(self, region: Region) -> None:
         self.region = region
         self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
+        self._whole_seconds: dict[Hashable, float] = {}  # a kept plan's last call here, timed
         self._saving = 0.0  # what a warm pool would have saved this region's cold calls so far
 
     def run(
@@ -100,9 +101,11 @@ class RegionRunner:
         if cold and not (planned.plan.fan_out and _outlasts_startup(planned.plan, costs)):
             return self._here_then_start(binding, where, costs)
         if not planned.plan.fan_out:
-            whole, _, _ = self._whole_here(binding, planned.plan.chunks, where)
+            whole, _, seconds = self._whole_here(binding, planned.plan.chunks, where)
             if planned.plan.warm_up:  # after the call, which the start-up must not slow down
                 where.start()
+            else:
+                self._learn(call, planned.plan, seconds)
             return self.region.answer(whole, Coverage(planned.plan.chunks))
         done = planned.done
         job: Job | None = planned.job
@@ -257,32 +260,16 @@ class RegionRunner:
     def _plan(self, call: Call, as_warm: bool = False) -> tuple[Plan, Outcome | None]:
         """The plan, and the probe's outcome when the plan reuses it as chunk 0 (`as_warm`:
         priced as if the workers were up)."""
-        binding, executor, chunks, name = call.binding, call.executor, call.chunks, call.name
+        binding, executor = call.binding, call.executor
         costs = executor.costs()
         if as_warm:
             costs = replace(costs, startup_s=0.0)
-        moved_rows, moved_whole = binding.moved_bytes(costs.maps_shared_memory)
-
-        def make(probe: Probe | None) -> Plan:
-            made = plan(
-                executor=name,
-                costs=costs,
-                rows=binding.rows,
-                row_bytes=binding.row_bytes,
-                shared_bytes=binding.shared_bytes,
-                chunks=chunks,
-                probe=probe,
-                sent_row_bytes=moved_rows,
-                sent_shared_bytes=moved_whole,
-            )
-            return replace(made, orchestrated_by=getattr(executor, "orchestrated_by", ""))
-
-        if chunks is not None or costs.workers <= 1 or binding.rows < 2:
-            return make(None), None
+        if call.chunks is not None or costs.workers <= 1 or binding.rows < 2:
+            return _make_plan(call, costs, None), None
         # A plan made on a cold executor priced its start-up: it is kept for cold calls only,
         # and the first call on the warm executor plans again.
         warm = costs.startup_s == 0
-        key = (name, id(executor), binding.shapes, warm)
+        key = _plan_key(call, warm)
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key], None
@@ -293,12 +280,35 @@ class RegionRunner:
         if rows == 1:
             call_seconds = 0.0  # one point only: all of it counts as per-row work
         probe = Probe(rows, seconds, _nbytes(outcome.value), min(call_seconds, seconds))
-        result = make(probe)
+        result = _make_plan(call, costs, probe)
         if warm or not result.fan_out:
             self._plans[key] = result
             while len(self._plans) > PLANS_KEPT:
-                self._plans.popitem(last=False)
+                self._whole_seconds.pop(self._plans.popitem(last=False)[0], None)
         return result, outcome if result.fan_out else None
+
+    def _learn(self, call: Call, kept: Plan, seconds: float) -> None:
+        """A warm auto plan that ran the call here whole is planned again from what whole
+        calls took: the probe times a slice that fits in cache, and a whole call can take much
+        longer (its temporaries are fresh memory the size of the data), which would otherwise
+        keep every later call of these shapes here. The shorter of the last two whole calls
+        counts, so one busy moment does not send the region's calls out. Elemwise regions
+        only: a reduction's float answer depends on its chunks, and a kept plan promises
+        repeated calls the same bits."""
+        costs = call.executor.costs()
+        key = _plan_key(call, warm=True)
+        if self.region.combine is not None or kept.probe is None or costs.startup_s > 0:
+            return
+        if self._plans.get(key) is not kept:
+            return
+        last = self._whole_seconds.get(key)
+        self._whole_seconds[key] = seconds
+        if last is None:
+            return
+        again = _make_plan(call, costs, kept.probe, here_seconds=min(last, seconds))
+        if again.fan_out:
+            self._plans[key] = again
+            del self._whole_seconds[key]
 
     def _coverage(self, done: dict[int, Outcome], call_plan: Plan, remote: bool) -> Coverage:
         """Which chunks to merge; raises a user error, or a lost chunk unless partial is allowed.
@@ -329,6 +339,33 @@ class RegionRunner:
                     error.__cause__ = lost[first].__cause__
                 _raise_lost(error, done[first].traceback)
         return coverage
+
+
+def _plan_key(call: Call, warm: bool) -> Hashable:
+    """What a region's auto plans are kept by: the executor, the arguments' shapes, and
+    whether the plan priced a start-up."""
+    return (call.name, id(call.executor), call.binding.shapes, warm)
+
+
+def _make_plan(
+    call: Call, costs: Costs, probe: Probe | None, here_seconds: float | None = None
+) -> Plan:
+    """`plan` for this call on `costs` (see there for `probe` and `here_seconds`)."""
+    binding, executor = call.binding, call.executor
+    moved_rows, moved_whole = binding.moved_bytes(costs.maps_shared_memory)
+    made = plan(
+        executor=call.name,
+        costs=costs,
+        rows=binding.rows,
+        row_bytes=binding.row_bytes,
+        shared_bytes=binding.shared_bytes,
+        chunks=call.chunks,
+        probe=probe,
+        sent_row_bytes=moved_rows,
+        sent_shared_bytes=moved_whole,
+        here_seconds=here_seconds,
+    )
+    return replace(made, orchestrated_by=getattr(executor, "orchestrated_by", ""))
 
 
 def _cold(costs: Costs, count: int | None) -> bool:

@@ -160,6 +160,7 @@ def plan(
     probe: Probe | None = None,
     sent_row_bytes: int | None = None,
     sent_shared_bytes: int | None = None,
+    here_seconds: float | None = None,
 ) -> Plan:
     """Plan a call: `chunks` given means exactly that many (fewer only if rows run out).
 
@@ -172,6 +173,11 @@ def plan(
     `chunks=None` means auto; then a `probe` of the leading rows must be given unless the
     executor has a single worker or there are fewer than two rows. In auto mode a fan-out plan
     starts with the probe's rows as chunk 0 (already computed) and splits the rest.
+
+    `here_seconds`: what whole calls like this one took in the caller, when some did. It is
+    the serial time then, not the probe's: the probe times a slice that fits in cache, and a
+    whole call may take longer (its temporaries are fresh memory the size of the data), while
+    the chunks are cache-sized as the probe was, so the fanned-out estimate keeps the probe's.
 
     >>> one = Costs(workers=1)
     >>> plan(executor="inline", costs=one, rows=100, row_bytes=8, shared_bytes=0,
@@ -218,6 +224,8 @@ def plan(
     if probe is None:
         raise ValueError("auto planning on a parallel executor needs a probe")
     serial = probe.call_seconds + probe.row_seconds * rows
+    timed = "" if here_seconds is None else f", the whole call here {here_seconds * 1e3:.3g} ms"
+    serial = serial if here_seconds is None else here_seconds
     rest = rows - probe.rows
     count = max(1, min(rest, costs.workers * CHUNKS_PER_WORKER))
     sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
@@ -240,7 +248,7 @@ def plan(
             and started < FAN_OUT_MARGIN * serial
             and serial - started >= costs.startup_s
         )
-        reason = f"fan-out does not pay: {estimate} (from a probe of {probe.rows} rows)"
+        reason = f"fan-out does not pay: {estimate} (from a probe of {probe.rows} rows{timed})"
         if wait_not and parallel < FAN_OUT_MARGIN * serial:
             reason = (
                 f"the workers are not started yet, and a call never waits for them: {estimate} "
@@ -255,7 +263,8 @@ def plan(
             )
         return result(whole, False, reason, warm_up)
     chunked = ((0, probe.rows), *split_rows(rest, count, start=probe.rows))
-    reason = f"fan-out pays: {estimate} (from a probe of {probe.rows} rows, reused as chunk 0)"
+    reused = ", reused as chunk 0" if here_seconds is None else timed
+    reason = f"fan-out pays: {estimate} (from a probe of {probe.rows} rows{reused})"
     return result(chunked, True, reason)
 
 

@@ -199,6 +199,66 @@ def test_cold_calls_that_each_save_less_than_the_start_up_start_the_pool_togethe
     assert events.count("start") == 1 and events.index("start") in (3, 4)
 
 
+def whole_calls_taking(pauses: list[float]) -> Any:
+    """A region whose whole calls (all the rows at once) take at least the next of `pauses`
+    seconds, as a call whose temporaries are fresh memory can, while its chunks do not."""
+
+    @lampy.elemwise(executor="modelpool")
+    def double(x: np.ndarray) -> np.ndarray:
+        if len(x) == ROWS:
+            events.append("whole here")
+            time.sleep(pauses.pop(0))
+        return x * 2
+
+    return double
+
+
+def test_whole_calls_slower_than_the_probe_foretold_send_later_calls_out(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool.warm = True
+    probed = timings(monkeypatch, 1e-8)  # 1 ms here by the probe, about 1.5 ms fanned out
+    f = whole_calls_taking([0.02, 0.02])
+    for _ in range(2):
+        np.testing.assert_array_equal(f(X), X * 2)
+    assert events == ["whole here", "whole here"]
+    np.testing.assert_array_equal(f(X), X * 2)
+    assert events[2:] == ["fan out"] and len(probed) == 2, "planned again without a probe"
+    assert "the whole call here" in f.explain(X).reason
+
+
+def test_a_reduction_keeps_its_plan_whatever_its_whole_calls_take(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its float answer depends on its chunks: repeated calls give the same bits."""
+    pool.warm = True
+    timings(monkeypatch, 1e-8)
+    pauses = [0.02] * 3
+
+    @lampy.sum(executor="modelpool")
+    def total(x: np.ndarray) -> float:
+        if len(x) == ROWS:
+            time.sleep(pauses.pop(0))
+        return float(x.sum())
+
+    assert len({total(X) for _ in range(3)}) == 1 and not pauses
+    assert "fan out" not in events
+
+
+def test_one_slow_whole_call_among_quick_ones_keeps_the_calls_here(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool.warm = True
+    timings(monkeypatch, 1e-8)
+    f = whole_calls_taking([0.02, 0.0, 0.02, 0.02])
+    for _ in range(3):
+        f(X)
+    assert "fan out" not in events, "the shorter of the last two whole calls counts"
+    f(X)
+    f(X)
+    assert events[-1] == "fan out"
+
+
 @pytest.mark.parametrize("maps", [True, False])
 @pytest.mark.parametrize("where", ["shared memory", "private"])
 def test_a_shared_input_costs_nothing_to_send_where_the_pool_maps_it(
