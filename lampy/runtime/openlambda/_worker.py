@@ -117,6 +117,17 @@ class Unrunnable(Exception):
         return _error(400, f"lambda {name} refused: {self}")
 
 
+# How numpy and its BLAS pick their kernels here (this machine's OPENBLAS_CORETYPE, say): a
+# sandbox computes as the client on this machine does, to the bit. Thread counts are set below.
+NUMERICS_PREFIXES = ("OPENBLAS_", "MKL_", "NPY_")
+
+
+def _passed_to_sandboxes(name: str) -> bool:
+    """Whether a variable of the worker's environment reaches its sandboxes: the basics a
+    process needs, and how numpy computes; nothing else (no secrets, no paths of the user's)."""
+    return name in ("PATH", "HOME", "LANG", "TMPDIR") or name.startswith(NUMERICS_PREFIXES)
+
+
 class Sandbox:
     """One sandbox process serving one lambda's code over a Unix socket."""
 
@@ -136,7 +147,7 @@ class Sandbox:
         """
         path = str(workdir / f"sb{serial}.sock")
         log = workdir / f"sb{serial}.log"
-        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+        env = {k: v for k, v in os.environ.items() if _passed_to_sandboxes(k)}
         env |= {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         become = []
         if uid is not None:  # the sandbox becomes `uid` before it reads the lambda's code

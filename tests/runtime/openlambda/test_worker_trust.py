@@ -159,3 +159,12 @@ def test_without_root_sandboxes_run_as_the_workers_user(make_worker: Any) -> Non
     install(worker.url, "echo", {"f.py": JSON_F, ".env": "GREETING=plain\n"})
     assert worker.worker.lambdas["echo"].uid is None
     assert json.loads(run_json(worker.url, "echo", {})[1])["env"] == "plain"
+
+
+def test_sandboxes_get_how_numpy_computes_here_and_no_other_setting() -> None:
+    """A sandbox's numpy picks the kernels the client's does on this machine (the same bits),
+    and learns nothing else of the worker's environment."""
+    for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "MKL_CBWR", "NPY_DISABLE_CPU_FEATURES"):
+        assert worker_module._passed_to_sandboxes(name), name
+    for name in ("LAMPY_SECRET", "AWS_SECRET_ACCESS_KEY", "PYTHONPATH", "LD_PRELOAD"):
+        assert not worker_module._passed_to_sandboxes(name), name
