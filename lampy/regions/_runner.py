@@ -105,7 +105,7 @@ class RegionRunner:
             if planned.plan.warm_up:  # after the call, which the start-up must not slow down
                 where.start()
             else:
-                self._learn(call, planned.plan, seconds)
+                self._learn(call, planned.plan, costs, seconds)
             return self.region.answer(whole, Coverage(planned.plan.chunks))
         done = planned.done
         job: Job | None = planned.job
@@ -287,25 +287,24 @@ class RegionRunner:
                 self._whole_seconds.pop(self._plans.popitem(last=False)[0], None)
         return result, outcome if result.fan_out else None
 
-    def _learn(self, call: Call, kept: Plan, seconds: float) -> None:
+    def _learn(self, call: Call, kept: Plan, costs: Costs, seconds: float) -> None:
         """A warm auto plan that ran the call here whole is planned again from what whole
         calls took: the probe times a slice that fits in cache, and a whole call can take much
         longer (its temporaries are fresh memory the size of the data), which would otherwise
         keep every later call of these shapes here. The shorter of the last two whole calls
         counts, so one busy moment does not send the region's calls out. Elemwise regions
         only: a reduction's float answer depends on its chunks, and a kept plan promises
-        repeated calls the same bits."""
-        costs = call.executor.costs()
-        key = _plan_key(call, warm=True)
-        if self.region.combine is not None or kept.probe is None or costs.startup_s > 0:
+        repeated calls the same bits. Calls no slower than the probe foretold cost no new plan."""
+        probe, key = kept.probe, _plan_key(call, warm=True)
+        if self.region.combine is not None or probe is None or costs.startup_s > 0:
             return
         if self._plans.get(key) is not kept:
             return
         last = self._whole_seconds.get(key)
         self._whole_seconds[key] = seconds
-        if last is None:
+        if last is None or min(last, seconds) <= probe.call_seconds + probe.row_seconds * kept.rows:
             return
-        again = _make_plan(call, costs, kept.probe, here_seconds=min(last, seconds))
+        again = _make_plan(call, costs, probe, here_seconds=min(last, seconds))
         if again.fan_out:
             self._plans[key] = again
             del self._whole_seconds[key]

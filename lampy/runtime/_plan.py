@@ -223,9 +223,10 @@ def plan(
         return result(whole, False, f"{rows} row(s) cannot be split")
     if probe is None:
         raise ValueError("auto planning on a parallel executor needs a probe")
-    serial = probe.call_seconds + probe.row_seconds * rows
-    timed = "" if here_seconds is None else f", the whole call here {here_seconds * 1e3:.3g} ms"
-    serial = serial if here_seconds is None else here_seconds
+    if here_seconds is None:
+        serial, timed = probe.call_seconds + probe.row_seconds * rows, ""
+    else:
+        serial, timed = here_seconds, f", the whole call here {here_seconds * 1e3:.3g} ms"
     rest = rows - probe.rows
     count = max(1, min(rest, costs.workers * CHUNKS_PER_WORKER))
     sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
