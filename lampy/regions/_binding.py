@@ -103,10 +103,12 @@ class Binding:
         joins_rows: bool = False,
         combine: Callable[[Any, Any], Any] | None = None,
         pace: float | None = None,
+        block_rows: int | None = None,
     ) -> Job:
         """A job running `function` over these arguments, cut into `chunks`; `combine` is the
         region's rule, for executors that merge partials where the chunks run; `pace` the
-        seconds per row the plan expects of a chunk (`Job.pace`)."""
+        seconds per row the plan expects of a chunk (`Job.pace`); `block_rows` the rows per
+        call within a chunk (`Job.block_rows`)."""
         return Job(
             function,
             self.args,
@@ -119,6 +121,7 @@ class Binding:
             combine=combine,
             joins_rows=joins_rows and bool(self.split),
             pace=pace,
+            block_rows=block_rows,
         )
 
 

@@ -234,6 +234,7 @@ class RegionRunner:
             joins_rows=region.combine is None,
             combine=region.combine,
             pace=call_plan.pace,
+            block_rows=call_plan.block_rows,
         )
 
     def answer(
@@ -265,7 +266,7 @@ class RegionRunner:
         if as_warm:
             costs = replace(costs, startup_s=0.0)
         if call.chunks is not None or costs.workers <= 1 or binding.rows < 2:
-            return _make_plan(call, costs, None), None
+            return self._make_plan(call, costs, None), None
         # A plan made on a cold executor priced its start-up: it is kept for cold calls only,
         # and the first call on the warm executor plans again.
         warm = costs.startup_s == 0
@@ -276,11 +277,13 @@ class RegionRunner:
         rows = probe_rows(binding.rows, binding.row_bytes)
         job = binding.job(self.region.function, ((0, 1), (0, rows)))
         with serial.timing("probe"), blas.one_thread():  # as in a worker; no BLAS threads left
-            (call_seconds, _), (seconds, outcome) = (_timed(job, 0), _timed(job, 1))
+            # the one-row call twice: a first call may set things up once (numpy's FFT plans)
+            call_seconds = min(_timed(job, 0)[0], _timed(job, 0)[0])
+            seconds, outcome = _timed(job, 1)
         if rows == 1:
             call_seconds = 0.0  # one point only: all of it counts as per-row work
         probe = Probe(rows, seconds, _nbytes(outcome.value), min(call_seconds, seconds))
-        result = _make_plan(call, costs, probe)
+        result = self._make_plan(call, costs, probe)
         if warm or not result.fan_out:
             self._plans[key] = result
             while len(self._plans) > PLANS_KEPT:
@@ -304,10 +307,32 @@ class RegionRunner:
         self._whole_seconds[key] = seconds
         if last is None or min(last, seconds) <= probe.call_seconds + probe.row_seconds * kept.rows:
             return
-        again = _make_plan(call, costs, probe, here_seconds=min(last, seconds))
+        again = self._make_plan(call, costs, probe, here_seconds=min(last, seconds))
         if again.fan_out:
             self._plans[key] = again
             del self._whole_seconds[key]
+
+    def _make_plan(
+        self, call: Call, costs: Costs, probe: Probe | None, here_seconds: float | None = None
+    ) -> Plan:
+        """`plan` for this call on `costs` (see there for `probe` and `here_seconds`); an
+        elemwise region's chunks may run in blocks of rows."""
+        binding, executor = call.binding, call.executor
+        moved_rows, moved_whole = binding.moved_bytes(costs.maps_shared_memory)
+        made = plan(
+            executor=call.name,
+            costs=costs,
+            rows=binding.rows,
+            row_bytes=binding.row_bytes,
+            shared_bytes=binding.shared_bytes,
+            chunks=call.chunks,
+            probe=probe,
+            sent_row_bytes=moved_rows,
+            sent_shared_bytes=moved_whole,
+            here_seconds=here_seconds,
+            rowwise=self.region.combine is None,
+        )
+        return replace(made, orchestrated_by=getattr(executor, "orchestrated_by", ""))
 
     def _coverage(self, done: dict[int, Outcome], call_plan: Plan, remote: bool) -> Coverage:
         """Which chunks to merge; raises a user error, or a lost chunk unless partial is allowed.
@@ -344,27 +369,6 @@ def _plan_key(call: Call, warm: bool) -> Hashable:
     """What a region's auto plans are kept by: the executor, the arguments' shapes, and
     whether the plan priced a start-up."""
     return (call.name, id(call.executor), call.binding.shapes, warm)
-
-
-def _make_plan(
-    call: Call, costs: Costs, probe: Probe | None, here_seconds: float | None = None
-) -> Plan:
-    """`plan` for this call on `costs` (see there for `probe` and `here_seconds`)."""
-    binding, executor = call.binding, call.executor
-    moved_rows, moved_whole = binding.moved_bytes(costs.maps_shared_memory)
-    made = plan(
-        executor=call.name,
-        costs=costs,
-        rows=binding.rows,
-        row_bytes=binding.row_bytes,
-        shared_bytes=binding.shared_bytes,
-        chunks=call.chunks,
-        probe=probe,
-        sent_row_bytes=moved_rows,
-        sent_shared_bytes=moved_whole,
-        here_seconds=here_seconds,
-    )
-    return replace(made, orchestrated_by=getattr(executor, "orchestrated_by", ""))
 
 
 def _cold(costs: Costs, count: int | None) -> bool:

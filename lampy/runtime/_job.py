@@ -124,6 +124,10 @@ class Job:
     #: its probe), or None: an executor that judges stragglers by an earlier job's pace goes by
     #: this one until it has timed the function itself (a first job's dropped call).
     pace: float | None = None
+    #: Rows per call of the function within an elemwise chunk (an auto plan's `block_rows`),
+    #: or None: one call per chunk. The local pool honours it (each block's rows are written
+    #: into the output while they are in cache); other executors call once per chunk.
+    block_rows: int | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def label(self, chunk: int) -> str:

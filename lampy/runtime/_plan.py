@@ -23,6 +23,13 @@ PROBE_FRACTION = 64
 # Chunks per worker when fanning out: more than one evens out uneven chunks and stragglers,
 # and cache-sized chunks beat one big block (bench/bench_core.py: 1.4x with 2 chunks, 1.8x with 8).
 CHUNKS_PER_WORKER = 4
+# A fanned-out elemwise chunk runs where it lands as several calls of the function, on blocks
+# of rows as small as the probe's (cache-sized: (a) of bench/bench_core.py computes 1.2x faster
+# per row on 256-row blocks than on 2,048-row chunks, its temporaries staying in cache), when a
+# call's fixed cost is at most this share of a block's time. A function with a large fixed
+# cost gets larger blocks, up to BLOCKS_UP_TO times the probe's rows, then none.
+BLOCK_FIXED_SHARE = 0.05
+BLOCKS_UP_TO = 4
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,9 @@ class Costs:
     #: Arrays already in lampy's shared memory reach the workers where they are (the local
     #: pool maps them by descriptor): they cost no bytes moved, whatever their size.
     maps_shared_memory: bool = False
+    #: Where chunks run, an elemwise chunk may be run as calls on blocks of its rows
+    #: (`Job.block_rows`): the local pool does.
+    runs_blocks: bool = False
 
     @property
     def result_byte_seconds(self) -> float:
@@ -91,6 +101,9 @@ class Plan:
     #: what an executor judges stragglers by before it has timed this function itself. None
     #: without a probe.
     pace: float | None = field(default=None, compare=False)
+    #: Rows per call of the function within a chunk where it runs (`block_rows`), or None: one
+    #: call per chunk.
+    block_rows: int | None = None
 
     @property
     def bytes_per_chunk(self) -> list[int]:
@@ -100,8 +113,9 @@ class Plan:
         where = self.executor if self.fan_out else "the calling process (no fan-out)"
         sizes = [stop - start for start, stop in self.chunks]
         rows = f"{min(sizes)}-{max(sizes)}" if sizes and min(sizes) != max(sizes) else sizes[0]
+        blocks = f", run in blocks of {self.block_rows} rows" if self.block_rows else ""
         return (
-            f"{len(self.chunks)} chunk(s) of {rows} rows "
+            f"{len(self.chunks)} chunk(s) of {rows} rows{blocks} "
             f"({self.row_bytes:,} bytes per row) on {where}; "
             f"{self.rows} rows x {self.row_bytes:,} bytes split, {self.shared_bytes:,} bytes "
             f"shared. Why: {self.reason}"
@@ -110,6 +124,20 @@ class Plan:
             if self.fan_out and self.orchestrated_by
             else ""
         )
+
+
+def blocks_of(rows: Rows, block_rows: int | None) -> tuple[Rows, ...]:
+    """A chunk's rows cut into calls of at most `block_rows` rows, evenly (None: one call).
+
+    >>> blocks_of((100, 110), 4)
+    ((100, 104), (104, 107), (107, 110))
+    >>> blocks_of((0, 10), None)
+    ((0, 10),)
+    """
+    start, stop = rows
+    if block_rows is None or stop - start <= block_rows:
+        return (rows,)
+    return split_rows(stop - start, -(-(stop - start) // block_rows), start)
 
 
 def split_rows(rows: int, chunks: int, start: int = 0) -> tuple[Rows, ...]:
@@ -149,6 +177,30 @@ def probe_rows(rows: int, row_bytes: int) -> int:
     return max(1, min(rows // PROBE_FRACTION, by_bytes))
 
 
+def block_rows(probe: Probe, chunk_rows: int) -> int | None:
+    """Rows per call of a rowwise function within a chunk of `chunk_rows` rows: the fewest,
+    from the probe's rows up, at which a call's fixed cost is at most BLOCK_FIXED_SHARE of its
+    time; None (one call per chunk) when that is more than BLOCKS_UP_TO times the probe's rows
+    or leaves fewer than two blocks to a chunk.
+
+    >>> block_rows(Probe(rows=256, seconds=1e-3, result_bytes=0, call_seconds=2e-5), 2048)
+    256
+    >>> block_rows(Probe(rows=256, seconds=1e-3, result_bytes=0, call_seconds=1.5e-4), 2048)
+    904
+    >>> block_rows(Probe(rows=256, seconds=1e-3, result_bytes=0, call_seconds=5e-4), 2048) is None
+    True
+    >>> block_rows(Probe(rows=256, seconds=1e-3, result_bytes=0, call_seconds=0.0), 300) is None
+    True
+    """
+    if probe.row_seconds <= 0:
+        return None
+    least = probe.call_seconds / (BLOCK_FIXED_SHARE * probe.row_seconds)
+    rows = max(probe.rows, int(-(-least // 1)))
+    if rows > BLOCKS_UP_TO * probe.rows or 2 * rows > chunk_rows:
+        return None
+    return rows
+
+
 def plan(
     *,
     executor: str,
@@ -161,6 +213,7 @@ def plan(
     sent_row_bytes: int | None = None,
     sent_shared_bytes: int | None = None,
     here_seconds: float | None = None,
+    rowwise: bool = False,
 ) -> Plan:
     """Plan a call: `chunks` given means exactly that many (fewer only if rows run out).
 
@@ -179,6 +232,10 @@ def plan(
     whole call may take longer (its temporaries are fresh memory the size of the data), while
     the chunks are cache-sized as the probe was, so the fanned-out estimate keeps the probe's.
 
+    `rowwise`: the function treats rows independently (elemwise), so an auto plan may have
+    each chunk run as calls on blocks of rows as small as the probe's (`block_rows`), which
+    keeps the probe's pace where chunks run: the estimate counts each call's fixed cost.
+
     >>> one = Costs(workers=1)
     >>> plan(executor="inline", costs=one, rows=100, row_bytes=8, shared_bytes=0,
     ...      chunks=None).reason
@@ -195,7 +252,13 @@ def plan(
     False
     """
 
-    def result(chunks: tuple[Rows, ...], fan_out: bool, reason: str, warm_up: bool = False) -> Plan:
+    def result(
+        chunks: tuple[Rows, ...],
+        fan_out: bool,
+        reason: str,
+        warm_up: bool = False,
+        blocks: int | None = None,
+    ) -> Plan:
         sent_row = row_bytes if sent_row_bytes is None else sent_row_bytes
         expected = None if probe is None else pace(probe, costs, sent_row)
         return Plan(
@@ -209,6 +272,7 @@ def plan(
             probe,
             warm_up,
             pace=expected,
+            block_rows=blocks,
         )
 
     if chunks is not None:
@@ -229,6 +293,9 @@ def plan(
         serial, timed = here_seconds, f", the whole call here {here_seconds * 1e3:.3g} ms"
     rest = rows - probe.rows
     count = max(1, min(rest, costs.workers * CHUNKS_PER_WORKER))
+    blocks = block_rows(probe, rest // count) if rowwise and costs.runs_blocks else None
+    per_chunk = -(-rest // count)
+    calls = count if blocks is None else count * -(-per_chunk // blocks)
     sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
     sent += (shared_bytes if sent_shared_bytes is None else sent_shared_bytes) * costs.workers
     returned = probe.result_bytes / probe.rows * rest
@@ -237,7 +304,7 @@ def plan(
         + sent * costs.seconds_per_byte
         + returned * costs.result_byte_seconds
         + count * costs.seconds_per_chunk
-        + (probe.row_seconds * rest + count * probe.call_seconds) / costs.workers
+        + (probe.row_seconds * rest + calls * probe.call_seconds) / costs.workers
     )
     parallel = started + costs.startup_s
     estimate = f"serial {serial * 1e3:.3g} ms against fanned out {parallel * 1e3:.3g} ms"
@@ -266,7 +333,7 @@ def plan(
     chunked = ((0, probe.rows), *split_rows(rest, count, start=probe.rows))
     reused = ", reused as chunk 0" if here_seconds is None else timed
     reason = f"fan-out pays: {estimate} (from a probe of {probe.rows} rows{reused})"
-    return result(chunked, True, reason)
+    return result(chunked, True, reason, blocks=blocks)
 
 
 def pace(probe: Probe, costs: Costs, sent_row_bytes: int) -> float:

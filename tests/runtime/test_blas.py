@@ -55,5 +55,5 @@ def test_the_auto_probe_runs_with_one_blas_thread() -> None:
     SEEN.clear()
     x = np.ones((4096, 64))
     np.testing.assert_array_equal(lampy.elemwise(executor="local")(record_threads)(x), x)
-    assert SEEN[:2] == [1, 1]  # the probe's two points (a job too small to fan out then runs
+    assert SEEN[:3] == [1, 1, 1]  # the probe's calls (a job too small to fan out then runs
     assert openblas_threads() == before  # here whole, with the caller's own thread count)

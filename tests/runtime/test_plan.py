@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lampy.runtime._plan import Costs, Probe, plan, probe_rows, split_rows
+from lampy.runtime._plan import (
+    BLOCK_FIXED_SHARE,
+    BLOCKS_UP_TO,
+    Costs,
+    Probe,
+    block_rows,
+    plan,
+    probe_rows,
+    split_rows,
+)
 
 TWO = Costs(workers=2, startup_s=0.0, seconds_per_byte=1 / 2.5e9, seconds_per_chunk=4e-4)
 
@@ -138,3 +147,48 @@ def test_an_auto_plan_prices_a_chunks_pace_from_its_probe() -> None:
     by_reference = plan(chunks=None, probe=probe, sent_row_bytes=0, **common())  # type: ignore[arg-type]
     assert by_reference.pace == pytest.approx(0.05 / 256 + 64 * TWO.seconds_per_byte)
     assert plan(chunks=4, **common()).pace is None  # type: ignore[arg-type]
+
+
+BLOCKS = Costs(workers=2, seconds_per_byte=1 / 2.5e9, seconds_per_chunk=4e-4, runs_blocks=True)
+CACHE_SIZED = Probe(rows=256, seconds=1e-2, result_bytes=256 * 512, call_seconds=2e-4)
+
+
+def test_rowwise_chunks_run_in_blocks_of_the_probes_rows_where_the_pool_can() -> None:
+    made = plan(**common(costs=BLOCKS, chunks=None, probe=CACHE_SIZED, rowwise=True))
+    assert made.fan_out and made.block_rows == 256
+    assert "run in blocks of 256 rows" in str(made)
+
+
+@pytest.mark.parametrize(
+    ("costs", "rowwise", "chunks"),
+    [(TWO, True, None), (BLOCKS, False, None), (BLOCKS, True, 8)],
+    ids=["the executor calls once per chunk", "a reduction", "chunks given"],
+)
+def test_no_blocks_unless_auto_plans_rowwise_work_for_a_pool_that_runs_them(
+    costs: Costs, rowwise: bool, chunks: int | None
+) -> None:
+    made = plan(**common(costs=costs, chunks=chunks, probe=CACHE_SIZED, rowwise=rowwise))
+    assert made.fan_out and made.block_rows is None
+
+
+@given(
+    rows=st.integers(1, 4096),
+    seconds=st.floats(1e-5, 1.0),
+    share=st.floats(0.0, 1.0),
+    chunk_rows=st.integers(1, 10**6),
+)
+def test_blocks_pay_each_calls_fixed_cost_at_most_5_percent(
+    rows: int, seconds: float, share: float, chunk_rows: int
+) -> None:
+    probe = Probe(rows=rows, seconds=seconds, result_bytes=0, call_seconds=share * seconds)
+    size = block_rows(probe, chunk_rows)
+    if size is not None:
+        assert rows <= size <= BLOCKS_UP_TO * rows and 2 * size <= chunk_rows
+        assert probe.call_seconds <= BLOCK_FIXED_SHARE * probe.row_seconds * size * (1 + 1e-9)
+
+
+def test_a_large_fixed_cost_gets_no_blocks() -> None:
+    costly = Probe(rows=256, seconds=1e-2, result_bytes=256 * 512, call_seconds=5e-3)
+    made = plan(**common(costs=BLOCKS, chunks=None, probe=costly, rowwise=True))
+    assert made.block_rows is None
+    assert made.fan_out

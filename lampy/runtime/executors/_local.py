@@ -432,7 +432,9 @@ class _Worker:
         assert self.ready, "a chunk for a worker still starting"
         with serial.timing("send"):
             if job.id not in self.jobs:
-                self.conn.send(("job", job.id, job.template, placed.split, placed.whole))
+                self.conn.send(
+                    ("job", job.id, job.template, placed.split, placed.whole, job.block_rows)
+                )
                 self.jobs.append(job.id)
             fds = list(placed.fds)
             where: Output | str | None = None
@@ -707,6 +709,7 @@ class LocalExecutor(Executor):
             seconds_per_result_byte=SECONDS_PER_RESULT_BYTE,
             starts_in_background=True,
             maps_shared_memory=True,
+            runs_blocks=True,
         )
 
     def _startup_left(self) -> float:

@@ -12,9 +12,11 @@ parent -> worker
   ("path", sys_path, probe)                 once, so functions importable in the parent import here;
                                             probe: (pid, address, bytes) of the caller's memory to
                                             read as a test, or None (the pool copies inputs itself)
-  ("job", job_id, template, split, whole)   the pickled (function, args, kwargs) and where each
+  ("job", job_id, template, split, whole, block_rows)
+                                            the pickled (function, args, kwargs), where each
                                             array is: ArrayRef (descriptor number and offset, or
-                                            an address in the caller's memory, ...)
+                                            an address in the caller's memory, ...), and the
+                                            rows per call within a chunk (Job.block_rows)
   ("chunk", job_id, chunk, start, stop, split, descriptors, output) + descriptors
                                             run one chunk; `descriptors` files hold its arrays
                                             (and the output, when `output` says where); split:
@@ -64,10 +66,11 @@ import numpy as np
 from lampy.runtime._codec import dumps
 from lampy.runtime._combine import Leaf, spec_of
 from lampy.runtime._job import RowSource, SplitArray
+from lampy.runtime._plan import blocks_of
 from lampy.runtime._shm import dump_to_file
 from lampy.runtime._sweep import watch
 from lampy.runtime._tree import leaves
-from lampy.runtime._worker_side import Outcome, Templates, run_task
+from lampy.runtime._worker_side import Loaded, Outcome, Templates, run_task
 from lampy.runtime.executors import _in_place as in_place
 from lampy.runtime.executors._caller_memory import _libc, read_into
 from lampy.runtime.executors._in_place import Slots
@@ -184,8 +187,8 @@ def serve(conn: Connection) -> None:
         if kind == "forget":
             _forget(message[1])
         elif kind == "job":
-            _, job_id, template, split, whole = message
-            templates.load(job_id, template, (split, whole))
+            _, job_id, template, split, whole, block_rows = message
+            templates.load(job_id, template, (split, whole, block_rows))
         elif kind == "chunk":
             _, job_id, chunk, start, stop, split, count, output = message
             fds = recv_fds(conn, count)
@@ -204,13 +207,13 @@ def serve(conn: Connection) -> None:
                 return  # said so in the answer: the caller sends nothing more here
 
 
-def _holds(slots: Slots | None) -> bool:
+def _holds(slots: list[Slots]) -> bool:
     """Whether an array still lives in the output's rows (a cycle may keep a dropped one
     until collected: collected first, only when it matters)."""
-    if slots is None or not slots.held():
+    if not any(s.held() for s in slots):
         return False
     gc.collect()
-    return slots.held()
+    return any(s.held() for s in slots)
 
 
 # an answer to send once the chunk's values are dropped: the message and a descriptor to pass
@@ -234,51 +237,104 @@ def _chunk(
     split: list[ArrayRef] | None,
     fds: list[int],
     output: Output | str | None,
-) -> tuple[Answer, Slots | None]:
+) -> tuple[Answer, list[Slots]]:
     """Run one chunk; returns its answer, to send, and the output rows offered to its
-    allocations, if any (`serve` checks, once the chunk's values are gone, that nothing kept
-    them, and says in the answer whether this worker leaves)."""
+    allocations (`serve` checks, once the chunk's values are gone, that nothing kept them,
+    and says in the answer whether this worker leaves).
+
+    An elemwise chunk of a job with `block_rows` runs as one call per block of rows, each
+    block's result written into the output while it is in cache. Rows that do not go into
+    the output after all (their structure differs from the output's) are sent back as one
+    value: the chunk then runs again as one call (functions are pure: chunks may run twice).
+    """
     started = time.perf_counter()
     job = templates.get(job_id)
     assert job is not None, "chunk of a job this worker was not sent"
-    split = split or job.extras[0]
-    whole = job.extras[1]
-    parts = [_array(fds, ref, rows) for ref in split]
-    encode = dump_to_file if output is None else _keep
-    call, target, offered = job.call, None, None
-    if isinstance(output, Output):
-        target = _rows_of(output, _mapped(fds[output.file]), rows)
-        takes = _takes_out(call)
-        if target is not None and takes is not None:  # numpy's out=: the function writes there
-            call = (takes[0], takes[1], {**takes[2], "out": target})
-        elif target is not None and job_id not in _many_arrays and in_place.available():
-            offered = target if isinstance(target, tuple) else (target,)  # result allocated there
-    with in_place.results_into(offered or ()) as slots:
-        outcome = run_task(call, parts, [_array(fds, r) for r in whole], encode)
-    if slots.exhausted:  # a function making many arrays: its next chunks go without
-        _many_arrays.append(job_id)
-    del parts
-    if outcome.error is None and output is not None:
+    run = _Rows(conn, job, (job_id, chunk), split or job.extras[0], fds, output)
+    blocks = blocks_of(rows, job.extras[2]) if output is not None else (rows,)
+    outcome: Outcome | None = None
+    for block in blocks:
+        outcome = run.call(block)
+        if outcome is not None:
+            break
+    if outcome is None:  # every block's rows are in the output
+        return (("wrote", chunk, run.busy(started)), None), run.slots
+    if outcome.error is None and len(blocks) > 1:
+        run.output = None
+        outcome = run.call(rows)
+        assert outcome is not None
+    return _answer(chunk, _encoded(outcome), run.busy(started)), run.slots
+
+
+def _encoded(outcome: Outcome) -> Outcome:
+    """A value encoded to send (an error here is the chunk's, as in run_task), or an error."""
+    if outcome.error is not None:
+        return outcome.portable()
+    value = outcome.value
+    return run_task((lambda: value, (), {}), [], [], dump_to_file)
+
+
+class _Rows:
+    """Calls of one job's function on rows of one chunk, each writing its result into the
+    output when there is one (asking the caller where it is the first time)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        job: Loaded,
+        names: tuple[str, int],
+        split: list[ArrayRef],
+        fds: list[int],
+        output: Output | str | None,
+    ) -> None:
+        self.conn, self.job, self.split, self.fds = conn, job, split, fds
+        self.job_id, self.chunk = names
+        self.output = output
+        self.takes = _takes_out(job.call)
+        self.slots: list[Slots] = []
+        self.waited = 0.0  # seconds spent waiting for the caller's answer
+
+    def busy(self, started: float) -> float:
+        """The seconds the chunk took here since `started` (waiting for the caller is not
+        busy)."""
+        return time.perf_counter() - started - self.waited
+
+    def call(self, rows: tuple[int, int]) -> Outcome | None:
+        """Run the function on these rows: None when its result is in the output, else its
+        outcome (the value as returned, or the error)."""
+        parts = [_array(self.fds, ref, rows) for ref in self.split]
+        call, target, offered = self.job.call, None, None
+        if isinstance(self.output, Output):
+            target = _rows_of(self.output, _mapped(self.fds[self.output.file]), rows)
+            if target is not None and self.takes is not None:  # numpy's out=: written there
+                call = (self.takes[0], self.takes[1], {**self.takes[2], "out": target})
+            elif target is not None and self.job_id not in _many_arrays and in_place.available():
+                offered = target if isinstance(target, tuple) else (target,)  # allocated there
+        with in_place.results_into(offered or ()) as slots:
+            whole = [_array(self.fds, r) for r in self.job.extras[1]]
+            outcome = run_task(call, parts, whole, _keep)
+        self.slots.append(slots)
+        if slots.exhausted:  # a function making many arrays: its next chunks go without
+            _many_arrays.append(self.job_id)
+        del parts
+        if outcome.error is not None or self.output is None:
+            return outcome
         value = outcome.value
         spec = spec_of(value, rows[1] - rows[0])
         if target is not None and _is_same(value, target):  # no copy: computed there
-            return (("wrote", chunk, time.perf_counter() - started), None), slots
-        if output == ASK and spec is not None:
+            return None
+        if self.output == ASK and spec is not None:
             asked = time.perf_counter()
-            conn.send(("spec", chunk, spec))
-            output, more = conn.recv()[1:]
-            started += time.perf_counter() - asked  # waiting for the caller is not busy
-            if isinstance(output, Output):
-                output = replace(output, file=len(fds))
-            fds += recv_fds(conn, more)
-        if isinstance(output, Output) and spec is not None and spec == output.spec:
-            _write(value, output, _mapped(fds[output.file]), rows)
-            return (("wrote", chunk, time.perf_counter() - started), None), slots
-        try:  # encoded only now; an error here is the chunk's, as in run_task
-            outcome = run_task((lambda: value, (), {}), [], [], dump_to_file)
-        finally:
-            del value
-    return _answer(chunk, outcome, time.perf_counter() - started), slots
+            self.conn.send(("spec", self.chunk, spec))
+            output, more = self.conn.recv()[1:]
+            self.waited += time.perf_counter() - asked
+            placed = isinstance(output, Output)
+            self.output = replace(output, file=len(self.fds)) if placed else None
+            self.fds += recv_fds(self.conn, more)
+        if isinstance(self.output, Output) and spec is not None and spec == self.output.spec:
+            _write(value, self.output, _mapped(self.fds[self.output.file]), rows)
+            return None
+        return outcome
 
 
 def _keep(value: Any) -> Any:
