@@ -16,7 +16,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lampy._errors import RemoteTraceback, RetriesExhausted, SerializationError
@@ -46,6 +46,12 @@ from lampy.runtime._worker_side import Outcome, run_task
 from lampy.runtime.executors import Executor
 
 PLANS_KEPT = 32  # auto decisions remembered per region (by argument shapes)
+# A warm auto plan whose chunks may run in blocks (`Plan.block_rows`) runs its first calls with
+# and without them, in turn, BLOCK_TRIALS times each; blocks are kept when the quicker of their
+# calls beats the quicker of the others by this factor. Whether cache-sized calls pay depends
+# on the function (the Fisher features batch their rows themselves: blocks cost them 6 %).
+BLOCK_TRIALS = 2
+BLOCKS_MARGIN = 0.95
 # An auto call on a pool still starting is probed when its split arrays hold this much (the
 # probe is then at most 1/64 of the work): if fanning out would pay and the call would outlast
 # the start-up, its chunks run here while the workers start, and the workers take the rest.
@@ -73,6 +79,14 @@ class Planned:
     done: dict[int, Outcome]  # the chunks the caller ran (the probe's rows), by number
 
 
+@dataclass
+class _BlockTrial:
+    """A kept plan's fanned-out calls, timed in blocks of `rows` rows (True) and without."""
+
+    rows: int
+    seconds: dict[bool, list[float]] = field(default_factory=lambda: {True: [], False: []})
+
+
 class RegionRunner:
     """Runs the calls of one region; keeps its auto plans across calls."""
 
@@ -80,6 +94,7 @@ class RegionRunner:
         self.region = region
         self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
         self._whole_seconds: dict[Hashable, float] = {}  # a kept plan's last call here, timed
+        self._block_trials: dict[Hashable, _BlockTrial | None] = {}  # None: decided
         self._saving = 0.0  # what a warm pool would have saved this region's cold calls so far
 
     def run(
@@ -117,7 +132,10 @@ class RegionRunner:
             done = self._here_while_starting(call, planned)
             job = self._rest(call, planned.plan, len(done))
         if job is not None:
+            started = time.perf_counter()
             outcomes = where.run(job)
+            if not cold and call.chunks is None:
+                self._try_blocks(call, planned.plan, time.perf_counter() - started)
             done = done | {chunk + job.first: outcome for chunk, outcome in outcomes.items()}
         return self.answer(done, planned.plan, where.needs_pickle, where.result_sink)
 
@@ -287,7 +305,9 @@ class RegionRunner:
         if warm or not result.fan_out:
             self._plans[key] = result
             while len(self._plans) > PLANS_KEPT:
-                self._whole_seconds.pop(self._plans.popitem(last=False)[0], None)
+                evicted = self._plans.popitem(last=False)[0]
+                self._whole_seconds.pop(evicted, None)
+                self._block_trials.pop(evicted, None)
         return result, outcome if result.fan_out else None
 
     def _learn(self, call: Call, kept: Plan, costs: Costs, seconds: float) -> None:
@@ -311,6 +331,32 @@ class RegionRunner:
         if again.fan_out:
             self._plans[key] = again
             del self._whole_seconds[key]
+            self._block_trials.pop(key, None)
+
+    def _try_blocks(self, call: Call, ran: Plan, seconds: float) -> None:
+        """A warm auto plan's fanned-out call took `seconds`. While it is not known whether
+        its chunks gain from running in blocks, the next call runs the other way (the kept
+        plan alternates); once each way has run BLOCK_TRIALS times, the quicker is kept
+        (blocks only when clearly quicker, by the shortest call of each way, so a first call's
+        one-off costs, such as the workers importing the function's module, do not count)."""
+        key = _plan_key(call, warm=True)
+        if self._plans.get(key) is not ran:
+            return  # not the kept plan
+        if key in self._block_trials:
+            trial = self._block_trials[key]
+            if trial is None:
+                return  # decided
+        elif ran.block_rows is None:
+            return  # nothing to try
+        else:
+            trial = self._block_trials[key] = _BlockTrial(ran.block_rows)
+        trial.seconds[ran.block_rows is not None].append(seconds)
+        if min(len(times) for times in trial.seconds.values()) < BLOCK_TRIALS:
+            self._plans[key] = replace(ran, block_rows=None if ran.block_rows else trial.rows)
+            return
+        self._block_trials[key] = None
+        quicker = min(trial.seconds[True]) < BLOCKS_MARGIN * min(trial.seconds[False])
+        self._plans[key] = replace(ran, block_rows=trial.rows if quicker else None)
 
     def _make_plan(
         self, call: Call, costs: Costs, probe: Probe | None, here_seconds: float | None = None

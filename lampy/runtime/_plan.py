@@ -192,8 +192,8 @@ def block_rows(probe: Probe, chunk_rows: int) -> int | None:
     >>> block_rows(Probe(rows=256, seconds=1e-3, result_bytes=0, call_seconds=0.0), 300) is None
     True
     """
-    if probe.row_seconds <= 0:
-        return None
+    if probe.rows < 2 or probe.row_seconds <= 0:
+        return None  # one point: a call's fixed cost is not known
     least = probe.call_seconds / (BLOCK_FIXED_SHARE * probe.row_seconds)
     rows = max(probe.rows, int(-(-least // 1)))
     if rows > BLOCKS_UP_TO * probe.rows or 2 * rows > chunk_rows:

@@ -33,6 +33,9 @@ class ModelPool(InlineExecutor):
     startup_s = 0.4
     background = False  # as the local pool: starts in the background, never waited for
     maps = False  # as the local pool: arrays in lampy's shared memory are not moved
+    blocks = False  # as the local pool: runs an elemwise chunk in blocks of rows
+    block_rows: list[int | None] = []  # each job's, in order
+    seconds = {True: 0.0, False: 0.0}  # what a job takes with blocks and without
 
     def costs(self) -> Costs:
         return Costs(
@@ -42,6 +45,7 @@ class ModelPool(InlineExecutor):
             seconds_per_chunk=1e-4,
             starts_in_background=self.background,
             maps_shared_memory=self.maps,
+            runs_blocks=self.blocks,
         )
 
     def is_warm(self) -> bool:
@@ -52,6 +56,8 @@ class ModelPool(InlineExecutor):
 
     def run(self, job: Job) -> dict[int, Outcome]:
         events.append("fan out")
+        self.block_rows.append(job.block_rows)
+        time.sleep(self.seconds[job.block_rows is not None])
         return super().run(job)
 
 
@@ -59,7 +65,8 @@ class ModelPool(InlineExecutor):
 def pool() -> Iterator[type[ModelPool]]:
     events.clear()
     ModelPool.warm, ModelPool.startup_s, ModelPool.background = False, 0.4, False
-    ModelPool.maps = False
+    ModelPool.maps, ModelPool.blocks, ModelPool.block_rows = False, False, []
+    ModelPool.seconds = {True: 0.0, False: 0.0}
     executors.register("modelpool", ModelPool)
     try:
         yield ModelPool
@@ -319,3 +326,36 @@ def test_answer_raises_a_chunks_user_error_and_a_lost_chunk(pool: type[ModelPool
         runner.answer({0: Outcome(error=lost), 1: halves[1]}, planned.plan, remote=True)
     both = runner.answer(dict(enumerate(halves)), planned.plan, remote=True)
     np.testing.assert_array_equal(both, X * 2)
+
+
+@pytest.mark.parametrize(
+    ("blocked", "unblocked", "kept"), [(0.02, 0.05, True), (0.05, 0.02, False)]
+)
+def test_blocks_are_tried_against_whole_chunks_and_the_quicker_way_is_kept(
+    pool: type[ModelPool],
+    monkeypatch: pytest.MonkeyPatch,
+    blocked: float,
+    unblocked: float,
+    kept: bool,
+) -> None:
+    pool.warm, pool.blocks, pool.seconds = True, True, {True: blocked, False: unblocked}
+    timings(monkeypatch, 1e-4)  # 10 s here, and each call's fixed cost 1e-4 s: blocks may pay
+    f = region()
+    for _ in range(2 * runner_module.BLOCK_TRIALS + 2):
+        np.testing.assert_array_equal(f(X), X * 2)
+    size = pool.block_rows[0]
+    assert size is not None, "the plan's chunks may run in blocks"
+    assert pool.block_rows[:4] == [size, None, size, None], "each way in turn"
+    assert pool.block_rows[4:] == [size if kept else None] * 2, "then the quicker way"
+    assert ("run in blocks" in str(f.explain(X))) is kept
+
+
+def test_a_reduction_is_never_run_in_blocks(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool.warm, pool.blocks = True, True
+    timings(monkeypatch, 1e-4)
+    total = lampy.sum(executor="modelpool")(lambda x: x.sum())
+    for _ in range(3):
+        assert total(X) == X.sum()
+    assert pool.block_rows == [None] * 3
