@@ -68,7 +68,7 @@ NAMES = {
     "tensorflow": "TensorFlow (CPU)",
     "joblib": f"joblib (loky processes), {CHUNKS} chunks",
 }
-WARM_CALLS = 5  # auto settles by the fifth call (its block trial: two calls each way)
+WARM_CALLS = 5
 DASK = [NAMES["dask-threads"], NAMES["dask-distributed"]]
 PEER_NAMES = {"tensorflow": "TensorFlow (tensorflow-cpu)", "joblib": "joblib"}
 
@@ -306,9 +306,10 @@ def test_workload(
         fn = make(
             row.need(module, {"tensorflow": "TensorFlow (tensorflow-cpu)"}.get(module, module))
         )
-    # Warm: pools started, imports done, plans made. Auto settles by the third call: it
-    # replans an elemwise call kept here from the last two whole calls, and the first call
-    # that fans out pays the workers' import of this module (docs/executors.md).
+    # Warm: pools started, imports done, plans made. Auto settles by the fifth call: it
+    # replans an elemwise call kept here from the last two whole calls, tries a fanned-out
+    # plan's blocks against whole chunks (two calls each), and the first call that fans out
+    # pays the workers' import of this module (docs/executors.md).
     for _ in range(WARM_CALLS):
         fn()
     result = benchmark.pedantic(fn, rounds=rounds, iterations=1)

@@ -106,6 +106,11 @@ class ChunkScheduler:
         """Chunks with an attempt in flight."""
         return len(self._running)
 
+    @property
+    def waiting(self) -> int:
+        """Chunks waiting to start (at most: one that has since finished may still count)."""
+        return len(self._todo) + len(self._again)
+
     def next(self) -> int | None:
         """The next chunk to start (retries first, lowest first), or None."""
         while (self._again or self._todo) and not self.stopped:

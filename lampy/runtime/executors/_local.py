@@ -40,6 +40,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -386,7 +387,6 @@ class _Worker:
         self.ready = False  # its imports are done: it is sent chunks only then
         self.started_at = time.monotonic()  # its start-up clock (restarted when hurried)
         self.startup_deadline = self.started_at + STARTUP_TIMEOUT_S
-        self.sent_at = 0.0  # when its chunk left (perf_counter)
         self.busy = 0.0  # the seconds its last chunk took in the worker, as it said
         self.leaving = False  # it said it exits after its last answer
         self.reads = False  # it read the caller's probe: it can copy rows from our memory
@@ -445,7 +445,6 @@ class _Worker:
                 where = ASK
             self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk], rows, len(fds), where))
             send_fds(self.conn, fds)
-            self.sent_at = time.perf_counter()
 
     def answer(self, output: _Output | None) -> None:
         """Tell a worker that described its rows where they go (None: send them back)."""
@@ -768,19 +767,37 @@ class LocalExecutor(Executor):
         return [w.process.pid for w in self.pool.workers]
 
 
+@dataclass
+class _Sent:
+    """A chunk sent to a worker. The worker is on it once the chunk before it there, if any,
+    is answered: its `deadline` (monotonic) and `since` (perf_counter, for the round trip)
+    count from then (infinite and 0 while it waits)."""
+
+    chunk: int
+    deadline: float = float("inf")
+    since: float = 0.0
+
+    def begin(self, timeout: float) -> None:
+        self.deadline, self.since = time.monotonic() + timeout, time.perf_counter()
+
+
 class _Dispatch:
     """One job on the pool: keep every ready worker busy until each chunk has its outcome.
 
     Every worker is in one place: `idle` (ready, no chunk), `starting` (not ready yet: sent
     nothing until it is, so no send can block on a worker that never reads) or `busy` (on a
-    chunk). The loop never waits forever: it waits on the connection and the process of each
+    chunk, and perhaps with the next one waiting in its socket: while more chunks wait than
+    there are workers, each busy worker is sent one more, so it goes on at once instead of
+    waiting for this process to hear its answer; the last ones go to whichever worker is free
+    first). The loop never waits forever: it waits on the connection and the process of each
     starting and busy worker (whose death is noticed at once: end of file, or its pidfd), with a
     timeout at the earliest deadline, which is finite for a starting worker (STARTUP_TIMEOUT_S)
     and is the chunk's `timeout` for a busy one. Without pidfds it wakes every LIVENESS_S to
     look at the processes itself. A worker that dies or passes its deadline is replaced; a busy
-    one's chunk is charged to the scheduler (which decides whether it runs again), a starting
-    one's loss is charged to the pool's start-up, and START_FAILURES_PER_WORKER such losses per
-    worker in a row, with no chunk finishing in between, end the job with WorkersDidNotStart.
+    one's chunk is charged to the scheduler (which decides whether it runs again; a chunk that
+    waited behind it runs again uncharged), a starting one's loss is charged to the pool's
+    start-up, and START_FAILURES_PER_WORKER such losses per worker in a row, with no chunk
+    finishing in between, end the job with WorkersDidNotStart.
 
     An elemwise job's workers write their rows into one shared output, made when the first of
     them describes its rows; each such chunk's outcome is a view of its rows there.
@@ -794,7 +811,7 @@ class _Dispatch:
         self.output: _Output | None = None
         self.idle = [w for w in pool.workers if w.ready]
         self.starting = [w for w in pool.workers if not w.ready]
-        self.busy: dict[_Worker, tuple[int, float]] = {}  # worker -> its chunk, deadline
+        self.busy: dict[_Worker, list[_Sent]] = {}  # worker -> its chunk, and the one waiting
         self.failed_starts: list[str] = []  # workers lost in a row before running a chunk
         self.waiting = time.perf_counter() if not self.idle else 0.0  # for start-up
 
@@ -814,19 +831,36 @@ class _Dispatch:
                 self.pool.drop(worker)
 
     def _hand_out(self) -> None:
-        """A chunk to each idle worker while there are chunks to start."""
+        """A chunk to each idle worker while there are chunks to start; then one more to each
+        worker on a single chunk, while more chunks wait than there are workers (and, for
+        rows joined in one output, once it is made: a chunk sent where its rows go computes
+        them there)."""
         scheduler = self.scheduler
         while self.idle and (chunk := scheduler.next()) is not None:
-            worker = self.idle.pop()
-            rows = self.placed.rows_for(chunk)
-            try:
-                worker.send(self.job, chunk, self.placed, rows, self.output, self.job.joins_rows)
-            except OSError:  # died while idle: the chunk never ran there
-                scheduler.again(chunk)
+            self._send(self.idle.pop(), chunk)
+        if self.job.joins_rows and self.output is None:
+            return
+        for worker in [w for w, sent in self.busy.items() if len(sent) == 1]:
+            if scheduler.waiting < self.pool.size or (chunk := scheduler.next()) is None:
+                return
+            self._send(worker, chunk)
+
+    def _send(self, worker: _Worker, chunk: int) -> None:
+        rows = self.placed.rows_for(chunk)
+        try:
+            worker.send(self.job, chunk, self.placed, rows, self.output, self.job.joins_rows)
+        except OSError:  # it died: the chunk never ran there
+            self.scheduler.again(chunk)
+            if worker in self.busy:
+                self._died(worker)
+            else:
                 self._failed_start(worker, f"worker pid {worker.pid} {worker.exit_status()}")
-                continue
-            scheduler.start(chunk, time.monotonic())
-            self.busy[worker] = (chunk, time.monotonic() + self.timeout)
+            return
+        self.scheduler.start(chunk, time.monotonic())
+        queue = self.busy.setdefault(worker, [])
+        queue.append(_Sent(chunk))
+        if len(queue) == 1:
+            queue[0].begin(self.timeout)
 
     def _wait(self) -> None:
         """Wait for the first message, death or deadline among the busy and starting workers,
@@ -858,7 +892,7 @@ class _Dispatch:
 
     def _deadline(self, worker: _Worker) -> float:
         if worker in self.busy:
-            return self.busy[worker][1]
+            return self.busy[worker][0].deadline
         return worker.startup_deadline
 
     def _hear(self, worker: _Worker) -> None:
@@ -878,7 +912,8 @@ class _Dispatch:
                 serial.add("start-up", time.perf_counter() - self.waiting)
                 self.waiting = 0.0
             return
-        chunk = self.busy[worker][0]
+        queue = self.busy[worker]
+        chunk = queue[0].chunk
         if kind == "spec":  # still on its chunk: it asks where its rows go
             if self.output is None and value is not None:
                 self.output = _Output(value, self.job.split[0].shape[0])
@@ -891,11 +926,16 @@ class _Dispatch:
         if kind == "wrote":
             assert self.output is not None
             value = Outcome(value=self.output.rows(*self.job.chunks[chunk]))
-        del self.busy[worker]
-        self.pool.timed(time.perf_counter() - worker.sent_at - worker.busy)
+        self.pool.timed(time.perf_counter() - queue.pop(0).since - worker.busy)
         if worker.leaving:  # it exits after this answer: never send it another chunk
+            del self.busy[worker]
+            for sent in queue:  # it will not run the chunk that waited there
+                self.scheduler.again(sent.chunk)
             self.starting.append(self.pool.replace(worker))
+        elif queue:
+            queue[0].begin(self.timeout)
         else:
+            del self.busy[worker]
             self.idle.append(worker)
         self.failed_starts.clear()
         self.scheduler.finished(chunk, value, time.monotonic())
@@ -903,9 +943,7 @@ class _Dispatch:
     def _died(self, worker: _Worker) -> None:
         why = f"worker pid {worker.pid} {worker.exit_status()}"
         if worker in self.busy:
-            chunk, _ = self.busy.pop(worker)
-            self.starting.append(self.pool.replace(worker))
-            self.scheduler.failed(chunk, WorkerLost(why))
+            self._lost(worker, WorkerLost(why))
         else:
             self.starting.remove(worker)
             self._failed_start(worker, f"{why} before it was ready")
@@ -913,10 +951,8 @@ class _Dispatch:
     def _overdue(self, worker: _Worker) -> None:
         worker.process.kill()
         if worker in self.busy:
-            chunk, _ = self.busy.pop(worker)
-            self.starting.append(self.pool.replace(worker))
             why = f"did not finish the chunk within timeout={self.timeout:g}s and was killed"
-            self.scheduler.failed(chunk, WorkerLost(f"worker pid {worker.pid} {why}"))
+            self._lost(worker, WorkerLost(f"worker pid {worker.pid} {why}"))
         else:
             self.starting.remove(worker)
             self._failed_start(
@@ -924,6 +960,14 @@ class _Dispatch:
                 f"worker pid {worker.pid} did not finish starting within "
                 f"{STARTUP_TIMEOUT_S:g} s and was killed",
             )
+
+    def _lost(self, worker: _Worker, why: WorkerLost) -> None:
+        """A busy worker is gone: its chunk is charged, the one waiting there runs again."""
+        running, *waiting = self.busy.pop(worker)
+        self.starting.append(self.pool.replace(worker))
+        for sent in waiting:
+            self.scheduler.again(sent.chunk)
+        self.scheduler.failed(running.chunk, why)
 
     def _failed_start(self, worker: _Worker, why: str) -> None:
         """A worker was lost before it ran a chunk (while starting, or idle): a fresh one takes

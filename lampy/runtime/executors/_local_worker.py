@@ -171,6 +171,31 @@ def _can_read(probe: tuple[int, int, bytes] | None) -> bool:
     return got.tobytes() == expected
 
 
+class _Inbox:
+    """The caller's messages, each with the descriptors passed after it. The caller may send
+    the next chunk (and its job) while this worker is still on one, even while the chunk waits
+    for the answer to its "spec": those messages wait here, in order, until their turn."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.waiting: deque[tuple[tuple[Any, ...], list[int]]] = deque()
+
+    def next(self) -> tuple[tuple[Any, ...], list[int]]:
+        """The next message and its descriptors. EOFError: the caller is gone."""
+        return self.waiting.popleft() if self.waiting else self._read()
+
+    def answer(self) -> tuple[tuple[Any, ...], list[int]]:
+        """The answer to a "spec" just sent (messages that came before it wait their turn)."""
+        while (message := self._read())[0][0] != "out":
+            self.waiting.append(message)
+        return message
+
+    def _read(self) -> tuple[tuple[Any, ...], list[int]]:
+        message = self.conn.recv()
+        count = {"chunk": 6, "out": 2}.get(message[0])
+        return message, recv_fds(self.conn, message[count]) if count is not None else []
+
+
 def serve(conn: Connection) -> None:
     global _caller
     templates = Templates()
@@ -178,9 +203,10 @@ def serve(conn: Connection) -> None:
     sys.path[:0] = [p for p in path if p not in sys.path]
     _caller = probe[0] if probe is not None else 0
     conn.send(("ready", _can_read(probe)))
+    inbox = _Inbox(conn)
     while True:
         try:
-            message = conn.recv()
+            message, fds = inbox.next()
         except EOFError:
             return
         kind = message[0]
@@ -190,11 +216,10 @@ def serve(conn: Connection) -> None:
             _, job_id, template, split, whole, block_rows = message
             templates.load(job_id, template, (split, whole, block_rows))
         elif kind == "chunk":
-            _, job_id, chunk, start, stop, split, count, output = message
-            fds = recv_fds(conn, count)
+            _, job_id, chunk, start, stop, split, _, output = message
             try:
                 answer, slots = _chunk(
-                    conn, templates, job_id, chunk, (start, stop), split, fds, output
+                    inbox, templates, job_id, chunk, (start, stop), split, fds, output
                 )
             finally:
                 for fd in fds:
@@ -229,7 +254,7 @@ def _send_answer(conn: Connection, answer: Answer, leaving: bool) -> None:
 
 
 def _chunk(
-    conn: Connection,
+    inbox: _Inbox,
     templates: Templates,
     job_id: str,
     chunk: int,
@@ -250,7 +275,7 @@ def _chunk(
     started = time.perf_counter()
     job = templates.get(job_id)
     assert job is not None, "chunk of a job this worker was not sent"
-    run = _Rows(conn, job, (job_id, chunk), split or job.extras[0], fds, output)
+    run = _Rows(inbox, job, (job_id, chunk), split or job.extras[0], fds, output)
     blocks = blocks_of(rows, job.extras[2]) if output is not None else (rows,)
     outcome: Outcome | None = None
     for block in blocks:
@@ -280,14 +305,14 @@ class _Rows:
 
     def __init__(
         self,
-        conn: Connection,
+        inbox: _Inbox,
         job: Loaded,
         names: tuple[str, int],
         split: list[ArrayRef],
         fds: list[int],
         output: Output | str | None,
     ) -> None:
-        self.conn, self.job, self.split, self.fds = conn, job, split, fds
+        self.inbox, self.job, self.split, self.fds = inbox, job, split, fds
         self.job_id, self.chunk = names
         self.output = output
         self.takes = _takes_out(job.call)
@@ -325,12 +350,12 @@ class _Rows:
             return None
         if self.output == ASK and spec is not None:
             asked = time.perf_counter()
-            self.conn.send(("spec", self.chunk, spec))
-            output, more = self.conn.recv()[1:]
+            self.inbox.conn.send(("spec", self.chunk, spec))
+            (_, output, _), passed = self.inbox.answer()
             self.waited += time.perf_counter() - asked
             placed = isinstance(output, Output)
             self.output = replace(output, file=len(self.fds)) if placed else None
-            self.fds += recv_fds(self.conn, more)
+            self.fds += passed
         if isinstance(self.output, Output) and spec is not None and spec == self.output.spec:
             _write(value, self.output, _mapped(self.fds[self.output.file]), rows)
             return None
