@@ -192,8 +192,12 @@ class _Inbox:
 
     def _read(self) -> tuple[tuple[Any, ...], list[int]]:
         message = self.conn.recv()
-        count = {"chunk": 6, "out": 2}.get(message[0])
+        count = _DESCRIPTORS_AT.get(message[0])
         return message, recv_fds(self.conn, message[count]) if count is not None else []
+
+
+# where a message says how many descriptors follow it (see the module's docstring)
+_DESCRIPTORS_AT = {"chunk": 6, "out": 2}
 
 
 def serve(conn: Connection) -> None:
@@ -292,9 +296,10 @@ def _chunk(
 
 
 def _encoded(outcome: Outcome) -> Outcome:
-    """A value encoded to send (an error here is the chunk's, as in run_task), or an error."""
+    """A value encoded to send (an error here is the chunk's, as in run_task); an error (made
+    portable by run_task already) as it is."""
     if outcome.error is not None:
-        return outcome.portable()
+        return outcome
     value = outcome.value
     return run_task((lambda: value, (), {}), [], [], dump_to_file)
 

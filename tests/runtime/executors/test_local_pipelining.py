@@ -5,7 +5,6 @@ waited behind a lost one runs again without being charged an attempt."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 from multiprocessing.connection import Connection
 
@@ -13,6 +12,8 @@ import numpy as np
 
 import lampy
 from lampy.runtime.executors._local_worker import _Inbox, send_fds
+
+from .test_local import kill_on_row_5
 
 
 def test_messages_that_come_before_the_answer_wait_their_turn() -> None:
@@ -42,16 +43,10 @@ def test_messages_that_come_before_the_answer_wait_their_turn() -> None:
         worker.close()
 
 
-def kill_on_row_0(x: np.ndarray) -> dict[str, np.ndarray]:
-    if 0 in x:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return {"n": np.array(len(x)), "s": x.sum(0)}
-
-
 def test_a_chunk_that_waited_behind_a_lost_one_runs_again_uncharged() -> None:
     # 2 workers, 10 chunks: each worker has a chunk waiting behind its first, and with one
     # attempt each, a waiting chunk charged for its worker's death would be lost too
-    f = lampy.sum(chunks=10, allow_partial=0.8)(kill_on_row_0)
+    f = lampy.sum(chunks=10, allow_partial=0.8)(kill_on_row_5)  # chunk 0 kills its worker
     with lampy.using(executor="local", workers=2, attempts=1):
         value, coverage = f(np.arange(100))
     assert list(coverage.lost) == [0]
