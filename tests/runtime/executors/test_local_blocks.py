@@ -8,10 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lampy.regions._binding import bind
 from lampy.runtime import executors
 from lampy.runtime._job import Job
+from lampy.runtime._plan import split_rows
 from lampy.runtime.executors._local import LocalExecutor
 
 X = np.arange(2000.0)
@@ -92,3 +95,26 @@ def test_an_error_in_a_later_block_is_its_chunks_error() -> None:
     assert "fails_at_row_600" in outcomes[0].traceback
     if 1 in outcomes:
         np.testing.assert_array_equal(outcomes[1].value, X[1000:] + 1)
+
+
+def scaled_norms(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.abs(x)) * np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 3000),
+    width=st.integers(1, 5),
+    chunks=st.integers(1, 9),
+    block_rows=st.one_of(st.none(), st.integers(1, 700)),
+)
+def test_any_chunks_and_blocks_give_numpys_rows(
+    rows: int, width: int, chunks: int, block_rows: int | None
+) -> None:
+    x = np.random.default_rng(rows * 7 + width).standard_normal((rows, width))
+    cuts = split_rows(rows, chunks)
+    made = bind(scaled_norms, frozenset(), (x,), {}).job(
+        scaled_norms, cuts, joins_rows=True, block_rows=block_rows
+    )
+    got = np.concatenate(values(pool().run(made)))
+    np.testing.assert_array_equal(got, scaled_norms(x))
