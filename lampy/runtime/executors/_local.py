@@ -849,12 +849,13 @@ class _Dispatch:
         rows = self.placed.rows_for(chunk)
         try:
             worker.send(self.job, chunk, self.placed, rows, self.output, self.job.joins_rows)
-        except OSError:  # it died: the chunk never ran there
+        except OSError:  # it is gone: the chunk never ran there
             self.scheduler.again(chunk)
-            if worker in self.busy:
-                self._died(worker)
-            else:
+            if worker not in self.busy:
                 self._failed_start(worker, f"worker pid {worker.pid} {worker.exit_status()}")
+            # else its socket still holds what it said last (an answer, and that it leaves),
+            # which the next wait reads before its end of file: the chunk it was on is not
+            # lost before then
             return
         self.scheduler.start(chunk, time.monotonic())
         queue = self.busy.setdefault(worker, [])
