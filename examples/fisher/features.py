@@ -224,14 +224,18 @@ def rows_features(body: np.ndarray, edges: np.ndarray, rate: int, win: int, hop:
 
     Rows go through in batches of `BATCH_BLOCKS`, so the temporaries (frames, spectra) stay a
     few MB however large the chunk: one big batch is memory-bound and several times slower.
+    A sample that is not a number gives features that are not either, quietly, wherever the
+    rows run: the pipeline names such samples itself (`pipeline.diarize`), where numpy would
+    warn first, or fail under warnings as errors, only when the rows run in the caller.
     """
     per_block = body.shape[1] // hop
     out = np.empty((body.shape[0], per_block, len(FEATURE_NAMES)))
-    for lo in range(0, body.shape[0], BATCH_BLOCKS):
-        hi = lo + BATCH_BLOCKS
-        rows = np.hstack([edges[lo:hi, :hop], body[lo:hi], edges[lo:hi, hop:]])
-        frames = sliding_window_view(rows, win, axis=1)[:, ::hop]
-        out[lo:hi] = block_features(frames, rate)
+    with np.errstate(invalid="ignore"):
+        for lo in range(0, body.shape[0], BATCH_BLOCKS):
+            hi = lo + BATCH_BLOCKS
+            rows = np.hstack([edges[lo:hi, :hop], body[lo:hi], edges[lo:hi, hop:]])
+            frames = sliding_window_view(rows, win, axis=1)[:, ::hop]
+            out[lo:hi] = block_features(frames, rate)
     return out
 
 

@@ -9,6 +9,7 @@ when that pays; otherwise the call runs in the caller's process as one plain fun
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 Rows = tuple[int, int]
@@ -195,7 +196,7 @@ def block_rows(probe: Probe, chunk_rows: int) -> int | None:
     if probe.rows < 2 or probe.row_seconds <= 0:
         return None  # one point: a call's fixed cost is not known
     least = probe.call_seconds / (BLOCK_FIXED_SHARE * probe.row_seconds)
-    rows = max(probe.rows, int(-(-least // 1)))
+    rows = max(probe.rows, math.ceil(least))
     if rows > BLOCKS_UP_TO * probe.rows or 2 * rows > chunk_rows:
         return None
     return rows
@@ -294,8 +295,7 @@ def plan(
     rest = rows - probe.rows
     count = max(1, min(rest, costs.workers * CHUNKS_PER_WORKER))
     blocks = block_rows(probe, rest // count) if rowwise and costs.runs_blocks else None
-    per_chunk = -(-rest // count)
-    calls = count if blocks is None else count * -(-per_chunk // blocks)
+    calls = sum(len(blocks_of(c, blocks)) for c in split_rows(rest, count, start=probe.rows))
     sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
     sent += (shared_bytes if sent_shared_bytes is None else sent_shared_bytes) * costs.workers
     returned = probe.result_bytes / probe.rows * rest

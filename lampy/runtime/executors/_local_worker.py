@@ -321,6 +321,7 @@ class _Rows:
         self.job_id, self.chunk = names
         self.output = output
         self.takes = _takes_out(job.call)
+        self.whole = [_array(fds, ref) for ref in job.extras[1]]  # views: made once a chunk
         self.slots: list[Slots] = []
         self.waited = 0.0  # seconds spent waiting for the caller's answer
 
@@ -341,8 +342,7 @@ class _Rows:
             elif target is not None and self.job_id not in _many_arrays and in_place.available():
                 offered = target if isinstance(target, tuple) else (target,)  # allocated there
         with in_place.results_into(offered or ()) as slots:
-            whole = [_array(self.fds, r) for r in self.job.extras[1]]
-            outcome = run_task(call, parts, whole, _keep)
+            outcome = run_task(call, parts, self.whole, _keep)
         self.slots.append(slots)
         if slots.exhausted:  # a function making many arrays: its next chunks go without
             _many_arrays.append(self.job_id)
