@@ -23,7 +23,11 @@ PROBE_BYTES = 1 << 21
 PROBE_FRACTION = 64
 # Chunks per worker when fanning out: more than one evens out uneven chunks and stragglers,
 # and cache-sized chunks beat one big block (bench/bench_core.py: 1.4x with 2 chunks, 1.8x with 8).
+# An auto plan's chunks are at most this large, and shrink toward the end (`tapered_rows`).
 CHUNKS_PER_WORKER = 4
+# A tapered chunk is never so small that its fixed costs (the executor's per chunk, the
+# function's per call) pass this share of its time.
+TAPER_FIXED_SHARE = 0.05
 # A fanned-out elemwise chunk runs where it lands as several calls of the function, on blocks
 # of rows as small as the probe's (cache-sized: (a) of bench/bench_core.py computes 1.2x faster
 # per row on 256-row blocks than on 2,048-row chunks, its temporaries staying in cache), when a
@@ -164,6 +168,34 @@ def split_rows(rows: int, chunks: int, start: int = 0) -> tuple[Rows, ...]:
     return tuple(itertools.pairwise(bounds))
 
 
+def tapered_rows(rows: int, workers: int, least: int, start: int = 0) -> tuple[Rows, ...]:
+    """Cut rows [start, start + rows) into chunks that shrink toward the end (guided
+    self-scheduling): each takes 1 / (2 * workers) of the rows still left, at most 1 /
+    (workers * CHUNKS_PER_WORKER) of them all, and at least `least` rows (the last may hold
+    from half that to one and a half times).
+
+    Chunks go to whichever worker is free, in order, so the call ends when the last ones do:
+    short last chunks leave no worker idle for long while another finishes a long one, and a
+    worker slowed by a neighbour on its core simply takes fewer of them.
+
+    >>> [b - a for a, b in tapered_rows(1000, 2, 20)]
+    [125, 125, 125, 125, 125, 94, 71, 53, 40, 30, 22, 20, 20, 25]
+    >>> tapered_rows(7, 2, 20, start=5)
+    ((5, 6), (6, 7), (7, 8), (8, 9), (9, 10), (10, 11), (11, 12))
+    """
+    most = max(1, -(-rows // (workers * CHUNKS_PER_WORKER)))
+    least = max(1, min(least, most))
+    bounds = [start]
+    left = rows
+    while left > 0:
+        size = min(left, max(least, min(most, -(-left // (2 * workers)))))
+        if 2 * (left - size) < least:  # no stub under half the least after the last chunk
+            size = left
+        bounds.append(bounds[-1] + size)
+        left -= size
+    return tuple(itertools.pairwise(bounds)) or ((start, start),)
+
+
 def probe_rows(rows: int, row_bytes: int) -> int:
     """How many leading rows the auto planner times: small, but at least one.
 
@@ -246,7 +278,7 @@ def plan(
     >>> p = plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
     ...          chunks=None, probe=heavy)
     >>> p.fan_out, p.chunks[:2], len(p.chunks)
-    (True, ((0, 10), (10, 134)), 9)
+    (True, ((0, 10), (10, 134)), 25)
     >>> light = Probe(rows=10, seconds=1e-6, result_bytes=80)
     >>> plan(executor="local", costs=two, rows=1000, row_bytes=8, shared_bytes=0,
     ...      chunks=None, probe=light).fan_out
@@ -293,9 +325,11 @@ def plan(
     else:
         serial, timed = here_seconds, f", the whole call here {here_seconds * 1e3:.3g} ms"
     rest = rows - probe.rows
-    count = max(1, min(rest, costs.workers * CHUNKS_PER_WORKER))
-    blocks = block_rows(probe, rest // count) if rowwise and costs.runs_blocks else None
-    calls = sum(len(blocks_of(c, blocks)) for c in split_rows(rest, count, start=probe.rows))
+    split = tapered_rows(rest, costs.workers, _least_rows(probe, costs), start=probe.rows)
+    count = len(split)
+    largest = split[0][1] - split[0][0]
+    blocks = block_rows(probe, largest) if rowwise and costs.runs_blocks else None
+    calls = sum(len(blocks_of(c, blocks)) for c in split)
     sent = rows * (row_bytes if sent_row_bytes is None else sent_row_bytes)
     sent += (shared_bytes if sent_shared_bytes is None else sent_shared_bytes) * costs.workers
     returned = probe.result_bytes / probe.rows * rest
@@ -330,10 +364,25 @@ def plan(
                 f"will pay ({started * 1e3:.3g} ms)"
             )
         return result(whole, False, reason, warm_up)
-    chunked = ((0, probe.rows), *split_rows(rest, count, start=probe.rows))
+    chunked = ((0, probe.rows), *split)
     reused = ", reused as chunk 0" if here_seconds is None else timed
     reason = f"fan-out pays: {estimate} (from a probe of {probe.rows} rows{reused})"
     return result(chunked, True, reason, blocks=blocks)
+
+
+def _least_rows(probe: Probe, costs: Costs) -> int:
+    """The fewest rows a tapered chunk may have: its fixed costs, a call of the function and
+    the executor's own per chunk (`seconds_per_chunk` is that share of it each of the workers
+    pays), at most TAPER_FIXED_SHARE of its time.
+
+    >>> _least_rows(Probe(rows=10, seconds=0.01, result_bytes=0), Costs(workers=2,
+    ...     seconds_per_chunk=1e-4))
+    4
+    """
+    if probe.row_seconds <= 0:
+        return probe.rows
+    fixed = probe.call_seconds + costs.seconds_per_chunk * costs.workers
+    return max(1, math.ceil(fixed / (TAPER_FIXED_SHARE * probe.row_seconds)))
 
 
 def pace(probe: Probe, costs: Costs, sent_row_bytes: int) -> float:

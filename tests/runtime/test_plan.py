@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 from hypothesis import given
@@ -11,12 +12,15 @@ from hypothesis import strategies as st
 from lampy.runtime._plan import (
     BLOCK_FIXED_SHARE,
     BLOCKS_UP_TO,
+    CHUNKS_PER_WORKER,
+    TAPER_FIXED_SHARE,
     Costs,
     Probe,
     block_rows,
     plan,
     probe_rows,
     split_rows,
+    tapered_rows,
 )
 
 TWO = Costs(workers=2, startup_s=0.0, seconds_per_byte=1 / 2.5e9, seconds_per_chunk=4e-4)
@@ -30,6 +34,39 @@ def test_split_rows_covers_every_row_once(rows: int, chunks: int, start: int) ->
     sizes = [stop - begin for begin, stop in ranges]
     assert len(ranges) == max(1, min(chunks, rows))
     assert max(sizes) - min(sizes) <= 1
+
+
+@given(
+    rows=st.integers(0, 100_000),
+    workers=st.integers(1, 64),
+    least=st.integers(1, 5_000),
+    start=st.integers(0, 50),
+)
+def test_tapered_rows_cover_every_row_once_and_shrink(
+    rows: int, workers: int, least: int, start: int
+) -> None:
+    ranges = tapered_rows(rows, workers, least, start)
+    assert ranges[0][0] == start and ranges[-1][1] == start + rows
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    sizes = [stop - begin for begin, stop in ranges]
+    most = max(1, -(-rows // (workers * CHUNKS_PER_WORKER)))
+    floor = min(least, most)
+    assert all(floor <= size <= most for size in sizes[:-1])
+    assert sizes[:-1] == sorted(sizes[:-1], reverse=True)  # shrinking toward the end ...
+    assert sizes[-1] <= max(most, 1.5 * floor)  # the last takes a stub ...
+    if len(sizes) > 1:
+        assert sizes[-1] >= floor / 2  # ... or is no stub itself
+
+
+def test_an_auto_plan_ends_on_short_chunks() -> None:
+    probe = Probe(rows=19, seconds=19 * 5e-4, result_bytes=19 * 19_456, call_seconds=1e-4)
+    p = plan(chunks=None, probe=probe, rowwise=True, **common(rows=2253, row_bytes=102_400))  # type: ignore[arg-type]
+    sizes = [stop - start for start, stop in p.chunks]
+    assert p.fan_out and sizes[0] == 19 and sum(sizes) == 2253
+    assert sizes[1] == -(-(2253 - 19) // (2 * CHUNKS_PER_WORKER))
+    fixed = probe.call_seconds + TWO.seconds_per_chunk * TWO.workers
+    assert min(sizes[1:-1]) * probe.row_seconds * TAPER_FIXED_SHARE >= fixed * (1 - 1e-9)
+    assert max(sizes[-3:]) < sizes[1] / 4  # the call ends on chunks a quarter the size or less
 
 
 @given(rows=st.integers(2, 10**9), row_bytes=st.integers(1, 10**8))
@@ -58,7 +95,9 @@ def test_memory_bound_work_stays_in_process() -> None:
 def test_compute_bound_work_fans_out_and_reuses_the_probe() -> None:
     probe = Probe(rows=256, seconds=0.05, result_bytes=256 * 64)
     p = plan(chunks=None, probe=probe, **common())  # type: ignore[arg-type]
-    assert p.fan_out and p.chunks[0] == (0, 256) and len(p.chunks) == 9
+    least = math.ceil(2 * TWO.seconds_per_chunk / (TAPER_FIXED_SHARE * probe.row_seconds))
+    assert p.fan_out and p.chunks[0] == (0, 256)
+    assert p.chunks[1:] == tapered_rows(100_000 - 256, 2, least, start=256)
     assert "reused as chunk 0" in p.reason
 
 
