@@ -314,6 +314,12 @@ def test_workload(
         fn()
     result = benchmark.pedantic(fn, rounds=rounds, iterations=1)
     _check(result, expected[workload], w.exact)
+    if system == "local":  # what auto settled on, so a surprising row says why
+        plan = fn.explain()  # type: ignore[attr-defined]
+        blocks = f" in blocks of {plan.block_rows} rows" if plan.block_rows else ""
+        settled = f"{len(plan.chunks)} chunks{blocks}" if plan.fan_out else "kept in the caller"
+        note = info.get("note")
+        benchmark.extra_info["note"] = f"{note}; auto: {settled}" if note else f"auto: {settled}"
     if system == "numpy-1core" and not w.memory_bytes:
         benchmark.extra_info["limit_s"] = benchmark.stats.stats.median / cores()
 
@@ -340,6 +346,11 @@ def _lampy(w: Workload, system: str, row: Row, request: pytest.FixtureRequest) -
         with lampy.using(executor=executor, **options):
             return f(*w.args)
 
+    def explain() -> lampy.Plan:
+        with lampy.using(executor=executor, **options):
+            return f.explain(*w.args)
+
+    run.explain = explain  # type: ignore[attr-defined]
     return run
 
 
