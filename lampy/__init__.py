@@ -43,7 +43,7 @@ from lampy.regions._decorators import elemwise, reduce, sum
 from lampy.regions._function import ParallelFunction
 from lampy.regions._partial import Coverage, Partial
 from lampy.regions._submit import JobHandle, job, submit
-from lampy.runtime import executors
+from lampy.runtime import _allocator, executors
 from lampy.runtime._plan import Plan
 from lampy.runtime._settings import resolve_executor, resolve_options, using
 from lampy.runtime._shm import asshared, empty
@@ -52,6 +52,10 @@ from lampy.runtime.executors import register as register_executor
 from lampy.runtime.remote._reference import RemoteArray, remote, upload
 
 __version__ = "0.1.0"
+
+# This process's numpy temporaries reuse freed memory, as in lampy's workers (an auto probe's
+# one-row calls would otherwise leave glibc's thresholds where later calls fault in fresh pages).
+_allocator.keep_freed_memory()
 
 
 def prewarm(n: int, executor: str | None = None, **options: Any) -> int:

@@ -20,16 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from lampy.runtime._allocator import libc
+
 
 class _IoVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-@cache
-def _libc() -> Any:
-    """The C library, found among this process's own symbols: `ctypes.util.find_library`
-    would start an `ldconfig -p` process in the caller and in every worker at start-up."""
-    return ctypes.CDLL(None, use_errno=True)
 
 
 @cache
@@ -38,7 +33,7 @@ def _syscall() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        function = _libc().process_vm_readv
+        function = libc().process_vm_readv
     except (OSError, AttributeError):
         return None
     function.restype = ctypes.c_ssize_t
@@ -102,6 +97,6 @@ def readable() -> bool:
 def _dumpable() -> bool:
     pr_get_dumpable = 3
     try:
-        return bool(_libc().prctl(pr_get_dumpable, 0, 0, 0, 0) == 1)
+        return bool(libc().prctl(pr_get_dumpable, 0, 0, 0, 0) == 1)
     except (OSError, AttributeError):
         return False

@@ -47,7 +47,6 @@ unmaps them and their memory is freed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import inspect
 import mmap
@@ -63,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from lampy.runtime._allocator import keep_freed_memory
 from lampy.runtime._codec import dumps
 from lampy.runtime._combine import Leaf, spec_of
 from lampy.runtime._job import RowSource, SplitArray
@@ -72,7 +72,7 @@ from lampy.runtime._sweep import watch
 from lampy.runtime._tree import leaves
 from lampy.runtime._worker_side import Loaded, Outcome, Templates, run_task
 from lampy.runtime.executors import _in_place as in_place
-from lampy.runtime.executors._caller_memory import _libc, read_into
+from lampy.runtime.executors._caller_memory import read_into
 from lampy.runtime.executors._in_place import Slots
 
 
@@ -471,35 +471,6 @@ def _answer(chunk: int, outcome: Outcome, busy: float) -> Answer:
         payload, layout, fd = outcome.value
         return ("ok", chunk, payload, layout, busy), fd
     return ("error", chunk, dumps(outcome.error), outcome.traceback, busy), None
-
-
-# glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-KEEP_FREE_BYTES = 64 << 20  # freed heap a worker keeps for its next temporaries
-MMAP_ABOVE_BYTES = 32 << 20  # larger allocations are mapped (and unmapped) each time
-
-
-def keep_freed_memory() -> None:
-    """Keep the heap's freed memory for the next chunk instead of handing it back to the OS.
-
-    glibc returns freed memory at the top of the heap once more than twice its mmap threshold
-    is free, and that threshold moves with what was freed last. A chunk that works in batches
-    (allocate a few large temporaries, free them, again) could then get fresh pages for every
-    batch: in the Fisher hour's features, 1.4 million page faults (3 s of system time) per call
-    over the two workers, against a few hundred with fixed thresholds. Fixed here: a worker
-    keeps up to KEEP_FREE_BYTES of free heap. Left alone when the user set glibc's MALLOC_*
-    variables, and where there is no mallopt (not glibc).
-    """
-    if any(name in os.environ for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
-        return
-    try:
-        mallopt = _libc().mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE_BYTES)
-    mallopt(M_TRIM_THRESHOLD, KEEP_FREE_BYTES)
 
 
 def main() -> None:

@@ -395,13 +395,14 @@ def test_reading_the_callers_memory_starts_no_helper_process(
     worker at start-up, for a library already loaded. libc comes from the process's symbols."""
     import ctypes.util
 
+    from lampy.runtime import _allocator
     from lampy.runtime.executors import _caller_memory as caller_memory
 
     def refused(name: str) -> str:
         raise AssertionError(f"find_library({name!r}) starts an ldconfig process")
 
     expected = caller_memory.readable()
-    caches = (caller_memory._libc, caller_memory._syscall)
+    caches = (_allocator.libc, caller_memory._syscall)
     monkeypatch.setattr(ctypes.util, "find_library", refused)
     for cached in caches:
         cached.cache_clear()
