@@ -44,7 +44,7 @@ def keep_freed_memory() -> bool:
         return False
     try:
         mallopt = libc().mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library by that name, or no mallopt
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(

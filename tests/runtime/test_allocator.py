@@ -53,3 +53,12 @@ def test_the_user_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(_allocator.OPT_OUT)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert not _allocator.keep_freed_memory()
+
+
+def test_a_c_library_without_mallopt_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """musl, macOS: no mallopt; `import lampy` must still work there."""
+    monkeypatch.delenv(_allocator.OPT_OUT, raising=False)
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_allocator, "libc", lambda: object())
+    assert not _allocator.keep_freed_memory()
