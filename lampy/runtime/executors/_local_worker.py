@@ -208,6 +208,11 @@ def serve(conn: Connection) -> None:
     _caller = probe[0] if probe is not None else 0
     conn.send(("ready", _can_read(probe)))
     inbox = _Inbox(conn)
+    # Seconds spent loading a job (unpickling its template: the function's module imported
+    # here the first time), counted as its next chunk's work: the caller averages what a
+    # chunk costs beyond its work into the pool's per-chunk price, which a first import of
+    # seconds would inflate for the plans made after it.
+    loading: dict[str, float] = {}
     while True:
         try:
             message, fds = inbox.next()
@@ -218,13 +223,16 @@ def serve(conn: Connection) -> None:
             _forget(message[1])
         elif kind == "job":
             _, job_id, template, split, whole, block_rows = message
+            started = time.perf_counter()
             templates.load(job_id, template, (split, whole, block_rows))
+            loading[job_id] = time.perf_counter() - started
         elif kind == "chunk":
             _, job_id, chunk, start, stop, split, _, output = message
             try:
                 answer, slots = _chunk(
                     inbox, templates, job_id, chunk, (start, stop), split, fds, output
                 )
+                answer = _counting(answer, loading.pop(job_id, 0.0))
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -234,6 +242,14 @@ def serve(conn: Connection) -> None:
             _send_answer(conn, answer, leaving)
             if leaving:
                 return  # said so in the answer: the caller sends nothing more here
+
+
+def _counting(answer: Answer, seconds: float) -> Answer:
+    """The answer with `seconds` more of busy time (its message's last item)."""
+    if not seconds:
+        return answer
+    message, fd = answer
+    return (*message[:-1], message[-1] + seconds), fd
 
 
 def _holds(slots: list[Slots]) -> bool:

@@ -463,3 +463,40 @@ def test_the_pool_moves_no_bytes_for_arrays_in_shared_memory() -> None:
     shared_x = lampy.asshared(np.zeros(8))
     shared_binding = region.runner.prepare((shared_x, table), {}, "local").binding
     assert shared_binding.moved_bytes(True) == (0, 0)
+
+
+LOAD_S = 0.5
+
+
+def _loaded_slowly(seconds: float) -> _SlowToLoad:
+    time.sleep(seconds)
+    return _SlowToLoad()
+
+
+class _SlowToLoad:
+    """An argument that takes LOAD_S to unpickle, as a job whose function's module a worker
+    imports the first time."""
+
+    def __reduce__(self) -> tuple[object, tuple[float]]:
+        return (_loaded_slowly, (LOAD_S,))
+
+
+@lampy.elemwise(chunks=2, executor="local")
+def plus_one(x: np.ndarray, _: _SlowToLoad) -> np.ndarray:
+    return x + 1
+
+
+@lampy.elemwise(chunks=2, executor="local")
+def plus(x: np.ndarray) -> np.ndarray:
+    return x + 1
+
+
+def test_loading_a_job_is_not_priced_as_each_chunks_overhead() -> None:
+    """The pool prices a chunk's cost beyond its work from the round trips it sees; the time a
+    worker spends loading a new job (a first import) is that job's work, not every chunk's."""
+    x = np.arange(8.0)
+    np.testing.assert_array_equal(plus_one(x, _SlowToLoad()), x + 1)  # the pool warm
+    for _ in range(20):  # the average settles on quick chunks
+        np.testing.assert_array_equal(plus(x), x + 1)
+    np.testing.assert_array_equal(plus_one(x, _SlowToLoad()), x + 1)
+    assert pool().pool.round_trip < 0.2 * LOAD_S / 4
