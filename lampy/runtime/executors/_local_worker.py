@@ -230,9 +230,16 @@ def serve(conn: Connection) -> None:
             _, job_id, chunk, start, stop, split, _, output = message
             try:
                 answer, slots = _chunk(
-                    inbox, templates, job_id, chunk, (start, stop), split, fds, output
+                    inbox,
+                    templates,
+                    job_id,
+                    chunk,
+                    (start, stop),
+                    split,
+                    fds,
+                    output,
+                    loading.pop(job_id, 0.0),
                 )
-                answer = _counting(answer, loading.pop(job_id, 0.0))
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -242,14 +249,6 @@ def serve(conn: Connection) -> None:
             _send_answer(conn, answer, leaving)
             if leaving:
                 return  # said so in the answer: the caller sends nothing more here
-
-
-def _counting(answer: Answer, seconds: float) -> Answer:
-    """The answer with `seconds` more of busy time (its message's last item)."""
-    if not seconds:
-        return answer
-    message, fd = answer
-    return (*message[:-1], message[-1] + seconds), fd
 
 
 def _holds(slots: list[Slots]) -> bool:
@@ -282,17 +281,19 @@ def _chunk(
     split: list[ArrayRef] | None,
     fds: list[int],
     output: Output | str | None,
+    loading: float,
 ) -> tuple[Answer, list[Slots]]:
     """Run one chunk; returns its answer, to send, and the output rows offered to its
     allocations (`serve` checks, once the chunk's values are gone, that nothing kept them,
-    and says in the answer whether this worker leaves).
+    and says in the answer whether this worker leaves). `loading`: the seconds its job took
+    to load just before, counted in the answer's busy time as the chunk's work.
 
     An elemwise chunk of a job with `block_rows` runs as one call per block of rows, each
     block's result written into the output while it is in cache. Rows that do not go into
     the output after all (their structure differs from the output's) are sent back as one
     value: the chunk then runs again as one call (functions are pure: chunks may run twice).
     """
-    started = time.perf_counter()
+    started = time.perf_counter() - loading
     job = templates.get(job_id)
     assert job is not None, "chunk of a job this worker was not sent"
     run = _Rows(inbox, job, (job_id, chunk), split or job.extras[0], fds, output)
