@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .vad import runs
+from .vad import run_starts
 
 
 @dataclass(frozen=True)
@@ -82,19 +82,27 @@ def labels_to_turns(
 ) -> list[Turn]:
     """Turns from per-frame labels (-1 = silence); same-speaker turns < `max_gap` apart merge.
 
-    Frame i stands for [offset + i * step, offset + (i + 1) * step).
+    Frame i stands for [offset + i * step, offset + (i + 1) * step). The runs and merges are
+    found over all frames at once (an hour has thousands of turns): a run of one label starts
+    a new turn unless the turn before it is the same speaker's and ends less than `max_gap`
+    before it, the turns being in time order.
     """
-    turns: list[Turn] = []
-    for label in np.unique(labels[labels >= 0]):
-        starts, ends = runs(labels == label)
-        pairs = zip(starts, ends, strict=True)
-        turns += [Turn(offset + s * step, offset + e * step, f"spk{label}") for s, e in pairs]
-    turns.sort(key=lambda t: t.start)
-    merged: list[Turn] = []
-    for turn in turns:
-        last = merged[-1] if merged else None
-        if last and last.speaker == turn.speaker and turn.start - last.end < max_gap:
-            merged[-1] = Turn(last.start, turn.end, last.speaker)
-        else:
-            merged.append(turn)
-    return merged
+    labels = np.asarray(labels)
+    if not labels.size:
+        return []
+    starts, _ = run_starts(labels)
+    ends = np.append(starts[1:], labels.size)
+    speech = labels[starts] >= 0
+    starts, ends, speaker = starts[speech], ends[speech], labels[starts[speech]]
+    if not starts.size:
+        return []
+    begin, finish = offset + starts * step, offset + ends * step
+    joins = (speaker[1:] == speaker[:-1]) & (begin[1:] - finish[:-1] < max_gap)
+    first = np.flatnonzero(np.concatenate([[True], ~joins]))
+    last = np.append(first[1:], starts.size) - 1
+    return [
+        Turn(a, b, f"spk{label}")
+        for a, b, label in zip(
+            begin[first].tolist(), finish[last].tolist(), speaker[first].tolist(), strict=True
+        )
+    ]

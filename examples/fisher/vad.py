@@ -133,7 +133,9 @@ def speech_score(
     rather than the many bands; the floors are a region over the bands (`band_floors`), the
     per-frame scoring one over the frames (`band_excess`).
     """
-    coefs = coefs.reshape(coefs.shape[0], -1)
+    # Contiguous first: the coefficients are a few columns of the feature matrix, and the
+    # shifted adds over strided rows took twice as long as the copy and the adds together.
+    coefs = np.ascontiguousarray(coefs.reshape(coefs.shape[0], -1))
     to_levels = np.eye(coefs.shape[1]) if to_levels is None else to_levels
     coefs = moving_average(coefs, max(1, round(smooth / step)))
     # Every 4th frame is plenty for a percentile, at a quarter of the sorting.

@@ -2,6 +2,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from examples.fisher import vad
 from examples.fisher.rttm import RttmError, Turn, format_rttm, labels_to_turns, read_rttm
@@ -28,6 +30,43 @@ def test_labels_to_turns_merges_short_same_speaker_gaps() -> None:
         Turn(2.5, 3.5, "spk1"),
         Turn(5.0, 5.5, "spk1"),
     ]
+
+
+def _turns_speaker_by_speaker(
+    labels: np.ndarray, step: float, max_gap: float, offset: float
+) -> list[Turn]:
+    """labels_to_turns the slow, plain way: each speaker's runs, sorted, merged one by one."""
+    turns = []
+    for label in np.unique(labels[labels >= 0]):
+        starts, ends = vad.runs(labels == label)
+        turns += [
+            Turn(offset + s * step, offset + e * step, f"spk{label}")
+            for s, e in zip(starts, ends, strict=True)
+        ]
+    turns.sort(key=lambda t: t.start)
+    merged: list[Turn] = []
+    for turn in turns:
+        last = merged[-1] if merged else None
+        if last and last.speaker == turn.speaker and turn.start - last.end < max_gap:
+            merged[-1] = Turn(last.start, turn.end, last.speaker)
+        else:
+            merged.append(turn)
+    return merged
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(-1, 3), st.integers(1, 6)), max_size=40),
+    st.sampled_from([0.025, 0.1, 0.5]),
+    st.sampled_from([0.0, 0.025, 0.6, 1.0]),
+    st.sampled_from([0.0, 0.0125]),
+)
+def test_labels_to_turns_is_the_speaker_by_speaker_merge(
+    runs: list[tuple[int, int]], step: float, max_gap: float, offset: float
+) -> None:
+    labels = np.repeat([r[0] for r in runs], [r[1] for r in runs]).astype(np.int64)
+    expected = _turns_speaker_by_speaker(labels, step, max_gap, offset)
+    assert labels_to_turns(labels, step, max_gap, offset) == expected
 
 
 def test_runs_gaps_and_blips() -> None:
