@@ -167,10 +167,11 @@ def viterbi(
     (`pauses[t - 1]` True for the step into window t) makes every state equally likely:
     speakers change at pauses, and a short reply between two long turns of another speaker
     should not pay for two switches. The emission variance is the mean within-cluster
-    variance. The time steps (mid-term windows) are cut into pieces of `piece` steps (default
-    about the square root of their number), and each loop below runs over the steps of one
-    piece with all pieces at once, so an hour is a few hundred numpy steps, not 36,000 Python
-    ones:
+    variance. The time steps (mid-term windows) are cut into pieces of `piece` steps, and each
+    loop below runs over the steps of one piece with all pieces at once, so an hour is a few
+    hundred numpy steps, not 36,000 Python ones. A step inside a piece costs about eight numpy
+    calls over its loops, a piece one in step 2: the default piece holds about the root of an
+    eighth of the steps (the hour's smoothing 10-25 % faster than with the root of all):
     1. each piece's max-plus transfer matrix (best score from each state before the piece to
        each state at its end);
     2. the scores entering each piece, piece after piece (k x k steps);
@@ -188,7 +189,7 @@ def viterbi(
     if k == 1 or n < 2:
         return np.full(n, int(log_emit[0].argmax()) if n else 0, dtype=np.int64)
     steps = n - 1  # steps 1..n-1 follow the start
-    size = piece or max(1, int(np.sqrt(steps)))
+    size = piece or max(1, int(np.sqrt(steps / 8)))
     count = -(-steps // size)
     # Per step: the log probabilities of keeping the state and of moving to one other state.
     across = np.zeros(count * size, dtype=bool)

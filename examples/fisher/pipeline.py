@@ -316,8 +316,8 @@ def _stages(signal: np.ndarray, rate: int, n_speakers: int | None, seed: int, p:
     with timed("features"):
         feats, step = features.short_term_features(signal, rate)
     with timed("vad"):
-        mfcc = feats[:, features.MFCC_COLUMNS]
-        score = vad.speech_score(mfcc, step, features.mfcc_to_mel_db(rate))
+        to_levels = features.mfcc_to_mel_db(rate)
+        score = vad.speech_score(feats, step, to_levels, columns=features.MFCC_COLUMNS)
         if not np.isfinite(score).all():  # a NaN or infinite sample spreads to every score
             raise DiarizationError(_not_finite(signal, rate))
         mask = partial(vad.speech_mask, score, step, min_speech=p.vad_min_speech)

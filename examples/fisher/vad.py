@@ -75,19 +75,31 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     return float(centres[np.argmax(below * above * (mean_below - mean_above) ** 2)])
 
 
-@lampy.elemwise(shared=("to_levels", "floor"))
-def band_excess(coefs: np.ndarray, to_levels: np.ndarray, floor: np.ndarray) -> np.ndarray:
-    """Per frame, the mean dB by which the top quarter of its band levels (coefs @ to_levels)
-    exceed the bands' floor.
+@lampy.elemwise(shared=("coefs", "to_levels", "floor"))
+def band_excess(
+    frames: np.ndarray,
+    coefs: np.ndarray,
+    columns: slice,
+    size: int,
+    to_levels: np.ndarray,
+    floor: np.ndarray,
+) -> np.ndarray:
+    """Per frame (`frames`: consecutive row numbers of `coefs`), the mean dB by which the top
+    quarter of its band levels exceed the bands' floor: the levels are `coefs[:, columns]`,
+    averaged over `size` frames (`smoothed_rows`), times `to_levels`.
 
+    Each chunk smooths its own frames from the whole matrix (shared: on the local executor the
+    feature matrix is where the workers read it), so the caller neither copies nor smooths.
     The product is an einsum (plain C loops, not BLAS), so a frame's score does not depend on
     how the frames were chunked; frames go through in cache-sized batches.
     """
-    out = np.empty(coefs.shape[0])
+    start = int(frames[0]) if frames.size else 0
+    levels_of = smoothed_rows(coefs, columns, size, start, start + frames.size)
+    out = np.empty(frames.size)
     bands = to_levels.shape[1]
     top = max(1, bands // 4)
-    for lo in range(0, coefs.shape[0], BATCH_FRAMES):
-        levels = np.einsum("ij,jk->ik", coefs[lo : lo + BATCH_FRAMES], to_levels) - floor
+    for lo in range(0, frames.size, BATCH_FRAMES):
+        levels = np.einsum("ij,jk->ik", levels_of[lo : lo + BATCH_FRAMES], to_levels) - floor
         out[lo : lo + levels.shape[0]] = np.partition(levels, bands - top, axis=1)[:, -top:].mean(1)
     return out
 
@@ -99,8 +111,8 @@ def moving_average(x: np.ndarray, size: int) -> np.ndarray:
         return x.astype(np.float64)
     n, before = x.shape[0], size // 2
     # Row i adds rows i - before ... i - before + size - 1, clipped to the recording, in that
-    # order. The caller runs this over every frame of the recording: the shifted adds read x
-    # where it is (no padded copy), and only the few rows near the ends take clipped indices.
+    # order. The shifted adds read x where it is (no padded copy), and only the few rows near
+    # the ends take clipped indices.
     out = np.empty(x.shape, dtype=np.float64)
     lo = min(before, n)
     hi = max(lo, n - (size - 1 - before))
@@ -117,30 +129,54 @@ def moving_average(x: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def smoothed_rows(
+    coefs: np.ndarray, columns: slice, size: int, start: int, stop: int, every: int = 1
+) -> np.ndarray:
+    """Rows start, start + every, ... before stop of `moving_average(coefs[:, columns], size)`,
+    bit for bit, reading only the rows they need: consecutive rows as one contiguous copy with
+    the rows around them (the shifted adds over strided columns take twice as long as the copy
+    and the adds together), spaced ones gathered row by row."""
+    n, before = coefs.shape[0], size // 2
+    if every == 1:
+        lo, hi = max(start - before, 0), min(stop - before + max(size, 1) - 1, n)
+        block = np.ascontiguousarray(coefs[lo:hi, columns])
+        return moving_average(block, size)[start - lo : stop - lo]
+    index = np.arange(start, stop, every)
+    out = coefs[np.clip(index - before, 0, n - 1), columns].astype(np.float64)
+    for shift in range(1, size):
+        out += coefs[np.clip(index - before + shift, 0, n - 1), columns]
+    out /= max(size, 1)
+    return out
+
+
 def speech_score(
     coefs: np.ndarray,
     step: float,
     to_levels: np.ndarray | None = None,
     smooth: float = 0.075,
+    columns: slice = slice(None),
 ) -> np.ndarray:
     """Per frame, the mean dB by which the top quarter of its bands exceed their noise floor.
 
-    Band levels in dB are `coefs @ to_levels` (frames x bands; `to_levels` None: `coefs` are
-    the levels), first averaged over `smooth` s. A band's floor is its 10th percentile over
-    the recording. Taking the bands most above their floor finds speech wherever in the
-    spectrum the noise leaves room for it (pink noise masks the low bands, a telephone line
-    the high ones). The map to levels is linear, so the few coefficients (MFCCs) are smoothed
-    rather than the many bands; the floors are a region over the bands (`band_floors`), the
-    per-frame scoring one over the frames (`band_excess`).
+    Band levels in dB are `coefs[:, columns] @ to_levels` (frames x bands; `to_levels` None:
+    those coefficients are the levels), first averaged over `smooth` s. A band's floor is its
+    10th percentile over the recording. Taking the bands most above their floor finds speech
+    wherever in the spectrum the noise leaves room for it (pink noise masks the low bands, a
+    telephone line the high ones). The map to levels is linear, so the few coefficients (MFCCs)
+    are smoothed rather than the many bands; the floors are a region over the bands
+    (`band_floors`), the per-frame scoring one over the frames (`band_excess`). `coefs` may
+    be the whole feature matrix with `columns` picking the coefficients: the scoring region
+    reads them where they are.
     """
-    # Contiguous first: the coefficients are a few columns of the feature matrix, and the
-    # shifted adds over strided rows took twice as long as the copy and the adds together.
-    coefs = np.ascontiguousarray(coefs.reshape(coefs.shape[0], -1))
-    to_levels = np.eye(coefs.shape[1]) if to_levels is None else to_levels
-    coefs = moving_average(coefs, max(1, round(smooth / step)))
+    coefs = coefs.reshape(coefs.shape[0], -1)
+    width = len(range(coefs.shape[1])[columns])
+    to_levels = np.eye(width) if to_levels is None else to_levels
+    size = max(1, round(smooth / step))
     # Every 4th frame is plenty for a percentile, at a quarter of the sorting.
-    floor = np.asarray(band_floors(to_levels.T, coefs[::4], 10.0))
-    return np.asarray(band_excess(coefs, to_levels, floor))
+    sample = smoothed_rows(coefs, columns, size, 0, coefs.shape[0], every=4)
+    floor = np.asarray(band_floors(to_levels.T, sample, 10.0))
+    frames = np.arange(coefs.shape[0])
+    return np.asarray(band_excess(frames, coefs, columns, size, to_levels, floor))
 
 
 @lampy.elemwise(shared=("coefs",))

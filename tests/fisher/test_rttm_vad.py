@@ -155,17 +155,40 @@ def test_speech_scores_do_not_depend_on_the_chunking(executor: str) -> None:
     import lampy
 
     rng = np.random.default_rng(4)
-    coefs = rng.normal(size=(5000, 13))
+    feats = rng.normal(size=(5000, 20))  # the coefficients are columns 3..15, smoothed over 3
+    columns = slice(3, 16)
     to_levels = rng.normal(size=(13, 40))
     floor = rng.normal(size=40)
+    frames = np.arange(5000)
     with lampy.using(executor="inline"):
-        whole = vad.band_excess(coefs, to_levels, floor)
+        whole = vad.band_excess(frames, feats, columns, 3, to_levels, floor)
     with lampy.using(executor=executor, chunks=3):
-        chunked = vad.band_excess(coefs, to_levels, floor)
-    np.testing.assert_array_equal(chunked, whole)  # bit for bit: no BLAS in the product
-    levels = coefs @ to_levels - floor
+        chunked = vad.band_excess(frames, feats, columns, 3, to_levels, floor)
+    # Bit for bit: no BLAS in the product, and each chunk smooths its frames as the whole does.
+    np.testing.assert_array_equal(chunked, whole)
+    levels = vad.moving_average(feats[:, columns], 3) @ to_levels - floor
     want = np.sort(levels, axis=1)[:, -10:].mean(axis=1)
     np.testing.assert_allclose(whole, want, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(1, 6),
+    st.integers(1, 5),
+    st.data(),
+)
+def test_smoothed_rows_are_the_moving_average_s(
+    rows: int, size: int, every: int, data: st.DataObject
+) -> None:
+    """Any span of rows, consecutive or spaced, bit for bit as the whole matrix's moving
+    average gives them: near the recording's ends too."""
+    start = data.draw(st.integers(0, rows))
+    stop = data.draw(st.integers(start, rows))
+    feats = np.random.default_rng(rows * size).normal(size=(rows, 5)).astype(np.float32)
+    want = vad.moving_average(feats[:, 1:4], size)[start:stop:every]
+    got = vad.smoothed_rows(feats, slice(1, 4), size, start, stop, every)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_band_floors_do_not_depend_on_the_chunking(executor: str) -> None:
