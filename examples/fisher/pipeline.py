@@ -17,6 +17,8 @@ import numpy as np
 import scipy.cluster.hierarchy
 import scipy.linalg  # noqa: F401
 
+import lampy
+
 from . import cluster, features, flsd, vad
 from .rttm import Turn, labels_to_turns
 from .threads import one_blas_thread
@@ -192,11 +194,13 @@ def _not_finite(signal: np.ndarray, rate: int) -> str:
 
 
 def _unit_spread(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Scale y so its rows deviate from their pseudo-class mean by 1 on average (rms)."""
+    """Scale y so its rows deviate from their pseudo-class mean by 1 on average (rms), into
+    lampy's shared memory: every k-means iteration is a region over these rows, which the
+    local pool's workers then read where they are (no copy per iteration)."""
     n = np.bincount(classes).astype(np.float64)
     means = flsd.class_sums(y, classes, n.size) / np.maximum(n, 1.0)[:, None]
     spread = math.sqrt(float(((y - means[classes]) ** 2).sum(axis=1).mean()))
-    return y / max(spread, 1e-12)
+    return np.divide(y, max(spread, 1e-12), out=lampy.empty(y.shape))
 
 
 def _distance_to_nearest(values: np.ndarray, others: np.ndarray) -> np.ndarray:
