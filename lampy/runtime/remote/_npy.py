@@ -105,10 +105,17 @@ def header_bytes(shape: tuple[int, ...], dtype: np.dtype[Any]) -> bytes:
     return out.getvalue()
 
 
+WRITE_BLOCK_BYTES = 64 << 20  # a part converted to the file's dtype this much at a time
+
+
 def write(path: Path, parts: Sequence[np.ndarray]) -> NpyMeta:
     """Write the parts joined along axis 0 as one C-ordered `.npy` file at `path`, with the
     dtype np.concatenate gives, atomically (a hidden partial file, then a rename: a reader of
-    an earlier file at `path` keeps its own bytes). Returns the new file's metadata."""
+    an earlier file at `path` keeps its own bytes). Returns the new file's metadata.
+
+    The bytes go in with plain writes, a part's own where its dtype and layout are the file's
+    (converted a block at a time otherwise): filling a memory map of the file instead took a
+    page fault per page, twice the time (a 2 GiB array published before any chunk leaves)."""
     dtype = np.result_type(*parts)
     shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
     try:
@@ -116,15 +123,18 @@ def write(path: Path, parts: Sequence[np.ndarray]) -> NpyMeta:
     except OSError as exc:
         raise RemoteArrayError(f"cannot write {path}: {exc}") from None
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    header = header_bytes(shape, np.dtype(dtype))
     try:
-        target = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
-        offset = int(target.offset)
-        np.concatenate(parts, axis=0, out=target)
-        target.flush()
-        del target
+        with open(partial, "wb") as file:
+            file.write(header)
+            for part in parts:
+                rows = max(1, WRITE_BLOCK_BYTES // max(part[:1].nbytes, 1))
+                for lo in range(0, part.shape[0], rows):
+                    block = np.ascontiguousarray(part[lo : lo + rows], dtype=dtype)
+                    file.write(block.reshape(-1).view(np.uint8).data)
         os.replace(partial, path)
     except OSError as exc:
         raise RemoteArrayError(f"cannot write {path}: {exc}") from None
     finally:
         partial.unlink(missing_ok=True)
-    return NpyMeta(shape, np.dtype(dtype), False, offset, version_of(path.stat()))
+    return NpyMeta(shape, np.dtype(dtype), False, len(header), version_of(path.stat()))
