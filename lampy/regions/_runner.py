@@ -96,6 +96,7 @@ class RegionRunner:
         self._whole_seconds: dict[Hashable, float] = {}  # a kept plan's last call here, timed
         self._block_trials: dict[Hashable, _BlockTrial | None] = {}  # None: decided
         self._saving = 0.0  # what a warm pool would have saved this region's cold calls so far
+        self._modules = _imported_for(region.function)  # by workers as they start
 
     def run(
         self,
@@ -118,7 +119,7 @@ class RegionRunner:
         if not planned.plan.fan_out:
             whole, _, seconds = self._whole_here(binding, planned.plan.chunks, where)
             if planned.plan.warm_up:  # after the call, which the start-up must not slow down
-                where.start()
+                self._start(where)
             else:
                 self._learn(call, planned.plan, costs, seconds)
             return self.region.answer(whole, Coverage(planned.plan.chunks))
@@ -128,7 +129,7 @@ class RegionRunner:
             with serial.timing("send"):
                 _check_serializable(planned.job, binding)
         if cold:
-            where.start()
+            self._start(where)
             done = self._here_while_starting(call, planned)
             job = self._rest(call, planned.plan, len(done))
         if job is not None:
@@ -138,6 +139,11 @@ class RegionRunner:
                 self._try_blocks(call, planned.plan, time.perf_counter() - started)
             done = done | {chunk + job.first: outcome for chunk, outcome in outcomes.items()}
         return self.answer(done, planned.plan, where.needs_pickle, where.result_sink)
+
+    def _start(self, where: Executor) -> None:
+        """Start the executor's workers in the background, this region's module imported."""
+        where.import_ahead(self._modules)
+        where.start()
 
     def _here_then_start(self, binding: Binding, where: Executor, costs: Costs) -> Any:
         """An auto call while the pool is cold or starting that the workers could not help
@@ -160,7 +166,7 @@ class RegionRunner:
         )
         if self._saving >= costs.startup_s:
             self._saving = 0.0
-            where.start()
+            self._start(where)
         return self.region.answer(whole, Coverage(rows))
 
     def _here_while_starting(self, call: Call, planned: Planned) -> dict[int, Outcome]:
@@ -409,6 +415,22 @@ class RegionRunner:
                     error.__cause__ = lost[first].__cause__
                 _raise_lost(error, done[first].traceback)
         return coverage
+
+
+def _imported_for(function: Any) -> tuple[str, ...]:
+    """The module a worker imports to unpickle `function`: its own, when the function travels
+    by name (it is what its module holds under its name, as for a function wrapped where it
+    is used: `lampy.elemwise(module.f)`); none when it travels by value (decorated in place,
+    the module holds the region instead; defined in a script or a function). Workers import
+    it while they start, so a module that takes seconds to import does not stall the first
+    call that fans out; a module they would not import is not imported for them."""
+    module = getattr(function, "__module__", None)
+    if not isinstance(module, str) or module == "__main__":
+        return ()
+    found: Any = sys.modules.get(module)
+    for name in getattr(function, "__qualname__", "<none>").split("."):
+        found = getattr(found, name, None)
+    return (module,) if found is function else ()
 
 
 def _plan_key(call: Call, warm: bool) -> Hashable:

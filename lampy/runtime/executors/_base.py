@@ -16,7 +16,7 @@ not in memory), `is_warm()` (whether a call now pays no start-up).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from lampy._errors import OptionError, UsageError
@@ -67,6 +67,10 @@ class Executor(ABC):
 
     def start(self) -> None:  # noqa: B027 (executors without start-up cost have nothing to do)
         """Begin starting workers without waiting, so a later call finds them warm."""
+
+    def import_ahead(self, modules: Iterable[str]) -> None:  # noqa: B027 (no workers to start)
+        """Have the workers started from now on import these modules (the regions' own)
+        before they are ready, so a first job waits for no import."""
 
     def is_warm(self) -> bool:
         """Whether a call now pays no start-up (so an auto plan made now holds for later)."""

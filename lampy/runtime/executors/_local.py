@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -368,7 +369,11 @@ class _Worker:
     polled), so a death is noticed even if the socket's other end outlived the process."""
 
     def __init__(
-        self, env: dict[str, str], idle: bool, probe: tuple[int, int, bytes] | None
+        self,
+        env: dict[str, str],
+        idle: bool,
+        probe: tuple[int, int, bytes] | None,
+        modules: list[str],
     ) -> None:
         ours, theirs = socket.socketpair()
         fds = (theirs.fileno(), lifeline())
@@ -393,7 +398,7 @@ class _Worker:
         self.idle = idle
         self.jobs: deque[str] = deque(maxlen=TEMPLATES_KEPT)
         with contextlib.suppress(OSError):  # gone already: its end of file tells
-            self.conn.send(("path", sys.path, probe))
+            self.conn.send(("path", sys.path, probe, modules))
 
     def hurry(self) -> None:
         """A job waits for this worker: back to normal priority if it started at idle, and
@@ -540,6 +545,7 @@ class _Pool:
         self._forgotten_lock = threading.RLock()  # finalizers run in any thread
         self.starter: threading.Thread | None = None  # starting workers in the background
         self.in_job = False  # a job holds `lock` (others hold it for moments only)
+        self.modules: list[str] = []  # every worker imports them before it is ready
         self._starter_lock = threading.Lock()
         shm.on_retire(self._retired)
 
@@ -648,7 +654,7 @@ class _Pool:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, threads)
         try:
-            return _Worker(env, idle and _idle_is_reversible(), self._probe())
+            return _Worker(env, idle and _idle_is_reversible(), self._probe(), self.modules)
         except OSError as why:  # fork or exec failed: no process to wait for
             raise WorkersDidNotStart(
                 f"the local pool could not start a worker process: {why}. {START_ADVICE}"
@@ -734,6 +740,10 @@ class LocalExecutor(Executor):
         at idle priority, taking no CPU time from this process meanwhile."""
         exit_on_sigterm()  # here: only the main thread may set a signal handler
         self.pool.start_in_background()
+
+    def import_ahead(self, modules: Iterable[str]) -> None:
+        known = self.pool.modules  # a new list: a worker starting in a thread keeps its own
+        self.pool.modules = [*known, *(m for m in modules if m not in known)]
 
     def run(self, job: Job) -> dict[int, Outcome]:
         pool = self.pool

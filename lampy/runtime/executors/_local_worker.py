@@ -9,9 +9,12 @@ Messages
 (pickled, over a private socket; "+ descriptors" are passed alongside, SCM_RIGHTS):
 
 parent -> worker
-  ("path", sys_path, probe)                 once, so functions importable in the parent import here;
+  ("path", sys_path, probe, modules)        once, so functions importable in the parent import here;
                                             probe: (pid, address, bytes) of the caller's memory to
-                                            read as a test, or None (the pool copies inputs itself)
+                                            read as a test, or None (the pool copies inputs itself);
+                                            modules: those of the regions the pool starts for,
+                                            imported before "ready" (a first job then waits for
+                                            no import; one that fails is left to that job)
   ("job", job_id, template, split, whole, block_rows)
                                             the pickled (function, args, kwargs), where each
                                             array is: ArrayRef (descriptor number and offset, or
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import inspect
 import mmap
 import os
@@ -200,11 +204,16 @@ class _Inbox:
 _DESCRIPTORS_AT = {"chunk": 6, "out": 2}
 
 
-def serve(conn: Connection) -> None:
+def serve(conn: Connection, idle: bool = False) -> None:
+    """Answer the caller's messages until it closes the socket (`idle`: started at idle
+    priority, back to normal once its imports are done)."""
     global _caller
     templates = Templates()
-    _, path, probe = conn.recv()
+    _, path, probe, modules = conn.recv()
     sys.path[:0] = [p for p in path if p not in sys.path]
+    _import_ahead(modules)
+    if idle:
+        _normal_priority()
     _caller = probe[0] if probe is not None else 0
     conn.send(("ready", _can_read(probe)))
     inbox = _Inbox(conn)
@@ -490,15 +499,30 @@ def _answer(chunk: int, outcome: Outcome, busy: float) -> Answer:
     return ("error", chunk, dumps(outcome.error), outcome.traceback, busy), None
 
 
+def _import_ahead(modules: list[str]) -> None:
+    """Import the modules of the regions the pool starts for, as their first job would (by
+    unpickling its function): a module that takes seconds to import (one that imports a large
+    library, or loads data) would otherwise make the first fanned-out call wait for it, where
+    the caller would have run it here. A module that fails to import is left to that job,
+    which reports the error with its traceback."""
+    for name in modules:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+
+
+def _normal_priority() -> None:
+    """Back from idle priority, BLAS threads too (a policy is per thread)."""
+    tasks = "/proc/self/task"
+    for tid in os.listdir(tasks) if os.path.isdir(tasks) else ["0"]:
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+
+
 def main() -> None:
     watch(int(sys.argv[2]), lambda: os._exit(1))  # the executor's process is gone
     keep_freed_memory()
-    if len(sys.argv) > 3 and sys.argv[3] == "idle":  # started ahead of need: imports done
-        tasks = "/proc/self/task"  # BLAS threads too: a policy is per thread
-        for tid in os.listdir(tasks) if os.path.isdir(tasks) else ["0"]:
-            with contextlib.suppress(AttributeError, OSError):
-                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
-    serve(Connection(int(sys.argv[1])))
+    # started ahead of need ("idle"): its imports, the regions' modules too, at idle priority
+    serve(Connection(int(sys.argv[1])), idle=len(sys.argv) > 3 and sys.argv[3] == "idle")
     # no interpreter teardown: arrays a function kept may still be freed through the memory
     # handler of lampy.runtime.executors._in_place, which teardown would have taken apart
     for stream in (sys.stdout, sys.stderr):

@@ -500,3 +500,57 @@ def test_loading_a_job_is_not_priced_as_each_chunks_overhead() -> None:
         np.testing.assert_array_equal(plus(x), x + 1)
     np.testing.assert_array_equal(plus_one(x, _SlowToLoad()), x + 1)
     assert pool().pool.round_trip < 0.2 * LOAD_S / 4
+
+
+SLOW_IMPORT = """
+import os
+from pathlib import Path
+
+import lampy
+
+Path(__file__).with_name(f"imported.{os.getpid()}").touch()
+
+
+def triple(x):
+    return x * 3
+
+
+@lampy.elemwise
+def decorated(x):
+    return x * 3
+"""
+
+
+def test_workers_import_a_region_s_module_before_they_are_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A function wrapped where it is used (`lampy.elemwise(module.f)`) travels by name, so
+    every worker imports its module for the first job: when the pool starts for it, they
+    import it while they start, before they say they are ready, so that first job waits for
+    no import (one that took seconds stalled it). A module that fails to import is left to
+    its job. A function decorated in place travels by value: its module is not imported for
+    it (a worker never ran that module's top-level code before, and still does not)."""
+    from lampy.regions._runner import _imported_for
+
+    (tmp_path / "lampy_slow_import.py").write_text(SLOW_IMPORT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import lampy_slow_import as module  # type: ignore[import-not-found]
+
+    assert _imported_for(module.triple) == ("lampy_slow_import",)
+    assert _imported_for(module.decorated.region.function) == ()
+    assert _imported_for(lambda x: x) == ()
+    executor = executors.get("local", {"workers": 3})
+    assert isinstance(executor, LocalExecutor)
+    executor.close()
+    try:
+        executor.import_ahead((*_imported_for(module.triple), "lampy_no_such_module"))
+        executor.start()
+        wait_until(executor.is_warm, 60, "the pool never finished starting")
+        imported = {int(p.suffix[1:]) for p in tmp_path.glob("imported.*")} - {os.getpid()}
+        assert imported == set(executor.worker_pids())
+        x = np.arange(100.0)
+        with lampy.using(executor="local", workers=3, chunks=3):
+            np.testing.assert_array_equal(lampy.elemwise(module.triple)(x), x * 3)
+    finally:
+        executor.close()
+        executor.pool.modules.clear()
