@@ -68,6 +68,7 @@ from lampy.runtime.executors._local_worker import (
     CallerArray,
     FileArray,
     Output,
+    normal_priority,
     recv_fds,
     send_fds,
 )
@@ -148,21 +149,6 @@ def _idle_is_reversible() -> bool:
     thread.start()
     thread.join()
     return reversible == [True]
-
-
-def _normal_priority(pid: int) -> None:
-    """Every thread of process `pid` back to normal priority (BLAS starts its threads while
-    the worker imports, at idle priority; a policy is per thread)."""
-    if _IDLE is None:
-        return
-    try:
-        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        threads = [pid]
-    for tid in threads:
-        # gone, or not ours to change: it finishes importing at idle priority
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
 class _Arena:
@@ -404,7 +390,7 @@ class _Worker:
         """A job waits for this worker: back to normal priority if it started at idle, and
         its start-up clock starts now (idle, it may have had no CPU time at all)."""
         if self.idle:
-            _normal_priority(self.pid)
+            normal_priority(self.pid)
             self.idle = False
             self.started_at = time.monotonic()
             self.startup_deadline = self.started_at + STARTUP_TIMEOUT_S

@@ -213,7 +213,7 @@ def serve(conn: Connection, idle: bool = False) -> None:
     sys.path[:0] = [p for p in path if p not in sys.path]
     _import_ahead(modules)
     if idle:
-        _normal_priority()
+        normal_priority(os.getpid())
     _caller = probe[0] if probe is not None else 0
     conn.send(("ready", _can_read(probe)))
     inbox = _Inbox(conn)
@@ -510,12 +510,17 @@ def _import_ahead(modules: list[str]) -> None:
             importlib.import_module(name)
 
 
-def _normal_priority() -> None:
-    """Back from idle priority, BLAS threads too (a policy is per thread)."""
-    tasks = "/proc/self/task"
-    for tid in os.listdir(tasks) if os.path.isdir(tasks) else ["0"]:
+def normal_priority(pid: int) -> None:
+    """Every thread of process `pid` back to normal priority (BLAS starts its threads while
+    the worker imports, at idle priority; a policy is per thread). A thread gone, or not ours
+    to change, or no scheduling policies here: left as it is."""
+    try:
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        threads = [pid]
+    for tid in threads:
         with contextlib.suppress(AttributeError, OSError):
-            os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
 def main() -> None:
