@@ -1,6 +1,8 @@
 """Speech edges refined to the sample: `vad.edge_crossings` and `pipeline.refine_edges`."""
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from examples.fisher import features, vad
 from examples.fisher.pipeline import Params, refine_edges
@@ -78,3 +80,52 @@ def test_edge_crossings_do_not_depend_on_the_chunking(executor: str) -> None:
         got = vad.edge_crossings(centre, threshold, rising, limit, x, 800, 40, 16)
     np.testing.assert_array_equal(got, want)
     assert not np.array_equal(want, centre)
+
+
+def _crossing_one_by_one(
+    c: int, threshold: float, rising: bool, limit: int, x: np.ndarray, reach: int, half: int
+) -> int:
+    """`edge_crossings` for one edge, hop 1, from its own span's prefix sums: the reference."""
+    if c - reach - half < 0 or c + reach + half >= x.size:
+        return c  # the span runs off the signal: the edge stays
+    span = x[c - reach - half : c + reach + half + 1].astype(np.float64)
+    prefix = np.concatenate([[0.0], np.cumsum(span * span)])
+    width = 2 * half + 1
+    points = [
+        c + o
+        for o in range(-reach, reach + 1)
+        if (prefix[o + reach + width] - prefix[o + reach]) / width > threshold
+        and (c + o >= limit if rising else c + o <= limit)
+    ]
+    if not points:
+        return c
+    return points[0] if rising else points[-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seconds=st.floats(0.001, 0.2),
+    edges=st.lists(
+        st.tuples(st.floats(-0.1, 1.1), st.floats(1e-4, 0.2), st.booleans(), st.floats(-0.2, 0.2)),
+        min_size=1,
+        max_size=12,
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_edge_crossings_match_each_edge_on_its_own(
+    seconds: float, edges: list[tuple[float, float, bool, float]], seed: int
+) -> None:
+    """Anywhere in the signal, within reach of its ends or in one shorter than an edge's span."""
+    x = np.random.default_rng(seed).normal(0.0, 0.1, max(1, round(seconds * RATE)))
+    x = x.astype(np.float32)
+    centre = np.array([round(at * x.size) for at, *_ in edges], dtype=np.int64)
+    threshold = np.array([level for _, level, *_ in edges])
+    rising = np.array([up for _, _, up, _ in edges])
+    limit = centre + np.array([round(shift * x.size) for *_, shift in edges], dtype=np.int64)
+    reach, half = 160, 40
+    got = vad.edge_crossings(centre, threshold, rising, limit, x, reach, half, 1)
+    want = [
+        _crossing_one_by_one(int(c), float(t), bool(r), int(b), x, reach, half)
+        for c, t, r, b in zip(centre, threshold, rising, limit, strict=True)
+    ]
+    np.testing.assert_array_equal(got, want)
