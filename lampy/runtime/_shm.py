@@ -111,12 +111,15 @@ def _address(buffer: Any) -> int:
     return int(np.frombuffer(buffer, np.uint8).__array_interface__["data"][0])
 
 
-# Dropped outputs kept for the next ones: fresh shared memory costs a page fault per 4 KiB page
+# Dropped segments kept for the next ones: fresh shared memory costs a page fault per 4 KiB page
 # (shmem gets no transparent huge pages unless the system enables them), which made a fresh
-# output cost 5x numpy's own fresh array (bench/bench_scale.py); a kept file's pages are there
-# already, and workers keep it mapped. Bounded, like an allocator's free list.
-OUTPUTS_KEPT_BYTES = 1 << 30
-_kept: list[tuple[int, int]] = []  # (size, descriptor) of dropped outputs, oldest first
+# output cost 5x numpy's own fresh array (bench/bench_scale.py), and a fresh `lampy.empty` 12x
+# (18 MiB: 12 ms against numpy's 1 ms); a kept file's pages are there already, and workers keep
+# it mapped. Bounded, like an allocator's free list.
+SEGMENTS_KEPT_BYTES = 1 << 30
+_kept: list[tuple[int, int]] = []  # (size, descriptor) of dropped segments, oldest first
+# a kept file's pages are mapped in one call (Linux), not one fault at a time
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _listeners: list[Callable[[list[int]], None]] = []
 
 
@@ -126,9 +129,9 @@ def _forget(address: int, fd: int, reuse: bool) -> None:
         entry = _segments.pop(address, None)
         if entry is not None:
             del _starts[bisect.bisect_left(_starts, address)]
-        if reuse and entry is not None and entry.size <= OUTPUTS_KEPT_BYTES:
+        if reuse and entry is not None and entry.size <= SEGMENTS_KEPT_BYTES:
             _kept.append((entry.size, fd))
-            while sum(size for size, _ in _kept) > OUTPUTS_KEPT_BYTES:
+            while sum(size for size, _ in _kept) > SEGMENTS_KEPT_BYTES:
                 gone.append(_close(_kept.pop(0)[1]))
         else:
             gone.append(_close(fd))
@@ -160,8 +163,11 @@ def on_retire(listener: Callable[[list[int]], None]) -> None:
 
 def adopt(fd: int, size: int, fresh: bool = False, reuse: bool = False) -> mmap.mmap:
     """Map a whole anonymous file as a segment; the segment owns `fd` from now on. `reuse`: a
-    dropped output whose file may serve a later output (see `output`)."""
-    mapped = mmap.mmap(fd, size)
+    dropped segment whose file may serve a later one (see `_kept_file`)."""
+    return _adopted(mmap.mmap(fd, size), fd, size, fresh, reuse)
+
+
+def _adopted(mapped: mmap.mmap, fd: int, size: int, fresh: bool, reuse: bool) -> mmap.mmap:
     address = _address(mapped)
     with _lock:
         _segments[address] = _Entry(size, fd, fresh)
@@ -170,20 +176,33 @@ def adopt(fd: int, size: int, fresh: bool = False, reuse: bool = False) -> mmap.
     return mapped
 
 
-def segment(nbytes: int, fresh: bool = False) -> tuple[mmap.mmap, int]:
-    """A new segment of `nbytes` bytes (at least one page), zero-filled, and its descriptor
-    (the segment's own: valid while the mapping lives; not to be closed by the caller)."""
-    size = max(nbytes, mmap.PAGESIZE)
-    fd = anonymous_file(size)
-    return adopt(fd, size, fresh), fd
+def _kept_file(nbytes: int) -> tuple[int, int] | None:
+    """(size, descriptor) of a dropped segment's file that fits `nbytes` (up to twice the
+    size, or a page), taken off the kept list; None when none is kept."""
+    most = max(2 * nbytes, mmap.PAGESIZE)
+    with _lock:
+        fits = [i for i, (size, _) in enumerate(_kept) if nbytes <= size <= most]
+        return _kept.pop(fits[0]) if fits else None
+
+
+def segment(nbytes: int) -> mmap.mmap:
+    """A zero-filled segment of `nbytes` bytes (at least one page). A dropped segment's file
+    is used again when one fits: mapped with its pages in place in one call and zeroed, which
+    costs a fifth of the page faults of a new file's first writes."""
+    kept = _kept_file(nbytes)
+    if kept is None:
+        size = max(nbytes, mmap.PAGESIZE)
+        return adopt(anonymous_file(size), size, reuse=True)
+    size, fd = kept
+    mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+    np.frombuffer(mapped, np.uint8, count=nbytes).fill(0)
+    return _adopted(mapped, fd, size, fresh=False, reuse=True)
 
 
 def output(nbytes: int) -> tuple[mmap.mmap, int]:
-    """A segment for an output the pool's workers fill entirely: the file of a dropped output
+    """A segment for an output the pool's workers fill entirely: the file of a dropped segment
     of about this size when one is kept (its bytes are garbage until written), else new."""
-    with _lock:
-        fits = [i for i, (size, _) in enumerate(_kept) if nbytes <= size <= 2 * nbytes]
-        size, fd = _kept.pop(fits[0]) if fits else (max(nbytes, mmap.PAGESIZE), -1)
+    size, fd = _kept_file(nbytes) or (max(nbytes, mmap.PAGESIZE), -1)
     if fd < 0:
         fd = anonymous_file(size)
     return adopt(fd, size, fresh=True, reuse=True), fd
@@ -195,7 +214,8 @@ def empty(shape: int | tuple[int, ...], dtype: Any = float) -> np.ndarray:
     Fill it in place and pass it (or any contiguous slice of it) to regions on the local
     executor: the workers map its rows where they are, so no byte is copied. Results of
     elemwise regions on `local` live in shared memory too, so chained regions copy nothing.
-    The memory is freed when the last array using it is dropped. Object dtypes cannot live
+    The memory goes when the last array using it is dropped (kept, up to 1 GiB in all, for
+    the next arrays and results of about its size). Object dtypes cannot live
     in shared memory (a `lampy.UnsplittableError`, also a TypeError).
     """
     kind = np.dtype(dtype)
@@ -204,7 +224,7 @@ def empty(shape: int | tuple[int, ...], dtype: Any = float) -> np.ndarray:
     if any(d < 0 for d in dims):
         raise ValueError(f"lampy.empty: negative dimensions are not allowed; got {dims}")
     nbytes = int(np.prod(dims, dtype=np.int64)) * kind.itemsize
-    array: np.ndarray = np.ndarray(dims, kind, buffer=segment(nbytes)[0])
+    array: np.ndarray = np.ndarray(dims, kind, buffer=segment(nbytes))
     return array
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lampy
 from lampy.runtime import _serial as serial
@@ -67,6 +69,48 @@ def test_empty_and_asshared_are_ordinary_arrays_in_shared_memory() -> None:
     fortran = np.asfortranarray(np.arange(6.0).reshape(2, 3))
     assert np.array_equal(lampy.asshared(fortran), fortran)
     assert lampy.empty(5).shape == (5,) and lampy.empty(0).size == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3 << 20), min_size=1, max_size=6), data=st.data())
+def test_empty_is_zeros_when_it_takes_a_dropped_arrays_memory(
+    sizes: list[int], data: st.DataObject
+) -> None:
+    """A dropped array's file serves a later one of about its size (no new pages to fault in),
+    and the new array is all zeros all the same, whatever was written into the old one."""
+    gc.collect()
+    earlier = shm._kept[:]  # files kept before: this test's own come first
+    shm._kept.clear()
+    try:
+        _take_dropped_memory(sizes, data)
+    finally:
+        shm._kept[:0] = earlier
+
+
+def _take_dropped_memory(sizes: list[int], data: st.DataObject) -> None:
+    for nbytes in sizes:
+        old = lampy.empty(nbytes, np.uint8)
+        old[:] = data.draw(st.integers(1, 255))
+        del old
+        gc.collect()
+        kept = {os.fstat(fd).st_ino for _, fd in shm._kept}  # this test's dropped files
+        new = lampy.empty(nbytes // 8, np.float64)
+        assert not new.any()
+        where = shm.locate(new)
+        if nbytes >= 8:  # the file just dropped fits it: no new file
+            assert where is not None and os.fstat(where[0]).st_ino in kept
+        del new
+        gc.collect()
+
+
+def test_kept_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shm, "SEGMENTS_KEPT_BYTES", 1 << 20)
+    gc.collect()
+    before = open_memfds()
+    arrays = [lampy.empty(300_000, np.uint8) for _ in range(5)]
+    del arrays
+    gc.collect()
+    assert open_memfds() - before <= 3  # three of 300 kB fit in 1 MiB: the rest are closed
 
 
 def test_what_cannot_live_in_shared_memory_is_refused() -> None:
