@@ -46,6 +46,12 @@ from lampy.runtime._worker_side import Outcome, run_task
 from lampy.runtime.executors import Executor
 
 PLANS_KEPT = 32  # auto decisions remembered per region (by argument shapes)
+# A kept elemwise plan is checked again once the executor's price per chunk is this many times
+# above or below the price it was made at, and made again (with a new probe) if at today's price
+# its timings would decide the other way: the local pool learns its price from every job (it
+# varies 5x between calls here), and a plan made while the machine was busy kept later calls
+# here for good.
+PRICE_DRIFT = 2.0
 # A warm auto plan whose chunks may run in blocks (`Plan.block_rows`) runs its first calls with
 # and without them, in turn, BLOCK_TRIALS times each; blocks are kept when the quicker of their
 # calls beats the quicker of the others by this factor. Whether cache-sized calls pay depends
@@ -95,6 +101,8 @@ class RegionRunner:
         self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
         self._whole_seconds: dict[Hashable, float] = {}  # a kept plan's last call here, timed
         self._block_trials: dict[Hashable, _BlockTrial | None] = {}  # None: decided
+        self._prices: dict[Hashable, float] = {}  # a kept plan's executor price per chunk
+        self._here_seconds: dict[Hashable, float] = {}  # the whole call a kept plan relied on
         self._saving = 0.0  # what a warm pool would have saved this region's cold calls so far
         self._modules = _imported_for(region.function)  # by workers as they start
 
@@ -295,7 +303,7 @@ class RegionRunner:
         # and the first call on the warm executor plans again.
         warm = costs.startup_s == 0
         key = _plan_key(call, warm)
-        if key in self._plans:
+        if key in self._plans and self._holds(call, key, costs):
             self._plans.move_to_end(key)
             return self._plans[key], None
         rows = probe_rows(binding.rows, binding.row_bytes)
@@ -309,12 +317,43 @@ class RegionRunner:
         probe = Probe(rows, seconds, _nbytes(outcome.value), min(call_seconds, seconds))
         result = self._make_plan(call, costs, probe)
         if warm or not result.fan_out:
-            self._plans[key] = result
-            while len(self._plans) > PLANS_KEPT:
-                evicted = self._plans.popitem(last=False)[0]
-                self._whole_seconds.pop(evicted, None)
-                self._block_trials.pop(evicted, None)
+            self._keep(key, result, costs)
         return result, outcome if result.fan_out else None
+
+    def _keep(
+        self, key: Hashable, made: Plan, costs: Costs, here_seconds: float | None = None
+    ) -> None:
+        """Keep a plan for the calls after, with the price per chunk it was made at (and the
+        whole call's time here it relied on, if any)."""
+        for forgotten in (self._whole_seconds, self._block_trials, self._here_seconds):
+            forgotten.pop(key, None)  # (a plan made again starts its trials again)
+        self._plans[key] = made
+        self._plans.move_to_end(key)
+        self._prices[key] = costs.seconds_per_chunk
+        if here_seconds is not None:
+            self._here_seconds[key] = here_seconds
+        while len(self._plans) > PLANS_KEPT:
+            evicted = self._plans.popitem(last=False)[0]
+            for kept in (self._whole_seconds, self._block_trials, self._prices, self._here_seconds):
+                kept.pop(evicted, None)
+
+    def _holds(self, call: Call, key: Hashable, costs: Costs) -> bool:
+        """Whether a kept plan holds at the executor's price per chunk now: it does within
+        PRICE_DRIFT of the price it was made at, and beyond it when its own timings, priced
+        now, decide as it did (fan out or not; the price it holds at is then today's). A
+        reduction's plan always holds: its float answer depends on its chunks, and a kept plan
+        promises repeated calls the same bits."""
+        kept = self._plans[key]
+        if self.region.combine is not None or kept.probe is None:
+            return True
+        then, now = self._prices.get(key, costs.seconds_per_chunk), costs.seconds_per_chunk
+        if then / PRICE_DRIFT <= now <= then * PRICE_DRIFT:
+            return True
+        again = self._make_plan(call, costs, kept.probe, self._here_seconds.get(key))
+        if again.fan_out != kept.fan_out:
+            return False
+        self._prices[key] = now
+        return True
 
     def _learn(self, call: Call, kept: Plan, costs: Costs, seconds: float) -> None:
         """A warm auto plan that ran the call here whole is planned again from what whole
@@ -335,9 +374,7 @@ class RegionRunner:
             return
         again = self._make_plan(call, costs, probe, here_seconds=min(last, seconds))
         if again.fan_out:
-            self._plans[key] = again
-            del self._whole_seconds[key]
-            self._block_trials.pop(key, None)
+            self._keep(key, again, costs, here_seconds=min(last, seconds))
 
     def _try_blocks(self, call: Call, ran: Plan, seconds: float) -> None:
         """A warm auto plan's fanned-out call took `seconds`. While it is not known whether

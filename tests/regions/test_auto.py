@@ -36,13 +36,14 @@ class ModelPool(InlineExecutor):
     blocks = False  # as the local pool: runs an elemwise chunk in blocks of rows
     block_rows: list[int | None] = []  # each job's, in order
     seconds = {True: 0.0, False: 0.0}  # what a job takes with blocks and without
+    per_chunk = 1e-4  # its price per chunk (the local pool learns its own from its jobs)
 
     def costs(self) -> Costs:
         return Costs(
             workers=2,
             startup_s=0.0 if self.warm else self.startup_s,
             seconds_per_byte=1e-10,
-            seconds_per_chunk=1e-4,
+            seconds_per_chunk=self.per_chunk,
             starts_in_background=self.background,
             maps_shared_memory=self.maps,
             runs_blocks=self.blocks,
@@ -66,7 +67,7 @@ def pool() -> Iterator[type[ModelPool]]:
     events.clear()
     ModelPool.warm, ModelPool.startup_s, ModelPool.background = False, 0.4, False
     ModelPool.maps, ModelPool.blocks, ModelPool.block_rows = False, False, []
-    ModelPool.seconds = {True: 0.0, False: 0.0}
+    ModelPool.seconds, ModelPool.per_chunk = {True: 0.0, False: 0.0}, 1e-4
     executors.register("modelpool", ModelPool)
     try:
         yield ModelPool
@@ -251,6 +252,41 @@ def test_a_reduction_keeps_its_plan_whatever_its_whole_calls_take(
 
     assert len({total(X) for _ in range(3)}) == 1 and not pauses
     assert "fan out" not in events
+
+
+def test_a_plan_made_at_another_price_per_chunk_is_made_again(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan made while chunks cost a lot (a busy moment) does not keep later calls here once
+    they cost little again, nor the other way round; a change that decides nothing else costs
+    no new probe."""
+    pool.warm = True
+    probed = timings(monkeypatch, 1e-7)  # 10 ms here by the probe
+    f = region()
+    runs = []
+    # 0.04: within PRICE_DRIFT of 0.05; 1e-5: beyond it, but it decides as 1e-4 did
+    for price in (0.05, 0.04, 1e-4, 1e-5, 0.05):
+        pool.per_chunk, before = price, len(events)
+        np.testing.assert_array_equal(f(X), X * 2)
+        runs.append(("fan out" in events[before:], len(probed) // PROBE_CALLS))
+    # fanned out (at a low price only), and how many probes were made by then
+    assert runs == [(False, 1), (False, 1), (True, 2), (True, 2), (False, 3)]
+
+
+def test_a_reductions_plan_holds_whatever_the_price_per_chunk(
+    pool: type[ModelPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool.warm = True
+    probed = timings(monkeypatch, 1e-7)
+
+    @lampy.sum(executor="modelpool")
+    def total(x: np.ndarray) -> float:
+        return float(x.sum())
+
+    pool.per_chunk = 0.05
+    first = total(X)
+    pool.per_chunk = 1e-4
+    assert total(X) == first and "fan out" not in events and len(probed) == PROBE_CALLS
 
 
 def test_one_slow_whole_call_among_quick_ones_keeps_the_calls_here(
