@@ -249,6 +249,37 @@ def test_workers_unmap_what_the_caller_lets_go() -> None:
     assert mapped <= open_inodes(), "workers map only files the caller still holds"
 
 
+def test_a_file_goes_to_a_worker_once_and_workers_map_a_bounded_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file's descriptor is passed to a worker once (later chunks name it), and a worker maps
+    at most FILES_KEPT files: the caller tells it to forget the oldest beyond that."""
+    from lampy.runtime import executors
+    from lampy.runtime.executors import _local
+
+    passed: list[int] = []
+    send_fds = _local.send_fds
+
+    def counted(conn: Any, fds: list[int]) -> None:
+        passed.extend(fds)
+        send_fds(conn, fds)
+
+    monkeypatch.setattr(_local, "send_fds", counted)
+    monkeypatch.setattr(_local, "FILES_KEPT", 3)
+    x = lampy.asshared(np.arange(4000.0).reshape(1000, 4))
+    np.testing.assert_array_equal(scaled(x), 2 * x)
+    first = len(passed)
+    np.testing.assert_array_equal(scaled(x), 2 * x)  # the input again: named, not passed
+    assert len(passed) - first < first
+    inputs = [lampy.asshared(np.full((1000, 4), float(i))) for i in range(6)]  # six files
+    for i, each in enumerate(inputs):
+        np.testing.assert_array_equal(scaled(each, 3.0), 3.0 * i)
+    pids = executors.get("local", {}).worker_pids()  # type: ignore[attr-defined]
+    assert pids
+    for pid in pids:
+        assert len(mapped_inodes(pid)) <= 3
+
+
 def test_join_in_place_refuses_what_is_not_laid_out_for_it() -> None:
     s = lampy.empty((10, 2))
     s[:] = np.arange(20.0).reshape(10, 2)

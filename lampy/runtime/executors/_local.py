@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,6 +64,7 @@ from lampy.runtime.executors._base import Executor
 from lampy.runtime.executors._caller_memory import readable
 from lampy.runtime.executors._local_worker import (
     ASK,
+    FILES_KEPT,
     ArrayRef,
     CallerArray,
     FileArray,
@@ -383,6 +384,7 @@ class _Worker:
         self.reads = False  # it read the caller's probe: it can copy rows from our memory
         self.idle = idle
         self.jobs: deque[str] = deque(maxlen=TEMPLATES_KEPT)
+        self.maps: OrderedDict[int, None] = OrderedDict()  # inodes of the files it maps
         with contextlib.suppress(OSError):  # gone already: its end of file tells
             self.conn.send(("path", sys.path, probe, modules))
 
@@ -434,16 +436,40 @@ class _Worker:
                 fds.append(output.fd)
             elif joins:
                 where = ASK
-            self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk], rows, len(fds), where))
-            send_fds(self.conn, fds)
+            files, passed = self._files(fds)
+            self.conn.send(("chunk", job.id, chunk, *job.chunks[chunk], rows, files, where))
+            send_fds(self.conn, passed)
+
+    def _files(self, fds: list[int]) -> tuple[list[int | None], list[int]]:
+        """A message's files as the worker knows them: the inode of each file it maps already,
+        or None where the descriptor must be passed (returned too, in order). It maps at most
+        FILES_KEPT: the oldest others are forgotten first (it unmaps only when told, so what
+        it maps is always what this says)."""
+        inodes = [os.fstat(fd).st_ino for fd in fds]
+        files: list[int | None] = [i if i in self.maps else None for i in inodes]
+        passed = [fd for fd, file in zip(fds, files, strict=True) if file is None]
+        for inode in inodes:
+            self.maps[inode] = None
+            self.maps.move_to_end(inode)
+        oldest = list(self.maps)[: max(0, len(self.maps) - FILES_KEPT)]
+        if oldest:
+            self.conn.send(("forget", oldest))
+            self.forgot(oldest)
+        return files, passed
+
+    def forgot(self, inodes: list[int]) -> None:
+        """The worker was told to unmap these files."""
+        for inode in inodes:
+            self.maps.pop(inode, None)
 
     def answer(self, output: _Output | None) -> None:
         """Tell a worker that described its rows where they go (None: send them back)."""
         if output is None:
             self.conn.send(("out", None, 0))
             return
-        self.conn.send(("out", output.described(-1), 1))  # the worker numbers the file
-        send_fds(self.conn, [output.fd])
+        files, passed = self._files([output.fd])
+        self.conn.send(("out", output.described(-1), files))  # the worker numbers the file
+        send_fds(self.conn, passed)
 
     def receive(self) -> tuple[str, Any]:
         """The worker's next message: ("ready", None), ("spec", spec), ("wrote", None) or
@@ -556,6 +582,7 @@ class _Pool:
             for worker in [w for w in self.workers if w.ready]:
                 with contextlib.suppress(OSError):  # gone: its mappings went with it
                     worker.conn.send(("forget", inodes))
+                worker.forgot(inodes)
 
     def fill(self, idle: bool = False) -> None:
         """Start workers up to the pool's size (they import in the background), in place of

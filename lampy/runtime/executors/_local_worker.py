@@ -20,13 +20,16 @@ parent -> worker
                                             array is: ArrayRef (descriptor number and offset, or
                                             an address in the caller's memory, ...), and the
                                             rows per call within a chunk (Job.block_rows)
-  ("chunk", job_id, chunk, start, stop, split, descriptors, output) + descriptors
-                                            run one chunk; `descriptors` files hold its arrays
-                                            (and the output, when `output` says where); split:
-                                            where its rows are when not where the job said
-                                            (None), e.g. still only in the caller's memory
-  ("out", output, count) [+ descriptor]     the answer to "spec": where the rows go, or None
-  ("forget", inodes)                        files the caller let go: unmap them
+  ("chunk", job_id, chunk, start, stop, split, files, output) + descriptors
+                                            run one chunk; `files` hold its arrays (and the
+                                            output, when `output` says where), each the inode
+                                            of a file this worker maps already, or None: its
+                                            descriptor follows; split: where its rows are when
+                                            not where the job said (None), e.g. still only in
+                                            the caller's memory
+  ("out", output, files) [+ descriptor]     the answer to "spec": where the rows go, or None
+  ("forget", inodes)                        files to unmap (the caller let them go, or keeps
+                                            what this worker maps bounded)
 worker -> parent
   ("ready", reads)                           once, when imports are done (chunk clocks start then);
                                             reads: whether it could read the caller's probe
@@ -40,11 +43,14 @@ worker -> parent
                                             function kept lives in the output), so the caller
                                             sends it nothing more and starts a fresh one
 
-A chunk's descriptors are closed when it ends, but the files stay mapped (by inode) for the
-chunks that follow: mapping a file again would fault in every 4 KiB page once more, which cost
-more than the work in memory-bound chunks (bench/bench_scale.py). The caller says which files
-it let go ("forget"), before its next job or at once when the pool is idle; then the worker
-unmaps them and their memory is freed.
+A file's descriptor is passed once: the worker maps the file (by inode) and keeps it mapped
+for the chunks that follow, which name it by inode. Mapping a file again would fault in every
+4 KiB page once more, which cost more than the work in memory-bound chunks
+(bench/bench_scale.py), and passing descriptors with every chunk took a `sendmsg` in the
+caller and a `recvmsg`, `fstat` and `close` per file here (256 no-op chunks on 2 workers: 105-107
+us a chunk with them, 100 us without; 8 chunks 213-218 against 188-201 us). The caller knows
+what each worker maps and alone decides what it unmaps ("forget"): the files it let go,
+before its next job or at once when the pool is idle, and the oldest beyond FILES_KEPT.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ import os
 import socket
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recvfds, sendfds
@@ -132,21 +138,26 @@ def recv_fds(conn: Connection, count: int) -> list[int]:
         return list(recvfds(s, count))
 
 
-FILES_KEPT = 256  # files kept mapped at most (each mapping holds a descriptor)
-_files: OrderedDict[int, mmap.mmap] = OrderedDict()  # inode -> the whole file, mapped shared
+FILES_KEPT = 256  # files a worker keeps mapped at most (the caller sees to it)
+_files: dict[int, mmap.mmap] = {}  # inode -> the whole file, mapped shared
 
 
-def _mapped(fd: int) -> mmap.mmap:
-    """The file `fd` opens, mapped whole (once per file, kept until the caller forgets it,
-    or until FILES_KEPT others were used since)."""
-    status = os.fstat(fd)
-    if status.st_ino in _files:
-        _files.move_to_end(status.st_ino)
-    else:
-        _files[status.st_ino] = mmap.mmap(fd, status.st_size)
-        if len(_files) > FILES_KEPT:
-            _forget([next(iter(_files))])
-    return _files[status.st_ino]
+def _mapped(files: list[int | None], fds: list[int]) -> list[mmap.mmap]:
+    """A message's files, mapped: each one this worker maps already (by inode), or the next
+    of the descriptors passed with the message, mapped whole and kept (its descriptor is
+    closed: a mapping holds its own)."""
+    passed = iter(fds)
+    maps = []
+    for inode in files:
+        if inode is None:
+            fd = next(passed)
+            status = os.fstat(fd)
+            if status.st_ino not in _files:
+                _files[status.st_ino] = mmap.mmap(fd, status.st_size)
+            os.close(fd)
+            inode = status.st_ino
+        maps.append(_files[inode])
+    return maps
 
 
 def _forget(inodes: list[int]) -> None:
@@ -182,26 +193,30 @@ class _Inbox:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.waiting: deque[tuple[tuple[Any, ...], list[int]]] = deque()
+        self.waiting: deque[tuple[tuple[Any, ...], list[mmap.mmap]]] = deque()
 
-    def next(self) -> tuple[tuple[Any, ...], list[int]]:
-        """The next message and its descriptors. EOFError: the caller is gone."""
+    def next(self) -> tuple[tuple[Any, ...], list[mmap.mmap]]:
+        """The next message and its files, mapped. EOFError: the caller is gone."""
         return self.waiting.popleft() if self.waiting else self._read()
 
-    def answer(self) -> tuple[tuple[Any, ...], list[int]]:
+    def answer(self) -> tuple[tuple[Any, ...], list[mmap.mmap]]:
         """The answer to a "spec" just sent (messages that came before it wait their turn)."""
         while (message := self._read())[0][0] != "out":
             self.waiting.append(message)
         return message
 
-    def _read(self) -> tuple[tuple[Any, ...], list[int]]:
+    def _read(self) -> tuple[tuple[Any, ...], list[mmap.mmap]]:
         message = self.conn.recv()
-        count = _DESCRIPTORS_AT.get(message[0])
-        return message, recv_fds(self.conn, message[count]) if count is not None else []
+        at = _FILES_AT.get(message[0])
+        if at is None:
+            return message, []
+        files = message[at]
+        return message, _mapped(files, recv_fds(self.conn, files.count(None)))
 
 
-# where a message says how many descriptors follow it (see the module's docstring)
-_DESCRIPTORS_AT = {"chunk": 6, "out": 2}
+# where a message lists its files, whose descriptors not yet passed follow it (see the
+# module's docstring)
+_FILES_AT = {"chunk": 6, "out": 2}
 
 
 def serve(conn: Connection, idle: bool = False) -> None:
@@ -224,7 +239,7 @@ def serve(conn: Connection, idle: bool = False) -> None:
     loading: dict[str, float] = {}
     while True:
         try:
-            message, fds = inbox.next()
+            message, maps = inbox.next()
         except EOFError:
             return
         kind = message[0]
@@ -237,21 +252,18 @@ def serve(conn: Connection, idle: bool = False) -> None:
             loading[job_id] = time.perf_counter() - started
         elif kind == "chunk":
             _, job_id, chunk, start, stop, split, _, output = message
-            try:
-                answer, slots = _chunk(
-                    inbox,
-                    templates,
-                    job_id,
-                    chunk,
-                    (start, stop),
-                    split,
-                    fds,
-                    output,
-                    loading.pop(job_id, 0.0),
-                )
-            finally:
-                for fd in fds:
-                    os.close(fd)
+            answer, slots = _chunk(
+                inbox,
+                templates,
+                job_id,
+                chunk,
+                (start, stop),
+                split,
+                maps,
+                output,
+                loading.pop(job_id, 0.0),
+            )
+            del maps
             # the chunk's values are gone now: an array still in the output is one the
             # function kept, which a later chunk's rows would change under it
             leaving = _holds(slots)
@@ -288,7 +300,7 @@ def _chunk(
     chunk: int,
     rows: tuple[int, int],
     split: list[ArrayRef] | None,
-    fds: list[int],
+    maps: list[mmap.mmap],
     output: Output | str | None,
     loading: float,
 ) -> tuple[Answer, list[Slots]]:
@@ -305,7 +317,7 @@ def _chunk(
     started = time.perf_counter() - loading
     job = templates.get(job_id)
     assert job is not None, "chunk of a job this worker was not sent"
-    run = _Rows(inbox, job, (job_id, chunk), split or job.extras[0], fds, output)
+    run = _Rows(inbox, job, (job_id, chunk), split or job.extras[0], maps, output)
     blocks = blocks_of(rows, job.extras[2]) if output is not None else (rows,)
     outcome: Outcome | None = None
     for block in blocks:
@@ -340,14 +352,14 @@ class _Rows:
         job: Loaded,
         names: tuple[str, int],
         split: list[ArrayRef],
-        fds: list[int],
+        maps: list[mmap.mmap],
         output: Output | str | None,
     ) -> None:
-        self.inbox, self.job, self.split, self.fds = inbox, job, split, fds
+        self.inbox, self.job, self.split, self.maps = inbox, job, split, maps
         self.job_id, self.chunk = names
         self.output = output
         self.takes = _takes_out(job.call)
-        self.whole = [_array(fds, ref) for ref in job.extras[1]]  # views: made once a chunk
+        self.whole = [_array(maps, ref) for ref in job.extras[1]]  # views: made once a chunk
         self.slots: list[Slots] = []
         self.waited = 0.0  # seconds spent waiting for the caller's answer
 
@@ -359,10 +371,10 @@ class _Rows:
     def call(self, rows: tuple[int, int]) -> Outcome | None:
         """Run the function on these rows: None when its result is in the output, else its
         outcome (the value as returned, or the error)."""
-        parts = [_array(self.fds, ref, rows) for ref in self.split]
+        parts = [_array(self.maps, ref, rows) for ref in self.split]
         call, target, offered = self.job.call, None, None
         if isinstance(self.output, Output):
-            target = _rows_of(self.output, _mapped(self.fds[self.output.file]), rows)
+            target = _rows_of(self.output, self.maps[self.output.file], rows)
             if target is not None and self.takes is not None:  # numpy's out=: written there
                 call = (self.takes[0], self.takes[1], {**self.takes[2], "out": target})
             elif target is not None and self.job_id not in _many_arrays and in_place.available():
@@ -385,10 +397,10 @@ class _Rows:
             (_, output, _), passed = self.inbox.answer()
             self.waited += time.perf_counter() - asked
             placed = isinstance(output, Output)
-            self.output = replace(output, file=len(self.fds)) if placed else None
-            self.fds += passed
+            self.output = replace(output, file=len(self.maps)) if placed else None
+            self.maps += passed
         if isinstance(self.output, Output) and spec is not None and spec == self.output.spec:
-            _write(value, self.output, _mapped(self.fds[self.output.file]), rows)
+            _write(value, self.output, self.maps[self.output.file], rows)
             return None
         return outcome
 
@@ -469,7 +481,7 @@ def _write(value: Any, output: Output, mapped: mmap.mmap, rows: tuple[int, int])
         np.copyto(target, leaf, casting="no")
 
 
-def _array(fds: list[int], ref: ArrayRef, rows: tuple[int, int] | None = None) -> SplitArray:
+def _array(maps: list[mmap.mmap], ref: ArrayRef, rows: tuple[int, int] | None = None) -> SplitArray:
     """An array in shared memory (or its rows), or a row source's rows (read by the worker
     side). Arrays in shared memory are views of it: a chunk that writes into its input
     writes into the caller's array, as the same function called in the caller would. Rows in
@@ -485,7 +497,7 @@ def _array(fds: list[int], ref: ArrayRef, rows: tuple[int, int] | None = None) -
         return rows_here
     if ref.file < 0:  # no bytes at all
         return np.empty(shape, ref.dtype)
-    mapped = _mapped(fds[ref.file])
+    mapped = maps[ref.file]
     view: np.ndarray = np.ndarray(
         shape, ref.dtype, buffer=mapped, offset=ref.offset + start * row_bytes
     )

@@ -11,7 +11,8 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 import lampy
-from lampy.runtime.executors._local_worker import _Inbox, send_fds
+from lampy.runtime._shm import anonymous_file
+from lampy.runtime.executors._local_worker import _forget, _Inbox, send_fds
 
 from .test_local import kill_on_row_5
 
@@ -19,26 +20,30 @@ from .test_local import kill_on_row_5
 def test_messages_that_come_before_the_answer_wait_their_turn() -> None:
     ours, theirs = socket.socketpair()
     caller, worker = Connection(ours.detach()), Connection(theirs.detach())
-    read, write = os.pipe()
+    fd = anonymous_file(4096)
+    os.pwrite(fd, b"x", 0)
+    inode = os.fstat(fd).st_ino
     try:
         caller.send(("job", "j", b"template", [], [], None))
-        caller.send(("chunk", "j", 3, 0, 10, None, 1, "ask"))
-        send_fds(caller, [read])
-        caller.send(("out", None, 0))
+        caller.send(("chunk", "j", 3, 0, 10, None, [None], "ask"))
+        send_fds(caller, [fd])
+        caller.send(("out", None, []))
         inbox = _Inbox(worker)
         (answer, passed) = inbox.answer()
-        assert answer == ("out", None, 0) and passed == []
+        assert answer == ("out", None, []) and passed == []
         job, _ = inbox.next()
-        chunk, fds = inbox.next()
-        assert job[0] == "job" and chunk[:3] == ("chunk", "j", 3) and len(fds) == 1
-        os.write(write, b"x")
-        assert os.read(fds[0], 1) == b"x", "the chunk's descriptor came with it"
-        os.close(fds[0])
-        caller.send(("forget", [1]))
-        assert inbox.next() == (("forget", [1]), [])
+        chunk, maps = inbox.next()
+        assert job[0] == "job" and chunk[:3] == ("chunk", "j", 3) and len(maps) == 1
+        assert maps[0][:1] == b"x", "the chunk's file came with it, mapped"
+        # a later chunk names the file by inode: no descriptor, the same mapping
+        caller.send(("chunk", "j", 4, 10, 20, None, [inode], None))
+        chunk, again = inbox.next()
+        assert chunk[:3] == ("chunk", "j", 4) and again[0] is maps[0]
+        caller.send(("forget", [inode]))
+        assert inbox.next() == (("forget", [inode]), [])
     finally:
-        for fd in (read, write):
-            os.close(fd)
+        _forget([inode])  # what serve does on "forget"
+        os.close(fd)
         caller.close()
         worker.close()
 
