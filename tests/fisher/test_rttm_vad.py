@@ -191,6 +191,17 @@ def test_smoothed_rows_are_the_moving_average_s(
     np.testing.assert_array_equal(got, want)
 
 
+def test_the_floors_sample_does_not_depend_on_the_chunking(executor: str) -> None:
+    import lampy
+
+    feats = np.random.default_rng(6).normal(size=(4001, 20))
+    frames = np.arange(0, 4001, vad.SAMPLE_EVERY)
+    with lampy.using(executor=executor, chunks=3):
+        chunked = vad.spaced_rows(frames, feats, slice(3, 16), 3)
+    want = vad.moving_average(feats[:, 3:16], 3)[:: vad.SAMPLE_EVERY]
+    np.testing.assert_array_equal(chunked, want)  # bit for bit, the ends' rows too
+
+
 def test_band_floors_do_not_depend_on_the_chunking(executor: str) -> None:
     import lampy
 
