@@ -46,11 +46,13 @@ from lampy.runtime._worker_side import Outcome, run_task
 from lampy.runtime.executors import Executor
 
 PLANS_KEPT = 32  # auto decisions remembered per region (by argument shapes)
-# A kept elemwise plan is checked again once the executor's price per chunk is this many times
-# above or below the price it was made at, and made again (with a new probe) if at today's price
-# its timings would decide the other way: the local pool learns its price from every job (it
-# varies 5x between calls here), and a plan made while the machine was busy kept later calls
-# here for good.
+# A kept elemwise plan that keeps its calls here is checked again once the executor's price
+# per chunk is this many times below the price it was made at, and made again (with a new
+# probe) if at today's price its timings would fan out: the local pool learns its price from
+# every job (it varies 5x between calls here), and a plan made while the machine was busy kept
+# later calls here for good. A plan that fans out is kept: its own jobs keep the price
+# learnt, which calls kept here would no longer do (a price rising for a moment sent a
+# compute-bound region here for good).
 PRICE_DRIFT = 2.0
 # A warm auto plan whose chunks may run in blocks (`Plan.block_rows`) runs its first calls with
 # and without them, in turn, BLOCK_TRIALS times each; blocks are kept when the quicker of their
@@ -338,19 +340,20 @@ class RegionRunner:
                 kept.pop(evicted, None)
 
     def _holds(self, call: Call, key: Hashable, costs: Costs) -> bool:
-        """Whether a kept plan holds at the executor's price per chunk now: it does within
-        PRICE_DRIFT of the price it was made at, and beyond it when its own timings, priced
-        now, decide as it did (fan out or not; the price it holds at is then today's). A
-        reduction's plan always holds: its float answer depends on its chunks, and a kept plan
-        promises repeated calls the same bits."""
+        """Whether a kept plan holds at the executor's price per chunk now. One that fans out
+        does (see PRICE_DRIFT), and one that keeps its calls here does unless the price has
+        fallen PRICE_DRIFT-fold since it was made and its own timings, priced now, would fan
+        out (else the price it holds at is today's). A reduction's plan always holds: its
+        float answer depends on its chunks, and a kept plan promises repeated calls the same
+        bits."""
         kept = self._plans[key]
-        if self.region.combine is not None or kept.probe is None:
+        if self.region.combine is not None or kept.probe is None or kept.fan_out:
             return True
         then, now = self._prices.get(key, costs.seconds_per_chunk), costs.seconds_per_chunk
-        if then / PRICE_DRIFT <= now <= then * PRICE_DRIFT:
+        if now >= then / PRICE_DRIFT:
             return True
         again = self._make_plan(call, costs, kept.probe, self._here_seconds.get(key))
-        if again.fan_out != kept.fan_out:
+        if again.fan_out:
             return False
         self._prices[key] = now
         return True
