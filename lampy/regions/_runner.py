@@ -104,7 +104,6 @@ class RegionRunner:
         self._whole_seconds: dict[Hashable, float] = {}  # a kept plan's last call here, timed
         self._block_trials: dict[Hashable, _BlockTrial | None] = {}  # None: decided
         self._prices: dict[Hashable, float] = {}  # a kept plan's executor price per chunk
-        self._here_seconds: dict[Hashable, float] = {}  # the whole call a kept plan relied on
         self._saving = 0.0  # what a warm pool would have saved this region's cold calls so far
         self._modules = _imported_for(region.function)  # by workers as they start
 
@@ -322,21 +321,16 @@ class RegionRunner:
             self._keep(key, result, costs)
         return result, outcome if result.fan_out else None
 
-    def _keep(
-        self, key: Hashable, made: Plan, costs: Costs, here_seconds: float | None = None
-    ) -> None:
-        """Keep a plan for the calls after, with the price per chunk it was made at (and the
-        whole call's time here it relied on, if any)."""
-        for forgotten in (self._whole_seconds, self._block_trials, self._here_seconds):
+    def _keep(self, key: Hashable, made: Plan, costs: Costs) -> None:
+        """Keep a plan for the calls after, with the price per chunk it was made at."""
+        for forgotten in (self._whole_seconds, self._block_trials):
             forgotten.pop(key, None)  # (a plan made again starts its trials again)
         self._plans[key] = made
         self._plans.move_to_end(key)
         self._prices[key] = costs.seconds_per_chunk
-        if here_seconds is not None:
-            self._here_seconds[key] = here_seconds
         while len(self._plans) > PLANS_KEPT:
             evicted = self._plans.popitem(last=False)[0]
-            for kept in (self._whole_seconds, self._block_trials, self._prices, self._here_seconds):
+            for kept in (self._whole_seconds, self._block_trials, self._prices):
                 kept.pop(evicted, None)
 
     def _holds(self, call: Call, key: Hashable, costs: Costs) -> bool:
@@ -352,8 +346,7 @@ class RegionRunner:
         then, now = self._prices.get(key, costs.seconds_per_chunk), costs.seconds_per_chunk
         if now >= then / PRICE_DRIFT:
             return True
-        again = self._make_plan(call, costs, kept.probe, self._here_seconds.get(key))
-        if again.fan_out:
+        if self._make_plan(call, costs, kept.probe).fan_out:
             return False
         self._prices[key] = now
         return True
@@ -377,7 +370,7 @@ class RegionRunner:
             return
         again = self._make_plan(call, costs, probe, here_seconds=min(last, seconds))
         if again.fan_out:
-            self._keep(key, again, costs, here_seconds=min(last, seconds))
+            self._keep(key, again, costs)
 
     def _try_blocks(self, call: Call, ran: Plan, seconds: float) -> None:
         """A warm auto plan's fanned-out call took `seconds`. While it is not known whether
