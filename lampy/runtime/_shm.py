@@ -118,7 +118,6 @@ def _address(buffer: Any) -> int:
 # it mapped. Bounded, like an allocator's free list.
 SEGMENTS_KEPT_BYTES = 1 << 30
 _kept: list[tuple[int, int]] = []  # (size, descriptor) of dropped segments, oldest first
-# a kept file's pages are mapped in one call (Linux), not one fault at a time
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _listeners: list[Callable[[list[int]], None]] = []
 
@@ -161,13 +160,14 @@ def on_retire(listener: Callable[[list[int]], None]) -> None:
     _listeners.append(listener)
 
 
-def adopt(fd: int, size: int, fresh: bool = False, reuse: bool = False) -> mmap.mmap:
+def adopt(
+    fd: int, size: int, fresh: bool = False, reuse: bool = False, populate: bool = False
+) -> mmap.mmap:
     """Map a whole anonymous file as a segment; the segment owns `fd` from now on. `reuse`: a
-    dropped segment whose file may serve a later one (see `_kept_file`)."""
-    return _adopted(mmap.mmap(fd, size), fd, size, fresh, reuse)
-
-
-def _adopted(mapped: mmap.mmap, fd: int, size: int, fresh: bool, reuse: bool) -> mmap.mmap:
+    dropped segment whose file may serve a later one (see `_kept_file`). `populate`: its pages
+    mapped in one call (a kept file's exist already), not one fault at a time."""
+    flags = mmap.MAP_SHARED | (_POPULATE if populate else 0)
+    mapped = mmap.mmap(fd, size, flags=flags)
     address = _address(mapped)
     with _lock:
         _segments[address] = _Entry(size, fd, fresh)
@@ -194,9 +194,9 @@ def segment(nbytes: int) -> mmap.mmap:
         size = max(nbytes, mmap.PAGESIZE)
         return adopt(anonymous_file(size), size, reuse=True)
     size, fd = kept
-    mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+    mapped = adopt(fd, size, reuse=True, populate=True)
     np.frombuffer(mapped, np.uint8, count=nbytes).fill(0)
-    return _adopted(mapped, fd, size, fresh=False, reuse=True)
+    return mapped
 
 
 def output(nbytes: int) -> tuple[mmap.mmap, int]:

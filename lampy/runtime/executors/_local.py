@@ -465,7 +465,7 @@ class _Worker:
     def answer(self, output: _Output | None) -> None:
         """Tell a worker that described its rows where they go (None: send them back)."""
         if output is None:
-            self.conn.send(("out", None, 0))
+            self.conn.send(("out", None, []))
             return
         files, passed = self._files([output.fd])
         self.conn.send(("out", output.described(-1), files))  # the worker numbers the file
